@@ -1,0 +1,1 @@
+"""Model architectures (generated from the chapters)."""
