@@ -1,0 +1,68 @@
+"""Every chapter is a synced .py/.ipynb pair, in the table of contents, with its outputs stored."""
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "chapters").glob("*.py"))
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+
+
+def chapter_id(path: Path) -> str:
+    return path.stem
+
+
+def test_there_are_chapters():
+    assert CHAPTERS
+
+
+@pytest.mark.parametrize("py", CHAPTERS, ids=chapter_id)
+def test_pair_is_in_sync(py: Path):
+    nb = py.with_suffix(".ipynb")
+    assert nb.exists(), f"{py.name} has no notebook: run `jupytext --sync {py}`"
+    as_py = jupytext.writes(jupytext.read(nb), fmt="py:percent")
+    assert as_py == py.read_text(), f"{nb.name} and {py.name} differ: edit the .py, then `jupytext --sync` and re-execute"
+
+
+@pytest.mark.parametrize("py", CHAPTERS, ids=chapter_id)
+def test_checked_cells_have_stored_outputs(py: Path):
+    # nbval silently passes a tagged cell that has no stored output, so it would compare nothing.
+    nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if "nbval-check-output" in cell.get("metadata", {}).get("tags", []):
+            assert cell.execution_count and cell.outputs, f"{py.name}: tagged cell {i} has no stored output"
+
+
+@pytest.mark.parametrize("py", CHAPTERS, ids=chapter_id)
+def test_chapter_is_executed(py: Path):
+    nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    assert all(c.execution_count for c in code), f"{py.name}: run every cell before committing the notebook"
+
+
+@pytest.mark.parametrize("py", CHAPTERS, ids=chapter_id)
+def test_first_code_cell_installs_from_the_book_repository_on_colab(py: Path):
+    nb = jupytext.read(py)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert '"google.colab" in sys.modules' in first.source
+    assert f"git+{CONFIG['repository']['url']}" in first.source
+    assert "!pip" not in first.source
+
+
+def toc_files(entries) -> set[str]:
+    files = set()
+    for entry in entries:
+        if "file" in entry:
+            files.add(entry["file"])
+        files |= toc_files(entry.get("chapters", []) + entry.get("sections", []) + entry.get("parts", []))
+    return files
+
+
+def test_every_chapter_is_in_the_table_of_contents():
+    listed = toc_files(TOC["parts"])
+    assert {f"chapters/{p.stem}.ipynb" for p in CHAPTERS} <= listed
+    assert all((ROOT / f).exists() for f in listed | {TOC["root"] + ".md"})
