@@ -1,0 +1,79 @@
+"""The Triton RMSNorm (plain and fused with the residual add) against its PyTorch reference."""
+import pytest
+import torch
+
+import mini_infer  # noqa: F401  (switches on Triton's interpreter when there is no GPU)
+from mini_infer.kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_triton
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Rounding the normalised value before the weight (as Hugging Face does) can put the two results a couple
+# of units in the last place apart in half precision.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# (leading shape, hidden): odd token counts, non-power-of-two hidden sizes, several rows per program
+SHAPES = [((1,), 4096), ((3,), 576), ((2, 5), 1536), ((13,), 2048), ((4,), 8192), ((33,), 576), ((6,), 100)]
+
+
+def inputs(lead, hidden, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, hidden, generator=g).mul(3).to(dtype).to(device)
+    weight = (1 + 0.5 * torch.randn(hidden, generator=g)).to(dtype).to(device)
+    residual = torch.randn(*lead, hidden, generator=g).to(dtype).to(device)
+    return x, weight, residual
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,hidden", SHAPES)
+def test_triton_matches_reference(lead, hidden, dtype, device):
+    x, weight, _ = inputs(lead, hidden, dtype, device, seed=hidden)
+    out = rms_norm_triton(x, weight, 1e-6)
+    assert out.shape == x.shape and out.dtype == dtype
+    torch.testing.assert_close(out, rms_norm_ref(x, weight, 1e-6), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,hidden", SHAPES[:4])
+def test_fused_residual_updates_in_place(lead, hidden, dtype, device):
+    x, weight, residual = inputs(lead, hidden, dtype, device, seed=hidden + 1)
+    expected_sum = residual + x
+    expected = rms_norm_ref(x, weight, 1e-5, residual.clone())[0]
+    out, res = rms_norm_triton(x, weight, 1e-5, residual)
+    assert res is residual  # the same tensor, updated in place
+    # On the GPU the sum rounds like PyTorch's; the interpreter truncates fp32 -> bf16 instead (one unit off).
+    sum_tol = 2**-7 if (dtype, device) == (torch.bfloat16, "cpu") else 0.0
+    torch.testing.assert_close(residual, expected_sum, rtol=sum_tol, atol=0)
+    torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_strided_input_rows():
+    # Rows of a wider tensor (a row stride larger than the hidden size) read in place.
+    wide = torch.randn(5, 1000)
+    x, weight = wide[:, :576], torch.randn(576)
+    torch.testing.assert_close(rms_norm_triton(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dispatch_on_cpu_is_the_reference(dtype):
+    x, weight, residual = inputs((4, 3), 576, dtype, "cpu", seed=7)
+    assert torch.equal(rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5))
+    ref_res = residual.clone()
+    expected, _ = rms_norm_ref(x, weight, 1e-5, ref_res)
+    out, res = rms_norm(x, weight, 1e-5, residual)
+    assert res is residual and torch.equal(residual, ref_res) and torch.equal(out, expected)
+
+
+def test_reference_matches_hugging_face():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(576))
+    x = torch.randn(3, 4, 576).to(torch.bfloat16)
+    assert torch.equal(rms_norm_ref(x, hf.weight.detach(), 1e-5), hf(x).detach())
+
+
+def test_too_large_hidden_is_refused():
+    with pytest.raises(ValueError, match="hidden sizes up to"):
+        rms_norm_triton(torch.randn(1, 2**17), torch.randn(2**17), 1e-5)

@@ -1,0 +1,95 @@
+"""The Triton RoPE kernel against its PyTorch reference; the cos/sin cache against Hugging Face."""
+import pytest
+import torch
+
+import mini_infer  # noqa: F401  (switches on Triton's interpreter when there is no GPU)
+from mini_infer.kernels.rope import apply_rope, apply_rope_ref, apply_rope_triton, rope_cos_sin_cache
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (tokens, q heads, kv heads, head_dim): decode and packed prefill sizes, GQA and MHA, SmolLM2 and Llama heads
+SHAPES = [(1, 32, 8, 128), (7, 9, 3, 64), (33, 4, 4, 64), (5, 16, 2, 128), (3, 2, 1, 96)]
+MAX_POS = 8192
+
+
+def fused_qkv(tokens, n_q, n_kv, head_dim, dtype, device, seed):
+    """q and k as non-contiguous views into one fused qkv projection output, like the model makes them."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (n_q + 2 * n_kv) * head_dim, generator=g).to(dtype).to(device)
+    q = qkv[:, : n_q * head_dim].view(tokens, n_q, head_dim)
+    k = qkv[:, n_q * head_dim : (n_q + n_kv) * head_dim].view(tokens, n_kv, head_dim)
+    positions = torch.randint(0, MAX_POS, (tokens,), generator=g).to(device)
+    return qkv, q, k, positions
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,n_q,n_kv,head_dim", SHAPES)
+def test_triton_matches_reference(tokens, n_q, n_kv, head_dim, dtype, device):
+    cache = rope_cos_sin_cache(head_dim, MAX_POS, 500_000.0, device=device)
+    qkv, q, k, positions = fused_qkv(tokens, n_q, n_kv, head_dim, dtype, device, seed=tokens * head_dim)
+    v_before = qkv[:, (n_q + n_kv) * head_dim :].clone()
+    q_ref, k_ref = apply_rope_ref(q, k, positions, cache)
+    q_out, k_out = apply_rope_triton(q, k, positions, cache)
+    assert q_out is q and k_out is k  # rotated in place
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(k, k_ref)
+    assert torch.equal(qkv[:, (n_q + n_kv) * head_dim :], v_before)  # v, beside them, untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dispatch_on_cpu_is_the_reference(dtype):
+    cache = rope_cos_sin_cache(64, MAX_POS, 100_000.0)
+    _, q, k, positions = fused_qkv(6, 9, 3, 64, dtype, "cpu", seed=1)
+    q_ref, k_ref = apply_rope_ref(q, k, positions, cache)
+    q_out, k_out = apply_rope(q, k, positions, cache)
+    assert q_out is q and k_out is k
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+
+
+def test_reference_matches_hugging_face():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    head_dim, theta = 64, 100_000.0
+    cache = rope_cos_sin_cache(head_dim, MAX_POS, theta)
+    _, q, k, positions = fused_qkv(7, 9, 3, head_dim, torch.float32, "cpu", seed=2)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.cat([positions[:, None].float() * inv_freq] * 2, dim=-1)  # HF's emb, [T, D]
+    # HF wants [batch, heads, T, D]; our tokens are its sequence.
+    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], angles.cos()[None], angles.sin()[None])
+    q_ref, k_ref = apply_rope_ref(q, k, positions, cache)
+    torch.testing.assert_close(q_ref, q_hf[0].transpose(0, 1))
+    torch.testing.assert_close(k_ref, k_hf[0].transpose(0, 1))
+
+
+@pytest.mark.parametrize("rope_type", ["default", "llama3"])
+def test_cache_matches_hugging_face(rope_type):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    scaling = {"rope_type": rope_type, "rope_theta": 500_000.0}
+    if rope_type == "llama3":
+        scaling |= {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=scaling)
+    positions = torch.tensor([[0, 1, 100, 8191, 20000, 131071]])
+    cos, sin = LlamaRotaryEmbedding(config)(torch.randn(1, 6, 128), positions)  # [1, T, D], each half repeated
+    cache = rope_cos_sin_cache(128, 131072, 500_000.0, rope_scaling=scaling)
+    torch.testing.assert_close(cache[positions[0]], torch.cat([cos[0, :, :64], sin[0, :, :64]], dim=-1))
+
+
+def test_unknown_scaling_is_refused():
+    with pytest.raises(ValueError, match="not supported"):
+        rope_cos_sin_cache(64, 16, 10_000.0, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
+def test_rotation_depends_only_on_position_difference():
+    cache = rope_cos_sin_cache(64, 4096, 10_000.0)
+    q, k = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+
+    def score(m, n):
+        q_rot, _ = apply_rope_ref(q, q, torch.tensor([m]), cache)
+        k_rot, _ = apply_rope_ref(k, k, torch.tensor([n]), cache)
+        return (q_rot * k_rot).sum().item()
+
+    assert score(10, 3) == pytest.approx(score(1007, 1000), rel=1e-3)  # fp32 angles near 1000 radians carry ~1e-4 error
