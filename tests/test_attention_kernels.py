@@ -1,6 +1,8 @@
 """Paged attention kernels (chapter 4) against their PyTorch references: under Triton's interpreter on the
 CPU (fp32, fp16), and on CUDA when present (also bf16). Small shapes: the interpreter runs each program
 in Python."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,8 @@ from mini_infer.kernels.attention import (
 )
 
 BLOCK_SIZE, HEAD_DIM, NUM_BLOCKS = 16, 64, 48
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Triton runs on CPU tensors only through the interpreter (on by default without a GPU).
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
 HEADS = [(2, 2), (6, 2)]  # (query heads, kv heads): GQA ratios 1 and 3
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mini_infer.memory.block_manager import BlockManager
+from mini_infer.memory.block_manager import BlockManager, hash_block
 
 BLOCK_SIZE, NUM_BLOCKS = 4, 12
 
@@ -32,6 +32,10 @@ def test_prefix_is_shared():
     a = Seq(list(range(10)))  # blocks [0..3] [4..7] [8 9]
     assert bm.allocate(a) == 0
     b = Seq(list(range(8)) + [50, 51])
+    assert bm.allocate(b) == 0  # A's blocks are not computed yet: nothing to share
+    bm.free(b)
+    bm.cache_computed(a, 10)
+    b = Seq(list(range(8)) + [50, 51])
     assert bm.allocate(b) == 8 and b.block_table[:2] == a.block_table[:2]
     assert [bm.blocks[i].ref_count for i in a.block_table] == [2, 2, 1]
     table_a = list(a.block_table)
@@ -46,16 +50,17 @@ def test_prefix_is_shared():
 def test_eviction_takes_empty_blocks_then_least_recently_freed():
     bm = BlockManager(num_blocks=5, block_size=4)
     x, y = Seq([1] * 4 + [2]), Seq([3] * 4 + [4])
-    bm.allocate(x)
-    bm.allocate(y)
+    for seq in (x, y):
+        bm.allocate(seq)
+        bm.cache_computed(seq, 5)
     x_full, y_full = x.block_table[0], y.block_table[0]
     bm.free(x)
     bm.free(y)
     z = Seq([9] * 13)
     bm.allocate(z)  # four blocks: the never-used one, the two partial ones, then x's cached block
     assert x_full in z.block_table and y_full not in z.block_table
-    assert bm.blocks[x_full].hash is None and bm.cached == {bm.blocks[y_full].hash: y_full} | {
-        bm.blocks[b].hash: b for b in z.block_table[:3]}
+    assert bm.blocks[x_full].hash is None and bm.cached == {bm.blocks[y_full].hash: y_full}
+    bm.cache_computed(z, 13)
     bm.free(z)
     assert bm.allocate(Seq([3] * 4 + [5])) == 4
 
@@ -63,7 +68,9 @@ def test_eviction_takes_empty_blocks_then_least_recently_freed():
 def test_no_prefix_caching():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     a, b = Seq(list(range(9))), Seq(list(range(9)))
-    assert bm.allocate(a) == 0 and bm.allocate(b) == 0
+    assert bm.allocate(a) == 0
+    bm.cache_computed(a, 9)
+    assert bm.allocate(b) == 0 and not bm.cached
     assert not set(a.block_table) & set(b.block_table)
 
 
@@ -93,25 +100,30 @@ prompts = st.lists(st.sampled_from(PIECES), min_size=1, max_size=4).map(lambda p
 
 class BlockManagerMachine(RuleBasedStateMachine):
     """Runs sequences against the manager while simulating what each block holds: `content[b]` is the
-    token prefix whose K/V block b contains (K/V depends on every token before it)."""
+    token prefix whose K/V block b contains (K/V depends on every token before it). Prompts are computed
+    in chunks over several steps, as a scheduler with a token budget would."""
 
     def __init__(self):
         super().__init__()
         self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
         self.running: list[Seq] = []
+        self.computed: dict[int, int] = {}  # id(seq) -> tokens whose K/V is in the pool
         self.content: dict[int, tuple] = {}
 
-    def write(self, seq, positions):
-        """The model computes K/V for these positions of seq into its blocks."""
-        for p in positions:
+    def compute(self, seq, n):
+        """The model computes K/V for the next n tokens of seq into its blocks, then the step ends."""
+        done = self.computed[id(seq)]
+        for p in range(done, done + n):
             block = seq.block_table[p // BLOCK_SIZE]
             assert self.bm.blocks[block].ref_count == 1, "wrote into a shared block"
             if p % BLOCK_SIZE:
                 assert self.content[block] == tuple(seq.token_ids[:p]), "block overwritten by someone else"
             self.content[block] = tuple(seq.token_ids[:p + 1])
+        self.computed[id(seq)] = done + n
+        self.bm.cache_computed(seq, done + n)
 
-    @rule(prompt=prompts)
-    def add(self, prompt):
+    @rule(prompt=prompts, chunk=st.integers(1, 12))
+    def add(self, prompt, chunk):
         seq, free = Seq(list(prompt)), self.bm.num_free_blocks
         said_yes = self.bm.can_allocate(seq)
         if free >= -(-len(prompt) // BLOCK_SIZE):
@@ -125,18 +137,23 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert cached == seq.num_cached_tokens and cached % BLOCK_SIZE == 0 and cached < len(prompt)
         for i in range(cached // BLOCK_SIZE):  # a cache hit holds exactly this prefix
             assert self.content[seq.block_table[i]] == tuple(prompt[:(i + 1) * BLOCK_SIZE])
-        self.write(seq, range(cached, len(prompt)))
         self.running.append(seq)
+        self.computed[id(seq)] = cached
+        self.compute(seq, min(chunk, len(prompt) - cached))
 
     @precondition(lambda self: self.running)
-    @rule(data=st.data(), token=st.integers(0, 7))
-    def decode(self, data, token):
+    @rule(data=st.data(), token=st.integers(0, 7), chunk=st.integers(1, 12))
+    def step(self, data, token, chunk):
         seq = data.draw(st.sampled_from(self.running))
-        seq.token_ids.append(token)
+        remaining = len(seq.token_ids) - self.computed[id(seq)]
+        if remaining:  # the next chunk of its prompt
+            self.compute(seq, min(chunk, remaining))
+            return
+        seq.token_ids.append(token)  # decode
         table, free = list(seq.block_table), self.bm.num_free_blocks
         if self.bm.can_append(seq):
             self.bm.append_slot(seq)
-            self.write(seq, [len(seq.token_ids) - 1])
+            self.compute(seq, 1)
         else:  # the scheduler would preempt: here, the sequence itself
             with pytest.raises(RuntimeError):
                 self.bm.append_slot(seq)
@@ -152,6 +169,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.free(seq)
         assert seq.block_table == [] and seq.num_cached_tokens == 0
         self.running.remove(seq)
+        del self.computed[id(seq)]
 
     @invariant()
     def ref_counts_match_owners(self):
@@ -168,13 +186,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def every_block_holds_its_owners_prefix(self):
         # so two sequences share a block only if their tokens agree up to its end
         for seq in self.running:
+            done = self.computed[id(seq)]
             for i, b in enumerate(seq.block_table):
-                assert self.content[b] == tuple(seq.token_ids[:(i + 1) * BLOCK_SIZE])
+                if i * BLOCK_SIZE < done:
+                    assert self.content[b] == tuple(seq.token_ids[:min(done, (i + 1) * BLOCK_SIZE)])
+                else:
+                    assert self.bm.blocks[b].ref_count == 1, "a block not computed yet is shared"
 
     @invariant()
-    def cache_points_at_matching_blocks(self):
+    def cached_blocks_hold_what_their_hash_names(self):
         for h, b in self.bm.cached.items():
-            assert self.bm.blocks[b].hash == h and len(self.content[b]) % BLOCK_SIZE == 0
+            tokens = self.content[b]
+            assert self.bm.blocks[b].hash == h and len(tokens) % BLOCK_SIZE == 0
+            name = b""
+            for start in range(0, len(tokens), BLOCK_SIZE):
+                name = hash_block(name, list(tokens[start:start + BLOCK_SIZE]))
+            assert name == h
 
     def teardown(self):
         for seq in list(self.running):

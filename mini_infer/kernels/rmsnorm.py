@@ -24,26 +24,27 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_rows, n_cols, x_row_stride, res_row_stride, out_row_stride,
-                     eps, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Each program normalises ROWS whole rows held in registers: one read and one write per element.
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_rows, x_row_stride, eps,
+                     N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Each program normalises ROWS whole rows of N elements held in registers: one read and one write per
+    # element. The residual and the output are contiguous (row stride N); x may have a longer row stride.
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # int64: rows * stride can pass 2**31
     cols = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < N)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)  # issued first, overlapping x's latency
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # The sum is rounded to the residual's dtype, stored, and that rounded sum is what gets normalised.
-        res_ptrs = res_ptr + rows[:, None] * res_row_stride + cols[None, :]
+        res_ptrs = res_ptr + rows[:, None] * N + cols[None, :]
         h = (x.to(tl.float32) + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
         tl.store(res_ptrs, h, mask=mask)
     else:
         h = x
     hf = h.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / n_cols + eps)
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / N + eps)
     normed = (hf * rstd[:, None]).to(h.dtype)  # round like the reference does before the weight
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
-    y = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = normed.to(tl.float32) * w
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 MAX_HIDDEN = 65536  # a whole row lives in registers; beyond this it would spill
@@ -51,12 +52,12 @@ MAX_HIDDEN = 65536  # a whole row lives in registers; beyond this it would spill
 
 @functools.cache
 def rms_norm_launch_params(hidden: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_N, num_warps) for a hidden size: every program handles at least 4096 elements, so
-    small hidden sizes (576) get several rows per program, and warps grow with the tile."""
+    """(ROWS, BLOCK_N, num_warps) for a hidden size: at least 2048 elements per program, so small hidden
+    sizes (576) get several rows per program, and about 16 elements per thread."""
     if hidden > MAX_HIDDEN:
         raise ValueError(f"rms_norm_triton supports hidden sizes up to {MAX_HIDDEN}, got {hidden}")
     block_n = triton.next_power_of_2(hidden)
-    rows = max(1, 4096 // block_n)
+    rows = max(1, 2048 // block_n)
     num_warps = min(max(rows * block_n // 512, 1), 16)
     return rows, block_n, num_warps
 
@@ -67,14 +68,15 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     x2 = x.reshape(-1, hidden)
     if x2.stride(-1) != 1:  # rare (a transposed view): the kernel reads rows as contiguous vectors
         x2 = x2.contiguous()
+    if residual is not None and not residual.is_contiguous():
+        raise ValueError("rms_norm_triton updates the residual in place: it must be contiguous")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    res2 = residual.view(-1, hidden) if residual is not None else None  # a view, so the update lands in place
     n_rows = x2.shape[0]
     if n_rows:
         rows, block_n, num_warps = rms_norm_launch_params(hidden)
         _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
-            x2, res2, weight, out, n_rows, hidden, x2.stride(0), 0 if res2 is None else res2.stride(0), hidden,
-            eps, HAS_RESIDUAL=res2 is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
+            x2, residual, weight, out, n_rows, x2.stride(0), eps,
+            N=hidden, HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
     return out if residual is None else (out, residual)
 
 

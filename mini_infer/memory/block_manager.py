@@ -102,14 +102,12 @@ class BlockManager(BlockPool):
     A scheduler's loop:
 
         if bm.can_allocate(seq):
-            bm.allocate(seq)       # then prefill seq.token_ids[seq.num_cached_tokens:]
+            bm.allocate(seq)             # then compute seq.token_ids[seq.num_cached_tokens:]
+        bm.cache_computed(seq, n)        # after a step: the first n tokens' K/V are in the pool
         seq.token_ids.append(token)
         if bm.can_append(seq):
-            bm.append_slot(seq)    # then decode the new token; if not, preempt someone (bm.free)
-        bm.free(seq)               # finished or preempted
-
-    The K/V of a block must be written by the step that follows allocate / append_slot: from then on,
-    other sequences may find the block in the prefix cache.
+            bm.append_slot(seq)          # then decode the new token; if not, preempt someone (bm.free)
+        bm.free(seq)                     # finished or preempted
     """
 
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
@@ -120,26 +118,23 @@ class BlockManager(BlockPool):
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _plan(self, seq: SequenceLike) -> tuple[list[bytes], list[int], int]:
-        """For allocate: the hashes of the full blocks, the cached blocks to reuse, the free blocks needed."""
+    def _plan(self, seq: SequenceLike) -> tuple[list[int], int]:
+        """For allocate: the cached blocks to reuse, and how many free blocks it takes."""
         tokens, bs = seq.token_ids, self.block_size
-        hashes, prev = [], b""
-        for start in range(0, len(tokens) - bs + 1, bs):
-            prev = hash_block(prev, tokens[start:start + bs])
-            hashes.append(prev)
-        hits = []
+        hits, h = [], b""
         if self.enable_prefix_caching:
-            for h in hashes[:(len(tokens) - 1) // bs]:  # never the block holding the last token
+            for start in range(0, (len(tokens) - 1) // bs * bs, bs):  # never the block holding the last token
+                h = hash_block(h, tokens[start:start + bs])
                 if h not in self.cached:
                     break
                 hits.append(self.cached[h])
         # every block takes a free one, except cached blocks another sequence is using
         needed = self.num_blocks_for(len(tokens)) - sum(self.blocks[b].ref_count > 0 for b in hits)
-        return hashes, hits, needed
+        return hits, needed
 
     def can_allocate(self, seq: SequenceLike) -> bool:
         """Whether allocate(seq) would succeed now."""
-        return self._plan(seq)[2] <= self.num_free_blocks
+        return self._plan(seq)[1] <= self.num_free_blocks
 
     def allocate(self, seq: SequenceLike) -> int:
         """Give seq blocks for all its tokens; return how many leading tokens the prefix cache served.
@@ -148,17 +143,30 @@ class BlockManager(BlockPool):
         """
         if seq.block_table:
             raise ValueError("the sequence already has blocks")
-        hashes, hits, needed = self._plan(seq)
+        hits, needed = self._plan(seq)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         for block_id in hits:
             self.share(block_id)
-        table = hits + [self.take_free() for _ in range(self.num_blocks_for(len(seq.token_ids)) - len(hits))]
-        for block_id, h in zip(table, hashes):  # the full blocks computed now join the cache
-            self.register(block_id, h)
-        seq.block_table = table
+        fresh = [self.take_free() for _ in range(self.num_blocks_for(len(seq.token_ids)) - len(hits))]
+        seq.block_table = hits + fresh
         seq.num_cached_tokens = len(hits) * self.block_size
         return seq.num_cached_tokens
+
+    def cache_computed(self, seq: SequenceLike, num_computed_tokens: int) -> None:
+        """The K/V of seq's first num_computed_tokens tokens are in the pool: its full blocks among them
+        join the prefix cache (call after every step that computed tokens of seq)."""
+        if not self.enable_prefix_caching:
+            return
+        bs, table = self.block_size, seq.block_table
+        # blocks join in order, so the uncached full blocks are a run just before the first incomplete one
+        end = num_computed_tokens // bs
+        start = end
+        while start > 0 and self.blocks[table[start - 1]].hash is None:
+            start -= 1
+        for i in range(start, end):
+            prev = self.blocks[table[i - 1]].hash if i else b""
+            self.register(table[i], hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs]))
 
     def can_append(self, seq: SequenceLike) -> bool:
         """Whether append_slot(seq) would succeed now."""
@@ -168,18 +176,13 @@ class BlockManager(BlockPool):
         return len(seq.token_ids) > len(seq.block_table) * self.block_size
 
     def append_slot(self, seq: SequenceLike) -> None:
-        """Make room for the newest token's K/V. Call once for each token appended to seq.token_ids.
-
-        Raises RuntimeError (changing nothing) when a block is needed and none is free.
-        """
+        """Make room for the newest token's K/V: a new block when the last one is full. Call after
+        appending each token to seq.token_ids. Raises RuntimeError (changing nothing) when a block is
+        needed and none is free."""
         if self._needs_block(seq):
             if not self.free_ids:
                 raise RuntimeError("out of KV blocks: need 1, 0 free")
             seq.block_table.append(self.take_free())
-        n, bs = len(seq.token_ids), self.block_size
-        if n % bs == 0:  # the new token fills the last block: its tokens are final, so it can be cached
-            prev = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else b""
-            self.register(seq.block_table[-1], hash_block(prev, seq.token_ids[n - bs:]))
 
     def free(self, seq: SequenceLike) -> None:
         """Release seq's blocks (finished or preempted), last block first so it is evicted first."""
