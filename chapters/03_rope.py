@@ -14,6 +14,13 @@
 
 # %% [markdown]
 # # 3. RoPE: rotating queries and keys in place
+#
+# Attention compares every query with every key by a dot product, which by itself knows nothing about
+# where the tokens are. Llama, Qwen and most current models tell it with rotary position embeddings
+# (RoPE): before attention, each query and key vector is rotated by an angle proportional to its
+# token's position. This chapter shows why a rotation encodes *relative* position, builds the cos/sin
+# table, writes Hugging Face's eager form as the reference, and then a Triton kernel that rotates q
+# and k in place for a packed batch of tokens at arbitrary positions.
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
@@ -24,9 +31,48 @@ if "google.colab" in sys.modules:
 
 # %%
 import mini_infer  # first: on a machine without a GPU it switches on Triton's interpreter
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
 import torch
 import triton
-import triton.language as tl
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+print("Triton kernels run", "on the GPU" if DEVICE == "cuda" else "through the interpreter on the CPU")
+
+# %% [markdown]
+# ## The rotation
+#
+# Split a head vector of dimension $D$ into $D/2$ pairs. Pair $i$ is treated as a point in the plane
+# and rotated by the angle $p\,\theta_i$, where $p$ is the token's position and
+# $\theta_i = \text{base}^{-2i/D}$ (base, "rope theta", is 10,000 in the original paper, 100,000 for
+# SmolLM2, 500,000 for Llama 3). Early pairs spin fast, late pairs slowly, like the hands of a clock.
+#
+# Why this encodes relative position: rotating $q$ by $m\theta$ and $k$ by $n\theta$ gives
+# $\langle R_{m\theta} q, R_{n\theta} k\rangle = \langle q, R_{(n-m)\theta} k\rangle$, because rotations
+# compose and the transpose of a rotation is its inverse. The attention score depends on the positions
+# only through $n - m$; we check it numerically once the reference exists.
+#
+# Which dimensions form a pair is a convention. Llama and Qwen (and vLLM's "neox style") pair
+# dimension $i$ with $i + D/2$: the first half of the vector holds the pairs' first coordinates, the
+# second half their second. Hugging Face writes the rotation with `rotate_half`, which maps
+# $(x_1, x_2)$ to $(-x_2, x_1)$:
+#
+# $$\text{rope}(x) = x \odot \cos + \text{rotate\_half}(x) \odot \sin,$$
+#
+# with `cos` and `sin` holding each angle twice (once per half).
+#
+# ## The cos/sin cache
+#
+# The angles depend only on the position, so they are computed once for every position the model
+# supports and looked up per token: a float32 table of `[max_positions, D]`, each row the $D/2$
+# cosines followed by the $D/2$ sines. Llama 3.1 stretches the slow frequencies for long contexts
+# ("llama3" rope scaling): wavelengths longer than the original context divided by `low_freq_factor`
+# are slowed by `factor`, those shorter than it divided by `high_freq_factor` are kept, and the band
+# between is blended.
 
 # %%
 #| export mini_infer.kernels.rope
@@ -62,6 +108,39 @@ def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float, rope_sca
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+# %% tags=["nbval-check-output"]
+from mini_infer.kernels.rope import rope_cos_sin_cache
+
+# Llama-3.1-8B's settings, against Hugging Face's rotary embedding at a few positions
+scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192, "rope_theta": 500_000.0}
+config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=scaling)
+positions = torch.tensor([0, 1, 100, 8191, 20000, 131071])
+cos, sin = LlamaRotaryEmbedding(config)(torch.randn(1, 6, 128), positions[None])
+cache = rope_cos_sin_cache(128, 131072, 500_000.0, rope_scaling=scaling)
+torch.testing.assert_close(cache[positions], torch.cat([cos[0, :, :64], sin[0, :, :64]], dim=-1))
+print("cache", tuple(cache.shape), cache.dtype, "matches Hugging Face's llama3 rotary embedding")
+
+# %%
+plain = rope_cos_sin_cache(128, 2, 500_000.0)
+freq = lambda c: torch.atan2(c[1, 64:], c[1, :64])  # the angle at position 1 is the frequency itself
+plt.figure(figsize=(6, 3))
+plt.semilogy(freq(plain), label="no scaling")
+plt.semilogy(freq(cache[:2]), label="llama3 scaling")
+plt.xlabel("pair i"); plt.ylabel("radians per position"); plt.legend(); plt.title("RoPE frequencies, D = 128")
+plt.show()
+
+# %% [markdown]
+# ## The reference: Hugging Face's eager form
+#
+# It gathers each token's row of the cache, repeats cos and sin over both halves, and applies the
+# formula above in fp32. Tokens are packed: `q` is `[T, Hq, D]` and `k` is `[T, Hkv, D]` for the
+# tokens of all sequences in the batch, one after another, and `positions[t]` is token `t`'s position in
+# its own sequence. With grouped-query attention `k` has fewer heads than `q` (Llama-3-8B: 32 and 8);
+# every head of a token gets the same rotation.
+
+# %%
+#| export mini_infer.kernels.rope
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -79,13 +158,64 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
     return rotate(q), rotate(k)
 
 
+# %% tags=["nbval-check-output"]
+from mini_infer.kernels.rope import apply_rope_ref
+
+torch.manual_seed(0)
+q, k = torch.randn(1, 1, 128), torch.randn(1, 1, 128)
+for m, n in [(3, 10), (103, 110), (5003, 5010), (10, 3)]:
+    q_rot, _ = apply_rope_ref(q, q, torch.tensor([m]), cache)
+    k_rot, _ = apply_rope_ref(k, k, torch.tensor([n]), cache)
+    print(f"q at {m:>4}, k at {n:>4} (n - m = {n - m:>3}): q.k = {(q_rot * k_rot).sum():.3f}")
+
+# %% [markdown]
+# The same score for the same distance, wherever the pair sits (to fp32 rounding of large angles); a
+# different distance gives a different score. And the reference equals Hugging Face's
+# `apply_rotary_pos_emb` (which wants `[batch, heads, T, D]`):
+
+# %% tags=["nbval-check-output"]
+T = 7
+q, k = torch.randn(T, 32, 128), torch.randn(T, 8, 128)
+positions = torch.randint(0, 131072, (T,))
+cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
+q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+q_ref, k_ref = apply_rope_ref(q, k, positions, cache)
+print("matches Hugging Face:", torch.allclose(q_ref, q_hf[0].transpose(0, 1), atol=1e-5)
+      and torch.allclose(k_ref, k_hf[0].transpose(0, 1), atol=1e-5))
+
+# %% [markdown]
+# Eagerly that is about ten kernels, each reading and writing whole `[T, H, D]` tensors in fp32: the
+# gather, two concatenations of the cache rows, the upcast, `rotate_half`'s slices, negation and
+# concatenation, two products, a sum and the downcast, for q and again for k.
+#
+# ## The Triton kernel
+#
+# The operation itself needs each element of q and k read once and written once, plus one cos/sin
+# row per token. The kernel:
+#
+# - **One program per token.** It loads the token's position and its cos and sin (`D/2` floats each)
+#   once, then rotates all of the token's q heads and all its k heads with them. For decode (1 to 64
+#   tokens) that is one launch of a few programs; for a 16,384-token prefill, 16,384 programs of
+#   10 KiB (Llama-3-8B heads, bf16) each.
+# - **Heads as a tile.** The q heads form a `[BLOCK_HQ, D/2]` tile, loaded as two halves, `x1` and
+#   `x2`; `rotate_half` costs no data movement: the new first half is `x1 cos - x2 sin`, the new second
+#   half `x2 cos + x1 sin`. Head counts are compile-time constants (a model has one pair), masked up to
+#   a power of two (SmolLM2's 9 q heads use a 16-row tile, its 3 kv heads a 4-row one).
+# - **In place, through strides.** In the model q, k and v come out of one fused projection, and q
+#   and k are views into it. The kernel takes their token and head strides and writes the rotated
+#   values back where they were: no copy to make them contiguous, no output allocation, and v untouched.
+# - **fp32 math, int64 offsets** (`token * stride` and `position * D` could pass 2³¹ in long batches).
+# - **Warps** grow with the q tile: about 8 elements, one 16-byte bf16 vector, per thread and half.
+#   A sweep from 1 to 16 warps on an H100 while writing this chapter picked 8 for Llama-3-8B heads and
+#   2 for SmolLM2's; 16 warps halved SmolLM2's speed.
+
 # %%
 #| export mini_infer.kernels.rope
 @triton.jit
-def _rotate_heads(base, head_stride, n_heads, cos, sin, d, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rotate_heads(base, head_stride, cos, sin, d, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     # Rotate every head of one token: x1 = x[:HALF], x2 = x[HALF:] -> (x1 cos - x2 sin, x2 cos + x1 sin).
     h = tl.arange(0, BLOCK_H)
-    mask = (h[:, None] < n_heads) & (d[None, :] < HALF)
+    mask = (h[:, None] < N_HEADS) & (d[None, :] < HALF)
     ptrs = base + h[:, None] * head_stride + d[None, :]
     x1 = tl.load(ptrs, mask=mask, other=0.0)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
@@ -96,41 +226,46 @@ def _rotate_heads(base, head_stride, n_heads, cos, sin, d, HALF: tl.constexpr, B
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, q_token_stride, q_head_stride, k_token_stride, k_head_stride,
-                 n_q_heads, n_kv_heads, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                 BLOCK_HKV: tl.constexpr):
+                 N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
     # One program per token: its cos/sin row is loaded once and used for all its q and k heads.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     cos = tl.load(cache_ptr + pos * (2 * HALF) + d, mask=d < HALF, other=0.0)[None, :]
     sin = tl.load(cache_ptr + pos * (2 * HALF) + HALF + d, mask=d < HALF, other=0.0)[None, :]
-    _rotate_heads(q_ptr + t * q_token_stride, q_head_stride, n_q_heads, cos, sin, d, HALF, BLOCK_HQ)
-    _rotate_heads(k_ptr + t * k_token_stride, k_head_stride, n_kv_heads, cos, sin, d, HALF, BLOCK_HKV)
+    _rotate_heads(q_ptr + t * q_token_stride, q_head_stride, cos, sin, d, N_Q, HALF, BLOCK_HQ)
+    _rotate_heads(k_ptr + t * k_token_stride, k_head_stride, cos, sin, d, N_KV, HALF, BLOCK_HKV)
 
 
+# %%
+#| export mini_infer.kernels.rope
 @functools.cache
-def rope_launch_params(n_q_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_D, BLOCK_HQ, BLOCK_HKV, num_warps): power-of-two tiles covering the heads and half a head."""
-    block_d = triton.next_power_of_2(head_dim // 2)
-    block_hq = triton.next_power_of_2(n_q_heads)
-    num_warps = min(max(block_hq * block_d // 256, 1), 8)  # about 8 elements per thread in the q tile
-    return block_d, block_hq, triton.next_power_of_2(n_kv_heads), num_warps
+def rope_launch_params(n_q_heads: int, n_kv_heads: int, head_dim: int) -> dict:
+    """Power-of-two tiles covering the heads and half a head, and the warps: about 8 elements (one 16-byte
+    bf16 vector) per thread in the q tile. Chosen from a sweep on an H100 (chapter 3 shows it)."""
+    block_d, block_hq = triton.next_power_of_2(head_dim // 2), triton.next_power_of_2(n_q_heads)
+    return dict(N_Q=n_q_heads, N_KV=n_kv_heads, HALF=head_dim // 2, BLOCK_D=block_d, BLOCK_HQ=block_hq,
+                BLOCK_HKV=triton.next_power_of_2(n_kv_heads), num_warps=min(max(block_hq * block_d // 256, 1), 8))
 
 
 def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
     """The Triton kernel: rotates q [T, Hq, D] and k [T, Hkv, D] in place (views with unit last stride are
     fine) and returns them. Also runs on CPU tensors under the interpreter."""
-    n_tokens, n_q_heads, head_dim = q.shape
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("apply_rope_triton needs q and k with a last-dim stride of 1")
-    if n_tokens:
-        block_d, block_hq, block_hkv, num_warps = rope_launch_params(n_q_heads, k.shape[1], head_dim)
-        _rope_kernel[(n_tokens,)](
-            q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1), n_q_heads, k.shape[1],
-            HALF=head_dim // 2, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, num_warps=num_warps)
+    if q.shape[0]:
+        _rope_kernel[(q.shape[0],)](q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                    **rope_launch_params(q.shape[1], k.shape[1], q.shape[2]))
     return q, k
 
 
+# %% [markdown]
+# As in chapter 2, the package calls a dispatcher: the kernel on the GPU, the reference (copied back
+# into q and k, so the semantics are the same) elsewhere.
+
+# %%
+#| export mini_infer.kernels.rope
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
     """Rotate q and k in place and return them: Triton on the GPU, the reference (copied back) elsewhere."""
     if q.is_cuda:
@@ -139,14 +274,104 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
     return q.copy_(q_rot), k.copy_(k_rot)
 
 
-# %% tags=["nbval-check-output"]
-from mini_infer.kernels.rope import apply_rope_ref, apply_rope_triton, rope_cos_sin_cache
+# %% [markdown]
+# ## Is it right?
+#
+# Against the reference on random inputs, with q and k as views into a fused qkv tensor and random
+# positions, for Llama-3-8B's heads (32/8, D = 128) and SmolLM2's (9/3, D = 64), in the three dtypes;
+# v, beside them in the same tensor, must come out untouched. `tests/test_rope.py` covers more shapes.
 
+# %% tags=["nbval-check-output"]
+from mini_infer.kernels.rope import apply_rope, apply_rope_triton
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 torch.manual_seed(0)
-cache = rope_cos_sin_cache(64, 4096, 100_000.0)
-qkv = torch.randn(5, (9 + 2 * 3) * 64)
-q, k = qkv[:, :9 * 64].view(5, 9, 64), qkv[:, 9 * 64:12 * 64].view(5, 3, 64)
-positions = torch.randint(0, 4096, (5,))
-q_ref, k_ref = apply_rope_ref(q, k, positions, cache)
-apply_rope_triton(q, k, positions, cache)
-print("matches the reference:", torch.allclose(q, q_ref, atol=1e-5) and torch.allclose(k, k_ref, atol=1e-5))
+for dtype in [torch.float32, torch.float16, torch.bfloat16]:
+    for tokens, n_q, n_kv, head_dim in [(5, 32, 8, 128), (9, 9, 3, 64)]:
+        cos_sin = rope_cos_sin_cache(head_dim, 8192, 500_000.0, device=DEVICE)
+        qkv = torch.randn(tokens, (n_q + 2 * n_kv) * head_dim, device=DEVICE).to(dtype)
+        q = qkv[:, : n_q * head_dim].view(tokens, n_q, head_dim)
+        k = qkv[:, n_q * head_dim : (n_q + n_kv) * head_dim].view(tokens, n_kv, head_dim)
+        v_before = qkv[:, (n_q + n_kv) * head_dim :].clone()
+        positions = torch.randint(0, 8192, (tokens,), device=DEVICE)
+        q_ref, k_ref = apply_rope_ref(q, k, positions, cos_sin)
+        apply_rope_triton(q, k, positions, cos_sin)
+        torch.testing.assert_close(q, q_ref, rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(k, k_ref, rtol=TOL[dtype], atol=TOL[dtype])
+        assert torch.equal(qkv[:, (n_q + n_kv) * head_dim :], v_before)
+    print(f"{str(dtype):<15} Triton matches the reference in place (32/8 heads D 128, 9/3 heads D 64), v untouched")
+
+# %% [markdown]
+# ## How fast?
+#
+# `benchmarks/kernel_benchmark.py` times eager (the reference), `torch.compile` of it and the kernel
+# with `triton.testing.do_bench` (median, L2 cleared before every call) and counts the bytes the op
+# must move: q and k read and written, plus each token's position and cos/sin row. On a GPU the next
+# cell measures a Llama-3-8B prefill of 16,384 tokens directly.
+
+# %%
+if torch.cuda.is_available():
+    from triton.testing import do_bench
+
+    cos_sin = rope_cos_sin_cache(128, 131072, 500_000.0, device="cuda")
+    qkv = torch.randn(16384, 48 * 128, device="cuda", dtype=torch.bfloat16)
+    q, k = qkv[:, :4096].view(-1, 32, 128), qkv[:, 4096:5120].view(-1, 8, 128)
+    positions = torch.randint(0, 131072, (16384,), device="cuda")
+    nbytes = 2 * (q.numel() + k.numel()) * 2 + 16384 * (8 + 128 * 4)
+    for name, fn in [("eager", apply_rope_ref), ("triton", apply_rope_triton)]:
+        us = do_bench(lambda: fn(q, k, positions, cos_sin), return_mode="median") * 1e3
+        print(f"{torch.cuda.get_device_name()}, 16384 tokens, 32/8 heads, D 128, bf16, {name:<7}{us:8.1f} us {nbytes / us / 1e3:8,.0f} GB/s")
+else:
+    print("no GPU here: this cell would time eager and Triton RoPE on 16384 tokens of Llama-3-8B heads; "
+          "the stored benchmark results follow")
+
+
+# %% [markdown]
+# The stored results, from the last run of the benchmark script (the title names the GPU):
+
+# %%
+def load_results() -> dict | None:
+    """The newest full kernel benchmark result in benchmarks/results/ (in a clone of the repository)."""
+    for root in [Path.cwd(), *Path.cwd().parents]:
+        files = sorted((root / "benchmarks" / "results").glob("kernels_*.json"))
+        results = [r for r in (json.loads(f.read_text()) for f in files) if not r["quick"]]
+        if results:
+            return max(results, key=lambda r: r["date"])
+    return None
+
+
+results = load_results()
+if results is None:
+    print("no benchmark results found: run `python benchmarks/kernel_benchmark.py` on a GPU")
+else:
+    print(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date'][:10]}, "
+          f"{results['dtype']}; 2 GiB copy: {results['copy_gbps']:,.0f} GB/s")
+    rows = [r for r in results["rows"] if r["op"] == "rope"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    print(f"{'tokens, q/kv heads, D':<24}" + "".join(f"{i:>20}" for i in impls) + "   (GB/s, us)")
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
+        cells = {r["impl"]: r for r in rows if tuple(r["shape"]) == shape}
+        tokens, n_q, n_kv, head_dim = shape
+        print(f"{f'{tokens}, {n_q}/{n_kv}, {head_dim}':<24}" + "".join(
+            f"{cells[i]['gbps']:>10,.0f} {cells[i]['us']:>8.1f}" if i in cells else f"{'-':>20}" for i in impls))
+
+    plt.figure(figsize=(6, 4))
+    for impl in impls:
+        pts = sorted((r["shape"][0], r["gbps"]) for r in rows if r["impl"] == impl and r["shape"][1:] == [32, 8, 128])
+        plt.plot(*zip(*pts), marker="o", label=impl)
+    plt.axhline(results["copy_gbps"], color="gray", linestyle="--", label="copy bandwidth")
+    plt.xscale("log"); plt.xlabel("tokens"); plt.ylabel("GB/s"); plt.legend()
+    plt.title(f"RoPE, 32 q / 8 kv heads, D 128, {results['dtype']}\n{results['device']}")
+    plt.show()
+
+# %% [markdown]
+# What the H100 results (`benchmarks/results/kernels_nvidia-h100-80gb-hbm3.json`) show:
+#
+# - **Prefill reaches the copy ceiling.** At 16,384 tokens of Llama-3-8B heads the kernel moves over
+#   90% of the copy bandwidth, about fifteen times eager, and it also beats `torch.compile`, most
+#   clearly on SmolLM2's small heads, where one program per token still moves enough bytes.
+# - **Decode is one launch.** From 1 to 64 tokens the kernel's time stays at the floor of a launch
+#   plus one memory round trip, a few microseconds, while eager and `torch.compile` pay for several
+#   launches.
+# - In place, it allocates nothing, which matters more in the engine than in this benchmark: no new
+#   q and k tensors per layer, and nothing for a CUDA graph to keep alive.

@@ -81,3 +81,10 @@ def test_reference_matches_hugging_face():
 def test_too_large_hidden_is_refused():
     with pytest.raises(ValueError, match="hidden sizes up to"):
         rms_norm_triton(torch.randn(1, 2**17), torch.randn(2**17), 1e-5)  # refused before any launch
+
+
+def test_non_contiguous_residual_is_refused():
+    # The in-place update must land in the caller's tensor: a strided residual would need a copy.
+    residual = torch.randn(4, 1152)[:, :576]
+    with pytest.raises(ValueError, match="contiguous"):
+        rms_norm_triton(torch.randn(4, 576), torch.randn(576), 1e-5, residual)
