@@ -50,12 +50,15 @@ import mini_infer  # first: on a machine without a GPU it switches on Triton's i
 import math
 import platform
 import time
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import transformers
 
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's note about Jupyter widgets
+transformers.utils.logging.disable_progress_bar()  # no loading bars in the book
 print(f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
 
 # %% [markdown]
@@ -1046,7 +1049,7 @@ print(tokenizer.decode(answer, skip_special_tokens=True))
 # warm-up; `int(...argmax())` at the end of each forward waits for the GPU, so GPU timings are honest.
 
 # %%
-def time_forward(model, n_cached, n_new, repeats=5):
+def time_forward(model, n_cached, n_new, repeats=3):
     """Median seconds of one forward of n_new tokens after n_cached cached ones (the cache is filled once)."""
     dtype = model.lm_head.weight.dtype
     tokens = torch.randint(0, config.vocab_size, (n_cached + n_new,), device=device)
@@ -1064,7 +1067,7 @@ def time_forward(model, n_cached, n_new, repeats=5):
     return sorted(times[1:])[repeats // 2]
 
 
-lengths = [16, 32, 64, 128, 256, 512]
+lengths = [16, 32, 64, 128, 256]
 prefill_s = [time_forward(model, 0, T) for T in lengths]
 decode_s = [time_forward(model, T, 1) for T in lengths]
 print(f"on {device_name(device)}, {CHECK_DTYPE}:")
@@ -1076,9 +1079,8 @@ for T, p, d in zip(lengths, prefill_s, decode_s):
 fig, ax = plt.subplots(figsize=(7, 3.8))
 ax.plot(lengths, [p * 1e3 for p in prefill_s], "o-", label="forward of T tokens (a naive step at length T)")
 ax.plot(lengths, [d * 1e3 for d in decode_s], "s-", label="one decode step with T tokens cached")
-ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="ms",
+ax.set(xlabel="tokens T", ylabel="ms", ylim=(0, None),
        title=f"SmolLM2-135M, {str(CHECK_DTYPE).removeprefix('torch.')}, {device_name(device)}")
-ax.set_xticks(lengths, [str(T) for T in lengths])
 ax.legend()
 plt.show()
 
@@ -1090,11 +1092,11 @@ plt.show()
 # weights can serve many tokens almost for free. That is the case for **batching** many requests'
 # decode steps into one forward, which Chapters 5 and 6 build.
 #
-# End to end, tokens per second for a short prompt and 64 new tokens, naive and cached, and Hugging
+# End to end, tokens per second for a short prompt and 32 new tokens, naive and cached, and Hugging
 # Face's `generate` on the same device:
 
 # %%
-def tokens_per_second(generate, n_new=64):
+def tokens_per_second(generate, n_new=32):
     generate(4)  # warm-up
     start = time.perf_counter()
     n = len(generate(n_new))
@@ -1115,7 +1117,7 @@ def hf_generate(n):
 speeds = {"naive (recompute everything)": tokens_per_second(lambda n: generate_naive(model, story_ids, n)),
           "KV cache (generate_greedy)": tokens_per_second(lambda n: generate_greedy(model, story_ids, n)),
           "Hugging Face generate": tokens_per_second(hf_generate)}
-print(f"{len(story_ids)}-token prompt + 64 new tokens, {CHECK_DTYPE}, on {device_name(device)}:")
+print(f"{len(story_ids)}-token prompt + 32 new tokens, {CHECK_DTYPE}, on {device_name(device)}:")
 for name, s in speeds.items():
     print(f"  {name:30s} {s:7.1f} tokens/s")
 
@@ -1139,7 +1141,9 @@ else:
 #
 # ### Time, operation by operation
 #
-# `torch.profiler` records every PyTorch operation of a few decode steps. Grouped by kind:
+# `torch.profiler` records every PyTorch operation of a few decode steps, with its own time (on a GPU,
+# the time of the kernels it launched). Grouped into the matmuls with the weights, attention, and
+# everything else (norms, rotary embedding, SiLU, copies into the cache, indexing):
 
 # %%
 from torch.profiler import ProfilerActivity, profile
@@ -1155,22 +1159,29 @@ with torch.inference_mode():
             token = model.compute_logits(hidden).argmax(-1)
         int(token)
 
-# Attribute each operation's own time (CPU, or GPU kernels on a GPU) to a group, by name.
 time_attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-groups = {"matmul": ("addmm", "mm", "matmul", "linear", "gemm", "gemv"), "attention": ("attention", "sdpa", "flash"),
-          "rmsnorm": ("rms", "rsqrt", "pow", "mean"), "rope": ("rope", "cat", "neg", "index"),
-          "silu * up": ("silu", "mul")}
-totals = {}
+groups = {"attention": ("attention", "sdpa", "flash", "fmha"),  # checked first: its kernels can say "gemm"
+          "matmul": ("addmm", "mm", "matmul", "linear", "gemm", "gemv")}
+totals = {"matmul": 0, "attention": 0, "everything else": 0}
 for event in prof.key_averages():
     name = event.key.lower()
-    group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "other")
-    totals[group] = totals.get(group, 0) + getattr(event, time_attr)
+    group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "everything else")
+    totals[group] += getattr(event, time_attr)
 all_us = sum(totals.values())
-print(f"8 decode steps, {CHECK_DTYPE}, on {device_name(device)} ({time_attr}):")
-for group, us in sorted(totals.items(), key=lambda kv: -kv[1]):
-    print(f"  {group:10s} {us / 1e3:8.2f} ms  {100 * us / all_us:5.1f} %")
+print(f"per decode step, {CHECK_DTYPE}, on {device_name(device)}:")
+for group, us in totals.items():
+    print(f"  {group:16s} {us / 8e3:6.2f} ms  {100 * us / all_us:5.1f} %")
+print(f"  {'sum':16s} {all_us / 8e3:6.2f} ms (the wall time of a decode step, timed above: {decode_s[1] * 1e3:.2f} ms)")
+if device.type == "cuda":  # only kernels have a device time of their own
+    print(f"GPU kernels per decode step: {sum(e.count for e in prof.key_averages() if e.self_device_time_total) / 8:.0f}")
 
 # %% [markdown]
+# Read the sum against the wall time. On the CPU they agree, and the matmuls take nearly all of it: every
+# decode step streams all the weights from memory through the processor. On a GPU each kernel finishes in
+# microseconds, faster than Python can launch the next, so the kernels' times add up to much less than
+# the wall time: the GPU waits. Fewer, fused kernels (Chapters 2 and 3) and CUDA graphs, which replay a
+# whole step's kernels with one launch (Chapter 6), close that gap.
+#
 # The table of the largest single operations, as the profiler prints it:
 
 # %%
@@ -1195,9 +1206,12 @@ def weight_bytes_by_part(model):
 
 
 parts = weight_bytes_by_part(model)
+total = sum(parts.values())
 for part, nbytes in parts.items():
-    print(f"{part:22s} {nbytes / 1e6:7.1f} MB ({100 * nbytes / sum(parts.values()):4.1f} %)")
-print(f"{'total':22s} {sum(parts.values()) / 1e6:7.1f} MB in {CHECK_DTYPE}, {sum(parts.values()) / 2e6:.1f} MB in bf16")
+    print(f"{part:22s} {nbytes / 1e6:7.1f} MB ({100 * nbytes / total:4.1f} %)")
+print(f"{'total':22s} {total / 1e6:7.1f} MB in {CHECK_DTYPE}, {total / 2e6:.1f} MB in bf16")
+print(f"a decode step ({decode_s[1] * 1e3:.1f} ms) reads the weights at {total / decode_s[1] / 1e9:.1f} GB/s "
+      f"on {device_name(device)}")
 kv = ContiguousKVCache(config, 1, device="meta", dtype=torch.bfloat16).bytes_per_token
 print(f"KV cache: {kv:,} bytes per token in bf16, {kv * config.max_position_embeddings / 1e6:.0f} MB for "
       f"one {config.max_position_embeddings}-token sequence")
