@@ -129,8 +129,9 @@ LOG2E = 1.4426950408889634
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Splits per sequence for flash-decoding: about two programs per SM, no split under 256 keys."""
-    return max(1, min(triton.cdiv(2 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, 256)))
+    """Splits per sequence for flash-decoding: about four programs per SM (each one's loop waits on
+    dependent loads, block table then K/V, so many programs hide that latency), no split under 64 keys."""
+    return max(1, min(triton.cdiv(4 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, 64)))
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
@@ -236,7 +237,7 @@ def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu
     T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    block_m, block_n = 64, 32
+    block_m, block_n = 64, 64  # on an H100, 64 x 64 beat 64 x 32, 128 x 64 and 128 x 128 tiles
     o = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(max_seqlen_q, block_m), context_lens.shape[0], Hq)
     _prefill_kernel[grid](q, k_cache, v_cache, o, block_tables, context_lens, cu_seqlens_q,
