@@ -17,8 +17,8 @@
 #
 # Every token a model has seen leaves a key and a value vector in every layer, and each decoded token
 # attends to all of them. That KV cache is what limits how many requests a GPU serves at once: the
-# weights of SmolLM2-135M take 270 MB, while 256 requests of the benchmark hold up to 6.6 GB of keys
-# and values. This chapter stores the cache the way an operating system stores a process's memory: in
+# weights of SmolLM2-135M take 270 MB, while the 256 requests of the benchmark hold up to 6.4 GB of
+# keys and values. This chapter stores the cache the way an operating system stores a process's memory: in
 # fixed-size pages (here *blocks* of 16 tokens), handed out one at a time from a pool, found through a
 # per-request table. That idea, *PagedAttention*, is the core of vLLM (Kwon et al., SOSP 2023).
 #
@@ -112,8 +112,8 @@ for name, series in [("contiguous, max length", max_len), ("contiguous, oracle",
 
 # %% [markdown]
 # Averaged over the decode (memory times time), the max-length reservation holds real tokens in about
-# a fifth of what it reserves, and even an oracle that knew every output length only reaches about
-# two thirds: it reserves each request's future from the start. The vLLM paper measured 20.4-38.2% real
+# a fifth of what it reserves, and even an oracle that knew every output length stays under three
+# quarters: it reserves each request's future from the start. The vLLM paper measured 20.4-38.2% real
 # tokens in the systems before it. Pages waste only the unfilled tail of each request's last block, on
 # average half a block (8 tokens) against hundreds of real ones: under 1% here, under 4% in the paper.
 # With a fixed budget, that waste is the difference between a few dozen requests in flight and a few
