@@ -823,8 +823,12 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mini_infer.config import ModelConfig
+
+# Not cuDNN's attention: it plans anew for every key length, and in decoding that grows every step.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class ContiguousKVCache:
@@ -852,10 +856,11 @@ class ContiguousKVCache:
         # keys up to its own position: a triangle shifted right by `start`.
         is_causal = start == 0 and T > 1
         mask = None if T == 1 or is_causal else torch.ones(T, end, dtype=torch.bool, device=q.device).tril(start)
-        out = F.scaled_dot_product_attention(  # SDPA wants [heads, tokens, head_dim]
-            q.transpose(0, 1), self.k[layer_idx, :end].transpose(0, 1), self.v[layer_idx, :end].transpose(0, 1),
-            attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-        return out.transpose(0, 1)
+        # SDPA wants [batch, heads, tokens, head_dim]; with 3-d inputs it skips its fused GPU kernels.
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, self.k[layer_idx, :end], self.v[layer_idx, :end]))
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        return out[0].transpose(0, 1)
 
     @property
     def bytes_per_token(self) -> int:
