@@ -32,7 +32,7 @@ class ModelConfig:
         """Build from a Hugging Face `config.json` dict; raise ValueError for an unsupported architecture."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            name = ", ".join(hf.get("architectures") or []) or "unknown architecture"
+            name = ", ".join(hf.get("architectures") or []) or str(model_type)
             raise ValueError(f"unsupported architecture {name} (model_type {model_type!r}): "
                              f"mini_infer supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}")
         try:

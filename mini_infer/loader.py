@@ -43,7 +43,7 @@ def gguf_hf_config(reader) -> dict:
         "num_hidden_layers": meta(f"{arch}.block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": meta(f"{arch}.attention.head_count_kv", heads),
-        "head_dim": meta(f"{arch}.attention.key_length", hidden // heads),
+        "head_dim": meta(f"{arch}.attention.key_length"),  # None: hidden // heads
         "vocab_size": int(tensors["token_embd.weight"].shape[-1]),  # GGUF lists dims innermost first
         "rms_norm_eps": meta(f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": meta(f"{arch}.rope.freq_base", 10000.0),

@@ -160,6 +160,21 @@ def test_unsupported_architecture(tmp_path, where):
             load_model(tmp_path)
 
 
+def test_gguf_of_an_unsupported_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(path, "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((10, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="unsupported architecture gpt2"):
+        load_model(path)
+
+
 def test_missing_embedded_model_says_how_to_install(monkeypatch):
     import importlib.util
 
