@@ -1050,12 +1050,13 @@ print(tokenizer.decode(answer, skip_special_tokens=True))
 # Generation has two phases with different costs. The prefill runs $P$ prompt tokens in one forward;
 # each decode step runs one token. The chart below times one forward of $T$ new tokens: the prefill
 # of a $T$-token prompt, which is exactly what every step of the naive loop costs at context length $T$,
-# against one cached decode step after $T$ tokens. The timings take the median of a few runs after a
-# warm-up; `int(...argmax())` at the end of each forward waits for the GPU, so GPU timings are honest.
+# against one cached decode step after $T$ tokens. Each timing is the best of three runs after a
+# warm-up (the least disturbed by whatever else the machine does); `int(...argmax())` at the end of each
+# forward waits for the GPU, so GPU timings are honest.
 
 # %%
 def time_forward(model, n_cached, n_new, repeats=3):
-    """Median seconds of one forward of n_new tokens after n_cached cached ones (the cache is filled once)."""
+    """Best-of-`repeats` seconds of one forward of n_new tokens after n_cached cached ones."""
     dtype = model.lm_head.weight.dtype
     tokens = torch.randint(0, config.vocab_size, (n_cached + n_new,), device=device)
     cache = ContiguousKVCache(config, n_cached + n_new, device=device, dtype=dtype)
@@ -1069,7 +1070,7 @@ def time_forward(model, n_cached, n_new, repeats=3):
             hidden = model(tokens[n_cached:], torch.arange(n_cached, n_cached + n_new, device=device), cache)
             int(model.compute_logits(hidden[-1:]).argmax())
             times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
+    return min(times[1:])
 
 
 lengths = [16, 32, 64, 128, 256]
