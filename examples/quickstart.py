@@ -10,8 +10,8 @@ import argparse
 import time
 
 from mini_infer.device import device_name
-from mini_infer.kv_cache import generate_greedy
-from mini_infer.loader import load_model
+from mini_infer.llm import LLM
+from mini_infer.sampling_params import SamplingParams
 
 
 def main() -> None:
@@ -24,21 +24,21 @@ def main() -> None:
 
     start = time.perf_counter()
     try:
-        model, tokenizer, config = load_model(args.model)
+        llm = LLM(args.model, max_model_len=2048)
     except (OSError, ValueError) as e:  # a bad path, an unreachable hub, a damaged file: say which
         raise SystemExit(f"error: {e}") from None
-    if tokenizer is None:
-        raise SystemExit(f"{args.model} has no tokenizer files: the quickstart needs one to read the prompt")
-    weight = model.lm_head.weight
-    print(f"loaded in {time.perf_counter() - start:.1f} s on {device_name(weight.device)} ({weight.dtype})")
+    runner = llm.engine.runner
+    print(f"loaded in {time.perf_counter() - start:.1f} s on {device_name(runner.device)} ({runner.dtype})")
 
-    messages = [{"role": "user", "content": args.prompt}]
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
     start = time.perf_counter()
-    answer = generate_greedy(model, prompt_ids, args.max_tokens, config.eos_token_ids)
+    try:
+        reply = llm.chat([{"role": "user", "content": args.prompt}],
+                         SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)[0].outputs[0]
+    except ValueError as e:  # e.g. no tokenizer in the model directory, or a prompt too long
+        raise SystemExit(f"error: {e}") from None
     seconds = time.perf_counter() - start
-    print(f"> {args.prompt}\n{tokenizer.decode(answer, skip_special_tokens=True).strip()}")
-    print(f"({len(answer)} tokens in {seconds:.2f} s, {len(answer) / seconds:.1f} tokens/s)")
+    print(f"> {args.prompt}\n{reply.text.strip()}")
+    print(f"({len(reply.token_ids)} tokens in {seconds:.2f} s, {len(reply.token_ids) / seconds:.1f} tokens/s)")
 
 
 if __name__ == "__main__":

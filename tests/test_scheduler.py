@@ -118,7 +118,7 @@ def test_shared_prefix_is_served_from_the_cache():
 
 
 def test_stop_tokens_and_eos_finish_a_request():
-    scheduler = Scheduler(BlockManager(64, block_size=BLOCK), eos_token_id=9)
+    scheduler = Scheduler(BlockManager(64, block_size=BLOCK), eos_token_ids=(9, 11))
     eos, stop, ignore = (Sequence([1, 2], SamplingParams(max_tokens=10, **kw))
                          for kw in ({}, {"stop_token_ids": [5]}, {"ignore_eos": True}))
     for seq in (eos, stop, ignore):

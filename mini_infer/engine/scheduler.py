@@ -21,13 +21,13 @@ class Scheduler:
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, eos_token_id: int | None = None, static: bool = False):
+                 max_num_batched_tokens: int = 8192, eos_token_ids: tuple[int, ...] = (), static: bool = False):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(eos_token_ids)  # a model may have several (Llama 3 has two)
         self.static = static  # static batching: admit a new batch only when the last one has finished
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
@@ -130,7 +130,7 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if token in params.stop_token_ids or (not params.ignore_eos and token == self.eos_token_id):
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             return "stop"
         if seq.num_output_tokens >= params.max_tokens:
             return "length"

@@ -1,0 +1,167 @@
+"""The engine end to end on the CPU: greedy output equal to Hugging Face's, the same under chunked
+prefill, prefix caching and memory pressure; seeds, streaming, and clear errors for bad requests."""
+import pytest
+import torch
+import transformers
+
+from mini_infer.engine.sampler import Sampler
+from mini_infer.llm import LLM
+from mini_infer.loader import embedded_gguf_path
+from mini_infer.sampling_params import SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "The three primary colours are",
+    "import torch\nimport torch.nn as nn\n\nclass MLP(nn.Module):",
+    "Water boils at a temperature of",
+    "A haiku about the sea:\n",
+    "Translate to French: I would like a cup of coffee, please.\nFrench:",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", device="cpu", max_model_len=512, cpu_kv_bytes=64 << 20)
+
+
+@pytest.fixture(scope="module")
+def reference(llm) -> list[list[int]]:
+    """Hugging Face transformers' greedy tokens, one prompt at a time, on the same GGUF weights."""
+    path = embedded_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # like ignore_eos: run on past <|im_end|>, logits untouched
+    hf.generation_config.pad_token_id = 0
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([llm.tokenizer.encode(prompt)])
+        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.slow
+def test_batched_greedy_equals_hugging_face(llm, reference):
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert len({len(llm.tokenizer.encode(p)) for p in PROMPTS}) >= 6  # prompts of different lengths
+    assert token_ids(outputs) == reference
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
+    assert outputs[0].outputs[0].text.startswith(" Paris")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_engine_matches_hugging_face(reference):
+    # Triton kernels, the paged KV cache and CUDA graphs, in fp32: the same greedy tokens.
+    gpu = LLM(dtype="float32", device="cuda", max_model_len=512, gpu_memory_utilization=0.3)
+    assert gpu.engine.runner.graphs
+    assert token_ids(gpu.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+    del gpu
+    # bf16 rounds differently and drifts from fp32 after some tokens; the first ones agree.
+    half = LLM(device="cuda", max_model_len=512, gpu_memory_utilization=0.3)
+    assert half.engine.runner.dtype == torch.bfloat16
+    first = [ids[:4] for ids in token_ids(half.generate(PROMPTS, GREEDY, use_tqdm=False))]
+    assert first == [ids[:4] for ids in reference]
+
+
+@pytest.mark.slow
+def test_chunked_prefill_prefix_cache_and_preemption_keep_greedy_output(reference):
+    # 12 blocks of 16 tokens for 8 requests that each grow to 3-4 blocks: preemption is certain; a token
+    # budget of 16 splits the longer prompts; the repeated prompt hits the prefix cache.
+    small = LLM(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
+                cpu_kv_bytes=12 * 16 * 23040 * 2)  # 23,040 B/token in bf16, twice in fp32
+    assert small.engine.runner.num_blocks == 12
+    outputs = small.generate(PROMPTS + PROMPTS[:1], GREEDY, use_tqdm=False)
+    assert token_ids(outputs) == reference + reference[:1]
+    assert small.engine.scheduler.num_preemptions > 0
+    bm = small.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks  # every block came back
+
+
+@pytest.mark.slow
+def test_chat_messages_use_the_chat_template(llm):
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
+    assert out.outputs[0].text == "The capital of France is Paris."
+    assert out.outputs[0].finish_reason == "stop"  # at <|im_end|>, which the text does not show
+
+
+@pytest.mark.slow
+def test_a_seed_makes_sampling_reproducible_whatever_the_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=40, max_tokens=12, seed=7, ignore_eos=True)
+    alone = llm.generate(PROMPTS[0], params, use_tqdm=False)
+    crowded = llm.generate(PROMPTS[:4], [params] + [SamplingParams(temperature=1.0, max_tokens=12)] * 3, use_tqdm=False)
+    assert token_ids(alone)[0] == token_ids(crowded)[0]
+
+
+@pytest.mark.slow
+def test_stream_yields_the_generated_text_and_frees_blocks_when_stopped(llm):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = llm.generate(PROMPTS[2], params, use_tqdm=False)[0].outputs[0].text
+    assert "".join(llm.stream(PROMPTS[2], params)) == full
+    stream = llm.stream(PROMPTS[2], params)
+    next(stream)
+    stream.close()  # the consumer gives up: the request is aborted
+    bm = llm.engine.scheduler.block_manager
+    assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt, params, error", [
+    ("", None, "prompt is empty"),
+    ([[]], None, "prompt is empty"),
+    ([1, 2, 10**6], None, r"token ids must be integers in \[0, 49152\)"),
+    ("hi", SamplingParams(max_tokens=600), "exceeds max_model_len 512"),
+    ([{"role": "wizard", "content": "hi"}], None, "unknown chat role"),
+    (3.5, None, "a prompt is a string"),
+])
+def test_bad_requests_are_rejected_with_a_clear_error(llm, prompt, params, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        llm.generate(prompt, params, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.slow
+def test_a_bad_prompt_in_a_batch_queues_nothing(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate(["fine", ""], use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
+        llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
+
+
+def test_dummy_weights_generate_from_token_ids():
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
+    llm = LLM(config, load_format="dummy", device="cpu", dtype="float32")
+    out = llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True),
+                       use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [10, 10]
+    assert out[0].outputs[0].text == "" and out[1].prompt_token_ids == [4, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("text", use_tqdm=False)
+
+
+def test_top_k_top_p_filter_keeps_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    kept = Sampler.filter_top_k_top_p(logits, torch.tensor([4, 2, 4]), torch.tensor([0.7, 1.0, 0.3])).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [True, True, False, False], [True, True, False, False]]
+
+
+def test_sampler_greedy_rows_and_sampled_rows_share_a_batch():
+    from mini_infer.engine.sequence import Sequence
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    seqs = [Sequence([1], SamplingParams(temperature=0)), Sequence([1], SamplingParams(top_k=1)),
+            Sequence([1], SamplingParams(temperature=0.5, seed=3))]
+    tokens = Sampler()(logits, seqs)
+    assert tokens[0] == logits[0].argmax()
+    assert tokens[1] == logits[1].argmax()
+    again = Sampler()(logits, seqs)
+    assert again[2] == tokens[2]  # same seed, fresh generator: same draw
