@@ -63,11 +63,12 @@ def test_gpu_engine_matches_hugging_face(reference):
     assert gpu.engine.runner.graphs
     assert token_ids(gpu.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
     del gpu
-    # bf16 rounds differently and drifts from fp32 after some tokens; the first ones agree.
+    # bf16 rounds differently and drifts from fp32 after some tokens: the first 16 agree for 90% of prompts.
     half = LLM(device="cuda", max_model_len=512, gpu_memory_utilization=0.3)
     assert half.engine.runner.dtype == torch.bfloat16
-    first = [ids[:4] for ids in token_ids(half.generate(PROMPTS, GREEDY, use_tqdm=False))]
-    assert first == [ids[:4] for ids in reference]
+    outputs = token_ids(half.generate(PROMPTS, GREEDY, use_tqdm=False))
+    agree = sum(out[:16] == ref[:16] for out, ref in zip(outputs, reference))
+    assert agree >= 0.9 * len(PROMPTS), f"{agree} of {len(PROMPTS)} prompts agree on their first 16 tokens"
 
 
 @pytest.mark.slow
