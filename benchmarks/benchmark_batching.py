@@ -4,7 +4,8 @@
 
 Runs benchmark_throughput.py's protocol twice in one process, first with static batching (a new batch
 of max_num_seqs requests only when the last one has finished), then with continuous batching, and
-prints the ratio. Both rows are appended to `benchmarks/results/throughput.jsonl`.
+prints the ratio. It takes benchmark_throughput.py's options. Both rows are appended to
+`benchmarks/results/throughput.jsonl`.
 """
 import gc
 import sys
@@ -12,16 +13,16 @@ import sys
 import torch
 
 import benchmark_throughput
+import common
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("benchmark_batching.py measures a GPU; none is visible here.")
+    if not (args := common.parse_on_gpu(benchmark_throughput.parser(__doc__), __file__)):
         return 0
     rows = {}
     for policy in ("static", "continuous"):
-        sys.argv = [a for a in sys.argv if a != "--static"] + (["--static"] if policy == "static" else [])
-        rows[policy] = benchmark_throughput.main_row()
+        args.static = policy == "static"
+        rows[policy] = benchmark_throughput.main_row(args)
         gc.collect()
         torch.cuda.empty_cache()  # the next engine sizes its KV cache from the free memory
     ratio = rows["continuous"]["tokens_per_s"] / rows["static"]["tokens_per_s"]

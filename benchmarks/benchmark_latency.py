@@ -1,0 +1,26 @@
+"""Batch-1 latency of the engine on one GPU: how fast one request streams its tokens.
+
+    python benchmarks/benchmark_latency.py --model llama3-8b
+
+Protocol (the reference numbers' "bs1"): dummy weights of `benchmarks/models/<model>/config.json`, the
+engine built as `benchmark_throughput.py` builds it; after a warm-up run, one request of 128 seeded
+random prompt token ids and 512 greedy output tokens (ignore_eos): ms per output token = its wall time
+/ 512. Also the time to first token (median of 5 runs with max_tokens=1, fresh prompts) and the decode
+time per token; `common.py` has the details. Appends one JSON line to `benchmarks/results/latency.jsonl`.
+"""
+import common
+
+
+def main() -> None:
+    ap = common.parser(__doc__, ("latency",))
+    common.add_engine_args(ap)
+    if not (args := common.parse_on_gpu(ap, __file__)):
+        return
+    llm = common.mini_infer_llm(args)
+    row = {"engine": "mini_infer", "model": args.model, **common.measure_latency(common.mini_infer_generate(llm)),
+           "cuda_graphs": not args.enforce_eager}
+    common.append_row(row, args.latency_out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""What the benchmark scripts share: model configs, command line, workload, the two measurements and
+the result rows. Every engine is driven through one function,
+
+    generate(prompts: list[list[int]], max_tokens: list[int], temperature: float) -> output tokens produced
+
+which returns only when every request has finished, so a host clock around it is the wall time.
+
+Throughput: one warm-up request (16 prompt and 16 output tokens), then one timed call over the workload
+of `mini_infer.engine.simulate.benchmark_workload` at temperature 0.6 (ignore_eos, each request its own
+max_tokens). Batch-1 latency: a warm-up run, then one request of 128 random prompt token ids and 512
+greedy output tokens: ms per token = its wall time / 512 (prefill included, as in the reference
+numbers); time to first token = median of 5 runs with max_tokens=1, each on a fresh prompt so that no
+prefix cache serves it; decode ms per token = (wall time - time to first token) / 511.
+"""
+import argparse
+import datetime
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODELS = sorted(p.name for p in (HERE / "models").iterdir() if (p / "config.json").exists())
+RESULTS = HERE / "results"
+TEMPERATURE = 0.6
+PROMPT_TOKENS, OUTPUT_TOKENS, TTFT_RUNS = 128, 512, 5
+
+# The GPU machine has no network: never let Hugging Face or vLLM try to reach it.
+for _key, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_NO_USAGE_STATS", "1"),
+                     ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_key, _value)
+
+
+def parser(doc: str, outputs: tuple[str, ...]) -> argparse.ArgumentParser:
+    """--model, the workload's options when measuring throughput, and one --<kind>-out file per output
+    ("throughput", "latency"); a script with one output also takes --out; one with two takes --only."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", choices=MODELS, help="a config under benchmarks/models")
+    if "throughput" in outputs:
+        ap.add_argument("--num-seqs", type=int, default=256,
+                        help="requests; up to 256, the first ones of the 256-request workload")
+        ap.add_argument("--max-input", type=int, default=1024)
+        ap.add_argument("--max-output", type=int, default=1024)
+    for kind in outputs:
+        flags = [f"--{kind}-out"] + (["--out"] if len(outputs) == 1 else [])
+        ap.add_argument(*flags, dest=f"{kind}_out", type=Path, default=RESULTS / f"{kind}.jsonl",
+                        help=f"JSONL file the {kind} row is appended to")
+    if len(outputs) > 1:
+        ap.add_argument("--only", choices=outputs, help="measure only this")
+    return ap
+
+
+def model_dir(name: str) -> Path:
+    return HERE / "models" / name
+
+
+def workload(args) -> tuple[list[list[int]], list[int]]:
+    """The first --num-seqs requests of the 256-request benchmark workload (a larger number draws more)."""
+    from mini_infer.engine.simulate import benchmark_workload
+    prompts, lengths = benchmark_workload(max(args.num_seqs, 256), args.max_input, args.max_output)
+    return prompts[:args.num_seqs], lengths[:args.num_seqs]
+
+
+def gpu_missing(script: str) -> bool:
+    """True (after saying so) when PyTorch sees no CUDA GPU."""
+    import torch
+    if torch.cuda.is_available():
+        return False
+    print(f"{Path(script).name} measures a GPU; none is visible here.")
+    return True
+
+
+def parse_on_gpu(ap: argparse.ArgumentParser, script: str) -> argparse.Namespace | None:
+    """The parsed command line (so that --help works anywhere), or None after a message when there is no GPU."""
+    args = ap.parse_args()
+    return None if gpu_missing(script) else args
+
+
+def timed(fn, *args):
+    """(fn(*args), wall seconds), the GPU drained first and last when this process uses it."""
+    import torch
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    result = fn(*args)
+    sync()
+    return result, time.perf_counter() - start
+
+
+def measure_throughput(generate, prompts: list[list[int]], lengths: list[int]) -> dict:
+    generate([list(range(1, 17))], [16], TEMPERATURE)  # warm-up
+    produced, seconds = timed(generate, prompts, lengths, TEMPERATURE)
+    assert produced == sum(lengths), f"{produced} output tokens, expected {sum(lengths)}"
+    return {"num_seqs": len(prompts), "prompt_tokens": sum(map(len, prompts)), "output_tokens": produced,
+            "seconds": round(seconds, 3), "tokens_per_s": round(produced / seconds, 1)}
+
+
+def latency_prompt(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(0, 10000) for _ in range(PROMPT_TOKENS)]
+
+
+def measure_latency(generate) -> dict:
+    generate([latency_prompt(0)], [OUTPUT_TOKENS], 0.0)  # warm-up
+    produced, seconds = timed(generate, [latency_prompt(1)], [OUTPUT_TOKENS], 0.0)
+    assert produced == OUTPUT_TOKENS, f"{produced} output tokens, expected {OUTPUT_TOKENS}"
+    ttft = statistics.median([timed(generate, [latency_prompt(seed)], [1], 0.0)[1] for seed in range(2, 2 + TTFT_RUNS)])
+    return {"prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "seconds": round(seconds, 3),
+            "ms_per_token": round(seconds * 1000 / OUTPUT_TOKENS, 3), "ttft_ms": round(ttft * 1000, 2),
+            "decode_ms_per_token": round((seconds - ttft) * 1000 / (OUTPUT_TOKENS - 1), 3)}
+
+
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """Mini-Infer's engine options."""
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def mini_infer_llm(args, static: bool = False):
+    """A Mini-Infer `LLM` with dummy weights of --model, as every benchmark of this engine builds it."""
+    from mini_infer.llm import LLM
+    return LLM(model_dir(args.model), load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
+               enforce_eager=args.enforce_eager, static_batching=static)
+
+
+def mini_infer_generate(llm, progress: bool = False):
+    """The `generate` of a Mini-Infer `LLM`."""
+    from mini_infer.sampling_params import SamplingParams
+
+    def generate(prompts, max_tokens, temperature):
+        params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n) for n in max_tokens]
+        return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=progress))
+    return generate
+
+
+def append_row(row: dict, out: Path) -> dict:
+    """Add the device, versions and date to a result row, append it to `out` as one JSON line, print it."""
+    import torch
+    import triton
+    from mini_infer.device import device_name
+    row = {**row, "device": device_name("cuda"), "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.date.today().isoformat()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+    return row

@@ -1,0 +1,74 @@
+"""vLLM on exactly the workload and settings of benchmark_throughput.py and benchmark_latency.py, on one GPU.
+
+    python benchmarks/compare_vllm.py --model qwen3-0.6b
+    python benchmarks/compare_vllm.py --model qwen3-0.6b --attention-backend TRITON_ATTN
+
+vLLM comes from this Python or from the offline kit's folder ($VLLM_SITE, default /tmp/site, which
+../shared/tools/vllm-kit/install.sh fills); that folder goes on sys.path and on PYTHONPATH, since vLLM's
+engine runs in a child process. Where vLLM does not import, the script says so and exits 0.
+
+Protocol: LLM(benchmarks/models/<model>, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
+gpu_memory_utilization=0.9, seed=0) with vLLM's defaults otherwise (torch.compile, CUDA graphs, prefix
+caching), the attention backend of vLLM's choice (FlashAttention 3 on an H100) or --attention-backend,
+given as attention_config={"backend": NAME}. In the same engine: throughput (256 requests, temperature
+0.6, ignore_eos, each request its own max_tokens, after one warm-up request), then batch-1 latency (128
+prompt tokens, 512 greedy tokens), both as `common.py` measures every engine. VLLM_USE_FLASHINFER_SAMPLER=0
+as in the reference kit: temperature-only sampling never calls FlashInfer, so only an import is saved.
+One row each, "engine": "vllm" with its version and backend, to results/throughput.jsonl and latency.jsonl.
+"""
+import os
+import sys
+
+SITE = os.environ.get("VLLM_SITE", "/tmp/site")
+if os.path.isdir(SITE) and SITE not in sys.path:
+    sys.path.insert(0, SITE)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SITE, os.environ.get("PYTHONPATH")) if p)
+# Look for the GPU through NVML, so that this process does not initialise CUDA before vLLM starts its engine.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+import common  # noqa: E402
+
+
+def vllm_generate(llm):
+    """The `generate` of a vLLM `LLM` (see common.py)."""
+    from vllm import SamplingParams
+
+    def generate(prompts, max_tokens, temperature):
+        params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n) for n in max_tokens]
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outputs)
+    return generate
+
+
+def main() -> int:
+    ap = common.parser(__doc__, ("throughput", "latency"))
+    ap.add_argument("--attention-backend", help="e.g. TRITON_ATTN or FLASH_ATTN (default: vLLM's choice)")
+    if not (args := common.parse_on_gpu(ap, __file__)):
+        return 0
+    try:
+        import vllm
+    except Exception as e:  # noqa: BLE001 - whatever stops the import, there is no vLLM to race
+        print(f"compare_vllm.py: vLLM does not import here ({type(e).__name__}: {e}); nothing measured. "
+              f"See ../shared/tools/vllm-kit/README.md to install it.")
+        return 0
+    backend = args.attention_backend
+    llm = vllm.LLM(model=str(common.model_dir(args.model)), load_format="dummy", skip_tokenizer_init=True,
+                   max_model_len=4096, gpu_memory_utilization=0.9, seed=0,
+                   attention_config={"backend": backend} if backend else None)
+    generate = vllm_generate(llm)
+    tag = {"engine": "vllm", "model": args.model, "vllm": vllm.__version__, "attention_backend": backend or "auto",
+           "cuda_graphs": True}
+    rows = []
+    if args.only != "latency":
+        rows.append(({**tag, "policy": "continuous", **common.measure_throughput(generate, *common.workload(args))},
+                     args.throughput_out))
+    if args.only != "throughput":
+        rows.append(({**tag, **common.measure_latency(generate)}, args.latency_out))
+    for row, out in rows:  # only now: naming the device opens a CUDA context in this process
+        common.append_row(row, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The benchmark scripts, as far as they run without a GPU: the command lines, the no-GPU exits, the shared
+measurements on a stand-in engine, HF's static-batch accounting on a tiny model, and summarize.py's table."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import summarize  # noqa: E402
+
+SCRIPTS = ["benchmark_throughput", "benchmark_latency", "benchmark_batching", "compare_hf", "compare_vllm"]
+NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+
+
+def run(*command, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env={**NO_GPU, **env}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["summarize"])
+def test_help(script):
+    result = run(sys.executable, f"benchmarks/{script}.py", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--model" in result.stdout or script == "summarize"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_exits_cleanly_without_a_gpu(script):
+    result = run(sys.executable, f"benchmarks/{script}.py", "--model", "llama3-8b")
+    assert result.returncode == 0, result.stderr
+    assert f"{script}.py measures a GPU; none is visible here." in result.stdout
+
+
+def test_race_exits_cleanly_without_a_gpu():
+    result = run("bash", "benchmarks/race.sh", PYTHON=sys.executable)
+    assert result.returncode == 0, result.stderr
+    assert "none is visible here" in result.stdout
+
+
+def test_compare_vllm_without_vllm(monkeypatch, capsys):
+    import compare_vllm
+    monkeypatch.setattr(common, "gpu_missing", lambda script: False)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    monkeypatch.setattr(sys, "argv", ["compare_vllm.py", "--model", "qwen3-0.6b"])
+    assert compare_vllm.main() == 0
+    assert "vLLM does not import here" in capsys.readouterr().out
+
+
+def test_workload_subset_is_the_start_of_the_full_workload():
+    args = type("Args", (), {"num_seqs": 32, "max_input": 1024, "max_output": 1024})
+    prompts, lengths = common.workload(args)
+    args.num_seqs = 256
+    full_prompts, full_lengths = common.workload(args)
+    assert (prompts, lengths) == (full_prompts[:32], full_lengths[:32])
+    assert (sum(map(len, full_prompts)), sum(full_lengths)) == (142_827, 133_966)  # the reference workload
+
+
+def fake_engine(calls):
+    def generate(prompts, max_tokens, temperature):
+        calls.append((len(prompts), list(max_tokens), temperature))
+        return sum(max_tokens)
+    return generate
+
+
+def test_measure_throughput_warms_up_then_times_one_call():
+    calls = []
+    row = common.measure_throughput(fake_engine(calls), [[1, 2], [3]], [5, 7])
+    assert calls == [(1, [16], 0.6), (2, [5, 7], 0.6)]
+    assert row["num_seqs"] == 2 and row["prompt_tokens"] == 3 and row["output_tokens"] == 12
+    assert row["tokens_per_s"] > 0
+
+
+def test_measure_latency_uses_fresh_greedy_prompts():
+    calls, prompts = [], []
+    engine = fake_engine(calls)
+
+    def generate(p, max_tokens, temperature):
+        prompts.append(p[0])
+        return engine(p, max_tokens, temperature)
+    row = common.measure_latency(generate)
+    assert [c[1] for c in calls] == [[512], [512]] + [[1]] * common.TTFT_RUNS
+    assert all(c[2] == 0.0 for c in calls) and all(len(p) == 128 for p in prompts)
+    assert len({tuple(p) for p in prompts}) == len(prompts)  # no prompt twice: no prefix-cache hits
+    assert row["prompt_tokens"] == 128 and row["output_tokens"] == 512 and row["ms_per_token"] >= 0
+
+
+@pytest.mark.parametrize("temperature", [0.6, 0.0])
+def test_hf_static_batches_count_only_each_requests_own_tokens(temperature):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from compare_hf import hf_generate
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=100,
+                                  num_attention_heads=4, num_key_value_heads=2, eos_token_id=5)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[5] += 10.0  # EOS is likely at every step: it must be ignored
+    generate = hf_generate(model, batch_size=2)
+    with torch.inference_mode():
+        assert generate([[1, 2, 3], [4, 6, 7, 8, 9], [10, 11]], [2, 6, 3], temperature) == 11
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+H100, OTHER = {"device": "H100", "date": "2026-12-01"}, {"device": "A100", "date": "2026-12-01"}
+
+
+def test_summarize_compares_only_rows_of_one_device_and_date(tmp_path):
+    full = {"num_seqs": 256, "policy": "continuous", "cuda_graphs": True}
+    write(tmp_path / "throughput.jsonl", [
+        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 99_999.0, **full, **H100, "date": "2026-11-30",
+         "attention_backend": "auto"},  # another day: left out
+        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 99_999.0, **full, **OTHER,
+         "attention_backend": "auto"},  # another card: left out
+        {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 900.0, **full, **H100,
+         "cuda_graphs": False},  # eager: not our best settings
+        {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 990.0, **full, **H100, "policy": "static"},
+        {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 500.0, **full, **H100, "num_seqs": 32},
+        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 1000.0, **full, **H100, "attention_backend": "auto"},
+        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 1250.0, **full, **H100,
+         "attention_backend": "TRITON_ATTN"},
+        {"engine": "hf-transformers", "model": "qwen3-0.6b", "tokens_per_s": 50.0, "num_seqs": 32,
+         "policy": "static", **H100},
+        {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 800.0, **full, **H100},
+    ])
+    latency = {"prompt_tokens": 128, "output_tokens": 512}
+    write(tmp_path / "latency.jsonl", [
+        {"engine": "mini_infer", "model": "qwen3-0.6b", "ms_per_token": 2.0, "ttft_ms": 10.0, **latency, **H100},
+        {"engine": "vllm", "model": "qwen3-0.6b", "ms_per_token": 3.0, "ttft_ms": 5.0, **latency, **H100,
+         "attention_backend": "auto"},
+        {"engine": "vllm", "model": "qwen3-0.6b", "ms_per_token": 0.1, "ttft_ms": 0.1, **latency, **OTHER,
+         "attention_backend": "auto"},
+    ])
+    summary = summarize.collect(tmp_path)
+    assert (summary["device"], summary["date"], summary["kept"], summary["total"]) == ("H100", "2026-12-01", 9, 12)
+    best = summary["tables"]["throughput"]["qwen3-0.6b"]
+    assert best["mini_infer"]["tokens_per_s"] == 800.0  # not the eager, static or 32-request rows
+    assert best["vllm"]["attention_backend"] == "TRITON_ATTN"  # the better backend of the same card and day
+    assert summarize.speedup(best["mini_infer"], best["vllm"], "throughput") == pytest.approx(0.64)
+    assert summarize.speedup(best["mini_infer"], best["hf-transformers"], "throughput") == pytest.approx(16.0)
+    lat = summary["tables"]["latency"]["qwen3-0.6b"]
+    assert summarize.speedup(lat["mini_infer"], lat["vllm"], "latency") == pytest.approx(1.5)
+    assert lat["hf-transformers"] is None
+    ttft = summary["tables"]["ttft"]["qwen3-0.6b"]
+    assert summarize.speedup(ttft["mini_infer"], ttft["vllm"], "ttft") == pytest.approx(0.5)
+    text = summarize.render(summary)
+    assert "H100 on 2026-12-01" in text and "(TRITON_ATTN)" in text and "0.64" in text and "16.00" in text
+    assert "99,999" not in text and "A100" not in text
+
+    other = summarize.collect(tmp_path, device="A100")
+    assert other["tables"]["throughput"]["qwen3-0.6b"]["mini_infer"] is None
+    assert summarize.render(summarize.collect(tmp_path / "none")).startswith("no results yet")
