@@ -137,13 +137,19 @@ def mini_infer_generate(llm, progress: bool = False):
     return generate
 
 
+def machine_id() -> str:
+    """This boot of this machine: rows with the same id were measured side by side on one machine."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    return boot_id.read_text().strip()[:8] if boot_id.exists() else "unknown"
+
+
 def append_row(row: dict, out: Path) -> dict:
     """Add the device, versions and date to a result row, append it to `out` as one JSON line, print it."""
     import torch
     import triton
     from mini_infer.device import device_name
-    row = {**row, "device": device_name("cuda"), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.date.today().isoformat()}
+    row = {**row, "device": device_name("cuda"), "machine": machine_id(), "torch": torch.__version__,
+           "triton": triton.__version__, "date": datetime.date.today().isoformat()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
         f.write(json.dumps(row) + "\n")

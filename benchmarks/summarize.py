@@ -1,11 +1,11 @@
 """Mini-Infer against vLLM and Hugging Face transformers, side by side, from benchmarks/results/*.jsonl.
 
-    python benchmarks/summarize.py                       # the device and date of the newest row
-    python benchmarks/summarize.py --device "NVIDIA H100 80GB HBM3" --date 2026-11-25
+    python benchmarks/summarize.py                       # the machine of the newest row
+    python benchmarks/summarize.py --device "NVIDIA H100 80GB HBM3" --date 2026-11-25 --machine 1a2b3c4d
 
-Only rows measured on the same device on the same date are compared, since a number from another card or
-another day is not comparable; by default those of the last row written to throughput.jsonl (else to
-latency.jsonl). Per model and engine the best row counts: the highest throughput on the full workload
+Only rows measured side by side on one machine (the same device, date and boot of the machine) are
+compared, since a number from another card, another day or another machine is not comparable; by default
+those of the last row written to throughput.jsonl (else to latency.jsonl). Per model and engine the best row counts: the highest throughput on the full workload
 (--num-seqs requests: Mini-Infer's continuous batching with CUDA graphs, vLLM with whichever attention
 backend did best; HF's rows may hold a subset of the requests, and say how many), and the lowest batch-1
 ms per token and time to first token. x = how many times faster Mini-Infer is (throughput: ours / theirs;
@@ -38,15 +38,19 @@ def comparable(row: dict, table: str, num_seqs: int) -> bool:
     return row.get("prompt_tokens") == common.PROMPT_TOKENS and row.get("output_tokens") == common.OUTPUT_TOKENS
 
 
-def collect(results: Path, device: str | None = None, date: str | None = None, num_seqs: int = 256) -> dict:
-    """{"device", "date", "kept", "total", "tables": {table: {model: {engine: best row or None}}}}."""
+def collect(results: Path, device: str | None = None, date: str | None = None, num_seqs: int = 256,
+            machine: str | None = None) -> dict:
+    """{"device", "date", "machine", "kept", "total", "tables": {table: {model: {engine: best row or None}}}}."""
     files = {file: load(results / file) for file, *_ in TABLES.values()}
     written = files["throughput.jsonl"] or files["latency.jsonl"]
-    if written:
-        device, date = device or written[-1]["device"], date or written[-1]["date"]
-    same = {file: [r for r in rows if (r.get("device"), r.get("date")) == (device, date)]
+    matching = [r for r in written if device in (None, r["device"]) and date in (None, r["date"])]
+    if matching:  # what is not given comes from the newest row that matches what is
+        newest = matching[-1]
+        device, date = device or newest["device"], date or newest["date"]
+        machine = machine or newest.get("machine")
+    same = {file: [r for r in rows if (r.get("device"), r.get("date"), r.get("machine")) == (device, date, machine)]
             for file, rows in files.items()}
-    summary = {"device": device, "date": date, "tables": {}, "kept": sum(map(len, same.values())),
+    summary = {"device": device, "date": date, "machine": machine, "tables": {}, "kept": sum(map(len, same.values())),
                "total": sum(map(len, files.values()))}
     for name, (file, key, lower, _) in TABLES.items():
         kept = [r for r in same[file] if key in r and comparable(r, name, num_seqs)]
@@ -73,7 +77,7 @@ def cell(row: dict | None, key: str) -> str:
 def render(summary: dict) -> str:
     if summary["device"] is None:
         return "no results yet: run benchmarks/race.sh on a GPU"
-    lines = [f"Only rows measured on {summary['device']} on {summary['date']} are compared "
+    lines = [f"Only rows measured on {summary['device']} (machine {summary['machine']}) on {summary['date']} are compared "
              f"({summary['kept']} of {summary['total']} rows). x = how many times faster Mini-Infer is."]
     for name, models in summary["tables"].items():
         key, title = TABLES[name][1], TABLES[name][3]
@@ -97,9 +101,10 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=common.RESULTS, help="folder of throughput.jsonl, latency.jsonl")
     ap.add_argument("--device", help="compare rows of this device (default: the newest row's)")
     ap.add_argument("--date", help="compare rows of this date, YYYY-MM-DD (default: the newest row's)")
+    ap.add_argument("--machine", help="compare rows of this machine boot id (default: the newest row's)")
     ap.add_argument("--num-seqs", type=int, default=256, help="the workload's number of requests")
     args = ap.parse_args()
-    print(render(collect(args.results, args.device, args.date, args.num_seqs)))
+    print(render(collect(args.results, args.device, args.date, args.num_seqs, args.machine)))
 
 
 if __name__ == "__main__":

@@ -673,15 +673,20 @@ print("batched greedy output equals Hugging Face's:", all(same))
 RESULTS = Path(mini_infer.__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def latest_rows(name: str) -> dict:
-    """The last row of each (engine, model) in a results file (continuous batching only)."""
-    rows = [json.loads(line) for line in (RESULTS / name).read_text().splitlines()]
-    return {(r["engine"], r["model"]): r for r in rows if r.get("policy", "continuous") == "continuous"}
+def load_rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (RESULTS / name).read_text().splitlines()]
 
 
+def race_rows(name: str, machine: str) -> dict:
+    """The last row of each (engine, model) measured on one machine (not our static-batching runs)."""
+    return {(r["engine"], r["model"]): r for r in load_rows(name)
+            if r.get("machine") == machine and not (r["engine"] == "mini_infer" and r.get("policy") == "static")}
+
+
+models = ["smollm2-135m", "qwen3-0.6b", "llama3-8b"]
 if (RESULTS / "latency.jsonl").exists():
-    tput, lat = latest_rows("throughput.jsonl"), latest_rows("latency.jsonl")
-    models = ["smollm2-135m", "qwen3-0.6b", "llama3-8b"]
+    machine = [r for r in load_rows("throughput.jsonl") if r["engine"] == "vllm"][-1]["machine"]  # the last race
+    tput, lat = race_rows("throughput.jsonl", machine), race_rows("latency.jsonl", machine)
     first = lat[("mini_infer", models[0])]
     print(f"{first['device']}, {first['date']}, torch {first['torch']}, triton {first['triton']}")
     print(f"{'':14} {'throughput, output tok/s':^34} {'batch-1, ms per token':^30}")
@@ -693,6 +698,22 @@ if (RESULTS / "latency.jsonl").exists():
               f"{ours_ms:>10.2f} {theirs_ms:>10.2f} {theirs_ms / ours_ms:>7.2f}x")
 else:  # e.g. installed from git on Colab: the results live in the repository
     print(f"no results in {RESULTS}: run benchmarks/race.sh on a GPU")
+
+# %% [markdown]
+# Hugging Face transformers' `generate` ran on another H100 machine beside our engine (static batches;
+# it is so slow that it ran only the first 32 requests, in one batch of 32, while our row is all 256):
+
+# %%
+if (RESULTS / "latency.jsonl").exists():
+    hf_machine = [r for r in load_rows("throughput.jsonl") if r["engine"] == "hf-transformers"][-1]["machine"]
+    tput_hf, lat_hf = race_rows("throughput.jsonl", hf_machine), race_rows("latency.jsonl", hf_machine)
+    for m in models:
+        if ("hf-transformers", m) in tput_hf:
+            hf, ours = tput_hf[("hf-transformers", m)], tput_hf[("mini_infer", m)]
+            hf_ms, ours_ms = lat_hf[("hf-transformers", m)]["ms_per_token"], lat_hf[("mini_infer", m)]["ms_per_token"]
+            print(f"{m:14} HF {hf['tokens_per_s']:6,.0f} tok/s ({hf['num_seqs']} requests), Mini-Infer "
+                  f"{ours['tokens_per_s']:7,.0f} tok/s; batch 1: HF {hf_ms:5.1f} ms/token, Mini-Infer {ours_ms:4.2f} "
+                  f"({hf_ms / ours_ms:.0f}x)")
 
 # %% [markdown]
 # (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in 1.3 ms,

@@ -110,16 +110,18 @@ def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-H100, OTHER = {"device": "H100", "date": "2026-12-01"}, {"device": "A100", "date": "2026-12-01"}
+H100, OTHER = {"device": "H100", "date": "2026-12-01", "machine": "m1"}, {"device": "A100", "date": "2026-12-01", "machine": "m3"}
 
 
-def test_summarize_compares_only_rows_of_one_device_and_date(tmp_path):
+def test_summarize_compares_only_rows_of_one_machine(tmp_path):
     full = {"num_seqs": 256, "policy": "continuous", "cuda_graphs": True}
     write(tmp_path / "throughput.jsonl", [
         {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 99_999.0, **full, **H100, "date": "2026-11-30",
          "attention_backend": "auto"},  # another day: left out
         {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 99_999.0, **full, **OTHER,
          "attention_backend": "auto"},  # another card: left out
+        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 99_999.0, **full, **H100, "machine": "m2",
+         "attention_backend": "auto"},  # the same card and day, another machine: left out
         {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 900.0, **full, **H100,
          "cuda_graphs": False},  # eager: not our best settings
         {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 990.0, **full, **H100, "policy": "static"},
@@ -140,7 +142,7 @@ def test_summarize_compares_only_rows_of_one_device_and_date(tmp_path):
          "attention_backend": "auto"},
     ])
     summary = summarize.collect(tmp_path)
-    assert (summary["device"], summary["date"], summary["kept"], summary["total"]) == ("H100", "2026-12-01", 9, 12)
+    assert (summary["device"], summary["date"], summary["kept"], summary["total"]) == ("H100", "2026-12-01", 9, 13)
     best = summary["tables"]["throughput"]["qwen3-0.6b"]
     assert best["mini_infer"]["tokens_per_s"] == 800.0  # not the eager, static or 32-request rows
     assert best["vllm"]["attention_backend"] == "TRITON_ATTN"  # the better backend of the same card and day
@@ -152,7 +154,7 @@ def test_summarize_compares_only_rows_of_one_device_and_date(tmp_path):
     ttft = summary["tables"]["ttft"]["qwen3-0.6b"]
     assert summarize.speedup(ttft["mini_infer"], ttft["vllm"], "ttft") == pytest.approx(0.5)
     text = summarize.render(summary)
-    assert "H100 on 2026-12-01" in text and "(TRITON_ATTN)" in text and "0.64" in text and "16.00" in text
+    assert "H100 (machine m1) on 2026-12-01" in text and "(TRITON_ATTN)" in text and "0.64" in text and "16.00" in text
     assert "99,999" not in text and "A100" not in text
 
     other = summarize.collect(tmp_path, device="A100")
