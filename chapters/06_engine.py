@@ -458,7 +458,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from mini_infer.engine.llm_engine import LLMEngine
-from mini_infer.engine.sequence import Sequence
+from mini_infer.engine.sequence import Sequence, SequenceStatus
 from mini_infer.sampling_params import SamplingParams
 
 
@@ -467,7 +467,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (end of sequence or a stop token), "length" or "abort"
+    finish_reason: str | None  # "stop" (end of sequence or a stop token), "length", "abort" or "error"
 
 
 @dataclass
@@ -477,6 +477,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    error: str | None = None  # why a rejected request did not run (its finish_reason is "error")
 
 
 class LLM:
@@ -485,6 +486,14 @@ class LLM:
     A prompt is a string, a list of token ids, or a chat (a list of {"role", "content"} messages, rendered
     with the tokenizer's chat template). Engine arguments (dtype, gpu_memory_utilization, max_model_len,
     max_num_seqs, max_num_batched_tokens, load_format, enforce_eager, ...) are those of `LLMEngine`.
+
+    A bad request is rejected on its own: the other requests of the same call run and finish, and its
+    output has `finish_reason="error"`, no tokens, and `error` saying what is wrong (an empty prompt, token
+    ids outside the vocabulary, prompt + max_tokens past max_model_len or past the whole KV cache, an
+    unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
+    anything is queued: a prompt or sampling params of the wrong type (TypeError), a number of sampling
+    params that does not match the prompts (ValueError). Invalid `SamplingParams` values raise when the
+    params are created. `stream()`, which serves one request, raises its ValueError instead.
     """
 
     def __init__(self, model=None, **engine_args):
@@ -497,6 +506,8 @@ class LLM:
                 raise ValueError("this model has no tokenizer: pass token ids")
             if isinstance(prompt, str):
                 return self.tokenizer.encode(prompt)
+            if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
+                raise ValueError("a chat message is a dict with a string 'role' and a string 'content'")
             roles = {m.get("role") for m in prompt} - {"system", "user", "assistant"}
             if roles:
                 raise ValueError(f"unknown chat role {sorted(map(str, roles))}: use system, user or assistant")
@@ -506,7 +517,8 @@ class LLM:
             return list(prompt)
         raise TypeError(f"a prompt is a string, a list of token ids or a list of chat messages, not {type(prompt).__name__}")
 
-    def _add(self, prompts, sampling_params) -> list[tuple[object, Sequence]]:
+    def _add(self, prompts, sampling_params) -> list[tuple[object, Sequence, str | None]]:
+        """Queue the good requests; return (prompt, sequence, error) for each, error None when queued."""
         if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -515,17 +527,38 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        params = [p or SamplingParams() for p in params]
-        token_ids = [self._token_ids(p) for p in prompts]
-        for ids, p in zip(token_ids, params):  # a bad request rejects the call before anything is queued
-            self.engine.check_request(ids, p)
-        return [(p, self.engine.add_request(t, sp)) for p, t, sp in zip(prompts, token_ids, params)]
+        params = [SamplingParams() if p is None else p for p in params]
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling params must be a SamplingParams, got {type(p).__name__}")
+        checked = []  # first check them all: a TypeError (a call's error) must come before any is queued
+        for prompt, sp in zip(prompts, params):
+            ids = []
+            try:
+                ids = self._token_ids(prompt)
+                self.engine.check_request(ids, sp)
+                checked.append((prompt, ids, sp, None))
+            except ValueError as e:
+                checked.append((prompt, ids, sp, str(e)))
+        requests = []
+        for prompt, ids, sp, error in checked:
+            if error is None:
+                try:
+                    requests.append((prompt, self.engine.add_request(ids, sp), None))
+                    continue
+                except ValueError as e:  # it could never fit in the whole KV cache
+                    error = str(e)
+            seq = Sequence(ids, sp)  # never queued: it only carries the request's id and prompt
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+            requests.append((prompt, seq, error))
+        return requests
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the order of the prompts."""
+        """Generate for every prompt; outputs come back in the order of the prompts. A bad request gets an
+        output with finish_reason "error" and an `error` message while the others run (see the class)."""
         requests = self._add(prompts, sampling_params)
-        bar = tqdm(total=len(requests), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=sum(error is None for *_, error in requests), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
         start, num_output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished():
             ran, finished = self.engine.step()
@@ -534,7 +567,7 @@ class LLM:
                 bar.update(len(finished))
             bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):,.0f} output tok/s", refresh=False)
         bar.close()
-        return [self._output(prompt, seq) for prompt, seq in requests]
+        return [self._output(prompt, seq, error) for prompt, seq, error in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one chat (a list of messages) or to several."""
@@ -543,7 +576,9 @@ class LLM:
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the new text of one request as it is produced. Other queued requests advance too;
         stopping the iteration early aborts the request and frees its KV blocks."""
-        ((_, seq),) = self._add(prompt, sampling_params)
+        ((_, seq, error),) = self._add(prompt, sampling_params)
+        if error is not None:
+            raise ValueError(error)
         sent = ""
         try:
             while not seq.is_finished:
@@ -558,10 +593,10 @@ class LLM:
             if not seq.is_finished:
                 self.engine.abort(seq)
 
-    def _output(self, prompt, seq: Sequence) -> RequestOutput:
+    def _output(self, prompt, seq: Sequence, error: str | None = None) -> RequestOutput:
         completion = CompletionOutput(0, self.engine.decode(seq.output_token_ids), seq.output_token_ids, seq.finish_reason)
         return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None,
-                             seq.token_ids[:seq.num_prompt_tokens], [completion], seq.is_finished)
+                             seq.token_ids[:seq.num_prompt_tokens], [completion], seq.is_finished, error)
 
 
 def _is_token_ids(prompt) -> bool:
