@@ -264,7 +264,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted below to make room for an older request
+            if seq.status is not SequenceStatus.RUNNING:  # preempted below to make room for an older request
                 continue
             if not self._make_room(seq):
                 continue

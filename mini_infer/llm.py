@@ -107,7 +107,8 @@ class LLM:
         """Generate for every prompt; outputs come back in the order of the prompts. A bad request gets an
         output with finish_reason "error" and an `error` message while the others run (see the class)."""
         requests = self._add(prompts, sampling_params)
-        bar = tqdm(total=sum(error is None for *_, error in requests), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=sum(error is None for *_, error in requests), desc="Generating", disable=not use_tqdm,
+                   dynamic_ncols=True)
         start, num_output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished():
             ran, finished = self.engine.step()
