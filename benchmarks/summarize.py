@@ -62,6 +62,25 @@ def collect(results: Path, device: str | None = None, date: str | None = None, n
     return summary
 
 
+def machines(results: Path) -> list[tuple[str, str, str]]:
+    """(device, date, machine) of every machine that wrote rows, newest first: by date, then by last row written."""
+    rows = load(results / "throughput.jsonl") + load(results / "latency.jsonl")
+    last = {(r["device"], r["date"], r.get("machine")): i for i, r in enumerate(rows)}
+    return sorted(last, key=lambda key: (key[1], last[key]), reverse=True)
+
+
+def newest_side_by_side(results: Path, engines: tuple[str, ...], every_model: bool = True) -> dict | None:
+    """collect() of the newest machine on which every engine of `engines` has a throughput and a batch-1 row
+    for every model (or, when not every_model, for one model at least), with "models": those models."""
+    for device, date, machine in machines(results):
+        summary = collect(results, device, date, machine=machine)
+        models = [m for m in common.MODELS if all(summary["tables"][t].get(m, {}).get(e)
+                                                   for t in ("throughput", "latency") for e in engines)]
+        if models and (models == common.MODELS or not every_model):
+            return {**summary, "models": models}
+    return None
+
+
 def speedup(ours: dict | None, theirs: dict | None, table: str) -> float | None:
     """How many times faster Mini-Infer is than the other engine, or None without both rows."""
     if not ours or not theirs:

@@ -160,3 +160,46 @@ def test_summarize_compares_only_rows_of_one_machine(tmp_path):
     other = summarize.collect(tmp_path, device="A100")
     assert other["tables"]["throughput"]["qwen3-0.6b"]["mini_infer"] is None
     assert summarize.render(summarize.collect(tmp_path / "none")).startswith("no results yet")
+
+
+def race_rows(machine: str, models: list[str], engines=("mini_infer", "vllm"), date="2026-12-01") -> tuple[list, list]:
+    where = {"device": "H100", "date": date, "machine": machine, "cuda_graphs": True, "attention_backend": "auto"}
+    tput = [{"engine": e, "model": m, "num_seqs": 256, "policy": "continuous", "tokens_per_s": 1.0, **where}
+            for m in models for e in engines]
+    lat = [{"engine": e, "model": m, "prompt_tokens": 128, "output_tokens": 512, "ms_per_token": 1.0, "ttft_ms": 1.0,
+            **where} for m in models for e in engines]
+    return tput, lat
+
+
+def test_the_newest_machine_with_a_complete_race_is_reported(tmp_path):
+    old, old_lat = race_rows("old", common.MODELS, date="2026-11-25")
+    new, new_lat = race_rows("new", common.MODELS[:2])  # a newer race that has not reached every model yet
+    write(tmp_path / "throughput.jsonl", old + new)
+    write(tmp_path / "latency.jsonl", old_lat + new_lat)
+    assert summarize.machines(tmp_path)[0][2] == "new"
+    assert summarize.newest_side_by_side(tmp_path, ("mini_infer", "vllm"))["machine"] == "old"
+    partial = summarize.newest_side_by_side(tmp_path, ("mini_infer", "vllm"), every_model=False)
+    assert (partial["machine"], partial["models"]) == ("new", common.MODELS[:2])
+
+    done, done_lat = race_rows("new", common.MODELS[2:])
+    write(tmp_path / "throughput.jsonl", old + new + done)
+    write(tmp_path / "latency.jsonl", old_lat + new_lat + done_lat)
+    assert summarize.newest_side_by_side(tmp_path, ("mini_infer", "vllm"))["machine"] == "new"
+    assert summarize.newest_side_by_side(tmp_path, ("mini_infer", "hf-transformers"), every_model=False) is None
+
+
+def test_report_without_results_says_how_to_make_them(tmp_path, monkeypatch):
+    import report
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert "No results yet: run `python benchmarks/run_all.py` on a GPU." in report.readme_section()
+    readme = f"before\n{report.START}\nold\n{report.END}\nafter\n"
+    assert report.readme_with_section(readme) == f"before\n{report.readme_section()}\nafter\n"
+
+
+def test_run_all_without_a_gpu_prints_every_step_and_runs_none():
+    result = run(sys.executable, "benchmarks/run_all.py", "--skip-vllm")
+    assert result.returncode == 0, result.stderr
+    assert "run_all.py measures a GPU; none is visible here." in result.stdout
+    for step in ["kernel_benchmark.py", "memory_test.py", "ENGINES=mini_infer hf' bash benchmarks/race.sh smollm2-135m",
+                 "profile_step.py --model llama3-8b", "benchmark_batching.py", "report.py"]:
+        assert step in result.stdout
