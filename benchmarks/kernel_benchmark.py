@@ -149,6 +149,25 @@ def copy_bandwidth(bench: Bench) -> float:
     return 2 * 2**31 / (ms * 1e-3) / 1e9
 
 
+def figure(result: dict, op: str):
+    """GB/s against tokens of each implementation of `op`, one panel per row size, below the copy ceiling."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["op"] == op]
+    groups = sorted({tuple(r["shape"][1:]) for r in rows})  # hidden size, or (q heads, kv heads, head_dim)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["shape"][0], r["gbps"]) for r in rows if r["impl"] == impl and tuple(r["shape"][1:]) == group)
+            ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.axhline(result["copy_gbps"], color="gray", linestyle="--", label="2 GiB copy")
+        ax.set(xscale="log", xlabel="tokens", ylabel="GB/s", title=f"{op}, {' x '.join(map(str, group))}")
+        ax.legend()
+    fig.suptitle(f"{result['device']} ({result['dtype']})")
+    fig.tight_layout()
+    return fig
+
+
 def plot(result: dict, path_prefix: Path) -> list[Path]:
     import matplotlib
 
@@ -157,18 +176,7 @@ def plot(result: dict, path_prefix: Path) -> list[Path]:
 
     saved = []
     for op in ("rmsnorm", "rope"):
-        rows = [r for r in result["rows"] if r["op"] == op]
-        groups = sorted({tuple(r["shape"][1:]) for r in rows})  # hidden size, or (q heads, kv heads, head_dim)
-        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
-        for ax, group in zip(axes[0], groups):
-            for impl in dict.fromkeys(r["impl"] for r in rows):
-                pts = sorted((r["shape"][0], r["gbps"]) for r in rows if r["impl"] == impl and tuple(r["shape"][1:]) == group)
-                ax.plot(*zip(*pts), marker="o", label=impl)
-            ax.axhline(result["copy_gbps"], color="gray", linestyle="--", label="2 GiB copy")
-            ax.set(xscale="log", xlabel="tokens", ylabel="GB/s", title=f"{op}, {' x '.join(map(str, group))}")
-            ax.legend()
-        fig.suptitle(f"{result['device']} ({result['dtype']})")
-        fig.tight_layout()
+        fig = figure(result, op)
         path = path_prefix.with_name(f"{op}_{path_prefix.name}.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)

