@@ -1,7 +1,5 @@
-"""The book builds with warnings as errors, and every chapter page shows its outputs and a Colab link."""
-import shutil
-import subprocess
-import sys
+"""The book builds with warnings as errors (the `html` fixture, in conftest.py), and every chapter page shows its
+outputs and a Colab link."""
 from pathlib import Path
 
 import pytest
@@ -10,16 +8,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 REPO_URL = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
-
-
-@pytest.fixture(scope="module")
-def html(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("book")
-    jb = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
-    run = subprocess.run([jb, "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return out / "_build" / "html"
 
 
 def test_intro_page_is_built(html):

@@ -32,3 +32,7 @@ def test_readme_shows_the_race_plot_of_the_race_it_reports():
     plot = f"benchmarks/results/{report.race_plot_name(report.race())}"
     assert f"]({plot})" in (ROOT / "README.md").read_text() and (ROOT / plot).exists()
 
+
+
+def test_book_front_page_shows_the_race_plot_of_the_race_it_reports():
+    assert f"(../benchmarks/results/{report.race_plot_name(report.race())})" in (ROOT / "book" / "intro.md").read_text()
