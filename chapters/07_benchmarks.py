@@ -41,6 +41,7 @@ if "google.colab" in sys.modules:
     subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/mini-infer/mini-infer"], check=True)
 
 # %%
+import datetime
 import json
 from pathlib import Path
 
@@ -57,7 +58,7 @@ if not (ROOT / "benchmarks").is_dir():  # installed from git (Colab): the clone 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common, kernel_benchmark, report, summarize  # noqa: E401,E402 (the scripts' own modules)
 
-print("this notebook runs on:", device_name(default_device()))
+print(f"this run: {device_name(default_device())}, torch {torch.__version__}, {datetime.date.today()}")
 
 # %% [markdown]
 # ## Method
@@ -273,10 +274,12 @@ assert report.readme_section() in readme
 print("README.md shows exactly what benchmarks/results/ holds")
 
 # %% [markdown]
-# **On Colab.** Open this chapter with the button at the top and pick a GPU runtime (a free T4 has 15 GB
-# and no bf16 tensor cores; the engine uses fp16 there). The first cell installs the package and clones the
-# repository, and the ceilings cell above measures the T4. `python benchmarks/run_all.py --models
-# smollm2-135m qwen3-0.6b --skip-vllm` runs the kernels, the memory count, Mini-Infer and transformers for
-# the two small models: Llama-3-8B's 16 GB of bf16 weights do not fit a T4. Run it in a cell with
-# `subprocess.run(..., cwd="mini-infer")`. The book has not stored a T4 run yet: its rows would join the
-# H100's in `benchmarks/results/`, and `summarize.py --device "Tesla T4"` compares them.
+# **On Colab.** Open this chapter with the button at the top and pick a GPU runtime. The first cell
+# installs the package and clones the repository; every cell of this chapter runs there, and the ceilings
+# cell measures the card you got (the free T4: 15 GB, fp16 tensor cores, no bf16 ones). From a cell,
+# `subprocess.run([sys.executable, "benchmarks/run_all.py", "--models", "smollm2-135m", "qwen3-0.6b",
+# "--skip-vllm"], cwd="mini-infer")` runs the rest for the two small models (Llama-3-8B's 16 GB of bf16
+# weights do not fit a T4). No T4 run is stored yet, and the scripts were written for cards with bf16 (the
+# kernel benchmark and the transformers baseline measure bf16, which a T4 only emulates), so treat a T4 run
+# as a first try: its rows join the H100's in `benchmarks/results/`, and
+# `python benchmarks/summarize.py --device "Tesla T4"` compares them.
