@@ -121,6 +121,9 @@ import itertools
 from mini_infer.sampling_params import SamplingParams
 
 
+PENDING = -1  # a sampled token still on its way from the GPU
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"
@@ -132,6 +135,8 @@ class Sequence:
 
     The model has computed K/V for `token_ids[:num_computed_tokens]`; this step it runs on the next
     `num_scheduled_tokens` tokens (a prompt chunk, or the one newest token when decoding).
+    An engine that runs one step ahead (Chapter 6) appends a `PENDING` placeholder for each token the
+    GPU has sampled but the host has not seen yet; they are the last `num_pending_tokens` tokens.
     """
 
     _ids = itertools.count()
@@ -148,6 +153,7 @@ class Sequence:
         self.num_preemptions = 0
         self.block_table: list[int] = []  # read and written by the BlockManager
         self.num_cached_tokens = 0  # leading tokens served by the prefix cache
+        self.num_pending_tokens = 0  # trailing PENDING placeholders
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -157,12 +163,17 @@ class Sequence:
                 f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows: all but the pending placeholders."""
+        return len(self.token_ids) - self.num_pending_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:self.num_known_tokens]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_known_tokens - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -196,6 +207,13 @@ class Sequence:
 # request that reached `max_tokens`, its end-of-sequence token or a stop token finishes and frees its
 # blocks at once. Full blocks whose K/V is now computed join the prefix cache.
 #
+# `update()` has two halves, because the engine of Chapter 6 on a GPU learns a step's tokens only one
+# step later (it prepares the next step while the GPU computes this one). `advance()` runs when the step
+# is launched: its tokens count as computed, and each request that samples gets a `PENDING` placeholder
+# as its newest token, so the next `schedule()` sees the right lengths and block needs. `record()` runs
+# when the tokens arrive: it fills the placeholders and retires finished requests. A request that hit
+# its stop token meanwhile was already scheduled once more; that step's token is dropped.
+#
 # With `static=True` the same code behaves like static batching: a new batch is admitted only when every
 # request of the last one has finished. That lets us compare the two policies with everything else equal.
 
@@ -204,7 +222,7 @@ class Sequence:
 """Continuous batching: which requests run at each step, and on how many of their tokens. Plain Python."""
 from collections import deque
 
-from mini_infer.engine.sequence import Sequence, SequenceStatus
+from mini_infer.engine.sequence import PENDING, Sequence, SequenceStatus
 from mini_infer.memory.block_manager import BlockManager
 
 
@@ -247,12 +265,18 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Drop a request wherever it is; its blocks return at once."""
-        if seq in self.running:
+        if not seq.is_finished:
+            self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
-        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        del seq.token_ids[seq.num_known_tokens:]  # tokens of steps still in flight are dropped
+        seq.num_pending_tokens = 0
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -265,6 +289,8 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted below to make room for an older request
+                continue
+            if len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens:  # its last token is in flight
                 continue
             if not self._make_room(seq):
                 continue
@@ -312,21 +338,38 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update(self, scheduled: list[Sequence], sampled_token_ids: list[int]) -> list[Sequence]:
-        """Record one step's results: advance each request, append its sampled token when it is past its
-        prompt, and retire the requests that finished (freeing their blocks). Returns those."""
-        finished = []
-        for seq, token in zip(scheduled, sampled_token_ids, strict=True):
+        """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
+        return self.record(scheduled, self.advance(scheduled), sampled_token_ids)
+
+    def advance(self, scheduled: list[Sequence]) -> list[bool]:
+        """The step was launched: its tokens count as computed. A request whose step reached its newest
+        token samples its next one, held by a PENDING placeholder until `record`. Returns, per request,
+        whether it samples a real output (a prompt chunk that is not the last does not)."""
+        samples = []
+        for seq in scheduled:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            self.block_manager.cache_computed(seq, seq.num_computed_tokens)
-            if seq.num_computed_tokens < len(seq):  # a prompt chunk: its sample is not a real output
+            samples.append(seq.num_computed_tokens == len(seq))
+            if samples[-1]:
+                seq.token_ids.append(PENDING)
+                seq.num_pending_tokens += 1
+        return samples
+
+    def record(self, scheduled: list[Sequence], samples: list[bool], sampled_token_ids: list[int]) -> list[Sequence]:
+        """A launched step's tokens arrived: fill each request's oldest placeholder, cache its computed full
+        blocks, and retire the requests that finished (freeing their blocks at once). Returns those."""
+        finished = []
+        for seq, sampled, token in zip(scheduled, samples, sampled_token_ids, strict=True):
+            if seq.is_finished:  # stopped or aborted after this step was launched: the token is void
                 continue
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            if sampled:
+                seq.token_ids[seq.num_known_tokens] = token
+                seq.num_pending_tokens -= 1
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_computed(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
+            reason = self._finish_reason(seq, token) if sampled else None
             if reason:
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-                self.block_manager.free(seq)
-                self.running.remove(seq)
+                self._finish(seq, reason)
                 finished.append(seq)
         return finished
 

@@ -72,9 +72,17 @@ print("device:", device_name(default_device()))
 # %%
 #| export mini_infer.engine.sampler
 """Turn each request's logits into its next token: greedy, temperature, top-k, top-p, per-request seeds."""
+import numpy as np
 import torch
 
 from mini_infer.engine.sequence import Sequence
+
+
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """A host array on the device. On a GPU it goes through pinned memory without making the host wait
+    (a copy from ordinary memory would wait for the GPU to finish its queued work)."""
+    tensor = torch.from_numpy(np.asarray(values))
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 class Sampler:
@@ -97,11 +105,11 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy
         device, vocab = logits.device, logits.shape[-1]
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        temperature = to_device(np.array([p.temperature or 1.0 for p in params], np.float32), device)
         logits = logits.float() / temperature[:, None]
         if any(p.top_k != -1 or p.top_p < 1 for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k != -1 else vocab for p in params], device=device)
-            top_p = torch.tensor([p.top_p for p in params], device=device)
+            top_k = to_device(np.array([p.top_k if p.top_k != -1 else vocab for p in params]), device)
+            top_p = to_device(np.array([p.top_p for p in params], np.float32), device)
             logits = self.filter_top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
@@ -109,7 +117,7 @@ class Sampler:
             if seq.params.seed is not None:
                 noise[i].exponential_(generator=self._generator(seq, device))
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=device)
+        is_greedy = to_device(np.array([p.greedy for p in params]), device)
         return torch.where(is_greedy, greedy, sampled)
 
     def _generator(self, seq: Sequence, device) -> torch.Generator:
@@ -197,18 +205,29 @@ class PagedAttention:
 # %% [markdown]
 # ## The model runner
 #
-# `ModelRunner.run(seqs)` does three things per step.
+# `ModelRunner.launch(seqs)` does three things per step.
 #
 # 1. **Pack the step.** The scheduled tokens of every request go into one flat batch: token ids,
 #    positions, the pool slot of each token, each request's block table and context length, and the row
-#    of its last token, the only one whose logits we need. This is plain Python over lists, copied to the
-#    GPU once through pinned memory.
+#    of its last token, the only one whose logits we need. numpy does the per-token arithmetic on whole
+#    arrays (a Python loop over 256 requests' tokens and block tables costs milliseconds), and the arrays
+#    go to the GPU through pinned memory, without making the host wait.
 # 2. **Run the model.** A decode step (one token per request) replays a **CUDA graph**: the whole forward
 #    pass, captured once per batch size in 1, 2, 4, ..., 256, is launched as one unit, which removes the
 #    CPU launch overhead that dominated Chapter 1. A batch of 5 replays the graph of 8 with 3 padding
 #    rows that store nothing and see no keys. Prefill steps run eagerly: their shapes vary too much to
 #    capture, and they are long enough that launches do not matter.
-# 3. **Sample**, and copy the new tokens back to the CPU: the one device-to-host synchronisation per step.
+# 3. **Sample**, and queue the copy of the new tokens back to the CPU. `launch` returns before the GPU
+#    has finished: the host waits for the tokens (the one synchronisation per step) only when it needs
+#    them.
+#
+# That last point is what lets the engine run **one step ahead**. With `async_scheduling` (on by default
+# on a GPU) the engine schedules and launches step N+1 first and only then records step N's tokens, so
+# the host's bookkeeping (scheduling, packing, detokenising) overlaps the GPU's compute instead of
+# following it. A request decoding in step N+1 needs the token that step N sampled, which the host does
+# not know yet: the scheduler holds its place with a `PENDING` placeholder (Chapter 5), and `prepare`
+# fills those rows on the GPU from the last step's sampled tokens. A request that stopped at step N
+# (an end-of-sequence token) has then computed one token too many; `record` drops it.
 #
 # Before any of that, the runner sizes the KV pool: it runs one forward pass of the largest step to see
 # the activations' peak, then gives the KV cache `gpu_memory_utilization` of the GPU minus the weights
@@ -218,16 +237,37 @@ class PagedAttention:
 #| export mini_infer.engine.model_runner
 """Runs one scheduled step on the model: packs the batch's tokens and metadata, runs the forward (a
 CUDA graph replay for decode batches on a GPU), and samples one token per request."""
+import itertools
+
+import numpy as np
 import torch
 
 from mini_infer.engine.paged_attention import AttentionMetadata, PagedAttention
-from mini_infer.engine.sampler import Sampler
-from mini_infer.engine.sequence import Sequence
+from mini_infer.engine.sampler import Sampler, to_device
+from mini_infer.engine.sequence import PENDING, Sequence
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 
 
+class SampledTokens:
+    """One step's sampled token ids on their way to the host: the copy is queued behind the step on the
+    GPU, and `tolist()` waits for it only when the host needs the tokens."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.ready = None
+        if tokens.is_cuda:
+            tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory, behind the step's kernels
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        self.tokens = tokens
+
+    def tolist(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
+
+
 class ModelRunner:
-    """Owns the model, the KV pool and the sampler; `run(seqs)` returns each request's next token.
+    """Owns the model, the KV pool and the sampler; `launch(seqs)` queues a step and returns its tokens-to-be.
 
     The KV pool takes what memory is left after the weights and a warm-up forward of the largest step
     (`gpu_memory_utilization` of the GPU, or `cpu_kv_bytes` on the CPU). Decode steps replay CUDA graphs
@@ -242,6 +282,8 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler()
+        self.last_seq_ids: list[int] = []  # the last step's requests and their sampled tokens, on the
+        self.last_sampled: torch.Tensor | None = None  # device: where a PENDING token's id comes from
         c = self.config
         if self.device.type == "cuda":
             self._warm_up(max_num_batched_tokens)
@@ -270,36 +312,43 @@ class ModelRunner:
         self.model.compute_logits(self.model(ids, ids, lambda layer, q, k, v: q))
         torch.cuda.empty_cache()
 
-    def _to_device(self, values, dtype=torch.int32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
-
-    def _block_tables(self, seqs: list[Sequence], width: int) -> list[list[int]]:
-        return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Pack the step: token ids, positions, attention metadata, and the rows whose logits we need."""
-        input_ids, positions, slots, context_lens, cu_seqlens = [], [], [], [], [0]
-        bs = self.block_size
-        for seq in seqs:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-            context_lens.append(end)
-            cu_seqlens.append(cu_seqlens[-1] + end - start)
-        decode = len(input_ids) == len(seqs)
-        width = max(len(s.block_table) for s in seqs)
+        """Pack the step: token ids, positions, attention metadata, and the rows whose logits we need.
+
+        The per-token arithmetic is done by numpy on whole arrays: at batch 256 a Python loop over every
+        token and block-table entry costs milliseconds, while the GPU waits."""
+        bs, n = self.block_size, len(seqs)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
+        counts = np.fromiter((s.num_scheduled_tokens for s in seqs), np.int64, n)
+        ends = starts + counts
+        cu_seqlens = np.concatenate(([0], np.cumsum(counts)))
+        ids = np.fromiter(itertools.chain.from_iterable(s.token_ids[a:b] for s, a, b in
+                                                        zip(seqs, starts.tolist(), ends.tolist())), np.int64)
+        # block tables, padded to the longest, and each token's position and pool slot
+        widths = np.fromiter((len(s.block_table) for s in seqs), np.int64, n)
+        tables = np.zeros((n, widths.max()), np.int32)
+        tables[np.arange(tables.shape[1]) < widths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(s.block_table for s in seqs), np.int32, widths.sum())
+        row = np.repeat(np.arange(n), counts)
+        positions = np.arange(len(ids)) - cu_seqlens[row] + starts[row]
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+        decode = len(ids) == n
         metadata = AttentionMetadata(
-            slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._to_device(self._block_tables(seqs, width)),
-            context_lens=self._to_device(context_lens),
-            cu_seqlens_q=None if decode else self._to_device(cu_seqlens),
-            max_seqlen_q=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])))
-        last_rows = self._to_device([i - 1 for i in cu_seqlens[1:]], torch.int64)
-        return self._to_device(input_ids, torch.long), self._to_device(positions, torch.long), metadata, last_rows
+            slot_mapping=to_device(slots, self.device), block_tables=to_device(tables, self.device),
+            context_lens=to_device(ends.astype(np.int32), self.device),
+            cu_seqlens_q=None if decode else to_device(cu_seqlens.astype(np.int32), self.device),
+            max_seqlen_q=int(counts.max()))
+        input_ids = to_device(ids, self.device)
+        pending = np.flatnonzero(ids == PENDING)
+        if len(pending):  # tokens the last step sampled: take them from its output, still on the device
+            last_row = {seq_id: i for i, seq_id in enumerate(self.last_seq_ids)}
+            source = [last_row[seqs[r].seq_id] for r in row[pending].tolist()]
+            input_ids[to_device(pending, self.device)] = self.last_sampled[to_device(np.array(source), self.device)]
+        return input_ids, to_device(positions, self.device), metadata, to_device(cu_seqlens[1:] - 1, self.device)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence]) -> list[int]:
+    def launch(self, seqs: list[Sequence]) -> SampledTokens:
+        """Queue one step (forward and sampling) and return its tokens, which arrive when the GPU is done."""
         input_ids, positions, metadata, last_rows = self.prepare(seqs)
         graph_bs = next((b for b in sorted(self.graphs) if b >= len(seqs)), None)
         if metadata.is_decode and graph_bs is not None:
@@ -307,7 +356,9 @@ class ModelRunner:
         else:
             self.attn.metadata = metadata
             hidden = self.model(input_ids, positions, self.attn)[last_rows]
-        return self.sampler(self.model.compute_logits(hidden), seqs).tolist()
+        self.last_sampled = self.sampler(self.model.compute_logits(hidden), seqs)
+        self.last_seq_ids = [s.seq_id for s in seqs]
+        return SampledTokens(self.last_sampled)
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
         """Capture the decode forward for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_num_seqs. Each graph
@@ -378,12 +429,15 @@ class LLMEngine:
 
     `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
     `load_format="dummy"` a config.json (random weights, for benchmarks).
+    `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
+    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9).
     """
 
     def __init__(self, model=None, dtype="auto", device=None, load_format: str = "auto",
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9, cpu_kv_bytes: int = 1 << 30,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False, static_batching: bool = False):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, static_batching: bool = False,
+                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         loaded = load_model(model, dtype=dtype, device=device, load_format=load_format)
@@ -392,8 +446,15 @@ class LLMEngine:
                                  self.config.max_position_embeddings)
         # a prompt chunk of the longest sequence must fit in one step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
-        self.runner = ModelRunner(self.model, block_size, self.max_model_len, max_num_seqs, max_num_batched_tokens,
-                                  gpu_memory_utilization, cpu_kv_bytes, enforce_eager)
+        runner_args = (block_size, self.max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
+                       cpu_kv_bytes, enforce_eager)
+        if tensor_parallel_size > 1:
+            from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
+            self.runner = TensorParallelRunner(self.model, tensor_parallel_size, *runner_args)
+        else:
+            self.runner = ModelRunner(self.model, *runner_args)
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self.in_flight = None  # (requests, which of them sample, their tokens-to-be) of the launched step
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -430,14 +491,23 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Run one step; return (the requests that ran, those that finished)."""
-        seqs = self.scheduler.schedule()
-        if not seqs:
+        """Run one step; return (the requests that got a new token, those that finished).
+
+        With async scheduling the step is launched, then the previous step's tokens are recorded while
+        the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
+        seqs, launched = self.scheduler.schedule(), None
+        if seqs:
+            tokens = self.runner.launch(seqs)  # reads the requests' state before advance() moves it on
+            launched = (seqs, self.scheduler.advance(seqs), tokens)
+        done, self.in_flight = (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        if done is None:
             return [], []
-        finished = self.scheduler.update(seqs, self.runner.run(seqs))
+        seqs, samples, tokens = done
+        got_token = [s for s, sampled in zip(seqs, samples) if sampled and not s.is_finished]
+        finished = self.scheduler.record(seqs, samples, tokens.tolist())
         for seq in finished:
             self.runner.sampler.release(seq)
-        return seqs, finished
+        return got_token, finished
 
     def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -563,7 +633,7 @@ class LLM:
         start, num_output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished():
             ran, finished = self.engine.step()
-            num_output_tokens += sum(s.num_computed_tokens == len(s) - 1 for s in ran)  # sampled a real token
+            num_output_tokens += len(ran)
             if finished:
                 bar.update(len(finished))
             bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):,.0f} output tok/s", refresh=False)

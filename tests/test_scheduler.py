@@ -166,3 +166,50 @@ def test_scheduler_limits_must_be_positive():
 def test_sequence_reports_its_state():
     seq = Sequence([1, 2, 3], SamplingParams(temperature=0))
     assert seq.params.greedy and seq.in_prefill and len(seq) == 3 and "waiting" in repr(seq)
+
+
+def position_model(seqs: list[Sequence]) -> list[int]:
+    """A stand-in whose token depends only on the request's prompt and position, so that it needs no
+    input ids: PENDING placeholders cannot change its answer. Token 7 is a stop token for some requests."""
+    return [hash((tuple(s.token_ids[:s.num_prompt_tokens]), s.num_computed_tokens + s.num_scheduled_tokens)) % 50
+            for s in seqs]
+
+
+def run_one_step_behind(scheduler: Scheduler) -> list[Sequence]:
+    """The engine's async scheduling: each step is launched before the last one's tokens are recorded."""
+    finished, in_flight = [], None
+    while scheduler.has_unfinished():
+        scheduled, launched = scheduler.schedule(), None
+        if scheduled:
+            tokens = position_model(scheduled)
+            launched = (scheduled, scheduler.advance(scheduled), tokens)
+        assert scheduled or in_flight, "nothing to run although requests are unfinished"
+        if in_flight:
+            finished += scheduler.record(*in_flight)
+        in_flight = launched
+    return finished
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32), st.floats(0.05, 1.5), st.integers(1, 16), st.integers(8, 64))
+def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs, budget):
+    def requests():
+        rng = random.Random(seed)
+        return [Sequence([rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
+                         SamplingParams(max_tokens=rng.randint(1, 25), ignore_eos=True,
+                                        stop_token_ids=[7] if rng.random() < 0.5 else [])) for _ in range(12)]
+    synced, behind = requests(), requests()
+    pool = tight_pool(synced, memory)
+    schedulers = [Scheduler(BlockManager(pool, block_size=BLOCK), max_num_seqs=max_seqs,
+                            max_num_batched_tokens=budget) for _ in range(2)]
+    for scheduler, seqs in zip(schedulers, (synced, behind)):
+        for seq in seqs:
+            scheduler.add(seq)
+    run_to_completion(schedulers[0], position_model)
+    finished = run_one_step_behind(schedulers[1])
+    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in behind)  # none lost, none twice
+    assert [(s.output_token_ids, s.finish_reason) for s in behind] == \
+           [(s.output_token_ids, s.finish_reason) for s in synced]
+    assert all(s.num_pending_tokens == 0 and s.token_ids.count(-1) == 0 for s in behind)
+    bm = schedulers[1].block_manager
+    assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)

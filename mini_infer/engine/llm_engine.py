@@ -15,12 +15,15 @@ class LLMEngine:
 
     `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
     `load_format="dummy"` a config.json (random weights, for benchmarks).
+    `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
+    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9).
     """
 
     def __init__(self, model=None, dtype="auto", device=None, load_format: str = "auto",
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9, cpu_kv_bytes: int = 1 << 30,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False, static_batching: bool = False):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, static_batching: bool = False,
+                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         loaded = load_model(model, dtype=dtype, device=device, load_format=load_format)
@@ -29,8 +32,15 @@ class LLMEngine:
                                  self.config.max_position_embeddings)
         # a prompt chunk of the longest sequence must fit in one step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
-        self.runner = ModelRunner(self.model, block_size, self.max_model_len, max_num_seqs, max_num_batched_tokens,
-                                  gpu_memory_utilization, cpu_kv_bytes, enforce_eager)
+        runner_args = (block_size, self.max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
+                       cpu_kv_bytes, enforce_eager)
+        if tensor_parallel_size > 1:
+            from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
+            self.runner = TensorParallelRunner(self.model, tensor_parallel_size, *runner_args)
+        else:
+            self.runner = ModelRunner(self.model, *runner_args)
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self.in_flight = None  # (requests, which of them sample, their tokens-to-be) of the launched step
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -67,14 +77,23 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Run one step; return (the requests that ran, those that finished)."""
-        seqs = self.scheduler.schedule()
-        if not seqs:
+        """Run one step; return (the requests that got a new token, those that finished).
+
+        With async scheduling the step is launched, then the previous step's tokens are recorded while
+        the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
+        seqs, launched = self.scheduler.schedule(), None
+        if seqs:
+            tokens = self.runner.launch(seqs)  # reads the requests' state before advance() moves it on
+            launched = (seqs, self.scheduler.advance(seqs), tokens)
+        done, self.in_flight = (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        if done is None:
             return [], []
-        finished = self.scheduler.update(seqs, self.runner.run(seqs))
+        seqs, samples, tokens = done
+        got_token = [s for s, sampled in zip(seqs, samples) if sampled and not s.is_finished]
+        finished = self.scheduler.record(seqs, samples, tokens.tolist())
         for seq in finished:
             self.runner.sampler.release(seq)
-        return seqs, finished
+        return got_token, finished
 
     def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:

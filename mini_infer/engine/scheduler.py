@@ -2,7 +2,7 @@
 """Continuous batching: which requests run at each step, and on how many of their tokens. Plain Python."""
 from collections import deque
 
-from mini_infer.engine.sequence import Sequence, SequenceStatus
+from mini_infer.engine.sequence import PENDING, Sequence, SequenceStatus
 from mini_infer.memory.block_manager import BlockManager
 
 
@@ -45,12 +45,18 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Drop a request wherever it is; its blocks return at once."""
-        if seq in self.running:
+        if not seq.is_finished:
+            self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
-        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        del seq.token_ids[seq.num_known_tokens:]  # tokens of steps still in flight are dropped
+        seq.num_pending_tokens = 0
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -63,6 +69,8 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted below to make room for an older request
+                continue
+            if len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens:  # its last token is in flight
                 continue
             if not self._make_room(seq):
                 continue
@@ -110,21 +118,38 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update(self, scheduled: list[Sequence], sampled_token_ids: list[int]) -> list[Sequence]:
-        """Record one step's results: advance each request, append its sampled token when it is past its
-        prompt, and retire the requests that finished (freeing their blocks). Returns those."""
-        finished = []
-        for seq, token in zip(scheduled, sampled_token_ids, strict=True):
+        """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
+        return self.record(scheduled, self.advance(scheduled), sampled_token_ids)
+
+    def advance(self, scheduled: list[Sequence]) -> list[bool]:
+        """The step was launched: its tokens count as computed. A request whose step reached its newest
+        token samples its next one, held by a PENDING placeholder until `record`. Returns, per request,
+        whether it samples a real output (a prompt chunk that is not the last does not)."""
+        samples = []
+        for seq in scheduled:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            self.block_manager.cache_computed(seq, seq.num_computed_tokens)
-            if seq.num_computed_tokens < len(seq):  # a prompt chunk: its sample is not a real output
+            samples.append(seq.num_computed_tokens == len(seq))
+            if samples[-1]:
+                seq.token_ids.append(PENDING)
+                seq.num_pending_tokens += 1
+        return samples
+
+    def record(self, scheduled: list[Sequence], samples: list[bool], sampled_token_ids: list[int]) -> list[Sequence]:
+        """A launched step's tokens arrived: fill each request's oldest placeholder, cache its computed full
+        blocks, and retire the requests that finished (freeing their blocks at once). Returns those."""
+        finished = []
+        for seq, sampled, token in zip(scheduled, samples, sampled_token_ids, strict=True):
+            if seq.is_finished:  # stopped or aborted after this step was launched: the token is void
                 continue
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            if sampled:
+                seq.token_ids[seq.num_known_tokens] = token
+                seq.num_pending_tokens -= 1
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_computed(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
+            reason = self._finish_reason(seq, token) if sampled else None
             if reason:
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-                self.block_manager.free(seq)
-                self.running.remove(seq)
+                self._finish(seq, reason)
                 finished.append(seq)
         return finished
 

@@ -6,6 +6,9 @@ import itertools
 from mini_infer.sampling_params import SamplingParams
 
 
+PENDING = -1  # a sampled token still on its way from the GPU
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"
@@ -17,6 +20,8 @@ class Sequence:
 
     The model has computed K/V for `token_ids[:num_computed_tokens]`; this step it runs on the next
     `num_scheduled_tokens` tokens (a prompt chunk, or the one newest token when decoding).
+    An engine that runs one step ahead (Chapter 6) appends a `PENDING` placeholder for each token the
+    GPU has sampled but the host has not seen yet; they are the last `num_pending_tokens` tokens.
     """
 
     _ids = itertools.count()
@@ -33,6 +38,7 @@ class Sequence:
         self.num_preemptions = 0
         self.block_table: list[int] = []  # read and written by the BlockManager
         self.num_cached_tokens = 0  # leading tokens served by the prefix cache
+        self.num_pending_tokens = 0  # trailing PENDING placeholders
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -42,12 +48,17 @@ class Sequence:
                 f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows: all but the pending placeholders."""
+        return len(self.token_ids) - self.num_pending_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:self.num_known_tokens]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_known_tokens - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
