@@ -117,6 +117,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--sync-scheduling", action="store_true",
+                    help="record each step's tokens before launching the next (no host/GPU overlap)")
 
 
 def mini_infer_llm(args, static: bool = False):
@@ -124,7 +126,7 @@ def mini_infer_llm(args, static: bool = False):
     from mini_infer.llm import LLM
     return LLM(model_dir(args.model), load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
-               enforce_eager=args.enforce_eager, static_batching=static)
+               enforce_eager=args.enforce_eager, static_batching=static, async_scheduling=not args.sync_scheduling)
 
 
 def mini_infer_generate(llm, progress: bool = False):
@@ -147,8 +149,8 @@ def append_row(row: dict, out: Path) -> dict:
     """Add the device, versions and date to a result row, append it to `out` as one JSON line, print it."""
     import torch
     import triton
-    from mini_infer.device import device_name
-    row = {**row, "device": device_name("cuda"), "machine": machine_id(), "torch": torch.__version__,
+    from mini_infer.device import default_device, device_name
+    row = {**row, "device": device_name(default_device()), "machine": machine_id(), "torch": torch.__version__,
            "triton": triton.__version__, "date": datetime.date.today().isoformat()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:

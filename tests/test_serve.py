@@ -1,0 +1,206 @@
+"""The OpenAI-compatible server with a real client: a uvicorn server on a free loopback port, the embedded
+model on the CPU, and the official `openai` package (plus raw httpx for what a client library would not
+send). Also the text stream's stop strings, the command line and a smoke run of the serving benchmark."""
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mini_infer.llm import LLM
+from mini_infer.serve.api_server import build_app, serve_in_thread
+from mini_infer.serve.async_engine import TextStream
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+pytestmark = pytest.mark.slow  # loads the embedded model or starts servers
+
+
+def test_text_stream_holds_back_what_may_begin_a_stop_string():
+    def pieces(text: str) -> tuple[list[str], TextStream]:
+        stream = TextStream(lambda ids: "".join(map(chr, ids)), stop=["STOP"])
+        return [stream.add([ord(c) for c in text[:n]], finished=n == len(text)) for n in range(1, len(text) + 1)], stream
+    sent, stream = pieces("abcSTOP")
+    assert sent == ["", "", "", "a", "b", "c", ""] and stream.stopped and stream.text == "abc"
+    sent, stream = pieces("abcSTOx")
+    assert sent == ["", "", "", "a", "b", "c", "STOx"] and not stream.stopped
+
+
+def test_command_line_help_and_loopback_default():
+    result = subprocess.run([sys.executable, "-m", "mini_infer.serve", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--port" in result.stdout and "0.0.0.0 to listen on every interface" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", device="cpu", max_model_len=512, cpu_kv_bytes=64 << 20)
+
+
+@pytest.fixture(scope="module")
+def url(llm):
+    with serve_in_thread(build_app(llm)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+
+def all_blocks_free_soon(llm, seconds: float = 10.0) -> bool:
+    blocks = llm.engine.scheduler.block_manager
+    deadline = time.monotonic() + seconds
+    while llm.engine.has_unfinished() or blocks.num_free_blocks != blocks.num_blocks:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_models_and_health(client, url):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_completion_streamed_and_not(client, llm):
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.text.startswith(" Paris") and choice.finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(llm.tokenizer.encode(PROMPT)), 12)
+    assert reply.object == "text_completion" and reply.model == MODEL
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * 11 + ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    token_ids = llm.tokenizer.encode(PROMPT)  # a prompt of token ids gives the same text
+    assert client.completions.create(model=MODEL, prompt=token_ids, max_tokens=12, temperature=0).choices[0].text \
+        == choice.text
+
+
+def test_chat_streamed_and_not(client, llm):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
+    message = reply.choices[0].message
+    assert message.role == "assistant" and "Paris" in message.content
+    assert reply.usage.prompt_tokens == len(llm.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True,
+                                                                             return_dict=False))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+
+
+def test_stop_strings_and_seed(client):
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=["."])
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == (" Paris", "stop")
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=["."],
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream) == " Paris"
+    sampled = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9,
+                                         seed=7, extra_body={"top_k": 50}).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_16_concurrent_clients_all_finish(url, client, llm):
+    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+
+    async def sixteen_clients():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as aclient:
+            async def one(i):
+                stream = await aclient.completions.create(model=MODEL, prompt=prompts[i % 4], max_tokens=8,
+                                                          temperature=0, stream=True, extra_body={"ignore_eos": True})
+                chunks = [c async for c in stream]
+                return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+            return await asyncio.gather(*(one(i) for i in range(16)))
+    results = asyncio.run(sixteen_clients())
+    assert [reason for _, reason in results] == ["length"] * 16
+    assert [text for text, _ in results] == [alone[i % 4] for i in range(16)]  # batched as alone (fp32 CPU)
+    assert all_blocks_free_soon(llm)
+
+
+def test_client_that_hangs_up_mid_stream_frees_its_blocks(client, llm):
+    blocks = llm.engine.scheduler.block_manager
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time, " * 20, max_tokens=400,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    for _, _chunk in zip(range(2), stream):
+        pass
+    assert blocks.num_free_blocks < blocks.num_blocks
+    stream.close()
+    assert all_blocks_free_soon(llm, seconds=5)  # long before its 400 tokens
+
+
+def test_waiting_client_that_hangs_up_frees_its_blocks(url, llm):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)
+    assert all_blocks_free_soon(llm, seconds=5)
+
+
+BAD = [  # (body, status, words of the message)
+    ('{"model": "SmolLM2-135M-Instruct", "prompt": "Hi",', 400, "not valid JSON"),
+    ("[1, 2]", 400, "invalid request body"),
+    ({"model": MODEL}, 400, "prompt: Field required"),
+    ({"model": MODEL, "prompt": "Hi", "temperature": -1}, 400, "temperature must be >= 0"),
+    ({"model": MODEL, "prompt": "Hi", "top_p": 2}, 400, "top_p must be in (0, 1]"),
+    ({"model": MODEL, "prompt": "Hi", "top_k": 0}, 400, "top_k must be -1"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens: Input should be a valid integer"),
+    ({"model": MODEL, "prompt": "Hi", "n": 2}, 400, "n must be 1"),
+    ({"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be up to 4"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": 10_000}, 400, "exceeds max_model_len 512"),
+    ({"model": MODEL, "prompt": ""}, 400, "the prompt is empty"),
+    ({"model": MODEL, "prompt": [1, 10**9]}, 400, "token ids must be integers"),
+    ({"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt"),
+    ({"model": "gpt-4", "prompt": "Hi"}, 404, "does not exist"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD, ids=[w for *_, w in BAD])
+def test_bad_completion_requests_get_openai_errors(url, body, status, words):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_bad_chat_requests_and_unknown_paths(url, client):
+    with pytest.raises(openai.BadRequestError, match="unknown chat role"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages="Hi")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=CHAT)
+    r = httpx.get(f"{url}/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+    assert httpx.post(f"{url}/v1/models").status_code == 405
+
+
+def test_still_healthy_after_bad_requests(url, client):
+    for body in ["{", "null", json.dumps({"model": MODEL, "prompt": "Hi", "temperature": "hot"})]:
+        httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text == " Paris."
+
+
+def test_serving_benchmark_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "serving.jsonl"
+    result = subprocess.run([sys.executable, "benchmarks/benchmark_serving.py", "--num-clients", "2",
+                             "--num-requests", "4", "--input-len", "16", "--max-tokens", "4", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["num_requests"] == 4 and row["output_tokens"] == 16 and row["requests_per_s"] > 0
+    assert row["ttft_ms_median"] > 0 and row["itl_ms_median"] > 0 and row["device"]
