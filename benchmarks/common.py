@@ -119,6 +119,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--sync-scheduling", action="store_true",
                     help="record each step's tokens before launching the next (no host/GPU overlap)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="split the model over this many GPUs (Chapter 9; set NCCL_NVLS_ENABLE=0)")
 
 
 def mini_infer_llm(args, static: bool = False):
@@ -126,7 +128,8 @@ def mini_infer_llm(args, static: bool = False):
     from mini_infer.llm import LLM
     return LLM(model_dir(args.model), load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
-               enforce_eager=args.enforce_eager, static_batching=static, async_scheduling=not args.sync_scheduling)
+               enforce_eager=args.enforce_eager, static_batching=static, async_scheduling=not args.sync_scheduling,
+               tensor_parallel_size=args.tensor_parallel_size)
 
 
 def mini_infer_generate(llm, progress: bool = False):
