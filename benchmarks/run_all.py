@@ -6,9 +6,10 @@
 
 The steps, each printed before it runs: the kernels against the copy ceiling (kernel_benchmark.py), the KV
 memory accounting (memory_test.py, CPU), the race of Mini-Infer against vLLM (when it imports) and HF
-transformers, throughput and batch-1 latency (race.sh), a profile of one decode step per model
-(profile_step.py), static against continuous batching on the first model (benchmark_batching.py), and
-last the README's results section and the race plot (report.py), rebuilt from benchmarks/results/ only.
+transformers, throughput and batch-1 latency (race.sh), per model a profile of one decode step
+(profile_step.py) and online serving under load (benchmark_serving.py), static against continuous batching
+on the first model (benchmark_batching.py), and last the README's results section and the race plot
+(report.py), rebuilt from benchmarks/results/ only.
 Every row names its device, machine, versions and date. Without a GPU it prints the commands and stops.
 """
 import argparse
@@ -29,6 +30,7 @@ def commands(args) -> list[list[str]]:
         [py, "benchmarks/memory_test.py"],
         ["env", f"PYTHON={py}", f"ENGINES={' '.join(engines)}", "bash", "benchmarks/race.sh", *args.models],
         *([py, "benchmarks/profile_step.py", "--model", m] for m in args.models),
+        *([py, "benchmarks/benchmark_serving.py", "--model", m] for m in args.models),
         [py, "benchmarks/benchmark_batching.py", "--model", args.models[0], "--quiet"],
         [py, "benchmarks/report.py"],
     ]

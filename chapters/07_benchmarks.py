@@ -29,6 +29,7 @@
 # | `compare_vllm.py`, `compare_hf.py` | the same two for vLLM and Hugging Face transformers | the same files |
 # | `benchmark_batching.py` | static against continuous batching, same engine | `throughput.jsonl` |
 # | `profile_step.py` | one decode step: GPU time by kernel kind, and the host's share | `profile_<model>.json` |
+# | `benchmark_serving.py` | online: concurrent streaming clients against the server of Chapter 8 | `serving.jsonl` |
 # | `run_all.py` | all of the above, then `report.py`: the README's results and plot | `README.md`, `race_<gpu>.png` |
 
 # %%

@@ -201,5 +201,6 @@ def test_run_all_without_a_gpu_prints_every_step_and_runs_none():
     assert result.returncode == 0, result.stderr
     assert "run_all.py measures a GPU; none is visible here." in result.stdout
     for step in ["kernel_benchmark.py", "memory_test.py", "ENGINES=mini_infer hf' bash benchmarks/race.sh smollm2-135m",
-                 "profile_step.py --model llama3-8b", "benchmark_batching.py", "report.py"]:
+                 "profile_step.py --model llama3-8b", "benchmark_serving.py --model qwen3-0.6b", "benchmark_batching.py",
+                 "report.py"]:
         assert step in result.stdout

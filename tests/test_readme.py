@@ -33,6 +33,10 @@ def test_readme_shows_the_race_plot_of_the_race_it_reports():
     assert f"]({plot})" in (ROOT / "README.md").read_text() and (ROOT / plot).exists()
 
 
-
 def test_book_front_page_shows_the_race_plot_of_the_race_it_reports():
     assert f"(../benchmarks/results/{report.race_plot_name(report.race())})" in (ROOT / "book" / "intro.md").read_text()
+
+
+def test_readme_links_point_at_files_of_the_repository():
+    links = re.findall(r"\]\(([^)#:]+)\)", (ROOT / "README.md").read_text())
+    assert links and [link for link in links if not (ROOT / link).exists()] == []
