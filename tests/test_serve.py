@@ -204,3 +204,28 @@ def test_serving_benchmark_runs_on_the_cpu(tmp_path):
     row = json.loads(out.read_text())
     assert row["num_requests"] == 4 and row["output_tokens"] == 16 and row["requests_per_s"] > 0
     assert row["ttft_ms_median"] > 0 and row["itl_ms_median"] > 0 and row["device"]
+
+
+def test_async_engine_with_async_scheduling_streams_only_known_tokens():
+    # An engine that runs a step ahead holds PENDING placeholders: the streams must never see them.
+    from mini_infer.sampling_params import SamplingParams
+    from mini_infer.serve.async_engine import AsyncLLMEngine
+    ahead = LLM(dtype="float32", device="cpu", max_model_len=128, cpu_kv_bytes=16 << 20, async_scheduling=True)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = ["The capital of France is", "Once upon a time"]
+    expected = [o.outputs[0].text for o in ahead.generate(prompts, greedy, use_tqdm=False)]
+
+    async def stream_both():
+        engine = AsyncLLMEngine(ahead.engine)
+        engine.start()
+
+        async def one(prompt):
+            outputs = [o async for o in await engine.generate(ahead.tokenizer.encode(prompt), greedy)]
+            return "".join(o.text for o in outputs), [o.num_output_tokens for o in outputs]
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            engine.shutdown()
+    results = asyncio.run(stream_both())
+    assert [text for text, _ in results] == expected
+    assert all(counts == list(range(1, 9)) for _, counts in results)

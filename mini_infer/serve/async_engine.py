@@ -172,8 +172,7 @@ class AsyncLLMEngine:
             request = self._requests.get(seq.seq_id)
             if request is None or (seq.num_output_tokens == request.num_sent and not seq.is_finished):
                 continue  # a prompt chunk: no token yet
-            batch.append((request.outputs, (seq.token_ids[seq.num_prompt_tokens + request.num_sent:],
-                                            seq.finish_reason)))
+            batch.append((request.outputs, (seq.output_token_ids[request.num_sent:], seq.finish_reason)))
             request.num_sent = seq.num_output_tokens
             if seq.is_finished:
                 del self._requests[seq.seq_id]
