@@ -4,12 +4,14 @@
 
 Admits the benchmark workload's first `--batch` requests (dummy weights), runs until every one of them
 is decoding, then profiles `--steps` engine steps with torch.profiler: each kernel's GPU time is put
-in a category by its name, and the step's wall time minus the GPU's busy time is the host's share
-(the engine waits for each step's sampled tokens, so the two do not overlap). Writes
-`benchmarks/results/profile_<model>.json`.
+in a category by its name, and the step's wall time minus the GPU's busy time is the time the GPU sat
+idle waiting for the host (`host_ms`: host work that async scheduling did not hide). `--cprofile` also
+prints where the host's time goes, by Python function. Writes `benchmarks/results/profile_<model>.json`.
 """
 import argparse
 import collections
+import cProfile
+import pstats
 import datetime
 import json
 import time
@@ -43,11 +45,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cprofile", action="store_true", help="also print the host's time by Python function")
+    ap.add_argument("--sync-scheduling", action="store_true", help="no host/GPU overlap")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_step.py profiles a GPU; none is visible here.")
         return
-    llm = LLM(HERE / "models" / args.model, load_format="dummy", max_model_len=4096, max_num_seqs=args.batch)
+    llm = LLM(HERE / "models" / args.model, load_format="dummy", max_model_len=4096, max_num_seqs=args.batch,
+              async_scheduling=not args.sync_scheduling)
     engine = llm.engine
     prompts, _ = benchmark_workload(args.batch)
     for p in prompts:
@@ -68,6 +73,7 @@ def main() -> None:
             gpu_ms[category(event.key)] += event.device_time_total / 1000 / args.steps
     busy = sum(gpu_ms.values())
     result = {"model": args.model, "batch": args.batch, "steps": args.steps, "step_ms": round(wall_ms, 3),
+              "async_scheduling": engine.async_scheduling,
               "gpu_ms": {k: round(v, 3) for k, v in gpu_ms.most_common()},
               "host_ms": round(max(wall_ms - busy, 0.0), 3),
               "mean_context": round(sum(len(s) for s in engine.scheduler.running) / args.batch),
@@ -75,6 +81,10 @@ def main() -> None:
     out = HERE / "results" / f"profile_{args.model}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+    if args.cprofile:
+        host = cProfile.Profile()
+        host.runcall(lambda: [engine.step() for _ in range(args.steps)])
+        pstats.Stats(host).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The engine end to end on the CPU: greedy output equal to Hugging Face's, the same under chunked
 prefill, prefix caching and memory pressure; seeds, streaming, and clear errors for bad requests."""
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,25 @@ def test_gpu_engine_matches_hugging_face(reference):
     outputs = token_ids(half.generate(PROMPTS, GREEDY, use_tqdm=False))
     agree = sum(out[:16] == ref[:16] for out, ref in zip(outputs, reference))
     assert agree >= 0.9 * len(PROMPTS), f"{agree} of {len(PROMPTS)} prompts agree on their first 16 tokens"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_async_scheduling_gives_the_same_tokens_as_sync():
+    # Random weights of SmolLM2's shape in fp32, CUDA graphs, greedy and seeded sampling. All 48 requests
+    # fit one batch, so both runs compute the same batches (random weights leave near-ties that a batch
+    # of another size, rounding differently, could flip).
+    config = Path(__file__).parents[1] / "benchmarks" / "models" / "smollm2-135m"
+    prompts = [[(7 * i + j) % 4000 for j in range(5 + 13 * i)] for i in range(48)]
+    params = [SamplingParams(temperature=0, max_tokens=20 + i, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=20 + i, ignore_eos=True) for i in range(48)]
+    runs = []
+    for async_scheduling in (False, True):
+        llm = LLM(config, load_format="dummy", dtype="float32", max_model_len=1024, max_num_seqs=64,
+                  gpu_memory_utilization=0.3, async_scheduling=async_scheduling)
+        runs.append(token_ids(llm.generate(prompts, params, use_tqdm=False)))
+        del llm
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.slow
