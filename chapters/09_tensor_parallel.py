@@ -120,7 +120,7 @@ def draw_layer_half(ax, y0: float, first: str, middle: str, second: str, title: 
     def box(x, y, w, h, colour, text="", alpha=0.35):
         ax.add_patch(plt.Rectangle((x, y), w, h, facecolor=colour, edgecolor="black", alpha=alpha))
         if text:
-            ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8)
+            ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=7.5)
     def arrow(x0, x1, y):
         ax.annotate("", xy=(x1, y), xytext=(x0, y), arrowprops=dict(arrowstyle="->", lw=1))
     ax.text(0, y0 + 3.3, title, fontsize=10, weight="bold")
