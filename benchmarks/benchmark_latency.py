@@ -18,7 +18,7 @@ def main() -> None:
         return
     llm = common.mini_infer_llm(args)
     row = {"engine": "mini_infer", "model": args.model, **common.measure_latency(common.mini_infer_generate(llm)),
-           "cuda_graphs": not args.enforce_eager, "async_scheduling": not args.sync_scheduling,
+           "cuda_graphs": not args.enforce_eager, "async_scheduling": llm.engine.async_scheduling,
            "tensor_parallel_size": args.tensor_parallel_size}
     common.append_row(row, args.latency_out)
 

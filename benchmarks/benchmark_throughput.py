@@ -20,7 +20,7 @@ def run(args) -> dict:
     return {"engine": "mini_infer", "model": args.model, "policy": "static" if args.static else "continuous",
             **measured, "kv_blocks": llm.engine.runner.num_blocks, "preemptions": llm.engine.scheduler.num_preemptions,
             "max_num_seqs": args.max_num_seqs, "cuda_graphs": not args.enforce_eager,
-            "async_scheduling": not args.sync_scheduling, "tensor_parallel_size": args.tensor_parallel_size}
+            "async_scheduling": llm.engine.async_scheduling, "tensor_parallel_size": args.tensor_parallel_size}
 
 
 def parser(doc: str = __doc__):

@@ -128,7 +128,8 @@ def mini_infer_llm(args, static: bool = False):
     from mini_infer.llm import LLM
     return LLM(model_dir(args.model), load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
-               enforce_eager=args.enforce_eager, static_batching=static, async_scheduling=not args.sync_scheduling,
+               enforce_eager=args.enforce_eager, static_batching=static,
+               async_scheduling=False if args.sync_scheduling else None,  # None: the engine's default
                tensor_parallel_size=args.tensor_parallel_size)
 
 

@@ -71,7 +71,6 @@ class LLMEngine:
 
     def abort(self, seq: Sequence) -> None:
         self.scheduler.abort(seq)
-        self.runner.sampler.release(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -90,10 +89,7 @@ class LLMEngine:
             return [], []
         seqs, samples, tokens = done
         got_token = [s for s, sampled in zip(seqs, samples) if sampled and not s.is_finished]
-        finished = self.scheduler.record(seqs, samples, tokens.tolist())
-        for seq in finished:
-            self.runner.sampler.release(seq)
-        return got_token, finished
+        return got_token, self.scheduler.record(seqs, samples, tokens.tolist())
 
     def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from mini_infer.engine.sequence import Sequence
+from mini_infer.kernels.sampling import sample
 
 
 def to_device(values, device: torch.device) -> torch.Tensor:
@@ -16,42 +17,31 @@ def to_device(values, device: torch.device) -> torch.Tensor:
 class Sampler:
     """Samples one token per row of logits [B, vocab], row i following seqs[i].params.
 
-    Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets every
-    row use its own noise. A request with a seed draws its noise from its own generator, so its tokens
-    do not depend on which other requests share the batch.
+    The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
+    one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
+    the token), so its tokens depend neither on which requests share the batch nor on the step.
     """
 
     def __init__(self):
-        self.generators: dict[int, torch.Generator] = {}
-
-    def release(self, seq: Sequence) -> None:
-        self.generators.pop(seq.seq_id, None)
+        self.rng = np.random.default_rng()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
-        greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
-            return greedy
+            return logits.argmax(dim=-1)
         device, vocab = logits.device, logits.shape[-1]
-        temperature = to_device(np.array([p.temperature or 1.0 for p in params], np.float32), device)
-        logits = logits.float() / temperature[:, None]
+        temperature = np.array([0.0 if p.greedy else p.temperature for p in params], np.float32)
         if any(p.top_k != -1 or p.top_p < 1 for p in params):
+            logits = logits.float() / to_device(np.where(temperature > 0, temperature, 1), device)[:, None]
             top_k = to_device(np.array([p.top_k if p.top_k != -1 else vocab for p in params]), device)
             top_p = to_device(np.array([p.top_p for p in params], np.float32), device)
             logits = self.filter_top_k_top_p(logits, top_k, top_p)
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+            temperature = (temperature > 0).astype(np.float32)  # already divided
+        seeds = self.rng.integers(0, 2**62, len(seqs))
         for i, seq in enumerate(seqs):
-            if seq.params.seed is not None:
-                noise[i].exponential_(generator=self._generator(seq, device))
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = to_device(np.array([p.greedy for p in params]), device)
-        return torch.where(is_greedy, greedy, sampled)
-
-    def _generator(self, seq: Sequence, device) -> torch.Generator:
-        if seq.seq_id not in self.generators:
-            self.generators[seq.seq_id] = torch.Generator(device=device).manual_seed(seq.params.seed)
-        return self.generators[seq.seq_id]
+            if seq.params.seed is not None:  # the sampled token's position is len(seq)
+                seeds[i] = (seq.params.seed * 6364136223846793005 + len(seq)) % 2**62
+        return sample(logits, to_device(temperature, device), to_device(seeds, device))
 
     @staticmethod
     def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
