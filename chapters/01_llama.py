@@ -73,6 +73,8 @@ print(f"Python {platform.python_version()}, torch {torch.__version__}, transform
 # %%
 #| export mini_infer.device
 """Which device and number format to run on."""
+import datetime
+import importlib.metadata
 import os
 import platform
 from pathlib import Path
@@ -123,10 +125,20 @@ def device_name(device) -> str:
     return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
 
 
+def describe_run() -> str:
+    """What produced a chapter's stored outputs: the default device, the versions, the date."""
+    try:
+        triton = f", triton {importlib.metadata.version('triton')}"
+    except importlib.metadata.PackageNotFoundError:  # not on macOS or Windows
+        triton = ""
+    return f"{device_name(default_device())}, torch {torch.__version__}{triton}, {datetime.date.today().isoformat()}"
+
+
 # %%
-from mini_infer.device import default_device, device_name, resolve_dtype
+from mini_infer.device import default_device, describe_run, device_name, resolve_dtype
 
 device = default_device()
+print("outputs from:", describe_run())
 print(f"device: {device} = {device_name(device)}; default dtype there: {resolve_dtype('auto', device)}")
 
 # %% [markdown]

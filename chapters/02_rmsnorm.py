@@ -40,6 +40,10 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 print("Triton kernels run", "on the GPU" if DEVICE == "cuda" else "through the interpreter on the CPU")
 
+from mini_infer.device import describe_run
+print("outputs from:", describe_run())
+
+
 # %% [markdown]
 # ## The formula
 #

@@ -54,6 +54,10 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 print(f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}")
 print("device:", torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)")
 
+from mini_infer.device import describe_run
+print("outputs from:", describe_run())
+
+
 # %% [markdown]
 # ## 1. What a contiguous cache wastes
 #

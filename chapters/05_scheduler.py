@@ -42,6 +42,10 @@ import matplotlib.pyplot as plt
 
 from mini_infer.memory.block_manager import BlockManager
 
+from mini_infer.device import describe_run
+print("outputs from:", describe_run())
+
+
 # %% [markdown]
 # ## What a request asks for
 #

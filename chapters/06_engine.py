@@ -59,6 +59,10 @@ from mini_infer.device import default_device, device_name
 
 print("device:", device_name(default_device()))
 
+from mini_infer.device import describe_run
+print("outputs from:", describe_run())
+
+
 # %% [markdown]
 # ## Sampling
 #

@@ -61,6 +61,10 @@ import common, kernel_benchmark, report, summarize  # noqa: E401,E402 (the scrip
 
 print(f"this run: {device_name(default_device())}, torch {torch.__version__}, {datetime.date.today()}")
 
+from mini_infer.device import describe_run
+print("outputs from:", describe_run())
+
+
 # %% [markdown]
 # ## Method
 #

@@ -64,6 +64,10 @@ from mini_infer.sampling_params import SamplingParams
 llm = LLM(dtype="float32", max_model_len=512)  # the embedded SmolLM2-135M-Instruct
 print("device:", device_name(llm.engine.device))
 
+from mini_infer.device import describe_run
+print("outputs from:", describe_run())
+
+
 # %% [markdown]
 # ## Streaming text: token by token, but whole characters
 #
