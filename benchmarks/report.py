@@ -109,11 +109,15 @@ def hf_section(summary: dict) -> list[str]:
 
 
 def host_section(found: list[dict]) -> list[str]:
-    host = sorted(p["host_ms"] for p in found)
-    return [f"Where the throughput gap comes from (`benchmarks/profile_step.py`, a decode step at batch "
-            f"{found[0]['batch']} on one {found[0]['device']}, {found[0]['date']}): our host-side Python takes "
-            f"{host[0]:.1f} to {host[-1]:.1f} ms per step while the GPU waits, and vLLM overlaps that work with the "
-            "GPU's. Chapters 6 and 7 show the profile."]
+    """Where a decode step's time goes, from the profiles: the GPU's busy time, and its idle time (host
+    work that async scheduling did not hide)."""
+    by_model = {p["model"]: p for p in found}
+    parts = "; ".join(f"{name(m)} {p['step_ms']:.1f} ms, of which decode attention "
+                      f"{p['gpu_ms']['decode attention']:.1f} ms and GPU idle {p['host_ms']:.1f} ms"
+                      for m in in_size_order(list(by_model)) for p in [by_model[m]])
+    return [f"Where the time goes (`benchmarks/profile_step.py`, a decode step at batch {found[0]['batch']} with "
+            f"about {found[0]['mean_context']} tokens of context, on one {found[0]['device']}, {found[0]['date']}): "
+            f"{parts}. Chapters 6 and 7 show the profile."]
 
 
 def kernel_cell(row: dict | None, label: str) -> str:
