@@ -33,6 +33,8 @@ def comparable(row: dict, table: str, num_seqs: int) -> bool:
     """A row measured on the agreed workload, our engine at its best settings."""
     if row["engine"] != "hf-transformers" and not row.get("cuda_graphs", True):
         return False
+    if row.get("max_num_seqs", 256) != 256 or row.get("tensor_parallel_size", 1) != 1:  # other experiments
+        return False
     if table == "throughput":
         return row["engine"] == "hf-transformers" or (row["num_seqs"] == num_seqs and row.get("policy") == "continuous")
     return row.get("prompt_tokens") == common.PROMPT_TOKENS and row.get("output_tokens") == common.OUTPUT_TOKENS

@@ -49,6 +49,7 @@ if "google.colab" in sys.modules:
 
 # %%
 import json
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -902,36 +903,17 @@ print([(s.finish_reason, s.num_output_tokens) for s in seqs], "all free:", bm.nu
 # temperature 0.6, random weights in each model's shape; `benchmarks/benchmark_throughput.py` and
 # `benchmarks/compare_vllm.py`) and a batch-1 test (128 prompt tokens, 512 greedy output tokens;
 # `benchmarks/benchmark_latency.py`). vLLM used the attention backend that was fastest for each model in
-# an earlier reference run: its Triton backend for SmolLM2, FlashAttention 3 for the others. The rows
-# live in `benchmarks/results/`; below, the latest row of each engine and model.
+# an earlier reference run: its Triton backend for SmolLM2, its own choice (FlashAttention 3) for the
+# others. The rows live in `benchmarks/results/`; below, those of the newest machine that ran every model
+# with both engines (`benchmarks/summarize.py` picks them).
 
 # %%
 RESULTS = Path(mini_infer.__file__).resolve().parents[1] / "benchmarks" / "results"
-
-
-def load_rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in (RESULTS / name).read_text().splitlines()]
-
-
-def race_rows(name: str, machine: str) -> dict:
-    """The last row of each (engine, model) measured on one machine (not our static-batching runs)."""
-    return {(r["engine"], r["model"]): r for r in load_rows(name)
-            if r.get("machine") == machine and not (r["engine"] == "mini_infer" and r.get("policy") == "static")}
-
-
-models = ["smollm2-135m", "qwen3-0.6b", "llama3-8b"]
 if (RESULTS / "latency.jsonl").exists():
-    machine = [r for r in load_rows("throughput.jsonl") if r["engine"] == "vllm"][-1]["machine"]  # the last race
-    tput, lat = race_rows("throughput.jsonl", machine), race_rows("latency.jsonl", machine)
-    first = lat[("mini_infer", models[0])]
-    print(f"{first['device']}, {first['date']}, torch {first['torch']}, triton {first['triton']}")
-    print(f"{'':14} {'throughput, output tok/s':^34} {'batch-1, ms per token':^30}")
-    print(f"{'model':14} {'Mini-Infer':>10} {'vLLM':>10} {'ratio':>10} {'Mini-Infer':>10} {'vLLM':>10} {'ratio':>8}")
-    for m in models:
-        ours, theirs = tput[("mini_infer", m)]["tokens_per_s"], tput[("vllm", m)]["tokens_per_s"]
-        ours_ms, theirs_ms = lat[("mini_infer", m)]["ms_per_token"], lat[("vllm", m)]["ms_per_token"]
-        print(f"{m:14} {ours:>10,.0f} {theirs:>10,.0f} {ours / theirs:>9.2f}x "
-              f"{ours_ms:>10.2f} {theirs_ms:>10.2f} {theirs_ms / ours_ms:>7.2f}x")
+    sys.path.insert(0, str(RESULTS.parent))
+    import summarize  # benchmarks/summarize.py: picks the rows measured side by side on one machine
+
+    print(summarize.render(summarize.newest_side_by_side(RESULTS, ("mini_infer", "vllm"))))
 else:  # e.g. installed from git on Colab: the results live in the repository
     print(f"no results in {RESULTS}: run benchmarks/race.sh on a GPU")
 
@@ -941,28 +923,20 @@ else:  # e.g. installed from git on Colab: the results live in the repository
 
 # %%
 if (RESULTS / "latency.jsonl").exists():
-    hf_machine = [r for r in load_rows("throughput.jsonl") if r["engine"] == "hf-transformers"][-1]["machine"]
-    tput_hf, lat_hf = race_rows("throughput.jsonl", hf_machine), race_rows("latency.jsonl", hf_machine)
-    for m in models:
-        if ("hf-transformers", m) in tput_hf:
-            hf, ours = tput_hf[("hf-transformers", m)], tput_hf[("mini_infer", m)]
-            hf_ms, ours_ms = lat_hf[("hf-transformers", m)]["ms_per_token"], lat_hf[("mini_infer", m)]["ms_per_token"]
-            print(f"{m:14} HF {hf['tokens_per_s']:6,.0f} tok/s ({hf['num_seqs']} requests), Mini-Infer "
-                  f"{ours['tokens_per_s']:7,.0f} tok/s; batch 1: HF {hf_ms:5.1f} ms/token, Mini-Infer {ours_ms:4.2f} "
-                  f"({hf_ms / ours_ms:.0f}x)")
+    print(summarize.render(summarize.newest_side_by_side(RESULTS, ("mini_infer", "hf-transformers"), every_model=False)))
 
 # %% [markdown]
-# (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in 1.3 ms,
-# twice as fast as vLLM and 17 times faster than Chapter 1's loop on the same kind of card: the CUDA
+# (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in about 1.1 ms,
+# twice as fast as vLLM and about 20 times faster than Chapter 1's loop on the same kind of card: the CUDA
 # graph turned 1,331 kernel launches into one, and little else runs between two steps. At batch 256,
-# vLLM is ahead: 1.2 times our throughput on SmolLM2, 1.4 times on Llama-3-8B, 1.8 times on Qwen3-0.6B.
-# Where does our time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
+# Mini-Infer is ahead on SmolLM2 and behind on the two larger models (the table above has the ratios).
+# Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
 # about 590 tokens of context each, sorts the GPU's kernels by kind, and counts the rest of each step's
-# wall time as the host's (the profiler itself adds a little to that share).
+# wall time as time the GPU sat idle, waiting for the host (the profiler itself adds a little to it).
 
 # %%
-profiles = [json.loads((RESULTS / f"profile_{m}.json").read_text()) for m in models
-            if (RESULTS / f"profile_{m}.json").exists()]
+profiles = [json.loads((RESULTS / f"profile_{m}.json").read_text())
+            for m in ("smollm2-135m", "qwen3-0.6b", "llama3-8b") if (RESULTS / f"profile_{m}.json").exists()]
 if profiles:
     kinds = sorted({k for p in profiles for k in p["gpu_ms"]}, key=lambda k: -profiles[-1]["gpu_ms"].get(k, 0))
     fig, ax = plt.subplots(figsize=(8, 3))
@@ -979,19 +953,26 @@ if profiles:
               f"(decode attention {p['gpu_ms']['decode attention']:.1f}), host {p['host_ms']:.1f} ms")
 
 # %% [markdown]
-# Two findings, each the subject of the next round of work:
+# What the profile says:
 #
-# - **The host.** Between two GPU steps, our Python prepares the next batch (scheduling, block tables,
-#   slot mapping, sampling parameters) while the GPU waits: 4 to 6 ms per step at batch 256, as much as
-#   the GPU's own work for SmolLM2. vLLM prepares step N+1 while the GPU runs step N, so its host time
-#   hides behind the GPU's. Doing the same, and moving the per-step Python loops to array operations, is
-#   the largest gain left.
-# - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 6.5 to 7.5 ms
+# - **The host is hidden.** Before async scheduling, our Python took 4 to 6 ms per step at batch 256 while
+#   the GPU waited, as long as the GPU's own work for SmolLM2. Launching step N+1 before recording step N
+#   and packing the step with numpy brought the GPU's idle time to about half a millisecond per step, and
+#   SmolLM2's throughput from 23,450 to 26,970 tokens/s when we measured the two side by side on one H100
+#   (`--sync-scheduling` turns the overlap off). The race above ran on another H100 machine, with the
+#   one-pass sampling kernel as well.
+# - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 6.5 to 7.6 ms
 #   per step: 256 requests x 590 tokens x 115-131 kB of K and V per token is 17-20 GB, read at about
-#   2.7 TB/s, close to the copy bandwidth measured in Chapter 2. That time is the same for every engine;
-#   what differs is everything around it.
+#   2.7 TB/s, close to the copy bandwidth measured in Chapter 2. What is left between us and vLLM on those
+#   models is GPU time: attention a little below the copy ceiling, and the steps that mix a new request's
+#   prefill with everyone else's decode, which run eagerly, outside the CUDA graphs.
 #
-# Static against continuous batching: on this workload all 256 requests fit into one batch of 256, so a
-# static batch and the continuous one hold the same requests, and the two policies measured within 5% of
-# each other on the H100 (`benchmarks/benchmark_batching.py`). The difference appears when there are more
-# requests than batch slots, as Chapter 5's simulation showed.
+# Static against continuous batching (`benchmarks/benchmark_batching.py`, same engine and kernels): with
+# 256 batch slots all 256 requests fit into one batch, so the two policies hold the same requests and
+# measured within 5% of each other. With 64 slots, continuous batching refills each freed slot at once,
+# but every refill is a mixed prefill-and-decode step that runs eagerly; static batching runs 4 batches of
+# pure, graph-replayed decode steps, and drops finished requests instead of padding them. On the H100 that
+# came out even: 0.89x for SmolLM2 (continuous slower) and 1.06x for Qwen3-0.6B, below the 1.33x of
+# Chapter 5's cost model and far from the 2.5x the plan hoped for. Capturing mixed steps in graphs too
+# (vLLM's piecewise graphs) is the next step for this engine.
+

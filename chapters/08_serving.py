@@ -911,9 +911,9 @@ fig.suptitle(f"8 clients, 16 requests of 16 tokens on {device_name(llm.engine.de
 fig.tight_layout()
 
 # %% [markdown]
-# In the run stored above (this CPU, 2 threads, on a machine that other jobs were loading at the same time:
-# a load average between 2 and 4), 8 clients got about 31 output tokens/s in all, roughly what one request
-# alone gets on a quiet machine, with a median TTFT of 0.66 s and a median ITL of 0.22 s. Both histograms are
+# In the run stored above (a 2-thread CPU that other jobs were loading at the same time), 8 clients got
+# about 35 output tokens/s in all, roughly what one request alone gets on a quiet machine, with a median
+# TTFT of 0.57 s and a median ITL of 0.21 s. Both histograms are
 # shaped by the step: a token arrives once per engine step, so the ITL is the time of one batched step
 # (prefill chunks of newly arrived requests make some steps longer, the right tail), and a new request
 # waits for the step in progress, then for its own prefill step, before its first token. On a GPU a step of
