@@ -15,6 +15,7 @@ import pytest
 from mini_infer.llm import LLM
 from mini_infer.serve.api_server import build_app, serve_in_thread
 from mini_infer.serve.async_engine import TextStream
+from mini_infer.serve.loadgen import run_load, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct"
@@ -127,6 +128,17 @@ def test_16_concurrent_clients_all_finish(url, client, llm):
     results = asyncio.run(sixteen_clients())
     assert [reason for _, reason in results] == ["length"] * 16
     assert [text for text, _ in results] == [alone[i % 4] for i in range(16)]  # batched as alone (fp32 CPU)
+    assert all_blocks_free_soon(llm)
+
+
+def test_load_generator_times_every_request(url, llm):
+    bodies = [{"model": MODEL, "prompt": p, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+              for p in ("The capital of France is", "Once upon a time", "Water boils at")]
+    timings, seconds = asyncio.run(run_load(url, bodies, num_clients=2))
+    assert [t.num_output_tokens for t in timings] == [4, 4, 4]
+    assert all(t.ttft > 0 and len(t.itl) >= 1 for t in timings)  # at least two chunks: the gaps between them
+    stats = summarize(timings, seconds)
+    assert stats["requests_per_s"] > 0 and stats["ttft_ms_median"] <= stats["ttft_ms_p99"]
     assert all_blocks_free_soon(llm)
 
 
