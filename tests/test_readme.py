@@ -1,6 +1,11 @@
 """The README's set-up commands are the ones CI runs, and its results are generated from the committed files."""
+import os
 import re
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +45,44 @@ def test_book_front_page_shows_the_race_plot_of_the_race_it_reports():
 def test_readme_links_point_at_files_of_the_repository():
     links = re.findall(r"\]\(([^)#:]+)\)", (ROOT / "README.md").read_text())
     assert links and [link for link in links if not (ROOT / link).exists()] == []
+
+
+def python_snippets() -> list[str]:
+    return re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_usage_snippet_runs_and_answers(tmp_path):
+    script = tmp_path / "use_it.py"
+    script.write_text(python_snippets()[0])
+    env = {**os.environ, "MINI_INFER_DEVICE": "cpu"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = result.stdout.splitlines()[:2]
+    assert first == "The capital of France is Paris." and second.startswith("[") and second.count("'") >= 4
+
+
+def test_readme_serving_snippet_talks_to_the_readme_server_command():
+    command = next(c for c in readme_commands() if "mini_infer.serve" in c).split("#")[0].split()
+    with socket.socket() as s:  # a free loopback port instead of the README's 8000
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command[command.index("--port") + 1] = str(port)
+    server = subprocess.Popen([sys.executable if c == "python" else c for c in command], cwd=ROOT,
+                              env={**os.environ, "MINI_INFER_DEVICE": "cpu"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        snippet = python_snippets()[1].replace("http://127.0.0.1:8000", url)
+        result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
