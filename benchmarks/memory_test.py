@@ -187,7 +187,7 @@ def main() -> None:
 
     print(f"SmolLM2-135M KV ({BYTES_PER_TOKEN:,} bytes/token, bf16), 256 benchmark requests, "
           f"max_model_len {args.max_model_len}, blocks of {BLOCK_SIZE}")
-    print(f"\nall requests at once, unlimited memory: share of reserved KV memory holding real tokens")
+    print("\nall requests at once, unlimited memory: share of reserved KV memory holding real tokens")
     print(f"{'':20s}{'over the decode':>17s}{'first step':>12s}")
     for name, r in results["unlimited"].items():
         print(f"{name:20s}{r['real_share_over_decode']:17.1%}{r['real_share_first_step']:12.1%}")
