@@ -8,8 +8,8 @@ The steps, each printed before it runs: the kernels against the copy ceiling (ke
 memory accounting (memory_test.py, CPU), the race of Mini-Infer against vLLM (when it imports) and HF
 transformers, throughput and batch-1 latency (race.sh), per model a profile of one decode step
 (profile_step.py) and online serving under load (benchmark_serving.py), static against continuous batching
-on the first model (benchmark_batching.py), and last the README's results section and the race plot
-(report.py), rebuilt from benchmarks/results/ only.
+(benchmark_batching.py: the first model with 256 batch slots, the first two with 64), and last the README's
+results section and the race plot (report.py), rebuilt from benchmarks/results/ only.
 Every row names its device, machine, versions and date. Without a GPU it prints the commands and stops.
 """
 import argparse
@@ -32,6 +32,8 @@ def commands(args) -> list[list[str]]:
         *([py, "benchmarks/profile_step.py", "--model", m] for m in args.models),
         *([py, "benchmarks/benchmark_serving.py", "--model", m] for m in args.models),
         [py, "benchmarks/benchmark_batching.py", "--model", args.models[0], "--quiet"],
+        *([py, "benchmarks/benchmark_batching.py", "--model", m, "--max-num-seqs", "64", "--quiet"]
+          for m in args.models[:2]),  # more requests than batch slots: where the policies differ
         [py, "benchmarks/report.py"],
     ]
 
