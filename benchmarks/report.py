@@ -112,9 +112,9 @@ def host_section(found: list[dict]) -> list[str]:
     """Where a decode step's time goes, from the profiles: the GPU's busy time, and its idle time (host
     work that async scheduling did not hide)."""
     by_model = {p["model"]: p for p in found}
-    parts = "; ".join(f"{name(m)} {p['step_ms']:.1f} ms, of which decode attention "
-                      f"{p['gpu_ms']['decode attention']:.1f} ms and GPU idle {p['host_ms']:.1f} ms"
-                      for m in in_size_order(list(by_model)) for p in [by_model[m]])
+    parts = "; ".join(f"{name(m)} {by_model[m]['step_ms']:.1f} ms, of which decode attention "
+                      f"{by_model[m]['gpu_ms']['decode attention']:.1f} ms and GPU idle {by_model[m]['host_ms']:.1f} ms"
+                      for m in in_size_order(list(by_model)))
     return [f"Where the time goes (`benchmarks/profile_step.py`, a decode step at batch {found[0]['batch']} with "
             f"about {found[0]['mean_context']} tokens of context, on one {found[0]['device']}, {found[0]['date']}): "
             f"{parts}. Chapters 6 and 7 show the profile."]

@@ -72,13 +72,14 @@ print(f"Python {platform.python_version()}, torch {torch.__version__}, transform
 
 # %%
 #| export mini_infer.device
-"""Which device and number format to run on."""
+"""Which device and number format to run on, and how host arrays get there."""
 import datetime
 import importlib.metadata
 import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,6 +124,13 @@ def device_name(device) -> str:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
     return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """A host array on the device. On a GPU it goes through pinned memory without making the host wait
+    (a copy from ordinary memory would wait for the GPU to finish its queued work)."""
+    tensor = torch.from_numpy(np.asarray(values))
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 def describe_run() -> str:

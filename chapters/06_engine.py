@@ -56,11 +56,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import mini_infer
-from mini_infer.device import default_device, device_name
+from mini_infer.device import default_device, describe_run
 
-print("device:", device_name(default_device()))
-
-from mini_infer.device import describe_run
 print("outputs from:", describe_run())
 
 
@@ -121,11 +118,11 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, out_ptr, stride, vocab
 def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """The kernel: the logits are read once, in their own dtype, and no probabilities are written. Its
     random numbers (Philox) differ from `sample_ref`'s, so the two agree in distribution, not draw by draw."""
-    out = torch.empty(logits.shape[0], dtype=torch.int32, device=logits.device)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)  # the store widens the index
     if logits.shape[0]:
         _sample_kernel[(logits.shape[0],)](logits, temperature, seeds, out, logits.stride(0), logits.shape[-1],
                                            BLOCK=2048, num_warps=8)
-    return out.long()
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -152,15 +149,9 @@ print("temperature 0 is the argmax:", sample(logits[:3], torch.zeros(3, device=l
 import numpy as np
 import torch
 
+from mini_infer.device import to_device
 from mini_infer.engine.sequence import Sequence
 from mini_infer.kernels.sampling import sample
-
-
-def to_device(values, device: torch.device) -> torch.Tensor:
-    """A host array on the device. On a GPU it goes through pinned memory without making the host wait
-    (a copy from ordinary memory would wait for the GPU to finish its queued work)."""
-    tensor = torch.from_numpy(np.asarray(values))
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 class Sampler:
@@ -309,8 +300,9 @@ import itertools
 import numpy as np
 import torch
 
+from mini_infer.device import to_device
 from mini_infer.engine.paged_attention import AttentionMetadata, PagedAttention
-from mini_infer.engine.sampler import Sampler, to_device
+from mini_infer.engine.sampler import Sampler
 from mini_infer.engine.sequence import PENDING, Sequence
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 

@@ -42,7 +42,6 @@ if "google.colab" in sys.modules:
     subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/mini-infer/mini-infer"], check=True)
 
 # %%
-import datetime
 import json
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import torch
 from IPython.display import Markdown, display
 
 import mini_infer
-from mini_infer.device import default_device, device_name
+from mini_infer.device import describe_run
 
 ROOT = Path(mini_infer.__file__).resolve().parents[1]
 if not (ROOT / "benchmarks").is_dir():  # installed from git (Colab): the clone of the first cell
@@ -59,9 +58,6 @@ if not (ROOT / "benchmarks").is_dir():  # installed from git (Colab): the clone 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common, kernel_benchmark, report, summarize  # noqa: E401,E402 (the scripts' own modules)
 
-print(f"this run: {device_name(default_device())}, torch {torch.__version__}, {datetime.date.today()}")
-
-from mini_infer.device import describe_run
 print("outputs from:", describe_run())
 
 

@@ -1,10 +1,11 @@
-"""The built book, shared by tests/test_book.py and tests/test_browser.py: one build per test session."""
+"""Fixtures shared by test files: the built book (one build per session) and one-thread torch."""
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,3 +18,14 @@ def html(tmp_path_factory) -> Path:
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out / "_build" / "html"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models on the CPU: one thread decodes as fast as two, and a run does not stall when other
+    processes share the cores (measured on the 2-core CI machine). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

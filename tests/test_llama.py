@@ -31,14 +31,7 @@ def prompt_logits(model, ids: list[int]) -> torch.Tensor:
         return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), cache))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Decoding one sequence of this small model runs as fast on one thread as on two, and a machine
-    # busy with other work slows a two-thread run down several times (measured on a 2-core CI machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import itertools
 import numpy as np
 import torch
 
+from mini_infer.device import to_device
 from mini_infer.engine.paged_attention import AttentionMetadata, PagedAttention
-from mini_infer.engine.sampler import Sampler, to_device
+from mini_infer.engine.sampler import Sampler
 from mini_infer.engine.sequence import PENDING, Sequence
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 

@@ -3,15 +3,9 @@
 import numpy as np
 import torch
 
+from mini_infer.device import to_device
 from mini_infer.engine.sequence import Sequence
 from mini_infer.kernels.sampling import sample
-
-
-def to_device(values, device: torch.device) -> torch.Tensor:
-    """A host array on the device. On a GPU it goes through pinned memory without making the host wait
-    (a copy from ordinary memory would wait for the GPU to finish its queued work)."""
-    tensor = torch.from_numpy(np.asarray(values))
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
 class Sampler:

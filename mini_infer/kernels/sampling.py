@@ -40,11 +40,11 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, out_ptr, stride, vocab
 def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """The kernel: the logits are read once, in their own dtype, and no probabilities are written. Its
     random numbers (Philox) differ from `sample_ref`'s, so the two agree in distribution, not draw by draw."""
-    out = torch.empty(logits.shape[0], dtype=torch.int32, device=logits.device)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)  # the store widens the index
     if logits.shape[0]:
         _sample_kernel[(logits.shape[0],)](logits, temperature, seeds, out, logits.stride(0), logits.shape[-1],
                                            BLOCK=2048, num_warps=8)
-    return out.long()
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
