@@ -64,8 +64,9 @@ class SamplingParams:
     """Sampling settings for one request, named as in vLLM.
 
     temperature 0 means greedy decoding; top_k -1 and top_p 1.0 switch those filters off. A request
-    stops after `max_tokens` new tokens, or at the model's end-of-sequence token (unless `ignore_eos`)
-    or at any of `stop_token_ids`. A `seed` makes its sampling reproducible on its own.
+    stops after `max_tokens` new tokens, at the model's end-of-sequence token (unless `ignore_eos`), at
+    any of `stop_token_ids`, or when its text reaches one of the `stop` strings (a single string, or None,
+    is taken too): its text then ends just before it. A `seed` makes its sampling reproducible on its own.
     """
 
     temperature: float = 1.0
@@ -73,6 +74,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 16
     ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
 
@@ -87,6 +89,11 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        # as in vLLM, a single stop string, or None, is taken too
+        stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(stop)
         self.stop_token_ids = list(self.stop_token_ids)
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
@@ -99,7 +106,7 @@ class SamplingParams:
 from mini_infer.sampling_params import SamplingParams
 
 print(SamplingParams(temperature=0, max_tokens=32))
-for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": 0}, {"max_tokens": 0}):
+for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": 0}, {"max_tokens": 0}, {"stop": [""]}):
     try:
         SamplingParams(**bad)
     except ValueError as e:
@@ -151,7 +158,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.params = params or SamplingParams()
         self.status = SequenceStatus.WAITING
-        self.finish_reason: str | None = None  # "length" or "stop"
+        self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0
         self.num_preemptions = 0
@@ -218,6 +225,10 @@ class Sequence:
 # when the tokens arrive: it fills the placeholders and retires finished requests. A request that hit
 # its stop token meanwhile was already scheduled once more; that step's token is dropped.
 #
+# `finish()` ends a request from outside, wherever it is: `abort()` when its client has gone, or a stop
+# string that the engine found in its text (Chapter 6). Its blocks return at once, and a token still in
+# flight for it is dropped in the same way.
+#
 # With `static=True` the same code behaves like static batching: a new batch is admitted only when every
 # request of the last one has finished. That lets us compare the two policies with everything else equal.
 
@@ -269,10 +280,13 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Drop a request wherever it is; its blocks return at once."""
-        if not seq.is_finished:
-            self._finish(seq, "abort")
+        self.finish(seq, "abort")
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a request now, wherever it is: "abort", or "stop" when its text reached a stop string (Chapter
+        6). Its blocks return at once; a token still in flight for it is void. A finished request stays so."""
+        if seq.is_finished:
+            return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -373,7 +387,7 @@ class Scheduler:
                 self.block_manager.cache_computed(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
             reason = self._finish_reason(seq, token) if sampled else None
             if reason:
-                self._finish(seq, reason)
+                self.finish(seq, reason)
                 finished.append(seq)
         return finished
 

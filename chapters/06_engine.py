@@ -285,7 +285,8 @@ class PagedAttention:
 # following it. A request decoding in step N+1 needs the token that step N sampled, which the host does
 # not know yet: the scheduler holds its place with a `PENDING` placeholder (Chapter 5), and `prepare`
 # fills those rows on the GPU from the last step's sampled tokens. A request that stopped at step N
-# (an end-of-sequence token) has then computed one token too many; `record` drops it.
+# (an end-of-sequence token, or a stop string in its text) has then computed one token too many; `record`
+# drops it.
 #
 # Before any of that, the runner sizes the KV pool: it runs one forward pass of the largest step to see
 # the activations' peak, then gives the KV cache `gpu_memory_utilization` of the GPU minus the weights
@@ -468,7 +469,7 @@ class ModelRunner:
 # whose tokens plus `max_tokens` do not fit `max_model_len` get a `ValueError` naming the problem) and
 # runs `step()`. `LLM` is the public face: prompts as strings, token ids or chat messages, one
 # `SamplingParams` for all or one per prompt, a progress bar with live tokens/s, outputs in the order
-# of the prompts and shaped like vLLM's, and `stream()` that yields text as it is produced.
+# of the prompts and shaped like vLLM's, stop strings, and `stream()` that yields text as it is produced.
 
 # %%
 #| export mini_infer.engine.llm_engine
@@ -533,6 +534,8 @@ class LLMEngine:
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
                              f"{self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none: use stop_token_ids")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Sequence:
         """Validate and queue one request."""
@@ -544,6 +547,10 @@ class LLMEngine:
 
     def abort(self, seq: Sequence) -> None:
         self.scheduler.abort(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a request now with this finish reason (e.g. "stop" at a stop string); its blocks return at once."""
+        self.scheduler.finish(seq, reason)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -573,6 +580,63 @@ class LLMEngine:
     def device(self) -> torch.device:
         return self.runner.device
 
+# %% [markdown]
+# ### Text as it comes, and stop strings
+#
+# `stream()` hands out text while the request runs, and a request with `stop` strings must end as soon as
+# its text contains one, so both need the text of an unfinished request. Decoding all its output tokens
+# again at every step would cost O(n²) over a long answer. `TextStream` decodes a short window instead: the
+# tokens of the previous piece (for context: a tokenizer may decode a token differently at the start of a
+# text) and the new ones, and keeps what the window adds. Two things make a piece wait. A character whose
+# UTF-8 bytes are spread over several tokens decodes to U+FFFD, the replacement character, until its last
+# byte arrives. And text that could still grow into a stop string is held back until it cannot, so that a
+# reader never sees the start of a stop string: the text ends just before the first one.
+#
+# `generate()` gives a `TextStream` only to the requests that have stop strings (the others cost nothing
+# per step, and are decoded once at the end) and feeds it their new tokens after each step. When a stop
+# string appears, the engine finishes the request at once: `finish_reason="stop"`, its KV blocks back in
+# the pool. Its `token_ids` end with the token that completed the stop string, as in vLLM. With async
+# scheduling its next step may already be running; as for a request that met its end-of-sequence token,
+# that step's token is dropped when it arrives. The server of Chapter 8 streams through the same class.
+
+# %%
+#| export mini_infer.detokenizer
+"""A request's output text as its tokens come: incremental detokenisation and stop strings. Plain Python."""
+from collections.abc import Callable
+
+
+class TextStream:
+    """A request's output text, piece by piece: incremental detokenisation and stop strings.
+
+    Decoding all the output tokens again at every step would cost O(n^2) over a long answer. Instead each
+    step decodes a short window (the tokens that produced the last piece, for context, and the new ones)
+    and keeps the part of the text past what the window's start already gave. A piece that ends inside a
+    character (U+FFFD, the UTF-8 bytes are split over tokens) waits for the next token. Text that could be
+    the start of a stop string is held back until it is clear it is not one.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] = ()):
+        self.decode, self.stop = decode, list(stop)
+        self.hold = max(map(len, self.stop), default=1) - 1
+        self.text, self.num_sent = "", 0
+        self.prefix_offset = self.read_offset = 0  # token_ids[prefix_offset:read_offset] made the last piece
+        self.stopped = False  # a stop string was found: the text ends just before it
+
+    def add(self, token_ids: list[int], finished: bool) -> str:
+        """Take all the output tokens so far; return the new text that is safe to send."""
+        before = self.decode(token_ids[self.prefix_offset:self.read_offset])
+        window = self.decode(token_ids[self.prefix_offset:])
+        if finished or (len(window) > len(before) and not window.endswith("\ufffd")):
+            search_from = max(0, len(self.text) - self.hold)  # a stop string may straddle the old end
+            self.text += window[len(before):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+            hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+            if hits:
+                self.text, self.stopped = self.text[:min(hits)], True
+        end = len(self.text) if finished or self.stopped else max(len(self.text) - self.hold, self.num_sent)
+        piece, self.num_sent = self.text[self.num_sent:end], end
+        return piece
+
 # %%
 #| export mini_infer.llm
 """`LLM`: the public face, shaped like vLLM's so that habits carry over."""
@@ -582,6 +646,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from mini_infer.detokenizer import TextStream
 from mini_infer.engine.llm_engine import LLMEngine
 from mini_infer.engine.sequence import Sequence, SequenceStatus
 from mini_infer.sampling_params import SamplingParams
@@ -592,7 +657,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (end of sequence or a stop token), "length", "abort" or "error"
+    finish_reason: str | None  # "stop" (end of sequence, a stop token or string), "length", "abort" or "error"
 
 
 @dataclass
@@ -681,46 +746,63 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts. A bad request gets an
-        output with finish_reason "error" and an `error` message while the others run (see the class)."""
+        output with finish_reason "error" and an `error` message while the others run (see the class).
+        A request whose text reaches one of its stop strings finishes there (finish_reason "stop")."""
         requests = self._add(prompts, sampling_params)
+        texts = {seq.seq_id: TextStream(self.engine.decode, seq.params.stop)
+                 for _, seq, error in requests if error is None and seq.params.stop}
         bar = tqdm(total=sum(error is None for *_, error in requests), desc="Generating", disable=not use_tqdm,
                    dynamic_ncols=True)
         start, num_output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished():
             ran, finished = self.engine.step()
             num_output_tokens += len(ran)
+            if texts:  # only requests with stop strings are decoded while they run
+                for seq in ran:
+                    if seq.seq_id in texts:
+                        self._read_text(seq, texts[seq.seq_id])
+                finished = [seq for seq in ran if seq.is_finished]  # with those a stop string finished
             if finished:
                 bar.update(len(finished))
             bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):,.0f} output tok/s", refresh=False)
         bar.close()
-        return [self._output(prompt, seq, error) for prompt, seq, error in requests]
+        return [self._output(prompt, seq, error, texts.get(seq.seq_id)) for prompt, seq, error in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one chat (a list of messages) or to several."""
         return self.generate(messages, sampling_params, use_tqdm)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the new text of one request as it is produced. Other queued requests advance too;
-        stopping the iteration early aborts the request and frees its KV blocks."""
+        """Yield the new text of one request as it is produced, up to its first stop string. Other queued
+        requests advance too; stopping the iteration early aborts the request and frees its KV blocks."""
         ((_, seq, error),) = self._add(prompt, sampling_params)
         if error is not None:
             raise ValueError(error)
-        sent = ""
+        text = TextStream(self.engine.decode, seq.params.stop)
         try:
             while not seq.is_finished:
-                self.engine.step()
-                text = self.engine.decode(seq.output_token_ids)
-                if not seq.is_finished and text.endswith("\ufffd"):
-                    continue  # a character split across tokens: wait for the rest of it
-                if len(text) > len(sent):
-                    yield text[len(sent):]
-                    sent = text
+                ran, _ = self.engine.step()
+                if seq in ran and (piece := self._read_text(seq, text)):
+                    yield piece
         finally:
             if not seq.is_finished:
                 self.engine.abort(seq)
 
-    def _output(self, prompt, seq: Sequence, error: str | None = None) -> RequestOutput:
-        completion = CompletionOutput(0, self.engine.decode(seq.output_token_ids), seq.output_token_ids, seq.finish_reason)
+    def _read_text(self, seq: Sequence, text: TextStream) -> str:
+        """Feed a request's output tokens to its text stream and return the new text. A request whose text
+        reached a stop string finishes at once, its KV blocks freed."""
+        piece = text.add(seq.output_token_ids, seq.is_finished)
+        if text.stopped:
+            self.engine.finish(seq, "stop")  # nothing to do if it has just finished for another reason
+        return piece
+
+    def _output(self, prompt, seq: Sequence, error: str | None = None,
+                text: TextStream | None = None) -> RequestOutput:
+        if text is not None and text.stopped:  # also when the stop string came with its last token
+            completion = CompletionOutput(0, text.text, seq.output_token_ids, "stop")
+        else:
+            completion = CompletionOutput(0, self.engine.decode(seq.output_token_ids), seq.output_token_ids,
+                                          seq.finish_reason)
         return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None,
                              seq.token_ids[:seq.num_prompt_tokens], [completion], seq.is_finished, error)
 
@@ -770,6 +852,20 @@ print(reply.text, f"[{reply.finish_reason}, {len(reply.token_ids)} tokens]")
 pieces = list(llm.stream("The three primary colours are", SamplingParams(temperature=0, max_tokens=16)))
 print(pieces)
 bm = llm.engine.scheduler.block_manager
+print("all blocks free again:", bm.num_free_blocks == bm.num_blocks)
+
+# %% [markdown]
+# Stop strings end a request's text just before the first one it meets (a blank line, or the word " by"
+# here); a request that meets none runs to `max_tokens`. The story met " by" with its last allowed token:
+# that still counts as a stop, as in vLLM. `stream()` stops at the same place:
+
+# %% tags=["nbval-check-output"]
+params = SamplingParams(temperature=0, max_tokens=24, stop=["\n\n", " by"])
+stopped = llm.generate(prompts, params, use_tqdm=False)
+for o in stopped:
+    c = o.outputs[0]
+    print(f"{o.prompt!r:28} -> {c.text!r} ({c.finish_reason}, {len(c.token_ids)} tokens)")
+print("stream gives the same text:", "".join(llm.stream(prompts[2], params)) == stopped[2].outputs[0].text)
 print("all blocks free again:", bm.num_free_blocks == bm.num_blocks)
 
 # %% [markdown]

@@ -71,67 +71,20 @@ print("outputs from:", describe_run())
 # %% [markdown]
 # ## Streaming text: token by token, but whole characters
 #
-# A client that streams wants text, not token ids, and wants it as each token comes. Decoding all the
-# output again at every step would cost O(n²) over a long answer, so `TextStream` decodes a short window:
-# the tokens of the previous piece (for context: some tokenizers decode a token differently at the start of
-# a text) and the new ones, and keeps what the window adds. Two things make a piece wait. A character whose
-# UTF-8 bytes are spread over several tokens decodes to U+FFFD until its last byte arrives. And the OpenAI
-# API lets a request name `stop` strings: the text must end just before the first one, and the client must
-# never see the start of one, so text that could still grow into a stop string is held back until it
-# cannot.
-
-# %%
-#| export mini_infer.serve.async_engine
-"""The engine behind a server: one thread steps the engine while asyncio tasks add, stream and abort requests."""
-import asyncio
-import queue
-import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-
-from mini_infer.engine.llm_engine import LLMEngine
-from mini_infer.engine.sequence import Sequence
-from mini_infer.sampling_params import SamplingParams
-
-
-class TextStream:
-    """A request's output text, piece by piece: incremental detokenisation and stop strings.
-
-    Decoding all the output tokens again at every step would cost O(n^2) over a long answer. Instead each
-    step decodes a short window (the tokens that produced the last piece, for context, and the new ones)
-    and keeps the part of the text past what the window's start already gave. A piece that ends inside a
-    character (U+FFFD, the UTF-8 bytes are split over tokens) waits for the next token. Text that could be
-    the start of a stop string is held back until it is clear it is not one.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] = ()):
-        self.decode, self.stop = decode, list(stop)
-        self.hold = max(map(len, self.stop), default=1) - 1
-        self.text, self.num_sent = "", 0
-        self.prefix_offset = self.read_offset = 0  # token_ids[prefix_offset:read_offset] made the last piece
-        self.stopped = False  # a stop string was found: the text ends just before it
-
-    def add(self, token_ids: list[int], finished: bool) -> str:
-        """Take all the output tokens so far; return the new text that is safe to send."""
-        before = self.decode(token_ids[self.prefix_offset:self.read_offset])
-        window = self.decode(token_ids[self.prefix_offset:])
-        if finished or (len(window) > len(before) and not window.endswith("\ufffd")):
-            search_from = max(0, len(self.text) - self.hold)  # a stop string may straddle the old end
-            self.text += window[len(before):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
-            hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
-            if hits:
-                self.text, self.stopped = self.text[:min(hits)], True
-        end = len(self.text) if finished or self.stopped else max(len(self.text) - self.hold, self.num_sent)
-        piece, self.num_sent = self.text[self.num_sent:end], end
-        return piece
-
-# %% [markdown]
+# A client that streams wants text, not token ids, and wants it as each token comes. The OpenAI API also
+# lets a request name `stop` strings: the text must end just before the first one, and the client must
+# never see the start of one. Chapter 6's `TextStream` (`mini_infer.detokenizer`), with which `LLM.stream()`
+# and `LLM.generate()` follow a request's text, does both: it decodes a short window of tokens at each step
+# rather than all of them, waits while a character is split over tokens (U+FFFD), and holds back text that
+# could still grow into a stop string. The server gives each request one.
+#
 # Fed one token at a time, the pieces join up to the text that one decode of all the tokens gives. With
 # `stop=[". It"]` the text ends just before the stop string, and the full stop itself is held back until the
 # next token shows that it does not begin one:
 
 # %% tags=["nbval-check-output"]
+from mini_infer.detokenizer import TextStream
+
 ids = llm.tokenizer.encode(" Paris is the capital of France. It is also a city of art: café, musée, théâtre.")
 plain, stopped = TextStream(llm.engine.decode), TextStream(llm.engine.decode, stop=[". It"])
 pieces = [plain.add(ids[:n], finished=n == len(ids)) for n in range(1, len(ids) + 1)]
@@ -175,6 +128,19 @@ print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 
 # %%
 #| export mini_infer.serve.async_engine
+"""The engine behind a server: one thread steps the engine while asyncio tasks add, stream and abort requests."""
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from mini_infer.detokenizer import TextStream
+from mini_infer.engine.llm_engine import LLMEngine
+from mini_infer.engine.sequence import Sequence
+from mini_infer.sampling_params import SamplingParams
+
+
 @dataclass
 class StreamOutput:
     """What one engine step brought a request."""
@@ -221,10 +187,10 @@ class AsyncLLMEngine:
         self._inbox.put(None)
         self._thread.join()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       stop: list[str] = ()) -> AsyncIterator[StreamOutput]:
-        """Queue a request, raising ValueError if it is invalid; return its outputs as they come. Leaving
-        the iteration early (a client that hung up, a task cancelled) aborts the request."""
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamOutput]:
+        """Queue a request, raising ValueError if it is invalid; return its outputs as they come, its text
+        ending before its first stop string. Leaving the iteration early (a client that hung up, a task
+        cancelled) aborts the request."""
         if self.error is not None or self._closed:
             raise RuntimeError(f"the engine is not running: {self.error or 'shut down'}")
         self.engine.check_request(prompt_token_ids, params)  # reads only the config: safe on this thread
@@ -235,7 +201,7 @@ class AsyncLLMEngine:
         except asyncio.CancelledError:
             self._inbox.put(lambda: self._abort(request))  # runs after the add: the inbox keeps its order
             raise
-        return self._outputs(request, TextStream(self.engine.decode, stop))
+        return self._outputs(request, TextStream(self.engine.decode, params.stop))
 
     async def _outputs(self, request: _Request, text: TextStream) -> AsyncIterator[StreamOutput]:
         finished = False
@@ -422,15 +388,11 @@ class SamplingFields(BaseModel):
         """The engine's SamplingParams; ValueError naming the field when a value is not allowed."""
         if self.n != 1:
             raise ValueError(f"n must be 1 (one completion per request), got {self.n}")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError(f"stop must be up to 4 strings (OpenAI's limit), got {len(self.stop)}")
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                               max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
-                              ignore_eos=self.ignore_eos)
-
-    def stop_strings(self) -> list[str]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4 or not all(stop):
-            raise ValueError(f"stop must be up to 4 non-empty strings, got {self.stop!r}")
-        return stop
+                              ignore_eos=self.ignore_eos, stop=self.stop)
 
 
 class CompletionRequest(SamplingFields):
@@ -614,7 +576,7 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
             prompt_ids = llm._token_ids(prompt())  # a string, token ids or a chat (its template)
             room = llm.engine.max_model_len - len(prompt_ids)  # chat's default: as long as the context allows
             params = body.sampling_params(default_max_tokens or max(room, 1))
-            outputs = await engine.generate(prompt_ids, params, body.stop_strings())
+            outputs = await engine.generate(prompt_ids, params)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
         rid, created = protocol.request_id(chat), int(time.time())

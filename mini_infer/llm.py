@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from mini_infer.detokenizer import TextStream
 from mini_infer.engine.llm_engine import LLMEngine
 from mini_infer.engine.sequence import Sequence, SequenceStatus
 from mini_infer.sampling_params import SamplingParams
@@ -16,7 +17,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (end of sequence or a stop token), "length", "abort" or "error"
+    finish_reason: str | None  # "stop" (end of sequence, a stop token or string), "length", "abort" or "error"
 
 
 @dataclass
@@ -105,46 +106,63 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts. A bad request gets an
-        output with finish_reason "error" and an `error` message while the others run (see the class)."""
+        output with finish_reason "error" and an `error` message while the others run (see the class).
+        A request whose text reaches one of its stop strings finishes there (finish_reason "stop")."""
         requests = self._add(prompts, sampling_params)
+        texts = {seq.seq_id: TextStream(self.engine.decode, seq.params.stop)
+                 for _, seq, error in requests if error is None and seq.params.stop}
         bar = tqdm(total=sum(error is None for *_, error in requests), desc="Generating", disable=not use_tqdm,
                    dynamic_ncols=True)
         start, num_output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished():
             ran, finished = self.engine.step()
             num_output_tokens += len(ran)
+            if texts:  # only requests with stop strings are decoded while they run
+                for seq in ran:
+                    if seq.seq_id in texts:
+                        self._read_text(seq, texts[seq.seq_id])
+                finished = [seq for seq in ran if seq.is_finished]  # with those a stop string finished
             if finished:
                 bar.update(len(finished))
             bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):,.0f} output tok/s", refresh=False)
         bar.close()
-        return [self._output(prompt, seq, error) for prompt, seq, error in requests]
+        return [self._output(prompt, seq, error, texts.get(seq.seq_id)) for prompt, seq, error in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one chat (a list of messages) or to several."""
         return self.generate(messages, sampling_params, use_tqdm)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the new text of one request as it is produced. Other queued requests advance too;
-        stopping the iteration early aborts the request and frees its KV blocks."""
+        """Yield the new text of one request as it is produced, up to its first stop string. Other queued
+        requests advance too; stopping the iteration early aborts the request and frees its KV blocks."""
         ((_, seq, error),) = self._add(prompt, sampling_params)
         if error is not None:
             raise ValueError(error)
-        sent = ""
+        text = TextStream(self.engine.decode, seq.params.stop)
         try:
             while not seq.is_finished:
-                self.engine.step()
-                text = self.engine.decode(seq.output_token_ids)
-                if not seq.is_finished and text.endswith("\ufffd"):
-                    continue  # a character split across tokens: wait for the rest of it
-                if len(text) > len(sent):
-                    yield text[len(sent):]
-                    sent = text
+                ran, _ = self.engine.step()
+                if seq in ran and (piece := self._read_text(seq, text)):
+                    yield piece
         finally:
             if not seq.is_finished:
                 self.engine.abort(seq)
 
-    def _output(self, prompt, seq: Sequence, error: str | None = None) -> RequestOutput:
-        completion = CompletionOutput(0, self.engine.decode(seq.output_token_ids), seq.output_token_ids, seq.finish_reason)
+    def _read_text(self, seq: Sequence, text: TextStream) -> str:
+        """Feed a request's output tokens to its text stream and return the new text. A request whose text
+        reached a stop string finishes at once, its KV blocks freed."""
+        piece = text.add(seq.output_token_ids, seq.is_finished)
+        if text.stopped:
+            self.engine.finish(seq, "stop")  # nothing to do if it has just finished for another reason
+        return piece
+
+    def _output(self, prompt, seq: Sequence, error: str | None = None,
+                text: TextStream | None = None) -> RequestOutput:
+        if text is not None and text.stopped:  # also when the stop string came with its last token
+            completion = CompletionOutput(0, text.text, seq.output_token_ids, "stop")
+        else:
+            completion = CompletionOutput(0, self.engine.decode(seq.output_token_ids), seq.output_token_ids,
+                                          seq.finish_reason)
         return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None,
                              seq.token_ids[:seq.num_prompt_tokens], [completion], seq.is_finished, error)
 

@@ -8,8 +8,9 @@ class SamplingParams:
     """Sampling settings for one request, named as in vLLM.
 
     temperature 0 means greedy decoding; top_k -1 and top_p 1.0 switch those filters off. A request
-    stops after `max_tokens` new tokens, or at the model's end-of-sequence token (unless `ignore_eos`)
-    or at any of `stop_token_ids`. A `seed` makes its sampling reproducible on its own.
+    stops after `max_tokens` new tokens, at the model's end-of-sequence token (unless `ignore_eos`), at
+    any of `stop_token_ids`, or when its text reaches one of the `stop` strings (a single string, or None,
+    is taken too): its text then ends just before it. A `seed` makes its sampling reproducible on its own.
     """
 
     temperature: float = 1.0
@@ -17,6 +18,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 16
     ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
 
@@ -31,6 +33,11 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        # as in vLLM, a single stop string, or None, is taken too
+        stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(stop)
         self.stop_token_ids = list(self.stop_token_ids)
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")

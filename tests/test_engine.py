@@ -1,5 +1,5 @@
 """The engine end to end on the CPU: greedy output equal to Hugging Face's, the same under chunked
-prefill, prefix caching and memory pressure; seeds, streaming, and clear errors for bad requests."""
+prefill, prefix caching and memory pressure; seeds, streaming, stop strings, and clear errors for bad requests."""
 import re
 from pathlib import Path
 
@@ -155,6 +155,27 @@ def test_stream_yields_the_generated_text_and_frees_blocks_when_stopped(llm):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_stop_string_ends_the_text_just_before_it_and_frees_the_request(llm, async_scheduling, monkeypatch):
+    # With async scheduling (the GPU default, forced here) the request's next step is already launched when
+    # the stop string shows up: that step's token must be dropped.
+    monkeypatch.setattr(llm.engine, "async_scheduling", async_scheduling)
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    full = [o.outputs[0] for o in llm.generate(PROMPTS[:2], plain, use_tqdm=False)]
+    stop = llm.engine.decode(full[0].token_ids[4:6])[1:-1]  # from inside token 4 to inside token 5
+    assert stop == "he answe" and full[0].text.count(stop) == 1  # of " Paris.\n\nThe answer is: 2"
+    with_stop = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=["never said", stop])
+    out = [o.outputs[0] for o in llm.generate(PROMPTS[:2], [with_stop, plain], use_tqdm=False)]
+    assert (out[0].text, out[0].finish_reason) == (full[0].text[:full[0].text.index(stop)], "stop")
+    assert out[0].token_ids == full[0].token_ids[:6]  # up to the token that completed the stop string
+    assert out[1] == full[1]  # its neighbour in the batch is unaffected
+    assert "".join(llm.stream(PROMPTS[0], with_stop)) == out[0].text
+    bm = llm.engine.scheduler.block_manager
+    assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt, params, error", [
     ("", None, "prompt is empty"),
     ([[]], None, "prompt is empty"),
@@ -190,6 +211,7 @@ def test_dummy_weights_generate_from_token_ids():
     assert [len(o.outputs[0].token_ids) for o in out] == [10, 10]
     assert out[0].outputs[0].text == "" and out[1].prompt_token_ids == [4, 5, 6, 7, 8]
     assert "no tokenizer" in llm.generate("text", use_tqdm=False)[0].error
+    assert "stop strings need a tokenizer" in llm.generate([1, 2], SamplingParams(stop="."), use_tqdm=False)[0].error
 
 
 def test_top_k_top_p_filter_keeps_the_right_tokens():

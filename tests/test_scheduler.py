@@ -152,10 +152,18 @@ def test_abort_returns_blocks_at_once():
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": 0}, "top_k"), ({"top_k": -2}, "top_k"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"), ({"seed": "x"}, "seed"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop": ""}, "stop must be a non-empty string"), ({"stop": ["\n", ""]}, "stop"), ({"stop": ["a", 3]}, "stop"),
+    ({"stop": 3}, "stop"),
 ])
 def test_bad_sampling_params_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**bad)
+
+
+def test_stop_is_a_list_of_strings():
+    assert SamplingParams().stop == SamplingParams(stop=None).stop == []
+    assert SamplingParams(stop="\n").stop == ["\n"]  # one string, as vLLM takes it
+    assert SamplingParams(stop=("a", "bc")).stop == ["a", "bc"]
 
 
 def test_scheduler_limits_must_be_positive():

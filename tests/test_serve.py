@@ -1,6 +1,6 @@
 """The OpenAI-compatible server with a real client: a uvicorn server on a free loopback port, the embedded
 model on the CPU, and the official `openai` package (plus raw httpx for what a client library would not
-send). Also the text stream's stop strings, the command line and a smoke run of the serving benchmark."""
+send). Also the command line and a smoke run of the serving benchmark."""
 import asyncio
 import json
 import subprocess
@@ -14,7 +14,6 @@ import pytest
 
 from mini_infer.llm import LLM
 from mini_infer.serve.api_server import build_app, serve_in_thread
-from mini_infer.serve.async_engine import TextStream
 from mini_infer.serve.loadgen import run_load, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,16 +21,6 @@ MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 pytestmark = pytest.mark.slow  # loads the embedded model or starts servers
-
-
-def test_text_stream_holds_back_what_may_begin_a_stop_string():
-    def pieces(text: str) -> tuple[list[str], TextStream]:
-        stream = TextStream(lambda ids: "".join(map(chr, ids)), stop=["STOP"])
-        return [stream.add([ord(c) for c in text[:n]], finished=n == len(text)) for n in range(1, len(text) + 1)], stream
-    sent, stream = pieces("abcSTOP")
-    assert sent == ["", "", "", "a", "b", "c", ""] and stream.stopped and stream.text == "abc"
-    sent, stream = pieces("abcSTOx")
-    assert sent == ["", "", "", "a", "b", "c", "STOx"] and not stream.stopped
 
 
 def test_command_line_help_and_loopback_default():
@@ -171,6 +160,7 @@ BAD = [  # (body, status, words of the message)
     ({"model": MODEL, "prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens: Input should be a valid integer"),
     ({"model": MODEL, "prompt": "Hi", "n": 2}, 400, "n must be 1"),
     ({"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be up to 4"),
+    ({"model": MODEL, "prompt": "Hi", "stop": ""}, 400, "stop must be a non-empty string"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 10_000}, 400, "exceeds max_model_len 512"),
     ({"model": MODEL, "prompt": ""}, 400, "the prompt is empty"),
     ({"model": MODEL, "prompt": [1, 10**9]}, 400, "token ids must be integers"),

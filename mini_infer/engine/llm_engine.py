@@ -60,6 +60,8 @@ class LLMEngine:
         if n + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
                              f"{self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none: use stop_token_ids")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Sequence:
         """Validate and queue one request."""
@@ -71,6 +73,10 @@ class LLMEngine:
 
     def abort(self, seq: Sequence) -> None:
         self.scheduler.abort(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a request now with this finish reason (e.g. "stop" at a stop string); its blocks return at once."""
+        self.scheduler.finish(seq, reason)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -45,10 +45,13 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Drop a request wherever it is; its blocks return at once."""
-        if not seq.is_finished:
-            self._finish(seq, "abort")
+        self.finish(seq, "abort")
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a request now, wherever it is: "abort", or "stop" when its text reached a stop string (Chapter
+        6). Its blocks return at once; a token still in flight for it is void. A finished request stays so."""
+        if seq.is_finished:
+            return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -149,7 +152,7 @@ class Scheduler:
                 self.block_manager.cache_computed(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
             reason = self._finish_reason(seq, token) if sampled else None
             if reason:
-                self._finish(seq, reason)
+                self.finish(seq, reason)
                 finished.append(seq)
         return finished
 

@@ -32,7 +32,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.params = params or SamplingParams()
         self.status = SequenceStatus.WAITING
-        self.finish_reason: str | None = None  # "length" or "stop"
+        self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0
         self.num_preemptions = 0

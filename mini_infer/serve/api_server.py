@@ -92,7 +92,7 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
             prompt_ids = llm._token_ids(prompt())  # a string, token ids or a chat (its template)
             room = llm.engine.max_model_len - len(prompt_ids)  # chat's default: as long as the context allows
             params = body.sampling_params(default_max_tokens or max(room, 1))
-            outputs = await engine.generate(prompt_ids, params, body.stop_strings())
+            outputs = await engine.generate(prompt_ids, params)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
         rid, created = protocol.request_id(chat), int(time.time())

@@ -3,45 +3,13 @@
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from mini_infer.detokenizer import TextStream
 from mini_infer.engine.llm_engine import LLMEngine
 from mini_infer.engine.sequence import Sequence
 from mini_infer.sampling_params import SamplingParams
-
-
-class TextStream:
-    """A request's output text, piece by piece: incremental detokenisation and stop strings.
-
-    Decoding all the output tokens again at every step would cost O(n^2) over a long answer. Instead each
-    step decodes a short window (the tokens that produced the last piece, for context, and the new ones)
-    and keeps the part of the text past what the window's start already gave. A piece that ends inside a
-    character (U+FFFD, the UTF-8 bytes are split over tokens) waits for the next token. Text that could be
-    the start of a stop string is held back until it is clear it is not one.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] = ()):
-        self.decode, self.stop = decode, list(stop)
-        self.hold = max(map(len, self.stop), default=1) - 1
-        self.text, self.num_sent = "", 0
-        self.prefix_offset = self.read_offset = 0  # token_ids[prefix_offset:read_offset] made the last piece
-        self.stopped = False  # a stop string was found: the text ends just before it
-
-    def add(self, token_ids: list[int], finished: bool) -> str:
-        """Take all the output tokens so far; return the new text that is safe to send."""
-        before = self.decode(token_ids[self.prefix_offset:self.read_offset])
-        window = self.decode(token_ids[self.prefix_offset:])
-        if finished or (len(window) > len(before) and not window.endswith("\ufffd")):
-            search_from = max(0, len(self.text) - self.hold)  # a stop string may straddle the old end
-            self.text += window[len(before):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
-            hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
-            if hits:
-                self.text, self.stopped = self.text[:min(hits)], True
-        end = len(self.text) if finished or self.stopped else max(len(self.text) - self.hold, self.num_sent)
-        piece, self.num_sent = self.text[self.num_sent:end], end
-        return piece
 
 
 @dataclass
@@ -90,10 +58,10 @@ class AsyncLLMEngine:
         self._inbox.put(None)
         self._thread.join()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       stop: list[str] = ()) -> AsyncIterator[StreamOutput]:
-        """Queue a request, raising ValueError if it is invalid; return its outputs as they come. Leaving
-        the iteration early (a client that hung up, a task cancelled) aborts the request."""
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamOutput]:
+        """Queue a request, raising ValueError if it is invalid; return its outputs as they come, its text
+        ending before its first stop string. Leaving the iteration early (a client that hung up, a task
+        cancelled) aborts the request."""
         if self.error is not None or self._closed:
             raise RuntimeError(f"the engine is not running: {self.error or 'shut down'}")
         self.engine.check_request(prompt_token_ids, params)  # reads only the config: safe on this thread
@@ -104,7 +72,7 @@ class AsyncLLMEngine:
         except asyncio.CancelledError:
             self._inbox.put(lambda: self._abort(request))  # runs after the add: the inbox keeps its order
             raise
-        return self._outputs(request, TextStream(self.engine.decode, stop))
+        return self._outputs(request, TextStream(self.engine.decode, params.stop))
 
     async def _outputs(self, request: _Request, text: TextStream) -> AsyncIterator[StreamOutput]:
         finished = False

@@ -31,15 +31,11 @@ class SamplingFields(BaseModel):
         """The engine's SamplingParams; ValueError naming the field when a value is not allowed."""
         if self.n != 1:
             raise ValueError(f"n must be 1 (one completion per request), got {self.n}")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError(f"stop must be up to 4 strings (OpenAI's limit), got {len(self.stop)}")
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                               max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
-                              ignore_eos=self.ignore_eos)
-
-    def stop_strings(self) -> list[str]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4 or not all(stop):
-            raise ValueError(f"stop must be up to 4 non-empty strings, got {self.stop!r}")
-        return stop
+                              ignore_eos=self.ignore_eos, stop=self.stop)
 
 
 class CompletionRequest(SamplingFields):
