@@ -51,12 +51,13 @@ print("outputs from:", describe_run())
 #
 # A request carries its prompt and its sampling parameters, named as in vLLM so that habits carry over.
 # Bad values are rejected when the object is made, with a message that names the field and the allowed
-# range, so that a bad request never reaches the GPU.
+# range, so that a bad request never reaches the GPU. `n` asks for several samples of one prompt; each
+# runs as a request of its own, with the params that `for_sample(i)` gives (Chapter 6).
 
 # %%
 #| export mini_infer.sampling_params
 """What a request asks for: how to sample and when to stop. Plain Python, validated on creation."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -67,8 +68,10 @@ class SamplingParams:
     stops after `max_tokens` new tokens, at the model's end-of-sequence token (unless `ignore_eos`), at
     any of `stop_token_ids`, or when its text reaches one of the `stop` strings (a single string, or None,
     is taken too): its text then ends just before it. A `seed` makes its sampling reproducible on its own.
+    `n` asks for that many samples of the prompt; each runs as a request of its own (see `for_sample`).
     """
 
+    n: int = 1
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -79,6 +82,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n (the number of samples) must be a positive integer, got {self.n!r}")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
@@ -102,11 +107,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def for_sample(self, i: int) -> "SamplingParams":
+        """The params of sample i of n: one sample, and its own seed."""
+        # seed + i, as in vLLM: the samples differ, and the whole set repeats with the request's seed
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+
 # %% tags=["nbval-check-output"]
 from mini_infer.sampling_params import SamplingParams
 
 print(SamplingParams(temperature=0, max_tokens=32))
-for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": 0}, {"max_tokens": 0}, {"stop": [""]}):
+for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": 0}, {"max_tokens": 0}, {"stop": [""]}, {"n": 0}):
     try:
         SamplingParams(**bad)
     except ValueError as e:

@@ -33,7 +33,7 @@
 # One `generate` call runs this loop until every request has finished:
 #
 # ```
-# LLM.generate -> LLMEngine.add_request (a Sequence per prompt)
+# LLM.generate -> LLMEngine.add_request (a Sequence per prompt, or per sample when it asks for n)
 # loop: Scheduler.schedule -> ModelRunner.run [pack inputs -> model forward through the paged kernels -> sample]
 #       -> Scheduler.update (append tokens, retire finished requests, free their blocks)
 # ```
@@ -469,7 +469,8 @@ class ModelRunner:
 # whose tokens plus `max_tokens` do not fit `max_model_len` get a `ValueError` naming the problem) and
 # runs `step()`. `LLM` is the public face: prompts as strings, token ids or chat messages, one
 # `SamplingParams` for all or one per prompt, a progress bar with live tokens/s, outputs in the order
-# of the prompts and shaped like vLLM's, stop strings, and `stream()` that yields text as it is produced.
+# of the prompts and shaped like vLLM's, stop strings, several samples of a prompt (`n`), and `stream()`
+# that yields text as it is produced.
 
 # %%
 #| export mini_infer.engine.llm_engine
@@ -538,9 +539,11 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer, and this model has none: use stop_token_ids")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Sequence:
-        """Validate and queue one request."""
+        """Validate and queue one request of one sample (`LLM` and the server queue n samples one by one)."""
         params = params or SamplingParams()
         self.check_request(prompt_token_ids, params)
+        if params.n != 1:
+            raise ValueError(f"a sequence is one sample, got n={params.n}: queue params.for_sample(i) for each")
         seq = Sequence(prompt_token_ids, params)
         self.scheduler.add(seq)
         return seq
@@ -637,6 +640,25 @@ class TextStream:
         piece, self.num_sent = self.text[self.num_sent:end], end
         return piece
 
+# %% [markdown]
+# ### Several samples of one prompt
+#
+# `SamplingParams(n=4)` asks for four completions of one prompt, as in vLLM and OpenAI's API. `LLM` queues
+# them as four sequences of one sample each (the engine and the scheduler see only those) and gathers them
+# into one `RequestOutput` whose `outputs` hold four `CompletionOutput`s, `index` 0 to 3, each with its own
+# stop strings and finish reason. Each sample is checked against `max_model_len` and the KV cache on its
+# own, and the progress bar counts sequences. The sampler seeds a row with (seed, position), so four
+# sequences with one seed would draw four equal texts: `for_sample(i)` gives sample i the seed `seed + i`,
+# as vLLM does, so the samples differ and the whole output repeats with the request's seed (sample 1 of
+# seed 42 is therefore sample 0 of seed 43). Unseeded samples draw their own noise; greedy ones are all
+# the same text.
+#
+# The prompt's KV cache is shared only through Chapter 4's prefix cache. A block joins it once its K/V has
+# been computed, so the samples that are admitted in the same step (usually all of them) each compute the
+# prompt; a sample admitted later, or recomputed after a preemption, finds the prompt's full blocks there.
+# vLLM once shared the prompt's blocks from the start and copied a shared block on its first write
+# (copy-on-write); that saves the repeated prefill and its memory, and we leave it out.
+
 # %%
 #| export mini_infer.llm
 """`LLM`: the public face, shaped like vLLM's so that habits carry over."""
@@ -665,7 +687,7 @@ class RequestOutput:
     request_id: int
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
+    outputs: list[CompletionOutput]  # one per sample (SamplingParams.n), in index order
     finished: bool = True
     error: str | None = None  # why a rejected request did not run (its finish_reason is "error")
 
@@ -677,13 +699,16 @@ class LLM:
     with the tokenizer's chat template). Engine arguments (dtype, gpu_memory_utilization, max_model_len,
     max_num_seqs, max_num_batched_tokens, load_format, enforce_eager, ...) are those of `LLMEngine`.
 
+    A request with `SamplingParams(n=...)` runs as n sequences (seeded ones with seeds seed, seed + 1, ...)
+    and comes back as one output with n completions, index 0 to n-1.
+
     A bad request is rejected on its own: the other requests of the same call run and finish, and its
-    output has `finish_reason="error"`, no tokens, and `error` saying what is wrong (an empty prompt, token
-    ids outside the vocabulary, prompt + max_tokens past max_model_len or past the whole KV cache, an
-    unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
+    output has `finish_reason="error"` (in each of its n completions), no tokens, and `error` saying what is
+    wrong (an empty prompt, token ids outside the vocabulary, prompt + max_tokens past max_model_len or past
+    the whole KV cache, an unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
     anything is queued: a prompt or sampling params of the wrong type (TypeError), a number of sampling
     params that does not match the prompts (ValueError). Invalid `SamplingParams` values raise when the
-    params are created. `stream()`, which serves one request, raises its ValueError instead.
+    params are created. `stream()`, which serves one request of one sample, raises its ValueError instead.
     """
 
     def __init__(self, model=None, **engine_args):
@@ -707,8 +732,9 @@ class LLM:
             return list(prompt)
         raise TypeError(f"a prompt is a string, a list of token ids or a list of chat messages, not {type(prompt).__name__}")
 
-    def _add(self, prompts, sampling_params) -> list[tuple[object, Sequence, str | None]]:
-        """Queue the good requests; return (prompt, sequence, error) for each, error None when queued."""
+    def _add(self, prompts, sampling_params) -> list[tuple[object, list[Sequence], str | None]]:
+        """Queue the good requests, a sequence per sample; return (prompt, its sequences, error) for each,
+        error None when queued."""
         if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -732,27 +758,29 @@ class LLM:
                 checked.append((prompt, ids, sp, str(e)))
         requests = []
         for prompt, ids, sp, error in checked:
+            samples = [sp.for_sample(i) for i in range(sp.n)]
             if error is None:
-                try:
-                    requests.append((prompt, self.engine.add_request(ids, sp), None))
+                try:  # the samples differ only in their seeds: if one cannot fit, the first one fails
+                    requests.append((prompt, [self.engine.add_request(ids, p) for p in samples], None))
                     continue
                 except ValueError as e:  # it could never fit in the whole KV cache
                     error = str(e)
-            seq = Sequence(ids, sp)  # never queued: it only carries the request's id and prompt
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
-            requests.append((prompt, seq, error))
+            seqs = [Sequence(ids, p) for p in samples]  # never queued: they carry the request's id and prompt
+            for seq in seqs:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+            requests.append((prompt, seqs, error))
         return requests
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts. A bad request gets an
         output with finish_reason "error" and an `error` message while the others run (see the class).
-        A request whose text reaches one of its stop strings finishes there (finish_reason "stop")."""
+        A request whose text reaches one of its stop strings finishes there (finish_reason "stop"). The
+        progress bar counts sequences: a request with n samples is n of them."""
         requests = self._add(prompts, sampling_params)
-        texts = {seq.seq_id: TextStream(self.engine.decode, seq.params.stop)
-                 for _, seq, error in requests if error is None and seq.params.stop}
-        bar = tqdm(total=sum(error is None for *_, error in requests), desc="Generating", disable=not use_tqdm,
-                   dynamic_ncols=True)
+        queued = [seq for _, seqs, error in requests if error is None for seq in seqs]
+        texts = {seq.seq_id: TextStream(self.engine.decode, seq.params.stop) for seq in queued if seq.params.stop}
+        bar = tqdm(total=len(queued), desc="Generating", unit="seq", disable=not use_tqdm, dynamic_ncols=True)
         start, num_output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished():
             ran, finished = self.engine.step()
@@ -766,7 +794,7 @@ class LLM:
                 bar.update(len(finished))
             bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):,.0f} output tok/s", refresh=False)
         bar.close()
-        return [self._output(prompt, seq, error, texts.get(seq.seq_id)) for prompt, seq, error in requests]
+        return [self._output(prompt, seqs, error, texts) for prompt, seqs, error in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one chat (a list of messages) or to several."""
@@ -775,7 +803,9 @@ class LLM:
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the new text of one request as it is produced, up to its first stop string. Other queued
         requests advance too; stopping the iteration early aborts the request and frees its KV blocks."""
-        ((_, seq, error),) = self._add(prompt, sampling_params)
+        if isinstance(sampling_params, SamplingParams) and sampling_params.n != 1:
+            raise ValueError(f"stream() yields the text of one sample, got n={sampling_params.n}: use generate()")
+        ((_, (seq,), error),) = self._add(prompt, sampling_params)
         if error is not None:
             raise ValueError(error)
         text = TextStream(self.engine.decode, seq.params.stop)
@@ -796,15 +826,20 @@ class LLM:
             self.engine.finish(seq, "stop")  # nothing to do if it has just finished for another reason
         return piece
 
-    def _output(self, prompt, seq: Sequence, error: str | None = None,
-                text: TextStream | None = None) -> RequestOutput:
-        if text is not None and text.stopped:  # also when the stop string came with its last token
-            completion = CompletionOutput(0, text.text, seq.output_token_ids, "stop")
-        else:
-            completion = CompletionOutput(0, self.engine.decode(seq.output_token_ids), seq.output_token_ids,
-                                          seq.finish_reason)
-        return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None,
-                             seq.token_ids[:seq.num_prompt_tokens], [completion], seq.is_finished, error)
+    def _output(self, prompt, seqs: list[Sequence], error: str | None, texts: dict[int, TextStream]) -> RequestOutput:
+        """A request's output: a completion per sample, in their order."""
+        completions = []
+        for i, seq in enumerate(seqs):
+            text = texts.get(seq.seq_id)
+            if text is not None and text.stopped:  # also when the stop string came with its last token
+                completions.append(CompletionOutput(i, text.text, seq.output_token_ids, "stop"))
+            else:
+                completions.append(CompletionOutput(i, self.engine.decode(seq.output_token_ids),
+                                                    seq.output_token_ids, seq.finish_reason))
+        first = seqs[0]
+        return RequestOutput(first.seq_id, prompt if isinstance(prompt, str) else None,
+                             first.token_ids[:first.num_prompt_tokens], completions,
+                             all(seq.is_finished for seq in seqs), error)
 
 
 def _is_token_ids(prompt) -> bool:
@@ -876,6 +911,17 @@ params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=12, seed=42)
 alone = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0].token_ids
 crowd = llm.generate(["Once upon a time", "Hello", "def f(x):"], params, use_tqdm=False)[0].outputs[0].token_ids
 print("same tokens alone and in a batch:", alone == crowd)
+
+# %% [markdown]
+# `n` asks for several samples of one prompt: one output with a completion per sample, different from one
+# another, and the same again for the same seed:
+
+# %% tags=["nbval-check-output"]
+params = SamplingParams(n=3, temperature=0.8, max_tokens=12, seed=42)
+samples = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs
+again = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs
+print("indices:", [c.index for c in samples], "different samples:", len({tuple(c.token_ids) for c in samples}))
+print("the same samples again:", [c.token_ids for c in samples] == [c.token_ids for c in again])
 
 # %% [markdown]
 # ## Correct: the same tokens as Hugging Face

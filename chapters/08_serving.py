@@ -342,16 +342,19 @@ engine.shutdown()
 #
 # OpenAI's API is JSON over HTTP. A request names the model, the prompt (`/v1/completions`) or the chat
 # messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the sampling fields
-# people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (here always 1), plus `top_k` and
-# `ignore_eos` as extensions, as in vLLM. pydantic checks the types; `SamplingParams` checks the values and
-# names the field when one is not allowed. The answer carries the text, why it ended (`finish_reason`:
-# "stop" for the end-of-sequence token or a stop string, "length" for `max_tokens`) and the `usage` counts.
+# people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of the prompt, up to
+# 16 here), plus `top_k` and `ignore_eos` as extensions, as in vLLM. pydantic checks the types;
+# `SamplingParams` checks the values and names the field when one is not allowed. The answer carries the text, why it ended (`finish_reason`:
+# "stop" for the end-of-sequence token or a stop string, "length" for `max_tokens`) and the `usage` counts;
+# with `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the tokens of all of them.
 #
 # With `stream: true`, the answer is a stream of *server-sent events*: an HTTP response of type
 # `text/event-stream` that stays open, one `data: {json}` line (and a blank line) per event, here one per
 # engine step that gave the request a token, and `data: [DONE]` at the end. Each event is a *chunk*: the
 # same envelope with the new text (`choices[0].text`, or `choices[0].delta.content` in a chat; the first
 # chat chunk names the role). With `stream_options: {"include_usage": true}` a last chunk brings the usage.
+# OpenAI streams several choices by giving each chunk the `index` of its choice; this server streams one
+# and refuses `n` > 1 with `stream: true` (merging n streams would cost more code than it teaches).
 # Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for a bad request.
 
 # %%
@@ -379,20 +382,22 @@ class SamplingFields(BaseModel):
     top_k: int = -1  # an extension (as in vLLM): -1 is off
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = 1  # completions of the prompt
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks that want every max_tokens
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams; ValueError naming the field when a value is not allowed."""
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (one completion per request), got {self.n}")
+        if self.n > 16:  # one request should not fill the batch on its own
+            raise ValueError(f"n must be at most 16 (this server's limit), got {self.n}")
+        if self.n > 1 and self.stream:
+            raise ValueError(f"n must be 1 with stream true (this server streams one choice), got {self.n}")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError(f"stop must be up to 4 strings (OpenAI's limit), got {len(self.stop)}")
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+        return SamplingParams(n=self.n, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
-                              ignore_eos=self.ignore_eos, stop=self.stop)
+                              seed=self.seed, ignore_eos=self.ignore_eos, stop=self.stop)
 
 
 class CompletionRequest(SamplingFields):
@@ -403,7 +408,7 @@ class CompletionRequest(SamplingFields):
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise ValueError(f"prompt must be one prompt (this server makes one completion per request), "
+                raise ValueError(f"prompt must be one prompt (this server takes one prompt per request), "
                                  f"got {len(prompt)}")
             prompt = prompt[0]
         return prompt
@@ -443,7 +448,8 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
             "total_tokens": num_prompt_tokens + num_output_tokens}
 
 
-def choice(text: str, finish_reason: str | None, chat: bool, stream: bool, first: bool = False) -> dict:
+def choice(text: str, finish_reason: str | None, chat: bool, stream: bool, first: bool = False,
+           index: int = 0) -> dict:
     """One choice of a response or of a stream chunk. A chat stream's first chunk names the role."""
     if not chat:
         body = {"text": text}
@@ -451,7 +457,7 @@ def choice(text: str, finish_reason: str | None, chat: bool, stream: bool, first
         body = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
     else:
         body = {"message": {"role": "assistant", "content": text}}
-    return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, **body, "logprobs": None, "finish_reason": finish_reason}
 
 
 def response(rid: str, model: str, created: int, choices: list[dict], chat: bool, stream: bool,
@@ -473,10 +479,11 @@ def error(message: str, kind: str = "invalid_request_error", param: str | None =
 #
 # `build_app` makes the FastAPI app: its lifespan starts and stops the engine thread; each endpoint turns
 # the body into token ids and `SamplingParams` (a `ValueError` on the way becomes a 400 with an OpenAI
-# error body), queues the request, and answers either with a `StreamingResponse` of server-sent events or,
-# once the request has finished, with one JSON body. A streaming client that hangs up makes Starlette cancel
-# the response's generator; a waiting one is watched for the `http.disconnect` message. Either way the
-# request's output stream is closed and the engine aborts it. Errors in a body that FastAPI checks (bad JSON,
+# error body), queues the request (as n requests of one sample each, as `LLM` does, when it asks for `n`
+# completions), and answers either with a `StreamingResponse` of server-sent events or, once the request
+# has finished, with one JSON body. A streaming client that hangs up makes Starlette cancel the response's
+# generator; a waiting one is watched for the `http.disconnect` message. Either way the request's output
+# stream is closed and the engine aborts it. Errors in a body that FastAPI checks (bad JSON,
 # a wrong type, a missing field) get the same error shape with status 400, and unknown paths a 404; no bad
 # request reaches the engine thread, so none can take the server down. It listens on 127.0.0.1 unless told
 # otherwise: it has no authentication.
@@ -568,7 +575,8 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
 
     async def serve(body: protocol.SamplingFields, prompt, default_max_tokens: int | None, request: Request,
                     chat: bool):
-        """Run one request; `prompt()` gives its prompt (raising ValueError for a bad one)."""
+        """Run one request, as n engine requests when it asks for n completions; `prompt()` gives its prompt
+        (raising ValueError for a bad one)."""
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist: this server has {model_name!r}",
                            code="model_not_found")
@@ -576,18 +584,20 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
             prompt_ids = llm._token_ids(prompt())  # a string, token ids or a chat (its template)
             room = llm.engine.max_model_len - len(prompt_ids)  # chat's default: as long as the context allows
             params = body.sampling_params(default_max_tokens or max(room, 1))
-            outputs = await engine.generate(prompt_ids, params)
+            outputs = [await engine.generate(prompt_ids, params.for_sample(i)) for i in range(params.n)]
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
         rid, created = protocol.request_id(chat), int(time.time())
-        if body.stream:
+        if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = sse(outputs, rid, created, len(prompt_ids), chat, include_usage)
+            chunks = sse(outputs[0], rid, created, len(prompt_ids), chat, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream")
-        text, last = await until_disconnected(request, collect(outputs))
-        choices = [protocol.choice(text, last.finish_reason, chat, stream=False)]
+        results = await until_disconnected(request, asyncio.gather(*map(collect, outputs)))
+        choices = [protocol.choice(text, last.finish_reason, chat, stream=False, index=i)
+                   for i, (text, last) in enumerate(results)]
+        num_output_tokens = sum(last.num_output_tokens for _, last in results)
         return protocol.response(rid, model_name, created, choices, chat, stream=False,
-                                 usage_counts=protocol.usage(len(prompt_ids), last.num_output_tokens))
+                                 usage_counts=protocol.usage(len(prompt_ids), num_output_tokens))
 
     async def sse(outputs: AsyncIterator[StreamOutput], rid: str, created: int, num_prompt_tokens: int,
                   chat: bool, include_usage: bool) -> AsyncIterator[str]:
@@ -730,6 +740,17 @@ pieces = [chunk.choices[0].delta.content for chunk in stream]
 print(pieces, "same:", "".join(pieces) == chat.choices[0].message.content)
 
 # %% [markdown]
+# `n` asks for several completions of one prompt: one choice each, `index` 0 to n-1 (each sample seeded from
+# the request's seed, as in `LLM`), and the usage counts the tokens of all of them:
+
+# %%
+reply = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0.8, seed=42,
+                                  n=3)
+for c in reply.choices:
+    print(c.index, repr(c.text), c.finish_reason)
+print(reply.usage)
+
+# %% [markdown]
 # On the wire, a stream is plain text. The first three events of a streamed completion, and the last ones,
 # as `httpx` receives them:
 
@@ -766,7 +787,7 @@ bad = {
     "no prompt": {"model": model},
     "temperature -1": {"model": model, "prompt": "Hi", "temperature": -1},
     "top_p as text": {"model": model, "prompt": "Hi", "top_p": "high"},
-    "n=2": {"model": model, "prompt": "Hi", "n": 2},
+    "n=2 streamed": {"model": model, "prompt": "Hi", "n": 2, "stream": True},
     "prompt too long": {"model": model, "prompt": "Hi", "max_tokens": 10_000},
     "unknown model": {"model": "gpt-4", "prompt": "Hi"},
 }

@@ -25,7 +25,7 @@ class RequestOutput:
     request_id: int
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
+    outputs: list[CompletionOutput]  # one per sample (SamplingParams.n), in index order
     finished: bool = True
     error: str | None = None  # why a rejected request did not run (its finish_reason is "error")
 
@@ -37,13 +37,16 @@ class LLM:
     with the tokenizer's chat template). Engine arguments (dtype, gpu_memory_utilization, max_model_len,
     max_num_seqs, max_num_batched_tokens, load_format, enforce_eager, ...) are those of `LLMEngine`.
 
+    A request with `SamplingParams(n=...)` runs as n sequences (seeded ones with seeds seed, seed + 1, ...)
+    and comes back as one output with n completions, index 0 to n-1.
+
     A bad request is rejected on its own: the other requests of the same call run and finish, and its
-    output has `finish_reason="error"`, no tokens, and `error` saying what is wrong (an empty prompt, token
-    ids outside the vocabulary, prompt + max_tokens past max_model_len or past the whole KV cache, an
-    unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
+    output has `finish_reason="error"` (in each of its n completions), no tokens, and `error` saying what is
+    wrong (an empty prompt, token ids outside the vocabulary, prompt + max_tokens past max_model_len or past
+    the whole KV cache, an unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
     anything is queued: a prompt or sampling params of the wrong type (TypeError), a number of sampling
     params that does not match the prompts (ValueError). Invalid `SamplingParams` values raise when the
-    params are created. `stream()`, which serves one request, raises its ValueError instead.
+    params are created. `stream()`, which serves one request of one sample, raises its ValueError instead.
     """
 
     def __init__(self, model=None, **engine_args):
@@ -67,8 +70,9 @@ class LLM:
             return list(prompt)
         raise TypeError(f"a prompt is a string, a list of token ids or a list of chat messages, not {type(prompt).__name__}")
 
-    def _add(self, prompts, sampling_params) -> list[tuple[object, Sequence, str | None]]:
-        """Queue the good requests; return (prompt, sequence, error) for each, error None when queued."""
+    def _add(self, prompts, sampling_params) -> list[tuple[object, list[Sequence], str | None]]:
+        """Queue the good requests, a sequence per sample; return (prompt, its sequences, error) for each,
+        error None when queued."""
         if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -92,27 +96,29 @@ class LLM:
                 checked.append((prompt, ids, sp, str(e)))
         requests = []
         for prompt, ids, sp, error in checked:
+            samples = [sp.for_sample(i) for i in range(sp.n)]
             if error is None:
-                try:
-                    requests.append((prompt, self.engine.add_request(ids, sp), None))
+                try:  # the samples differ only in their seeds: if one cannot fit, the first one fails
+                    requests.append((prompt, [self.engine.add_request(ids, p) for p in samples], None))
                     continue
                 except ValueError as e:  # it could never fit in the whole KV cache
                     error = str(e)
-            seq = Sequence(ids, sp)  # never queued: it only carries the request's id and prompt
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
-            requests.append((prompt, seq, error))
+            seqs = [Sequence(ids, p) for p in samples]  # never queued: they carry the request's id and prompt
+            for seq in seqs:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+            requests.append((prompt, seqs, error))
         return requests
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts. A bad request gets an
         output with finish_reason "error" and an `error` message while the others run (see the class).
-        A request whose text reaches one of its stop strings finishes there (finish_reason "stop")."""
+        A request whose text reaches one of its stop strings finishes there (finish_reason "stop"). The
+        progress bar counts sequences: a request with n samples is n of them."""
         requests = self._add(prompts, sampling_params)
-        texts = {seq.seq_id: TextStream(self.engine.decode, seq.params.stop)
-                 for _, seq, error in requests if error is None and seq.params.stop}
-        bar = tqdm(total=sum(error is None for *_, error in requests), desc="Generating", disable=not use_tqdm,
-                   dynamic_ncols=True)
+        queued = [seq for _, seqs, error in requests if error is None for seq in seqs]
+        texts = {seq.seq_id: TextStream(self.engine.decode, seq.params.stop) for seq in queued if seq.params.stop}
+        bar = tqdm(total=len(queued), desc="Generating", unit="seq", disable=not use_tqdm, dynamic_ncols=True)
         start, num_output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished():
             ran, finished = self.engine.step()
@@ -126,7 +132,7 @@ class LLM:
                 bar.update(len(finished))
             bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):,.0f} output tok/s", refresh=False)
         bar.close()
-        return [self._output(prompt, seq, error, texts.get(seq.seq_id)) for prompt, seq, error in requests]
+        return [self._output(prompt, seqs, error, texts) for prompt, seqs, error in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one chat (a list of messages) or to several."""
@@ -135,7 +141,9 @@ class LLM:
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the new text of one request as it is produced, up to its first stop string. Other queued
         requests advance too; stopping the iteration early aborts the request and frees its KV blocks."""
-        ((_, seq, error),) = self._add(prompt, sampling_params)
+        if isinstance(sampling_params, SamplingParams) and sampling_params.n != 1:
+            raise ValueError(f"stream() yields the text of one sample, got n={sampling_params.n}: use generate()")
+        ((_, (seq,), error),) = self._add(prompt, sampling_params)
         if error is not None:
             raise ValueError(error)
         text = TextStream(self.engine.decode, seq.params.stop)
@@ -156,15 +164,20 @@ class LLM:
             self.engine.finish(seq, "stop")  # nothing to do if it has just finished for another reason
         return piece
 
-    def _output(self, prompt, seq: Sequence, error: str | None = None,
-                text: TextStream | None = None) -> RequestOutput:
-        if text is not None and text.stopped:  # also when the stop string came with its last token
-            completion = CompletionOutput(0, text.text, seq.output_token_ids, "stop")
-        else:
-            completion = CompletionOutput(0, self.engine.decode(seq.output_token_ids), seq.output_token_ids,
-                                          seq.finish_reason)
-        return RequestOutput(seq.seq_id, prompt if isinstance(prompt, str) else None,
-                             seq.token_ids[:seq.num_prompt_tokens], [completion], seq.is_finished, error)
+    def _output(self, prompt, seqs: list[Sequence], error: str | None, texts: dict[int, TextStream]) -> RequestOutput:
+        """A request's output: a completion per sample, in their order."""
+        completions = []
+        for i, seq in enumerate(seqs):
+            text = texts.get(seq.seq_id)
+            if text is not None and text.stopped:  # also when the stop string came with its last token
+                completions.append(CompletionOutput(i, text.text, seq.output_token_ids, "stop"))
+            else:
+                completions.append(CompletionOutput(i, self.engine.decode(seq.output_token_ids),
+                                                    seq.output_token_ids, seq.finish_reason))
+        first = seqs[0]
+        return RequestOutput(first.seq_id, prompt if isinstance(prompt, str) else None,
+                             first.token_ids[:first.num_prompt_tokens], completions,
+                             all(seq.is_finished for seq in seqs), error)
 
 
 def _is_token_ids(prompt) -> bool:

@@ -175,6 +175,76 @@ def test_a_stop_string_ends_the_text_just_before_it_and_frees_the_request(llm, a
     assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
 
 
+def completions(output) -> list[tuple]:
+    return [(c.text, c.token_ids, c.finish_reason) for c in output.outputs]
+
+
+def assert_all_blocks_free(llm):
+    bm = llm.engine.scheduler.block_manager
+    assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_n_seeded_samples_differ_and_repeat_alone_or_in_a_batch(llm):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=11, ignore_eos=True)
+    (out,) = llm.generate(PROMPTS[2], params, use_tqdm=False)
+    assert [c.index for c in out.outputs] == [0, 1, 2] and out.finished and out.error is None
+    assert [len(c.token_ids) for c in out.outputs] == [6] * 3
+    assert len({c.text for c in out.outputs}) == 3  # each sample has its own seed
+    assert completions(llm.generate(PROMPTS[2], params, use_tqdm=False)[0]) == completions(out)
+    others = [SamplingParams(temperature=1.0, max_tokens=6), SamplingParams(n=2, temperature=0, max_tokens=3)]
+    crowded = llm.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], [others[0], params, others[1]], use_tqdm=False)
+    assert completions(crowded[1]) == completions(out)
+    assert [len(o.outputs) for o in crowded] == [1, 3, 2]
+    one = SamplingParams(temperature=1.0, max_tokens=6, seed=11, ignore_eos=True)  # sample 0 keeps the seed
+    assert completions(llm.generate(PROMPTS[2], one, use_tqdm=False)[0]) == completions(out)[:1]
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_greedy_samples_are_all_the_greedy_text(llm):
+    two = SamplingParams(n=2, temperature=0, max_tokens=6)
+    (one,) = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert completions(llm.generate(PROMPTS[0], two, use_tqdm=False)[0]) == completions(one) * 2
+    (chat,) = llm.chat([{"role": "user", "content": "Hi"}], two, use_tqdm=False)
+    assert [c.index for c in chat.outputs] == [0, 1] and completions(chat)[0] == completions(chat)[1]
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_each_sample_stops_at_its_own_stop_string(llm):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=3, ignore_eos=True)
+    full = llm.generate(PROMPTS[2], params, use_tqdm=False)[0].outputs
+    stop = full[1].text[4:6]  # in sample 1's text; the others may or may not meet it
+    stopped = llm.generate(PROMPTS[2], SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=3, ignore_eos=True,
+                                                      stop=stop), use_tqdm=False)[0].outputs
+    for f, s in zip(full, stopped, strict=True):
+        if stop in f.text:
+            assert (s.text, s.finish_reason) == (f.text[:f.text.index(stop)], "stop")
+            assert s.token_ids == f.token_ids[:len(s.token_ids)]
+        else:
+            assert s == f
+    assert [s.finish_reason for s in stopped] == ["length", "stop", "stop"]  # one sample never meets it
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.slow
+def test_bad_n_requests_get_errors_and_stream_takes_one_sample(llm):
+    too_long = SamplingParams(n=2, max_tokens=600)
+    out = llm.generate(["hi", "hello"], [too_long, SamplingParams(n=2, temperature=0, max_tokens=2)], use_tqdm=False)
+    assert "exceeds max_model_len 512" in out[0].error
+    assert [(c.index, c.finish_reason, c.token_ids) for c in out[0].outputs] == [(0, "error", []), (1, "error", [])]
+    assert [c.finish_reason for c in out[1].outputs] == ["length", "length"] and out[1].error is None
+    with pytest.raises(ValueError, match=r"stream\(\) yields the text of one sample, got n=2"):
+        next(llm.stream("hi", SamplingParams(n=2)))
+    with pytest.raises(ValueError, match="a sequence is one sample, got n=2"):
+        llm.engine.add_request([1, 2], SamplingParams(n=2))
+    assert_all_blocks_free(llm)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt, params, error", [
     ("", None, "prompt is empty"),

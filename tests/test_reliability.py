@@ -131,6 +131,18 @@ def test_a_thousand_requests_through_a_pool_of_five_percent_of_their_need():
     assert_quiet(pressed)
 
 
+def test_n_samples_that_do_not_fit_together_run_as_memory_allows(llm):
+    # Each sample needs its own blocks: 20 + 40 tokens take all 4 blocks of the pool, so the 3 samples
+    # cannot run together; they are preempted and recomputed, and still draw what they draw with room.
+    params = SamplingParams(n=3, temperature=0.9, max_tokens=40, seed=5, ignore_eos=True)
+    pressed = tiny(num_blocks=4)
+    (out,) = pressed.generate([[7] * 20], params, use_tqdm=False)
+    assert [len(c.token_ids) for c in out.outputs] == [40] * 3 and out.error is None
+    assert out.outputs == llm.generate([[7] * 20], params, use_tqdm=False)[0].outputs
+    assert pressed.engine.scheduler.num_preemptions > 0
+    assert_quiet(pressed)
+
+
 # --- aborts ---------------------------------------------------------------------------------------------
 
 def test_aborting_a_waiting_and_a_running_request_frees_their_blocks_and_the_others_finish():
@@ -237,6 +249,7 @@ param_values = st.fixed_dictionaries({
     "top_p": st.floats(-0.5, 1.5),
     "max_tokens": st.one_of(st.integers(1, 6), st.integers(-2, 0), st.just(10**9)),
     "seed": st.one_of(st.none(), st.integers(0, 2**32)),
+    "n": st.integers(0, 3),
 })
 
 
@@ -256,12 +269,13 @@ def test_fuzzed_requests_give_results_or_documented_errors(llm, batch, values):
         return
     assert len(outputs) >= 1
     for out, sp in zip(outputs, params * len(outputs) if len(params) == 1 else params):
-        completion = out.outputs[0]
-        if completion.finish_reason == "error":
-            assert out.error and completion.token_ids == []
-        else:
-            assert completion.finish_reason == "length" and len(completion.token_ids) == sp.max_tokens
-            assert all(0 <= t < VOCAB for t in completion.token_ids)
+        assert [c.index for c in out.outputs] == list(range(sp.n))
+        for completion in out.outputs:
+            if completion.finish_reason == "error":
+                assert out.error and completion.token_ids == []
+            else:
+                assert completion.finish_reason == "length" and len(completion.token_ids) == sp.max_tokens
+                assert all(0 <= t < VOCAB for t in completion.token_ids)
     assert_quiet(llm)
 
 

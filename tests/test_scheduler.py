@@ -160,6 +160,20 @@ def test_bad_sampling_params_name_the_field(bad, field):
         SamplingParams(**bad)
 
 
+@pytest.mark.parametrize("n", [0, -2, 2.0, True, "3", None])
+def test_n_is_a_positive_integer(n):
+    with pytest.raises(ValueError, match=r"n \(the number of samples\) must be a positive integer"):
+        SamplingParams(n=n)
+
+
+def test_each_sample_gets_one_sample_and_its_own_seed():
+    params = SamplingParams(n=3, temperature=0.7, seed=5, stop=".")
+    assert [(p.n, p.seed, p.temperature, p.stop) for p in map(params.for_sample, range(3))] == \
+        [(1, 5, 0.7, ["."]), (1, 6, 0.7, ["."]), (1, 7, 0.7, ["."])]
+    assert SamplingParams(n=2).for_sample(1).seed is None  # unseeded samples draw their own noise
+    assert params.n == 3 and params.seed == 5  # the request's params are left as they were
+
+
 def test_stop_is_a_list_of_strings():
     assert SamplingParams().stop == SamplingParams(stop=None).stop == []
     assert SamplingParams(stop="\n").stop == ["\n"]  # one string, as vLLM takes it

@@ -101,6 +101,22 @@ def test_stop_strings_and_seed(client):
     assert sampled[0] == sampled[1]
 
 
+def test_n_completions_of_one_prompt(client, llm):
+    sampled = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    reply = client.completions.create(n=2, **sampled)
+    assert [c.index for c in reply.choices] == [0, 1] and len({c.text for c in reply.choices}) == 2
+    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens == len(llm.tokenizer.encode(PROMPT))
+    # choice i is sampled with the seed seed + i, as a request of its own would be
+    alone = [client.completions.create(n=1, **{**sampled, "seed": 3 + i}).choices[0].text for i in range(2)]
+    assert [c.text for c in reply.choices] == alone
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+    with pytest.raises(openai.BadRequestError, match="n must be 1 with stream true"):
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, n=2, stream=True)
+    assert all_blocks_free_soon(llm)
+
+
 def test_16_concurrent_clients_all_finish(url, client, llm):
     prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
     alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0,
@@ -158,7 +174,9 @@ BAD = [  # (body, status, words of the message)
     ({"model": MODEL, "prompt": "Hi", "top_k": 0}, 400, "top_k must be -1"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens: Input should be a valid integer"),
-    ({"model": MODEL, "prompt": "Hi", "n": 2}, 400, "n must be 1"),
+    ({"model": MODEL, "prompt": "Hi", "n": 2, "stream": True}, 400, "n must be 1 with stream true"),
+    ({"model": MODEL, "prompt": "Hi", "n": 0}, 400, "n (the number of samples) must be a positive integer"),
+    ({"model": MODEL, "prompt": "Hi", "n": 17}, 400, "n must be at most 16"),
     ({"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be up to 4"),
     ({"model": MODEL, "prompt": "Hi", "stop": ""}, 400, "stop must be a non-empty string"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 10_000}, 400, "exceeds max_model_len 512"),

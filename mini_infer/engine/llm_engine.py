@@ -64,9 +64,11 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer, and this model has none: use stop_token_ids")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Sequence:
-        """Validate and queue one request."""
+        """Validate and queue one request of one sample (`LLM` and the server queue n samples one by one)."""
         params = params or SamplingParams()
         self.check_request(prompt_token_ids, params)
+        if params.n != 1:
+            raise ValueError(f"a sequence is one sample, got n={params.n}: queue params.for_sample(i) for each")
         seq = Sequence(prompt_token_ids, params)
         self.scheduler.add(seq)
         return seq

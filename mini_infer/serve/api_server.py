@@ -84,7 +84,8 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
 
     async def serve(body: protocol.SamplingFields, prompt, default_max_tokens: int | None, request: Request,
                     chat: bool):
-        """Run one request; `prompt()` gives its prompt (raising ValueError for a bad one)."""
+        """Run one request, as n engine requests when it asks for n completions; `prompt()` gives its prompt
+        (raising ValueError for a bad one)."""
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist: this server has {model_name!r}",
                            code="model_not_found")
@@ -92,18 +93,20 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
             prompt_ids = llm._token_ids(prompt())  # a string, token ids or a chat (its template)
             room = llm.engine.max_model_len - len(prompt_ids)  # chat's default: as long as the context allows
             params = body.sampling_params(default_max_tokens or max(room, 1))
-            outputs = await engine.generate(prompt_ids, params)
+            outputs = [await engine.generate(prompt_ids, params.for_sample(i)) for i in range(params.n)]
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
         rid, created = protocol.request_id(chat), int(time.time())
-        if body.stream:
+        if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = sse(outputs, rid, created, len(prompt_ids), chat, include_usage)
+            chunks = sse(outputs[0], rid, created, len(prompt_ids), chat, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream")
-        text, last = await until_disconnected(request, collect(outputs))
-        choices = [protocol.choice(text, last.finish_reason, chat, stream=False)]
+        results = await until_disconnected(request, asyncio.gather(*map(collect, outputs)))
+        choices = [protocol.choice(text, last.finish_reason, chat, stream=False, index=i)
+                   for i, (text, last) in enumerate(results)]
+        num_output_tokens = sum(last.num_output_tokens for _, last in results)
         return protocol.response(rid, model_name, created, choices, chat, stream=False,
-                                 usage_counts=protocol.usage(len(prompt_ids), last.num_output_tokens))
+                                 usage_counts=protocol.usage(len(prompt_ids), num_output_tokens))
 
     async def sse(outputs: AsyncIterator[StreamOutput], rid: str, created: int, num_prompt_tokens: int,
                   chat: bool, include_usage: bool) -> AsyncIterator[str]:

@@ -22,20 +22,22 @@ class SamplingFields(BaseModel):
     top_k: int = -1  # an extension (as in vLLM): -1 is off
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = 1  # completions of the prompt
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks that want every max_tokens
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams; ValueError naming the field when a value is not allowed."""
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (one completion per request), got {self.n}")
+        if self.n > 16:  # one request should not fill the batch on its own
+            raise ValueError(f"n must be at most 16 (this server's limit), got {self.n}")
+        if self.n > 1 and self.stream:
+            raise ValueError(f"n must be 1 with stream true (this server streams one choice), got {self.n}")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError(f"stop must be up to 4 strings (OpenAI's limit), got {len(self.stop)}")
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+        return SamplingParams(n=self.n, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
-                              ignore_eos=self.ignore_eos, stop=self.stop)
+                              seed=self.seed, ignore_eos=self.ignore_eos, stop=self.stop)
 
 
 class CompletionRequest(SamplingFields):
@@ -46,7 +48,7 @@ class CompletionRequest(SamplingFields):
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise ValueError(f"prompt must be one prompt (this server makes one completion per request), "
+                raise ValueError(f"prompt must be one prompt (this server takes one prompt per request), "
                                  f"got {len(prompt)}")
             prompt = prompt[0]
         return prompt
@@ -86,7 +88,8 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
             "total_tokens": num_prompt_tokens + num_output_tokens}
 
 
-def choice(text: str, finish_reason: str | None, chat: bool, stream: bool, first: bool = False) -> dict:
+def choice(text: str, finish_reason: str | None, chat: bool, stream: bool, first: bool = False,
+           index: int = 0) -> dict:
     """One choice of a response or of a stream chunk. A chat stream's first chunk names the role."""
     if not chat:
         body = {"text": text}
@@ -94,7 +97,7 @@ def choice(text: str, finish_reason: str | None, chat: bool, stream: bool, first
         body = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
     else:
         body = {"message": {"role": "assistant", "content": text}}
-    return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, **body, "logprobs": None, "finish_reason": finish_reason}
 
 
 def response(rid: str, model: str, created: int, choices: list[dict], chat: bool, stream: bool,
