@@ -539,7 +539,7 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer, and this model has none: use stop_token_ids")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Sequence:
-        """Validate and queue one request of one sample (`LLM` and the server queue n samples one by one)."""
+        """Validate and queue one request of one sample (a request of n samples is queued as n of these)."""
         params = params or SamplingParams()
         self.check_request(prompt_token_ids, params)
         if params.n != 1:

@@ -584,7 +584,9 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
             prompt_ids = llm._token_ids(prompt())  # a string, token ids or a chat (its template)
             room = llm.engine.max_model_len - len(prompt_ids)  # chat's default: as long as the context allows
             params = body.sampling_params(default_max_tokens or max(room, 1))
-            outputs = [await engine.generate(prompt_ids, params.for_sample(i)) for i in range(params.n)]
+            # queue the n samples together, so the engine thread adds them between the same two steps
+            outputs = await asyncio.gather(*(engine.generate(prompt_ids, params.for_sample(i))
+                                             for i in range(params.n)))
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
         rid, created = protocol.request_id(chat), int(time.time())
