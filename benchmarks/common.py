@@ -6,7 +6,7 @@ the result rows. Every engine is driven through one function,
 which returns only when every request has finished, so a host clock around it is the wall time.
 
 Throughput: one warm-up request (16 prompt and 16 output tokens), then one timed call over the workload
-of `mini_infer.engine.simulate.benchmark_workload` at temperature 0.6 (ignore_eos, each request its own
+of `mini_infer.testing.simulate.benchmark_workload` at temperature 0.6 (ignore_eos, each request its own
 max_tokens). Batch-1 latency: a warm-up run, then one request of 128 random prompt token ids and 512
 greedy output tokens: ms per token = its wall time / 512 (prefill included, as in the reference
 numbers); time to first token = median of 5 runs with max_tokens=1, each on a fresh prompt so that no
@@ -58,7 +58,7 @@ def model_dir(name: str) -> Path:
 
 def workload(args) -> tuple[list[list[int]], list[int]]:
     """The first --num-seqs requests of the 256-request benchmark workload (a larger number draws more)."""
-    from mini_infer.engine.simulate import benchmark_workload
+    from mini_infer.testing.simulate import benchmark_workload
     prompts, lengths = benchmark_workload(max(args.num_seqs, 256), args.max_input, args.max_output)
     return prompts[:args.num_seqs], lengths[:args.num_seqs]
 

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mini_infer.device import device_name
-from mini_infer.engine.simulate import benchmark_workload
+from mini_infer.testing.simulate import benchmark_workload
 from mini_infer.llm import LLM
 from mini_infer.sampling_params import SamplingParams
 
@@ -55,9 +55,9 @@ def main() -> None:
               async_scheduling=not args.sync_scheduling)
     engine = llm.engine
     prompts, _ = benchmark_workload(args.batch)
-    for p in prompts:
-        engine.add_request(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1536 - len(p)))
-    while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1536 - len(p)))
+    while engine.scheduler.waiting or any(s.num_tokens - s.num_computed_tokens > 1 for s in engine.scheduler.running):
         engine.step()
     engine.step()  # the first all-decode step
     torch.cuda.synchronize()
@@ -76,7 +76,7 @@ def main() -> None:
               "async_scheduling": engine.async_scheduling,
               "gpu_ms": {k: round(v, 3) for k, v in gpu_ms.most_common()},
               "host_ms": round(max(wall_ms - busy, 0.0), 3),
-              "mean_context": round(sum(len(s) for s in engine.scheduler.running) / args.batch),
+              "mean_context": round(sum(s.num_tokens for s in engine.scheduler.running) / args.batch),
               "device": device_name("cuda"), "torch": torch.__version__, "date": datetime.date.today().isoformat()}
     out = HERE / "results" / f"profile_{args.model}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -35,7 +35,7 @@
 # | `mini_infer.device` | which device and dtype to run on |
 # | `mini_infer.config` | `ModelConfig`, the model's shape, from a Hugging Face `config.json` |
 # | `mini_infer.models.llama` | the Llama (and Qwen3) model on packed tokens |
-# | `mini_infer.kv_cache` | `ContiguousKVCache` and `generate_greedy` |
+# | `mini_infer.contiguous_cache` | `ContiguousKVCache` and `generate_greedy` |
 # | `mini_infer.loader` | `load_model`: the embedded GGUF, safetensors directories, hub ids, dummy weights |
 
 # %%
@@ -835,7 +835,7 @@ class LlamaForCausalLM(nn.Module):
 # When the last layer has written, the tokens count as cached.
 
 # %%
-#| export mini_infer.kv_cache
+#| export mini_infer.contiguous_cache
 """Chapter 1's attention object, a contiguous KV cache for one sequence, and greedy generation with it."""
 from __future__ import annotations
 
@@ -968,7 +968,7 @@ print(f"loaded {config.model_type} in {time.perf_counter() - start:.1f} s: "
 # Hugging Face's on the same device and dtype.
 
 # %%
-from mini_infer.kv_cache import ContiguousKVCache
+from mini_infer.contiguous_cache import ContiguousKVCache
 
 with torch.inference_mode():
     cache = ContiguousKVCache(config, max_len=len(ids), device=device, dtype=CHECK_DTYPE)
@@ -1010,7 +1010,7 @@ print(repr(prompt + tokenizer.decode(naive_tokens)))
 # step (a **decode** step) runs one token, at the next position, attending to the cached prefix.
 
 # %%
-#| export mini_infer.kv_cache
+#| export mini_infer.contiguous_cache
 @torch.inference_mode()
 def generate_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int,
                     eos_token_id: int | Iterable[int] | None = None) -> list[int]:
@@ -1038,7 +1038,7 @@ def generate_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int,
 # Face's `generate` tokens; and it answers a chat question, formatted with the model's chat template.
 
 # %%
-from mini_infer.kv_cache import generate_greedy
+from mini_infer.contiguous_cache import generate_greedy
 
 prompts = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, in a small village by the sea, there lived an old fisherman who",

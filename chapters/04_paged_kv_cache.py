@@ -181,13 +181,16 @@ from typing import Protocol
 class SequenceLike(Protocol):
     """What the block manager reads and writes on a sequence (the scheduler's `Sequence` has more).
 
-    token_ids: every token so far, prompt then generated.
+    token_ids: the tokens whose ids are known, prompt then generated.
+    num_tokens: how many tokens need K/V slots: len(token_ids), plus, in an engine that runs a step
+        ahead (Chapter 6), sampled tokens still on their way from the GPU.
     block_table: its block ids in order; block i holds tokens [i * block_size, (i + 1) * block_size).
     num_cached_tokens: how many leading tokens were found in the prefix cache (their K/V is already
         in the pool: the model runs only on token_ids[num_cached_tokens:]).
     """
 
     token_ids: list[int]
+    num_tokens: int
     block_table: list[int]
     num_cached_tokens: int
 
@@ -203,7 +206,6 @@ def hash_block(prev_hash: bytes, token_ids: list[int]) -> bytes:
 
 @dataclass
 class Block:
-    block_id: int
     ref_count: int = 0  # sequences using the block; 0 = free (but maybe still holding a cached prefix)
     hash: bytes | None = None  # set once the block is full, while its contents are in the prefix cache
 
@@ -223,7 +225,7 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int):
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = [Block() for _ in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front: handed out next
         self.cached: dict[bytes, int] = {}  # block hash -> id of a block holding that prefix
 
@@ -268,7 +270,8 @@ class BlockPool:
         self.cached[block_hash] = block_id
 
 # %% [markdown]
-# The block manager adds sequences. Five operations cover a request's life, and the scheduler asks
+# The block manager adds sequences. It *has* a pool rather than being one: the pool's free list and
+# reference counts stay behind its five operations, which cover a request's life. The scheduler asks
 # `can_allocate` / `can_append` first so that it never starts what it cannot finish:
 #
 # - `allocate(seq)` gives a new (or preempted) sequence blocks for all its tokens. Leading full blocks
@@ -285,41 +288,49 @@ class BlockPool:
 
 # %%
 #| export mini_infer.memory.block_manager
-class BlockManager(BlockPool):
-    """Blocks for sequences, with prefix caching. Works on any `SequenceLike`, updating its
-    `block_table` and `num_cached_tokens`.
+class BlockManager:
+    """Blocks for sequences, with prefix caching, over a `BlockPool`. Works on any `SequenceLike`,
+    updating its `block_table` and `num_cached_tokens`.
 
     A scheduler's loop:
 
         if bm.can_allocate(seq):
             bm.allocate(seq)             # then compute seq.token_ids[seq.num_cached_tokens:]
         bm.cache_computed(seq, n)        # after a step: the first n tokens' K/V are in the pool
-        seq.token_ids.append(token)
+        seq.token_ids.append(token)      # (or one more token in flight: num_tokens grows)
         if bm.can_append(seq):
             bm.append_slot(seq)          # then decode the new token; if not, preempt someone (bm.free)
         bm.free(seq)                     # finished or preempted
     """
 
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
-        super().__init__(num_blocks)
+        self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def _plan(self, seq: SequenceLike) -> tuple[list[int], int]:
         """For allocate: the cached blocks to reuse, and how many free blocks it takes."""
-        tokens, bs = seq.token_ids, self.block_size
+        tokens, bs, pool = seq.token_ids, self.block_size, self.pool
         hits, h = [], b""
         if self.enable_prefix_caching:
-            for start in range(0, (len(tokens) - 1) // bs * bs, bs):  # never the block holding the last token
+            for start in range(0, (seq.num_tokens - 1) // bs * bs, bs):  # never the block holding the last token
                 h = hash_block(h, tokens[start:start + bs])
-                if h not in self.cached:
+                if h not in pool.cached:
                     break
-                hits.append(self.cached[h])
+                hits.append(pool.cached[h])
         # every block takes a free one, except cached blocks another sequence is using
-        needed = self.num_blocks_for(len(tokens)) - sum(self.blocks[b].ref_count > 0 for b in hits)
+        needed = self.num_blocks_for(seq.num_tokens) - sum(pool.blocks[b].ref_count > 0 for b in hits)
         return hits, needed
 
     def can_allocate(self, seq: SequenceLike) -> bool:
@@ -337,8 +348,8 @@ class BlockManager(BlockPool):
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         for block_id in hits:
-            self.share(block_id)
-        fresh = [self.take_free() for _ in range(self.num_blocks_for(len(seq.token_ids)) - len(hits))]
+            self.pool.share(block_id)
+        fresh = [self.pool.take_free() for _ in range(self.num_blocks_for(seq.num_tokens) - len(hits))]
         seq.block_table = hits + fresh
         seq.num_cached_tokens = len(hits) * self.block_size
         return seq.num_cached_tokens
@@ -348,42 +359,41 @@ class BlockManager(BlockPool):
         join the prefix cache (call after every step that computed tokens of seq)."""
         if not self.enable_prefix_caching:
             return
-        bs, table = self.block_size, seq.block_table
+        bs, table, blocks = self.block_size, seq.block_table, self.pool.blocks
         # blocks join in order, so the uncached full blocks are a run just before the first incomplete one
         end = num_computed_tokens // bs
         start = end
-        while start > 0 and self.blocks[table[start - 1]].hash is None:
+        while start > 0 and blocks[table[start - 1]].hash is None:
             start -= 1
         for i in range(start, end):
-            prev = self.blocks[table[i - 1]].hash if i else b""
-            self.register(table[i], hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs]))
+            prev = blocks[table[i - 1]].hash if i else b""
+            self.pool.register(table[i], hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs]))
 
     def can_append(self, seq: SequenceLike) -> bool:
         """Whether append_slot(seq) would succeed now."""
         return self._needs_block(seq) <= self.num_free_blocks
 
     def _needs_block(self, seq: SequenceLike) -> bool:
-        return len(seq.token_ids) > len(seq.block_table) * self.block_size
+        return seq.num_tokens > len(seq.block_table) * self.block_size
 
     def append_slot(self, seq: SequenceLike) -> None:
-        """Make room for the newest token's K/V: a new block when the last one is full. Call after
-        appending each token to seq.token_ids. Raises RuntimeError (changing nothing) when a block is
-        needed and none is free."""
+        """Make room for the newest token's K/V: a new block when the last one is full. Call after each
+        new token. Raises RuntimeError (changing nothing) when a block is needed and none is free."""
         if self._needs_block(seq):
-            if not self.free_ids:
+            if not self.num_free_blocks:
                 raise RuntimeError("out of KV blocks: need 1, 0 free")
-            seq.block_table.append(self.take_free())
+            seq.block_table.append(self.pool.take_free())
 
     def free(self, seq: SequenceLike) -> None:
         """Release seq's blocks (finished or preempted), last block first so it is evicted first."""
         for block_id in reversed(seq.block_table):
-            self.release(block_id)
+            self.pool.release(block_id)
         seq.block_table = []
         seq.num_cached_tokens = 0
 
 # %% [markdown]
 # Let us watch it work, with blocks of 4 tokens so the tables stay short. A sequence here is any object
-# with `token_ids`, `block_table` and `num_cached_tokens`; chapter 5's `Sequence` will be one.
+# with `token_ids`, `num_tokens`, `block_table` and `num_cached_tokens`; chapter 5's `Sequence` will be one.
 
 # %%
 from dataclasses import dataclass, field
@@ -397,6 +407,10 @@ class Seq:
     block_table: list = field(default_factory=list)
     num_cached_tokens: int = 0
 
+    @property
+    def num_tokens(self) -> int:  # here every token is known; Chapter 6's engine counts tokens in flight too
+        return len(self.token_ids)
+
 
 # %% tags=["nbval-check-output"]
 bm = BlockManager(num_blocks=8, block_size=4)
@@ -407,7 +421,7 @@ bm.cache_computed(a, len(a.token_ids))  # A's prefill ran: its two full blocks e
 b = Seq(system + [20, 21, 22, 23, 24])
 print("B cached tokens:", bm.allocate(b), " table:", b.block_table, " free:", bm.num_free_blocks)
 bm.cache_computed(b, len(b.token_ids))
-print("ref counts:", [blk.ref_count for blk in bm.blocks])
+print("ref counts:", [blk.ref_count for blk in bm.pool.blocks])
 
 # %% [markdown]
 # B found A's two system-prompt blocks in the cache and shares them (reference count 2); only its own
@@ -430,7 +444,7 @@ for token in [99, 98]:
 # %% tags=["nbval-check-output"]
 bm.free(a)
 bm.free(b)
-print("free:", bm.num_free_blocks, " free list (next to hand out first):", list(bm.free_ids))
+print("free:", bm.num_free_blocks, " free list (next to hand out first):", list(bm.pool.free_ids))
 c = Seq(system + [10, 11, 12, 99, 50, 51])
 print("C cached tokens:", bm.allocate(c), " table:", c.block_table)
 
@@ -500,7 +514,6 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
-        self.block_size = block_size
         self.kv = torch.empty(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
 
     @property

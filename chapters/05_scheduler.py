@@ -56,8 +56,18 @@ print("outputs from:", describe_run())
 
 # %%
 #| export mini_infer.sampling_params
-"""What a request asks for: how to sample and when to stop. Plain Python, validated on creation."""
+"""What a request asks for: how to sample, when to stop, and how its outputs come back. Plain Python,
+validated on creation."""
+import enum
 from dataclasses import dataclass, field, replace
+
+
+class RequestOutputKind(enum.Enum):
+    """What each `RequestOutput` of a running request holds, as in vLLM."""
+
+    CUMULATIVE = "cumulative"  # everything so far, after every step
+    DELTA = "delta"  # only what this step added (streaming)
+    FINAL_ONLY = "final_only"  # nothing until the request has finished (`LLM.generate`)
 
 
 @dataclass
@@ -65,34 +75,39 @@ class SamplingParams:
     """Sampling settings for one request, named as in vLLM.
 
     temperature 0 means greedy decoding; top_k -1 and top_p 1.0 switch those filters off. A request
-    stops after `max_tokens` new tokens, at the model's end-of-sequence token (unless `ignore_eos`), at
-    any of `stop_token_ids`, or when its text reaches one of the `stop` strings (a single string, or None,
-    is taken too): its text then ends just before it. A `seed` makes its sampling reproducible on its own.
-    `n` asks for that many samples of the prompt; each runs as a request of its own (see `for_sample`).
+    stops after `max_tokens` new tokens (None: as many as `max_model_len` leaves room for), at the model's
+    end-of-sequence token (unless `ignore_eos`), at any of `stop_token_ids`, at the model's length
+    (finish reason "length"), or when its text reaches one of the `stop` strings (a single string, or
+    None, is taken too): its text then ends just before it. A `seed` makes its sampling reproducible on
+    its own. `n` asks for that many samples of the prompt; each runs as a sequence of its own (see
+    `for_sample`) and they come back together.
+
+    Raises ValueError naming the field and the allowed values when a value is not allowed.
     """
 
     n: int = 1
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n (the number of samples) must be a positive integer, got {self.n!r}")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"top_k must be -1 (off) or a positive integer, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer or None, got {self.max_tokens}")
+        if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         # as in vLLM, a single stop string, or None, is taken too
         stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
@@ -100,8 +115,10 @@ class SamplingParams:
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         self.stop = list(stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:
@@ -111,6 +128,10 @@ class SamplingParams:
         """The params of sample i of n: one sample, and its own seed."""
         # seed + i, as in vLLM: the samples differ, and the whole set repeats with the request's seed
         return replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 # %% tags=["nbval-check-output"]
 from mini_infer.sampling_params import SamplingParams
@@ -134,15 +155,12 @@ for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": 0}, {"max_tokens": 0}, 
 # holds).
 
 # %%
-#| export mini_infer.engine.sequence
+#| export mini_infer.core.sequence
 """A request as the scheduler sees it: its tokens, its state and its KV blocks. Plain Python."""
 import enum
 import itertools
 
 from mini_infer.sampling_params import SamplingParams
-
-
-PENDING = -1  # a sampled token still on its way from the GPU
 
 
 class SequenceStatus(enum.Enum):
@@ -152,12 +170,13 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    """One request: prompt and generated tokens, how many of them have K/V in the cache, its blocks.
+    """One sample of one request: its tokens, how many of them have K/V in the cache, its blocks.
 
-    The model has computed K/V for `token_ids[:num_computed_tokens]`; this step it runs on the next
-    `num_scheduled_tokens` tokens (a prompt chunk, or the one newest token when decoding).
-    An engine that runs one step ahead (Chapter 6) appends a `PENDING` placeholder for each token the
-    GPU has sampled but the host has not seen yet; they are the last `num_pending_tokens` tokens.
+    `token_ids` holds every token the host knows, prompt then output. The model has computed K/V for
+    the first `num_computed_tokens` of the sequence's `num_tokens`; this step it runs on the next
+    `num_scheduled_tokens` (a prompt chunk, or the newest token when decoding). An engine that runs one
+    step ahead (Chapter 6) has launched steps whose sampled tokens the host has not seen yet: they count
+    in `num_tokens` as `num_pending_tokens`, and join `token_ids` when they arrive.
     """
 
     _ids = itertools.count()
@@ -171,39 +190,35 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0
-        self.num_preemptions = 0
+        self.num_pending_tokens = 0  # sampled on the GPU, not yet seen by the host
         self.block_table: list[int] = []  # read and written by the BlockManager
         self.num_cached_tokens = 0  # leading tokens served by the prefix cache
-        self.num_pending_tokens = 0  # trailing PENDING placeholders
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
+        # what the model runner already holds of it (SchedulerOutput sends only what is new); 0 tokens
+        # means the runner does not know it (never scheduled, or preempted since)
+        self.num_sent_tokens = 0
+        self.num_sent_blocks = 0
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, {self.status.value}, prompt={self.num_prompt_tokens}, "
                 f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")
 
     @property
-    def num_known_tokens(self) -> int:
-        """Tokens whose ids the host knows: all but the pending placeholders."""
-        return len(self.token_ids) - self.num_pending_tokens
+    def num_tokens(self) -> int:
+        """Every token of the sequence, those still on their way from the GPU included."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:self.num_known_tokens]
+        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_output_tokens(self) -> int:
-        return self.num_known_tokens - self.num_prompt_tokens
+        """Output tokens the host knows."""
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    @property
-    def in_prefill(self) -> bool:
-        """True while more than the newest token still needs computing (a prompt, or a recompute)."""
-        return len(self.token_ids) - self.num_computed_tokens > 1
 
 # %% [markdown]
 # ## The scheduler
@@ -230,10 +245,11 @@ class Sequence:
 #
 # `update()` has two halves, because the engine of Chapter 6 on a GPU learns a step's tokens only one
 # step later (it prepares the next step while the GPU computes this one). `advance()` runs when the step
-# is launched: its tokens count as computed, and each request that samples gets a `PENDING` placeholder
-# as its newest token, so the next `schedule()` sees the right lengths and block needs. `record()` runs
-# when the tokens arrive: it fills the placeholders and retires finished requests. A request that hit
-# its stop token meanwhile was already scheduled once more; that step's token is dropped.
+# is launched: its tokens count as computed, and each request that samples counts one more *pending*
+# token, so the next `schedule()` sees the right lengths and block needs (`num_tokens` includes pending
+# tokens; `token_ids` holds only the tokens the host has seen). `record()` runs when the tokens arrive: it
+# appends them and retires finished requests. A request that hit its stop token meanwhile was already
+# scheduled once more; that step's token is dropped.
 #
 # `finish()` ends a request from outside, wherever it is: `abort()` when its client has gone, or a stop
 # string that the engine found in its text (Chapter 6). Its blocks return at once, and a token still in
@@ -242,12 +258,82 @@ class Sequence:
 # With `static=True` the same code behaves like static batching: a new batch is admitted only when every
 # request of the last one has finished. That lets us compare the two policies with everything else equal.
 
+# %% [markdown]
+# ### The step, as data
+#
+# What does the model's side need to know about a step? Not the scheduler's `Sequence` objects: it needs
+# which requests run, on which of their tokens, with which KV blocks. `schedule()` says exactly that in a
+# `SchedulerOutput`, plain data that can be sent to another process (Chapter 9 does). The runner keeps
+# what it has learned of each request, so the step sends only what changed: a request it has not seen
+# comes whole (prompt, blocks, sampling parameters); a running one brings only its new tokens and new
+# blocks; a request that left (finished, aborted or preempted) is named once so the runner can forget it.
+# Each request's budget, `num_scheduled_tokens`, is enough to find its tokens: they start at its
+# `num_computed_tokens`. The order of that dictionary is the batch's order, in which the model returns one
+# token per request.
+
 # %%
-#| export mini_infer.engine.scheduler
+#| export mini_infer.core.scheduler_output
+"""What the scheduler tells the model runner about one step: plain data, so that it can travel to other
+processes (Chapter 9). Plain Python."""
+from dataclasses import dataclass, field
+
+from mini_infer.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (just admitted, or resumed after a preemption)."""
+
+    req_id: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # known outputs so far: none, unless it resumes after a preemption
+    block_ids: list[int]  # its whole block table
+    num_computed_tokens: int  # tokens whose K/V is already in the pool (the prefix cache's hits)
+    sampling_params: SamplingParams
+
+
+@dataclass
+class CachedRequestData:
+    """Running requests the runner knows, as parallel lists (at batch 256 an object per request per step
+    would cost the host more than the lists do). Only what changed since the request's last step travels."""
+
+    req_ids: list[int] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)  # sampled tokens the host has seen since
+    new_block_ids: list[list[int]] = field(default_factory=list)  # blocks appended since
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: which requests run, on how many tokens each, and what the runner must learn first.
+
+    `num_scheduled_tokens` maps each scheduled request to its token budget; its order is the batch's
+    order, in which the runner returns one sampled token per request. `finished_req_ids` are requests
+    that left since the last step (finished, aborted or preempted): the runner drops what it kept of
+    them. A request's tokens this step are its tokens [num_computed_tokens, num_computed_tokens +
+    budget); a sampled token the host has not seen yet (one step ahead) is the runner's own latest
+    sample for it.
+    """
+
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
+    num_scheduled_tokens: dict[int, int] = field(default_factory=dict)
+    finished_req_ids: set[int] = field(default_factory=set)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+# %% [markdown]
+# The scheduler itself:
+
+# %%
+#| export mini_infer.core.scheduler
 """Continuous batching: which requests run at each step, and on how many of their tokens. Plain Python."""
 from collections import deque
 
-from mini_infer.engine.sequence import PENDING, Sequence, SequenceStatus
+from mini_infer.core.scheduler_output import NewRequestData, SchedulerOutput
+from mini_infer.core.sequence import Sequence, SequenceStatus
 from mini_infer.memory.block_manager import BlockManager
 
 
@@ -259,16 +345,25 @@ class Scheduler:
     decoding, a chunk of what is left when still in prefill), then waiting requests, oldest first,
     while KV blocks and the budget allow. When a running request needs a new block and none is free,
     the newest running request is preempted: its blocks are freed and it goes back to the front of the
-    queue, to be recomputed (much of it from the prefix cache) when memory returns.
-    After the model ran, `update()` records the sampled tokens and retires finished requests.
+    queue, to be recomputed (much of it from the prefix cache) when memory returns. The step is
+    described by a `SchedulerOutput`. After the model ran, `update()` records the sampled tokens and
+    retires finished requests.
     With `static=True` it is the old way instead: a new batch is admitted only once every request of
     the last one has finished.
+
+    `max_model_len` (default: all the tokens the block manager holds) ends a request at that length
+    (finish reason "length"). It must fit in the block manager, so that every request can run alone:
+    ValueError otherwise. Requests are checked before they come here (`InputProcessor`, Chapter 6).
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, eos_token_ids: tuple[int, ...] = (), static: bool = False):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 eos_token_ids: tuple[int, ...] = (), static: bool = False, max_model_len: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        capacity = block_manager.num_blocks * block_manager.block_size
+        self.max_model_len = capacity if max_model_len is None else max_model_len
+        if self.max_model_len > capacity:
+            raise ValueError(f"max_model_len {self.max_model_len} does not fit in the KV cache's {capacity} tokens")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -276,17 +371,13 @@ class Scheduler:
         self.static = static  # static batching: admit a new batch only when the last one has finished
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.requests: dict[int, Sequence] = {}  # every unfinished request, by seq_id
+        self.finished_req_ids: set[int] = set()  # the runner knew them, and they left since the last step
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        """Queue a request; reject one that could never fit in the whole KV cache."""
-        most_tokens = seq.num_prompt_tokens + seq.params.max_tokens
-        need = self.block_manager.num_blocks_for(most_tokens)
-        if need > self.block_manager.num_blocks:
-            raise ValueError(f"request needs up to {most_tokens} tokens of KV cache ({need} blocks), but the "
-                             f"cache holds only {self.block_manager.num_blocks} blocks: shorten the prompt or "
-                             "max_tokens, or give the cache more memory")
         self.waiting.append(seq)
+        self.requests[seq.seq_id] = seq
 
     def abort(self, seq: Sequence) -> None:
         """Drop a request wherever it is; its blocks return at once."""
@@ -302,29 +393,30 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
-        del seq.token_ids[seq.num_known_tokens:]  # tokens of steps still in flight are dropped
-        seq.num_pending_tokens = 0
+        del self.requests[seq.seq_id]
+        self._forget(seq)
+        seq.num_pending_tokens = 0  # tokens of steps still in flight are dropped
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[Sequence]:
-        """The requests to run this step; each one's `num_scheduled_tokens` says on how many tokens."""
-        budget = self.max_num_batched_tokens
-        scheduled: list[Sequence] = []
+    def schedule(self) -> SchedulerOutput:
+        """The next step: the requests to run, each on how many tokens, and what the runner must learn."""
+        budget, block_size = self.max_num_batched_tokens, self.block_manager.block_size
+        output = SchedulerOutput()
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted below to make room for an older request
                 continue
-            if len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens:  # its last token is in flight
+            num_tokens = seq.num_tokens
+            if self._at_limit(seq, num_tokens):  # its last token is in flight
                 continue
-            if not self._make_room(seq):
+            # a new block only when its last one is full (then maybe preempting someone, or seq itself)
+            if num_tokens > len(seq.block_table) * block_size and not self._make_room(seq):
                 continue
-            seq.num_scheduled_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            budget -= seq.num_scheduled_tokens
-            scheduled.append(seq)
+            budget -= self._schedule(seq, budget, output)
         # Static batching forms a whole batch at once (its prompts then run chunk by chunk), and only
         # when the last batch has finished.
         admitting = not (self.static and self.running)
@@ -335,20 +427,37 @@ class Scheduler:
             self.waiting.popleft()
             self.block_manager.allocate(seq)
             # A fully cached prompt still computes its last token: its logits give the first output.
-            seq.num_computed_tokens = min(seq.num_cached_tokens, len(seq) - 1)
-            seq.num_scheduled_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            seq.num_computed_tokens = min(seq.num_cached_tokens, seq.num_tokens - 1)
             seq.status = SequenceStatus.RUNNING
-            budget -= seq.num_scheduled_tokens
             self.running.append(seq)
-            if seq.num_scheduled_tokens:
-                scheduled.append(seq)
-        return scheduled
+            if budget:
+                budget -= self._schedule(seq, budget, output)
+        if output.num_scheduled_tokens:  # the runner hears of finished requests with its next step
+            output.finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+        return output
+
+    def _schedule(self, seq: Sequence, budget: int, output: SchedulerOutput) -> int:
+        """Put seq in the step with a chunk of at most budget tokens, and what the runner does not know of it
+        yet. Returns the chunk's size."""
+        tokens, blocks = seq.token_ids, seq.block_table
+        n = seq.num_scheduled_tokens = min(len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget)
+        output.num_scheduled_tokens[seq.seq_id] = n
+        if seq.num_sent_tokens == 0:
+            output.scheduled_new_reqs.append(NewRequestData(
+                seq.seq_id, tokens[:seq.num_prompt_tokens], seq.output_token_ids, list(blocks),
+                seq.num_computed_tokens, seq.params))
+        else:
+            cached = output.scheduled_cached_reqs
+            cached.req_ids.append(seq.seq_id)
+            cached.new_token_ids.append(tokens[seq.num_sent_tokens:])
+            cached.new_block_ids.append(blocks[seq.num_sent_blocks:])
+            cached.num_computed_tokens.append(seq.num_computed_tokens)
+        seq.num_sent_tokens, seq.num_sent_blocks = len(tokens), len(blocks)
+        return n
 
     def _make_room(self, seq: Sequence) -> bool:
         """Ensure seq has KV slots for its newest token, preempting newer requests if needed.
         Returns False when seq itself had to be preempted."""
-        if len(seq) <= len(seq.block_table) * self.block_manager.block_size:
-            return True
         while not self.block_manager.can_append(seq):
             victim = self.running[-1]
             self._preempt(victim)
@@ -361,53 +470,62 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
-        seq.num_preemptions += 1
+        self._forget(seq)  # it comes back to the runner as a new request
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def update(self, scheduled: list[Sequence], sampled_token_ids: list[int]) -> list[Sequence]:
-        """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
-        return self.record(scheduled, self.advance(scheduled), sampled_token_ids)
+    def _forget(self, seq: Sequence) -> None:
+        """The runner must drop what it holds of seq (if anything): tell it with the next step."""
+        if seq.num_sent_tokens:
+            self.finished_req_ids.add(seq.seq_id)
+        seq.num_sent_tokens = seq.num_sent_blocks = 0
 
-    def advance(self, scheduled: list[Sequence]) -> list[bool]:
-        """The step was launched: its tokens count as computed. A request whose step reached its newest
-        token samples its next one, held by a PENDING placeholder until `record`. Returns, per request,
-        whether it samples a real output (a prompt chunk that is not the last does not)."""
+    def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
+        return self.record(output, self.advance(output), sampled_token_ids)
+
+    def advance(self, output: SchedulerOutput) -> list[bool]:
+        """The step was launched: its tokens count as computed. A request whose step reached its newest token
+        samples its next one, pending until `record`. Returns, per request in the batch's order, whether it
+        samples a real output (a prompt chunk that is not the last does not)."""
         samples = []
-        for seq in scheduled:
-            seq.num_computed_tokens += seq.num_scheduled_tokens
+        for seq_id, n in output.num_scheduled_tokens.items():
+            seq = self.requests[seq_id]
+            seq.num_computed_tokens += n
             seq.num_scheduled_tokens = 0
-            samples.append(seq.num_computed_tokens == len(seq))
-            if samples[-1]:
-                seq.token_ids.append(PENDING)
-                seq.num_pending_tokens += 1
+            samples.append(seq.num_computed_tokens == seq.num_tokens)
+            seq.num_pending_tokens += samples[-1]
         return samples
 
-    def record(self, scheduled: list[Sequence], samples: list[bool], sampled_token_ids: list[int]) -> list[Sequence]:
-        """A launched step's tokens arrived: fill each request's oldest placeholder, cache its computed full
-        blocks, and retire the requests that finished (freeing their blocks at once). Returns those."""
-        finished = []
-        for seq, sampled, token in zip(scheduled, samples, sampled_token_ids, strict=True):
-            if seq.is_finished:  # stopped or aborted after this step was launched: the token is void
+    def record(self, output: SchedulerOutput, samples: list[bool], sampled_token_ids: list[int]) -> list[Sequence]:
+        """A launched step's tokens arrived: append each request's token, cache its computed full blocks, and
+        retire the requests that finished (freeing their blocks at once). Returns the requests that got a
+        token, in the batch's order (the finished ones among them have their finish_reason)."""
+        got_token = []
+        for seq_id, sampled, token in zip(output.num_scheduled_tokens, samples, sampled_token_ids, strict=True):
+            seq = self.requests.get(seq_id)
+            if seq is None:  # finished (stopped or aborted) after this step was launched: the token is void
                 continue
             if sampled:
-                seq.token_ids[seq.num_known_tokens] = token
+                seq.token_ids.append(token)
                 seq.num_pending_tokens -= 1
+                got_token.append(seq)
             if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_computed(seq, min(seq.num_computed_tokens, seq.num_known_tokens))
+                self.block_manager.cache_computed(seq, min(seq.num_computed_tokens, len(seq.token_ids)))
             reason = self._finish_reason(seq, token) if sampled else None
             if reason:
                 self.finish(seq, reason)
-                finished.append(seq)
-        return finished
+        return got_token
+
+    def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether num_tokens tokens of seq reach its max_tokens or max_model_len."""
+        return num_tokens - seq.num_prompt_tokens == seq.params.max_tokens or num_tokens == self.max_model_len
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens:
-            return "length"
-        return None
+        return "length" if self._at_limit(seq, len(seq.token_ids)) else None
 
 # %% [markdown]
 # ## Running the scheduler without a model
@@ -421,15 +539,16 @@ class Scheduler:
 # had written it, this check would fail.
 
 # %%
-#| export mini_infer.engine.simulate
+#| export mini_infer.testing.simulate
 """The benchmark workload, and a stand-in for the model that runs the scheduler without a GPU while
 checking that every request reads exactly its own K/V. Plain Python."""
 import hashlib
 import random
 from array import array
 
-from mini_infer.engine.scheduler import Scheduler
-from mini_infer.engine.sequence import Sequence
+from mini_infer.core.scheduler import Scheduler
+from mini_infer.core.scheduler_output import SchedulerOutput
+from mini_infer.core.sequence import Sequence
 
 
 def benchmark_workload(num_requests: int = 256, max_input: int = 1024, max_output: int = 1024, seed: int = 0,
@@ -442,51 +561,74 @@ def benchmark_workload(num_requests: int = 256, max_input: int = 1024, max_outpu
 
 
 class TokenPoolModel:
-    """Writes each scheduled token into its KV slot, then reads every request's whole context back
-    through its block table, as the real model's attention does, and asserts it equals the request's
-    tokens. The next token is a hash of that context, so outputs depend on everything before them."""
+    """A model runner's stand-in. Like the real runner it sees only the `SchedulerOutput`s and keeps its own
+    copy of each request's tokens and block table from them; it asserts that copy equals the scheduler's.
+    It writes each scheduled token into its KV slot, then reads every request's whole context back through
+    its block table, as the real model's attention does, and asserts it equals the request's tokens. The
+    next token is a hash of that context, so outputs depend on everything before them. A token the host
+    has not seen yet (an engine that runs one step ahead) is, as in the real runner, its own last sample."""
 
     def __init__(self, scheduler: Scheduler, vocab_size: int = 50_000):
         bm = scheduler.block_manager
-        self.block_size = bm.block_size
+        self.scheduler, self.block_size = scheduler, bm.block_size
         self.pool: list[int | None] = [None] * (bm.num_blocks * bm.block_size)
         self.vocab_size = vocab_size
+        self.requests: dict[int, tuple[list[int], list[int]]] = {}  # req id -> (its tokens, its block ids)
+        self.last_sampled: dict[int, int] = {}
 
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slot(self, block_ids: list[int], pos: int) -> int:
+        return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def step(self, scheduled: list[Sequence]) -> list[int]:
-        for seq in scheduled:  # write this step's tokens first, for every request ...
-            for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens):
-                self.pool[self._slot(seq, pos)] = seq.token_ids[pos]
+    def step(self, output: SchedulerOutput) -> list[int]:
+        for req_id in output.finished_req_ids:
+            del self.requests[req_id]
+        for new in output.scheduled_new_reqs:
+            self.requests[new.req_id] = (new.prompt_token_ids + new.output_token_ids, list(new.block_ids))
+        cached = output.scheduled_cached_reqs
+        for req_id, tokens, blocks in zip(cached.req_ids, cached.new_token_ids, cached.new_block_ids):
+            self.requests[req_id][0].extend(tokens)
+            self.requests[req_id][1].extend(blocks)
+        contexts = {}
+        for req_id, n in output.num_scheduled_tokens.items():  # write this step's tokens first, for every request ...
+            seq: Sequence = self.scheduler.requests[req_id]
+            tokens, block_ids = self.requests[req_id]
+            assert (tokens, block_ids) == (seq.token_ids, seq.block_table), f"{seq}: the runner's copy went wrong"
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            if end > len(tokens):  # at most the newest token is still on its way: our last sample for it
+                assert end == len(tokens) + 1, f"{seq}: more than one token missing"
+                tokens = tokens + [self.last_sampled[req_id]]
+            for pos in range(start, end):
+                self.pool[self._slot(block_ids, pos)] = tokens[pos]
+            contexts[req_id] = tokens[:end]
         sampled = []
-        for seq in scheduled:  # ... then every request reads its context, as attention would
-            end = seq.num_computed_tokens + seq.num_scheduled_tokens
-            context = [self.pool[self._slot(seq, pos)] for pos in range(end)]
-            assert context == seq.token_ids[:end], f"{seq} read K/V that is not its own"
+        for req_id, expected in contexts.items():  # ... then every request reads its context, as attention would
+            block_ids = self.requests[req_id][1]
+            context = [self.pool[self._slot(block_ids, pos)] for pos in range(len(expected))]
+            assert context == expected, f"request {req_id} read K/V that is not its own"
             digest = hashlib.sha256(array("q", context).tobytes()).digest()
             sampled.append(int.from_bytes(digest[:8], "little") % self.vocab_size)
+            self.last_sampled[req_id] = sampled[-1]
         return sampled
 
 
 def run_to_completion(scheduler: Scheduler, model_step, on_step=None) -> list[Sequence]:
     """Step until every request has finished; return them in the order they finished.
-    `model_step(scheduled)` returns one sampled token per scheduled request; `on_step(scheduled)` is
-    called with each step's batch, e.g. to record occupancy."""
+    `model_step(scheduler_output)` returns one sampled token per scheduled request; `on_step(scheduler_output)`
+    is called with each step, e.g. to record occupancy."""
     finished = []
     while scheduler.has_unfinished():
-        scheduled = scheduler.schedule()
-        if not scheduled:
+        output = scheduler.schedule()
+        if not output.num_scheduled_tokens:
             raise RuntimeError("the scheduler could run no request although some are unfinished")
         if on_step:
-            on_step(scheduled)
-        finished += scheduler.update(scheduled, model_step(scheduled))
+            on_step(output)
+        finished += [seq for seq in scheduler.update(output, model_step(output)) if seq.is_finished]
     return finished
 
 # %% tags=["nbval-check-output"]
-from mini_infer.engine.scheduler import Scheduler
-from mini_infer.engine.sequence import Sequence
-from mini_infer.engine.simulate import TokenPoolModel, benchmark_workload, run_to_completion
+from mini_infer.core.scheduler import Scheduler
+from mini_infer.core.sequence import Sequence
+from mini_infer.testing.simulate import TokenPoolModel, benchmark_workload, run_to_completion
 
 
 def make_requests(n, max_prompt, max_output, seed=0, min_len=100):
@@ -502,8 +644,8 @@ def run(requests, num_blocks, model_cls=TokenPoolModel, **scheduler_args):
         scheduler.add(seq)
     steps = []
     model = model_cls(scheduler)
-    run_to_completion(scheduler, model.step, on_step=lambda batch: steps.append(
-        (len(batch), sum(s.num_scheduled_tokens for s in batch))))
+    run_to_completion(scheduler, model.step, on_step=lambda output: steps.append(
+        (len(output.num_scheduled_tokens), output.total_num_scheduled_tokens)))
     return scheduler, steps
 
 
@@ -526,8 +668,8 @@ class NullModel:
     def __init__(self, scheduler):
         pass
 
-    def step(self, batch):
-        return [0] * len(batch)
+    def step(self, output):
+        return [0] * len(output.num_scheduled_tokens)
 
 
 results = {}
@@ -616,10 +758,10 @@ model, trace = TokenPoolModel(scheduler), []
 for step in range(40):
     if step == 10:
         scheduler.add(long_prompt)
-    batch = scheduler.schedule()
-    trace.append((sum(s.num_scheduled_tokens for s in batch if s is not long_prompt),
-                  long_prompt.num_scheduled_tokens if long_prompt in batch else 0))
-    scheduler.update(batch, model.step(batch))
+    output = scheduler.schedule()
+    prompt_chunk = output.num_scheduled_tokens.get(long_prompt.seq_id, 0)
+    trace.append((output.total_num_scheduled_tokens - prompt_chunk, prompt_chunk))
+    scheduler.update(output, model.step(output))
 fig, ax = plt.subplots(figsize=(8, 3))
 ax.bar(range(40), [d for d, _ in trace], label="decode tokens")
 ax.bar(range(40), [p for _, p in trace], bottom=[d for d, _ in trace], label="prompt chunk tokens")

@@ -33,9 +33,10 @@
 # One `generate` call runs this loop until every request has finished:
 #
 # ```
-# LLM.generate -> LLMEngine.add_request (a Sequence per prompt, or per sample when it asks for n)
-# loop: Scheduler.schedule -> ModelRunner.run [pack inputs -> model forward through the paged kernels -> sample]
-#       -> Scheduler.update (append tokens, retire finished requests, free their blocks)
+# LLM.generate -> InputProcessor.process -> LLMEngine.add_request (a Sequence per prompt, or per sample)
+# loop: Scheduler.schedule -> SchedulerOutput -> ModelRunner.execute_model [pack inputs -> model forward
+#       through the paged kernels -> sample] -> Scheduler.record (append tokens, retire finished requests,
+#       free their blocks) -> OutputProcessor.process (text, stop strings) -> RequestOutputs
 # ```
 #
 # The scheduler decides, the runner executes, and the kernels know nothing of requests.
@@ -144,18 +145,18 @@ print("temperature 0 is the argmax:", sample(logits[:3], torch.zeros(3, device=l
                                              torch.zeros(3, dtype=torch.long, device=logits.device)).tolist())
 
 # %%
-#| export mini_infer.engine.sampler
+#| export mini_infer.layers.sampler
 """Turn each request's logits into its next token: greedy, temperature, top-k, top-p, per-request seeds."""
 import numpy as np
 import torch
 
 from mini_infer.device import to_device
-from mini_infer.engine.sequence import Sequence
 from mini_infer.kernels.sampling import sample
+from mini_infer.sampling_params import SamplingParams
 
 
 class Sampler:
-    """Samples one token per row of logits [B, vocab], row i following seqs[i].params.
+    """Samples one token per row of logits [B, vocab], row i following params[i].
 
     The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
     one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
@@ -165,8 +166,9 @@ class Sampler:
     def __init__(self):
         self.rng = np.random.default_rng()
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        params = [s.params for s in seqs]
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+        """Token ids [B] (int64, on the logits' device); positions[i] is where row i's token will stand in
+        its sequence (what a seeded request's noise depends on)."""
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1)
         device, vocab = logits.device, logits.shape[-1]
@@ -177,10 +179,10 @@ class Sampler:
             top_p = to_device(np.array([p.top_p for p in params], np.float32), device)
             logits = self.filter_top_k_top_p(logits, top_k, top_p)
             temperature = (temperature > 0).astype(np.float32)  # already divided
-        seeds = self.rng.integers(0, 2**62, len(seqs))
-        for i, seq in enumerate(seqs):
-            if seq.params.seed is not None:  # the sampled token's position is len(seq)
-                seeds[i] = (seq.params.seed * 6364136223846793005 + len(seq)) % 2**62
+        seeds = self.rng.integers(0, 2**62, len(params))
+        for i, (p, position) in enumerate(zip(params, positions)):
+            if p.seed is not None:
+                seeds[i] = (p.seed * 6364136223846793005 + position) % 2**62
         return sample(logits, to_device(temperature, device), to_device(seeds, device))
 
     @staticmethod
@@ -195,7 +197,7 @@ class Sampler:
         return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 # %% tags=["nbval-check-output"]
-from mini_infer.engine.sampler import Sampler
+from mini_infer.layers.sampler import Sampler
 
 # top-k 2 keeps the two most likely; top-p 0.7 keeps the fewest whose mass reaches 0.7
 probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2)
@@ -212,7 +214,7 @@ print(kept.tolist())
 # runner describes each step in an `AttentionMetadata`, built once per step and read by all 30 layers.
 
 # %%
-#| export mini_infer.engine.paged_attention
+#| export mini_infer.layers.attention
 """The attention object the model calls in the engine: writes each step's K/V into the paged pool, then
 attends through the block tables with Chapter 4's kernels."""
 from dataclasses import dataclass
@@ -263,49 +265,55 @@ class PagedAttention:
 # %% [markdown]
 # ## The model runner
 #
-# `ModelRunner.launch(seqs)` does three things per step.
+# `ModelRunner.execute_model(scheduler_output)` does four things per step.
 #
-# 1. **Pack the step.** The scheduled tokens of every request go into one flat batch: token ids,
+# 1. **Learn what changed.** The runner keeps its own record of each running request (its tokens, block
+#    ids and sampling parameters); the step's `SchedulerOutput` (Chapter 5) brings new requests whole and
+#    only the new tokens and blocks of the others, and names the requests to forget.
+# 2. **Pack the step.** The scheduled tokens of every request go into one flat batch: token ids,
 #    positions, the pool slot of each token, each request's block table and context length, and the row
 #    of its last token, the only one whose logits we need. numpy does the per-token arithmetic on whole
 #    arrays (a Python loop over 256 requests' tokens and block tables costs milliseconds), and the arrays
 #    go to the GPU through pinned memory, without making the host wait.
-# 2. **Run the model.** A decode step (one token per request) replays a **CUDA graph**: the whole forward
-#    pass, captured once per batch size in 1, 2, 4, ..., 256, is launched as one unit, which removes the
-#    CPU launch overhead that dominated Chapter 1. A batch of 5 replays the graph of 8 with 3 padding
-#    rows that store nothing and see no keys. Prefill steps run eagerly: their shapes vary too much to
-#    capture, and they are long enough that launches do not matter.
-# 3. **Sample**, and queue the copy of the new tokens back to the CPU. `launch` returns before the GPU
-#    has finished: the host waits for the tokens (the one synchronisation per step) only when it needs
-#    them.
+# 3. **Run the model.** A decode step (one token per request) replays a **CUDA graph**: the whole forward
+#    pass, captured once per batch size (1, 2, 4, then every multiple of 8 up to `max_num_seqs`, as vLLM
+#    does), is launched as one unit, which removes the CPU launch overhead that dominated Chapter 1. A
+#    batch of 5 replays the graph of 8 with 3 padding rows that store nothing and see no keys. Steps that
+#    carry a prompt run eagerly.
+# 4. **Sample**, and queue the copy of the new tokens back to the CPU. `execute_model` returns before the
+#    GPU has finished: the host waits for the tokens (the one synchronisation per step) only when it
+#    needs them.
 #
 # That last point is what lets the engine run **one step ahead**. With `async_scheduling` (on by default
 # on a GPU) the engine schedules and launches step N+1 first and only then records step N's tokens, so
 # the host's bookkeeping (scheduling, packing, detokenising) overlaps the GPU's compute instead of
 # following it. A request decoding in step N+1 needs the token that step N sampled, which the host does
-# not know yet: the scheduler holds its place with a `PENDING` placeholder (Chapter 5), and `prepare`
-# fills those rows on the GPU from the last step's sampled tokens. A request that stopped at step N
-# (an end-of-sequence token, or a stop string in its text) has then computed one token too many; `record`
-# drops it.
+# not know yet: the scheduler counts it as pending (Chapter 5), the runner's record of the request lacks
+# it, and `prepare` fills that row on the GPU from the last step's sampled tokens. A request that stopped
+# at step N (an end-of-sequence token, or a stop string in its text) has then computed one token too
+# many; `record` drops it.
 #
 # Before any of that, the runner sizes the KV pool: it runs one forward pass of the largest step to see
 # the activations' peak, then gives the KV cache `gpu_memory_utilization` of the GPU minus the weights
 # and that peak (on the CPU, a fixed byte budget).
 
 # %%
-#| export mini_infer.engine.model_runner
-"""Runs one scheduled step on the model: packs the batch's tokens and metadata, runs the forward (a
-CUDA graph replay for decode batches on a GPU), and samples one token per request."""
+#| export mini_infer.worker.model_runner
+"""Runs one scheduled step on the model: keeps what it needs of each request, packs the step's tokens
+and metadata, runs the forward (a CUDA graph replay for decode steps on a GPU), and samples one token
+per request."""
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
-from mini_infer.engine.paged_attention import AttentionMetadata, PagedAttention
-from mini_infer.engine.sampler import Sampler
-from mini_infer.engine.sequence import PENDING, Sequence
+from mini_infer.layers.attention import AttentionMetadata, PagedAttention
+from mini_infer.layers.sampler import Sampler
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
+from mini_infer.sampling_params import SamplingParams
 
 
 class SampledTokens:
@@ -326,12 +334,33 @@ class SampledTokens:
         return self.tokens.tolist()
 
 
+@dataclass
+class CachedRequestState:
+    """What the runner keeps of a request between its steps (the scheduler sends only what changed)."""
+
+    token_ids: list[int]  # every token the host has told us of, prompt then outputs
+    num_prompt_tokens: int
+    params: SamplingParams
+    num_computed_tokens: int
+    row: int  # its row of the runner's block table
+    num_blocks: int
+
+
+def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes that get a CUDA graph, as in vLLM: 1, 2, 4, then every multiple of 8 up to
+    max_num_seqs (and max_num_seqs itself). A batch replays the smallest graph that holds it, so at most
+    7 rows are padding."""
+    return sorted({s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs})
+
+
 class ModelRunner:
-    """Owns the model, the KV pool and the sampler; `launch(seqs)` queues a step and returns its tokens-to-be.
+    """Owns the model, the KV pool and the sampler; `execute_model(scheduler_output)` queues a step and
+    returns its tokens-to-be.
 
     The KV pool takes what memory is left after the weights and a warm-up forward of the largest step
-    (`gpu_memory_utilization` of the GPU, or `cpu_kv_bytes` on the CPU). Decode steps replay CUDA graphs
-    captured for a ladder of batch sizes: one launch for the whole forward instead of hundreds.
+    (`gpu_memory_utilization` of the GPU, or `cpu_kv_bytes` on the CPU); ValueError when it cannot hold
+    one sequence of `max_model_len` tokens. Decode steps replay CUDA graphs captured for the batch sizes
+    of `cuda_graph_sizes`: one launch for the whole forward instead of hundreds.
     """
 
     def __init__(self, model, block_size: int = 16, max_model_len: int = 4096, max_num_seqs: int = 256,
@@ -342,11 +371,15 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler()
-        self.last_seq_ids: list[int] = []  # the last step's requests and their sampled tokens, on the
-        self.last_sampled: torch.Tensor | None = None  # device: where a PENDING token's id comes from
+        self.requests: dict[int, CachedRequestState] = {}
+        # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
+        self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
+        self.free_rows = list(range(max_num_seqs))
+        self.last_rows: dict[int, int] = {}  # the last step's requests -> their rows of last_sampled, which
+        self.last_sampled: torch.Tensor | None = None  # stays on the device: where a pending token comes from
         c = self.config
         if self.device.type == "cuda":
-            self._warm_up(max_num_batched_tokens)
+            self._warm_up(max_num_batched_tokens, max_num_seqs)
         block_bytes = kv_block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype)
         num_blocks = num_kv_blocks(block_bytes, self.device, gpu_memory_utilization, cpu_kv_bytes)
         if num_blocks < self.max_blocks_per_seq:
@@ -364,65 +397,99 @@ class ModelRunner:
         return self.kv_cache.num_blocks
 
     @torch.inference_mode()
-    def _warm_up(self, num_tokens: int) -> None:
-        """One forward of the largest step without a KV cache, to size the activations' peak."""
+    def _warm_up(self, num_tokens: int, num_seqs: int) -> None:
+        """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
+        computed for num_seqs rows only: a step needs them for each sequence's last token, never for all of
+        its tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        self.model.compute_logits(self.model(ids, ids, lambda layer, q, k, v: q))
+        hidden = self.model(ids, ids, lambda layer, q, k, v: q)
+        self.model.compute_logits(hidden[:min(num_seqs, num_tokens)])
         torch.cuda.empty_cache()
 
-    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Pack the step: token ids, positions, attention metadata, and the rows whose logits we need.
+    def update_states(self, scheduler_output: SchedulerOutput) -> None:
+        """Learn what changed since the last step: requests that left, new ones, new tokens and blocks."""
+        for req_id in scheduler_output.finished_req_ids:
+            self.free_rows.append(self.requests.pop(req_id).row)
+        for new in scheduler_output.scheduled_new_reqs:
+            row, num_blocks = self.free_rows.pop(), len(new.block_ids)
+            self.block_table[row, :num_blocks] = new.block_ids
+            self.requests[new.req_id] = CachedRequestState(
+                new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids), new.sampling_params,
+                new.num_computed_tokens, row, num_blocks)
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, tokens, blocks, num_computed in zip(cached.req_ids, cached.new_token_ids, cached.new_block_ids,
+                                                        cached.num_computed_tokens):
+            state = self.requests[req_id]
+            state.token_ids += tokens
+            state.num_computed_tokens = num_computed
+            if blocks:
+                self.block_table[state.row, state.num_blocks:state.num_blocks + len(blocks)] = blocks
+                state.num_blocks += len(blocks)
+
+    def prepare(self, scheduler_output: SchedulerOutput
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[CachedRequestState]]:
+        """Pack the step: token ids, positions, attention metadata, the rows whose logits we need, and the
+        requests in the batch's order.
 
         The per-token arithmetic is done by numpy on whole arrays: at batch 256 a Python loop over every
-        token and block-table entry costs milliseconds, while the GPU waits."""
-        bs, n = self.block_size, len(seqs)
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
-        counts = np.fromiter((s.num_scheduled_tokens for s in seqs), np.int64, n)
+        token and block-table entry costs milliseconds, while the GPU waits. A token the host has not seen
+        yet (the step before this one sampled it) is taken from that step's output on the device."""
+        bs = self.block_size
+        reqs = [self.requests[req_id] for req_id in scheduler_output.num_scheduled_tokens]
+        n = len(reqs)
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n)
+        counts = np.fromiter(scheduler_output.num_scheduled_tokens.values(), np.int64, n)
         ends = starts + counts
+        known_ends = np.minimum(ends, np.fromiter((len(r.token_ids) for r in reqs), np.int64, n))
         cu_seqlens = np.concatenate(([0], np.cumsum(counts)))
-        ids = np.fromiter(itertools.chain.from_iterable(s.token_ids[a:b] for s, a, b in
-                                                        zip(seqs, starts.tolist(), ends.tolist())), np.int64)
-        # block tables, padded to the longest, and each token's position and pool slot
-        widths = np.fromiter((len(s.block_table) for s in seqs), np.int64, n)
-        tables = np.zeros((n, widths.max()), np.int32)
-        tables[np.arange(tables.shape[1]) < widths[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(s.block_table for s in seqs), np.int32, widths.sum())
+        # block tables, as wide as the longest (entries past a request's blocks are never read), and each
+        # token's position and pool slot
+        width = max(r.num_blocks for r in reqs)
+        tables = self.block_table[np.fromiter((r.row for r in reqs), np.int64, n), :width]
         row = np.repeat(np.arange(n), counts)
-        positions = np.arange(len(ids)) - cu_seqlens[row] + starts[row]
+        positions = np.arange(cu_seqlens[-1]) - cu_seqlens[row] + starts[row]
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
-        decode = len(ids) == n
+        known = positions < known_ends[row]
+        ids = np.zeros(len(positions), np.int64)
+        ids[known] = np.fromiter(itertools.chain.from_iterable(
+            r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())), np.int64)
+        decode = len(positions) == n
         metadata = AttentionMetadata(
             slot_mapping=to_device(slots, self.device), block_tables=to_device(tables, self.device),
             context_lens=to_device(ends.astype(np.int32), self.device),
             cu_seqlens_q=None if decode else to_device(cu_seqlens.astype(np.int32), self.device),
             max_seqlen_q=int(counts.max()))
         input_ids = to_device(ids, self.device)
-        pending = np.flatnonzero(ids == PENDING)
-        if len(pending):  # tokens the last step sampled: take them from its output, still on the device
-            last_row = {seq_id: i for i, seq_id in enumerate(self.last_seq_ids)}
-            source = [last_row[seqs[r].seq_id] for r in row[pending].tolist()]
+        pending = np.flatnonzero(~known)
+        if len(pending):
+            req_ids = list(scheduler_output.num_scheduled_tokens)
+            source = [self.last_rows[req_ids[r]] for r in row[pending].tolist()]
             input_ids[to_device(pending, self.device)] = self.last_sampled[to_device(np.array(source), self.device)]
-        return input_ids, to_device(positions, self.device), metadata, to_device(cu_seqlens[1:] - 1, self.device)
+        return input_ids, to_device(positions, self.device), metadata, to_device(cu_seqlens[1:] - 1, self.device), reqs
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence]) -> SampledTokens:
-        """Queue one step (forward and sampling) and return its tokens, which arrive when the GPU is done."""
-        input_ids, positions, metadata, last_rows = self.prepare(seqs)
-        graph_bs = next((b for b in sorted(self.graphs) if b >= len(seqs)), None)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
+        """Queue one step (forward and sampling) and return its tokens, one per request in the batch's order,
+        which arrive when the GPU is done."""
+        self.update_states(scheduler_output)
+        input_ids, positions, metadata, last_rows, reqs = self.prepare(scheduler_output)
+        graph_bs = next((b for b in sorted(self.graphs) if b >= len(reqs)), None)
         if metadata.is_decode and graph_bs is not None:
-            hidden = self._replay(graph_bs, input_ids, positions, metadata)[:len(seqs)]
+            hidden = self._replay(graph_bs, input_ids, positions, metadata)[:len(reqs)]
         else:
             self.attn.metadata = metadata
             hidden = self.model(input_ids, positions, self.attn)[last_rows]
-        self.last_sampled = self.sampler(self.model.compute_logits(hidden), seqs)
-        self.last_seq_ids = [s.seq_id for s in seqs]
+        # the sampled token's position is the request's length after this step
+        sample_positions = [r.num_computed_tokens + n for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())]
+        self.last_sampled = self.sampler(self.model.compute_logits(hidden), [r.params for r in reqs], sample_positions)
+        self.last_rows = {req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)}
         return SampledTokens(self.last_sampled)
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
-        """Capture the decode forward for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_num_seqs. Each graph
-        reads its inputs from the same static buffers, which a replay first fills."""
+        """Capture the decode forward for every size of `cuda_graph_sizes`. Each graph reads its inputs from
+        the same static buffers, which a replay first fills."""
         max_bs = max_num_seqs
         self.graph_inputs = {
             "input_ids": torch.zeros(max_bs, dtype=torch.long, device=self.device),
@@ -432,10 +499,9 @@ class ModelRunner:
             "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=self.device),
         }
         self.graph_output = torch.zeros(max_bs, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        sizes = sorted({min(2 ** i, max_bs) for i in range(max_bs.bit_length() + 1)}, reverse=True)
         pool = None
         with torch.inference_mode():
-            for bs in sizes:  # largest first, so the smaller graphs reuse its memory pool
+            for bs in reversed(cuda_graph_sizes(max_bs)):  # largest first, so the smaller graphs reuse its memory
                 g = torch.cuda.CUDAGraph()
                 self.attn.metadata = self._graph_metadata(bs)
                 args = (self.graph_inputs["input_ids"][:bs], self.graph_inputs["positions"][:bs], self.attn)
@@ -462,131 +528,142 @@ class ModelRunner:
         return self.graph_output
 
 # %% [markdown]
-# ## The engine and `LLM`
+# ## From prompts to outputs
 #
-# `LLMEngine` loads the model (Chapter 1's loader), builds the runner, the block manager and the
-# scheduler, validates each request (an empty prompt, token ids outside the vocabulary, or a prompt
-# whose tokens plus `max_tokens` do not fit `max_model_len` get a `ValueError` naming the problem) and
-# runs `step()`. `LLM` is the public face: prompts as strings, token ids or chat messages, one
-# `SamplingParams` for all or one per prompt, a progress bar with live tokens/s, outputs in the order
-# of the prompts and shaped like vLLM's, stop strings, several samples of a prompt (`n`), and `stream()`
-# that yields text as it is produced.
+# The runner turns one scheduled step into tokens. Around it, three pieces take a request from what a
+# user typed to what they read, each in one place:
+#
+# ```
+# prompt ──InputProcessor──> EngineRequest ──LLMEngine.add_request──> n Sequences in the Scheduler
+#                                                                          │ every step()
+#        Scheduler.schedule -> SchedulerOutput -> ModelRunner.execute_model -> sampled tokens
+#                                                                          │
+# RequestOutput <──OutputProcessor── (sequence, new token, finish reason) <── Scheduler.record
+# ```
+#
+# The **input processor** turns every form of prompt into token ids and checks the request once, before
+# anything is queued. The **engine** loops. The **output processor** turns tokens back into text, finds
+# stop strings, and gathers a request's samples into one `RequestOutput`. `LLM` (offline) and the server
+# of Chapter 8 are two front ends over the same three pieces.
+#
+# ### Prompts in: the input processor
+#
+# A prompt is a string, a list of token ids, a chat (a list of `{"role", "content"}` messages, rendered by
+# the tokenizer's chat template), or one of vLLM's prompt dicts, `{"prompt": text}` and
+# `{"prompt_token_ids": ids}`. `process()` tokenizes it and checks the request: an empty prompt, token
+# ids outside the vocabulary, a prompt that leaves no room for output in `max_model_len`, an unknown chat
+# role, or text for a model without a tokenizer get a `ValueError` naming the problem; a prompt or
+# sampling params of the wrong type get a `TypeError`. A prompt plus `max_tokens` may run past
+# `max_model_len`: as in vLLM, the request then stops at the model's length with finish reason "length".
+# The KV cache always holds at least one sequence of `max_model_len` tokens (the runner refuses to start
+# otherwise), so every request that passes here can run.
 
 # %%
-#| export mini_infer.engine.llm_engine
-"""The engine loop: requests in, one scheduled step at a time through the model, tokens out."""
-import torch
+#| export mini_infer.engine.input_processor
+"""Prompts in, checked requests out: every prompt form, the tokenizer and the chat template, and the one
+place where a request is validated. Plain Python (the tokenizer is whatever the loader gave)."""
+from dataclasses import dataclass
 
-from mini_infer.engine.model_runner import ModelRunner
-from mini_infer.engine.scheduler import Scheduler
-from mini_infer.engine.sequence import Sequence
-from mini_infer.loader import load_model
-from mini_infer.memory.block_manager import BlockManager
 from mini_infer.sampling_params import SamplingParams
 
+CHAT_ROLES = {"system", "user", "assistant"}
 
-class LLMEngine:
-    """Loads the model, sizes the KV cache, and runs `step()`: schedule -> model -> sample -> update.
 
-    `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
-    `load_format="dummy"` a config.json (random weights, for benchmarks).
-    `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
-    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9).
+@dataclass
+class EngineRequest:
+    """A request as the engine takes it: tokenized and checked."""
+
+    request_id: str
+    prompt: str | None  # the text, when the prompt was text
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+def is_chat(prompt) -> bool:
+    """A conversation: a non-empty list of {"role", "content"} messages."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) and "role" in m
+                                                                       for m in prompt)
+
+
+def is_single_prompt(prompt) -> bool:
+    """One prompt (text, token ids, a prompt dict or a chat), rather than a list of prompts."""
+    return (isinstance(prompt, (str, dict)) or is_chat(prompt)
+            or (isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(t, int) for t in prompt)))
+
+
+class InputProcessor:
+    """Turns a prompt into token ids and checks a request, once, before anything is queued.
+
+    A prompt is a string; a list of token ids; a chat (a list of {"role", "content"} messages, rendered
+    with the tokenizer's chat template); or, as in vLLM, {"prompt": text} or {"prompt_token_ids": ids}.
+    `process` raises TypeError for a prompt or sampling params of the wrong type, and ValueError naming
+    the problem for a bad value: an empty prompt, token ids outside [0, vocab_size), a prompt of
+    max_model_len tokens or more, an unknown chat role, text or stop strings for a model without a
+    tokenizer.
     """
 
-    def __init__(self, model=None, dtype="auto", device=None, load_format: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 block_size: int = 16, gpu_memory_utilization: float = 0.9, cpu_kv_bytes: int = 1 << 30,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False, static_batching: bool = False,
-                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1):
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        loaded = load_model(model, dtype=dtype, device=device, load_format=load_format)
-        self.model, self.tokenizer, self.config = loaded
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
-                                 self.config.max_position_embeddings)
-        # a prompt chunk of the longest sequence must fit in one step
-        max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
-        runner_args = (block_size, self.max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
-                       cpu_kv_bytes, enforce_eager)
-        if tensor_parallel_size > 1:
-            from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
-            self.runner = TensorParallelRunner(self.model, tensor_parallel_size, *runner_args)
-        else:
-            self.runner = ModelRunner(self.model, *runner_args)
-        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
-        self.in_flight = None  # (requests, which of them sample, their tokens-to-be) of the launched step
-        eos = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
-                                   max_num_seqs, max_num_batched_tokens, tuple(eos), static=static_batching)
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
+        self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming what is wrong with a request, before anything is queued."""
+    def process(self, request_id: str, prompt, params: SamplingParams | None = None) -> EngineRequest:
+        params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        n, vocab = len(prompt_token_ids), self.config.vocab_size
+        text, token_ids = self.tokenize(prompt)
+        self.check(token_ids, params)
+        return EngineRequest(request_id, text, token_ids, params)
+
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        """(the prompt's text or None, its token ids)."""
+        if isinstance(prompt, dict) and not is_chat([prompt]):
+            keys = set(prompt)
+            if keys == {"prompt"}:
+                prompt = prompt["prompt"]
+            elif keys == {"prompt_token_ids"}:
+                prompt = prompt["prompt_token_ids"]
+            else:
+                raise ValueError(f"a prompt dict has one key, 'prompt' (text) or 'prompt_token_ids', got {sorted(keys)}")
+        if isinstance(prompt, str):
+            return prompt, self._tokenizer("a text prompt needs one: pass token ids").encode(prompt)
+        if is_chat(prompt):
+            return None, self.render_chat(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise TypeError("a prompt is a string, a list of token ids, a list of chat messages, or a dict with "
+                        f"'prompt' or 'prompt_token_ids', not {type(prompt).__name__}")
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+            raise ValueError("a chat message is a dict with a string 'role' and a string 'content'")
+        roles = {m["role"] for m in messages} - CHAT_ROLES
+        if roles:
+            raise ValueError(f"unknown chat role {sorted(roles)}: use system, user or assistant")
+        return list(self._tokenizer("a chat needs one: pass token ids").apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    def check(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming what is wrong with a request's tokens or its params for this model."""
+        n, vocab = len(token_ids), self.vocab_size
         if n == 0:
             raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids must be integers in [0, {vocab}): got {bad[:5]}")
-        if n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
-                             f"{self.max_model_len}")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has none: use stop_token_ids")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt ({n} tokens) leaves no room for output in max_model_len "
+                             f"{self.max_model_len}: shorten it or raise max_model_len")
+        if params.stop:
+            self._tokenizer("stop strings need one: use stop_token_ids")
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Sequence:
-        """Validate and queue one request of one sample (a request of n samples is queued as n of these)."""
-        params = params or SamplingParams()
-        self.check_request(prompt_token_ids, params)
-        if params.n != 1:
-            raise ValueError(f"a sequence is one sample, got n={params.n}: queue params.for_sample(i) for each")
-        seq = Sequence(prompt_token_ids, params)
-        self.scheduler.add(seq)
-        return seq
-
-    def abort(self, seq: Sequence) -> None:
-        self.scheduler.abort(seq)
-
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """End a request now with this finish reason (e.g. "stop" at a stop string); its blocks return at once."""
-        self.scheduler.finish(seq, reason)
-
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    def step(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Run one step; return (the requests that got a new token, those that finished).
-
-        With async scheduling the step is launched, then the previous step's tokens are recorded while
-        the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
-        seqs, launched = self.scheduler.schedule(), None
-        if seqs:
-            tokens = self.runner.launch(seqs)  # reads the requests' state before advance() moves it on
-            launched = (seqs, self.scheduler.advance(seqs), tokens)
-        done, self.in_flight = (self.in_flight, launched) if self.async_scheduling else (launched, None)
-        if done is None:
-            return [], []
-        seqs, samples, tokens = done
-        got_token = [s for s, sampled in zip(seqs, samples) if sampled and not s.is_finished]
-        return got_token, self.scheduler.record(seqs, samples, tokens.tolist())
-
-    def decode(self, token_ids: list[int]) -> str:
+    def _tokenizer(self, why: str):
         if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    @property
-    def device(self) -> torch.device:
-        return self.runner.device
+            raise ValueError(f"this model has no tokenizer, and {why}")
+        return self.tokenizer
 
 # %% [markdown]
 # ### Text as it comes, and stop strings
 #
-# `stream()` hands out text while the request runs, and a request with `stop` strings must end as soon as
+# A streamed request hands out text while it runs, and a request with `stop` strings must end as soon as
 # its text contains one, so both need the text of an unfinished request. Decoding all its output tokens
 # again at every step would cost O(n²) over a long answer. `TextStream` decodes a short window instead: the
 # tokens of the previous piece (for context: a tokenizer may decode a token differently at the start of a
@@ -594,16 +671,9 @@ class LLMEngine:
 # UTF-8 bytes are spread over several tokens decodes to U+FFFD, the replacement character, until its last
 # byte arrives. And text that could still grow into a stop string is held back until it cannot, so that a
 # reader never sees the start of a stop string: the text ends just before the first one.
-#
-# `generate()` gives a `TextStream` only to the requests that have stop strings (the others cost nothing
-# per step, and are decoded once at the end) and feeds it their new tokens after each step. When a stop
-# string appears, the engine finishes the request at once: `finish_reason="stop"`, its KV blocks back in
-# the pool. Its `token_ids` end with the token that completed the stop string, as in vLLM. With async
-# scheduling its next step may already be running; as for a request that met its end-of-sequence token,
-# that step's token is dropped when it arrives. The server of Chapter 8 streams through the same class.
 
 # %%
-#| export mini_infer.detokenizer
+#| export mini_infer.engine.detokenizer
 """A request's output text as its tokens come: incremental detokenisation and stop strings. Plain Python."""
 from collections.abc import Callable
 
@@ -641,41 +711,29 @@ class TextStream:
         return piece
 
 # %% [markdown]
-# ### Several samples of one prompt
+# ### Outputs out: the output processor
 #
-# `SamplingParams(n=4)` asks for four completions of one prompt, as in vLLM and OpenAI's API. `LLM` queues
-# them as four sequences of one sample each (the engine and the scheduler see only those) and gathers them
-# into one `RequestOutput` whose `outputs` hold four `CompletionOutput`s, `index` 0 to 3, each with its own
-# stop strings and finish reason. Each sample is checked against `max_model_len` and the KV cache on its
-# own, and the progress bar counts sequences. The sampler seeds a row with (seed, position), so four
-# sequences with one seed would draw four equal texts: `for_sample(i)` gives sample i the seed `seed + i`,
-# as vLLM does, so the samples differ and the whole output repeats with the request's seed (sample 1 of
-# seed 42 is therefore sample 0 of seed 43). Unseeded samples draw their own noise; greedy ones are all
-# the same text.
-#
-# The prompt's KV cache is shared only through Chapter 4's prefix cache. A block joins it once its K/V has
-# been computed, so the samples that are admitted in the same step (usually all of them) each compute the
-# prompt; a sample admitted later, or recomputed after a preemption, finds the prompt's full blocks there.
-# vLLM once shared the prompt's blocks from the start and copied a shared block on its first write
-# (copy-on-write); that saves the repeated prefill and its memory, and we leave it out.
+# A request's `SamplingParams.output_kind` says what it wants back, as in vLLM: `FINAL_ONLY` (one output
+# when it has finished: `LLM.generate`), `DELTA` (after every step, only what is new: streaming) or
+# `CUMULATIVE` (after every step, everything so far). The output processor keeps a `TextStream` only for
+# the samples whose text is needed while they run, those with stop strings and those of streamed
+# requests; the others cost nothing per step and are decoded once, at the end. When a stop string
+# appears, the engine finishes the sample at once: `finish_reason="stop"`, its KV blocks back in the pool.
+# Its `token_ids` end with the token that completed the stop string, as in vLLM. With async scheduling its
+# next step may already be running; as for a request that met its end-of-sequence token, that step's token
+# is dropped when it arrives.
 
 # %%
-#| export mini_infer.llm
-"""`LLM`: the public face, shaped like vLLM's so that habits carry over."""
-import time
-from collections.abc import Iterator
+#| export mini_infer.outputs
+"""What the engine gives back for a request, shaped like vLLM's `RequestOutput`. Plain Python."""
 from dataclasses import dataclass
-
-from tqdm import tqdm
-
-from mini_infer.detokenizer import TextStream
-from mini_infer.engine.llm_engine import LLMEngine
-from mini_infer.engine.sequence import Sequence, SequenceStatus
-from mini_infer.sampling_params import SamplingParams
 
 
 @dataclass
 class CompletionOutput:
+    """One sample of a request: its text and token ids (the whole output so far, or only this step's with
+    `RequestOutputKind.DELTA`), and why it ended."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -684,28 +742,319 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    request_id: int
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]  # one per sample (SamplingParams.n), in index order
     finished: bool = True
     error: str | None = None  # why a rejected request did not run (its finish_reason is "error")
 
+# %%
+#| export mini_infer.engine.output_processor
+"""Tokens in, `RequestOutput`s out: incremental detokenization, stop strings, finish reasons, and a
+request's samples gathered into one output. Plain Python (the tokenizer is whatever the loader gave)."""
+from dataclasses import dataclass, field
+
+from mini_infer.engine.detokenizer import TextStream
+from mini_infer.engine.input_processor import EngineRequest
+from mini_infer.outputs import CompletionOutput, RequestOutput
+from mini_infer.sampling_params import RequestOutputKind
+
+
+@dataclass
+class SampleState:
+    """One sample (one engine sequence) of a request."""
+
+    index: int
+    stream: TextStream | None  # its text as it comes, when needed before the end (stop strings, streaming)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # what the stream has released so far
+    finish_reason: str | None = None
+    num_reported: int = 0  # tokens already in a DELTA output
+
+
+@dataclass
+class RequestState:
+    request: EngineRequest
+    samples: dict[int, SampleState]  # by sequence id
+    streamed: bool  # it wants an output after every step (DELTA, CUMULATIVE), not only the last
+    num_finished: int = 0
+
+
+class OutputProcessor:
+    """Turns the engine's new tokens into each request's `RequestOutput`, as its `output_kind` asks.
+
+    Only samples whose text is needed while they run are detokenized each step: those with stop strings
+    (a stop string ends the sample at once: `process` returns it so the engine can stop it) and those of
+    streamed requests (DELTA, CUMULATIVE). `LLM.generate`'s requests (FINAL_ONLY) without stop strings are
+    decoded once, when they finish.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.requests: dict[str, RequestState] = {}
+        self.sample_of: dict[int, tuple[RequestState, SampleState]] = {}  # sequence id -> its request and sample
+
+    def decode(self, token_ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def add_request(self, request: EngineRequest, seq_ids: list[int]) -> None:
+        """Follow a request whose samples run as the engine sequences seq_ids (sample i is seq_ids[i])."""
+        params = request.sampling_params
+        streamed = params.output_kind is not RequestOutputKind.FINAL_ONLY
+        text_needed = streamed or bool(params.stop)
+        state = RequestState(request, {seq_id: SampleState(i, TextStream(self.decode, params.stop) if text_needed else None)
+                                       for i, seq_id in enumerate(seq_ids)}, streamed)
+        self.requests[request.request_id] = state
+        for seq_id, sample in state.samples.items():
+            self.sample_of[seq_id] = (state, sample)
+
+    def process(self, new_tokens: list[tuple[int, int, str | None]]) -> tuple[list[RequestOutput], list[int]]:
+        """Take one step's (sequence id, new token, finish reason or None) triples. Returns the outputs that
+        are due, one per request, and the sequences whose text just reached a stop string (the engine must
+        end them: their finish reason here is "stop")."""
+        touched: dict[str, RequestState] = {}
+        stopped = []
+        for seq_id, token, finish_reason in new_tokens:
+            state, sample = self.sample_of[seq_id]
+            sample.token_ids.append(token)
+            if sample.stream is not None:
+                sample.text += sample.stream.add(sample.token_ids, finish_reason is not None)
+                if sample.stream.stopped and finish_reason is None:
+                    stopped.append(seq_id)
+                if sample.stream.stopped:
+                    finish_reason = "stop"
+            if finish_reason is not None:
+                self._finish(state, seq_id, sample, finish_reason)
+            if state.streamed or finish_reason is not None:
+                touched[state.request.request_id] = state
+        outputs = [out for state in touched.values() if (out := self._output(state)) is not None]
+        return outputs, stopped
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop following a request; return its last output (its unfinished samples end with "abort")."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        for seq_id, sample in list(state.samples.items()):
+            if sample.finish_reason is None:
+                self._finish(state, seq_id, sample, "abort")
+        return self._output(state, force=True)
+
+    def _finish(self, state: RequestState, seq_id: int, sample: SampleState, reason: str) -> None:
+        sample.finish_reason = reason
+        state.num_finished += 1
+        del self.sample_of[seq_id]
+        if state.num_finished == len(state.samples):
+            del self.requests[state.request.request_id]
+
+    def _output(self, state: RequestState, force: bool = False) -> RequestOutput | None:
+        kind = state.request.sampling_params.output_kind
+        finished = state.num_finished == len(state.samples)
+        if kind is RequestOutputKind.FINAL_ONLY and not (finished or force):
+            return None
+        completions = []
+        for sample in sorted(state.samples.values(), key=lambda s: s.index):
+            if kind is RequestOutputKind.DELTA:
+                if sample.num_reported == len(sample.token_ids) and not force:
+                    continue  # nothing new for this sample in this step
+                new_ids, sample.num_reported = sample.token_ids[sample.num_reported:], len(sample.token_ids)
+                text, sample.text = sample.text, ""
+                completions.append(CompletionOutput(sample.index, text, new_ids, sample.finish_reason))
+            else:
+                completions.append(CompletionOutput(sample.index, self._text(sample, finished), list(sample.token_ids),
+                                                    sample.finish_reason))
+        r = state.request
+        return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, finished)
+
+    def _text(self, sample: SampleState, finished: bool) -> str:
+        if sample.stream is None or (finished and not sample.stream.stopped):
+            # decoded in one go: an incremental decode may differ from it where a tokenizer looks at context
+            return self.decode(sample.token_ids) if finished else sample.text
+        return sample.text
+
+# %% [markdown]
+# ### The engine loop
+#
+# `LLMEngine` loads the model (Chapter 1's loader), builds the runner, the block manager and the scheduler,
+# and the two processors. `add_request` queues a request as one sequence per sample; `step()` schedules,
+# launches the step on the runner, records the tokens of the step before it (with async scheduling) or of
+# this one, and returns the outputs that are due. `make_runner` chooses the runner: one `ModelRunner`, or,
+# with `tensor_parallel_size` above 1, Chapter 9's runner over one process per GPU, which the engine drives
+# through the same `execute_model`.
+
+# %%
+#| export mini_infer.engine.llm_engine
+"""The engine loop: requests in, one scheduled step at a time through the model, outputs out."""
+import torch
+
+from mini_infer.core.scheduler import Scheduler
+from mini_infer.core.sequence import Sequence
+from mini_infer.engine.input_processor import EngineRequest, InputProcessor
+from mini_infer.engine.output_processor import OutputProcessor
+from mini_infer.loader import load_model
+from mini_infer.memory.block_manager import BlockManager
+from mini_infer.outputs import RequestOutput
+from mini_infer.sampling_params import SamplingParams
+from mini_infer.worker.model_runner import ModelRunner
+
+
+def make_runner(model, tensor_parallel_size: int, *runner_args):
+    """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU."""
+    if tensor_parallel_size > 1:
+        from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
+        return TensorParallelRunner(model, tensor_parallel_size, *runner_args)
+    return ModelRunner(model, *runner_args)
+
+
+class LLMEngine:
+    """Loads the model, sizes the KV cache, and runs `step()`: schedule -> execute -> record -> outputs.
+
+    `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
+    `load_format="dummy"` a config.json (random weights, for benchmarks).
+    `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
+    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9).
+    Requests come in through `add_request` (checked once, by the `InputProcessor`), their outputs come out
+    of `step()` (made by the `OutputProcessor`) as their `SamplingParams.output_kind` asks.
+    """
+
+    def __init__(self, model=None, dtype="auto", device=None, load_format: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 block_size: int = 16, gpu_memory_utilization: float = 0.9, cpu_kv_bytes: int = 1 << 30,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, static_batching: bool = False,
+                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1):
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        loaded = load_model(model, dtype=dtype, device=device, load_format=load_format)
+        self.model, self.tokenizer, self.config = loaded
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                 self.config.max_position_embeddings)
+        # every running request can take its next token in every step
+        max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
+        self.runner = make_runner(self.model, tensor_parallel_size, block_size, self.max_model_len, max_num_seqs,
+                                  max_num_batched_tokens, gpu_memory_utilization, cpu_kv_bytes, enforce_eager)
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self.in_flight = None  # (scheduler output, which requests sample, their tokens-to-be) of the launched step
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
+                                   max_num_seqs, max_num_batched_tokens, tuple(eos), static=static_batching,
+                                   max_model_len=self.max_model_len)
+        self.input_processor = InputProcessor(self.tokenizer, self.config.vocab_size, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_generated_tokens = 0  # output tokens of every request so far (for progress reports)
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
+        InputProcessor takes, or an `EngineRequest` it already made. Raises TypeError or ValueError (see
+        InputProcessor), and ValueError for a request id in use."""
+        request = prompt if isinstance(prompt, EngineRequest) else self.input_processor.process(request_id, prompt, params)
+        if request.request_id in self.output_processor.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        params = request.sampling_params
+        seqs = [Sequence(request.prompt_token_ids, params.for_sample(i)) for i in range(params.n)]
+        self.output_processor.add_request(request, [seq.seq_id for seq in seqs])
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request now, wherever it is; its blocks return at once. Returns its last output (finish
+        reason "abort"), or None for a request that is not running."""
+        state = self.output_processor.requests.get(request_id)
+        for seq_id in state.samples if state else ():
+            if seq_id in self.scheduler.requests:
+                self.scheduler.abort(self.scheduler.requests[seq_id])
+        return self.output_processor.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs it produced (per request, as its output_kind asks).
+
+        With async scheduling the step is launched, then the previous step's tokens are recorded while
+        the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
+        scheduler_output, launched = self.scheduler.schedule(), None
+        if scheduler_output.num_scheduled_tokens:
+            tokens = self.runner.execute_model(scheduler_output)
+            launched = (scheduler_output, self.scheduler.advance(scheduler_output), tokens)
+        done, self.in_flight = (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        if done is None:
+            return []
+        scheduler_output, samples, tokens = done
+        got_token = self.scheduler.record(scheduler_output, samples, tokens.tolist())
+        self.num_generated_tokens += len(got_token)
+        outputs, stopped = self.output_processor.process(
+            [(seq.seq_id, seq.token_ids[-1], seq.finish_reason) for seq in got_token])
+        for seq_id in stopped:  # its text reached a stop string
+            self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
+        return outputs
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+# %% [markdown]
+# ### Several samples of one prompt
+#
+# `SamplingParams(n=4)` asks for four completions of one prompt, as in vLLM and OpenAI's API. The engine
+# queues them as four sequences of one sample each (the scheduler and the runner see only those), and the
+# output processor gathers them into one `RequestOutput` whose `outputs` hold four `CompletionOutput`s,
+# `index` 0 to 3, each with its own stop strings and finish reason. The sampler seeds a row with (seed,
+# position), so four sequences with one seed would draw four equal texts: `for_sample(i)` gives sample i
+# the seed `seed + i`, as vLLM does, so the samples differ and the whole output repeats with the request's
+# seed (sample 1 of seed 42 is therefore sample 0 of seed 43). Unseeded samples draw their own noise;
+# greedy ones are all the same text.
+#
+# The prompt's KV cache is shared only through Chapter 4's prefix cache. A block joins it once its K/V has
+# been computed, so the samples that are admitted in the same step (usually all of them) each compute the
+# prompt; a sample admitted later, or recomputed after a preemption, finds the prompt's full blocks there.
+# vLLM once shared the prompt's blocks from the start and copied a shared block on its first write
+# (copy-on-write); that saves the repeated prefill and its memory, and we leave it out.
+#
+# ### `LLM`, the public face
+#
+# `LLM` takes prompts one at a time or as a list, one `SamplingParams` for all or one per prompt, shows a
+# progress bar with live tokens/s, and returns outputs in the order of the prompts, shaped like vLLM's. A
+# bad request gets an output with finish reason "error" while the others run. `stream()` yields a
+# request's text as it is produced; while a stream is paused, another stream or a `generate` call may step
+# the engine, and the outputs they produce for it wait in its unread list, so no text is lost.
+
+# %%
+#| export mini_infer.llm
+"""`LLM`: the public face, shaped like vLLM's so that habits carry over."""
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+from tqdm import tqdm
+
+from mini_infer.engine.input_processor import EngineRequest, is_single_prompt
+from mini_infer.engine.llm_engine import LLMEngine
+from mini_infer.outputs import CompletionOutput, RequestOutput
+from mini_infer.sampling_params import RequestOutputKind, SamplingParams
+
 
 class LLM:
     """An offline engine: `LLM(model=None, **engine_args).generate(prompts, sampling_params)`.
 
-    A prompt is a string, a list of token ids, or a chat (a list of {"role", "content"} messages, rendered
-    with the tokenizer's chat template). Engine arguments (dtype, gpu_memory_utilization, max_model_len,
-    max_num_seqs, max_num_batched_tokens, load_format, enforce_eager, ...) are those of `LLMEngine`.
+    A prompt is a string, a list of token ids, a chat (a list of {"role", "content"} messages, rendered
+    with the tokenizer's chat template), or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Engine
+    arguments (dtype, gpu_memory_utilization, max_model_len, max_num_seqs, max_num_batched_tokens,
+    load_format, enforce_eager, ...) are those of `LLMEngine`.
 
     A request with `SamplingParams(n=...)` runs as n sequences (seeded ones with seeds seed, seed + 1, ...)
     and comes back as one output with n completions, index 0 to n-1.
 
     A bad request is rejected on its own: the other requests of the same call run and finish, and its
     output has `finish_reason="error"` (in each of its n completions), no tokens, and `error` saying what is
-    wrong (an empty prompt, token ids outside the vocabulary, prompt + max_tokens past max_model_len or past
-    the whole KV cache, an unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
+    wrong (an empty prompt, token ids outside the vocabulary, a prompt that fills max_model_len, an
+    unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
     anything is queued: a prompt or sampling params of the wrong type (TypeError), a number of sampling
     params that does not match the prompts (ValueError). Invalid `SamplingParams` values raise when the
     params are created. `stream()`, which serves one request of one sample, raises its ValueError instead.
@@ -713,63 +1062,11 @@ class LLM:
 
     def __init__(self, model=None, **engine_args):
         self.engine = LLMEngine(model, **engine_args)
-        self.tokenizer = self.engine.tokenizer
+        self.request_counter = itertools.count()
+        self.unread: dict[str, list[RequestOutput]] = {}  # outputs of streams, made while another caller stepped
 
-    def _token_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str) or _is_chat(prompt):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids")
-            if isinstance(prompt, str):
-                return self.tokenizer.encode(prompt)
-            if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
-                raise ValueError("a chat message is a dict with a string 'role' and a string 'content'")
-            roles = {m.get("role") for m in prompt} - {"system", "user", "assistant"}
-            if roles:
-                raise ValueError(f"unknown chat role {sorted(map(str, roles))}: use system, user or assistant")
-            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
-        if isinstance(prompt, (list, tuple)):
-            return list(prompt)
-        raise TypeError(f"a prompt is a string, a list of token ids or a list of chat messages, not {type(prompt).__name__}")
-
-    def _add(self, prompts, sampling_params) -> list[tuple[object, list[Sequence], str | None]]:
-        """Queue the good requests, a sequence per sample; return (prompt, its sequences, error) for each,
-        error None when queued."""
-        if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"a prompt is a string, a list of token ids or a list of chat messages, "
-                            f"not {type(prompts).__name__}")
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        params = [SamplingParams() if p is None else p for p in params]
-        for p in params:
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling params must be a SamplingParams, got {type(p).__name__}")
-        checked = []  # first check them all: a TypeError (a call's error) must come before any is queued
-        for prompt, sp in zip(prompts, params):
-            ids = []
-            try:
-                ids = self._token_ids(prompt)
-                self.engine.check_request(ids, sp)
-                checked.append((prompt, ids, sp, None))
-            except ValueError as e:
-                checked.append((prompt, ids, sp, str(e)))
-        requests = []
-        for prompt, ids, sp, error in checked:
-            samples = [sp.for_sample(i) for i in range(sp.n)]
-            if error is None:
-                try:  # the samples differ only in their seeds: if one cannot fit, the first one fails
-                    requests.append((prompt, [self.engine.add_request(ids, p) for p in samples], None))
-                    continue
-                except ValueError as e:  # it could never fit in the whole KV cache
-                    error = str(e)
-            seqs = [Sequence(ids, p) for p in samples]  # never queued: they carry the request's id and prompt
-            for seq in seqs:
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
-            requests.append((prompt, seqs, error))
-        return requests
+    def get_tokenizer(self):
+        return self.engine.get_tokenizer()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -777,24 +1074,27 @@ class LLM:
         output with finish_reason "error" and an `error` message while the others run (see the class).
         A request whose text reaches one of its stop strings finishes there (finish_reason "stop"). The
         progress bar counts sequences: a request with n samples is n of them."""
-        requests = self._add(prompts, sampling_params)
-        queued = [seq for _, seqs, error in requests if error is None for seq in seqs]
-        texts = {seq.seq_id: TextStream(self.engine.decode, seq.params.stop) for seq in queued if seq.params.stop}
-        bar = tqdm(total=len(queued), desc="Generating", unit="seq", disable=not use_tqdm, dynamic_ncols=True)
-        start, num_output_tokens = time.perf_counter(), 0
-        while self.engine.has_unfinished():
-            ran, finished = self.engine.step()
-            num_output_tokens += len(ran)
-            if texts:  # only requests with stop strings are decoded while they run
-                for seq in ran:
-                    if seq.seq_id in texts:
-                        self._read_text(seq, texts[seq.seq_id])
-                finished = [seq for seq in ran if seq.is_finished]  # with those a stop string finished
-            if finished:
-                bar.update(len(finished))
-            bar.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):,.0f} output tok/s", refresh=False)
+        requests = self._process(prompts, sampling_params)
+        results: dict[str, RequestOutput] = {}
+        for request in requests:
+            if isinstance(request, EngineRequest):
+                self.engine.add_request(request.request_id, request)
+            else:
+                results[request.request_id] = request
+        waiting = {r.request_id for r in requests if isinstance(r, EngineRequest)}
+        num_seqs = sum(r.sampling_params.n for r in requests if isinstance(r, EngineRequest))
+        bar = tqdm(total=num_seqs, desc="Generating", unit="seq", disable=not use_tqdm, dynamic_ncols=True)
+        start, first_token = time.perf_counter(), self.engine.num_generated_tokens
+        while waiting:
+            for output in self._step():
+                if output.request_id in waiting:  # FINAL_ONLY: its one output
+                    waiting.remove(output.request_id)
+                    results[output.request_id] = output
+                    bar.update(len(output.outputs))
+            rate = (self.engine.num_generated_tokens - first_token) / (time.perf_counter() - start)
+            bar.set_postfix_str(f"{rate:,.0f} output tok/s", refresh=False)
         bar.close()
-        return [self._output(prompt, seqs, error, texts) for prompt, seqs, error in requests]
+        return [results[r.request_id] for r in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one chat (a list of messages) or to several."""
@@ -802,52 +1102,64 @@ class LLM:
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the new text of one request as it is produced, up to its first stop string. Other queued
-        requests advance too; stopping the iteration early aborts the request and frees its KV blocks."""
-        if isinstance(sampling_params, SamplingParams) and sampling_params.n != 1:
-            raise ValueError(f"stream() yields the text of one sample, got n={sampling_params.n}: use generate()")
-        ((_, (seq,), error),) = self._add(prompt, sampling_params)
-        if error is not None:
-            raise ValueError(error)
-        text = TextStream(self.engine.decode, seq.params.stop)
+        requests advance too, and a `generate` call or another stream may run while this one is paused: no
+        text is lost. Stopping the iteration early aborts the request and frees its KV blocks."""
+        params = SamplingParams() if sampling_params is None else sampling_params
+        if isinstance(params, SamplingParams) and params.n != 1:
+            raise ValueError(f"stream() yields the text of one sample, got n={params.n}: use generate()")
+        request_id = str(next(self.request_counter))
+        request = self.engine.input_processor.process(request_id, prompt, params)
+        request.sampling_params = replace(request.sampling_params, output_kind=RequestOutputKind.DELTA)
+        self.engine.add_request(request_id, request)
+        self.unread[request_id] = []
+        finished = False
         try:
-            while not seq.is_finished:
-                ran, _ = self.engine.step()
-                if seq in ran and (piece := self._read_text(seq, text)):
-                    yield piece
+            while not finished:
+                if not self.unread[request_id]:
+                    self._step()
+                    continue
+                output = self.unread[request_id].pop(0)
+                finished = output.finished
+                if output.outputs[0].text:
+                    yield output.outputs[0].text
         finally:
-            if not seq.is_finished:
-                self.engine.abort(seq)
+            del self.unread[request_id]
+            if not finished:
+                self.engine.abort_request(request_id)
 
-    def _read_text(self, seq: Sequence, text: TextStream) -> str:
-        """Feed a request's output tokens to its text stream and return the new text. A request whose text
-        reached a stop string finishes at once, its KV blocks freed."""
-        piece = text.add(seq.output_token_ids, seq.is_finished)
-        if text.stopped:
-            self.engine.finish(seq, "stop")  # nothing to do if it has just finished for another reason
-        return piece
+    def _process(self, prompts, sampling_params) -> list[EngineRequest | RequestOutput]:
+        """Check every request before any is queued (a TypeError is the call's error and must leave nothing
+        queued); a bad request becomes its error output."""
+        if is_single_prompt(prompts):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"a prompt is a string, a list of token ids, a list of chat messages or a prompt "
+                            f"dict, not {type(prompts).__name__}")
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        requests = []
+        for prompt, sp in zip(prompts, params):
+            request_id = str(next(self.request_counter))
+            try:
+                request = self.engine.input_processor.process(request_id, prompt, sp)
+            except ValueError as e:
+                n = sp.n if isinstance(sp, SamplingParams) else 1
+                requests.append(RequestOutput(request_id, prompt if isinstance(prompt, str) else None, [],
+                                              [CompletionOutput(i, "", [], "error") for i in range(n)], True, str(e)))
+                continue
+            request.sampling_params = replace(request.sampling_params, output_kind=RequestOutputKind.FINAL_ONLY)
+            requests.append(request)
+        return requests
 
-    def _output(self, prompt, seqs: list[Sequence], error: str | None, texts: dict[int, TextStream]) -> RequestOutput:
-        """A request's output: a completion per sample, in their order."""
-        completions = []
-        for i, seq in enumerate(seqs):
-            text = texts.get(seq.seq_id)
-            if text is not None and text.stopped:  # also when the stop string came with its last token
-                completions.append(CompletionOutput(i, text.text, seq.output_token_ids, "stop"))
-            else:
-                completions.append(CompletionOutput(i, self.engine.decode(seq.output_token_ids),
-                                                    seq.output_token_ids, seq.finish_reason))
-        first = seqs[0]
-        return RequestOutput(first.seq_id, prompt if isinstance(prompt, str) else None,
-                             first.token_ids[:first.num_prompt_tokens], completions,
-                             all(seq.is_finished for seq in seqs), error)
-
-
-def _is_token_ids(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(t, int) for t in prompt)
-
-
-def _is_chat(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; the outputs of streams go to their unread lists, the rest are returned."""
+        if not self.engine.has_unfinished_requests():
+            raise RuntimeError("the engine has no unfinished request, but a caller still waits for one")
+        mine = []
+        for output in self.engine.step():
+            (self.unread[output.request_id].append if output.request_id in self.unread else mine.append)(output)
+        return mine
 
 # %% [markdown]
 # ## Running it
@@ -946,7 +1258,7 @@ hf.generation_config.eos_token_id = None  # run on, like ignore_eos
 same = []
 for prompt, out in zip(prompts, llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                                              use_tqdm=False)):
-    ids = torch.tensor([llm.tokenizer.encode(prompt)])
+    ids = torch.tensor([llm.get_tokenizer().encode(prompt)])
     ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0)
     same.append(ref[0, ids.shape[1]:].tolist() == out.outputs[0].token_ids)
 print("batched greedy output equals Hugging Face's:", all(same))
@@ -1004,17 +1316,19 @@ print("same tokens under pressure:", runs["pressed"] == runs["roomy"])
 # %% tags=["nbval-check-output"]
 engine = LLM(tiny, load_format="dummy", device="cpu", dtype="float32", max_model_len=64, max_num_seqs=2,
              cpu_kv_bytes=16 * block_bytes).engine  # 16 blocks
-seqs = [engine.add_request([rng.randrange(512) for _ in range(20)], SamplingParams(temperature=0, max_tokens=20,
-                                                                                    ignore_eos=True)) for _ in range(4)]
+for i in range(4):
+    engine.add_request(f"r{i}", [rng.randrange(512) for _ in range(20)],
+                       SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
 engine.step()
 bm = engine.scheduler.block_manager
-print("running:", [s.seq_id - seqs[0].seq_id for s in engine.scheduler.running], "free blocks:", bm.num_free_blocks)
-engine.abort(seqs[1])  # running
-engine.abort(seqs[2])  # waiting
+print(f"running: {len(engine.scheduler.running)}, waiting: {len(engine.scheduler.waiting)}, "
+      f"free blocks: {bm.num_free_blocks}")
+last = {"r1": engine.abort_request("r1"), "r2": engine.abort_request("r2")}  # running, then waiting
 print("after two aborts, free blocks:", bm.num_free_blocks)
-while engine.has_unfinished():
-    engine.step()
-print([(s.finish_reason, s.num_output_tokens) for s in seqs], "all free:", bm.num_free_blocks == bm.num_blocks)
+while engine.has_unfinished_requests():
+    last.update((out.request_id, out) for out in engine.step())
+print([(rid, out.outputs[0].finish_reason, len(out.outputs[0].token_ids)) for rid, out in sorted(last.items())],
+      "all free:", bm.num_free_blocks == bm.num_blocks)
 
 # %% [markdown]
 # Determinism: the same inputs give the same greedy tokens on every run and whatever else shares the

@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import time
+from dataclasses import replace
 
 import httpx
 import matplotlib.pyplot as plt
@@ -59,7 +60,7 @@ import openai
 
 from mini_infer.device import device_name
 from mini_infer.llm import LLM
-from mini_infer.sampling_params import SamplingParams
+from mini_infer.sampling_params import RequestOutputKind, SamplingParams
 
 llm = LLM(dtype="float32", max_model_len=512)  # the embedded SmolLM2-135M-Instruct
 print("device:", device_name(llm.engine.device))
@@ -73,23 +74,26 @@ print("outputs from:", describe_run())
 #
 # A client that streams wants text, not token ids, and wants it as each token comes. The OpenAI API also
 # lets a request name `stop` strings: the text must end just before the first one, and the client must
-# never see the start of one. Chapter 6's `TextStream` (`mini_infer.detokenizer`), with which `LLM.stream()`
-# and `LLM.generate()` follow a request's text, does both: it decodes a short window of tokens at each step
-# rather than all of them, waits while a character is split over tokens (U+FFFD), and holds back text that
-# could still grow into a stop string. The server gives each request one.
+# never see the start of one. Chapter 6's `TextStream` (`mini_infer.engine.detokenizer`), with which the
+# engine's output processor follows a request's text, does both: it decodes a short window of tokens at
+# each step rather than all of them, waits while a character is split over tokens (U+FFFD), and holds back
+# text that could still grow into a stop string. A streamed request asks for `RequestOutputKind.DELTA`
+# outputs, so every step brings it only its new text, from its own `TextStream`.
 #
 # Fed one token at a time, the pieces join up to the text that one decode of all the tokens gives. With
 # `stop=[". It"]` the text ends just before the stop string, and the full stop itself is held back until the
 # next token shows that it does not begin one:
 
 # %% tags=["nbval-check-output"]
-from mini_infer.detokenizer import TextStream
+from mini_infer.engine.detokenizer import TextStream
 
-ids = llm.tokenizer.encode(" Paris is the capital of France. It is also a city of art: café, musée, théâtre.")
-plain, stopped = TextStream(llm.engine.decode), TextStream(llm.engine.decode, stop=[". It"])
+tokenizer = llm.get_tokenizer()
+ids = tokenizer.encode(" Paris is the capital of France. It is also a city of art: café, musée, théâtre.")
+decode = llm.engine.output_processor.decode  # the tokenizer's decode, without special tokens
+plain, stopped = TextStream(decode), TextStream(decode, stop=[". It"])
 pieces = [plain.add(ids[:n], finished=n == len(ids)) for n in range(1, len(ids) + 1)]
 print(pieces)
-print("joined == decoded at once:", "".join(pieces) == llm.engine.decode(ids))
+print("joined == decoded at once:", "".join(pieces) == decode(ids))
 stop_pieces = []
 for n in range(1, len(ids) + 1):
     if stopped.stopped:
@@ -110,17 +114,19 @@ print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 #  event loop (uvicorn + FastAPI)                         engine thread
 #  ──────────────────────────────                         ──────────────────────────────────────────
 #  request A: generate() ─── inbox: add A ──────────────▶ posted calls: add_request(A)
-#                                                         step(): schedule → model → sample → update
+#                                                         step(): schedule → execute → record → outputs
 #  request B: generate() ─── inbox: add B ──────────────▶ posted calls: add_request(B)  (B joins the batch)
-#  A's queue ◀── call_soon_threadsafe(new tokens) ─────── step(): one token for A, one for B
+#  A's queue ◀── call_soon_threadsafe(outputs) ────────── step(): A's new text, B's new text
 #  B's queue ◀──┘                                         ...
-#  A's client hangs up ───── inbox: abort A ────────────▶ posted calls: abort(A), its blocks are free
+#  A's client hangs up ───── inbox: abort A ────────────▶ posted calls: abort_request(A), blocks free
 #                                                         nothing unfinished: sleep on the inbox
 # ```
 #
 # Between two steps the thread runs the calls that the event loop posted (add a request, abort one), so a
-# request joins the running batch at the next step: continuous batching across clients. After each step it
-# hands every request's new tokens to the event loop in one `call_soon_threadsafe`, which puts them in the
+# request joins the running batch at the next step: continuous batching across clients. The engine thread
+# also owns the tokenizer: `add_request` runs the input processor there (the chat template, the checks),
+# and a bad request's error travels back to the waiting coroutine, which answers 400. After each step it
+# hands the step's `RequestOutput`s to the event loop in one `call_soon_threadsafe`, which puts them in the
 # per-request `asyncio.Queue`s that the request coroutines await. With nothing to run, the thread sleeps on
 # its inbox instead of spinning. Cancellation is the same road back: when a client hangs up, its coroutine
 # is cancelled, the `finally` of its output stream posts an abort, and the engine frees the request's
@@ -130,48 +136,31 @@ print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 #| export mini_infer.serve.async_engine
 """The engine behind a server: one thread steps the engine while asyncio tasks add, stream and abort requests."""
 import asyncio
+import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
-from mini_infer.detokenizer import TextStream
 from mini_infer.engine.llm_engine import LLMEngine
-from mini_infer.engine.sequence import Sequence
+from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import SamplingParams
-
-
-@dataclass
-class StreamOutput:
-    """What one engine step brought a request."""
-    text: str  # the new text (may be empty: a held-back character or stop-string prefix, no tokenizer)
-    num_output_tokens: int
-    finish_reason: str | None  # on the last output: "stop", "length" or "abort"
-
-
-@dataclass
-class _Request:
-    outputs: asyncio.Queue  # (new token ids, finish reason) or an exception, from the engine thread
-    added: asyncio.Future  # resolved by the engine thread once the request is queued (or rejected)
-    seq: Sequence | None = None  # set on the engine thread
-    num_sent: int = 0  # output tokens handed to the event loop so far (engine thread)
-    token_ids: list[int] = field(default_factory=list)  # output tokens received (event loop)
 
 
 class AsyncLLMEngine:
     """An `LLMEngine` shared by many asyncio tasks: requests join the running batch at the next step.
 
-    The engine is not thread-safe and its step is blocking compute, so one thread owns it. Between two
-    steps it runs the calls that the event loop posted to its inbox (add a request, abort one); it steps
-    while any request is unfinished and sleeps on the inbox when none is. After each step it hands the new
-    tokens of all requests to the event loop in a single `call_soon_threadsafe`.
+    The engine is not thread-safe and its step is blocking compute, so one thread owns it, tokenizer
+    included. Between two steps it runs the calls that the event loop posted to its inbox (add a request,
+    abort one); it steps while any request is unfinished and sleeps on the inbox when none is. After each
+    step it hands the outputs of all requests to the event loop in a single `call_soon_threadsafe`.
     """
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.error: Exception | None = None  # why the engine thread died, if it did
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # calls for the engine thread; None stops it
-        self._requests: dict[int, _Request] = {}  # seq_id -> request; engine thread only
+        self._queues: dict[str, asyncio.Queue] = {}  # request id -> its outputs; engine thread only
+        self._ids = itertools.count()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -183,57 +172,50 @@ class AsyncLLMEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Abort what is left (its streams end with finish_reason "abort") and stop the engine thread."""
+        """Abort what is left (its outputs end with finish_reason "abort") and stop the engine thread."""
         self._inbox.put(None)
         self._thread.join()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamOutput]:
-        """Queue a request, raising ValueError if it is invalid; return its outputs as they come, its text
-        ending before its first stop string. Leaving the iteration early (a client that hung up, a task
-        cancelled) aborts the request."""
+    async def generate(self, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue a request, raising TypeError or ValueError (the InputProcessor's) if it is invalid; return
+        its outputs as they come, as `params.output_kind` asks (DELTA to stream). Leaving the iteration
+        early (a client that hung up, a task cancelled) aborts the request."""
         if self.error is not None or self._closed:
             raise RuntimeError(f"the engine is not running: {self.error or 'shut down'}")
-        self.engine.check_request(prompt_token_ids, params)  # reads only the config: safe on this thread
-        request = _Request(asyncio.Queue(), self._loop.create_future())
-        self._inbox.put(lambda: self._add(request, prompt_token_ids, params))
+        request_id, outputs, added = str(next(self._ids)), asyncio.Queue(), self._loop.create_future()
+        self._inbox.put(lambda: self._add(request_id, prompt, params, outputs, added))
         try:
-            await request.added
+            await added
         except asyncio.CancelledError:
-            self._inbox.put(lambda: self._abort(request))  # runs after the add: the inbox keeps its order
+            self._inbox.put(lambda: self._abort(request_id))  # runs after the add: the inbox keeps its order
             raise
-        return self._outputs(request, TextStream(self.engine.decode, params.stop))
+        return self._outputs(request_id, outputs)
 
-    async def _outputs(self, request: _Request, text: TextStream) -> AsyncIterator[StreamOutput]:
+    async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
-                item = await request.outputs.get()
+                item = await outputs.get()
                 if isinstance(item, Exception):
                     raise item
-                new_ids, reason = item
-                request.token_ids += new_ids
-                piece = text.add(request.token_ids, finished=reason is not None)
-                finished = reason is not None or text.stopped
-                yield StreamOutput(piece, len(request.token_ids), "stop" if text.stopped else reason)
+                finished = item.finished
+                yield item
         finally:
-            if not finished or text.stopped:  # the engine is still generating for it
-                self._inbox.put(lambda: self._abort(request))
+            if not finished:  # the engine is still generating for it
+                self._inbox.put(lambda: self._abort(request_id))
 
     # On the engine thread:
 
     def _run(self) -> None:
         try:
             while self._run_posted_calls():
-                ran, _ = self.engine.step()
-                self._publish(ran)
+                self._publish(self.engine.step())
         except Exception as e:  # a bug or a device error: fail the requests rather than leave them hanging
             self.error = e
         self._closed = True
-        left, self._requests = list(self._requests.values()), {}
-        for request in left:
-            if self.error is None:
-                self.engine.abort(request.seq)
-        self._send([(r.outputs, self.error or ([], "abort")) for r in left])
+        left, self._queues = self._queues, {}
+        self._send([(outputs, self.error or self.engine.abort_request(request_id))
+                    for request_id, outputs in left.items()])
         while not self._inbox.empty():  # adds posted meanwhile see _closed and are refused
             if call := self._inbox.get():
                 call()
@@ -242,37 +224,33 @@ class AsyncLLMEngine:
         """Run the posted calls; wait for one while there is nothing to step. False when told to stop."""
         while True:
             try:
-                call = self._inbox.get(block=not self.engine.has_unfinished())
+                call = self._inbox.get(block=not self.engine.has_unfinished_requests())
             except queue.Empty:
                 return True
             if call is None:
                 return False
             call()
 
-    def _add(self, request: _Request, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt, params: SamplingParams, outputs: asyncio.Queue,
+             added: asyncio.Future) -> None:
         error = RuntimeError("the engine shut down") if self._closed else None
         if error is None:
             try:
-                request.seq = self.engine.add_request(prompt_token_ids, params)
-                self._requests[request.seq.seq_id] = request
-            except ValueError as e:  # e.g. it could never fit in the whole KV cache
+                self.engine.add_request(request_id, prompt, params)
+                self._queues[request_id] = outputs
+            except (TypeError, ValueError) as e:  # a bad prompt or params: the caller answers 400
                 error = e
-        self._loop.call_soon_threadsafe(_resolve, request.added, error)
+        self._loop.call_soon_threadsafe(_resolve, added, error)
 
-    def _abort(self, request: _Request) -> None:
-        if request.seq is not None and self._requests.pop(request.seq.seq_id, None) is not None:
-            self.engine.abort(request.seq)  # its blocks return to the pool now
+    def _abort(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None) is not None:
+            self.engine.abort_request(request_id)  # its blocks return to the pool now
 
-    def _publish(self, ran: list[Sequence]) -> None:
+    def _publish(self, outputs: list[RequestOutput]) -> None:
         batch = []
-        for seq in ran:
-            request = self._requests.get(seq.seq_id)
-            if request is None or (seq.num_output_tokens == request.num_sent and not seq.is_finished):
-                continue  # a prompt chunk: no token yet
-            batch.append((request.outputs, (seq.output_token_ids[request.num_sent:], seq.finish_reason)))
-            request.num_sent = seq.num_output_tokens
-            if seq.is_finished:
-                del self._requests[seq.seq_id]
+        for output in outputs:
+            queue_of = self._queues.pop if output.finished else self._queues.get
+            batch.append((queue_of(output.request_id), output))
         self._send(batch)
 
     def _send(self, batch: list[tuple[asyncio.Queue, object]]) -> None:
@@ -300,6 +278,7 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 
 # %% tags=["nbval-check-output"]
 greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+streamed = replace(greedy, output_kind=RequestOutputKind.DELTA)  # an output per step, with only what is new
 prompts = ["The capital of France is", "Water boils at a temperature of"]
 blocks = llm.engine.scheduler.block_manager
 
@@ -309,9 +288,11 @@ async def two_requests_and_an_abort(engine: AsyncLLMEngine):
 
     async def request(name: str, prompt: str):
         texts[name] = ""
-        async for out in await engine.generate(llm.tokenizer.encode(prompt), greedy):
-            texts[name] += out.text
-            if name == "A" and out.num_output_tokens == 3:
+        num_tokens = 0
+        async for out in await engine.generate(prompt, streamed):
+            texts[name] += out.outputs[0].text
+            num_tokens += len(out.outputs[0].token_ids)
+            if name == "A" and num_tokens == 3:
                 b = asyncio.create_task(request("B", prompts[1]))
         if name == "A":
             await b
@@ -319,14 +300,15 @@ async def two_requests_and_an_abort(engine: AsyncLLMEngine):
     print("A and B as offline:", [texts["A"], texts["B"]] == offline, [texts["A"], texts["B"]])
 
     free = blocks.num_free_blocks
-    outputs = await engine.generate(llm.tokenizer.encode("Once upon a time, " * 20),
-                                    SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    outputs = await engine.generate("Once upon a time, " * 20, replace(streamed, max_tokens=200))
+    num_tokens = 0
     async for out in outputs:
-        if out.num_output_tokens == 3:
+        num_tokens += len(out.outputs[0].token_ids)
+        if num_tokens == 3:
             break
     in_use = free - blocks.num_free_blocks
     await outputs.aclose()  # what cancelling a hung-up client's coroutine does
-    while llm.engine.has_unfinished():
+    while llm.engine.has_unfinished_requests():
         await asyncio.sleep(0.01)
     print(f"blocks in use after 3 tokens: {in_use}; after the abort: {free - blocks.num_free_blocks}")
 
@@ -478,14 +460,15 @@ def error(message: str, kind: str = "invalid_request_error", param: str | None =
 # ## The server
 #
 # `build_app` makes the FastAPI app: its lifespan starts and stops the engine thread; each endpoint turns
-# the body into token ids and `SamplingParams` (a `ValueError` on the way becomes a 400 with an OpenAI
-# error body), queues the request (as n requests of one sample each, as `LLM` does, when it asks for `n`
-# completions), and answers either with a `StreamingResponse` of server-sent events or, once the request
-# has finished, with one JSON body. A streaming client that hangs up makes Starlette cancel the response's
-# generator; a waiting one is watched for the `http.disconnect` message. Either way the request's output
-# stream is closed and the engine aborts it. Errors in a body that FastAPI checks (bad JSON,
-# a wrong type, a missing field) get the same error shape with status 400, and unknown paths a 404; no bad
-# request reaches the engine thread, so none can take the server down. It listens on 127.0.0.1 unless told
+# the body into a prompt and `SamplingParams`, queues the request through the engine's input processor
+# (a `ValueError` or `TypeError` on the way becomes a 400 with an OpenAI error body; `n` completions are
+# one request whose output has n samples, as with `LLM`), and answers either with a `StreamingResponse` of
+# server-sent events (DELTA outputs) or, once the request has finished, with one JSON body (its FINAL_ONLY
+# output). A streaming client that hangs up makes Starlette cancel the response's generator; a waiting one
+# is watched for the `http.disconnect` message. Either way the request's output stream is closed and the
+# engine aborts it. Errors in a body that FastAPI checks (bad JSON, a wrong type, a missing field) get the
+# same error shape with status 400, and unknown paths a 404; a bad request never reaches the engine's
+# step, so none can take the server down. It listens on 127.0.0.1 unless told
 # otherwise: it has no authentication.
 
 # %%
@@ -499,6 +482,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -507,8 +491,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from mini_infer.llm import LLM
+from mini_infer.outputs import RequestOutput
+from mini_infer.sampling_params import RequestOutputKind
 from mini_infer.serve import protocol
-from mini_infer.serve.async_engine import AsyncLLMEngine, StreamOutput
+from mini_infer.serve.async_engine import AsyncLLMEngine
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -575,60 +561,48 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
 
     async def serve(body: protocol.SamplingFields, prompt, default_max_tokens: int | None, request: Request,
                     chat: bool):
-        """Run one request, as n engine requests when it asks for n completions; `prompt()` gives its prompt
-        (raising ValueError for a bad one)."""
+        """Run one request (of n completions); `prompt()` gives its prompt (raising ValueError for a bad one)."""
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist: this server has {model_name!r}",
                            code="model_not_found")
         try:
-            prompt_ids = llm._token_ids(prompt())  # a string, token ids or a chat (its template)
-            room = llm.engine.max_model_len - len(prompt_ids)  # chat's default: as long as the context allows
-            params = body.sampling_params(default_max_tokens or max(room, 1))
-            # queue the n samples together, so the engine thread adds them between the same two steps
-            outputs = await asyncio.gather(*(engine.generate(prompt_ids, params.for_sample(i))
-                                             for i in range(params.n)))
+            params = body.sampling_params(default_max_tokens)  # a chat's default: as long as the context allows
+            kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
+            outputs = await engine.generate(prompt(), replace(params, output_kind=kind))
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
         rid, created = protocol.request_id(chat), int(time.time())
         if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = sse(outputs[0], rid, created, len(prompt_ids), chat, include_usage)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        results = await until_disconnected(request, asyncio.gather(*map(collect, outputs)))
-        choices = [protocol.choice(text, last.finish_reason, chat, stream=False, index=i)
-                   for i, (text, last) in enumerate(results)]
-        num_output_tokens = sum(last.num_output_tokens for _, last in results)
+            return StreamingResponse(sse(outputs, rid, created, chat, include_usage), media_type="text/event-stream")
+        final = await until_disconnected(request, anext(outputs))
+        choices = [protocol.choice(c.text, c.finish_reason, chat, stream=False, index=c.index) for c in final.outputs]
+        num_output_tokens = sum(len(c.token_ids) for c in final.outputs)
         return protocol.response(rid, model_name, created, choices, chat, stream=False,
-                                 usage_counts=protocol.usage(len(prompt_ids), num_output_tokens))
+                                 usage_counts=protocol.usage(len(final.prompt_token_ids), num_output_tokens))
 
-    async def sse(outputs: AsyncIterator[StreamOutput], rid: str, created: int, num_prompt_tokens: int,
-                  chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def sse(outputs: AsyncIterator[RequestOutput], rid: str, created: int, chat: bool,
+                  include_usage: bool) -> AsyncIterator[str]:
         """The stream as server-sent events: a chunk per engine step, then [DONE]. When the client hangs up,
         Starlette cancels this generator and `outputs` aborts the request."""
         def event(body: dict) -> str:
             return f"data: {json.dumps(body)}\n\n"
-        first, last = True, None
+        first, num_prompt_tokens, num_output_tokens = True, None, 0
         try:
-            async for last in outputs:
-                choices = [protocol.choice(last.text, last.finish_reason, chat, stream=True, first=first)]
+            async for delta in outputs:
+                (sample,) = delta.outputs
+                num_prompt_tokens, num_output_tokens = len(delta.prompt_token_ids), num_output_tokens + len(sample.token_ids)
+                choices = [protocol.choice(sample.text, sample.finish_reason, chat, stream=True, first=first)]
                 yield event(protocol.response(rid, model_name, created, choices, chat, stream=True))
                 first = False
         except Exception as e:  # the engine failed: the status line is sent already, so say it in the stream
             yield event(protocol.error(f"internal error: {e}", "server_error"))
-        if include_usage and last is not None:
-            counts = protocol.usage(num_prompt_tokens, last.num_output_tokens)
+        if include_usage and num_prompt_tokens is not None:
+            counts = protocol.usage(num_prompt_tokens, num_output_tokens)
             yield event(protocol.response(rid, model_name, created, [], chat, stream=True, usage_counts=counts))
         yield "data: [DONE]\n\n"
 
     return app
-
-
-async def collect(outputs: AsyncIterator[StreamOutput]) -> tuple[str, StreamOutput]:
-    """The whole text and the last output of a request."""
-    pieces = []
-    async for last in outputs:
-        pieces.append(last.text)
-    return "".join(pieces), last
 
 
 async def until_disconnected(request: Request, work):
@@ -776,7 +750,7 @@ for i, chunk in zip(range(3), stream):
     pass
 in_use = free - blocks.num_free_blocks
 stream.close()  # hang up
-while llm.engine.has_unfinished():
+while llm.engine.has_unfinished_requests():
     time.sleep(0.01)
 print(f"blocks in use after 3 chunks: {in_use}; after hanging up: {free - blocks.num_free_blocks}")
 
@@ -790,7 +764,7 @@ bad = {
     "temperature -1": {"model": model, "prompt": "Hi", "temperature": -1},
     "top_p as text": {"model": model, "prompt": "Hi", "top_p": "high"},
     "n=2 streamed": {"model": model, "prompt": "Hi", "n": 2, "stream": True},
-    "prompt too long": {"model": model, "prompt": "Hi", "max_tokens": 10_000},
+    "prompt too long": {"model": model, "prompt": "Hi " * 600},
     "unknown model": {"model": "gpt-4", "prompt": "Hi"},
 }
 for name, body in bad.items():

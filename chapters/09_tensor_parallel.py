@@ -374,14 +374,15 @@ except ValueError as e:
 #   rank runs an ordinary `ModelRunner` on its shard, whose KV cache holds that rank's heads; the cache of
 #   every rank has the same blocks, indexed by the same block tables. The driver takes the smallest pool of
 #   any rank as the number of blocks, so a table valid on rank 0 is valid everywhere.
-# - **Each step**, the driver sends the batch to the workers as a small Python object (per sequence: its
-#   id, how many tokens are computed, this step's tokens, its block table) over a gloo group on the host,
-#   then all ranks run the step. Only rank 0 samples, and it broadcasts the sampled tokens (a few bytes,
-#   on the GPU) so that every rank can fill in a token the driver has not read back yet (Chapter 6's
-#   asynchronous scheduling sends such tokens as placeholders).
+# - **Each step**, the driver sends the step's `SchedulerOutput` (Chapter 5) to the workers over a gloo
+#   group on the host: plain data, and small, because it carries new requests whole but running ones only
+#   with their new tokens and blocks. Every rank's `ModelRunner` keeps the same record of the running
+#   requests from it, then all ranks run the step. Only rank 0 samples, and it broadcasts the sampled tokens
+#   (a few bytes, on the GPU) so that every rank can fill in a token the driver has not read back yet
+#   (Chapter 6's asynchronous scheduling leaves such a token out of the step's description).
 #
-# The runner offers what the engine uses of a `ModelRunner` (`launch`, `num_blocks`, `sampler`, `device`),
-# so `LLMEngine` needs two lines to use it when `tensor_parallel_size > 1`.
+# The runner offers what the engine uses of a `ModelRunner` (`execute_model`, `num_blocks`, `device`), so
+# `make_runner` needs two lines to choose it when `tensor_parallel_size > 1`.
 
 # %%
 #| export mini_infer.parallel.runner
@@ -397,56 +398,30 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mini_infer.engine.model_runner import ModelRunner, SampledTokens
-from mini_infer.engine.sampler import Sampler
-from mini_infer.engine.sequence import Sequence
+from mini_infer.core.scheduler_output import SchedulerOutput
+from mini_infer.layers.sampler import Sampler
 from mini_infer.loader import empty_model
 from mini_infer.parallel.layers import check_shardable, load_full_weight, shard_model
+from mini_infer.sampling_params import SamplingParams
+from mini_infer.worker.model_runner import ModelRunner, SampledTokens
 
 # Idle workers wait for the next step in a gloo receive, which would otherwise time out after 30 minutes.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
-class TokenWindow:
-    """A sequence's tokens from position `start` on, sliced by position as `ModelRunner.prepare` slices
-    `seq.token_ids[start:end]`: a worker receives only the tokens of this step, not the whole history."""
-
-    def __init__(self, start: int, tokens: list[int]):
-        self.start, self.tokens = start, tokens
-
-    def __getitem__(self, positions: slice) -> list[int]:
-        return self.tokens[positions.start - self.start:positions.stop - self.start]
-
-
-class ScheduledSeq:
-    """A worker's copy of a scheduled sequence: the fields `ModelRunner.prepare` reads."""
-
-    def __init__(self, seq_id: int, num_computed_tokens: int, tokens: list[int], block_table: list[int]):
-        self.seq_id, self.num_computed_tokens, self.num_scheduled_tokens = seq_id, num_computed_tokens, len(tokens)
-        self.token_ids, self.block_table = TokenWindow(num_computed_tokens, tokens), block_table
-
-
-def step_message(seqs: list[Sequence]) -> list[tuple]:
-    """What the workers need of a step: per sequence its id, computed count, this step's tokens and blocks."""
-    return [(s.seq_id, s.num_computed_tokens,
-             s.token_ids[s.num_computed_tokens:s.num_computed_tokens + s.num_scheduled_tokens], s.block_table)
-            for s in seqs]
-
-
 class BroadcastingSampler(Sampler):
     """Rank 0's sampler: it samples, then sends the tokens to the workers. A worker's next step may need
-    them: a token the driver has not seen yet travels in the step's message as PENDING, and each rank's
-    ModelRunner takes its id from the last step's sampled tokens on its own device."""
+    them: a token the driver has not seen yet is, on every rank, the runner's own latest sample."""
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        tokens = super().__call__(logits, seqs)
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+        tokens = super().__call__(logits, params, positions)
         dist.broadcast(tokens, src=0)
         return tokens
 
 
-def receive_sample(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
+def receive_sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
     """A worker's sampler: the tokens rank 0 sampled."""
-    tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     dist.broadcast(tokens, src=0)
     return tokens
 
@@ -511,7 +486,7 @@ def worker_main(rank: int, world_size: int, port: int, config, dtype: torch.dtyp
         dist.broadcast_object_list(message, src=0, group=group)
         if message[0] is None:
             break
-        runner.launch([ScheduledSeq(*m) for m in message[0]])
+        runner.execute_model(message[0])
     dist.destroy_process_group()
 
 
@@ -529,13 +504,14 @@ def shutdown(group, workers: list) -> None:
 
 
 class TensorParallelRunner:
-    """A ModelRunner over `world_size` processes, for `LLMEngine`: `launch(seqs)`, `num_blocks`, `sampler`,
-    `device`, `close()`.
+    """A ModelRunner over `world_size` processes, for `LLMEngine`: `execute_model(scheduler_output)`,
+    `num_blocks`, `device`, `close()`.
 
     The driver process is rank 0. It starts ranks 1..N-1 (one per GPU, cuda:rank, NCCL; or CPU processes
     with gloo), broadcasts the loaded model's weights, from which each rank keeps its shard, and shards its
-    own model in place. Every step it sends the batch (a few numbers and this step's tokens per sequence)
-    to the workers; all ranks run the forward together, meeting in the model's all-reduces, and rank 0's
+    own model in place. Every step it sends the step's `SchedulerOutput` (new requests whole, running ones
+    only their new tokens and blocks) to the workers, whose runners keep the same request state as rank 0's;
+    all ranks run the forward together, meeting in the model's all-reduces, and rank 0's
     sampler picks the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest
     pool of any rank, so one scheduler's block tables are valid everywhere.
 
@@ -570,12 +546,12 @@ class TensorParallelRunner:
         self.runner = ModelRunner(shard_model(model, 0, world_size), *args, **kwargs)
         self.runner.sampler = BroadcastingSampler()
         self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
-        self.sampler, self.device, self.block_size = self.runner.sampler, self.runner.device, self.runner.block_size
+        self.device = self.runner.device
 
-    def launch(self, seqs: list[Sequence]) -> SampledTokens:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
         """Send the step to the workers, then run rank 0's part of it; the tokens are rank 0's samples."""
-        dist.broadcast_object_list([step_message(seqs)], src=0, group=self.group)
-        return self.runner.launch(seqs)
+        dist.broadcast_object_list([scheduler_output], src=0, group=self.group)
+        return self.runner.execute_model(scheduler_output)
 
     def close(self) -> None:
         self._finalizer()

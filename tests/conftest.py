@@ -29,3 +29,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M-Instruct on the CPU in float32 (the same greedy text on every device),
+    loaded once per session for every test file that needs it."""
+    from mini_infer.llm import LLM
+    return LLM(dtype="float32", device="cpu", max_model_len=512, cpu_kv_bytes=64 << 20)

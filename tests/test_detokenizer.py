@@ -1,6 +1,6 @@
 """The incremental detokenizer alone, on a toy tokenizer (one character per token): pieces, and the text
 that could begin a stop string held back until it is clear."""
-from mini_infer.detokenizer import TextStream
+from mini_infer.engine.detokenizer import TextStream
 
 
 def pieces(text: str, stop: list[str]) -> tuple[list[str], TextStream]:

@@ -7,9 +7,11 @@ import pytest
 import torch
 import transformers
 
-from mini_infer.engine.sampler import Sampler
+from helpers import assert_engine_quiet
+from mini_infer.layers.sampler import Sampler
 from mini_infer.llm import LLM
 from mini_infer.loader import embedded_gguf_path
+from mini_infer.memory.kv_cache import kv_block_bytes
 from mini_infer.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -26,8 +28,15 @@ GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return LLM(dtype="float32", device="cpu", max_model_len=512, cpu_kv_bytes=64 << 20)
+def llm(smol):  # tests/conftest.py
+    return smol
+
+
+@pytest.fixture(scope="module")
+def block_bytes(llm) -> int:
+    """One KV block (16 tokens) of the embedded model in float32."""
+    c = llm.engine.config
+    return kv_block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 16, torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +48,7 @@ def reference(llm) -> list[list[int]]:
     hf.generation_config.pad_token_id = 0
     out = []
     for prompt in PROMPTS:
-        ids = torch.tensor([llm.tokenizer.encode(prompt)])
+        ids = torch.tensor([llm.get_tokenizer().encode(prompt)])
         gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
         out.append(gen[0, ids.shape[1]:].tolist())
     return out
@@ -52,7 +61,7 @@ def token_ids(outputs) -> list[list[int]]:
 @pytest.mark.slow
 def test_batched_greedy_equals_hugging_face(llm, reference):
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert len({len(llm.tokenizer.encode(p)) for p in PROMPTS}) >= 6  # prompts of different lengths
+    assert len({len(llm.get_tokenizer().encode(p)) for p in PROMPTS}) >= 6  # prompts of different lengths
     assert token_ids(outputs) == reference
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
     assert outputs[0].outputs[0].text.startswith(" Paris")
@@ -94,25 +103,24 @@ def test_gpu_async_scheduling_gives_the_same_tokens_as_sync():
 
 
 @pytest.mark.slow
-def test_chunked_prefill_prefix_cache_and_preemption_keep_greedy_output(reference):
+def test_chunked_prefill_prefix_cache_and_preemption_keep_greedy_output(reference, block_bytes):
     # 12 blocks of 16 tokens for 8 requests that each grow to 3-4 blocks: preemption is certain; a token
     # budget of 16 splits the longer prompts; the repeated prompt hits the prefix cache.
     small = LLM(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
-                cpu_kv_bytes=12 * 16 * 23040 * 2)  # 23,040 B/token in bf16, twice in fp32
+                cpu_kv_bytes=12 * block_bytes)
     assert small.engine.runner.num_blocks == 12
     outputs = small.generate(PROMPTS + PROMPTS[:1], GREEDY, use_tqdm=False)
     assert token_ids(outputs) == reference + reference[:1]
     assert small.engine.scheduler.num_preemptions > 0
-    bm = small.engine.scheduler.block_manager
-    assert bm.num_free_blocks == bm.num_blocks  # every block came back
+    assert_engine_quiet(small)  # every block came back
 
 
 @pytest.mark.slow
-def test_async_scheduling_keeps_greedy_output(reference):
+def test_async_scheduling_keeps_greedy_output(reference, block_bytes):
     # The GPU default, forced on the CPU: each step is launched before the last one's tokens are recorded,
     # its inputs taken from the last step's output. Under preemption, chunked prefill and prefix hits.
     small = LLM(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
-                cpu_kv_bytes=12 * 16 * 23040 * 2, async_scheduling=True)
+                cpu_kv_bytes=12 * block_bytes, async_scheduling=True)
     outputs = small.generate(PROMPTS[:5] + PROMPTS[:1], GREEDY, use_tqdm=False)
     assert token_ids(outputs) == reference[:5] + reference[:1]
     assert small.engine.scheduler.num_preemptions > 0
@@ -122,8 +130,7 @@ def test_async_scheduling_keeps_greedy_output(reference):
     stream = small.stream(PROMPTS[2], GREEDY)
     next(stream)
     stream.close()
-    bm = small.engine.scheduler.block_manager
-    assert not small.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+    assert_engine_quiet(small)
 
 
 @pytest.mark.slow
@@ -150,8 +157,7 @@ def test_stream_yields_the_generated_text_and_frees_blocks_when_stopped(llm):
     stream = llm.stream(PROMPTS[2], params)
     next(stream)
     stream.close()  # the consumer gives up: the request is aborted
-    bm = llm.engine.scheduler.block_manager
-    assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+    assert_engine_quiet(llm)
 
 
 @pytest.mark.slow
@@ -163,7 +169,7 @@ def test_a_stop_string_ends_the_text_just_before_it_and_frees_the_request(llm, a
     monkeypatch.setattr(llm.engine, "async_scheduling", async_scheduling)
     plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     full = [o.outputs[0] for o in llm.generate(PROMPTS[:2], plain, use_tqdm=False)]
-    stop = llm.engine.decode(full[0].token_ids[4:6])[1:-1]  # from inside token 4 to inside token 5
+    stop = llm.get_tokenizer().decode(full[0].token_ids[4:6])[1:-1]  # from inside token 4 to inside token 5
     assert stop == "he answe" and full[0].text.count(stop) == 1  # of " Paris.\n\nThe answer is: 2"
     with_stop = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=["never said", stop])
     out = [o.outputs[0] for o in llm.generate(PROMPTS[:2], [with_stop, plain], use_tqdm=False)]
@@ -171,17 +177,11 @@ def test_a_stop_string_ends_the_text_just_before_it_and_frees_the_request(llm, a
     assert out[0].token_ids == full[0].token_ids[:6]  # up to the token that completed the stop string
     assert out[1] == full[1]  # its neighbour in the batch is unaffected
     assert "".join(llm.stream(PROMPTS[0], with_stop)) == out[0].text
-    bm = llm.engine.scheduler.block_manager
-    assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+    assert_engine_quiet(llm)
 
 
 def completions(output) -> list[tuple]:
     return [(c.text, c.token_ids, c.finish_reason) for c in output.outputs]
-
-
-def assert_all_blocks_free(llm):
-    bm = llm.engine.scheduler.block_manager
-    assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
 
 
 @pytest.mark.slow
@@ -199,7 +199,7 @@ def test_n_seeded_samples_differ_and_repeat_alone_or_in_a_batch(llm):
     assert [len(o.outputs) for o in crowded] == [1, 3, 2]
     one = SamplingParams(temperature=1.0, max_tokens=6, seed=11, ignore_eos=True)  # sample 0 keeps the seed
     assert completions(llm.generate(PROMPTS[2], one, use_tqdm=False)[0]) == completions(out)[:1]
-    assert_all_blocks_free(llm)
+    assert_engine_quiet(llm)
 
 
 @pytest.mark.slow
@@ -210,7 +210,7 @@ def test_greedy_samples_are_all_the_greedy_text(llm):
     assert completions(llm.generate(PROMPTS[0], two, use_tqdm=False)[0]) == completions(one) * 2
     (chat,) = llm.chat([{"role": "user", "content": "Hi"}], two, use_tqdm=False)
     assert [c.index for c in chat.outputs] == [0, 1] and completions(chat)[0] == completions(chat)[1]
-    assert_all_blocks_free(llm)
+    assert_engine_quiet(llm)
 
 
 @pytest.mark.slow
@@ -228,21 +228,30 @@ def test_each_sample_stops_at_its_own_stop_string(llm):
         else:
             assert s == f
     assert [s.finish_reason for s in stopped] == ["length", "stop", "stop"]  # one sample never meets it
-    assert_all_blocks_free(llm)
+    assert_engine_quiet(llm)
 
 
 @pytest.mark.slow
 def test_bad_n_requests_get_errors_and_stream_takes_one_sample(llm):
-    too_long = SamplingParams(n=2, max_tokens=600)
-    out = llm.generate(["hi", "hello"], [too_long, SamplingParams(n=2, temperature=0, max_tokens=2)], use_tqdm=False)
-    assert "exceeds max_model_len 512" in out[0].error
+    too_long = [1] * 512
+    out = llm.generate([too_long, "hello"], [SamplingParams(n=2), SamplingParams(n=2, temperature=0, max_tokens=2)],
+                       use_tqdm=False)
+    assert "leaves no room for output in max_model_len 512" in out[0].error
     assert [(c.index, c.finish_reason, c.token_ids) for c in out[0].outputs] == [(0, "error", []), (1, "error", [])]
     assert [c.finish_reason for c in out[1].outputs] == ["length", "length"] and out[1].error is None
     with pytest.raises(ValueError, match=r"stream\(\) yields the text of one sample, got n=2"):
         next(llm.stream("hi", SamplingParams(n=2)))
-    with pytest.raises(ValueError, match="a sequence is one sample, got n=2"):
-        llm.engine.add_request([1, 2], SamplingParams(n=2))
-    assert_all_blocks_free(llm)
+    assert_engine_quiet(llm)
+
+
+@pytest.mark.slow
+def test_output_past_max_model_len_stops_there_with_length(llm):
+    prompt = [1] * 500
+    (out,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)
+    assert out.error is None and (len(out.outputs[0].token_ids), out.outputs[0].finish_reason) == (12, "length")
+    (out,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), use_tqdm=False)
+    assert (len(out.outputs[0].token_ids), out.outputs[0].finish_reason) == (12, "length")  # None: up to the context
+    assert_engine_quiet(llm)
 
 
 @pytest.mark.slow
@@ -250,14 +259,15 @@ def test_bad_n_requests_get_errors_and_stream_takes_one_sample(llm):
     ("", None, "prompt is empty"),
     ([[]], None, "prompt is empty"),
     ([1, 2, 10**6], None, r"token ids must be integers in \[0, 49152\)"),
-    ("hi", SamplingParams(max_tokens=600), "exceeds max_model_len 512"),
+    ([1] * 600, None, "prompt \\(600 tokens\\) leaves no room for output in max_model_len 512"),
+    ({"prompt_token_ids": [1], "prompt": "x"}, None, "a prompt dict has one key"),
     ([{"role": "wizard", "content": "hi"}], None, "unknown chat role"),
 ])
 def test_bad_requests_are_rejected_with_a_clear_error(llm, prompt, params, error):
     (out,) = llm.generate(prompt, params, use_tqdm=False)
     assert out.outputs[0].finish_reason == "error" and out.outputs[0].token_ids == []
     assert re.search(error, out.error), out.error
-    assert not llm.engine.has_unfinished()
+    assert_engine_quiet(llm)
     with pytest.raises(TypeError, match="a prompt is a string"):  # an error of the call itself still raises
         llm.generate(3.5, params, use_tqdm=False)
 
@@ -267,7 +277,7 @@ def test_a_bad_prompt_in_a_batch_fails_alone(llm):
     out = llm.generate(["fine", ""], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert out[0].error is None and len(out[0].outputs[0].token_ids) == 4
     assert out[1].outputs[0].finish_reason == "error" and "prompt is empty" in out[1].error
-    assert not llm.engine.has_unfinished()
+    assert_engine_quiet(llm)
     with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
         llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
 
@@ -281,7 +291,7 @@ def test_dummy_weights_generate_from_token_ids():
     assert [len(o.outputs[0].token_ids) for o in out] == [10, 10]
     assert out[0].outputs[0].text == "" and out[1].prompt_token_ids == [4, 5, 6, 7, 8]
     assert "no tokenizer" in llm.generate("text", use_tqdm=False)[0].error
-    assert "stop strings need a tokenizer" in llm.generate([1, 2], SamplingParams(stop="."), use_tqdm=False)[0].error
+    assert "no tokenizer, and stop strings need one" in llm.generate([1, 2], SamplingParams(stop="."), use_tqdm=False)[0].error
 
 
 def test_top_k_top_p_filter_keeps_the_right_tokens():
@@ -291,13 +301,11 @@ def test_top_k_top_p_filter_keeps_the_right_tokens():
 
 
 def test_sampler_greedy_rows_and_sampled_rows_share_a_batch():
-    from mini_infer.engine.sequence import Sequence
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
-    seqs = [Sequence([1], SamplingParams(temperature=0)), Sequence([1], SamplingParams(top_k=1)),
-            Sequence([1], SamplingParams(temperature=0.5, seed=3))]
-    tokens = Sampler()(logits, seqs)
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(temperature=0.5, seed=3)]
+    tokens = Sampler()(logits, params, [1, 1, 1])
     assert tokens[0] == logits[0].argmax()
     assert tokens[1] == logits[1].argmax()
-    again = Sampler()(logits, seqs)
-    assert again[2] == tokens[2]  # same seed, fresh generator: same draw
+    again = Sampler()(logits, params, [1, 1, 1])
+    assert again[2] == tokens[2]  # same seed and position, fresh sampler: same draw

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from mini_infer.kv_cache import ContiguousKVCache, generate_greedy
+from mini_infer.contiguous_cache import ContiguousKVCache, generate_greedy
 from mini_infer.loader import embedded_gguf_path, load_model
 
 PROMPTS = [

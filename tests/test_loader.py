@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import mini_infer.device
 from mini_infer.config import ModelConfig
 from mini_infer.device import default_device, default_dtype, resolve_dtype
-from mini_infer.kv_cache import ContiguousKVCache
+from mini_infer.contiguous_cache import ContiguousKVCache
 from mini_infer.loader import embedded_gguf_path, load_model
 
 TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,

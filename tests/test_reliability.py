@@ -2,6 +2,7 @@
 at once, a long run stays flat, greedy output is deterministic, and fuzzed input gives only results or
 the documented errors. Most tests use a tiny random-weight model so that they run in seconds on a CPU."""
 import gc
+import itertools
 import random
 import re
 import time
@@ -12,16 +13,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mini_infer.engine.scheduler import Scheduler
-from mini_infer.engine.sequence import Sequence
+from helpers import assert_engine_quiet
+from mini_infer.core.sequence import Sequence
 from mini_infer.llm import LLM
-from mini_infer.memory.block_manager import BlockManager
+from mini_infer.memory.kv_cache import kv_block_bytes
 from mini_infer.sampling_params import SamplingParams
 
 VOCAB, BLOCK = 512, 16
 CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 128}
-BLOCK_BYTES = 2 * 2 * 2 * 16 * 4 * BLOCK  # K and V x 2 layers x 2 KV heads x head_dim 16 x fp32, per block
+BLOCK_BYTES = kv_block_bytes(num_layers=2, num_kv_heads=2, head_dim=16, block_size=BLOCK, dtype=torch.float32)
 
 
 def tiny(num_blocks: int = 64, max_model_len: int = 64, **engine_args) -> LLM:
@@ -35,14 +36,6 @@ def greedy(n: int) -> SamplingParams:
 
 def token_ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
-
-
-def assert_quiet(llm: LLM) -> None:
-    """Nothing queued or running, every KV block free."""
-    engine = llm.engine
-    bm = engine.scheduler.block_manager
-    assert not engine.scheduler.waiting and not engine.scheduler.running and not engine.has_unfinished()
-    assert bm.num_free_blocks == bm.num_blocks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -61,8 +54,8 @@ def llm() -> LLM:
     ([-1, 2], greedy(4), "token ids must be integers"),
     ([3, 2**70], greedy(4), "token ids must be integers"),
     ([1, True], greedy(4), "token ids must be integers"),
-    ([1] * 65, greedy(1), "exceeds max_model_len 64"),
-    ([1, 2, 3], greedy(62), r"prompt \(3 tokens\) \+ max_tokens \(62\) exceeds max_model_len 64"),
+    ([1] * 64, greedy(1), r"prompt \(64 tokens\) leaves no room for output in max_model_len 64"),
+    ({"prompt_token_ids": [1], "text": "x"}, greedy(4), "a prompt dict has one key"),
     ("text", greedy(4), "no tokenizer"),
     ([{"role": "user", "content": "hi"}], greedy(4), "no tokenizer"),
 ])
@@ -76,17 +69,17 @@ def test_a_bad_request_fails_alone_and_the_others_finish(llm, bad, params, error
     assert out[1].outputs[0].token_ids == [] and out[1].finished
     assert re.search(error, out[1].error), out[1].error
     assert len({o.request_id for o in out}) == 3
-    assert_quiet(llm)
+    assert_engine_quiet(llm)
 
 
 def test_errors_of_the_call_itself_still_raise_and_queue_nothing(llm):
     with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
         llm.generate([[1], [2]], [greedy(2)], use_tqdm=False)
-    with pytest.raises(TypeError, match="a prompt is a string, a list of token ids or a list of chat messages"):
+    with pytest.raises(TypeError, match="a prompt is a string, a list of token ids, a list of chat messages"):
         llm.generate([[1, 2], 3.5], greedy(2), use_tqdm=False)
     with pytest.raises(TypeError, match="sampling params must be a SamplingParams"):
         llm.generate([[1, 2]], {"temperature": 0}, use_tqdm=False)
-    assert_quiet(llm)
+    assert_engine_quiet(llm)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -100,15 +93,17 @@ def test_invalid_sampling_values_name_the_field_and_range(kwargs, field):
     assert any(word in str(error.value) for word in ("must be", "in (0, 1]", ">= 0", "positive"))
 
 
-def test_a_request_that_can_never_fit_the_cache_gets_an_error_not_a_wait():
-    # LLM keeps max_model_len within the KV pool, so the max_model_len check catches such a request first;
-    # the scheduler's own check still surfaces as an error output if the pool is smaller (here: 2 blocks).
-    small = tiny()
-    small.engine.scheduler = Scheduler(BlockManager(2, BLOCK), eos_token_ids=())
-    out = small.generate([[1] * 40, [4, 5]], greedy(4), use_tqdm=False)
-    assert out[0].outputs[0].finish_reason == "error" and "cache holds only 2 blocks" in out[0].error
-    assert out[1].outputs[0].finish_reason == "length" and len(out[1].outputs[0].token_ids) == 4
-    assert_quiet(small)
+def test_an_engine_whose_cache_cannot_hold_max_model_len_refuses_to_start():
+    # every request that passes the input checks can then run, alone if need be: none waits forever
+    with pytest.raises(ValueError, match="fewer than max_model_len 64"):
+        tiny(num_blocks=2, max_model_len=64)
+
+
+def test_a_request_may_ask_for_more_than_max_model_len_and_stops_there(llm):
+    out = llm.generate([[1, 2, 3], [4] * 60], [greedy(100), SamplingParams(max_tokens=None, ignore_eos=True)],
+                       use_tqdm=False)
+    assert [(len(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in out] == [(61, "length"), (4, "length")]
+    assert_engine_quiet(llm)
 
 
 # --- memory pressure ------------------------------------------------------------------------------------
@@ -128,7 +123,7 @@ def test_a_thousand_requests_through_a_pool_of_five_percent_of_their_need():
     assert [len(o.outputs[0].token_ids) for o in outputs] == [sp.max_tokens for sp in params]
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
     assert token_ids(outputs) == token_ids(reference)
-    assert_quiet(pressed)
+    assert_engine_quiet(pressed)
 
 
 def test_n_samples_that_do_not_fit_together_run_as_memory_allows(llm):
@@ -140,33 +135,48 @@ def test_n_samples_that_do_not_fit_together_run_as_memory_allows(llm):
     assert [len(c.token_ids) for c in out.outputs] == [40] * 3 and out.error is None
     assert out.outputs == llm.generate([[7] * 20], params, use_tqdm=False)[0].outputs
     assert pressed.engine.scheduler.num_preemptions > 0
-    assert_quiet(pressed)
+    assert_engine_quiet(pressed)
 
 
 # --- aborts ---------------------------------------------------------------------------------------------
+
+def sequences(engine, request_id: str) -> list[Sequence]:
+    """The engine's sequences of a running request (one per sample)."""
+    return [engine.scheduler.requests[seq_id] for seq_id in engine.output_processor.requests[request_id].samples]
+
+
+def run_engine(engine) -> dict[str, object]:
+    """Step until nothing is unfinished; the last output of each request."""
+    last = {}
+    while engine.has_unfinished_requests():
+        last.update((o.request_id, o) for o in engine.step())
+    return last
+
 
 def test_aborting_a_waiting_and_a_running_request_frees_their_blocks_and_the_others_finish():
     llm = tiny(max_num_seqs=2)
     engine, bm = llm.engine, llm.engine.scheduler.block_manager
     prompts = [[1, 2, 3] * 7, [4, 5] * 9, [6, 7, 8, 9] * 5, [10] * 17]
     alone = token_ids(llm.generate(prompts, greedy(20), use_tqdm=False))
-    seqs = [engine.add_request(p, greedy(20)) for p in prompts]
-    seqs[1].params = SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=1.0 if i == 1 else 0, seed=3, max_tokens=20,
+                                                      ignore_eos=True))
     for _ in range(3):
         engine.step()
-    running, waiting = seqs[1], seqs[2]
+    (running,), (waiting,) = sequences(engine, "r1"), sequences(engine, "r2")
     assert running in engine.scheduler.running and waiting in engine.scheduler.waiting
     held = len(running.block_table)
     free = bm.num_free_blocks
-    engine.abort(running)
+    aborted = engine.abort_request("r1")
     assert bm.num_free_blocks == free + held and held > 0  # at once, not at the next step
-    engine.abort(waiting)
-    while engine.has_unfinished():
-        engine.step()
-    assert [s.finish_reason for s in seqs] == ["length", "abort", "abort", "length"]
-    assert [seqs[0].output_token_ids, seqs[3].output_token_ids] == [alone[0], alone[3]]
-    assert running.num_output_tokens < 20 and waiting.num_output_tokens == 0
-    assert_quiet(llm)
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort" and 0 < len(aborted.outputs[0].token_ids) < 20
+    engine.abort_request("r2")
+    last = run_engine(engine)
+    assert sorted(last) == ["r0", "r3"] and [last["r0"].outputs[0].token_ids, last["r3"].outputs[0].token_ids] == \
+        [alone[0], alone[3]]
+    assert (running.finish_reason, waiting.finish_reason, waiting.num_output_tokens) == ("abort", "abort", 0)
+    assert engine.abort_request("r0") is None  # finished already: nothing to abort
+    assert_engine_quiet(llm)
 
 
 # --- a long run stays flat --------------------------------------------------------------------------------
@@ -178,23 +188,23 @@ def count_sequences() -> int:
 
 def test_a_soak_run_keeps_memory_flat():
     llm = tiny(num_blocks=24, max_num_seqs=8)
-    engine, rng = llm.engine, random.Random(1)
+    engine, rng, ids = llm.engine, random.Random(1), itertools.count()
 
     def round_of_requests():
-        seqs = [engine.add_request([rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))],
-                                   SamplingParams(temperature=rng.choice([0, 0.8]), seed=rng.choice([None, 5]),
-                                                  max_tokens=rng.randint(1, 20), ignore_eos=True))
-                for _ in range(rng.randint(1, 12))]
-        doomed = set(rng.sample(range(len(seqs)), len(seqs) // 4))
+        request_ids = [str(next(ids)) for _ in range(rng.randint(1, 12))]
+        for request_id in request_ids:
+            engine.add_request(request_id, [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))],
+                               SamplingParams(temperature=rng.choice([0, 0.8]), seed=rng.choice([None, 5]),
+                                              max_tokens=rng.randint(1, 20), ignore_eos=True))
+        doomed = rng.sample(request_ids, len(request_ids) // 4)
         for step in range(1000):
-            if not engine.has_unfinished():
+            if not engine.has_unfinished_requests():
                 break
             engine.step()
             if step == 2:
-                for i in doomed:
-                    if not seqs[i].is_finished:
-                        engine.abort(seqs[i])
-        assert_quiet(llm)
+                for request_id in doomed:
+                    engine.abort_request(request_id)
+        assert_engine_quiet(llm)
 
     for _ in range(5):  # warm up: fill the prefix cache and the allocator's pools
         round_of_requests()
@@ -233,7 +243,7 @@ def test_a_seed_gives_the_same_samples_in_a_fresh_engine(llm):
     first = token_ids(llm.generate(prompts, params, use_tqdm=False))
     assert token_ids(tiny().generate(prompts, params, use_tqdm=False)) == first
     assert token_ids(llm.generate(prompts[:1], params, use_tqdm=False))[0] == first[0]  # and alone
-    assert_quiet(llm)
+    assert_engine_quiet(llm)
 
 
 # --- fuzzing the public API -------------------------------------------------------------------------------
@@ -265,7 +275,7 @@ def test_fuzzed_requests_give_results_or_documented_errors(llm, batch, values):
         outputs = llm.generate(batch, params if len(params) > 1 else params[0], use_tqdm=False)
     except (ValueError, TypeError) as e:
         assert str(e)
-        assert_quiet(llm)
+        assert_engine_quiet(llm)
         return
     assert len(outputs) >= 1
     for out, sp in zip(outputs, params * len(outputs) if len(params) == 1 else params):
@@ -273,45 +283,57 @@ def test_fuzzed_requests_give_results_or_documented_errors(llm, batch, values):
         for completion in out.outputs:
             if completion.finish_reason == "error":
                 assert out.error and completion.token_ids == []
-            else:
-                assert completion.finish_reason == "length" and len(completion.token_ids) == sp.max_tokens
+            else:  # a request may ask for more than max_model_len (64) leaves room for: it stops there
+                room = 64 - len(out.prompt_token_ids)
+                assert completion.finish_reason == "length" and len(completion.token_ids) == min(sp.max_tokens, room)
                 assert all(0 <= t < VOCAB for t in completion.token_ids)
-    assert_quiet(llm)
+    assert_engine_quiet(llm)
 
 
 # --- text and chat prompts with the embedded model ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smol() -> LLM:
-    return LLM(dtype="float32", device="cpu", max_model_len=64, cpu_kv_bytes=8 << 20)
-
-
 def test_text_and_chat_prompts_fail_alone_with_the_embedded_model(smol):
-    batch = ["The capital of France is", "", "héllo wörld 🌍 ∑ \x00", "word " * 80,
+    batch = ["The capital of France is", "", "héllo wörld 🌍 ∑ \x00", "word " * 600,
              [{"role": "wizard", "content": "hi"}], [{"role": "user"}], [{"role": "user", "content": "Hi"}]]
     out = smol.generate(batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     reasons = [o.outputs[0].finish_reason for o in out]
     assert reasons == ["length", "error", "length", "error", "error", "error", "length"]
     assert "prompt is empty" in out[1].error
-    assert "exceeds max_model_len 64" in out[3].error
+    assert "leaves no room for output in max_model_len 512" in out[3].error
     assert "unknown chat role ['wizard']" in out[4].error
     assert "'content'" in out[5].error
     assert out[0].outputs[0].text.startswith(" Paris")
     with pytest.raises(ValueError, match="prompt is empty"):
         list(smol.stream("", SamplingParams(max_tokens=2)))
-    assert_quiet(smol)
+    assert_engine_quiet(smol)
 
 
 def test_a_stopped_stream_leaves_the_other_requests_running(smol):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    other_prompt = smol.tokenizer.encode("Once upon a time")
+    other_prompt = smol.get_tokenizer().encode("Once upon a time")
     expected = smol.generate([other_prompt], params, use_tqdm=False)[0].outputs[0].token_ids
-    other = smol.engine.add_request(other_prompt, params)
+    smol.engine.add_request("other", other_prompt, params)
     stream = smol.stream("The three primary colours are", params)
     next(stream)
-    stream.close()  # the consumer stops: that request is aborted, `other` is untouched
-    assert not other.is_finished
-    while smol.engine.has_unfinished():
-        smol.engine.step()
-    assert other.output_token_ids == expected and other.finish_reason == "length"
-    assert_quiet(smol)
+    stream.close()  # the consumer stops: that request is aborted, "other" is untouched
+    last = run_engine(smol.engine)
+    assert list(last) == ["other"] and last["other"].outputs[0].token_ids == expected
+    assert last["other"].outputs[0].finish_reason == "length"
+    assert_engine_quiet(smol)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_streams_and_generate_interleaved_lose_no_text(smol, async_scheduling, monkeypatch):
+    # A stream paused while another consumer steps the engine (another stream read in turn, a generate
+    # call) must still deliver all its text, also when its request finishes meanwhile.
+    monkeypatch.setattr(smol.engine, "async_scheduling", async_scheduling)
+    prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 9, 14)]
+    expected = [o.outputs[0].text for o in smol.generate(prompts, params, use_tqdm=False)]
+    streams = [smol.stream(p, sp) for p, sp in zip(prompts[:2], params[:2])]
+    texts = [next(streams[0]), next(streams[1])]
+    assert smol.generate(prompts[2], params[2], use_tqdm=False)[0].outputs[0].text == expected[2]  # runs both streams out
+    texts[1] += "".join(streams[1])
+    texts[0] += "".join(streams[0])
+    assert texts == expected[:2]
+    assert_engine_quiet(smol)

@@ -1,13 +1,16 @@
 """The scheduler over random workloads: nothing lost, limits kept, every request sees its own K/V."""
+import pickle
 import random
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mini_infer.engine.scheduler import Scheduler
-from mini_infer.engine.sequence import Sequence, SequenceStatus
-from mini_infer.engine.simulate import TokenPoolModel, run_to_completion
+from mini_infer.core.scheduler import Scheduler
+from mini_infer.core.sequence import Sequence, SequenceStatus
+from mini_infer.testing.simulate import TokenPoolModel, run_to_completion
 from mini_infer.memory.block_manager import BlockManager
 from mini_infer.sampling_params import SamplingParams
 
@@ -37,8 +40,8 @@ def run(seqs, num_blocks, **kwargs):
         scheduler.add(seq)
     batches = []
     model = TokenPoolModel(scheduler)  # asserts every step that each request reads exactly its own tokens
-    finished = run_to_completion(scheduler, model.step, on_step=lambda b: batches.append(
-        [(s.seq_id, s.num_scheduled_tokens) for s in b]))
+    finished = run_to_completion(scheduler, model.step, on_step=lambda output: batches.append(
+        list(output.num_scheduled_tokens.items())))
     return scheduler, finished, batches
 
 
@@ -60,7 +63,7 @@ def test_random_workloads_finish_exactly_within_limits(w):
         assert 0 < sum(n for _, n in batch) <= budget
         assert len(batch) <= max_seqs and len({i for i, _ in batch}) == len(batch)
     bm = scheduler.block_manager
-    assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+    assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.pool.blocks)
 
 
 @settings(max_examples=40, deadline=None)
@@ -93,14 +96,14 @@ def test_chunked_prefill_splits_a_long_prompt_and_keeps_decoding():
     scheduler = Scheduler(BlockManager(64, block_size=BLOCK), max_num_batched_tokens=16)
     model = TokenPoolModel(scheduler)
     scheduler.add(decoder)
-    scheduler.update(batch := scheduler.schedule(), model.step(batch))
+    scheduler.update(output := scheduler.schedule(), model.step(output))
     scheduler.add(long)
     chunks = []
     while not long.is_finished:
-        batch = scheduler.schedule()
-        assert decoder in batch and decoder.num_scheduled_tokens == 1
-        chunks.append(long.num_scheduled_tokens)
-        scheduler.update(batch, model.step(batch))
+        output = scheduler.schedule()
+        assert output.num_scheduled_tokens[decoder.seq_id] == 1
+        chunks.append(output.num_scheduled_tokens[long.seq_id])
+        scheduler.update(output, model.step(output))
     assert chunks == [15] * 6 + [10] and long.num_output_tokens == 1
 
 
@@ -129,10 +132,16 @@ def test_stop_tokens_and_eos_finish_a_request():
     assert eos.output_token_ids == [9] and ignore.status is SequenceStatus.RUNNING
 
 
-def test_a_request_that_can_never_fit_is_rejected():
-    scheduler = Scheduler(BlockManager(4, block_size=BLOCK))
-    with pytest.raises(ValueError, match="cache holds only 4 blocks"):
-        scheduler.add(Sequence(list(range(10)), SamplingParams(max_tokens=10)))
+def test_max_model_len_must_fit_the_cache_and_ends_requests():
+    with pytest.raises(ValueError, match="does not fit in the KV cache's 16 tokens"):
+        Scheduler(BlockManager(4, block_size=BLOCK), max_model_len=20)
+    scheduler = Scheduler(BlockManager(4, block_size=BLOCK))  # max_model_len: the whole cache, 16 tokens
+    unbounded, bounded = (Sequence([1, 2, 3], SamplingParams(max_tokens=m, ignore_eos=True)) for m in (None, 100))
+    model = TokenPoolModel(scheduler)
+    for seq in (unbounded, bounded):
+        scheduler.add(seq)
+        run_to_completion(scheduler, model.step)
+        assert seq.finish_reason == "length" and len(seq.token_ids) == 16
 
 
 def test_abort_returns_blocks_at_once():
@@ -187,27 +196,20 @@ def test_scheduler_limits_must_be_positive():
 
 def test_sequence_reports_its_state():
     seq = Sequence([1, 2, 3], SamplingParams(temperature=0))
-    assert seq.params.greedy and seq.in_prefill and len(seq) == 3 and "waiting" in repr(seq)
+    assert seq.params.greedy and seq.num_tokens == 3 and "waiting" in repr(seq)
 
 
-def position_model(seqs: list[Sequence]) -> list[int]:
-    """A stand-in whose token depends only on the request's prompt and position, so that it needs no
-    input ids: PENDING placeholders cannot change its answer. Token 7 is a stop token for some requests."""
-    return [hash((tuple(s.token_ids[:s.num_prompt_tokens]), s.num_computed_tokens + s.num_scheduled_tokens)) % 50
-            for s in seqs]
-
-
-def run_one_step_behind(scheduler: Scheduler) -> list[Sequence]:
+def run_one_step_behind(scheduler: Scheduler, model: TokenPoolModel) -> list[Sequence]:
     """The engine's async scheduling: each step is launched before the last one's tokens are recorded."""
     finished, in_flight = [], None
     while scheduler.has_unfinished():
-        scheduled, launched = scheduler.schedule(), None
-        if scheduled:
-            tokens = position_model(scheduled)
-            launched = (scheduled, scheduler.advance(scheduled), tokens)
-        assert scheduled or in_flight, "nothing to run although requests are unfinished"
+        output, launched = scheduler.schedule(), None
+        if output.num_scheduled_tokens:
+            tokens = model.step(output)
+            launched = (output, scheduler.advance(output), tokens)
+        assert output.num_scheduled_tokens or in_flight, "nothing to run although requests are unfinished"
         if in_flight:
-            finished += scheduler.record(*in_flight)
+            finished += [seq for seq in scheduler.record(*in_flight) if seq.is_finished]
         in_flight = launched
     return finished
 
@@ -227,11 +229,47 @@ def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs
     for scheduler, seqs in zip(schedulers, (synced, behind)):
         for seq in seqs:
             scheduler.add(seq)
-    run_to_completion(schedulers[0], position_model)
-    finished = run_one_step_behind(schedulers[1])
+    # a small vocabulary, so that the stop token 7 comes up; the model checks every step's description
+    run_to_completion(schedulers[0], TokenPoolModel(schedulers[0], vocab_size=50).step)
+    finished = run_one_step_behind(schedulers[1], TokenPoolModel(schedulers[1], vocab_size=50))
     assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in behind)  # none lost, none twice
     assert [(s.output_token_ids, s.finish_reason) for s in behind] == \
            [(s.output_token_ids, s.finish_reason) for s in synced]
-    assert all(s.num_pending_tokens == 0 and s.token_ids.count(-1) == 0 for s in behind)
+    assert all(s.num_pending_tokens == 0 for s in behind)
     bm = schedulers[1].block_manager
-    assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+    assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.pool.blocks)
+
+
+def test_the_step_description_sends_only_what_changed():
+    scheduler = Scheduler(BlockManager(16, block_size=BLOCK), max_num_seqs=1)
+    first, second = (Sequence([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)) for _ in range(2))
+    scheduler.add(first)
+    scheduler.add(second)
+    model = TokenPoolModel(scheduler)
+    output = scheduler.schedule()
+    (new,) = output.scheduled_new_reqs
+    assert (new.req_id, new.prompt_token_ids, new.block_ids, new.num_computed_tokens) == (first.seq_id, [1, 2, 3], [0], 0)
+    assert output.num_scheduled_tokens == {first.seq_id: 3} and not output.finished_req_ids
+    scheduler.update(output, model.step(output))
+    output = scheduler.schedule()  # the sampled token fills block 0; no new block yet
+    cached = output.scheduled_cached_reqs
+    assert not output.scheduled_new_reqs and cached.req_ids == [first.seq_id]
+    assert cached.new_token_ids == [first.token_ids[3:]] and cached.new_block_ids == [[]]
+    assert pickle.loads(pickle.dumps(output)) == output  # plain data: it can travel to other processes
+    scheduler.update(output, model.step(output))
+    output = scheduler.schedule()  # token 5 needs a second block
+    assert output.scheduled_cached_reqs.new_block_ids == [[1]]
+    scheduler.update(output, model.step(output))
+    assert first.is_finished
+    output = scheduler.schedule()  # the runner hears once that the first request left
+    assert output.finished_req_ids == {first.seq_id} and [r.req_id for r in output.scheduled_new_reqs] == [second.seq_id]
+    scheduler.update(output, model.step(output))
+    assert not scheduler.schedule().finished_req_ids
+
+
+@pytest.mark.parametrize("module", ["mini_infer", "mini_infer.core.scheduler", "mini_infer.core.sequence",
+                                    "mini_infer.core.scheduler_output", "mini_infer.memory.block_manager",
+                                    "mini_infer.sampling_params", "mini_infer.outputs", "mini_infer.testing.simulate"])
+def test_the_scheduling_side_imports_no_torch(module):
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from helpers import assert_engine_quiet
 from mini_infer.llm import LLM
 from mini_infer.serve.api_server import build_app, serve_in_thread
 from mini_infer.serve.loadgen import run_load, summarize
@@ -31,8 +32,8 @@ def test_command_line_help_and_loopback_default():
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return LLM(dtype="float32", device="cpu", max_model_len=512, cpu_kv_bytes=64 << 20)
+def llm(smol):  # tests/conftest.py
+    return smol
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +47,6 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
-def all_blocks_free_soon(llm, seconds: float = 10.0) -> bool:
-    blocks = llm.engine.scheduler.block_manager
-    deadline = time.monotonic() + seconds
-    while llm.engine.has_unfinished() or blocks.num_free_blocks != blocks.num_blocks:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_models_and_health(client, url):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
@@ -65,14 +56,14 @@ def test_completion_streamed_and_not(client, llm):
     reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
     choice = reply.choices[0]
     assert choice.text.startswith(" Paris") and choice.finish_reason == "length"
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(llm.tokenizer.encode(PROMPT)), 12)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(llm.get_tokenizer().encode(PROMPT)), 12)
     assert reply.object == "text_completion" and reply.model == MODEL
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks[:-1]) == choice.text
     assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * 11 + ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
-    token_ids = llm.tokenizer.encode(PROMPT)  # a prompt of token ids gives the same text
+    token_ids = llm.get_tokenizer().encode(PROMPT)  # a prompt of token ids gives the same text
     assert client.completions.create(model=MODEL, prompt=token_ids, max_tokens=12, temperature=0).choices[0].text \
         == choice.text
 
@@ -81,7 +72,7 @@ def test_chat_streamed_and_not(client, llm):
     reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
     message = reply.choices[0].message
     assert message.role == "assistant" and "Paris" in message.content
-    assert reply.usage.prompt_tokens == len(llm.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True,
+    assert reply.usage.prompt_tokens == len(llm.get_tokenizer().apply_chat_template(CHAT, add_generation_prompt=True,
                                                                              return_dict=False))
     chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0,
                                                  stream=True))
@@ -105,7 +96,7 @@ def test_n_completions_of_one_prompt(client, llm):
     sampled = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
     reply = client.completions.create(n=2, **sampled)
     assert [c.index for c in reply.choices] == [0, 1] and len({c.text for c in reply.choices}) == 2
-    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens == len(llm.tokenizer.encode(PROMPT))
+    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens == len(llm.get_tokenizer().encode(PROMPT))
     # choice i is sampled with the seed seed + i, as a request of its own would be
     alone = [client.completions.create(n=1, **{**sampled, "seed": 3 + i}).choices[0].text for i in range(2)]
     assert [c.text for c in reply.choices] == alone
@@ -114,7 +105,7 @@ def test_n_completions_of_one_prompt(client, llm):
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
     with pytest.raises(openai.BadRequestError, match="n must be 1 with stream true"):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, n=2, stream=True)
-    assert all_blocks_free_soon(llm)
+    assert_engine_quiet(llm, within=10)
 
 
 def test_16_concurrent_clients_all_finish(url, client, llm):
@@ -133,7 +124,7 @@ def test_16_concurrent_clients_all_finish(url, client, llm):
     results = asyncio.run(sixteen_clients())
     assert [reason for _, reason in results] == ["length"] * 16
     assert [text for text, _ in results] == [alone[i % 4] for i in range(16)]  # batched as alone (fp32 CPU)
-    assert all_blocks_free_soon(llm)
+    assert_engine_quiet(llm, within=10)
 
 
 def test_load_generator_times_every_request(url, llm):
@@ -144,7 +135,7 @@ def test_load_generator_times_every_request(url, llm):
     assert all(t.ttft > 0 and len(t.itl) >= 1 for t in timings)  # at least two chunks: the gaps between them
     stats = summarize(timings, seconds)
     assert stats["requests_per_s"] > 0 and stats["ttft_ms_median"] <= stats["ttft_ms_p99"]
-    assert all_blocks_free_soon(llm)
+    assert_engine_quiet(llm, within=10)
 
 
 def test_client_that_hangs_up_mid_stream_frees_its_blocks(client, llm):
@@ -155,14 +146,14 @@ def test_client_that_hangs_up_mid_stream_frees_its_blocks(client, llm):
         pass
     assert blocks.num_free_blocks < blocks.num_blocks
     stream.close()
-    assert all_blocks_free_soon(llm, seconds=5)  # long before its 400 tokens
+    assert_engine_quiet(llm, within=5)  # long before its 400 tokens
 
 
 def test_waiting_client_that_hangs_up_frees_its_blocks(url, llm):
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)
-    assert all_blocks_free_soon(llm, seconds=5)
+    assert_engine_quiet(llm, within=5)
 
 
 BAD = [  # (body, status, words of the message)
@@ -179,7 +170,7 @@ BAD = [  # (body, status, words of the message)
     ({"model": MODEL, "prompt": "Hi", "n": 17}, 400, "n must be at most 16"),
     ({"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be up to 4"),
     ({"model": MODEL, "prompt": "Hi", "stop": ""}, 400, "stop must be a non-empty string"),
-    ({"model": MODEL, "prompt": "Hi", "max_tokens": 10_000}, 400, "exceeds max_model_len 512"),
+    ({"model": MODEL, "prompt": "Hi " * 600}, 400, "leaves no room for output in max_model_len 512"),
     ({"model": MODEL, "prompt": ""}, 400, "the prompt is empty"),
     ({"model": MODEL, "prompt": [1, 10**9]}, 400, "token ids must be integers"),
     ({"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt"),
@@ -227,25 +218,25 @@ def test_serving_benchmark_runs_on_the_cpu(tmp_path):
 
 
 def test_async_engine_with_async_scheduling_streams_only_known_tokens():
-    # An engine that runs a step ahead holds PENDING placeholders: the streams must never see them.
-    from mini_infer.sampling_params import SamplingParams
+    # An engine that runs a step ahead has tokens in flight: the streams must see only the known ones.
+    from mini_infer.sampling_params import RequestOutputKind, SamplingParams
     from mini_infer.serve.async_engine import AsyncLLMEngine
     ahead = LLM(dtype="float32", device="cpu", max_model_len=128, cpu_kv_bytes=16 << 20, async_scheduling=True)
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = ["The capital of France is", "Once upon a time"]
-    expected = [o.outputs[0].text for o in ahead.generate(prompts, greedy, use_tqdm=False)]
+    expected = [o.outputs[0] for o in ahead.generate(prompts, greedy, use_tqdm=False)]
+    delta = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
 
     async def stream_both():
         engine = AsyncLLMEngine(ahead.engine)
         engine.start()
 
         async def one(prompt):
-            outputs = [o async for o in await engine.generate(ahead.tokenizer.encode(prompt), greedy)]
-            return "".join(o.text for o in outputs), [o.num_output_tokens for o in outputs]
+            return [o.outputs[0] async for o in await engine.generate(prompt, delta)]
         try:
             return await asyncio.gather(*(one(p) for p in prompts))
         finally:
             engine.shutdown()
-    results = asyncio.run(stream_both())
-    assert [text for text, _ in results] == expected
-    assert all(counts == list(range(1, 9)) for _, counts in results)
+    for deltas, full in zip(asyncio.run(stream_both()), expected):
+        assert "".join(d.text for d in deltas) == full.text
+        assert [t for d in deltas for t in d.token_ids] == full.token_ids and all(len(d.token_ids) == 1 for d in deltas)

@@ -1,1 +1,2 @@
-"""The engine: requests, the scheduler, and the loop that runs them (generated from the chapters)."""
+"""The engine: prompts in (the input processor), the step loop, outputs out (the output processor)
+(generated from Chapter 6)."""

@@ -37,7 +37,6 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
-        self.block_size = block_size
         self.kv = torch.empty(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
 
     @property

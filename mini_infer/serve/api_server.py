@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -16,8 +17,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from mini_infer.llm import LLM
+from mini_infer.outputs import RequestOutput
+from mini_infer.sampling_params import RequestOutputKind
 from mini_infer.serve import protocol
-from mini_infer.serve.async_engine import AsyncLLMEngine, StreamOutput
+from mini_infer.serve.async_engine import AsyncLLMEngine
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -84,60 +87,48 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
 
     async def serve(body: protocol.SamplingFields, prompt, default_max_tokens: int | None, request: Request,
                     chat: bool):
-        """Run one request, as n engine requests when it asks for n completions; `prompt()` gives its prompt
-        (raising ValueError for a bad one)."""
+        """Run one request (of n completions); `prompt()` gives its prompt (raising ValueError for a bad one)."""
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist: this server has {model_name!r}",
                            code="model_not_found")
         try:
-            prompt_ids = llm._token_ids(prompt())  # a string, token ids or a chat (its template)
-            room = llm.engine.max_model_len - len(prompt_ids)  # chat's default: as long as the context allows
-            params = body.sampling_params(default_max_tokens or max(room, 1))
-            # queue the n samples together, so the engine thread adds them between the same two steps
-            outputs = await asyncio.gather(*(engine.generate(prompt_ids, params.for_sample(i))
-                                             for i in range(params.n)))
+            params = body.sampling_params(default_max_tokens)  # a chat's default: as long as the context allows
+            kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
+            outputs = await engine.generate(prompt(), replace(params, output_kind=kind))
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
         rid, created = protocol.request_id(chat), int(time.time())
         if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = sse(outputs[0], rid, created, len(prompt_ids), chat, include_usage)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        results = await until_disconnected(request, asyncio.gather(*map(collect, outputs)))
-        choices = [protocol.choice(text, last.finish_reason, chat, stream=False, index=i)
-                   for i, (text, last) in enumerate(results)]
-        num_output_tokens = sum(last.num_output_tokens for _, last in results)
+            return StreamingResponse(sse(outputs, rid, created, chat, include_usage), media_type="text/event-stream")
+        final = await until_disconnected(request, anext(outputs))
+        choices = [protocol.choice(c.text, c.finish_reason, chat, stream=False, index=c.index) for c in final.outputs]
+        num_output_tokens = sum(len(c.token_ids) for c in final.outputs)
         return protocol.response(rid, model_name, created, choices, chat, stream=False,
-                                 usage_counts=protocol.usage(len(prompt_ids), num_output_tokens))
+                                 usage_counts=protocol.usage(len(final.prompt_token_ids), num_output_tokens))
 
-    async def sse(outputs: AsyncIterator[StreamOutput], rid: str, created: int, num_prompt_tokens: int,
-                  chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def sse(outputs: AsyncIterator[RequestOutput], rid: str, created: int, chat: bool,
+                  include_usage: bool) -> AsyncIterator[str]:
         """The stream as server-sent events: a chunk per engine step, then [DONE]. When the client hangs up,
         Starlette cancels this generator and `outputs` aborts the request."""
         def event(body: dict) -> str:
             return f"data: {json.dumps(body)}\n\n"
-        first, last = True, None
+        first, num_prompt_tokens, num_output_tokens = True, None, 0
         try:
-            async for last in outputs:
-                choices = [protocol.choice(last.text, last.finish_reason, chat, stream=True, first=first)]
+            async for delta in outputs:
+                (sample,) = delta.outputs
+                num_prompt_tokens, num_output_tokens = len(delta.prompt_token_ids), num_output_tokens + len(sample.token_ids)
+                choices = [protocol.choice(sample.text, sample.finish_reason, chat, stream=True, first=first)]
                 yield event(protocol.response(rid, model_name, created, choices, chat, stream=True))
                 first = False
         except Exception as e:  # the engine failed: the status line is sent already, so say it in the stream
             yield event(protocol.error(f"internal error: {e}", "server_error"))
-        if include_usage and last is not None:
-            counts = protocol.usage(num_prompt_tokens, last.num_output_tokens)
+        if include_usage and num_prompt_tokens is not None:
+            counts = protocol.usage(num_prompt_tokens, num_output_tokens)
             yield event(protocol.response(rid, model_name, created, [], chat, stream=True, usage_counts=counts))
         yield "data: [DONE]\n\n"
 
     return app
-
-
-async def collect(outputs: AsyncIterator[StreamOutput]) -> tuple[str, StreamOutput]:
-    """The whole text and the last output of a request."""
-    pieces = []
-    async for last in outputs:
-        pieces.append(last.text)
-    return "".join(pieces), last
 
 
 async def until_disconnected(request: Request, work):

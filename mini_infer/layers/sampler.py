@@ -4,12 +4,12 @@ import numpy as np
 import torch
 
 from mini_infer.device import to_device
-from mini_infer.engine.sequence import Sequence
 from mini_infer.kernels.sampling import sample
+from mini_infer.sampling_params import SamplingParams
 
 
 class Sampler:
-    """Samples one token per row of logits [B, vocab], row i following seqs[i].params.
+    """Samples one token per row of logits [B, vocab], row i following params[i].
 
     The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
     one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
@@ -19,8 +19,9 @@ class Sampler:
     def __init__(self):
         self.rng = np.random.default_rng()
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        params = [s.params for s in seqs]
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+        """Token ids [B] (int64, on the logits' device); positions[i] is where row i's token will stand in
+        its sequence (what a seeded request's noise depends on)."""
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1)
         device, vocab = logits.device, logits.shape[-1]
@@ -31,10 +32,10 @@ class Sampler:
             top_p = to_device(np.array([p.top_p for p in params], np.float32), device)
             logits = self.filter_top_k_top_p(logits, top_k, top_p)
             temperature = (temperature > 0).astype(np.float32)  # already divided
-        seeds = self.rng.integers(0, 2**62, len(seqs))
-        for i, seq in enumerate(seqs):
-            if seq.params.seed is not None:  # the sampled token's position is len(seq)
-                seeds[i] = (seq.params.seed * 6364136223846793005 + len(seq)) % 2**62
+        seeds = self.rng.integers(0, 2**62, len(params))
+        for i, (p, position) in enumerate(zip(params, positions)):
+            if p.seed is not None:
+                seeds[i] = (p.seed * 6364136223846793005 + position) % 2**62
         return sample(logits, to_device(temperature, device), to_device(seeds, device))
 
     @staticmethod

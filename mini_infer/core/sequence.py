@@ -6,9 +6,6 @@ import itertools
 from mini_infer.sampling_params import SamplingParams
 
 
-PENDING = -1  # a sampled token still on its way from the GPU
-
-
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"
@@ -16,12 +13,13 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    """One request: prompt and generated tokens, how many of them have K/V in the cache, its blocks.
+    """One sample of one request: its tokens, how many of them have K/V in the cache, its blocks.
 
-    The model has computed K/V for `token_ids[:num_computed_tokens]`; this step it runs on the next
-    `num_scheduled_tokens` tokens (a prompt chunk, or the one newest token when decoding).
-    An engine that runs one step ahead (Chapter 6) appends a `PENDING` placeholder for each token the
-    GPU has sampled but the host has not seen yet; they are the last `num_pending_tokens` tokens.
+    `token_ids` holds every token the host knows, prompt then output. The model has computed K/V for
+    the first `num_computed_tokens` of the sequence's `num_tokens`; this step it runs on the next
+    `num_scheduled_tokens` (a prompt chunk, or the newest token when decoding). An engine that runs one
+    step ahead (Chapter 6) has launched steps whose sampled tokens the host has not seen yet: they count
+    in `num_tokens` as `num_pending_tokens`, and join `token_ids` when they arrive.
     """
 
     _ids = itertools.count()
@@ -35,36 +33,32 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0
-        self.num_preemptions = 0
+        self.num_pending_tokens = 0  # sampled on the GPU, not yet seen by the host
         self.block_table: list[int] = []  # read and written by the BlockManager
         self.num_cached_tokens = 0  # leading tokens served by the prefix cache
-        self.num_pending_tokens = 0  # trailing PENDING placeholders
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
+        # what the model runner already holds of it (SchedulerOutput sends only what is new); 0 tokens
+        # means the runner does not know it (never scheduled, or preempted since)
+        self.num_sent_tokens = 0
+        self.num_sent_blocks = 0
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, {self.status.value}, prompt={self.num_prompt_tokens}, "
                 f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")
 
     @property
-    def num_known_tokens(self) -> int:
-        """Tokens whose ids the host knows: all but the pending placeholders."""
-        return len(self.token_ids) - self.num_pending_tokens
+    def num_tokens(self) -> int:
+        """Every token of the sequence, those still on their way from the GPU included."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:self.num_known_tokens]
+        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_output_tokens(self) -> int:
-        return self.num_known_tokens - self.num_prompt_tokens
+        """Output tokens the host knows."""
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    @property
-    def in_prefill(self) -> bool:
-        """True while more than the newest token still needs computing (a prompt, or a recompute)."""
-        return len(self.token_ids) - self.num_computed_tokens > 1
