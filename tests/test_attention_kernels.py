@@ -2,6 +2,8 @@
 CPU (fp32, fp16), and on CUDA when present (also bf16). Small shapes: the interpreter runs each program
 in Python. Head shapes include head_dim 80 and 96 (padded to 128 inside the kernels) and GQA ratios 3 and 5."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +188,18 @@ def test_store_then_prefill_is_causal_attention(device):
     torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
     out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, n, d ** -0.5)
     torch.testing.assert_close(out, expected, **tolerance(device, torch.float32))
+
+
+def test_attention_sweep_checks_run_on_the_cpu():
+    """benchmarks/attention_sweep.py runs once on a GPU machine: its checks (every launch variant against the
+    references) must not die there on a typo. Here, one model shape under the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the sweep's CPU checks run under Triton's interpreter")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import attention_sweep
+
+    shape = {"smollm2-135m": attention_sweep.MODELS["smollm2-135m"]}
+    checks = attention_sweep.check_all(torch.device("cpu"), torch.float16, tiny=True, shapes=shape)
+    assert not checks.failed and not checks.unsupported
+    assert {r["what"] for r in checks.rows} == {"smollm2-135m, prefill", "smollm2-135m, decode", "smollm2-135m, store",
+                                                "smollm2-135m, sdpa-flash", "smollm2-135m, sdpa-flash-gqa"}
