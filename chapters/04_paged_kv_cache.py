@@ -669,9 +669,15 @@ print("store_kvcache, Triton == reference:", all(torch.equal(a, b) for a, b in z
 # A split past a sequence's end is empty and gets weight zero; a sequence with no context at all (a
 # padding row of a CUDA-graph batch) gets zeros.
 #
-# Inside a program, a tile of `BLOCK_N` keys may span several blocks of the pool: each key's block id is
-# looked up in the block table, and K/V rows are gathered one per key. The two helpers below, a gather
-# and one online-softmax step (in base 2: `exp2` is the hardware instruction), are shared with prefill.
+# Inside a program, a tile of `BLOCK_N` keys spans several blocks (pages) of the pool. When `BLOCK_N` is a
+# multiple of the block size, the tile is whole pages and needs one block-table entry per page; otherwise
+# each key's block id is looked up. Either way K/V rows are gathered one per key. `head_dim` is padded to
+# the next power of two (`tl.arange` needs one), with the padding columns masked: zeros in q and K add
+# nothing to a score, zeros in V nothing to the output. The two helpers below, a gather and one
+# online-softmax step (in base 2: `exp2` is the hardware instruction, and the scale rides on the
+# subtraction of the row max, one multiply-add per score), are shared with prefill. The launch knobs
+# (`block_n`, `num_warps`, `num_stages`, `num_splits`) are keyword arguments, for
+# `benchmarks/attention_sweep.py` to try.
 
 # %%
 #| export mini_infer.kernels.attention
@@ -882,11 +888,37 @@ for num_splits in [1, 3, None]:
 # gather instead of a contiguous read, which matters little here: prefill is bound by arithmetic, not by
 # memory.
 #
-# The kernel is flash attention for variable lengths: a program takes a tile of `BLOCK_M` query tokens of
-# one sequence and one head, walks the keys in tiles of `BLOCK_N` with the same online-softmax step as
-# decode, and stops at the tile's last query position (causality). The grid is `(query tiles of the
-# longest sequence, sequences, heads)`; tiles past a shorter sequence's end return at once. Query heads of
-# one KV head read the same K/V tiles, which the GPU's L2 cache serves after the first.
+# The kernel is flash attention for variable lengths: a program takes a tile of `BLOCK_M` rows of one
+# sequence, walks the keys in tiles of `BLOCK_N` with the same online-softmax step as decode, and stops at
+# its last query's position (causality). The grid is `(query tiles of the longest sequence, sequences, KV
+# heads)`; tiles past a shorter sequence's end return at once. Four choices go beyond the textbook version:
+#
+# - **The query heads of one KV head share a program** (`pack_gqa`, FlashAttention-3's name for it). A
+#   tile's rows are (query, head) pairs: `BLOCK_M / group` queries times the `group` query heads that read
+#   the same K and V, the heads of one token in adjacent rows, as they are in memory. With as many rows,
+#   the K/V bytes per FLOP are the same as with one head per program; what changes is that a tile spans
+#   `group` times fewer positions, so the diagonal, where the causal mask throws away part of the work, is
+#   that much narrower. That counts most for short prompts, where the diagonal is a large share of the
+#   whole.
+# - **Only the diagonal is masked.** Keys before the tile's first query position are visible to every row:
+#   those key tiles skip the mask and its comparison per score. Only the last one or two key tiles get it.
+# - **The longest tiles start first.** Under a causal mask a sequence's last query tile has the most keys
+#   to read, so the grid runs the tiles in reverse: the short ones come last and fill the gaps at the end,
+#   instead of one long tile running alone.
+# - **Whole pages**, as in decode: with `BLOCK_N` a multiple of the block size, one block-table entry per
+#   page. In the sm_90 code that Triton 3.9 generates for SmolLM2's shape, that is about 8% fewer
+#   instructions in the whole kernel (read off the compiler's output, not timed).
+#
+# Padding `head_dim` to a power of two costs arithmetic here: at 80 the padding is three eighths of each
+# tile, at 96 a quarter. (FlashAttention also rounds head sizes up to the sizes its kernels are built for.)
+#
+# The launch parameters come from a small table by head_dim, `PREFILL_LAUNCH`, not from autotuning (which
+# needs a GPU timer and would tune at run time): 128 rows on 8 warps, that is two Hopper warpgroups of 64
+# rows each, tiles of 64 keys, 3 pipeline stages. 128 rows on 4 warps spill registers at head_dim 128 (the
+# compiler's resource report says so). The table was picked for Hopper before it was measured; every
+# choice above is a keyword argument of `prefill_attention_triton` (`block_m`, `block_n`, `num_warps`,
+# `num_stages`, `pack_gqa`, `mask_all_tiles`), so `benchmarks/attention_sweep.py` can time each against the
+# others and against PyTorch's FlashAttention.
 
 # %%
 #| export mini_infer.kernels.attention
@@ -1011,9 +1043,9 @@ torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-2)
 print("prefill with a cached prefix: matches the reference")
 
 # %% [markdown]
-# `tests/test_attention_kernels.py` checks the three kernels the same way over more shapes (GQA ratios 1
-# and 3, fp32 and fp16, and on a GPU bf16), plus the padding cases a CUDA-graph batch produces (slot -1,
-# context length 0).
+# `tests/test_attention_kernels.py` checks the three kernels the same way over more shapes (GQA ratios 1,
+# 3 and 5, head_dim 64, 80 and 96, fp32 and fp16, and on a GPU bf16), every launch knob, and the padding
+# cases a CUDA-graph batch produces (slot -1, context length 0).
 #
 # ### How fast, on a GPU
 #
@@ -1071,14 +1103,18 @@ else:
     print("no GPU here: timings skipped")
 
 # %% [markdown]
-# On the H100 above (stored outputs): with one program per (sequence, KV head), a single request reads
-# its cache at about 20 GB/s, under 1% of the card's bandwidth, because only 3 programs run on 132 SMs.
-# The split lifts a single 8,192-token context to about 460 GB/s (22 times faster) and 16 requests to
-# 770 GB/s; at 256 requests the batch alone fills the GPU, the heuristic picks one split, and the kernel
-# reads at about 2,150 GB/s, some 70% of the copy ceiling. Paged prefill runs at 60-75% of PyTorch's
-# contiguous FlashAttention: it gathers keys row by row through the block table where FlashAttention
-# streams contiguous tiles. That gap is worth closing later; at this model size, prefill attention is a
-# small part of a step.
+# The stored outputs above come from the H100 run named at the top of the chapter, which predates this
+# version of the kernels (head_dim padding, whole-page tiles, and the prefill design described above).
+# There, with one program per (sequence, KV head), a single request read its cache at about 20 GB/s, under
+# 1% of the card's bandwidth, because only 3 programs run on 132 SMs. The split lifted a single
+# 8,192-token context to about 460 GB/s (22 times faster) and 16 requests to 770 GB/s; at 256 requests
+# the batch alone fills the GPU, the heuristic picks one split, and the kernel read at about 2,150 GB/s,
+# some 70% of the copy ceiling. Paged prefill, then with one program per query head, 64 x 64 tiles and
+# the mask on every tile, ran at 60-75% of PyTorch's contiguous FlashAttention; that gap is what the
+# prefill design above goes after. How close it comes is for `benchmarks/attention_sweep.py` (every launch
+# variant on an H200, against SDPA's FlashAttention backend, with and without a cached prefix) and the
+# prefill rows of `benchmarks/kernel_benchmark.py` to say once they have run, and for this cell's next
+# run on a GPU.
 #
 # ## What we have
 #
