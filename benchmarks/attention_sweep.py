@@ -47,7 +47,7 @@ import mini_infer  # noqa: F401  (switches on Triton's interpreter when there is
 import triton
 from mini_infer.kernels.attention import (
     PREFILL_LAUNCH, decode_num_splits, gather_kv_ref, paged_decode_attention_ref, paged_decode_attention_triton,
-    prefill_attention_ref, prefill_attention_triton, store_kvcache_ref, store_kvcache_triton,
+    prefill_attention_ref, prefill_attention_triton, prefill_launch_params, store_kvcache_ref, store_kvcache_triton,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,11 +63,12 @@ DECODE_CASES = [(64, 4096), (256, 600), (1, 4096), (256, 4096), (64, 600), (1, 6
 
 
 def prefill_variants(head_dim: int) -> dict[str, dict]:
-    """Launch variants of prefill_attention_triton: the defaults; each design choice undone alone; the kernel as
-    it was before them (64 x 64 tiles, 4 warps, a program per query head, every tile masked); other tiles."""
+    """Launch variants of prefill_attention_triton: the defaults; each design choice undone alone; "before", the
+    earlier kernel's choices (64 x 64 tiles, 4 warps, a program per query head, every tile masked; on today's
+    code, which keeps the whole-page loads, the folded scale and the reversed tile order); other tiles."""
     variants = {"default": {}, "per-head": dict(pack_gqa=False), "mask-all": dict(mask_all_tiles=True),
                 "before": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, pack_gqa=False, mask_all_tiles=True)}
-    default = PREFILL_LAUNCH[max(64, triton.next_power_of_2(head_dim))]
+    default = prefill_launch_params(head_dim)
     tiles = [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3)]
     for m, n, w, s in tiles:
         if (m, n, w, s) != default and not (head_dim > 64 and (m, w) == (128, 4)):  # 128 rows on 4 warps spill at D=128

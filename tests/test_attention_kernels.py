@@ -160,13 +160,16 @@ def test_prefill_knobs(device, knobs):
     torch.testing.assert_close(out, expected, **tolerance(device, torch.float16))
 
 
-def test_prefill_refuses_what_it_cannot_run():
+def test_kernels_refuse_what_they_cannot_run():
     k_cache, v_cache, tables, lens, g = setup([20], 1, 64, torch.float32, "cpu")
     q, cu = torch.randn(20, 8, 64, generator=g), cu_seqlens([20], "cpu")
     with pytest.raises(ValueError, match="smaller than the 8 query heads"):
         prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu, 20, 0.125, block_m=4)
+    small = setup([20], 1, 8, torch.float32, "cpu")[:4]
     with pytest.raises(ValueError, match="head_dim 16 to 256"):
-        prefill_attention_triton(torch.randn(20, 1, 8), *setup([20], 1, 8, torch.float32, "cpu")[:4], cu, 20, 0.3)
+        prefill_attention_triton(torch.randn(20, 1, 8), *small, cu, 20, 0.3)
+    with pytest.raises(ValueError, match="head_dim 16 to 256"):
+        paged_decode_attention_triton(torch.randn(1, 1, 8), *small, 0.3)
     with pytest.raises(ValueError, match="contiguous pools"):
         prefill_attention_triton(q, k_cache[:, :8], v_cache, tables, lens, cu, 20, 0.125)
 

@@ -144,6 +144,14 @@ def _decode_reduce_kernel(o_part_ptr, lse_part_ptr, o_ptr, num_splits, NUM_Q_HEA
 LOG2E = 1.4426950408889634
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """head_dim rounded up to the power of two the kernels' tiles use. Raises ValueError outside 16..256: tl.dot
+    needs at least 16 along each side, and past 256 the tiles outgrow an SM's registers."""
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"the attention kernels support head_dim 16 to 256, got {head_dim}")
+    return triton.next_power_of_2(head_dim)
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Splits per sequence for flash-decoding: about four programs per SM (each one's loop waits on
     dependent loads, block table then K/V, so many programs hide that latency), no split under 64 keys."""
@@ -153,12 +161,13 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None,
                                   block_n=32, num_warps=4, num_stages=3):
     """One query token per sequence, q [B, Hq, D], attends to its context_lens [B] (int32) keys in the pools
-    k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype); Hq a multiple of Hkv, any D.
+    k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype); Hq a multiple of Hkv, D from 16 to 256.
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
     A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
     over the block table's width; block_n (keys per tile, a power of two, at least 16), num_warps and
-    num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools.
+    num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a head_dim
+    outside 16..256.
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -171,7 +180,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_len
     split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-    block_d = triton.next_power_of_2(D)
+    block_d = padded_head_dim(D)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, o_part, lse_part,
         q.stride(0), q.stride(1), block_tables.stride(0), scale * LOG2E, split_len, num_splits,
@@ -274,6 +283,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, block_tables_ptr, co
 PREFILL_LAUNCH = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 
 
+def prefill_launch_params(head_dim: int) -> tuple[int, int, int, int]:
+    """The default (BLOCK_M, BLOCK_N, num_warps, num_stages) for a head_dim: its PREFILL_LAUNCH row."""
+    return PREFILL_LAUNCH[max(64, padded_head_dim(head_dim))]
+
+
 def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale,
                              block_m=None, block_n=None, num_warps=None, num_stages=None, pack_gqa=True,
                              mask_all_tiles=False):
@@ -292,10 +306,7 @@ def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu
     _, block_size, Hkv, _ = k_cache.shape
     if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("prefill_attention_triton needs q with unit last stride and contiguous pools")
-    block_d = triton.next_power_of_2(D)
-    if not 16 <= D <= 256:  # tl.dot needs at least 16 along each side; over 256, the tiles outgrow the SM
-        raise ValueError(f"prefill_attention_triton supports head_dim 16 to 256, got {D}")
-    default_m, default_n, default_warps, default_stages = PREFILL_LAUNCH[max(64, block_d)]
+    default_m, default_n, default_warps, default_stages = prefill_launch_params(D)
     block_m, block_n = block_m or default_m, block_n or default_n
     heads = Hq // Hkv if pack_gqa else 1
     if block_m < heads:
@@ -305,7 +316,7 @@ def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu
     _prefill_kernel[grid](q, k_cache, v_cache, o, block_tables, context_lens, cu_seqlens_q,
                           q.stride(0), q.stride(1), o.stride(0), o.stride(1), block_tables.stride(0), scale * LOG2E,
                           GROUP=Hq // Hkv, HEADS=heads, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D,
-                          BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_ALL_TILES=mask_all_tiles,
+                          BLOCK_D=padded_head_dim(D), BLOCK_M=block_m, BLOCK_N=block_n, MASK_ALL_TILES=mask_all_tiles,
                           num_warps=num_warps or default_warps, num_stages=num_stages or default_stages)
     return o
 
