@@ -1,4 +1,4 @@
-"""Measure every kernel number of chapters 2 (RMSNorm) and 3 (RoPE) on one GPU.
+"""Measure every kernel number of chapters 2 (RMSNorm), 3 (RoPE) and 4 (paged prefill attention) on one GPU.
 
     python benchmarks/kernel_benchmark.py           # full run, a few minutes on an H100
     python benchmarks/kernel_benchmark.py --quick   # smoke run: two shapes per op, no sweeps
@@ -9,7 +9,12 @@ before every call) and GB/s counted from the bytes the op must read and write:
   RMSNorm                 x read, out written, the weight read once
   residual add + RMSNorm  x and residual read, residual and out written, the weight read once
   RoPE                    q and k read and written, the positions and each token's cos/sin row read
-The device-to-device copy bandwidth of a 2 GiB tensor (read + written) is the ceiling. Writes
+The device-to-device copy bandwidth of a 2 GiB tensor (read + written) is the ceiling. Prefill attention is
+arithmetic, so its rows also carry TFLOP/s (4 * head_dim * q heads FLOPs per visible query-key pair): chapter 4's
+Triton kernel reading K/V through block tables ("triton") against PyTorch's SDPA, FlashAttention backend only, on
+contiguous tensors (K/V repeated to every query head, "sdpa-flash", and with enable_gqa, "sdpa-flash-gqa"),
+causal, bottom-right aligned under a cached prefix; each call is captured in a CUDA graph and its replay timed
+(benchmarks/attention_sweep.py has the details, and the launch-parameter sweep). Writes
 `benchmarks/results/kernels_<gpu>.json` and two plots beside it, then prints a table.
 """
 from __future__ import annotations
@@ -35,6 +40,8 @@ RESIDUAL_SHAPES = [(16384, 4096)]
 LLAMA, SMOL = (32, 8, 128), (9, 3, 64)  # (q heads, kv heads, head_dim)
 ROPE_SHAPES = [(1, *LLAMA), (64, *LLAMA), (16384, *LLAMA), (16384, *SMOL)]
 ROPE_SWEEP = [(t, *LLAMA) for t in (1, 16, 64, 256, 1024, 4096, 16384)]
+# (sequences, new tokens, cached tokens): one prompt of 512 to 4096 tokens, alone or after a cached prefix
+PREFILL_CASES = [(1, n, 0) for n in (512, 1024, 2048, 4096)] + [(1, n, n) for n in (512, 1024, 2048)]
 
 
 def slug(name: str) -> str:
@@ -62,17 +69,26 @@ class Bench:
 
         self.do_bench, self.quick, self.rows = do_bench, quick, []
 
-    def time(self, op, shape, impl, fn_sets, nbytes):
-        """Median microseconds of fn over rotating input sets; records the row. Failures skip the impl."""
+    def time(self, op, shape, impl, fn_sets, nbytes, flops=None, graphed=False):
+        """Median microseconds of fn over rotating input sets (or of one fn's CUDA-graph replay, graphed=True);
+        records the row. Failures skip the impl."""
         try:
-            calls = itertools.cycle(fn_sets)
-            ms = self.do_bench(lambda: next(calls)(), warmup=10 if self.quick else 25, rep=40 if self.quick else 100,
-                               return_mode="median")
+            if graphed:
+                from attention_sweep import time_graph
+
+                ms = time_graph(fn_sets[0], self.quick) / 1e3
+            else:
+                calls = itertools.cycle(fn_sets)
+                ms = self.do_bench(lambda: next(calls)(), warmup=10 if self.quick else 25, rep=40 if self.quick else 100,
+                                   return_mode="median")
         except Exception as e:  # noqa: BLE001 (torch.compile or vLLM failing must not end the run)
             print(f"  {op} {shape} {impl}: skipped ({type(e).__name__}: {str(e)[:120]})")
             return
-        self.rows.append({"op": op, "shape": list(shape), "dtype": str(DTYPE).removeprefix("torch."), "impl": impl,
-                          "us": round(ms * 1e3, 2), "gbps": round(nbytes / (ms * 1e-3) / 1e9, 1)})
+        row = {"op": op, "shape": list(shape), "dtype": str(DTYPE).removeprefix("torch."), "impl": impl,
+               "us": round(ms * 1e3, 2), "gbps": round(nbytes / (ms * 1e-3) / 1e9, 1)}
+        if flops is not None:
+            row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 1)
+        self.rows.append(row)
 
 
 def n_sets(nbytes: int) -> int:
@@ -141,6 +157,31 @@ def bench_rope(bench: Bench, shapes, vllm) -> None:
             bench.time("rope", shape, "vllm", fns, nbytes)
 
 
+def bench_prefill(bench: Bench, cases, models) -> None:
+    """Paged Triton prefill against SDPA's FlashAttention on the same keys and values; shape rows are
+    (sequences, new tokens, cached tokens, q heads, kv heads, head_dim)."""
+    from attention_sweep import contiguous_qkv, paged_batch, sdpa_call, visible_pairs
+
+    from mini_infer.kernels.attention import prefill_attention_ref, prefill_attention_triton
+
+    for (num_seqs, new, cached), (hq, hkv, d) in itertools.product(cases, models):
+        b = paged_batch((hq, hkv, d), [new] * num_seqs, [new + cached] * num_seqs, DTYPE, torch.device("cuda"), seed=0)
+        es = torch.finfo(DTYPE).bits // 8
+        nbytes = es * num_seqs * d * (2 * new * hq + 2 * (new + cached) * hkv)  # q, out; K and V once
+        flops = 4 * d * hq * visible_pairs(new, cached) * num_seqs
+        triton_fn = lambda b=b: prefill_attention_triton(b.q, b.k_cache, b.v_cache, b.tables, b.lens, b.cu, b.max_q,  # noqa: E731
+                                                         b.scale)
+        want = prefill_attention_ref(b.q, b.k_cache, b.v_cache, b.tables, b.lens, b.cu, b.scale).float()
+        err = float((triton_fn().float() - want).norm() / want.norm())
+        assert err < 1e-2, f"prefill {num_seqs}x{new}+{cached} ({hq}, {hkv}, {d}): relative error {err:.2e}"
+        shape = (num_seqs, new, cached, hq, hkv, d)
+        bench.time("prefill_attention", shape, "triton", [triton_fn], nbytes, flops, graphed=True)
+        q4, k4, v4 = contiguous_qkv(b)
+        for gqa in (False, True):
+            bench.time("prefill_attention", shape, "sdpa-flash-gqa" if gqa else "sdpa-flash",
+                       [sdpa_call(q4, k4, v4, gqa, flash_only=True)], nbytes, flops, graphed=True)
+
+
 def copy_bandwidth(bench: Bench) -> float:
     src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -202,6 +243,7 @@ def main(argv=None) -> int:
     bench_rms_norm(bench, RESIDUAL_SHAPES, residual=True, vllm=vllm)
     rope = [ROPE_SHAPES[0], ROPE_SHAPES[-1]] if args.quick else sorted(set(ROPE_SHAPES + ROPE_SWEEP))
     bench_rope(bench, rope, vllm)
+    bench_prefill(bench, PREFILL_CASES[::3] if args.quick else PREFILL_CASES, [SMOL] if args.quick else [SMOL, LLAMA])
     copy_gbps = copy_bandwidth(bench)
 
     device = torch.cuda.get_device_name()
@@ -218,10 +260,11 @@ def main(argv=None) -> int:
     print(f"\n{device}, torch {torch.__version__}, triton {triton.__version__}; {result['dtype']}; "
           f"2 GiB copy {copy_gbps:,.0f} GB/s; {(datetime.datetime.now() - start).seconds} s")
     impls = list(dict.fromkeys(r["impl"] for r in bench.rows))
-    print(f"{'op':<17}{'shape':<22}" + "".join(f"{i:>22}" for i in impls) + "   (us | GB/s)")
+    print(f"{'op':<17}{'shape':<22}" + "".join(f"{i:>22}" for i in impls) + "   (us | GB/s; prefill: us | TFLOP/s)")
     table = {}
     for r in bench.rows:
-        table.setdefault((r["op"], tuple(r["shape"])), {})[r["impl"]] = f"{r['us']:>9,.1f} | {r['gbps']:>7,.0f}"
+        rate = r["tflops"] if "tflops" in r else r["gbps"]
+        table.setdefault((r["op"], tuple(r["shape"])), {})[r["impl"]] = f"{r['us']:>9,.1f} | {rate:>7,.0f}"
     for (op, shape), cells in table.items():
         print(f"{op:<17}{'x'.join(map(str, shape)):<22}" + "".join(f"{cells.get(i, '-'):>22}" for i in impls))
     return 0

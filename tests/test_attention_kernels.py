@@ -1,7 +1,9 @@
 """Paged attention kernels (chapter 4) against their PyTorch references: under Triton's interpreter on the
 CPU (fp32, fp16), and on CUDA when present (also bf16). Small shapes: the interpreter runs each program
-in Python."""
+in Python. Head shapes include head_dim 80 and 96 (padded to 128 inside the kernels) and GQA ratios 3 and 5."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +15,15 @@ from mini_infer.kernels.attention import (
     store_kvcache_ref, store_kvcache_triton,
 )
 
-BLOCK_SIZE, HEAD_DIM, NUM_BLOCKS = 16, 64, 48
+BLOCK_SIZE, NUM_BLOCKS = 16, 48
 # Triton runs on CPU tensors only through the interpreter (on by default without a GPU).
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
-HEADS = [(2, 2), (6, 2)]  # (query heads, kv heads): GQA ratios 1 and 3
+# (query heads, kv heads, head_dim): GQA ratios 1, 3, 5 and 3; head_dims that are not powers of two
+HEADS = [(2, 2, 64), (6, 2, 64), (10, 2, 80), (9, 3, 96)]
+HEAD_IDS = [f"{hq}q{hkv}kv-d{d}" for hq, hkv, d in HEADS]
+# (new tokens, context) per sequence: a 32-token cached prefix, a prompt over one query tile, exactly one
+# block, one token after a prefix, and a 130-token prefix under 100 new tokens (several unmasked key tiles)
+PREFILL_Q_LENS, PREFILL_CONTEXTS = [5, 70, 16, 1, 100], [37, 70, 16, 20, 230]
 
 
 def cases():
@@ -31,59 +38,87 @@ def tolerance(device, dtype):
     return dict(atol=2e-3, rtol=1e-2) if dtype == torch.float16 else dict(atol=1e-2, rtol=2e-2)
 
 
-def setup(context_lens, num_kv_heads, dtype, device, seed=0):
+def setup(context_lens, num_kv_heads, head_dim, dtype, device, seed=0, block_size=BLOCK_SIZE):
     """A random pool (never zeros) and block tables drawn from it in shuffled order."""
     g = torch.Generator().manual_seed(seed)
-    shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+    num_blocks = NUM_BLOCKS * BLOCK_SIZE // block_size
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(2))
-    order = torch.randperm(NUM_BLOCKS, generator=g)
-    width = max(-(-n // BLOCK_SIZE) for n in context_lens) + 1  # one spare column: never read
-    tables = torch.randint(0, NUM_BLOCKS, (len(context_lens), width), generator=g, dtype=torch.int32)
+    order = torch.randperm(num_blocks, generator=g)
+    width = max(-(-n // block_size) for n in context_lens) + 1  # one spare column: never read
+    tables = torch.randint(0, num_blocks, (len(context_lens), width), generator=g, dtype=torch.int32)
     used = 0
     for i, n in enumerate(context_lens):
-        k = -(-n // BLOCK_SIZE)
+        k = -(-n // block_size)
         tables[i, :k] = order[used:used + k]
         used += k
     lens = torch.tensor(context_lens, dtype=torch.int32)
     return k_cache, v_cache, tables.to(device), lens.to(device), g
 
 
-@pytest.mark.parametrize("heads", HEADS)
+def cu_seqlens(q_lens, device):
+    return torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("device, dtype", cases())
 def test_store_kvcache(device, dtype, heads):
-    _, hkv = heads
-    k_cache, v_cache, tables, _, g = setup([40], hkv, dtype, device)
+    _, hkv, d = heads
+    k_cache, v_cache, tables, _, g = setup([40], hkv, d, dtype, device)
     slots = torch.randperm(NUM_BLOCKS * BLOCK_SIZE, generator=g)[:21].to(torch.int32)
     slots[[3, 20]] = -1  # padding tokens
     # k and v as slices of one fused projection: rows are strided, heads within a row contiguous
-    kv = torch.randn(21, 3 * hkv * HEAD_DIM, generator=g).to(device, dtype)
-    k = kv[:, :hkv * HEAD_DIM].view(21, hkv, HEAD_DIM)
-    v = kv[:, 2 * hkv * HEAD_DIM:].view(21, hkv, HEAD_DIM)
+    kv = torch.randn(21, 3 * hkv * d, generator=g).to(device, dtype)
+    k = kv[:, :hkv * d].view(21, hkv, d)
+    v = kv[:, 2 * hkv * d:].view(21, hkv, d)
     expected = (k_cache.clone(), v_cache.clone())
     store_kvcache_ref(k, v, *expected, slots.to(device))
     store_kvcache_triton(k, v, k_cache, v_cache, slots.to(device))
     assert torch.equal(k_cache, expected[0]) and torch.equal(v_cache, expected[1])
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, None])
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("device, dtype", cases())
-def test_paged_decode(device, dtype, heads, num_splits):
-    hq, hkv = heads
+def check_decode(device, dtype, heads, seed=0, **knobs):
+    hq, hkv, d = heads
     context_lens = [1, 15, 16, 17, 45, 130]  # within, at, across block boundaries; several key tiles
-    k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, dtype, device)
-    q = torch.randn(len(context_lens), hq, HEAD_DIM, generator=g).to(device, dtype)
-    scale = HEAD_DIM ** -0.5
-    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits)
+    k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, d, dtype, device, seed=seed)
+    q = torch.randn(len(context_lens), hq, d, generator=g).to(device, dtype)
+    scale = d ** -0.5
+    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, **knobs)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale),
                                **tolerance(device, dtype))
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("device, dtype", cases())
+def test_paged_decode(device, dtype, heads):
+    check_decode(device, dtype, heads, num_splits=3)  # several splits per sequence, some empty for short ones
+
+
+@pytest.mark.parametrize("num_splits", [1, None])  # one program per (sequence, KV head); the heuristic
+@pytest.mark.parametrize("device, dtype", cases())
+def test_paged_decode_splits(device, dtype, num_splits):
+    check_decode(device, dtype, HEADS[2], seed=3, num_splits=num_splits)
+
+
+# block_n 16 and 64 read whole pages of 16; over pages of 32, block_n 16 looks up each key's page
+@pytest.mark.parametrize("block_n, block_size", [(16, 16), (64, 16), (16, 32)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_decode_knobs(device, block_n, block_size):
+    hq, hkv, d = 10, 2, 80
+    context_lens = [3, 31, 32, 33, 150]
+    k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, d, torch.float16, device, seed=1, block_size=block_size)
+    q = torch.randn(len(context_lens), hq, d, generator=g).to(device, torch.float16)
+    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.1, num_splits=2, block_n=block_n,
+                                        num_warps=2, num_stages=2)
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.1),
+                               **tolerance(device, torch.float16))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_decode_padding_rows(device):
     """A CUDA-graph batch pads with rows of context length 0: they get zeros, the others are unaffected."""
-    k_cache, v_cache, tables, lens, g = setup([33, 0, 7], 2, torch.float32, device)
-    q = torch.randn(3, 6, HEAD_DIM, generator=g).to(device)
+    k_cache, v_cache, tables, lens, g = setup([33, 0, 7], 2, 64, torch.float32, device)
+    q = torch.randn(3, 6, 64, generator=g).to(device)
     out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.125, num_splits=2)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     keep = torch.tensor([0, 2], device=device)
@@ -91,35 +126,83 @@ def test_paged_decode_padding_rows(device):
     torch.testing.assert_close(out[keep], expected, **tolerance(device, torch.float32))
 
 
-@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("device, dtype", cases())
 def test_prefill(device, dtype, heads):
-    hq, hkv = heads
-    # (new tokens, context): a 32-token cached prefix, a prompt over one query tile, one block, one token
-    q_lens, context_lens = [5, 70, 16, 1], [37, 70, 16, 20]
-    k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, dtype, device)
-    cu_seqlens_q = torch.tensor([0, 5, 75, 91, 92], dtype=torch.int32, device=device)
-    q = torch.randn(sum(q_lens), hq, HEAD_DIM, generator=g).to(device, dtype)
-    scale = HEAD_DIM ** -0.5
-    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, max(q_lens), scale)
+    hq, hkv, d = heads
+    k_cache, v_cache, tables, lens, g = setup(PREFILL_CONTEXTS, hkv, d, dtype, device)
+    cu_seqlens_q = cu_seqlens(PREFILL_Q_LENS, device)
+    q = torch.randn(sum(PREFILL_Q_LENS), hq, d, generator=g).to(device, dtype)
+    scale = d ** -0.5
+    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, max(PREFILL_Q_LENS), scale)
     expected = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, scale)
     torch.testing.assert_close(out, expected, **tolerance(device, dtype))
+
+
+# Small tiles, so that the prefixes span several unmasked key tiles; each program's own query heads or one
+# head each; the causal mask on every tile (the simple way); pages of 32 under tiles of 16 keys.
+KNOBS = [dict(block_m=32, block_n=16), dict(block_m=32, block_n=16, pack_gqa=False),
+         dict(block_m=32, block_n=32, mask_all_tiles=True), dict(block_m=64, block_n=16, block_size=32)]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()))
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_knobs(device, knobs):
+    knobs = dict(knobs)
+    hq, hkv, d = 6, 2, 80
+    k_cache, v_cache, tables, lens, g = setup(PREFILL_CONTEXTS, hkv, d, torch.float16, device, seed=2,
+                                              block_size=knobs.pop("block_size", BLOCK_SIZE))
+    cu_seqlens_q = cu_seqlens(PREFILL_Q_LENS, device)
+    q = torch.randn(sum(PREFILL_Q_LENS), hq, d, generator=g).to(device, torch.float16)
+    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, max(PREFILL_Q_LENS), 0.1,
+                                   num_warps=4, num_stages=2, **knobs)
+    expected = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, 0.1)
+    torch.testing.assert_close(out, expected, **tolerance(device, torch.float16))
+
+
+def test_kernels_refuse_what_they_cannot_run():
+    k_cache, v_cache, tables, lens, g = setup([20], 1, 64, torch.float32, "cpu")
+    q, cu = torch.randn(20, 8, 64, generator=g), cu_seqlens([20], "cpu")
+    with pytest.raises(ValueError, match="smaller than the 8 query heads"):
+        prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu, 20, 0.125, block_m=4)
+    small = setup([20], 1, 8, torch.float32, "cpu")[:4]
+    with pytest.raises(ValueError, match="head_dim 16 to 256"):
+        prefill_attention_triton(torch.randn(20, 1, 8), *small, cu, 20, 0.3)
+    with pytest.raises(ValueError, match="head_dim 16 to 256"):
+        paged_decode_attention_triton(torch.randn(1, 1, 8), *small, 0.3)
+    with pytest.raises(ValueError, match="contiguous pools"):
+        prefill_attention_triton(q, k_cache[:, :8], v_cache, tables, lens, cu, 20, 0.125)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_store_then_prefill_is_causal_attention(device):
     """The engine's prefill step (store the prompt's K/V, attend through the pool) equals PyTorch's
     causal SDPA on the contiguous tensors: an independent check of the reference itself."""
-    hq, hkv, n = 6, 2, 40
-    k_cache, v_cache, tables, lens, g = setup([n], hkv, torch.float32, device)
-    q, k, v = (torch.randn(n, h, HEAD_DIM, generator=g).to(device) for h in (hq, hkv, hkv))
+    hq, hkv, n, d = 6, 2, 40, 64
+    k_cache, v_cache, tables, lens, g = setup([n], hkv, d, torch.float32, device)
+    q, k, v = (torch.randn(n, h, d, generator=g).to(device) for h in (hq, hkv, hkv))
     positions = torch.arange(n, device=device)
     slots = (tables[0, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE).to(torch.int32)
     store_kvcache_triton(k, v, k_cache, v_cache, slots)
     cu_seqlens_q = torch.tensor([0, n], dtype=torch.int32, device=device)
     expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                               is_causal=True, enable_gqa=True).transpose(0, 1)
-    ref = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, HEAD_DIM ** -0.5)
+    ref = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, d ** -0.5)
     torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
-    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, n, HEAD_DIM ** -0.5)
+    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, n, d ** -0.5)
     torch.testing.assert_close(out, expected, **tolerance(device, torch.float32))
+
+
+def test_attention_sweep_checks_run_on_the_cpu():
+    """benchmarks/attention_sweep.py runs once on a GPU machine: its checks (every launch variant against the
+    references) must not die there on a typo. Here, one model shape under the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the sweep's CPU checks run under Triton's interpreter")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import attention_sweep
+
+    shape = {"smollm2-135m": attention_sweep.MODELS["smollm2-135m"]}
+    checks = attention_sweep.check_all(torch.device("cpu"), torch.float16, tiny=True, shapes=shape)
+    assert not checks.failed and not checks.unsupported
+    assert {r["what"] for r in checks.rows} == {"smollm2-135m, prefill", "smollm2-135m, decode", "smollm2-135m, store",
+                                                "smollm2-135m, sdpa-flash", "smollm2-135m, sdpa-flash-gqa"}

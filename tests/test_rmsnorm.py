@@ -13,8 +13,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Rounding the normalised value before the weight (as Hugging Face does) can put the two results a couple
 # of units in the last place apart in half precision.
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-# (leading shape, hidden): odd token counts, non-power-of-two hidden sizes, several rows per program
-SHAPES = [((1,), 4096), ((3,), 576), ((2, 5), 1536), ((13,), 2048), ((4,), 8192), ((33,), 576), ((6,), 100)]
+# (leading shape, hidden): odd token counts, non-power-of-two hidden sizes, several rows per program; 80 and
+# 96 as in a per-head q/k norm (Qwen3) over heads of those sizes
+SHAPES = [((1,), 4096), ((3,), 576), ((2, 5), 1536), ((13,), 2048), ((4,), 8192), ((33,), 576), ((6,), 100),
+          ((5,), 1000), ((7, 10), 80), ((3, 9), 96)]
 
 
 def inputs(lead, hidden, dtype, device, seed):

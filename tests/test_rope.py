@@ -10,8 +10,9 @@ from mini_infer.kernels.rope import apply_rope, apply_rope_ref, apply_rope_trito
 # Triton runs on CPU tensors only through the interpreter (on by default without a GPU).
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (tokens, q heads, kv heads, head_dim): decode and packed prefill sizes, GQA and MHA, SmolLM2 and Llama heads
-SHAPES = [(1, 32, 8, 128), (7, 9, 3, 64), (33, 4, 4, 64), (5, 16, 2, 128), (3, 2, 1, 96)]
+# (tokens, q heads, kv heads, head_dim): decode and packed prefill sizes, GQA and MHA, SmolLM2 and Llama heads,
+# head_dims that are not powers of two (half of 80 and 96 is padded to 64) with GQA ratios 5 and 3
+SHAPES = [(1, 32, 8, 128), (7, 9, 3, 64), (33, 4, 4, 64), (5, 16, 2, 128), (3, 2, 1, 96), (4, 10, 2, 80), (6, 15, 5, 96)]
 MAX_POS = 8192
 
 
