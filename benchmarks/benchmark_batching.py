@@ -7,13 +7,13 @@ of max_num_seqs requests only when the last one has finished), then with continu
 prints the ratio. It takes benchmark_throughput.py's options. Both rows are appended to
 `benchmarks/results/throughput.jsonl`.
 """
+
 import gc
 import sys
 
-import torch
-
 import benchmark_throughput
 import common
+import torch
 
 
 def main() -> int:
@@ -26,7 +26,9 @@ def main() -> int:
         gc.collect()
         torch.cuda.empty_cache()  # the next engine sizes its KV cache from the free memory
     ratio = rows["continuous"]["tokens_per_s"] / rows["static"]["tokens_per_s"]
-    print(f"continuous / static on {rows['static']['device']}, {rows['static']['model']}: {ratio:.2f}x")
+    print(
+        f"continuous / static on {rows['static']['device']}, {rows['static']['model']}: {ratio:.2f}x"
+    )
     return 0
 
 

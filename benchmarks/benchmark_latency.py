@@ -8,6 +8,7 @@ random prompt token ids and 512 greedy output tokens (ignore_eos): ms per output
 / 512. Also the time to first token (median of 5 runs with max_tokens=1, fresh prompts) and the decode
 time per token; `common.py` has the details. Appends one JSON line to `benchmarks/results/latency.jsonl`.
 """
+
 import common
 
 
@@ -17,9 +18,14 @@ def main() -> None:
     if not (args := common.parse_on_gpu(ap, __file__)):
         return
     llm = common.mini_infer_llm(args)
-    row = {"engine": "mini_infer", "model": args.model, **common.measure_latency(common.mini_infer_generate(llm)),
-           "cuda_graphs": not args.enforce_eager, "async_scheduling": llm.engine.async_scheduling,
-           "tensor_parallel_size": args.tensor_parallel_size}
+    row = {
+        "engine": "mini_infer",
+        "model": args.model,
+        **common.measure_latency(common.mini_infer_generate(llm)),
+        "cuda_graphs": not args.enforce_eager,
+        "async_scheduling": llm.engine.async_scheduling,
+        "tensor_parallel_size": args.tensor_parallel_size,
+    }
     common.append_row(row, args.latency_out)
 
 

@@ -11,6 +11,7 @@ latency (median and p99). On a GPU (or with --offline) the same workload then ru
 in this process, for the offline throughput beside the online one. Appends one JSON line to
 `benchmarks/results/serving.jsonl`.
 """
+
 import argparse
 import asyncio
 import random
@@ -33,10 +34,27 @@ def free_port() -> int:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "mini_infer.serve", "--model", str(common.model_dir(args.model)),
-               "--served-model-name", args.model, "--load-format", "dummy", "--port", str(port),
-               "--max-model-len", "4096", "--max-num-seqs", str(args.max_num_seqs),
-               "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "mini_infer.serve",
+        "--model",
+        str(common.model_dir(args.model)),
+        "--served-model-name",
+        args.model,
+        "--load-format",
+        "dummy",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "4096",
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--log-level",
+        "warning",
+    ]
     server = subprocess.Popen(command + (["--enforce-eager"] if args.enforce_eager else []))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and server.poll() is None:
@@ -56,8 +74,16 @@ def workload(args) -> list[list[int]]:
 
 def run(args) -> dict:
     prompts = workload(args)
-    bodies = [{"model": args.model, "prompt": p, "max_tokens": args.max_tokens, "temperature": common.TEMPERATURE,
-               "ignore_eos": True} for p in prompts]
+    bodies = [
+        {
+            "model": args.model,
+            "prompt": p,
+            "max_tokens": args.max_tokens,
+            "temperature": common.TEMPERATURE,
+            "ignore_eos": True,
+        }
+        for p in prompts
+    ]
     port = free_port()
     server = start_server(args, port)
     try:
@@ -67,14 +93,24 @@ def run(args) -> dict:
     finally:
         server.terminate()
         server.wait()
-    row = {"engine": "mini_infer", "model": args.model, "num_requests": args.num_requests,
-           "num_clients": args.num_clients, "input_len": args.input_len, "max_tokens": args.max_tokens,
-           "output_tokens": sum(t.num_output_tokens for t in timings), "seconds": round(seconds, 3),
-           **summarize(timings, seconds), "max_num_seqs": args.max_num_seqs, "cuda_graphs": not args.enforce_eager}
+    row = {
+        "engine": "mini_infer",
+        "model": args.model,
+        "num_requests": args.num_requests,
+        "num_clients": args.num_clients,
+        "input_len": args.input_len,
+        "max_tokens": args.max_tokens,
+        "output_tokens": sum(t.num_output_tokens for t in timings),
+        "seconds": round(seconds, 3),
+        **summarize(timings, seconds),
+        "max_num_seqs": args.max_num_seqs,
+        "cuda_graphs": not args.enforce_eager,
+    }
     if args.offline:
         generate = common.mini_infer_generate(common.mini_infer_llm(args))
-        row["offline_tokens_per_s"] = common.measure_throughput(generate, prompts,
-                                                                [args.max_tokens] * len(prompts))["tokens_per_s"]
+        row["offline_tokens_per_s"] = common.measure_throughput(
+            generate, prompts, [args.max_tokens] * len(prompts)
+        )["tokens_per_s"]
     return row
 
 
@@ -85,15 +121,25 @@ def parser(doc: str = __doc__):
     ap.add_argument("--num-requests", type=int, default=512)
     ap.add_argument("--input-len", type=int, default=256, help="prompt tokens per request")
     ap.add_argument("--max-tokens", type=int, default=256, help="output tokens per request")
-    ap.add_argument("--offline", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                    help="also measure LLM.generate on the same workload (default: on a GPU)")
+    ap.add_argument(
+        "--offline",
+        action=argparse.BooleanOptionalAction,
+        default=torch.cuda.is_available(),
+        help="also measure LLM.generate on the same workload (default: on a GPU)",
+    )
     return ap
 
 
 if __name__ == "__main__":
     args = parser().parse_args()
     row = common.append_row(run(args), args.serving_out)
-    print(f"{row['device']}: {row['requests_per_s']} requests/s, {row['output_tokens_per_s']} output tokens/s, "
-          f"TTFT {row['ttft_ms_median']} ms (p99 {row['ttft_ms_p99']}), ITL {row['itl_ms_median']} ms "
-          f"(p99 {row['itl_ms_p99']})" + (f"; offline {row['offline_tokens_per_s']} tokens/s"
-                                          if "offline_tokens_per_s" in row else ""))
+    print(
+        f"{row['device']}: {row['requests_per_s']} requests/s, {row['output_tokens_per_s']} output tokens/s, "
+        f"TTFT {row['ttft_ms_median']} ms (p99 {row['ttft_ms_p99']}), ITL {row['itl_ms_median']} ms "
+        f"(p99 {row['itl_ms_p99']})"
+        + (
+            f"; offline {row['offline_tokens_per_s']} tokens/s"
+            if "offline_tokens_per_s" in row
+            else ""
+        )
+    )

@@ -10,6 +10,7 @@ wall time of one `generate` over all requests, after a warm-up request (`common.
 Batch-1 latency is `benchmark_latency.py`'s. Appends one JSON line per run to
 `benchmarks/results/throughput.jsonl`.
 """
+
 import common
 
 
@@ -17,10 +18,18 @@ def run(args) -> dict:
     llm = common.mini_infer_llm(args, static=args.static)
     generate = common.mini_infer_generate(llm, progress=not args.quiet)
     measured = common.measure_throughput(generate, *common.workload(args))
-    return {"engine": "mini_infer", "model": args.model, "policy": "static" if args.static else "continuous",
-            **measured, "kv_blocks": llm.engine.runner.num_blocks, "preemptions": llm.engine.scheduler.num_preemptions,
-            "max_num_seqs": args.max_num_seqs, "cuda_graphs": not args.enforce_eager,
-            "async_scheduling": llm.engine.async_scheduling, "tensor_parallel_size": args.tensor_parallel_size}
+    return {
+        "engine": "mini_infer",
+        "model": args.model,
+        "policy": "static" if args.static else "continuous",
+        **measured,
+        "kv_blocks": llm.engine.runner.num_blocks,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+        "max_num_seqs": args.max_num_seqs,
+        "cuda_graphs": not args.enforce_eager,
+        "async_scheduling": llm.engine.async_scheduling,
+        "tensor_parallel_size": args.tensor_parallel_size,
+    }
 
 
 def parser(doc: str = __doc__):

@@ -12,6 +12,7 @@ greedy output tokens: ms per token = its wall time / 512 (prefill included, as i
 numbers); time to first token = median of 5 runs with max_tokens=1, each on a fresh prompt so that no
 prefix cache serves it; decode ms per token = (wall time - time to first token) / 511.
 """
+
 import argparse
 import datetime
 import json
@@ -28,25 +29,43 @@ TEMPERATURE = 0.6
 PROMPT_TOKENS, OUTPUT_TOKENS, TTFT_RUNS = 128, 512, 5
 
 # The GPU machine has no network: never let Hugging Face or vLLM try to reach it.
-for _key, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_NO_USAGE_STATS", "1"),
-                     ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+for _key, _value in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("TRANSFORMERS_OFFLINE", "1"),
+    ("VLLM_NO_USAGE_STATS", "1"),
+    ("DO_NOT_TRACK", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+):
     os.environ.setdefault(_key, _value)
 
 
 def parser(doc: str, outputs: tuple[str, ...]) -> argparse.ArgumentParser:
     """--model, the workload's options when measuring throughput, and one --<kind>-out file per output
     ("throughput", "latency"); a script with one output also takes --out; one with two takes --only."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m", choices=MODELS, help="a config under benchmarks/models")
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default="smollm2-135m", choices=MODELS, help="a config under benchmarks/models"
+    )
     if "throughput" in outputs:
-        ap.add_argument("--num-seqs", type=int, default=256,
-                        help="requests; up to 256, the first ones of the 256-request workload")
+        ap.add_argument(
+            "--num-seqs",
+            type=int,
+            default=256,
+            help="requests; up to 256, the first ones of the 256-request workload",
+        )
         ap.add_argument("--max-input", type=int, default=1024)
         ap.add_argument("--max-output", type=int, default=1024)
     for kind in outputs:
         flags = [f"--{kind}-out"] + (["--out"] if len(outputs) == 1 else [])
-        ap.add_argument(*flags, dest=f"{kind}_out", type=Path, default=RESULTS / f"{kind}.jsonl",
-                        help=f"JSONL file the {kind} row is appended to")
+        ap.add_argument(
+            *flags,
+            dest=f"{kind}_out",
+            type=Path,
+            default=RESULTS / f"{kind}.jsonl",
+            help=f"JSONL file the {kind} row is appended to",
+        )
     if len(outputs) > 1:
         ap.add_argument("--only", choices=outputs, help="measure only this")
     return ap
@@ -59,13 +78,15 @@ def model_dir(name: str) -> Path:
 def workload(args) -> tuple[list[list[int]], list[int]]:
     """The first --num-seqs requests of the 256-request benchmark workload (a larger number draws more)."""
     from mini_infer.testing.simulate import benchmark_workload
+
     prompts, lengths = benchmark_workload(max(args.num_seqs, 256), args.max_input, args.max_output)
-    return prompts[:args.num_seqs], lengths[:args.num_seqs]
+    return prompts[: args.num_seqs], lengths[: args.num_seqs]
 
 
 def gpu_missing(script: str) -> bool:
     """True (after saying so) when PyTorch sees no CUDA GPU."""
     import torch
+
     if torch.cuda.is_available():
         return False
     print(f"{Path(script).name} measures a GPU; none is visible here.")
@@ -81,6 +102,7 @@ def parse_on_gpu(ap: argparse.ArgumentParser, script: str) -> argparse.Namespace
 def timed(fn, *args):
     """(fn(*args), wall seconds), the GPU drained first and last when this process uses it."""
     import torch
+
     sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -93,8 +115,13 @@ def measure_throughput(generate, prompts: list[list[int]], lengths: list[int]) -
     generate([list(range(1, 17))], [16], TEMPERATURE)  # warm-up
     produced, seconds = timed(generate, prompts, lengths, TEMPERATURE)
     assert produced == sum(lengths), f"{produced} output tokens, expected {sum(lengths)}"
-    return {"num_seqs": len(prompts), "prompt_tokens": sum(map(len, prompts)), "output_tokens": produced,
-            "seconds": round(seconds, 3), "tokens_per_s": round(produced / seconds, 1)}
+    return {
+        "num_seqs": len(prompts),
+        "prompt_tokens": sum(map(len, prompts)),
+        "output_tokens": produced,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(produced / seconds, 1),
+    }
 
 
 def latency_prompt(seed: int) -> list[int]:
@@ -106,10 +133,17 @@ def measure_latency(generate) -> dict:
     generate([latency_prompt(0)], [OUTPUT_TOKENS], 0.0)  # warm-up
     produced, seconds = timed(generate, [latency_prompt(1)], [OUTPUT_TOKENS], 0.0)
     assert produced == OUTPUT_TOKENS, f"{produced} output tokens, expected {OUTPUT_TOKENS}"
-    ttft = statistics.median([timed(generate, [latency_prompt(seed)], [1], 0.0)[1] for seed in range(2, 2 + TTFT_RUNS)])
-    return {"prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "seconds": round(seconds, 3),
-            "ms_per_token": round(seconds * 1000 / OUTPUT_TOKENS, 3), "ttft_ms": round(ttft * 1000, 2),
-            "decode_ms_per_token": round((seconds - ttft) * 1000 / (OUTPUT_TOKENS - 1), 3)}
+    ttft = statistics.median(
+        [timed(generate, [latency_prompt(seed)], [1], 0.0)[1] for seed in range(2, 2 + TTFT_RUNS)]
+    )
+    return {
+        "prompt_tokens": PROMPT_TOKENS,
+        "output_tokens": OUTPUT_TOKENS,
+        "seconds": round(seconds, 3),
+        "ms_per_token": round(seconds * 1000 / OUTPUT_TOKENS, 3),
+        "ttft_ms": round(ttft * 1000, 2),
+        "decode_ms_per_token": round((seconds - ttft) * 1000 / (OUTPUT_TOKENS - 1), 3),
+    }
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
@@ -117,20 +151,35 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    ap.add_argument("--sync-scheduling", action="store_true",
-                    help="record each step's tokens before launching the next (no host/GPU overlap)")
-    ap.add_argument("--tensor-parallel-size", type=int, default=1,
-                    help="split the model over this many GPUs (Chapter 9; set NCCL_NVLS_ENABLE=0)")
+    ap.add_argument(
+        "--sync-scheduling",
+        action="store_true",
+        help="record each step's tokens before launching the next (no host/GPU overlap)",
+    )
+    ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over this many GPUs (Chapter 9; set NCCL_NVLS_ENABLE=0)",
+    )
 
 
 def mini_infer_llm(args, static: bool = False):
     """A Mini-Infer `LLM` with dummy weights of --model, as every benchmark of this engine builds it."""
     from mini_infer.llm import LLM
-    return LLM(model_dir(args.model), load_format="dummy", max_model_len=4096, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
-               enforce_eager=args.enforce_eager, static_batching=static,
-               async_scheduling=False if args.sync_scheduling else None,  # None: the engine's default
-               tensor_parallel_size=args.tensor_parallel_size)
+
+    return LLM(
+        model_dir(args.model),
+        load_format="dummy",
+        max_model_len=4096,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=0.9,
+        enforce_eager=args.enforce_eager,
+        static_batching=static,
+        async_scheduling=False if args.sync_scheduling else None,  # None: the engine's default
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
 
 
 def mini_infer_generate(llm, progress: bool = False):
@@ -138,8 +187,14 @@ def mini_infer_generate(llm, progress: bool = False):
     from mini_infer.sampling_params import SamplingParams
 
     def generate(prompts, max_tokens, temperature):
-        params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n) for n in max_tokens]
-        return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=progress))
+        params = [
+            SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n)
+            for n in max_tokens
+        ]
+        return sum(
+            len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=progress)
+        )
+
     return generate
 
 
@@ -153,9 +208,17 @@ def append_row(row: dict, out: Path) -> dict:
     """Add the device, versions and date to a result row, append it to `out` as one JSON line, print it."""
     import torch
     import triton
+
     from mini_infer.device import default_device, device_name
-    row = {**row, "device": device_name(default_device()), "machine": machine_id(), "torch": torch.__version__,
-           "triton": triton.__version__, "date": datetime.date.today().isoformat()}
+
+    row = {
+        **row,
+        "device": device_name(default_device()),
+        "machine": machine_id(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
         f.write(json.dumps(row) + "\n")

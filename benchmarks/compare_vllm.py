@@ -16,6 +16,7 @@ prompt tokens, 512 greedy tokens), both as `common.py` measures every engine. VL
 as in the reference kit: temperature-only sampling never calls FlashInfer, so only an import is saved.
 One row each, "engine": "vllm" with its version and backend, to results/throughput.jsonl and latency.jsonl.
 """
+
 import os
 import sys
 
@@ -35,34 +36,61 @@ def vllm_generate(llm):
     from vllm import SamplingParams
 
     def generate(prompts, max_tokens, temperature):
-        params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n) for n in max_tokens]
+        params = [
+            SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n)
+            for n in max_tokens
+        ]
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outputs)
+
     return generate
 
 
 def main() -> int:
     ap = common.parser(__doc__, ("throughput", "latency"))
-    ap.add_argument("--attention-backend", help="e.g. TRITON_ATTN or FLASH_ATTN (default: vLLM's choice)")
+    ap.add_argument(
+        "--attention-backend", help="e.g. TRITON_ATTN or FLASH_ATTN (default: vLLM's choice)"
+    )
     if not (args := common.parse_on_gpu(ap, __file__)):
         return 0
     try:
         import vllm
     except Exception as e:  # noqa: BLE001 - whatever stops the import, there is no vLLM to race
-        print(f"compare_vllm.py: vLLM does not import here ({type(e).__name__}: {e}); nothing measured. "
-              f"See ../shared/tools/vllm-kit/README.md to install it.")
+        print(
+            f"compare_vllm.py: vLLM does not import here ({type(e).__name__}: {e}); nothing measured. "
+            f"See ../shared/tools/vllm-kit/README.md to install it."
+        )
         return 0
     backend = args.attention_backend
-    llm = vllm.LLM(model=str(common.model_dir(args.model)), load_format="dummy", skip_tokenizer_init=True,
-                   max_model_len=4096, gpu_memory_utilization=0.9, seed=0,
-                   attention_config={"backend": backend} if backend else None)
+    llm = vllm.LLM(
+        model=str(common.model_dir(args.model)),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        gpu_memory_utilization=0.9,
+        seed=0,
+        attention_config={"backend": backend} if backend else None,
+    )
     generate = vllm_generate(llm)
-    tag = {"engine": "vllm", "model": args.model, "vllm": vllm.__version__, "attention_backend": backend or "auto",
-           "cuda_graphs": True}
+    tag = {
+        "engine": "vllm",
+        "model": args.model,
+        "vllm": vllm.__version__,
+        "attention_backend": backend or "auto",
+        "cuda_graphs": True,
+    }
     rows = []
     if args.only != "latency":
-        rows.append(({**tag, "policy": "continuous", **common.measure_throughput(generate, *common.workload(args))},
-                     args.throughput_out))
+        rows.append(
+            (
+                {
+                    **tag,
+                    "policy": "continuous",
+                    **common.measure_throughput(generate, *common.workload(args)),
+                },
+                args.throughput_out,
+            )
+        )
     if args.only != "throughput":
         rows.append(({**tag, **common.measure_latency(generate)}, args.latency_out))
     for row, out in rows:  # only now: naming the device opens a CUDA context in this process

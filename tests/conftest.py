@@ -1,4 +1,5 @@
 """Fixtures shared by test files: the built book (one build per session) and one-thread torch."""
+
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def html(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("book")
     jb = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
-    run = subprocess.run([jb, "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [jb, "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out / "_build" / "html"
 
@@ -36,4 +41,5 @@ def smol():
     """The embedded SmolLM2-135M-Instruct on the CPU in float32 (the same greedy text on every device),
     loaded once per session for every test file that needs it."""
     from mini_infer.llm import LLM
+
     return LLM(dtype="float32", device="cpu", max_model_len=512, cpu_kv_bytes=64 << 20)

@@ -1,5 +1,6 @@
 """The package's layers (CONTRIBUTING.md, "Architecture"): every import points down, and the map names only
 modules that exist."""
+
 import ast
 import re
 from pathlib import Path
@@ -14,10 +15,19 @@ LAYERS = {
     "llm": 6,
     "engine": 5,
     "parallel": 4,
-    "worker": 3, "testing": 3,
-    "core": 2, "layers": 2, "loader": 2,
-    "memory": 1, "models": 1, "contiguous_cache": 1,
-    "kernels": 0, "config": 0, "device": 0, "sampling_params": 0, "outputs": 0,
+    "worker": 3,
+    "testing": 3,
+    "core": 2,
+    "layers": 2,
+    "loader": 2,
+    "memory": 1,
+    "models": 1,
+    "contiguous_cache": 1,
+    "kernels": 0,
+    "config": 0,
+    "device": 0,
+    "sampling_params": 0,
+    "outputs": 0,
 }
 
 
@@ -35,8 +45,13 @@ def imports() -> dict[str, set[str]]:
             continue
         source = part(".".join(relative.parts))
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names = (
+                [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
             for name in names:
                 if name.startswith("mini_infer.") and part(name) != source:
                     found.setdefault(source, set()).add(part(name))
@@ -44,24 +59,34 @@ def imports() -> dict[str, set[str]]:
 
 
 def test_every_part_of_the_package_has_a_layer():
-    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-             if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
+    parts = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__")
+        or (p.is_dir() and (p / "__init__.py").exists())
+    }
     assert parts == set(LAYERS)
 
 
 def test_every_import_points_down():
-    upward = [(source, target) for source, targets in imports().items() for target in targets
-              if LAYERS[target] >= LAYERS[source]]
+    upward = [
+        (source, target)
+        for source, targets in imports().items()
+        for target in targets
+        if LAYERS[target] >= LAYERS[source]
+    ]
     assert not upward, f"imports that do not point down a layer: {upward}"
 
 
 def test_the_architecture_map_names_modules_that_exist():
     text = (ROOT / "CONTRIBUTING.md").read_text()
-    section = text[text.index("## Architecture"):text.index("## Code")]
+    section = text[text.index("## Architecture") : text.index("## Code")]
     paths = set(re.findall(r"mini_infer/[\w/]*\w(?:\.py)?/?", section))
     assert len(paths) >= 15
     missing = [p for p in paths if not (ROOT / p).exists()]
     assert not missing, f"CONTRIBUTING names modules that do not exist: {missing}"
-    for name in re.findall(r"`(\w+)(?:\.\w+)*\(?", section):  # classes it names exist in the package
+    for name in re.findall(
+        r"`(\w+)(?:\.\w+)*\(?", section
+    ):  # classes it names exist in the package
         if name[0].isupper() and name not in ("LLM",):
             assert any(f"class {name}" in p.read_text() for p in PACKAGE.rglob("*.py")), name

@@ -1,6 +1,7 @@
 """Paged attention kernels (chapter 4) against their PyTorch references: under Triton's interpreter on the
 CPU (fp32, fp16), and on CUDA when present (also bf16). Small shapes: the interpreter runs each program
 in Python. Head shapes include head_dim 80 and 96 (padded to 128 inside the kernels) and GQA ratios 3 and 5."""
+
 import os
 import sys
 from pathlib import Path
@@ -9,15 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mini_infer  # noqa: F401  (switches on the interpreter before the kernels are defined)
+import mini_infer.kernels  # noqa: F401  (switches on the interpreter before the kernels are defined)
 from mini_infer.kernels.attention import (
-    paged_decode_attention_ref, paged_decode_attention_triton, prefill_attention_ref, prefill_attention_triton,
-    store_kvcache_ref, store_kvcache_triton,
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+    prefill_attention_ref,
+    prefill_attention_triton,
+    store_kvcache_ref,
+    store_kvcache_triton,
 )
 
 BLOCK_SIZE, NUM_BLOCKS = 16, 48
 # Triton runs on CPU tensors only through the interpreter (on by default without a GPU).
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
 # (query heads, kv heads, head_dim): GQA ratios 1, 3, 5 and 3; head_dims that are not powers of two
 HEADS = [(2, 2, 64), (6, 2, 64), (10, 2, 80), (9, 3, 96)]
 HEAD_IDS = [f"{hq}q{hkv}kv-d{d}" for hq, hkv, d in HEADS]
@@ -28,7 +35,9 @@ PREFILL_Q_LENS, PREFILL_CONTEXTS = [5, 70, 16, 1, 100], [37, 70, 16, 20, 230]
 
 def cases():
     for device in DEVICES:
-        for dtype in [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else []):
+        for dtype in [torch.float32, torch.float16] + (
+            [torch.bfloat16] if device == "cuda" else []
+        ):
             yield pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}")
 
 
@@ -46,18 +55,22 @@ def setup(context_lens, num_kv_heads, head_dim, dtype, device, seed=0, block_siz
     k_cache, v_cache = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(2))
     order = torch.randperm(num_blocks, generator=g)
     width = max(-(-n // block_size) for n in context_lens) + 1  # one spare column: never read
-    tables = torch.randint(0, num_blocks, (len(context_lens), width), generator=g, dtype=torch.int32)
+    tables = torch.randint(
+        0, num_blocks, (len(context_lens), width), generator=g, dtype=torch.int32
+    )
     used = 0
     for i, n in enumerate(context_lens):
         k = -(-n // block_size)
-        tables[i, :k] = order[used:used + k]
+        tables[i, :k] = order[used : used + k]
         used += k
     lens = torch.tensor(context_lens, dtype=torch.int32)
     return k_cache, v_cache, tables.to(device), lens.to(device), g
 
 
 def cu_seqlens(q_lens, device):
-    return torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
+    return torch.tensor(
+        [0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device
+    )
 
 
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
@@ -69,8 +82,8 @@ def test_store_kvcache(device, dtype, heads):
     slots[[3, 20]] = -1  # padding tokens
     # k and v as slices of one fused projection: rows are strided, heads within a row contiguous
     kv = torch.randn(21, 3 * hkv * d, generator=g).to(device, dtype)
-    k = kv[:, :hkv * d].view(21, hkv, d)
-    v = kv[:, 2 * hkv * d:].view(21, hkv, d)
+    k = kv[:, : hkv * d].view(21, hkv, d)
+    v = kv[:, 2 * hkv * d :].view(21, hkv, d)
     expected = (k_cache.clone(), v_cache.clone())
     store_kvcache_ref(k, v, *expected, slots.to(device))
     store_kvcache_triton(k, v, k_cache, v_cache, slots.to(device))
@@ -79,22 +92,36 @@ def test_store_kvcache(device, dtype, heads):
 
 def check_decode(device, dtype, heads, seed=0, **knobs):
     hq, hkv, d = heads
-    context_lens = [1, 15, 16, 17, 45, 130]  # within, at, across block boundaries; several key tiles
+    context_lens = [
+        1,
+        15,
+        16,
+        17,
+        45,
+        130,
+    ]  # within, at, across block boundaries; several key tiles
     k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, d, dtype, device, seed=seed)
     q = torch.randn(len(context_lens), hq, d, generator=g).to(device, dtype)
-    scale = d ** -0.5
+    scale = d**-0.5
     out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, **knobs)
-    torch.testing.assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale),
-                               **tolerance(device, dtype))
+    torch.testing.assert_close(
+        out,
+        paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale),
+        **tolerance(device, dtype),
+    )
 
 
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("device, dtype", cases())
 def test_paged_decode(device, dtype, heads):
-    check_decode(device, dtype, heads, num_splits=3)  # several splits per sequence, some empty for short ones
+    check_decode(
+        device, dtype, heads, num_splits=3
+    )  # several splits per sequence, some empty for short ones
 
 
-@pytest.mark.parametrize("num_splits", [1, None])  # one program per (sequence, KV head); the heuristic
+@pytest.mark.parametrize(
+    "num_splits", [1, None]
+)  # one program per (sequence, KV head); the heuristic
 @pytest.mark.parametrize("device, dtype", cases())
 def test_paged_decode_splits(device, dtype, num_splits):
     check_decode(device, dtype, HEADS[2], seed=3, num_splits=num_splits)
@@ -106,12 +133,27 @@ def test_paged_decode_splits(device, dtype, num_splits):
 def test_paged_decode_knobs(device, block_n, block_size):
     hq, hkv, d = 10, 2, 80
     context_lens = [3, 31, 32, 33, 150]
-    k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, d, torch.float16, device, seed=1, block_size=block_size)
+    k_cache, v_cache, tables, lens, g = setup(
+        context_lens, hkv, d, torch.float16, device, seed=1, block_size=block_size
+    )
     q = torch.randn(len(context_lens), hq, d, generator=g).to(device, torch.float16)
-    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.1, num_splits=2, block_n=block_n,
-                                        num_warps=2, num_stages=2)
-    torch.testing.assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.1),
-                               **tolerance(device, torch.float16))
+    out = paged_decode_attention_triton(
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        lens,
+        0.1,
+        num_splits=2,
+        block_n=block_n,
+        num_warps=2,
+        num_stages=2,
+    )
+    torch.testing.assert_close(
+        out,
+        paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.1),
+        **tolerance(device, torch.float16),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -122,7 +164,9 @@ def test_paged_decode_padding_rows(device):
     out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.125, num_splits=2)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     keep = torch.tensor([0, 2], device=device)
-    expected = paged_decode_attention_ref(q[keep], k_cache, v_cache, tables[keep], lens[keep], 0.125)
+    expected = paged_decode_attention_ref(
+        q[keep], k_cache, v_cache, tables[keep], lens[keep], 0.125
+    )
     torch.testing.assert_close(out[keep], expected, **tolerance(device, torch.float32))
 
 
@@ -133,16 +177,22 @@ def test_prefill(device, dtype, heads):
     k_cache, v_cache, tables, lens, g = setup(PREFILL_CONTEXTS, hkv, d, dtype, device)
     cu_seqlens_q = cu_seqlens(PREFILL_Q_LENS, device)
     q = torch.randn(sum(PREFILL_Q_LENS), hq, d, generator=g).to(device, dtype)
-    scale = d ** -0.5
-    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, max(PREFILL_Q_LENS), scale)
+    scale = d**-0.5
+    out = prefill_attention_triton(
+        q, k_cache, v_cache, tables, lens, cu_seqlens_q, max(PREFILL_Q_LENS), scale
+    )
     expected = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, scale)
     torch.testing.assert_close(out, expected, **tolerance(device, dtype))
 
 
 # Small tiles, so that the prefixes span several unmasked key tiles; each program's own query heads or one
 # head each; the causal mask on every tile (the simple way); pages of 32 under tiles of 16 keys.
-KNOBS = [dict(block_m=32, block_n=16), dict(block_m=32, block_n=16, pack_gqa=False),
-         dict(block_m=32, block_n=32, mask_all_tiles=True), dict(block_m=64, block_n=16, block_size=32)]
+KNOBS = [
+    dict(block_m=32, block_n=16),
+    dict(block_m=32, block_n=16, pack_gqa=False),
+    dict(block_m=32, block_n=32, mask_all_tiles=True),
+    dict(block_m=64, block_n=16, block_size=32),
+]
 
 
 @pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()))
@@ -150,12 +200,30 @@ KNOBS = [dict(block_m=32, block_n=16), dict(block_m=32, block_n=16, pack_gqa=Fal
 def test_prefill_knobs(device, knobs):
     knobs = dict(knobs)
     hq, hkv, d = 6, 2, 80
-    k_cache, v_cache, tables, lens, g = setup(PREFILL_CONTEXTS, hkv, d, torch.float16, device, seed=2,
-                                              block_size=knobs.pop("block_size", BLOCK_SIZE))
+    k_cache, v_cache, tables, lens, g = setup(
+        PREFILL_CONTEXTS,
+        hkv,
+        d,
+        torch.float16,
+        device,
+        seed=2,
+        block_size=knobs.pop("block_size", BLOCK_SIZE),
+    )
     cu_seqlens_q = cu_seqlens(PREFILL_Q_LENS, device)
     q = torch.randn(sum(PREFILL_Q_LENS), hq, d, generator=g).to(device, torch.float16)
-    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, max(PREFILL_Q_LENS), 0.1,
-                                   num_warps=4, num_stages=2, **knobs)
+    out = prefill_attention_triton(
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        lens,
+        cu_seqlens_q,
+        max(PREFILL_Q_LENS),
+        0.1,
+        num_warps=4,
+        num_stages=2,
+        **knobs,
+    )
     expected = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, 0.1)
     torch.testing.assert_close(out, expected, **tolerance(device, torch.float16))
 
@@ -182,14 +250,17 @@ def test_store_then_prefill_is_causal_attention(device):
     k_cache, v_cache, tables, lens, g = setup([n], hkv, d, torch.float32, device)
     q, k, v = (torch.randn(n, h, d, generator=g).to(device) for h in (hq, hkv, hkv))
     positions = torch.arange(n, device=device)
-    slots = (tables[0, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE).to(torch.int32)
+    slots = (tables[0, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE).to(
+        torch.int32
+    )
     store_kvcache_triton(k, v, k_cache, v_cache, slots)
     cu_seqlens_q = torch.tensor([0, n], dtype=torch.int32, device=device)
-    expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                              is_causal=True, enable_gqa=True).transpose(0, 1)
-    ref = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, d ** -0.5)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+    ).transpose(0, 1)
+    ref = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, d**-0.5)
     torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
-    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, n, d ** -0.5)
+    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, n, d**-0.5)
     torch.testing.assert_close(out, expected, **tolerance(device, torch.float32))
 
 
@@ -204,5 +275,10 @@ def test_attention_sweep_checks_run_on_the_cpu():
     shape = {"smollm2-135m": attention_sweep.MODELS["smollm2-135m"]}
     checks = attention_sweep.check_all(torch.device("cpu"), torch.float16, tiny=True, shapes=shape)
     assert not checks.failed and not checks.unsupported
-    assert {r["what"] for r in checks.rows} == {"smollm2-135m, prefill", "smollm2-135m, decode", "smollm2-135m, store",
-                                                "smollm2-135m, sdpa-flash", "smollm2-135m, sdpa-flash-gqa"}
+    assert {r["what"] for r in checks.rows} == {
+        "smollm2-135m, prefill",
+        "smollm2-135m, decode",
+        "smollm2-135m, store",
+        "smollm2-135m, sdpa-flash",
+        "smollm2-135m, sdpa-flash-gqa",
+    }

@@ -1,5 +1,6 @@
 """The benchmark scripts, as far as they run without a GPU: the command lines, the no-GPU exits, the shared
 measurements on a stand-in engine, HF's static-batch accounting on a tiny model, and summarize.py's table."""
+
 import json
 import os
 import subprocess
@@ -15,12 +16,20 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import summarize  # noqa: E402
 
-SCRIPTS = ["benchmark_throughput", "benchmark_latency", "benchmark_batching", "compare_hf", "compare_vllm"]
+SCRIPTS = [
+    "benchmark_throughput",
+    "benchmark_latency",
+    "benchmark_batching",
+    "compare_hf",
+    "compare_vllm",
+]
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 
 
 def run(*command, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env={**NO_GPU, **env}, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        command, cwd=ROOT, env={**NO_GPU, **env}, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS + ["summarize"])
@@ -45,6 +54,7 @@ def test_race_exits_cleanly_without_a_gpu():
 
 def test_compare_vllm_without_vllm(monkeypatch, capsys):
     import compare_vllm
+
     monkeypatch.setattr(common, "gpu_missing", lambda script: False)
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     monkeypatch.setattr(sys, "argv", ["compare_vllm.py", "--model", "qwen3-0.6b"])
@@ -58,13 +68,17 @@ def test_workload_subset_is_the_start_of_the_full_workload():
     args.num_seqs = 256
     full_prompts, full_lengths = common.workload(args)
     assert (prompts, lengths) == (full_prompts[:32], full_lengths[:32])
-    assert (sum(map(len, full_prompts)), sum(full_lengths)) == (142_827, 133_966)  # the reference workload
+    assert (sum(map(len, full_prompts)), sum(full_lengths)) == (
+        142_827,
+        133_966,
+    )  # the reference workload
 
 
 def fake_engine(calls):
     def generate(prompts, max_tokens, temperature):
         calls.append((len(prompts), list(max_tokens), temperature))
         return sum(max_tokens)
+
     return generate
 
 
@@ -83,6 +97,7 @@ def test_measure_latency_uses_fresh_greedy_prompts():
     def generate(p, max_tokens, temperature):
         prompts.append(p[0])
         return engine(p, max_tokens, temperature)
+
     row = common.measure_latency(generate)
     assert [c[1] for c in calls] == [[512], [512]] + [[1]] * common.TTFT_RUNS
     assert all(c[2] == 0.0 for c in calls) and all(len(p) == 128 for p in prompts)
@@ -93,10 +108,19 @@ def test_measure_latency_uses_fresh_greedy_prompts():
 @pytest.mark.parametrize("temperature", [0.6, 0.0])
 def test_hf_static_batches_count_only_each_requests_own_tokens(temperature):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     from compare_hf import hf_generate
-    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=100,
-                                  num_attention_heads=4, num_key_value_heads=2, eos_token_id=5)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=100,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=5,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -110,51 +134,154 @@ def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-H100, OTHER = {"device": "H100", "date": "2026-12-01", "machine": "m1"}, {"device": "A100", "date": "2026-12-01", "machine": "m3"}
+H100, OTHER = (
+    {"device": "H100", "date": "2026-12-01", "machine": "m1"},
+    {"device": "A100", "date": "2026-12-01", "machine": "m3"},
+)
 
 
 def test_summarize_compares_only_rows_of_one_machine(tmp_path):
     full = {"num_seqs": 256, "policy": "continuous", "cuda_graphs": True}
-    write(tmp_path / "throughput.jsonl", [
-        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 99_999.0, **full, **H100, "date": "2026-11-30",
-         "attention_backend": "auto"},  # another day: left out
-        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 99_999.0, **full, **OTHER,
-         "attention_backend": "auto"},  # another card: left out
-        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 99_999.0, **full, **H100, "machine": "m2",
-         "attention_backend": "auto"},  # the same card and day, another machine: left out
-        {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 900.0, **full, **H100,
-         "cuda_graphs": False},  # eager: not our best settings
-        {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 990.0, **full, **H100, "policy": "static"},
-        {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 500.0, **full, **H100, "num_seqs": 32},
-        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 1000.0, **full, **H100, "attention_backend": "auto"},
-        {"engine": "vllm", "model": "qwen3-0.6b", "tokens_per_s": 1250.0, **full, **H100,
-         "attention_backend": "TRITON_ATTN"},
-        {"engine": "hf-transformers", "model": "qwen3-0.6b", "tokens_per_s": 50.0, "num_seqs": 32,
-         "policy": "static", **H100},
-        {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 800.0, **full, **H100},
-    ])
+    write(
+        tmp_path / "throughput.jsonl",
+        [
+            {
+                "engine": "vllm",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 99_999.0,
+                **full,
+                **H100,
+                "date": "2026-11-30",
+                "attention_backend": "auto",
+            },  # another day: left out
+            {
+                "engine": "vllm",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 99_999.0,
+                **full,
+                **OTHER,
+                "attention_backend": "auto",
+            },  # another card: left out
+            {
+                "engine": "vllm",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 99_999.0,
+                **full,
+                **H100,
+                "machine": "m2",
+                "attention_backend": "auto",
+            },  # the same card and day, another machine: left out
+            {
+                "engine": "mini_infer",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 900.0,
+                **full,
+                **H100,
+                "cuda_graphs": False,
+            },  # eager: not our best settings
+            {
+                "engine": "mini_infer",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 990.0,
+                **full,
+                **H100,
+                "policy": "static",
+            },
+            {
+                "engine": "mini_infer",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 500.0,
+                **full,
+                **H100,
+                "num_seqs": 32,
+            },
+            {
+                "engine": "vllm",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 1000.0,
+                **full,
+                **H100,
+                "attention_backend": "auto",
+            },
+            {
+                "engine": "vllm",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 1250.0,
+                **full,
+                **H100,
+                "attention_backend": "TRITON_ATTN",
+            },
+            {
+                "engine": "hf-transformers",
+                "model": "qwen3-0.6b",
+                "tokens_per_s": 50.0,
+                "num_seqs": 32,
+                "policy": "static",
+                **H100,
+            },
+            {"engine": "mini_infer", "model": "qwen3-0.6b", "tokens_per_s": 800.0, **full, **H100},
+        ],
+    )
     latency = {"prompt_tokens": 128, "output_tokens": 512}
-    write(tmp_path / "latency.jsonl", [
-        {"engine": "mini_infer", "model": "qwen3-0.6b", "ms_per_token": 2.0, "ttft_ms": 10.0, **latency, **H100},
-        {"engine": "vllm", "model": "qwen3-0.6b", "ms_per_token": 3.0, "ttft_ms": 5.0, **latency, **H100,
-         "attention_backend": "auto"},
-        {"engine": "vllm", "model": "qwen3-0.6b", "ms_per_token": 0.1, "ttft_ms": 0.1, **latency, **OTHER,
-         "attention_backend": "auto"},
-    ])
+    write(
+        tmp_path / "latency.jsonl",
+        [
+            {
+                "engine": "mini_infer",
+                "model": "qwen3-0.6b",
+                "ms_per_token": 2.0,
+                "ttft_ms": 10.0,
+                **latency,
+                **H100,
+            },
+            {
+                "engine": "vllm",
+                "model": "qwen3-0.6b",
+                "ms_per_token": 3.0,
+                "ttft_ms": 5.0,
+                **latency,
+                **H100,
+                "attention_backend": "auto",
+            },
+            {
+                "engine": "vllm",
+                "model": "qwen3-0.6b",
+                "ms_per_token": 0.1,
+                "ttft_ms": 0.1,
+                **latency,
+                **OTHER,
+                "attention_backend": "auto",
+            },
+        ],
+    )
     summary = summarize.collect(tmp_path)
-    assert (summary["device"], summary["date"], summary["kept"], summary["total"]) == ("H100", "2026-12-01", 9, 13)
+    assert (summary["device"], summary["date"], summary["kept"], summary["total"]) == (
+        "H100",
+        "2026-12-01",
+        9,
+        13,
+    )
     best = summary["tables"]["throughput"]["qwen3-0.6b"]
     assert best["mini_infer"]["tokens_per_s"] == 800.0  # not the eager, static or 32-request rows
-    assert best["vllm"]["attention_backend"] == "TRITON_ATTN"  # the better backend of the same card and day
+    assert (
+        best["vllm"]["attention_backend"] == "TRITON_ATTN"
+    )  # the better backend of the same card and day
     assert summarize.speedup(best["mini_infer"], best["vllm"], "throughput") == pytest.approx(0.64)
-    assert summarize.speedup(best["mini_infer"], best["hf-transformers"], "throughput") == pytest.approx(16.0)
+    assert summarize.speedup(
+        best["mini_infer"], best["hf-transformers"], "throughput"
+    ) == pytest.approx(16.0)
     lat = summary["tables"]["latency"]["qwen3-0.6b"]
     assert summarize.speedup(lat["mini_infer"], lat["vllm"], "latency") == pytest.approx(1.5)
     assert lat["hf-transformers"] is None
     ttft = summary["tables"]["ttft"]["qwen3-0.6b"]
     assert summarize.speedup(ttft["mini_infer"], ttft["vllm"], "ttft") == pytest.approx(0.5)
     text = summarize.render(summary)
-    assert "H100 (machine m1) on 2026-12-01" in text and "(TRITON_ATTN)" in text and "0.64" in text and "16.00" in text
+    assert (
+        "H100 (machine m1) on 2026-12-01" in text
+        and "(TRITON_ATTN)" in text
+        and "0.64" in text
+        and "16.00" in text
+    )
     assert "99,999" not in text and "A100" not in text
 
     other = summarize.collect(tmp_path, device="A100")
@@ -162,18 +289,49 @@ def test_summarize_compares_only_rows_of_one_machine(tmp_path):
     assert summarize.render(summarize.collect(tmp_path / "none")).startswith("no results yet")
 
 
-def race_rows(machine: str, models: list[str], engines=("mini_infer", "vllm"), date="2026-12-01") -> tuple[list, list]:
-    where = {"device": "H100", "date": date, "machine": machine, "cuda_graphs": True, "attention_backend": "auto"}
-    tput = [{"engine": e, "model": m, "num_seqs": 256, "policy": "continuous", "tokens_per_s": 1.0, **where}
-            for m in models for e in engines]
-    lat = [{"engine": e, "model": m, "prompt_tokens": 128, "output_tokens": 512, "ms_per_token": 1.0, "ttft_ms": 1.0,
-            **where} for m in models for e in engines]
+def race_rows(
+    machine: str, models: list[str], engines=("mini_infer", "vllm"), date="2026-12-01"
+) -> tuple[list, list]:
+    where = {
+        "device": "H100",
+        "date": date,
+        "machine": machine,
+        "cuda_graphs": True,
+        "attention_backend": "auto",
+    }
+    tput = [
+        {
+            "engine": e,
+            "model": m,
+            "num_seqs": 256,
+            "policy": "continuous",
+            "tokens_per_s": 1.0,
+            **where,
+        }
+        for m in models
+        for e in engines
+    ]
+    lat = [
+        {
+            "engine": e,
+            "model": m,
+            "prompt_tokens": 128,
+            "output_tokens": 512,
+            "ms_per_token": 1.0,
+            "ttft_ms": 1.0,
+            **where,
+        }
+        for m in models
+        for e in engines
+    ]
     return tput, lat
 
 
 def test_the_newest_machine_with_a_complete_race_is_reported(tmp_path):
     old, old_lat = race_rows("old", common.MODELS, date="2026-11-25")
-    new, new_lat = race_rows("new", common.MODELS[:2])  # a newer race that has not reached every model yet
+    new, new_lat = race_rows(
+        "new", common.MODELS[:2]
+    )  # a newer race that has not reached every model yet
     write(tmp_path / "throughput.jsonl", old + new)
     write(tmp_path / "latency.jsonl", old_lat + new_lat)
     assert summarize.machines(tmp_path)[0][2] == "new"
@@ -185,11 +343,17 @@ def test_the_newest_machine_with_a_complete_race_is_reported(tmp_path):
     write(tmp_path / "throughput.jsonl", old + new + done)
     write(tmp_path / "latency.jsonl", old_lat + new_lat + done_lat)
     assert summarize.newest_side_by_side(tmp_path, ("mini_infer", "vllm"))["machine"] == "new"
-    assert summarize.newest_side_by_side(tmp_path, ("mini_infer", "hf-transformers"), every_model=False) is None
+    assert (
+        summarize.newest_side_by_side(
+            tmp_path, ("mini_infer", "hf-transformers"), every_model=False
+        )
+        is None
+    )
 
 
 def test_report_without_results_says_how_to_make_them(tmp_path, monkeypatch):
     import report
+
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     assert "No results yet: run `python benchmarks/run_all.py` on a GPU." in report.readme_section()
     readme = f"before\n{report.START}\nold\n{report.END}\nafter\n"
@@ -200,7 +364,13 @@ def test_run_all_without_a_gpu_prints_every_step_and_runs_none():
     result = run(sys.executable, "benchmarks/run_all.py", "--skip-vllm")
     assert result.returncode == 0, result.stderr
     assert "run_all.py measures a GPU; none is visible here." in result.stdout
-    for step in ["kernel_benchmark.py", "memory_test.py", "ENGINES=mini_infer hf' bash benchmarks/race.sh smollm2-135m",
-                 "profile_step.py --model llama3-8b", "benchmark_serving.py --model qwen3-0.6b", "benchmark_batching.py",
-                 "report.py"]:
+    for step in [
+        "kernel_benchmark.py",
+        "memory_test.py",
+        "ENGINES=mini_infer hf' bash benchmarks/race.sh smollm2-135m",
+        "profile_step.py --model llama3-8b",
+        "benchmark_serving.py --model qwen3-0.6b",
+        "benchmark_batching.py",
+        "report.py",
+    ]:
         assert step in result.stdout

@@ -1,8 +1,10 @@
 """The block manager (chapter 4) under random workloads: allocations, decoded tokens, frees, evictions."""
+
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mini_infer.memory.block_manager import BlockManager, hash_block
@@ -53,7 +55,9 @@ def test_eviction_takes_empty_blocks_then_least_recently_freed():
     z = Seq([9] * 13)
     bm.allocate(z)  # four blocks: the never-used one, the two partial ones, then x's cached block
     assert x_full in z.block_table and y_full not in z.block_table
-    assert bm.pool.blocks[x_full].hash is None and bm.pool.cached == {bm.pool.blocks[y_full].hash: y_full}
+    assert bm.pool.blocks[x_full].hash is None and bm.pool.cached == {
+        bm.pool.blocks[y_full].hash: y_full
+    }
     bm.cache_computed(z, 13)
     bm.free(z)
     assert bm.allocate(Seq([3] * 4 + [5])) == 4
@@ -89,7 +93,9 @@ def test_refusals_change_nothing():
 # Prompts are built from a few pieces (some a whole number of blocks long, some not) over a small
 # alphabet, so that prefixes repeat, blocks get shared, and the small pool runs out and evicts.
 PIECES = [[1, 2, 3, 4], [1, 2, 3, 4, 5, 6], [7] * 8, [5], [2, 2]]
-prompts = st.lists(st.sampled_from(PIECES), min_size=1, max_size=4).map(lambda ps: [t for p in ps for t in p])
+prompts = st.lists(st.sampled_from(PIECES), min_size=1, max_size=4).map(
+    lambda ps: [t for p in ps for t in p]
+)
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -111,8 +117,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
             block = seq.block_table[p // BLOCK_SIZE]
             assert self.bm.pool.blocks[block].ref_count == 1, "wrote into a shared block"
             if p % BLOCK_SIZE:
-                assert self.content[block] == tuple(seq.token_ids[:p]), "block overwritten by someone else"
-            self.content[block] = tuple(seq.token_ids[:p + 1])
+                assert self.content[block] == tuple(seq.token_ids[:p]), (
+                    "block overwritten by someone else"
+                )
+            self.content[block] = tuple(seq.token_ids[: p + 1])
         self.computed[id(seq)] = done + n
         self.bm.cache_computed(seq, done + n)
 
@@ -130,7 +138,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         cached = self.bm.allocate(seq)
         assert cached == seq.num_cached_tokens and cached % BLOCK_SIZE == 0 and cached < len(prompt)
         for i in range(cached // BLOCK_SIZE):  # a cache hit holds exactly this prefix
-            assert self.content[seq.block_table[i]] == tuple(prompt[:(i + 1) * BLOCK_SIZE])
+            assert self.content[seq.block_table[i]] == tuple(prompt[: (i + 1) * BLOCK_SIZE])
         self.running.append(seq)
         self.computed[id(seq)] = cached
         self.compute(seq, min(chunk, len(prompt) - cached))
@@ -174,7 +182,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
             for b in seq.block_table:
                 owners[b] += 1
         assert [blk.ref_count for blk in self.bm.pool.blocks] == owners
-        assert set(self.bm.pool.free_ids) == {b for b in range(NUM_BLOCKS) if owners[b] == 0}  # free + used = total
+        assert set(self.bm.pool.free_ids) == {
+            b for b in range(NUM_BLOCKS) if owners[b] == 0
+        }  # free + used = total
 
     @invariant()
     def every_block_holds_its_owners_prefix(self):
@@ -183,9 +193,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
             done = self.computed[id(seq)]
             for i, b in enumerate(seq.block_table):
                 if i * BLOCK_SIZE < done:
-                    assert self.content[b] == tuple(seq.token_ids[:min(done, (i + 1) * BLOCK_SIZE)])
+                    assert self.content[b] == tuple(
+                        seq.token_ids[: min(done, (i + 1) * BLOCK_SIZE)]
+                    )
                 else:
-                    assert self.bm.pool.blocks[b].ref_count == 1, "a block not computed yet is shared"
+                    assert self.bm.pool.blocks[b].ref_count == 1, (
+                        "a block not computed yet is shared"
+                    )
 
     @invariant()
     def cached_blocks_hold_what_their_hash_names(self):
@@ -194,7 +208,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self.bm.pool.blocks[b].hash == h and len(tokens) % BLOCK_SIZE == 0
             name = b""
             for start in range(0, len(tokens), BLOCK_SIZE):
-                name = hash_block(name, list(tokens[start:start + BLOCK_SIZE]))
+                name = hash_block(name, list(tokens[start : start + BLOCK_SIZE]))
             assert name == h
 
     def teardown(self):

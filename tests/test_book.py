@@ -1,5 +1,6 @@
 """The book builds with warnings as errors (the `html` fixture, in conftest.py), and every chapter page shows its
 outputs and a Colab link."""
+
 from pathlib import Path
 
 import pytest

@@ -5,6 +5,7 @@ where Chromium is not installed:
 
     apt-get install -y chromium && python -m pytest tests/test_browser.py
 """
+
 import re
 import shutil
 import subprocess
@@ -18,16 +19,30 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 SHOTS = ROOT / "_build" / "screenshots"
 CHROMIUM = shutil.which("chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)"
+)
 
 
 def chromium(profile: Path, *args: str) -> str:
     """Chromium's stdout, run with a fresh profile folder."""
-    run = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
 
@@ -51,7 +66,9 @@ def assert_screenshot_shows_a_page(page: Path, shot: Path, profile: Path) -> Non
     chromium(profile, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri())
     pixels = Image.open(shot).convert("L").getdata()
     inked = sum(p < 200 for p in pixels) / len(pixels)
-    assert inked > 0.01, f"{shot.name}: {inked:.2%} of the pixels are not near-white; is the page blank?"
+    assert inked > 0.01, (
+        f"{shot.name}: {inked:.2%} of the pixels are not near-white; is the page blank?"
+    )
 
 
 def test_front_page_renders(html, tmp_path):
@@ -67,9 +84,18 @@ def test_chapter_page_renders_code_outputs_plots_and_colab_link(html, nb, tmp_pa
     page = html / "chapters" / f"{nb.stem}.html"
     assert page.exists(), f"{page.name} was not built: is {nb.name} in _toc.yml?"
     dom = chromium(tmp_path / "profile", "--dump-dom", page.as_uri())
-    cells = [c for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "code" and c.source.strip()]
+    cells = [
+        c
+        for c in nbformat.read(nb, as_version=4).cells
+        if c.cell_type == "code" and c.source.strip()
+    ]
     assert count(dom, "cell_input") >= len(cells)
     assert count(dom, "cell_output") >= sum(bool(c.outputs) for c in cells)
-    assert len(plots(dom, html)) >= sum("image/png" in o.get("data", {}) for c in cells for o in c.outputs)
-    assert f"colab.research.google.com/github/mini-infer/mini-infer/blob/main/chapters/{nb.name}" in dom
+    assert len(plots(dom, html)) >= sum(
+        "image/png" in o.get("data", {}) for c in cells for o in c.outputs
+    )
+    assert (
+        f"colab.research.google.com/github/mini-infer/mini-infer/blob/main/chapters/{nb.name}"
+        in dom
+    )
     assert_screenshot_shows_a_page(page, SHOTS / f"{nb.stem}.png", tmp_path / "profile")

@@ -1,4 +1,5 @@
 """Every chapter is a synced .py/.ipynb pair, in the table of contents, with its outputs stored."""
+
 from pathlib import Path
 
 import jupytext
@@ -25,7 +26,9 @@ def test_pair_is_in_sync(py: Path):
     nb = py.with_suffix(".ipynb")
     assert nb.exists(), f"{py.name} has no notebook: run `jupytext --sync {py}`"
     as_py = jupytext.writes(jupytext.read(nb), fmt="py:percent")
-    assert as_py == py.read_text(), f"{nb.name} and {py.name} differ: edit the .py, then `jupytext --sync` and re-execute"
+    assert as_py == py.read_text(), (
+        f"{nb.name} and {py.name} differ: edit the .py, then `jupytext --sync` and re-execute"
+    )
 
 
 @pytest.mark.parametrize("py", CHAPTERS, ids=chapter_id)
@@ -34,14 +37,18 @@ def test_checked_cells_have_stored_outputs(py: Path):
     nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
     for i, cell in enumerate(nb.cells):
         if "nbval-check-output" in cell.get("metadata", {}).get("tags", []):
-            assert cell.execution_count and cell.outputs, f"{py.name}: tagged cell {i} has no stored output"
+            assert cell.execution_count and cell.outputs, (
+                f"{py.name}: tagged cell {i} has no stored output"
+            )
 
 
 @pytest.mark.parametrize("py", CHAPTERS, ids=chapter_id)
 def test_chapter_is_executed(py: Path):
     nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
-    assert all(c.execution_count for c in code), f"{py.name}: run every cell before committing the notebook"
+    assert all(c.execution_count for c in code), (
+        f"{py.name}: run every cell before committing the notebook"
+    )
 
 
 @pytest.mark.parametrize("py", CHAPTERS, ids=chapter_id)
@@ -58,7 +65,9 @@ def toc_files(entries) -> set[str]:
     for entry in entries:
         if "file" in entry:
             files.add(entry["file"])
-        files |= toc_files(entry.get("chapters", []) + entry.get("sections", []) + entry.get("parts", []))
+        files |= toc_files(
+            entry.get("chapters", []) + entry.get("sections", []) + entry.get("parts", [])
+        )
     return files
 
 

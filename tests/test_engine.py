@@ -1,5 +1,6 @@
 """The engine end to end on the CPU: greedy output equal to Hugging Face's, the same under chunked
 prefill, prefix caching and memory pressure; seeds, streaming, stop strings, and clear errors for bad requests."""
+
 import re
 from pathlib import Path
 
@@ -43,14 +44,20 @@ def block_bytes(llm) -> int:
 def reference(llm) -> list[list[int]]:
     """Hugging Face transformers' greedy tokens, one prompt at a time, on the same GGUF weights."""
     path = embedded_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # like ignore_eos: run on past <|im_end|>, logits untouched
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    hf.generation_config.eos_token_id = (
+        None  # like ignore_eos: run on past <|im_end|>, logits untouched
+    )
     hf.generation_config.pad_token_id = 0
     out = []
     for prompt in PROMPTS:
         ids = torch.tensor([llm.get_tokenizer().encode(prompt)])
-        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
-        out.append(gen[0, ids.shape[1]:].tolist())
+        gen = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False
+        )
+        out.append(gen[0, ids.shape[1] :].tolist())
     return out
 
 
@@ -61,7 +68,9 @@ def token_ids(outputs) -> list[list[int]]:
 @pytest.mark.slow
 def test_batched_greedy_equals_hugging_face(llm, reference):
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert len({len(llm.get_tokenizer().encode(p)) for p in PROMPTS}) >= 6  # prompts of different lengths
+    assert (
+        len({len(llm.get_tokenizer().encode(p)) for p in PROMPTS}) >= 6
+    )  # prompts of different lengths
     assert token_ids(outputs) == reference
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
     assert outputs[0].outputs[0].text.startswith(" Paris")
@@ -80,7 +89,9 @@ def test_gpu_engine_matches_hugging_face(reference):
     assert half.engine.runner.dtype == torch.bfloat16
     outputs = token_ids(half.generate(PROMPTS, GREEDY, use_tqdm=False))
     agree = sum(out[:16] == ref[:16] for out, ref in zip(outputs, reference))
-    assert agree >= 0.9 * len(PROMPTS), f"{agree} of {len(PROMPTS)} prompts agree on their first 16 tokens"
+    assert agree >= 0.9 * len(PROMPTS), (
+        f"{agree} of {len(PROMPTS)} prompts agree on their first 16 tokens"
+    )
 
 
 @pytest.mark.slow
@@ -91,12 +102,23 @@ def test_gpu_async_scheduling_gives_the_same_tokens_as_sync():
     # of another size, rounding differently, could flip).
     config = Path(__file__).parents[1] / "benchmarks" / "models" / "smollm2-135m"
     prompts = [[(7 * i + j) % 4000 for j in range(5 + 13 * i)] for i in range(48)]
-    params = [SamplingParams(temperature=0, max_tokens=20 + i, ignore_eos=True) if i % 2 else
-              SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=20 + i, ignore_eos=True) for i in range(48)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20 + i, ignore_eos=True)
+        if i % 2
+        else SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=20 + i, ignore_eos=True)
+        for i in range(48)
+    ]
     runs = []
     for async_scheduling in (False, True):
-        llm = LLM(config, load_format="dummy", dtype="float32", max_model_len=1024, max_num_seqs=64,
-                  gpu_memory_utilization=0.3, async_scheduling=async_scheduling)
+        llm = LLM(
+            config,
+            load_format="dummy",
+            dtype="float32",
+            max_model_len=1024,
+            max_num_seqs=64,
+            gpu_memory_utilization=0.3,
+            async_scheduling=async_scheduling,
+        )
         runs.append(token_ids(llm.generate(prompts, params, use_tqdm=False)))
         del llm
     assert runs[0] == runs[1]
@@ -106,8 +128,14 @@ def test_gpu_async_scheduling_gives_the_same_tokens_as_sync():
 def test_chunked_prefill_prefix_cache_and_preemption_keep_greedy_output(reference, block_bytes):
     # 12 blocks of 16 tokens for 8 requests that each grow to 3-4 blocks: preemption is certain; a token
     # budget of 16 splits the longer prompts; the repeated prompt hits the prefix cache.
-    small = LLM(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
-                cpu_kv_bytes=12 * block_bytes)
+    small = LLM(
+        dtype="float32",
+        device="cpu",
+        max_model_len=128,
+        max_num_seqs=8,
+        max_num_batched_tokens=16,
+        cpu_kv_bytes=12 * block_bytes,
+    )
     assert small.engine.runner.num_blocks == 12
     outputs = small.generate(PROMPTS + PROMPTS[:1], GREEDY, use_tqdm=False)
     assert token_ids(outputs) == reference + reference[:1]
@@ -119,14 +147,26 @@ def test_chunked_prefill_prefix_cache_and_preemption_keep_greedy_output(referenc
 def test_async_scheduling_keeps_greedy_output(reference, block_bytes):
     # The GPU default, forced on the CPU: each step is launched before the last one's tokens are recorded,
     # its inputs taken from the last step's output. Under preemption, chunked prefill and prefix hits.
-    small = LLM(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
-                cpu_kv_bytes=12 * block_bytes, async_scheduling=True)
+    small = LLM(
+        dtype="float32",
+        device="cpu",
+        max_model_len=128,
+        max_num_seqs=8,
+        max_num_batched_tokens=16,
+        cpu_kv_bytes=12 * block_bytes,
+        async_scheduling=True,
+    )
     outputs = small.generate(PROMPTS[:5] + PROMPTS[:1], GREEDY, use_tqdm=False)
     assert token_ids(outputs) == reference[:5] + reference[:1]
     assert small.engine.scheduler.num_preemptions > 0
     chat = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-    out = small.chat(chat, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[0]
-    assert (out.text, out.finish_reason) == ("The capital of France is Paris.", "stop")  # a step past the stop token was void
+    out = small.chat(chat, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[
+        0
+    ]
+    assert (out.text, out.finish_reason) == (
+        "The capital of France is Paris.",
+        "stop",
+    )  # a step past the stop token was void
     stream = small.stream(PROMPTS[2], GREEDY)
     next(stream)
     stream.close()
@@ -143,9 +183,13 @@ def test_chat_messages_use_the_chat_template(llm):
 
 @pytest.mark.slow
 def test_a_seed_makes_sampling_reproducible_whatever_the_batch(llm):
-    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=40, max_tokens=12, seed=7, ignore_eos=True)
+    params = SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=40, max_tokens=12, seed=7, ignore_eos=True
+    )
     alone = llm.generate(PROMPTS[0], params, use_tqdm=False)
-    crowded = llm.generate(PROMPTS[:4], [params] + [SamplingParams(temperature=1.0, max_tokens=12)] * 3, use_tqdm=False)
+    crowded = llm.generate(
+        PROMPTS[:4], [params] + [SamplingParams(temperature=1.0, max_tokens=12)] * 3, use_tqdm=False
+    )
     assert token_ids(alone)[0] == token_ids(crowded)[0]
 
 
@@ -163,18 +207,26 @@ def test_stream_yields_the_generated_text_and_frees_blocks_when_stopped(llm):
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_a_stop_string_ends_the_text_just_before_it_and_frees_the_request(llm, async_scheduling, monkeypatch):
+def test_a_stop_string_ends_the_text_just_before_it_and_frees_the_request(
+    llm, async_scheduling, monkeypatch
+):
     # With async scheduling (the GPU default, forced here) the request's next step is already launched when
     # the stop string shows up: that step's token must be dropped.
     monkeypatch.setattr(llm.engine, "async_scheduling", async_scheduling)
     plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     full = [o.outputs[0] for o in llm.generate(PROMPTS[:2], plain, use_tqdm=False)]
-    stop = llm.get_tokenizer().decode(full[0].token_ids[4:6])[1:-1]  # from inside token 4 to inside token 5
+    stop = llm.get_tokenizer().decode(full[0].token_ids[4:6])[
+        1:-1
+    ]  # from inside token 4 to inside token 5
     assert stop == "he answe" and full[0].text.count(stop) == 1  # of " Paris.\n\nThe answer is: 2"
-    with_stop = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=["never said", stop])
+    with_stop = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True, stop=["never said", stop]
+    )
     out = [o.outputs[0] for o in llm.generate(PROMPTS[:2], [with_stop, plain], use_tqdm=False)]
-    assert (out[0].text, out[0].finish_reason) == (full[0].text[:full[0].text.index(stop)], "stop")
-    assert out[0].token_ids == full[0].token_ids[:6]  # up to the token that completed the stop string
+    assert (out[0].text, out[0].finish_reason) == (full[0].text[: full[0].text.index(stop)], "stop")
+    assert (
+        out[0].token_ids == full[0].token_ids[:6]
+    )  # up to the token that completed the stop string
     assert out[1] == full[1]  # its neighbour in the batch is unaffected
     assert "".join(llm.stream(PROMPTS[0], with_stop)) == out[0].text
     assert_engine_quiet(llm)
@@ -193,11 +245,18 @@ def test_n_seeded_samples_differ_and_repeat_alone_or_in_a_batch(llm):
     assert [len(c.token_ids) for c in out.outputs] == [6] * 3
     assert len({c.text for c in out.outputs}) == 3  # each sample has its own seed
     assert completions(llm.generate(PROMPTS[2], params, use_tqdm=False)[0]) == completions(out)
-    others = [SamplingParams(temperature=1.0, max_tokens=6), SamplingParams(n=2, temperature=0, max_tokens=3)]
-    crowded = llm.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], [others[0], params, others[1]], use_tqdm=False)
+    others = [
+        SamplingParams(temperature=1.0, max_tokens=6),
+        SamplingParams(n=2, temperature=0, max_tokens=3),
+    ]
+    crowded = llm.generate(
+        [PROMPTS[0], PROMPTS[2], PROMPTS[1]], [others[0], params, others[1]], use_tqdm=False
+    )
     assert completions(crowded[1]) == completions(out)
     assert [len(o.outputs) for o in crowded] == [1, 3, 2]
-    one = SamplingParams(temperature=1.0, max_tokens=6, seed=11, ignore_eos=True)  # sample 0 keeps the seed
+    one = SamplingParams(
+        temperature=1.0, max_tokens=6, seed=11, ignore_eos=True
+    )  # sample 0 keeps the seed
     assert completions(llm.generate(PROMPTS[2], one, use_tqdm=False)[0]) == completions(out)[:1]
     assert_engine_quiet(llm)
 
@@ -209,7 +268,9 @@ def test_greedy_samples_are_all_the_greedy_text(llm):
     (one,) = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert completions(llm.generate(PROMPTS[0], two, use_tqdm=False)[0]) == completions(one) * 2
     (chat,) = llm.chat([{"role": "user", "content": "Hi"}], two, use_tqdm=False)
-    assert [c.index for c in chat.outputs] == [0, 1] and completions(chat)[0] == completions(chat)[1]
+    assert [c.index for c in chat.outputs] == [0, 1] and completions(chat)[0] == completions(chat)[
+        1
+    ]
     assert_engine_quiet(llm)
 
 
@@ -219,26 +280,41 @@ def test_each_sample_stops_at_its_own_stop_string(llm):
     params = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=3, ignore_eos=True)
     full = llm.generate(PROMPTS[2], params, use_tqdm=False)[0].outputs
     stop = full[1].text[4:6]  # in sample 1's text; the others may or may not meet it
-    stopped = llm.generate(PROMPTS[2], SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=3, ignore_eos=True,
-                                                      stop=stop), use_tqdm=False)[0].outputs
+    stopped = llm.generate(
+        PROMPTS[2],
+        SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=3, ignore_eos=True, stop=stop),
+        use_tqdm=False,
+    )[0].outputs
     for f, s in zip(full, stopped, strict=True):
         if stop in f.text:
-            assert (s.text, s.finish_reason) == (f.text[:f.text.index(stop)], "stop")
-            assert s.token_ids == f.token_ids[:len(s.token_ids)]
+            assert (s.text, s.finish_reason) == (f.text[: f.text.index(stop)], "stop")
+            assert s.token_ids == f.token_ids[: len(s.token_ids)]
         else:
             assert s == f
-    assert [s.finish_reason for s in stopped] == ["length", "stop", "stop"]  # one sample never meets it
+    assert [s.finish_reason for s in stopped] == [
+        "length",
+        "stop",
+        "stop",
+    ]  # one sample never meets it
     assert_engine_quiet(llm)
 
 
 @pytest.mark.slow
 def test_bad_n_requests_get_errors_and_stream_takes_one_sample(llm):
     too_long = [1] * 512
-    out = llm.generate([too_long, "hello"], [SamplingParams(n=2), SamplingParams(n=2, temperature=0, max_tokens=2)],
-                       use_tqdm=False)
+    out = llm.generate(
+        [too_long, "hello"],
+        [SamplingParams(n=2), SamplingParams(n=2, temperature=0, max_tokens=2)],
+        use_tqdm=False,
+    )
     assert "leaves no room for output in max_model_len 512" in out[0].error
-    assert [(c.index, c.finish_reason, c.token_ids) for c in out[0].outputs] == [(0, "error", []), (1, "error", [])]
-    assert [c.finish_reason for c in out[1].outputs] == ["length", "length"] and out[1].error is None
+    assert [(c.index, c.finish_reason, c.token_ids) for c in out[0].outputs] == [
+        (0, "error", []),
+        (1, "error", []),
+    ]
+    assert [c.finish_reason for c in out[1].outputs] == ["length", "length"] and out[
+        1
+    ].error is None
     with pytest.raises(ValueError, match=r"stream\(\) yields the text of one sample, got n=2"):
         next(llm.stream("hi", SamplingParams(n=2)))
     assert_engine_quiet(llm)
@@ -247,34 +323,51 @@ def test_bad_n_requests_get_errors_and_stream_takes_one_sample(llm):
 @pytest.mark.slow
 def test_output_past_max_model_len_stops_there_with_length(llm):
     prompt = [1] * 500
-    (out,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)
-    assert out.error is None and (len(out.outputs[0].token_ids), out.outputs[0].finish_reason) == (12, "length")
-    (out,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), use_tqdm=False)
-    assert (len(out.outputs[0].token_ids), out.outputs[0].finish_reason) == (12, "length")  # None: up to the context
+    (out,) = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False
+    )
+    assert out.error is None and (len(out.outputs[0].token_ids), out.outputs[0].finish_reason) == (
+        12,
+        "length",
+    )
+    (out,) = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), use_tqdm=False
+    )
+    assert (len(out.outputs[0].token_ids), out.outputs[0].finish_reason) == (
+        12,
+        "length",
+    )  # None: up to the context
     assert_engine_quiet(llm)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prompt, params, error", [
-    ("", None, "prompt is empty"),
-    ([[]], None, "prompt is empty"),
-    ([1, 2, 10**6], None, r"token ids must be integers in \[0, 49152\)"),
-    ([1] * 600, None, "prompt \\(600 tokens\\) leaves no room for output in max_model_len 512"),
-    ({"prompt_token_ids": [1], "prompt": "x"}, None, "a prompt dict has one key"),
-    ([{"role": "wizard", "content": "hi"}], None, "unknown chat role"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, error",
+    [
+        ("", None, "prompt is empty"),
+        ([[]], None, "prompt is empty"),
+        ([1, 2, 10**6], None, r"token ids must be integers in \[0, 49152\)"),
+        ([1] * 600, None, "prompt \\(600 tokens\\) leaves no room for output in max_model_len 512"),
+        ({"prompt_token_ids": [1], "prompt": "x"}, None, "a prompt dict has one key"),
+        ([{"role": "wizard", "content": "hi"}], None, "unknown chat role"),
+    ],
+)
 def test_bad_requests_are_rejected_with_a_clear_error(llm, prompt, params, error):
     (out,) = llm.generate(prompt, params, use_tqdm=False)
     assert out.outputs[0].finish_reason == "error" and out.outputs[0].token_ids == []
     assert re.search(error, out.error), out.error
     assert_engine_quiet(llm)
-    with pytest.raises(TypeError, match="a prompt is a string"):  # an error of the call itself still raises
+    with pytest.raises(
+        TypeError, match="a prompt is a string"
+    ):  # an error of the call itself still raises
         llm.generate(3.5, params, use_tqdm=False)
 
 
 @pytest.mark.slow
 def test_a_bad_prompt_in_a_batch_fails_alone(llm):
-    out = llm.generate(["fine", ""], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    out = llm.generate(
+        ["fine", ""], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False
+    )
     assert out[0].error is None and len(out[0].outputs[0].token_ids) == 4
     assert out[1].outputs[0].finish_reason == "error" and "prompt is empty" in out[1].error
     assert_engine_quiet(llm)
@@ -283,27 +376,53 @@ def test_a_bad_prompt_in_a_batch_fails_alone(llm):
 
 
 def test_dummy_weights_generate_from_token_ids():
-    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+    }
     llm = LLM(config, load_format="dummy", device="cpu", dtype="float32")
-    out = llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True),
-                       use_tqdm=False)
+    out = llm.generate(
+        [[1, 2, 3], [4, 5, 6, 7, 8]],
+        SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert [len(o.outputs[0].token_ids) for o in out] == [10, 10]
     assert out[0].outputs[0].text == "" and out[1].prompt_token_ids == [4, 5, 6, 7, 8]
     assert "no tokenizer" in llm.generate("text", use_tqdm=False)[0].error
-    assert "no tokenizer, and stop strings need one" in llm.generate([1, 2], SamplingParams(stop="."), use_tqdm=False)[0].error
+    assert (
+        "no tokenizer, and stop strings need one"
+        in llm.generate([1, 2], SamplingParams(stop="."), use_tqdm=False)[0].error
+    )
 
 
 def test_top_k_top_p_filter_keeps_the_right_tokens():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
-    kept = Sampler.filter_top_k_top_p(logits, torch.tensor([4, 2, 4]), torch.tensor([0.7, 1.0, 0.3])).isfinite()
-    assert kept.tolist() == [[True, True, False, False], [True, True, False, False], [True, True, False, False]]
+    logits = torch.log(
+        torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    )
+    kept = Sampler.filter_top_k_top_p(
+        logits, torch.tensor([4, 2, 4]), torch.tensor([0.7, 1.0, 0.3])
+    ).isfinite()
+    assert kept.tolist() == [
+        [True, True, False, False],
+        [True, True, False, False],
+        [True, True, False, False],
+    ]
 
 
 def test_sampler_greedy_rows_and_sampled_rows_share_a_batch():
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
-    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(temperature=0.5, seed=3)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=1),
+        SamplingParams(temperature=0.5, seed=3),
+    ]
     tokens = Sampler()(logits, params, [1, 1, 1])
     assert tokens[0] == logits[0].argmax()
     assert tokens[1] == logits[1].argmax()

@@ -1,4 +1,5 @@
 """The exporter: chapters' marked cells become package modules, and --check catches any drift."""
+
 import importlib.util
 from pathlib import Path
 
@@ -20,12 +21,16 @@ def write_chapter(root: Path, name: str, cells: list[str]) -> None:
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     (tmp_path / "mini_infer").mkdir()
-    write_chapter(tmp_path, "01_a.py", [
-        "#| export mini_infer.things\nimport math",
-        "print('not exported')",
-        "#| export mini_infer.things\ndef area(r):\n    return math.pi * r * r",
-        "#| export mini_infer.sub.more\nX = 1",
-    ])
+    write_chapter(
+        tmp_path,
+        "01_a.py",
+        [
+            "#| export mini_infer.things\nimport math",
+            "print('not exported')",
+            "#| export mini_infer.things\ndef area(r):\n    return math.pi * r * r",
+            "#| export mini_infer.sub.more\nX = 1",
+        ],
+    )
     return tmp_path
 
 
@@ -69,7 +74,9 @@ def test_a_module_no_chapter_exports_is_stale(repo):
 
 def test_a_module_has_one_owner_chapter(repo):
     write_chapter(repo, "02_b.py", ["#| export mini_infer.things\nZ = 3"])
-    with pytest.raises(export.ExportError, match="exported by both chapters/01_a.py and chapters/02_b.py"):
+    with pytest.raises(
+        export.ExportError, match="exported by both chapters/01_a.py and chapters/02_b.py"
+    ):
         export.export(repo)
     assert export.main(["--root", str(repo)]) == 1
 
@@ -86,5 +93,7 @@ def test_the_package_is_what_the_chapters_export():
 
 
 def test_every_module_but_init_files_is_generated():
-    modules = {p.relative_to(ROOT) for p in (ROOT / "mini_infer").rglob("*.py") if p.name != "__init__.py"}
+    modules = {
+        p.relative_to(ROOT) for p in (ROOT / "mini_infer").rglob("*.py") if p.name != "__init__.py"
+    }
     assert modules and modules == export.generated_files(ROOT)

@@ -4,6 +4,7 @@ The embedded SmolLM2 GGUF, loaded by both, in float32 on the CPU: prompt logits 
 random Llama and Qwen3 models, saved by transformers and loaded through our safetensors path: logits.
 The contiguous KV cache: prefill in chunks equals prefill at once.
 """
+
 import pytest
 import torch
 import transformers
@@ -42,13 +43,17 @@ def ours():
 @pytest.fixture(scope="module")
 def hf():
     path = embedded_gguf_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def prompts(ours) -> list[list[int]]:
     tokenizer = ours.tokenizer
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True)["input_ids"]
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT}], add_generation_prompt=True
+    )["input_ids"]
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS] + [list(chat)]
     assert len({len(i) for i in ids}) == len(ids)  # four different lengths
     return ids
@@ -57,9 +62,23 @@ def prompts(ours) -> list[list[int]]:
 @pytest.mark.slow
 def test_embedded_config(ours):
     c = ours.config
-    assert (c.model_type, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == ("llama", 576, 1536, 30)
-    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size) == (9, 3, 64, 49152)
-    assert (c.rope_theta, c.max_position_embeddings, c.tie_word_embeddings) == (100000.0, 8192, True)
+    assert (c.model_type, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (
+        "llama",
+        576,
+        1536,
+        30,
+    )
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size) == (
+        9,
+        3,
+        64,
+        49152,
+    )
+    assert (c.rope_theta, c.max_position_embeddings, c.tie_word_embeddings) == (
+        100000.0,
+        8192,
+        True,
+    )
     assert (c.bos_token_id, c.eos_token_ids) == (1, (2,))
     assert ours.model.lm_head.weight is ours.model.model.embed_tokens.weight
 
@@ -78,9 +97,15 @@ def test_greedy_tokens_match_hf_generate(ours, hf, prompts):
     eos = list(ours.config.eos_token_ids)
     for ids in prompts:
         with torch.no_grad():
-            expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                   max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-        assert generate_greedy(ours.model, ids, NEW_TOKENS, eos) == expected[0, len(ids):].tolist()
+            expected = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos[0],
+            )
+        assert generate_greedy(ours.model, ids, NEW_TOKENS, eos) == expected[0, len(ids) :].tolist()
 
 
 @pytest.mark.slow
@@ -92,14 +117,24 @@ def test_greedy_answers(ours, prompts):
     assert tokenizer.decode(answer, skip_special_tokens=True) == "The capital of France is Paris."
 
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=300, max_position_embeddings=128, rms_norm_eps=1e-5)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
 
 
 def tiny_hf(kind: str):
     torch.manual_seed(0)
     if kind == "llama":
-        config = transformers.LlamaConfig(**TINY, attention_bias=True, tie_word_embeddings=True, rope_theta=5000.0)
+        config = transformers.LlamaConfig(
+            **TINY, attention_bias=True, tie_word_embeddings=True, rope_theta=5000.0
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
         config = transformers.Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False)
@@ -117,40 +152,61 @@ def test_tiny_random_model_matches_hf_through_safetensors(tmp_path, kind):
     hf_model.save_pretrained(tmp_path)
     model, tokenizer, config = load_model(tmp_path, dtype="float32", device="cpu")
     assert tokenizer is None and config.qk_norm == (kind == "qwen3")
-    ids = torch.randint(0, TINY["vocab_size"], (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(
+        0, TINY["vocab_size"], (20,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     with torch.no_grad():
         expected = hf_model(torch.tensor([ids])).logits[0]
     assert relative_error(prompt_logits(model, ids), expected) < 1e-5
     with torch.no_grad():
-        hf_tokens = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 20, dtype=torch.long),
-                                      max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        hf_tokens = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, 20, dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     assert generate_greedy(model, ids, 10) == hf_tokens[0, 20:].tolist()
 
 
 def test_prefill_in_chunks_equals_prefill_at_once():
     # Chunks after cached tokens use the shifted causal mask; one-token chunks are decode steps.
-    model, _, config = load_model({"model_type": "llama", **TINY}, dtype="float32", device="cpu", load_format="dummy")
+    model, _, config = load_model(
+        {"model_type": "llama", **TINY}, dtype="float32", device="cpu", load_format="dummy"
+    )
     ids = torch.randint(0, TINY["vocab_size"], (16,), generator=torch.Generator().manual_seed(2))
     whole = prompt_logits(model, ids.tolist())
     cache, outputs, start = ContiguousKVCache(config, 16), [], 0
     with torch.inference_mode():
         for n in [5, 3, 1, 6, 1]:
-            outputs.append(model.compute_logits(model(ids[start:start + n], torch.arange(start, start + n), cache)))
+            outputs.append(
+                model.compute_logits(
+                    model(ids[start : start + n], torch.arange(start, start + n), cache)
+                )
+            )
             start += n
     assert cache.length == 16
     assert relative_error(torch.cat(outputs), whole) < 1e-5
 
 
 def test_cache_overflow_is_an_error():
-    model, _, config = load_model({"model_type": "llama", **TINY}, dtype="float32", device="cpu", load_format="dummy")
+    model, _, config = load_model(
+        {"model_type": "llama", **TINY}, dtype="float32", device="cpu", load_format="dummy"
+    )
     cache = ContiguousKVCache(config, 4)
     with pytest.raises(ValueError, match="KV cache full"), torch.inference_mode():
         model(torch.arange(5), torch.arange(5), cache)
 
 
 def test_generate_greedy_stops_at_eos_and_at_max_new_tokens():
-    model, _, _ = load_model({"model_type": "llama", **TINY}, dtype="float32", device="cpu", load_format="dummy")
+    model, _, _ = load_model(
+        {"model_type": "llama", **TINY}, dtype="float32", device="cpu", load_format="dummy"
+    )
     free = generate_greedy(model, [1, 2, 3], 8)
     assert len(free) == 8
-    assert generate_greedy(model, [1, 2, 3], 8, eos_token_id=free[2]) == free[:free.index(free[2]) + 1]
+    assert (
+        generate_greedy(model, [1, 2, 3], 8, eos_token_id=free[2])
+        == free[: free.index(free[2]) + 1]
+    )
     assert generate_greedy(model, [1, 2, 3], 0) == []

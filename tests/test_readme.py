@@ -1,4 +1,5 @@
 """The README's set-up commands are the ones CI runs, and its results are generated from the committed files."""
+
 import os
 import re
 import socket
@@ -29,8 +30,9 @@ def test_readme_quickstart_runs_the_example():
 
 
 def test_readme_results_are_what_the_committed_results_render():
-    assert report.readme_section() in (ROOT / "README.md").read_text(), \
+    assert report.readme_section() in (ROOT / "README.md").read_text(), (
         "README.md's results differ from benchmarks/results/: run `python benchmarks/report.py` and commit"
+    )
 
 
 def test_readme_shows_the_race_plot_of_the_race_it_reports():
@@ -39,7 +41,10 @@ def test_readme_shows_the_race_plot_of_the_race_it_reports():
 
 
 def test_book_front_page_shows_the_race_plot_of_the_race_it_reports():
-    assert f"(../benchmarks/results/{report.race_plot_name(report.race())})" in (ROOT / "book" / "intro.md").read_text()
+    assert (
+        f"(../benchmarks/results/{report.race_plot_name(report.race())})"
+        in (ROOT / "book" / "intro.md").read_text()
+    )
 
 
 def test_readme_links_point_at_files_of_the_repository():
@@ -55,10 +60,16 @@ def test_readme_usage_snippet_runs_and_answers(tmp_path):
     script = tmp_path / "use_it.py"
     script.write_text(python_snippets()[0])
     env = {**os.environ, "MINI_INFER_DEVICE": "cpu"}
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     first, second = result.stdout.splitlines()[:2]
-    assert first == "The capital of France is Paris." and second.startswith("[") and second.count("'") >= 4
+    assert (
+        first == "The capital of France is Paris."
+        and second.startswith("[")
+        and second.count("'") >= 4
+    )
 
 
 def test_readme_serving_snippet_talks_to_the_readme_server_command():
@@ -67,9 +78,13 @@ def test_readme_serving_snippet_talks_to_the_readme_server_command():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command[command.index("--port") + 1] = str(port)
-    server = subprocess.Popen([sys.executable if c == "python" else c for c in command], cwd=ROOT,
-                              env={**os.environ, "MINI_INFER_DEVICE": "cpu"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable if c == "python" else c for c in command],
+        cwd=ROOT,
+        env={**os.environ, "MINI_INFER_DEVICE": "cpu"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -80,7 +95,9 @@ def test_readme_serving_snippet_talks_to_the_readme_server_command():
             except OSError:
                 time.sleep(0.5)
         snippet = python_snippets()[1].replace("http://127.0.0.1:8000", url)
-        result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip()
     finally:

@@ -1,6 +1,7 @@
 """Reliability (issue 8): a bad request fails alone, memory pressure loses nothing, aborts free their blocks
 at once, a long run stays flat, greedy output is deterministic, and fuzzed input gives only results or
 the documented errors. Most tests use a tiny random-weight model so that they run in seconds on a CPU."""
+
 import gc
 import itertools
 import random
@@ -20,14 +21,31 @@ from mini_infer.memory.kv_cache import kv_block_bytes
 from mini_infer.sampling_params import SamplingParams
 
 VOCAB, BLOCK = 512, 16
-CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 128}
-BLOCK_BYTES = kv_block_bytes(num_layers=2, num_kv_heads=2, head_dim=16, block_size=BLOCK, dtype=torch.float32)
+CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 128,
+}
+BLOCK_BYTES = kv_block_bytes(
+    num_layers=2, num_kv_heads=2, head_dim=16, block_size=BLOCK, dtype=torch.float32
+)
 
 
 def tiny(num_blocks: int = 64, max_model_len: int = 64, **engine_args) -> LLM:
-    return LLM(CONFIG, load_format="dummy", device="cpu", dtype="float32", max_model_len=max_model_len,
-               cpu_kv_bytes=num_blocks * BLOCK_BYTES, **engine_args)
+    return LLM(
+        CONFIG,
+        load_format="dummy",
+        device="cpu",
+        dtype="float32",
+        max_model_len=max_model_len,
+        cpu_kv_bytes=num_blocks * BLOCK_BYTES,
+        **engine_args,
+    )
 
 
 def greedy(n: int) -> SamplingParams:
@@ -48,17 +66,25 @@ def llm() -> LLM:
 
 # --- a bad request is rejected on its own -------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, params, error", [
-    ([], greedy(4), "prompt is empty"),
-    ([1, VOCAB], greedy(4), rf"token ids must be integers in \[0, {VOCAB}\)"),
-    ([-1, 2], greedy(4), "token ids must be integers"),
-    ([3, 2**70], greedy(4), "token ids must be integers"),
-    ([1, True], greedy(4), "token ids must be integers"),
-    ([1] * 64, greedy(1), r"prompt \(64 tokens\) leaves no room for output in max_model_len 64"),
-    ({"prompt_token_ids": [1], "text": "x"}, greedy(4), "a prompt dict has one key"),
-    ("text", greedy(4), "no tokenizer"),
-    ([{"role": "user", "content": "hi"}], greedy(4), "no tokenizer"),
-])
+
+@pytest.mark.parametrize(
+    "bad, params, error",
+    [
+        ([], greedy(4), "prompt is empty"),
+        ([1, VOCAB], greedy(4), rf"token ids must be integers in \[0, {VOCAB}\)"),
+        ([-1, 2], greedy(4), "token ids must be integers"),
+        ([3, 2**70], greedy(4), "token ids must be integers"),
+        ([1, True], greedy(4), "token ids must be integers"),
+        (
+            [1] * 64,
+            greedy(1),
+            r"prompt \(64 tokens\) leaves no room for output in max_model_len 64",
+        ),
+        ({"prompt_token_ids": [1], "text": "x"}, greedy(4), "a prompt dict has one key"),
+        ("text", greedy(4), "no tokenizer"),
+        ([{"role": "user", "content": "hi"}], greedy(4), "no tokenizer"),
+    ],
+)
 def test_a_bad_request_fails_alone_and_the_others_finish(llm, bad, params, error):
     good = [[5, 6, 7], [9] * 20]
     alone = token_ids(llm.generate(good, greedy(8), use_tqdm=False))
@@ -75,18 +101,27 @@ def test_a_bad_request_fails_alone_and_the_others_finish(llm, bad, params, error
 def test_errors_of_the_call_itself_still_raise_and_queue_nothing(llm):
     with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
         llm.generate([[1], [2]], [greedy(2)], use_tqdm=False)
-    with pytest.raises(TypeError, match="a prompt is a string, a list of token ids, a list of chat messages"):
+    with pytest.raises(
+        TypeError, match="a prompt is a string, a list of token ids, a list of chat messages"
+    ):
         llm.generate([[1, 2], 3.5], greedy(2), use_tqdm=False)
     with pytest.raises(TypeError, match="sampling params must be a SamplingParams"):
         llm.generate([[1, 2]], {"temperature": 0}, use_tqdm=False)
     assert_engine_quiet(llm)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"temperature": -0.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 0}, "top_k"), ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": -3}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+    ],
+)
 def test_invalid_sampling_values_name_the_field_and_range(kwargs, field):
     with pytest.raises(ValueError, match=field) as error:
         SamplingParams(**kwargs)
@@ -100,13 +135,20 @@ def test_an_engine_whose_cache_cannot_hold_max_model_len_refuses_to_start():
 
 
 def test_a_request_may_ask_for_more_than_max_model_len_and_stops_there(llm):
-    out = llm.generate([[1, 2, 3], [4] * 60], [greedy(100), SamplingParams(max_tokens=None, ignore_eos=True)],
-                       use_tqdm=False)
-    assert [(len(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in out] == [(61, "length"), (4, "length")]
+    out = llm.generate(
+        [[1, 2, 3], [4] * 60],
+        [greedy(100), SamplingParams(max_tokens=None, ignore_eos=True)],
+        use_tqdm=False,
+    )
+    assert [(len(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in out] == [
+        (61, "length"),
+        (4, "length"),
+    ]
     assert_engine_quiet(llm)
 
 
 # --- memory pressure ------------------------------------------------------------------------------------
+
 
 def test_a_thousand_requests_through_a_pool_of_five_percent_of_their_need():
     rng = random.Random(0)
@@ -140,9 +182,13 @@ def test_n_samples_that_do_not_fit_together_run_as_memory_allows(llm):
 
 # --- aborts ---------------------------------------------------------------------------------------------
 
+
 def sequences(engine, request_id: str) -> list[Sequence]:
     """The engine's sequences of a running request (one per sample)."""
-    return [engine.scheduler.requests[seq_id] for seq_id in engine.output_processor.requests[request_id].samples]
+    return [
+        engine.scheduler.requests[seq_id]
+        for seq_id in engine.output_processor.requests[request_id].samples
+    ]
 
 
 def run_engine(engine) -> dict[str, object]:
@@ -159,8 +205,13 @@ def test_aborting_a_waiting_and_a_running_request_frees_their_blocks_and_the_oth
     prompts = [[1, 2, 3] * 7, [4, 5] * 9, [6, 7, 8, 9] * 5, [10] * 17]
     alone = token_ids(llm.generate(prompts, greedy(20), use_tqdm=False))
     for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, SamplingParams(temperature=1.0 if i == 1 else 0, seed=3, max_tokens=20,
-                                                      ignore_eos=True))
+        engine.add_request(
+            f"r{i}",
+            p,
+            SamplingParams(
+                temperature=1.0 if i == 1 else 0, seed=3, max_tokens=20, ignore_eos=True
+            ),
+        )
     for _ in range(3):
         engine.step()
     (running,), (waiting,) = sequences(engine, "r1"), sequences(engine, "r2")
@@ -169,17 +220,28 @@ def test_aborting_a_waiting_and_a_running_request_frees_their_blocks_and_the_oth
     free = bm.num_free_blocks
     aborted = engine.abort_request("r1")
     assert bm.num_free_blocks == free + held and held > 0  # at once, not at the next step
-    assert aborted.finished and aborted.outputs[0].finish_reason == "abort" and 0 < len(aborted.outputs[0].token_ids) < 20
+    assert (
+        aborted.finished
+        and aborted.outputs[0].finish_reason == "abort"
+        and 0 < len(aborted.outputs[0].token_ids) < 20
+    )
     engine.abort_request("r2")
     last = run_engine(engine)
-    assert sorted(last) == ["r0", "r3"] and [last["r0"].outputs[0].token_ids, last["r3"].outputs[0].token_ids] == \
-        [alone[0], alone[3]]
-    assert (running.finish_reason, waiting.finish_reason, waiting.num_output_tokens) == ("abort", "abort", 0)
+    assert sorted(last) == ["r0", "r3"] and [
+        last["r0"].outputs[0].token_ids,
+        last["r3"].outputs[0].token_ids,
+    ] == [alone[0], alone[3]]
+    assert (running.finish_reason, waiting.finish_reason, waiting.num_output_tokens) == (
+        "abort",
+        "abort",
+        0,
+    )
     assert engine.abort_request("r0") is None  # finished already: nothing to abort
     assert_engine_quiet(llm)
 
 
 # --- a long run stays flat --------------------------------------------------------------------------------
+
 
 def count_sequences() -> int:
     gc.collect()
@@ -193,9 +255,16 @@ def test_a_soak_run_keeps_memory_flat():
     def round_of_requests():
         request_ids = [str(next(ids)) for _ in range(rng.randint(1, 12))]
         for request_id in request_ids:
-            engine.add_request(request_id, [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))],
-                               SamplingParams(temperature=rng.choice([0, 0.8]), seed=rng.choice([None, 5]),
-                                              max_tokens=rng.randint(1, 20), ignore_eos=True))
+            engine.add_request(
+                request_id,
+                [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))],
+                SamplingParams(
+                    temperature=rng.choice([0, 0.8]),
+                    seed=rng.choice([None, 5]),
+                    max_tokens=rng.randint(1, 20),
+                    ignore_eos=True,
+                ),
+            )
         doomed = rng.sample(request_ids, len(request_ids) // 4)
         for step in range(1000):
             if not engine.has_unfinished_requests():
@@ -227,18 +296,23 @@ def test_a_soak_run_keeps_memory_flat():
 
 # --- determinism ------------------------------------------------------------------------------------------
 
+
 def test_greedy_is_the_same_across_runs_and_batch_compositions(llm):
     rng = random.Random(2)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(12)]
     batched = token_ids(llm.generate(prompts, greedy(12), use_tqdm=False))
     one_by_one = [token_ids(llm.generate([p], greedy(12), use_tqdm=False))[0] for p in prompts[:4]]
     assert one_by_one == batched[:4]
-    other = tiny(max_num_seqs=3, max_num_batched_tokens=8)  # fresh engine, other batches and prompt chunks
+    other = tiny(
+        max_num_seqs=3, max_num_batched_tokens=8
+    )  # fresh engine, other batches and prompt chunks
     assert token_ids(other.generate(prompts[::-1], greedy(12), use_tqdm=False)) == batched[::-1]
 
 
 def test_a_seed_gives_the_same_samples_in_a_fresh_engine(llm):
-    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=12, seed=11, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.9, top_p=0.9, top_k=50, max_tokens=12, seed=11, ignore_eos=True
+    )
     prompts = [[1, 2, 3], [7] * 9, [300, 200, 100]]
     first = token_ids(llm.generate(prompts, params, use_tqdm=False))
     assert token_ids(tiny().generate(prompts, params, use_tqdm=False)) == first
@@ -248,23 +322,39 @@ def test_a_seed_gives_the_same_samples_in_a_fresh_engine(llm):
 
 # --- fuzzing the public API -------------------------------------------------------------------------------
 
-token_lists = st.lists(st.one_of(st.integers(0, VOCAB - 1), st.integers(-(2**70), 2**70), st.booleans()),
-                       max_size=70)
-chats = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "wizard", ""]),
-                                        "content": st.text(max_size=20)}), min_size=1, max_size=3)
+token_lists = st.lists(
+    st.one_of(st.integers(0, VOCAB - 1), st.integers(-(2**70), 2**70), st.booleans()), max_size=70
+)
+chats = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant", "wizard", ""]),
+            "content": st.text(max_size=20),
+        }
+    ),
+    min_size=1,
+    max_size=3,
+)
 prompts = st.one_of(token_lists, st.text(max_size=20), chats, st.none(), st.floats(), st.integers())
-param_values = st.fixed_dictionaries({
-    "temperature": st.one_of(st.just(0.0), st.floats(-1, 3), st.just(float("nan"))),
-    "top_k": st.one_of(st.just(-1), st.integers(-3, VOCAB + 10)),
-    "top_p": st.floats(-0.5, 1.5),
-    "max_tokens": st.one_of(st.integers(1, 6), st.integers(-2, 0), st.just(10**9)),
-    "seed": st.one_of(st.none(), st.integers(0, 2**32)),
-    "n": st.integers(0, 3),
-})
+param_values = st.fixed_dictionaries(
+    {
+        "temperature": st.one_of(st.just(0.0), st.floats(-1, 3), st.just(float("nan"))),
+        "top_k": st.one_of(st.just(-1), st.integers(-3, VOCAB + 10)),
+        "top_p": st.floats(-0.5, 1.5),
+        "max_tokens": st.one_of(st.integers(1, 6), st.integers(-2, 0), st.just(10**9)),
+        "seed": st.one_of(st.none(), st.integers(0, 2**32)),
+        "n": st.integers(0, 3),
+    }
+)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batch=st.lists(prompts, min_size=1, max_size=4), values=st.lists(param_values, min_size=1, max_size=4))
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batch=st.lists(prompts, min_size=1, max_size=4),
+    values=st.lists(param_values, min_size=1, max_size=4),
+)
 def test_fuzzed_requests_give_results_or_documented_errors(llm, batch, values):
     try:
         params = [SamplingParams(ignore_eos=True, **v) for v in values]
@@ -285,17 +375,29 @@ def test_fuzzed_requests_give_results_or_documented_errors(llm, batch, values):
                 assert out.error and completion.token_ids == []
             else:  # a request may ask for more than max_model_len (64) leaves room for: it stops there
                 room = 64 - len(out.prompt_token_ids)
-                assert completion.finish_reason == "length" and len(completion.token_ids) == min(sp.max_tokens, room)
+                assert completion.finish_reason == "length" and len(completion.token_ids) == min(
+                    sp.max_tokens, room
+                )
                 assert all(0 <= t < VOCAB for t in completion.token_ids)
     assert_engine_quiet(llm)
 
 
 # --- text and chat prompts with the embedded model ---------------------------------------------------------
 
+
 def test_text_and_chat_prompts_fail_alone_with_the_embedded_model(smol):
-    batch = ["The capital of France is", "", "héllo wörld 🌍 ∑ \x00", "word " * 600,
-             [{"role": "wizard", "content": "hi"}], [{"role": "user"}], [{"role": "user", "content": "Hi"}]]
-    out = smol.generate(batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    batch = [
+        "The capital of France is",
+        "",
+        "héllo wörld 🌍 ∑ \x00",
+        "word " * 600,
+        [{"role": "wizard", "content": "hi"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": "Hi"}],
+    ]
+    out = smol.generate(
+        batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False
+    )
     reasons = [o.outputs[0].finish_reason for o in out]
     assert reasons == ["length", "error", "length", "error", "error", "error", "length"]
     assert "prompt is empty" in out[1].error
@@ -332,7 +434,9 @@ def test_streams_and_generate_interleaved_lose_no_text(smol, async_scheduling, m
     expected = [o.outputs[0].text for o in smol.generate(prompts, params, use_tqdm=False)]
     streams = [smol.stream(p, sp) for p, sp in zip(prompts[:2], params[:2])]
     texts = [next(streams[0]), next(streams[1])]
-    assert smol.generate(prompts[2], params[2], use_tqdm=False)[0].outputs[0].text == expected[2]  # runs both streams out
+    assert (
+        smol.generate(prompts[2], params[2], use_tqdm=False)[0].outputs[0].text == expected[2]
+    )  # runs both streams out
     texts[1] += "".join(streams[1])
     texts[0] += "".join(streams[0])
     assert texts == expected[:2]

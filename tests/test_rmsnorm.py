@@ -1,22 +1,35 @@
 """The Triton RMSNorm (plain and fused with the residual add) against its PyTorch reference."""
+
 import os
 
 import pytest
 import torch
 
-import mini_infer  # noqa: F401  (switches on Triton's interpreter when there is no GPU)
+import mini_infer.kernels  # noqa: F401  (switches on Triton's interpreter when there is no GPU)
 from mini_infer.kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_triton
 
 # Triton runs on CPU tensors only through the interpreter (on by default without a GPU).
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Rounding the normalised value before the weight (as Hugging Face does) can put the two results a couple
 # of units in the last place apart in half precision.
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 # (leading shape, hidden): odd token counts, non-power-of-two hidden sizes, several rows per program; 80 and
 # 96 as in a per-head q/k norm (Qwen3) over heads of those sizes
-SHAPES = [((1,), 4096), ((3,), 576), ((2, 5), 1536), ((13,), 2048), ((4,), 8192), ((33,), 576), ((6,), 100),
-          ((5,), 1000), ((7, 10), 80), ((3, 9), 96)]
+SHAPES = [
+    ((1,), 4096),
+    ((3,), 576),
+    ((2, 5), 1536),
+    ((13,), 2048),
+    ((4,), 8192),
+    ((33,), 576),
+    ((6,), 100),
+    ((5,), 1000),
+    ((7, 10), 80),
+    ((3, 9), 96),
+]
 
 
 def inputs(lead, hidden, dtype, device, seed):
@@ -82,7 +95,9 @@ def test_reference_matches_hugging_face():
 
 def test_too_large_hidden_is_refused():
     with pytest.raises(ValueError, match="hidden sizes up to"):
-        rms_norm_triton(torch.randn(1, 2**17), torch.randn(2**17), 1e-5)  # refused before any launch
+        rms_norm_triton(
+            torch.randn(1, 2**17), torch.randn(2**17), 1e-5
+        )  # refused before any launch
 
 
 def test_non_contiguous_residual_is_refused():

@@ -1,18 +1,34 @@
 """The Triton RoPE kernel against its PyTorch reference; the cos/sin cache against Hugging Face."""
+
 import os
 
 import pytest
 import torch
 
-import mini_infer  # noqa: F401  (switches on Triton's interpreter when there is no GPU)
-from mini_infer.kernels.rope import apply_rope, apply_rope_ref, apply_rope_triton, rope_cos_sin_cache
+import mini_infer.kernels  # noqa: F401  (switches on Triton's interpreter when there is no GPU)
+from mini_infer.kernels.rope import (
+    apply_rope,
+    apply_rope_ref,
+    apply_rope_triton,
+    rope_cos_sin_cache,
+)
 
 # Triton runs on CPU tensors only through the interpreter (on by default without a GPU).
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (tokens, q heads, kv heads, head_dim): decode and packed prefill sizes, GQA and MHA, SmolLM2 and Llama heads,
 # head_dims that are not powers of two (half of 80 and 96 is padded to 64) with GQA ratios 5 and 3
-SHAPES = [(1, 32, 8, 128), (7, 9, 3, 64), (33, 4, 4, 64), (5, 16, 2, 128), (3, 2, 1, 96), (4, 10, 2, 80), (6, 15, 5, 96)]
+SHAPES = [
+    (1, 32, 8, 128),
+    (7, 9, 3, 64),
+    (33, 4, 4, 64),
+    (5, 16, 2, 128),
+    (3, 2, 1, 96),
+    (4, 10, 2, 80),
+    (6, 15, 5, 96),
+]
 MAX_POS = 8192
 
 
@@ -31,7 +47,9 @@ def fused_qkv(tokens, n_q, n_kv, head_dim, dtype, device, seed):
 @pytest.mark.parametrize("tokens,n_q,n_kv,head_dim", SHAPES)
 def test_triton_matches_reference(tokens, n_q, n_kv, head_dim, dtype, device):
     cache = rope_cos_sin_cache(head_dim, MAX_POS, 500_000.0, device=device)
-    qkv, q, k, positions = fused_qkv(tokens, n_q, n_kv, head_dim, dtype, device, seed=tokens * head_dim)
+    qkv, q, k, positions = fused_qkv(
+        tokens, n_q, n_kv, head_dim, dtype, device, seed=tokens * head_dim
+    )
     v_before = qkv[:, (n_q + n_kv) * head_dim :].clone()
     q_ref, k_ref = apply_rope_ref(q, k, positions, cache)
     q_out, k_out = apply_rope_triton(q, k, positions, cache)
@@ -60,7 +78,9 @@ def test_reference_matches_hugging_face():
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     angles = torch.cat([positions[:, None].float() * inv_freq] * 2, dim=-1)  # HF's emb, [T, D]
     # HF wants [batch, heads, T, D]; our tokens are its sequence.
-    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], angles.cos()[None], angles.sin()[None])
+    q_hf, k_hf = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], angles.cos()[None], angles.sin()[None]
+    )
     q_ref, k_ref = apply_rope_ref(q, k, positions, cache)
     torch.testing.assert_close(q_ref, q_hf[0].transpose(0, 1))
     torch.testing.assert_close(k_ref, k_hf[0].transpose(0, 1))
@@ -73,13 +93,26 @@ def test_cache_matches_hugging_face(rope_type):
 
     scaling = {"rope_type": rope_type, "rope_theta": 500_000.0}
     if rope_type == "llama3":
-        scaling |= {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192}
-    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=scaling)
+        scaling |= {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        rope_parameters=scaling,
+    )
     positions = torch.tensor([[0, 1, 100, 8191, 20000, 131071]])
-    cos, sin = LlamaRotaryEmbedding(config)(torch.randn(1, 6, 128), positions)  # [1, T, D], each half repeated
+    cos, sin = LlamaRotaryEmbedding(config)(
+        torch.randn(1, 6, 128), positions
+    )  # [1, T, D], each half repeated
     cache = rope_cos_sin_cache(128, 131072, 500_000.0, rope_scaling=scaling)
-    torch.testing.assert_close(cache[positions[0]], torch.cat([cos[0, :, :64], sin[0, :, :64]], dim=-1))
+    torch.testing.assert_close(
+        cache[positions[0]], torch.cat([cos[0, :, :64], sin[0, :, :64]], dim=-1)
+    )
 
 
 def test_unknown_scaling_is_refused():
@@ -96,4 +129,6 @@ def test_rotation_depends_only_on_position_difference():
         k_rot, _ = apply_rope_ref(k, k, torch.tensor([n]), cache)
         return (q_rot * k_rot).sum().item()
 
-    assert score(10, 3) == pytest.approx(score(1007, 1000), rel=1e-3)  # fp32 angles near 1000 radians carry ~1e-4 error
+    assert score(10, 3) == pytest.approx(
+        score(1007, 1000), rel=1e-3
+    )  # fp32 angles near 1000 radians carry ~1e-4 error

@@ -1,10 +1,11 @@
 """The one-pass sampling kernel against its PyTorch reference: greedy rows are the exact argmax, sampled
 rows follow softmax(logits / T), and a seed fixes the draw. Runs the Triton kernel under the interpreter
 on the CPU (small vocabularies) and for real on a GPU."""
+
 import pytest
 import torch
 
-import mini_infer  # noqa: F401  (switches on the Triton interpreter when there is no GPU)
+import mini_infer.kernels  # noqa: F401  (switches on the Triton interpreter when there is no GPU)
 from mini_infer.kernels.sampling import sample_ref, sample_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -12,8 +13,15 @@ IMPLEMENTATIONS = [sample_ref, sample_triton]
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("rows, vocab, dtype", [(1, 7, torch.float32), (5, 3000, torch.float32),
-                                                (4, 4099, torch.bfloat16), (3, 2048, torch.float16)])
+@pytest.mark.parametrize(
+    "rows, vocab, dtype",
+    [
+        (1, 7, torch.float32),
+        (5, 3000, torch.float32),
+        (4, 4099, torch.bfloat16),
+        (3, 2048, torch.float16),
+    ],
+)
 def test_temperature_zero_is_the_exact_argmax(impl, rows, vocab, dtype):
     logits = (torch.randn(rows, vocab, device=DEVICE) * 4).to(dtype)
     seeds = torch.randint(0, 2**62, (rows,), device=DEVICE)
@@ -27,8 +35,11 @@ def test_draws_follow_softmax_of_logits_over_temperature(impl, temperature):
     n = 20_000 if DEVICE == "cuda" else 500  # the interpreter takes milliseconds per row
     logits = torch.randn(6, device=DEVICE)
     expected = torch.softmax(logits / temperature, dim=-1).cpu()
-    draws = impl(logits.repeat(n, 1), torch.full((n,), temperature, device=DEVICE),
-                 torch.randperm(2**20, device=DEVICE)[:n] * 4099 + 1)
+    draws = impl(
+        logits.repeat(n, 1),
+        torch.full((n,), temperature, device=DEVICE),
+        torch.randperm(2**20, device=DEVICE)[:n] * 4099 + 1,
+    )
     freq = torch.bincount(draws.cpu(), minlength=6) / n
     assert (freq - expected).abs().max() < 4 * (expected * (1 - expected) / n).sqrt().max() + 1e-3
 
@@ -42,7 +53,9 @@ def test_a_seed_fixes_the_draw_and_greedy_rows_ignore_it(impl):
     assert first.tolist() == again.tolist()
     others = impl(logits, t, seeds + 1000)
     assert others[0::2].tolist() == first[0::2].tolist() == logits[0::2].argmax(-1).tolist()
-    assert others[1::2].tolist() != first[1::2].tolist()  # 4 rows of 500 tokens all equal by chance: ~never
+    assert (
+        others[1::2].tolist() != first[1::2].tolist()
+    )  # 4 rows of 500 tokens all equal by chance: ~never
 
 
 def test_filtered_tokens_are_never_drawn():

@@ -1,4 +1,5 @@
 """The scheduler over random workloads: nothing lost, limits kept, every request sees its own K/V."""
+
 import pickle
 import random
 import subprocess
@@ -10,9 +11,9 @@ from hypothesis import strategies as st
 
 from mini_infer.core.scheduler import Scheduler
 from mini_infer.core.sequence import Sequence, SequenceStatus
-from mini_infer.testing.simulate import TokenPoolModel, run_to_completion
 from mini_infer.memory.block_manager import BlockManager
 from mini_infer.sampling_params import SamplingParams
+from mini_infer.testing.simulate import TokenPoolModel, run_to_completion
 
 BLOCK = 4
 
@@ -20,8 +21,13 @@ BLOCK = 4
 def make_requests(rng: random.Random, n: int, shared_prefix: int) -> list[Sequence]:
     """Random prompts and lengths; with shared_prefix > 0 they start alike, to exercise the prefix cache."""
     prefix = [rng.randint(0, 50) for _ in range(shared_prefix)]
-    return [Sequence(prefix + [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
-                     SamplingParams(max_tokens=rng.randint(1, 25), ignore_eos=True)) for _ in range(n)]
+    return [
+        Sequence(
+            prefix + [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
+            SamplingParams(max_tokens=rng.randint(1, 25), ignore_eos=True),
+        )
+        for _ in range(n)
+    ]
 
 
 def blocks_needed(seqs: list[Sequence]) -> int:
@@ -39,14 +45,26 @@ def run(seqs, num_blocks, **kwargs):
     for seq in seqs:
         scheduler.add(seq)
     batches = []
-    model = TokenPoolModel(scheduler)  # asserts every step that each request reads exactly its own tokens
-    finished = run_to_completion(scheduler, model.step, on_step=lambda output: batches.append(
-        list(output.num_scheduled_tokens.items())))
+    model = TokenPoolModel(
+        scheduler
+    )  # asserts every step that each request reads exactly its own tokens
+    finished = run_to_completion(
+        scheduler,
+        model.step,
+        on_step=lambda output: batches.append(list(output.num_scheduled_tokens.items())),
+    )
     return scheduler, finished, batches
 
 
-workloads = st.tuples(st.integers(0, 2**32), st.integers(1, 24), st.sampled_from([0, 0, 5, 12]),
-                      st.floats(0.05, 1.5), st.integers(1, 16), st.integers(8, 64), st.booleans())
+workloads = st.tuples(
+    st.integers(0, 2**32),
+    st.integers(1, 24),
+    st.sampled_from([0, 0, 5, 12]),
+    st.floats(0.05, 1.5),
+    st.integers(1, 16),
+    st.integers(8, 64),
+    st.booleans(),
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,10 +72,19 @@ workloads = st.tuples(st.integers(0, 2**32), st.integers(1, 24), st.sampled_from
 def test_random_workloads_finish_exactly_within_limits(w):
     seed, n, shared, memory, max_seqs, budget, static = w
     seqs = make_requests(random.Random(seed), n, shared)
-    scheduler, finished, batches = run(seqs, tight_pool(seqs, memory), max_num_seqs=max_seqs,
-                                       max_num_batched_tokens=budget, static=static)
-    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in seqs)  # none lost, none twice
-    assert all(s.num_output_tokens == s.params.max_tokens and s.finish_reason == "length" for s in seqs)
+    scheduler, finished, batches = run(
+        seqs,
+        tight_pool(seqs, memory),
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        static=static,
+    )
+    assert sorted(s.seq_id for s in finished) == sorted(
+        s.seq_id for s in seqs
+    )  # none lost, none twice
+    assert all(
+        s.num_output_tokens == s.params.max_tokens and s.finish_reason == "length" for s in seqs
+    )
     assert all(s.status is SequenceStatus.FINISHED and not s.block_table for s in seqs)
     for batch in batches:
         assert 0 < sum(n for _, n in batch) <= budget
@@ -77,16 +104,20 @@ def test_outputs_under_memory_pressure_equal_an_unpressured_run(seed, shared):
 
 def test_a_tiny_pool_forces_preemption_and_everything_still_finishes():
     seqs = make_requests(random.Random(0), 20, 0)
-    scheduler, finished, _ = run(seqs, tight_pool(seqs, 0.05), max_num_seqs=20, max_num_batched_tokens=64)
+    scheduler, finished, _ = run(
+        seqs, tight_pool(seqs, 0.05), max_num_seqs=20, max_num_batched_tokens=64
+    )
     assert scheduler.num_preemptions > 0 and len(finished) == 20
 
 
 def test_static_batching_admits_only_when_the_batch_is_done():
     seqs = make_requests(random.Random(1), 12, 0)
-    _, finished, batches = run(seqs, blocks_needed(seqs), max_num_seqs=4, max_num_batched_tokens=1000, static=True)
+    _, finished, batches = run(
+        seqs, blocks_needed(seqs), max_num_seqs=4, max_num_batched_tokens=1000, static=True
+    )
     first_batch = {i for i, _ in batches[0]}
     last_step_of_first = max(k for k, b in enumerate(batches) if first_batch & {i for i, _ in b})
-    assert all(not ({i for i, _ in b} - first_batch) for b in batches[:last_step_of_first + 1])
+    assert all(not ({i for i, _ in b} - first_batch) for b in batches[: last_step_of_first + 1])
     assert len(finished) == 12
 
 
@@ -109,7 +140,10 @@ def test_chunked_prefill_splits_a_long_prompt_and_keeps_decoding():
 
 def test_shared_prefix_is_served_from_the_cache():
     prompt = list(range(40))
-    first, second = Sequence(prompt, SamplingParams(max_tokens=2)), Sequence(prompt + [7], SamplingParams(max_tokens=2))
+    first, second = (
+        Sequence(prompt, SamplingParams(max_tokens=2)),
+        Sequence(prompt + [7], SamplingParams(max_tokens=2)),
+    )
     scheduler = Scheduler(BlockManager(64, block_size=BLOCK))
     model = TokenPoolModel(scheduler)
     scheduler.add(first)
@@ -122,8 +156,10 @@ def test_shared_prefix_is_served_from_the_cache():
 
 def test_stop_tokens_and_eos_finish_a_request():
     scheduler = Scheduler(BlockManager(64, block_size=BLOCK), eos_token_ids=(9, 11))
-    eos, stop, ignore = (Sequence([1, 2], SamplingParams(max_tokens=10, **kw))
-                         for kw in ({}, {"stop_token_ids": [5]}, {"ignore_eos": True}))
+    eos, stop, ignore = (
+        Sequence([1, 2], SamplingParams(max_tokens=10, **kw))
+        for kw in ({}, {"stop_token_ids": [5]}, {"ignore_eos": True})
+    )
     for seq in (eos, stop, ignore):
         scheduler.add(seq)
     batch = scheduler.schedule()
@@ -135,8 +171,12 @@ def test_stop_tokens_and_eos_finish_a_request():
 def test_max_model_len_must_fit_the_cache_and_ends_requests():
     with pytest.raises(ValueError, match="does not fit in the KV cache's 16 tokens"):
         Scheduler(BlockManager(4, block_size=BLOCK), max_model_len=20)
-    scheduler = Scheduler(BlockManager(4, block_size=BLOCK))  # max_model_len: the whole cache, 16 tokens
-    unbounded, bounded = (Sequence([1, 2, 3], SamplingParams(max_tokens=m, ignore_eos=True)) for m in (None, 100))
+    scheduler = Scheduler(
+        BlockManager(4, block_size=BLOCK)
+    )  # max_model_len: the whole cache, 16 tokens
+    unbounded, bounded = (
+        Sequence([1, 2, 3], SamplingParams(max_tokens=m, ignore_eos=True)) for m in (None, 100)
+    )
     model = TokenPoolModel(scheduler)
     for seq in (unbounded, bounded):
         scheduler.add(seq)
@@ -146,7 +186,10 @@ def test_max_model_len_must_fit_the_cache_and_ends_requests():
 
 def test_abort_returns_blocks_at_once():
     scheduler = Scheduler(BlockManager(16, block_size=BLOCK))
-    running, waiting = Sequence(list(range(20)), SamplingParams(max_tokens=5)), Sequence([1], SamplingParams())
+    running, waiting = (
+        Sequence(list(range(20)), SamplingParams(max_tokens=5)),
+        Sequence([1], SamplingParams()),
+    )
     scheduler.add(running)
     scheduler.schedule()
     scheduler.add(waiting)
@@ -156,14 +199,25 @@ def test_abort_returns_blocks_at_once():
     assert running.finish_reason == waiting.finish_reason == "abort"
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": 0}, "top_k"), ({"top_k": -2}, "top_k"),
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"), ({"seed": "x"}, "seed"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids"),
-    ({"stop": ""}, "stop must be a non-empty string"), ({"stop": ["\n", ""]}, "stop"), ({"stop": ["a", 3]}, "stop"),
-    ({"stop": 3}, "stop"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"seed": "x"}, "seed"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop": ""}, "stop must be a non-empty string"),
+        ({"stop": ["\n", ""]}, "stop"),
+        ({"stop": ["a", 3]}, "stop"),
+        ({"stop": 3}, "stop"),
+    ],
+)
 def test_bad_sampling_params_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**bad)
@@ -177,8 +231,11 @@ def test_n_is_a_positive_integer(n):
 
 def test_each_sample_gets_one_sample_and_its_own_seed():
     params = SamplingParams(n=3, temperature=0.7, seed=5, stop=".")
-    assert [(p.n, p.seed, p.temperature, p.stop) for p in map(params.for_sample, range(3))] == \
-        [(1, 5, 0.7, ["."]), (1, 6, 0.7, ["."]), (1, 7, 0.7, ["."])]
+    assert [(p.n, p.seed, p.temperature, p.stop) for p in map(params.for_sample, range(3))] == [
+        (1, 5, 0.7, ["."]),
+        (1, 6, 0.7, ["."]),
+        (1, 7, 0.7, ["."]),
+    ]
     assert SamplingParams(n=2).for_sample(1).seed is None  # unseeded samples draw their own noise
     assert params.n == 3 and params.seed == 5  # the request's params are left as they were
 
@@ -207,7 +264,9 @@ def run_one_step_behind(scheduler: Scheduler, model: TokenPoolModel) -> list[Seq
         if output.num_scheduled_tokens:
             tokens = model.step(output)
             launched = (output, scheduler.advance(output), tokens)
-        assert output.num_scheduled_tokens or in_flight, "nothing to run although requests are unfinished"
+        assert output.num_scheduled_tokens or in_flight, (
+            "nothing to run although requests are unfinished"
+        )
         if in_flight:
             finished += [seq for seq in scheduler.record(*in_flight) if seq.is_finished]
         in_flight = launched
@@ -219,22 +278,40 @@ def run_one_step_behind(scheduler: Scheduler, model: TokenPoolModel) -> list[Seq
 def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs, budget):
     def requests():
         rng = random.Random(seed)
-        return [Sequence([rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
-                         SamplingParams(max_tokens=rng.randint(1, 25), ignore_eos=True,
-                                        stop_token_ids=[7] if rng.random() < 0.5 else [])) for _ in range(12)]
+        return [
+            Sequence(
+                [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
+                SamplingParams(
+                    max_tokens=rng.randint(1, 25),
+                    ignore_eos=True,
+                    stop_token_ids=[7] if rng.random() < 0.5 else [],
+                ),
+            )
+            for _ in range(12)
+        ]
+
     synced, behind = requests(), requests()
     pool = tight_pool(synced, memory)
-    schedulers = [Scheduler(BlockManager(pool, block_size=BLOCK), max_num_seqs=max_seqs,
-                            max_num_batched_tokens=budget) for _ in range(2)]
+    schedulers = [
+        Scheduler(
+            BlockManager(pool, block_size=BLOCK),
+            max_num_seqs=max_seqs,
+            max_num_batched_tokens=budget,
+        )
+        for _ in range(2)
+    ]
     for scheduler, seqs in zip(schedulers, (synced, behind)):
         for seq in seqs:
             scheduler.add(seq)
     # a small vocabulary, so that the stop token 7 comes up; the model checks every step's description
     run_to_completion(schedulers[0], TokenPoolModel(schedulers[0], vocab_size=50).step)
     finished = run_one_step_behind(schedulers[1], TokenPoolModel(schedulers[1], vocab_size=50))
-    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in behind)  # none lost, none twice
-    assert [(s.output_token_ids, s.finish_reason) for s in behind] == \
-           [(s.output_token_ids, s.finish_reason) for s in synced]
+    assert sorted(s.seq_id for s in finished) == sorted(
+        s.seq_id for s in behind
+    )  # none lost, none twice
+    assert [(s.output_token_ids, s.finish_reason) for s in behind] == [
+        (s.output_token_ids, s.finish_reason) for s in synced
+    ]
     assert all(s.num_pending_tokens == 0 for s in behind)
     bm = schedulers[1].block_manager
     assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.pool.blocks)
@@ -242,34 +319,60 @@ def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs
 
 def test_the_step_description_sends_only_what_changed():
     scheduler = Scheduler(BlockManager(16, block_size=BLOCK), max_num_seqs=1)
-    first, second = (Sequence([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)) for _ in range(2))
+    first, second = (
+        Sequence([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)) for _ in range(2)
+    )
     scheduler.add(first)
     scheduler.add(second)
     model = TokenPoolModel(scheduler)
     output = scheduler.schedule()
     (new,) = output.scheduled_new_reqs
-    assert (new.req_id, new.prompt_token_ids, new.block_ids, new.num_computed_tokens) == (first.seq_id, [1, 2, 3], [0], 0)
+    assert (new.req_id, new.prompt_token_ids, new.block_ids, new.num_computed_tokens) == (
+        first.seq_id,
+        [1, 2, 3],
+        [0],
+        0,
+    )
     assert output.num_scheduled_tokens == {first.seq_id: 3} and not output.finished_req_ids
     scheduler.update(output, model.step(output))
     output = scheduler.schedule()  # the sampled token fills block 0; no new block yet
     cached = output.scheduled_cached_reqs
     assert not output.scheduled_new_reqs and cached.req_ids == [first.seq_id]
     assert cached.new_token_ids == [first.token_ids[3:]] and cached.new_block_ids == [[]]
-    assert pickle.loads(pickle.dumps(output)) == output  # plain data: it can travel to other processes
+    assert (
+        pickle.loads(pickle.dumps(output)) == output
+    )  # plain data: it can travel to other processes
     scheduler.update(output, model.step(output))
     output = scheduler.schedule()  # token 5 needs a second block
     assert output.scheduled_cached_reqs.new_block_ids == [[1]]
     scheduler.update(output, model.step(output))
     assert first.is_finished
     output = scheduler.schedule()  # the runner hears once that the first request left
-    assert output.finished_req_ids == {first.seq_id} and [r.req_id for r in output.scheduled_new_reqs] == [second.seq_id]
+    assert output.finished_req_ids == {first.seq_id} and [
+        r.req_id for r in output.scheduled_new_reqs
+    ] == [second.seq_id]
     scheduler.update(output, model.step(output))
     assert not scheduler.schedule().finished_req_ids
 
 
-@pytest.mark.parametrize("module", ["mini_infer", "mini_infer.core.scheduler", "mini_infer.core.sequence",
-                                    "mini_infer.core.scheduler_output", "mini_infer.memory.block_manager",
-                                    "mini_infer.sampling_params", "mini_infer.outputs", "mini_infer.testing.simulate"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "mini_infer",
+        "mini_infer.core.scheduler",
+        "mini_infer.core.sequence",
+        "mini_infer.core.scheduler_output",
+        "mini_infer.memory.block_manager",
+        "mini_infer.sampling_params",
+        "mini_infer.outputs",
+        "mini_infer.testing.simulate",
+    ],
+)
 def test_the_scheduling_side_imports_no_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )

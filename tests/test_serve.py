@@ -1,11 +1,11 @@
 """The OpenAI-compatible server with a real client: a uvicorn server on a free loopback port, the embedded
 model on the CPU, and the official `openai` package (plus raw httpx for what a client library would not
 send). Also the command line and a smoke run of the serving benchmark."""
+
 import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,8 +25,13 @@ pytestmark = pytest.mark.slow  # loads the embedded model or starts servers
 
 
 def test_command_line_help_and_loopback_default():
-    result = subprocess.run([sys.executable, "-m", "mini_infer.serve", "--help"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mini_infer.serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "--port" in result.stdout and "0.0.0.0 to listen on every interface" in result.stdout
 
@@ -56,83 +61,166 @@ def test_completion_streamed_and_not(client, llm):
     reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
     choice = reply.choices[0]
     assert choice.text.startswith(" Paris") and choice.finish_reason == "length"
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(llm.get_tokenizer().encode(PROMPT)), 12)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        len(llm.get_tokenizer().encode(PROMPT)),
+        12,
+    )
     assert reply.object == "text_completion" and reply.model == MODEL
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks[:-1]) == choice.text
     assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * 11 + ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     token_ids = llm.get_tokenizer().encode(PROMPT)  # a prompt of token ids gives the same text
-    assert client.completions.create(model=MODEL, prompt=token_ids, max_tokens=12, temperature=0).choices[0].text \
+    assert (
+        client.completions.create(model=MODEL, prompt=token_ids, max_tokens=12, temperature=0)
+        .choices[0]
+        .text
         == choice.text
+    )
 
 
 def test_chat_streamed_and_not(client, llm):
     reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
     message = reply.choices[0].message
     assert message.role == "assistant" and "Paris" in message.content
-    assert reply.usage.prompt_tokens == len(llm.get_tokenizer().apply_chat_template(CHAT, add_generation_prompt=True,
-                                                                             return_dict=False))
-    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0,
-                                                 stream=True))
-    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert reply.usage.prompt_tokens == len(
+        llm.get_tokenizer().apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=16, temperature=0, stream=True
+        )
+    )
+    assert (
+        chunks[0].choices[0].delta.role == "assistant"
+        and chunks[0].object == "chat.completion.chunk"
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
 
 
 def test_stop_strings_and_seed(client):
-    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=["."])
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=["."]
+    )
     assert (reply.choices[0].text, reply.choices[0].finish_reason) == (" Paris", "stop")
-    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=["."],
-                                       stream=True)
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=["."], stream=True
+    )
     assert "".join(c.choices[0].text for c in stream) == " Paris"
-    sampled = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9,
-                                         seed=7, extra_body={"top_k": 50}).choices[0].text for _ in range(2)]
+    sampled = [
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=8,
+            temperature=1.0,
+            top_p=0.9,
+            seed=7,
+            extra_body={"top_k": 50},
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
 
 
 def test_n_completions_of_one_prompt(client, llm):
-    sampled = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    sampled = dict(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=1.0,
+        seed=3,
+        extra_body={"ignore_eos": True},
+    )
     reply = client.completions.create(n=2, **sampled)
     assert [c.index for c in reply.choices] == [0, 1] and len({c.text for c in reply.choices}) == 2
-    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens == len(llm.get_tokenizer().encode(PROMPT))
+    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens == len(
+        llm.get_tokenizer().encode(PROMPT)
+    )
     # choice i is sampled with the seed seed + i, as a request of its own would be
-    alone = [client.completions.create(n=1, **{**sampled, "seed": 3 + i}).choices[0].text for i in range(2)]
+    alone = [
+        client.completions.create(n=1, **{**sampled, "seed": 3 + i}).choices[0].text
+        for i in range(2)
+    ]
     assert [c.text for c in reply.choices] == alone
-    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, n=2)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=0, n=2
+    )
     assert [c.index for c in chat.choices] == [0, 1]
-    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+    assert (
+        chat.choices[0].message.content == chat.choices[1].message.content
+    )  # greedy: the same twice
     with pytest.raises(openai.BadRequestError, match="n must be 1 with stream true"):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, n=2, stream=True)
     assert_engine_quiet(llm, within=10)
 
 
 def test_16_concurrent_clients_all_finish(url, client, llm):
-    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0,
-                                       extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "def fibonacci(n):",
+        "Water boils at",
+    ]
+    alone = [
+        client.completions.create(
+            model=MODEL, prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+        for p in prompts
+    ]
 
     async def sixteen_clients():
-        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key="none", max_retries=0
+        ) as aclient:
+
             async def one(i):
-                stream = await aclient.completions.create(model=MODEL, prompt=prompts[i % 4], max_tokens=8,
-                                                          temperature=0, stream=True, extra_body={"ignore_eos": True})
+                stream = await aclient.completions.create(
+                    model=MODEL,
+                    prompt=prompts[i % 4],
+                    max_tokens=8,
+                    temperature=0,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
                 chunks = [c async for c in stream]
-                return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+                return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[
+                    0
+                ].finish_reason
+
             return await asyncio.gather(*(one(i) for i in range(16)))
+
     results = asyncio.run(sixteen_clients())
     assert [reason for _, reason in results] == ["length"] * 16
-    assert [text for text, _ in results] == [alone[i % 4] for i in range(16)]  # batched as alone (fp32 CPU)
+    assert [text for text, _ in results] == [
+        alone[i % 4] for i in range(16)
+    ]  # batched as alone (fp32 CPU)
     assert_engine_quiet(llm, within=10)
 
 
 def test_load_generator_times_every_request(url, llm):
-    bodies = [{"model": MODEL, "prompt": p, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
-              for p in ("The capital of France is", "Once upon a time", "Water boils at")]
+    bodies = [
+        {"model": MODEL, "prompt": p, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        for p in ("The capital of France is", "Once upon a time", "Water boils at")
+    ]
     timings, seconds = asyncio.run(run_load(url, bodies, num_clients=2))
     assert [t.num_output_tokens for t in timings] == [4, 4, 4]
-    assert all(t.ttft > 0 and len(t.itl) >= 1 for t in timings)  # at least two chunks: the gaps between them
+    assert all(
+        t.ttft > 0 and len(t.itl) >= 1 for t in timings
+    )  # at least two chunks: the gaps between them
     stats = summarize(timings, seconds)
     assert stats["requests_per_s"] > 0 and stats["ttft_ms_median"] <= stats["ttft_ms_p99"]
     assert_engine_quiet(llm, within=10)
@@ -140,8 +228,14 @@ def test_load_generator_times_every_request(url, llm):
 
 def test_client_that_hangs_up_mid_stream_frees_its_blocks(client, llm):
     blocks = llm.engine.scheduler.block_manager
-    stream = client.completions.create(model=MODEL, prompt="Once upon a time, " * 20, max_tokens=400,
-                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Once upon a time, " * 20,
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     for _, _chunk in zip(range(2), stream):
         pass
     assert blocks.num_free_blocks < blocks.num_blocks
@@ -163,14 +257,34 @@ BAD = [  # (body, status, words of the message)
     ({"model": MODEL, "prompt": "Hi", "temperature": -1}, 400, "temperature must be >= 0"),
     ({"model": MODEL, "prompt": "Hi", "top_p": 2}, 400, "top_p must be in (0, 1]"),
     ({"model": MODEL, "prompt": "Hi", "top_k": 0}, 400, "top_k must be -1"),
-    ({"model": MODEL, "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
-    ({"model": MODEL, "prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens: Input should be a valid integer"),
+    (
+        {"model": MODEL, "prompt": "Hi", "max_tokens": 0},
+        400,
+        "max_tokens must be a positive integer",
+    ),
+    (
+        {"model": MODEL, "prompt": "Hi", "max_tokens": "many"},
+        400,
+        "max_tokens: Input should be a valid integer",
+    ),
     ({"model": MODEL, "prompt": "Hi", "n": 2, "stream": True}, 400, "n must be 1 with stream true"),
-    ({"model": MODEL, "prompt": "Hi", "n": 0}, 400, "n (the number of samples) must be a positive integer"),
+    (
+        {"model": MODEL, "prompt": "Hi", "n": 0},
+        400,
+        "n (the number of samples) must be a positive integer",
+    ),
     ({"model": MODEL, "prompt": "Hi", "n": 17}, 400, "n must be at most 16"),
-    ({"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be up to 4"),
+    (
+        {"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]},
+        400,
+        "stop must be up to 4",
+    ),
     ({"model": MODEL, "prompt": "Hi", "stop": ""}, 400, "stop must be a non-empty string"),
-    ({"model": MODEL, "prompt": "Hi " * 600}, 400, "leaves no room for output in max_model_len 512"),
+    (
+        {"model": MODEL, "prompt": "Hi " * 600},
+        400,
+        "leaves no room for output in max_model_len 512",
+    ),
     ({"model": MODEL, "prompt": ""}, 400, "the prompt is empty"),
     ({"model": MODEL, "prompt": [1, 10**9]}, 400, "token ids must be integers"),
     ({"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt"),
@@ -181,7 +295,9 @@ BAD = [  # (body, status, words of the message)
 @pytest.mark.parametrize("body,status,words", BAD, ids=[w for *_, w in BAD])
 def test_bad_completion_requests_get_openai_errors(url, body, status, words):
     content = body if isinstance(body, str) else json.dumps(body)
-    r = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/completions", content=content, headers={"content-type": "application/json"}
+    )
     assert r.status_code == status
     error = r.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error"
@@ -201,16 +317,40 @@ def test_bad_chat_requests_and_unknown_paths(url, client):
 
 def test_still_healthy_after_bad_requests(url, client):
     for body in ["{", "null", json.dumps({"model": MODEL, "prompt": "Hi", "temperature": "hot"})]:
-        httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"})
+        httpx.post(
+            f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}
+        )
     assert httpx.get(f"{url}/health").status_code == 200
-    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text == " Paris."
+    assert (
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
+        .choices[0]
+        .text
+        == " Paris."
+    )
 
 
 def test_serving_benchmark_runs_on_the_cpu(tmp_path):
     out = tmp_path / "serving.jsonl"
-    result = subprocess.run([sys.executable, "benchmarks/benchmark_serving.py", "--num-clients", "2",
-                             "--num-requests", "4", "--input-len", "16", "--max-tokens", "4", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/benchmark_serving.py",
+            "--num-clients",
+            "2",
+            "--num-requests",
+            "4",
+            "--input-len",
+            "16",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(out.read_text())
     assert row["num_requests"] == 4 and row["output_tokens"] == 16 and row["requests_per_s"] > 0
@@ -221,11 +361,20 @@ def test_async_engine_with_async_scheduling_streams_only_known_tokens():
     # An engine that runs a step ahead has tokens in flight: the streams must see only the known ones.
     from mini_infer.sampling_params import RequestOutputKind, SamplingParams
     from mini_infer.serve.async_engine import AsyncLLMEngine
-    ahead = LLM(dtype="float32", device="cpu", max_model_len=128, cpu_kv_bytes=16 << 20, async_scheduling=True)
+
+    ahead = LLM(
+        dtype="float32",
+        device="cpu",
+        max_model_len=128,
+        cpu_kv_bytes=16 << 20,
+        async_scheduling=True,
+    )
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = ["The capital of France is", "Once upon a time"]
     expected = [o.outputs[0] for o in ahead.generate(prompts, greedy, use_tqdm=False)]
-    delta = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    delta = SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    )
 
     async def stream_both():
         engine = AsyncLLMEngine(ahead.engine)
@@ -233,10 +382,14 @@ def test_async_engine_with_async_scheduling_streams_only_known_tokens():
 
         async def one(prompt):
             return [o.outputs[0] async for o in await engine.generate(prompt, delta)]
+
         try:
             return await asyncio.gather(*(one(p) for p in prompts))
         finally:
             engine.shutdown()
+
     for deltas, full in zip(asyncio.run(stream_both()), expected):
         assert "".join(d.text for d in deltas) == full.text
-        assert [t for d in deltas for t in d.token_ids] == full.token_ids and all(len(d.token_ids) == 1 for d in deltas)
+        assert [t for d in deltas for t in d.token_ids] == full.token_ids and all(
+            len(d.token_ids) == 1 for d in deltas
+        )

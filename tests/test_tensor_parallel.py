@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU with gloo and 2 processes: each parallel layer against its unsharded
 version, a sharded model against the whole one, and the engine's greedy tokens with tensor_parallel_size
 2 against 1. The same end-to-end check runs with NCCL when 2 GPUs are visible."""
+
 import random
 
 import pytest
@@ -12,14 +13,27 @@ import torch.nn.functional as F
 from mini_infer.config import ModelConfig
 from mini_infer.llm import LLM
 from mini_infer.loader import empty_model, load_model
-from mini_infer.parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
-                                        VocabParallelEmbedding, shard_model)
+from mini_infer.parallel.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_model,
+)
 from mini_infer.sampling_params import SamplingParams
 
 WORLD = 2
-TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 301,
-        "max_position_embeddings": 256}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 301,
+    "max_position_embeddings": 256,
+}
 VARIANTS = {  # tied embeddings (as SmolLM2), an untied head with attention biases, Qwen3's q/k norms
     "llama-tied": {**TINY, "tie_word_embeddings": True},
     "llama-bias-untied": {**TINY, "attention_bias": True, "tie_word_embeddings": False},
@@ -54,15 +68,27 @@ def _check_layers(rank: int) -> None:
     for tokens, hidden, sizes in [(1, 32, [64, 32, 32]), (7, 48, [96, 96]), (33, 16, [8, 4, 4])]:
         x = torch.randn(tokens, hidden)
         w, b = torch.randn(sum(sizes), hidden), torch.randn(sum(sizes))
-        col = sharded(ColumnParallelLinear(hidden, sizes, True, rank, WORLD, like=w), weight=w, bias=b)
-        mine = torch.cat([part.chunk(WORLD, dim=-1)[rank] for part in F.linear(x, w, b).split(sizes, dim=-1)], -1)
+        col = sharded(
+            ColumnParallelLinear(hidden, sizes, True, rank, WORLD, like=w), weight=w, bias=b
+        )
+        mine = torch.cat(
+            [part.chunk(WORLD, dim=-1)[rank] for part in F.linear(x, w, b).split(sizes, dim=-1)], -1
+        )
         torch.testing.assert_close(col(x), mine)
         assert col.sizes == [s // WORLD for s in sizes]
 
         w_row, b_row = torch.randn(hidden, sum(sizes)), torch.randn(hidden)
-        row = sharded(RowParallelLinear(sum(sizes), hidden, True, rank, WORLD, like=w), weight=w_row, bias=b_row)
-        torch.testing.assert_close(row(F.linear(x, w).chunk(WORLD, dim=-1)[rank]),
-                                   F.linear(F.linear(x, w), w_row, b_row), rtol=1e-5, atol=1e-4)
+        row = sharded(
+            RowParallelLinear(sum(sizes), hidden, True, rank, WORLD, like=w),
+            weight=w_row,
+            bias=b_row,
+        )
+        torch.testing.assert_close(
+            row(F.linear(x, w).chunk(WORLD, dim=-1)[rank]),
+            F.linear(F.linear(x, w), w_row, b_row),
+            rtol=1e-5,
+            atol=1e-4,
+        )
     for vocab in (64, 301):  # 301: the last shard is padded
         table, ids, h = torch.randn(vocab, 24), torch.randint(0, vocab, (50,)), torch.randn(9, 24)
         emb = sharded(VocabParallelEmbedding(vocab, 24, rank, WORLD, like=table), weight=table)
@@ -83,14 +109,22 @@ def causal_attention(layer_idx, q, k, v):
 
 def _check_sharded_model(rank: int) -> None:
     for hf_config in VARIANTS.values():
-        model = load_model(hf_config, dtype="float32", device="cpu", load_format="dummy").model  # seeded
-        ids = torch.randint(0, hf_config["vocab_size"], (21,), generator=torch.Generator().manual_seed(1))
+        model = load_model(
+            hf_config, dtype="float32", device="cpu", load_format="dummy"
+        ).model  # seeded
+        ids = torch.randint(
+            0, hf_config["vocab_size"], (21,), generator=torch.Generator().manual_seed(1)
+        )
         positions = torch.arange(len(ids))
         whole = model.compute_logits(model(ids, positions, causal_attention))
         shard_model(model, rank, WORLD)
         assert model.config.num_key_value_heads == hf_config["num_key_value_heads"] // WORLD
-        torch.testing.assert_close(model.compute_logits(model(ids, positions, causal_attention)), whole,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            model.compute_logits(model(ids, positions, causal_attention)),
+            whole,
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_sharded_model_equals_whole_model(tmp_path):
@@ -99,13 +133,21 @@ def test_sharded_model_equals_whole_model(tmp_path):
 
 def test_heads_that_do_not_split_are_a_clear_error():
     model = empty_model(ModelConfig.from_hf(TINY), torch.float32, "meta")
-    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the number of attention heads"):
+    with pytest.raises(
+        ValueError, match="tensor_parallel_size 3 must divide the number of attention heads"
+    ):
         shard_model(model, 0, 3)
 
 
 def engine_args(**more) -> dict:
-    return dict(load_format="dummy", dtype="float32", max_model_len=160, max_num_batched_tokens=64,
-                cpu_kv_bytes=1 << 20, **more)
+    return dict(
+        load_format="dummy",
+        dtype="float32",
+        max_model_len=160,
+        max_num_batched_tokens=64,
+        cpu_kv_bytes=1 << 20,
+        **more,
+    )
 
 
 rng = random.Random(0)
@@ -128,8 +170,13 @@ def reference() -> dict:
 def test_tensor_parallel_engine_gives_the_same_tokens(reference, async_scheduling):
     """Prompts of 1 to 90 tokens, prefill in chunks of 64; async scheduling sends not-yet-seen tokens as
     placeholders, which the workers fill from the tokens rank 0 broadcast."""
-    llm = LLM(TINY, device="cpu", tensor_parallel_size=2, async_scheduling=async_scheduling,
-              **engine_args())
+    llm = LLM(
+        TINY,
+        device="cpu",
+        tensor_parallel_size=2,
+        async_scheduling=async_scheduling,
+        **engine_args(),
+    )
     runner = llm.engine.runner
     assert len({t for tokens in reference["greedy"] for t in tokens}) > 20  # not one token repeated
     assert generate(llm, GREEDY) == reference["greedy"]

@@ -7,6 +7,7 @@ under a header naming the chapter to edit. A module is owned by exactly one chap
     python tools/export.py          # (re)write every generated module
     python tools/export.py --check  # exit 1 if any module differs from what the chapters export
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,12 @@ def collect(chapters: Path) -> dict[Path, tuple[str, list[str]]]:
             first, _, body = cell.source.partition("\n")
             if cell.cell_type != "code" or not first.startswith(MARKER):
                 continue
-            path = module_path(first[len(MARKER):].strip())
+            path = module_path(first[len(MARKER) :].strip())
             owner, sources = modules.setdefault(path, (name, []))
             if owner != name:
-                raise ExportError(f"{path} is exported by both {owner} and {name}: a module has one owner chapter")
+                raise ExportError(
+                    f"{path} is exported by both {owner} and {name}: a module has one owner chapter"
+                )
             sources.append(body.strip("\n"))
     return modules
 
@@ -85,9 +88,15 @@ def export(root: Path = ROOT, check: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fail on any difference instead of writing")
-    parser.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="fail on any difference instead of writing"
+    )
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help="repository root (default: this checkout)"
+    )
     args = parser.parse_args(argv)
     try:
         problems = export(args.root, check=args.check)

@@ -7,6 +7,7 @@ bars, library warnings about the notebook front end, and any stderr in a cell ta
 (nbval compares those cells' outputs on the CPU). Other stderr is kept and listed. The notebook's code
 must still be the chapter's: the script fails when the pair differs (run `jupytext --sync` first).
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -15,7 +16,13 @@ import jupytext
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
-NOISE = ("TqdmWarning", "Converting and de-quantizing GGUF", "Profiler clears events", "it/s]", "s/it]")
+NOISE = (
+    "TqdmWarning",
+    "Converting and de-quantizing GGUF",
+    "Profiler clears events",
+    "it/s]",
+    "s/it]",
+)
 
 
 def is_noise(output: dict, checked: bool) -> bool:
@@ -39,7 +46,11 @@ def clean(nb) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("paths", nargs="+", type=Path, help="executed notebooks, or folders of them")
-    paths = [p for arg in ap.parse_args().paths for p in (sorted(arg.glob("*.ipynb")) if arg.is_dir() else [arg])]
+    paths = [
+        p
+        for arg in ap.parse_args().paths
+        for p in (sorted(arg.glob("*.ipynb")) if arg.is_dir() else [arg])
+    ]
     failed = 0
     for path in paths:
         chapter = ROOT / "chapters" / path.name

@@ -5,6 +5,7 @@ on before any kernel is defined: this package does it when it is first imported 
 live here, so nothing else in mini_infer needs to know). The package's CPU path uses the PyTorch
 references either way; the interpreter serves the chapters and tests that run a kernel on the CPU.
 """
+
 import os
 
 import torch

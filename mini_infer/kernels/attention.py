@@ -7,14 +7,24 @@ Pools are `[num_blocks, block_size, num_kv_heads, head_dim]` and contiguous; slo
 `pool.view(-1, num_kv_heads, head_dim)`. Nothing here reads a tensor's values on the host, so decode
 can be captured in a CUDA graph.
 """
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_k, stride_v,
-                          HD: tl.constexpr, BLOCK: tl.constexpr):
+def _store_kvcache_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_k,
+    stride_v,
+    HD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:  # slot -1: a padding token, nothing to store
@@ -28,15 +38,24 @@ def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
 
 def store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping):
     """Write k, v [T, Hkv, D] into the pools [num_blocks, block_size, Hkv, D] (same dtype) at slot_mapping [T]
-    (int32; -1 skips the token). Any Hkv and D. Raises ValueError unless each token's [Hkv, D] row is
+    (int32 or int64, as the engine passes; -1 skips the token). Any Hkv and D. Raises ValueError unless each token's [Hkv, D] row is
     contiguous (the rows themselves may be strided, as slices of a fused qkv are) and the pools are contiguous."""
     T, H, D = k.shape
     if any(x.stride(2) != 1 or x.stride(1) != D for x in (k, v)):
         raise ValueError("store_kvcache_triton needs k and v with contiguous [Hkv, D] rows")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("store_kvcache_triton needs contiguous pools")
-    _store_kvcache_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                HD=H * D, BLOCK=triton.next_power_of_2(H * D))
+    _store_kvcache_kernel[(T,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        v.stride(0),
+        HD=H * D,
+        BLOCK=triton.next_power_of_2(H * D),
+    )
 
 
 def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
@@ -51,17 +70,37 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
 
 
 @triton.jit
-def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, start, hi, kv_head, offs_d, mask_d,
-                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _load_kv_tile(
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    start,
+    hi,
+    kv_head,
+    offs_d,
+    mask_d,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """K and V [BLOCK_N, BLOCK_D] of one KV head at key positions start + [0, BLOCK_N), found through the block
     table; zeros at and past hi and in the padding columns. start is a multiple of BLOCK_N."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    if BLOCK_N % BLOCK_SIZE == 0:  # the tile is whole pages: one block-table entry per page, not one per key
+    if (
+        BLOCK_N % BLOCK_SIZE == 0
+    ):  # the tile is whole pages: one block-table entry per page, not one per key
         pages = start // BLOCK_SIZE + tl.arange(0, BLOCK_N // BLOCK_SIZE)
-        page_ids = tl.load(block_table_ptr + pages, mask=pages * BLOCK_SIZE < hi, other=0).to(tl.int64)
-        slots = tl.reshape(page_ids[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :], [BLOCK_N])
+        page_ids = tl.load(block_table_ptr + pages, mask=pages * BLOCK_SIZE < hi, other=0).to(
+            tl.int64
+        )
+        slots = tl.reshape(
+            page_ids[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :], [BLOCK_N]
+        )
     else:
-        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=offs_n < hi, other=0).to(tl.int64)
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=offs_n < hi, other=0).to(
+            tl.int64
+        )
         slots = block_ids * BLOCK_SIZE + offs_n % BLOCK_SIZE
     ptrs = (slots * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + offs_d[None, :]
     mask = (offs_n < hi)[:, None] & mask_d[None, :]
@@ -79,18 +118,40 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.exp2(s * qk_scale - m_new[:, None])  # the scale rides on the subtraction: one multiply-add per score
+    p = tl.exp2(
+        s * qk_scale - m_new[:, None]
+    )  # the scale rides on the subtraction: one multiply-add per score
     alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in place (the MMA's own accumulator)
+    acc = tl.dot(
+        p.to(v.dtype), v, acc * alpha[:, None]
+    )  # accumulate in place (the MMA's own accumulator)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, o_part_ptr, lse_part_ptr,
-                         stride_qb, stride_qh, stride_bt, qk_scale, split_len, num_splits,
-                         GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    o_part_ptr,
+    lse_part_ptr,
+    stride_qb,
+    stride_qh,
+    stride_bt,
+    qk_scale,
+    split_len,
+    num_splits,
+    GROUP: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     lo = split * split_len
@@ -99,20 +160,39 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     offs_h = tl.arange(0, BLOCK_H)  # rows: the GROUP query heads of this KV head, padded to BLOCK_H
     heads = kv_head * GROUP + offs_h
     mask_h = offs_h < GROUP
-    offs_d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two; the padding columns are masked
+    offs_d = tl.arange(
+        0, BLOCK_D
+    )  # head_dim padded to a power of two; the padding columns are masked
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     block_table = block_tables_ptr + seq * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, start, hi, kv_head, offs_d, mask_d,
-                             BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        k, v = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table,
+            start,
+            hi,
+            kv_head,
+            offs_d,
+            mask_d,
+            BLOCK_N,
+            BLOCK_SIZE,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+        )
         in_split = start + tl.arange(0, BLOCK_N) < hi
-        m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, in_split[None, :], True)
+        m_i, l_i, acc = _online_softmax_step(
+            q, k, v, m_i, l_i, acc, qk_scale, in_split[None, :], True
+        )
 
     # an empty split (lo >= context_len) keeps m_i = -inf, so lse = -inf: no weight in the reduce
     l_i = tl.where(l_i == 0, 1.0, l_i)
@@ -120,12 +200,24 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     out = acc / l_i[:, None]
     part = (seq * NUM_KV_HEADS * GROUP + heads) * num_splits + split
     tl.store(lse_part_ptr + part, lse, mask=mask_h)
-    tl.store(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(
+        o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+        out,
+        mask=mask_h[:, None] & mask_d[None, :],
+    )
 
 
 @triton.jit
-def _decode_reduce_kernel(o_part_ptr, lse_part_ptr, o_ptr, num_splits, NUM_Q_HEADS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+def _decode_reduce_kernel(
+    o_part_ptr,
+    lse_part_ptr,
+    o_ptr,
+    num_splits,
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
     seq, head = tl.program_id(0), tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     mask_s = offs_s < num_splits
@@ -135,10 +227,18 @@ def _decode_reduce_kernel(o_part_ptr, lse_part_ptr, o_ptr, num_splits, NUM_Q_HEA
     lse = tl.load(lse_part_ptr + part, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all -inf: a sequence without keys
-    o = tl.load(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    o = tl.load(
+        o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0, 1.0, total)
-    tl.store(o_ptr + (seq * NUM_Q_HEADS + head) * HEAD_DIM + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(
+        o_ptr + (seq * NUM_Q_HEADS + head) * HEAD_DIM + offs_d,
+        out.to(o_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
 
 
 LOG2E = 1.4426950408889634
@@ -158,8 +258,18 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(triton.cdiv(4 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, 64)))
 
 
-def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None,
-                                  block_n=32, num_warps=4, num_stages=3):
+def paged_decode_attention_triton(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    scale,
+    num_splits=None,
+    block_n=32,
+    num_warps=4,
+    num_stages=3,
+):
     """One query token per sequence, q [B, Hq, D], attends to its context_lens [B] (int32) keys in the pools
     k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype); Hq a multiple of Hkv, D from 16 to 256.
 
@@ -172,23 +282,54 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_len
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("paged_decode_attention_triton needs q with unit last stride and contiguous pools")
+        raise ValueError(
+            "paged_decode_attention_triton needs q with unit last stride and contiguous pools"
+        )
     max_context = block_tables.shape[1] * block_size  # from the shape: no host sync, graph-safe
     if num_splits is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        num_sms = (
+            torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        )
         num_splits = decode_num_splits(B, Hkv, max_context, num_sms)
     split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     block_d = padded_head_dim(D)
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, o_part, lse_part,
-        q.stride(0), q.stride(1), block_tables.stride(0), scale * LOG2E, split_len, num_splits,
-        GROUP=Hq // Hkv, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        o_part,
+        lse_part,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        scale * LOG2E,
+        split_len,
+        num_splits,
+        GROUP=Hq // Hkv,
+        NUM_KV_HEADS=Hkv,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _decode_reduce_kernel[(B, Hq)](o_part, lse_part, o, num_splits, NUM_Q_HEADS=Hq, HEAD_DIM=D, BLOCK_D=block_d,
-                                   SPLITS_PAD=triton.next_power_of_2(num_splits))
+    _decode_reduce_kernel[(B, Hq)](
+        o_part,
+        lse_part,
+        o,
+        num_splits,
+        NUM_Q_HEADS=Hq,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
+    )
     return o
 
 
@@ -216,7 +357,9 @@ def prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_se
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
     cu_seqlens_q = torch.arange(q.shape[0] + 1, device=q.device)  # one query token per sequence
-    return prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+    return prefill_attention_ref(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale
+    )
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
@@ -225,11 +368,30 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, qk_scale,
-                    GROUP: tl.constexpr, HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK_ALL_TILES: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    o_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    cu_seqlens_q_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_ALL_TILES: tl.constexpr,
+):
     # A program: one tile of QUERIES queries of one sequence, for HEADS query heads that share one KV head.
     # Row r of the tile is query r // HEADS and head r % HEADS, so the heads of a token are adjacent rows.
     QUERIES: tl.constexpr = BLOCK_M // HEADS
@@ -247,11 +409,16 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, block_tables_ptr, co
     mask_m = (rows < QUERIES * HEADS) & (offs_m < q_len)
     first = context_len - q_len + tile * QUERIES  # the tile's first query position
     positions = first + rows // HEADS  # each query sees keys 0..its position
-    offs_d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two; the padding columns are masked
+    offs_d = tl.arange(
+        0, BLOCK_D
+    )  # head_dim padded to a power of two; the padding columns are masked
     mask_d = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -262,19 +429,48 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, block_tables_ptr, co
     # tile's last query position, is the diagonal: one or two tiles of keys, masked.
     full = 0 if MASK_ALL_TILES else (first + 1) // BLOCK_N * BLOCK_N
     for start in range(0, full, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, start, full, kv_head, offs_d, mask_d,
-                             BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        k, v = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table,
+            start,
+            full,
+            kv_head,
+            offs_d,
+            mask_d,
+            BLOCK_N,
+            BLOCK_SIZE,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+        )
         m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, None, False)
-    hi = tl.minimum(context_len, first + QUERIES)  # keys past the tile's last query position: masked for all
+    hi = tl.minimum(
+        context_len, first + QUERIES
+    )  # keys past the tile's last query position: masked for all
     for start in range(full, hi, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, start, hi, kv_head, offs_d, mask_d,
-                             BLOCK_N, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        k, v = _load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table,
+            start,
+            hi,
+            kv_head,
+            offs_d,
+            mask_d,
+            BLOCK_N,
+            BLOCK_SIZE,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+        )
         causal = start + tl.arange(0, BLOCK_N)[None, :] <= positions[:, None]
         m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, causal, True)
 
     out = acc / l_i[:, None]
-    tl.store(o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(
+        o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
 
 
 # Launch parameters by head_dim padded to a power of two (64 also serves smaller ones), picked for Hopper before
@@ -289,9 +485,22 @@ def prefill_launch_params(head_dim: int) -> tuple[int, int, int, int]:
     return PREFILL_LAUNCH[max(64, padded_head_dim(head_dim))]
 
 
-def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale,
-                             block_m=None, block_n=None, num_warps=None, num_stages=None, pack_gqa=True,
-                             mask_all_tiles=False):
+def prefill_attention_triton(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    max_seqlen_q,
+    scale,
+    block_m=None,
+    block_n=None,
+    num_warps=None,
+    num_stages=None,
+    pack_gqa=True,
+    mask_all_tiles=False,
+):
     """Causal attention for packed prompts q [T, Hq, D] (see prefill_attention_ref), reading every key from
     the pools k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype), so store this step's K/V first.
 
@@ -306,23 +515,54 @@ def prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu
     T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("prefill_attention_triton needs q with unit last stride and contiguous pools")
+        raise ValueError(
+            "prefill_attention_triton needs q with unit last stride and contiguous pools"
+        )
     default_m, default_n, default_warps, default_stages = prefill_launch_params(D)
     block_m, block_n = block_m or default_m, block_n or default_n
     heads = Hq // Hkv if pack_gqa else 1
     if block_m < heads:
-        raise ValueError(f"block_m={block_m} is smaller than the {heads} query heads a program packs")
+        raise ValueError(
+            f"block_m={block_m} is smaller than the {heads} query heads a program packs"
+        )
     o = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(max_seqlen_q, block_m // heads), context_lens.shape[0], Hq // heads)
-    _prefill_kernel[grid](q, k_cache, v_cache, o, block_tables, context_lens, cu_seqlens_q,
-                          q.stride(0), q.stride(1), o.stride(0), o.stride(1), block_tables.stride(0), scale * LOG2E,
-                          GROUP=Hq // Hkv, HEADS=heads, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D,
-                          BLOCK_D=padded_head_dim(D), BLOCK_M=block_m, BLOCK_N=block_n, MASK_ALL_TILES=mask_all_tiles,
-                          num_warps=num_warps or default_warps, num_stages=num_stages or default_stages)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        o,
+        block_tables,
+        context_lens,
+        cu_seqlens_q,
+        q.stride(0),
+        q.stride(1),
+        o.stride(0),
+        o.stride(1),
+        block_tables.stride(0),
+        scale * LOG2E,
+        GROUP=Hq // Hkv,
+        HEADS=heads,
+        NUM_KV_HEADS=Hkv,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=D,
+        BLOCK_D=padded_head_dim(D),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        MASK_ALL_TILES=mask_all_tiles,
+        num_warps=num_warps or default_warps,
+        num_stages=num_stages or default_stages,
+    )
     return o
 
 
-def prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale):
+def prefill_attention(
+    q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+):
     if q.is_cuda:
-        return prefill_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale)
-    return prefill_attention_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+        return prefill_attention_triton(
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+        )
+    return prefill_attention_ref(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale
+    )

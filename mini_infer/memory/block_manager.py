@@ -40,8 +40,12 @@ def hash_block(prev_hash: bytes, token_ids: list[int]) -> bytes:
 
 @dataclass
 class Block:
-    ref_count: int = 0  # sequences using the block; 0 = free (but maybe still holding a cached prefix)
-    hash: bytes | None = None  # set once the block is full, while its contents are in the prefix cache
+    ref_count: int = (
+        0  # sequences using the block; 0 = free (but maybe still holding a cached prefix)
+    )
+    hash: bytes | None = (
+        None  # set once the block is full, while its contents are in the prefix cache
+    )
 
 
 class BlockPool:
@@ -53,7 +57,9 @@ class BlockPool:
 
     def __init__(self, num_blocks: int):
         self.blocks = [Block() for _ in range(num_blocks)]
-        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front: handed out next
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(
+            range(num_blocks)
+        )  # front: handed out next
         self.cached: dict[bytes, int] = {}  # block hash -> id of a block holding that prefix
 
     @property
@@ -69,7 +75,9 @@ class BlockPool:
         block_id, _ = self.free_ids.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:
-            if self.cached.get(block.hash) == block_id:  # a newer copy of the prefix may have replaced it
+            if (
+                self.cached.get(block.hash) == block_id
+            ):  # a newer copy of the prefix may have replaced it
                 del self.cached[block.hash]
             block.hash = None
         block.ref_count = 1
@@ -133,13 +141,17 @@ class BlockManager:
         tokens, bs, pool = seq.token_ids, self.block_size, self.pool
         hits, h = [], b""
         if self.enable_prefix_caching:
-            for start in range(0, (seq.num_tokens - 1) // bs * bs, bs):  # never the block holding the last token
-                h = hash_block(h, tokens[start:start + bs])
+            for start in range(
+                0, (seq.num_tokens - 1) // bs * bs, bs
+            ):  # never the block holding the last token
+                h = hash_block(h, tokens[start : start + bs])
                 if h not in pool.cached:
                     break
                 hits.append(pool.cached[h])
         # every block takes a free one, except cached blocks another sequence is using
-        needed = self.num_blocks_for(seq.num_tokens) - sum(pool.blocks[b].ref_count > 0 for b in hits)
+        needed = self.num_blocks_for(seq.num_tokens) - sum(
+            pool.blocks[b].ref_count > 0 for b in hits
+        )
         return hits, needed
 
     def can_allocate(self, seq: SequenceLike) -> bool:
@@ -158,7 +170,9 @@ class BlockManager:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         for block_id in hits:
             self.pool.share(block_id)
-        fresh = [self.pool.take_free() for _ in range(self.num_blocks_for(seq.num_tokens) - len(hits))]
+        fresh = [
+            self.pool.take_free() for _ in range(self.num_blocks_for(seq.num_tokens) - len(hits))
+        ]
         seq.block_table = hits + fresh
         seq.num_cached_tokens = len(hits) * self.block_size
         return seq.num_cached_tokens
@@ -176,7 +190,7 @@ class BlockManager:
             start -= 1
         for i in range(start, end):
             prev = blocks[table[i - 1]].hash if i else b""
-            self.pool.register(table[i], hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs]))
+            self.pool.register(table[i], hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs]))
 
     def can_append(self, seq: SequenceLike) -> bool:
         """Whether append_slot(seq) would succeed now."""

@@ -5,6 +5,7 @@
 The attention object `attn(layer_idx, q, k, v) -> [T, heads, head_dim]` owns the KV cache and decides
 which tokens see which; the model knows nothing about sequences.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,13 +37,17 @@ class MergedLinear(nn.Linear):
 
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         start = sum(self.sizes[:shard])
-        copy_checked(getattr(self, param_name)[start:start + self.sizes[shard]], tensor, f"shard {shard}")
+        copy_checked(
+            getattr(self, param_name)[start : start + self.sizes[shard]], tensor, f"shard {shard}"
+        )
 
 
 def copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     # copy_ would broadcast a wrong shape silently
     if param.shape != tensor.shape:
-        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}"
+        )
     param.copy_(tensor)
 
 
@@ -53,14 +58,18 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias)
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias
+        )
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, attn, cos_sin: torch.Tensor
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -74,7 +83,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=False
+        )
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +117,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self._cos_sin = None
 
@@ -114,8 +127,9 @@ class LlamaModel(nn.Module):
         # Built on first use, on the inputs' device, and kept in float32 whatever the model's dtype.
         if self._cos_sin is None or self._cos_sin.device != device:
             c = self.config
-            self._cos_sin = rope_cos_sin_cache(c.head_dim, c.max_position_embeddings, c.rope_theta,
-                                               c.rope_scaling, device=device)
+            self._cos_sin = rope_cos_sin_cache(
+                c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, device=device
+            )
         return self._cos_sin
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
@@ -129,8 +143,13 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # Hugging Face stores these projections apart; we keep each group in one matrix: (merged, shard).
-    packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    packed_modules = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -151,7 +170,9 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor, by its Hugging Face name, into the model (or its merged slice)."""
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+        if name.endswith("rotary_emb.inv_freq") or (
+            name == "lm_head.weight" and self.config.tie_word_embeddings
+        ):
             return  # recomputed / shared with the embedding
         module_name, _, param_name = name.rpartition(".")
         parent, _, leaf = module_name.rpartition(".")
@@ -162,4 +183,6 @@ class LlamaForCausalLM(nn.Module):
             else:
                 copy_checked(self.get_parameter(name), tensor, name)
         except AttributeError:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}") from None
+            raise ValueError(
+                f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+            ) from None

@@ -4,6 +4,7 @@ with one collective. `shard_model` turns a loaded model into one rank's shard, i
 
 Collectives run on the default process group, which the caller has set up (`TensorParallelRunner` does).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,9 @@ from mini_infer.models.llama import LlamaForCausalLM, copy_checked
 
 
 def _empty(*shape, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=like.dtype, device=like.device), requires_grad=False)
+    return nn.Parameter(
+        torch.empty(*shape, dtype=like.dtype, device=like.device), requires_grad=False
+    )
 
 
 class ColumnParallelLinear(nn.Module):
@@ -26,8 +29,15 @@ class ColumnParallelLinear(nn.Module):
     nothing is communicated. `sizes` are the output's parts (q, k, v or gate, up); each part is split on
     its own, so that a rank keeps whole heads of q, k and v, and the gate rows that match its up rows."""
 
-    def __init__(self, in_features: int, sizes: list[int], bias: bool, rank: int, world_size: int,
-                 like: torch.Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        sizes: list[int],
+        bias: bool,
+        rank: int,
+        world_size: int,
+        like: torch.Tensor,
+    ):
         super().__init__()
         if any(s % world_size for s in sizes):
             raise ValueError(f"output sizes {sizes} do not split into {world_size} equal parts")
@@ -41,7 +51,9 @@ class ColumnParallelLinear(nn.Module):
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the full weight (or bias): its slice of every part."""
-        return torch.cat([part.chunk(self.world_size)[self.rank] for part in full.split(self.full_sizes)])
+        return torch.cat(
+            [part.chunk(self.world_size)[self.rank] for part in full.split(self.full_sizes)]
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -49,11 +61,20 @@ class RowParallelLinear(nn.Module):
     column-parallel layer) by its columns, which gives a partial sum of the whole output; an all-reduce
     adds the partial sums, and the bias is added once, after it."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, world_size: int,
-                 like: torch.Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        rank: int,
+        world_size: int,
+        like: torch.Tensor,
+    ):
         super().__init__()
         if in_features % world_size:
-            raise ValueError(f"{in_features} input features do not split into {world_size} equal parts")
+            raise ValueError(
+                f"{in_features} input features do not split into {world_size} equal parts"
+            )
         self.rank, self.world_size = rank, world_size
         self.weight = _empty(out_features, in_features // world_size, like=like)
         self.bias = _empty(out_features, like=like) if bias else None
@@ -72,7 +93,14 @@ class VocabParallelEmbedding(nn.Module):
     the ids it holds, writes zeros for the others, and an all-reduce puts each token's row together.
     The last shard is padded with zero rows when the vocabulary does not divide evenly."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, world_size: int, like: torch.Tensor):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        world_size: int,
+        like: torch.Tensor,
+    ):
         super().__init__()
         self.num_embeddings, self.world_size = num_embeddings, world_size
         self.shard_size = -(-num_embeddings // world_size)
@@ -82,12 +110,14 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.shard_size)
-        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(outside[:, None], 0)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(
+            outside[:, None], 0
+        )
         dist.all_reduce(h)
         return h
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
-        rows = full[self.start:self.start + self.shard_size]
+        rows = full[self.start : self.start + self.shard_size]
         return F.pad(rows, (0, 0, 0, self.shard_size - rows.shape[0]))
 
 
@@ -99,7 +129,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         local = F.linear(hidden, self.weight)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local)
-        return torch.cat(parts, dim=-1)[:, :self.num_embeddings]  # drop the padding rows' scores
+        return torch.cat(parts, dim=-1)[:, : self.num_embeddings]  # drop the padding rows' scores
 
 
 def load_full_weight(model: nn.Module, name: str, full: torch.Tensor) -> None:
@@ -114,10 +144,16 @@ def load_full_weight(model: nn.Module, name: str, full: torch.Tensor) -> None:
 def check_shardable(config: ModelConfig, world_size: int) -> None:
     """Raise ValueError unless every rank can get whole heads and equal slices of the MLP."""
     c = config
-    if c.num_attention_heads % world_size or c.num_key_value_heads % world_size or c.intermediate_size % world_size:
-        raise ValueError(f"tensor_parallel_size {world_size} must divide the number of attention heads "
-                         f"({c.num_attention_heads}), of key/value heads ({c.num_key_value_heads}) and the MLP's "
-                         f"intermediate size ({c.intermediate_size})")
+    if (
+        c.num_attention_heads % world_size
+        or c.num_key_value_heads % world_size
+        or c.intermediate_size % world_size
+    ):
+        raise ValueError(
+            f"tensor_parallel_size {world_size} must divide the number of attention heads "
+            f"({c.num_attention_heads}), of key/value heads ({c.num_key_value_heads}) and the MLP's "
+            f"intermediate size ({c.intermediate_size})"
+        )
 
 
 def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaForCausalLM:
@@ -126,22 +162,40 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
     counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only."""
     c = model.config
     check_shardable(c, world_size)
-    full = dict(model.named_parameters())  # unsharded; a tied LM head appears once, as the embedding
+    full = dict(
+        model.named_parameters()
+    )  # unsharded; a tied LM head appears once, as the embedding
     like = model.lm_head.weight
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = ColumnParallelLinear(c.hidden_size, attn.qkv_proj.sizes, c.attention_bias, rank, world_size, like)
-        attn.o_proj = RowParallelLinear(attn.o_proj.in_features, c.hidden_size, c.attention_bias, rank, world_size, like)
-        attn.num_heads, attn.num_kv_heads = attn.num_heads // world_size, attn.num_kv_heads // world_size
-        mlp.gate_up_proj = ColumnParallelLinear(c.hidden_size, mlp.gate_up_proj.sizes, False, rank, world_size, like)
-        mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, False, rank, world_size, like)
-    model.model.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, rank, world_size, like)
+        attn.qkv_proj = ColumnParallelLinear(
+            c.hidden_size, attn.qkv_proj.sizes, c.attention_bias, rank, world_size, like
+        )
+        attn.o_proj = RowParallelLinear(
+            attn.o_proj.in_features, c.hidden_size, c.attention_bias, rank, world_size, like
+        )
+        attn.num_heads, attn.num_kv_heads = (
+            attn.num_heads // world_size,
+            attn.num_kv_heads // world_size,
+        )
+        mlp.gate_up_proj = ColumnParallelLinear(
+            c.hidden_size, mlp.gate_up_proj.sizes, False, rank, world_size, like
+        )
+        mlp.down_proj = RowParallelLinear(
+            c.intermediate_size, c.hidden_size, False, rank, world_size, like
+        )
+    model.model.embed_tokens = VocabParallelEmbedding(
+        c.vocab_size, c.hidden_size, rank, world_size, like
+    )
     model.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size, rank, world_size, like)
     if c.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.config = model.model.config = dataclasses.replace(
-        c, num_attention_heads=c.num_attention_heads // world_size,
-        num_key_value_heads=c.num_key_value_heads // world_size, intermediate_size=c.intermediate_size // world_size)
+        c,
+        num_attention_heads=c.num_attention_heads // world_size,
+        num_key_value_heads=c.num_key_value_heads // world_size,
+        intermediate_size=c.intermediate_size // world_size,
+    )
     with torch.no_grad():
         for name, tensor in full.items():
             load_full_weight(model, name, tensor)

@@ -2,6 +2,7 @@
 """Runs one scheduled step on the model: keeps what it needs of each request, packs the step's tokens
 and metadata, runs the forward (a CUDA graph replay for decode steps on a GPU), and samples one token
 per request."""
+
 import itertools
 from dataclasses import dataclass
 
@@ -23,7 +24,9 @@ class SampledTokens:
     def __init__(self, tokens: torch.Tensor):
         self.ready = None
         if tokens.is_cuda:
-            tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory, behind the step's kernels
+            tokens = tokens.to(
+                "cpu", non_blocking=True
+            )  # into pinned memory, behind the step's kernels
             self.ready = torch.cuda.Event()
             self.ready.record()
         self.tokens = tokens
@@ -50,7 +53,9 @@ def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
     """The decode batch sizes that get a CUDA graph, as in vLLM: 1, 2, 4, then every multiple of 8 up to
     max_num_seqs (and max_num_seqs itself). A batch replays the smallest graph that holds it, so at most
     7 rows are padding."""
-    return sorted({s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs})
+    return sorted(
+        {s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs}
+    )
 
 
 class ModelRunner:
@@ -63,9 +68,17 @@ class ModelRunner:
     of `cuda_graph_sizes`: one launch for the whole forward instead of hundreds.
     """
 
-    def __init__(self, model, block_size: int = 16, max_model_len: int = 4096, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
-                 cpu_kv_bytes: int = 1 << 30, enforce_eager: bool = False):
+    def __init__(
+        self,
+        model,
+        block_size: int = 16,
+        max_model_len: int = 4096,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_bytes: int = 1 << 30,
+        enforce_eager: bool = False,
+    ):
         self.model, self.config = model, model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.block_size = block_size
@@ -75,18 +88,33 @@ class ModelRunner:
         # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
         self.free_rows = list(range(max_num_seqs))
-        self.last_rows: dict[int, int] = {}  # the last step's requests -> their rows of last_sampled, which
-        self.last_sampled: torch.Tensor | None = None  # stays on the device: where a pending token comes from
+        self.last_rows: dict[
+            int, int
+        ] = {}  # the last step's requests -> their rows of last_sampled, which
+        self.last_sampled: torch.Tensor | None = (
+            None  # stays on the device: where a pending token comes from
+        )
         c = self.config
         if self.device.type == "cuda":
             self._warm_up(max_num_batched_tokens, max_num_seqs)
-        block_bytes = kv_block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype)
+        block_bytes = kv_block_bytes(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype
+        )
         num_blocks = num_kv_blocks(block_bytes, self.device, gpu_memory_utilization, cpu_kv_bytes)
         if num_blocks < self.max_blocks_per_seq:
-            raise ValueError(f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
-                             f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len")
-        self.kv_cache = KVCache(c.num_hidden_layers, num_blocks, c.num_key_value_heads, c.head_dim, block_size,
-                                self.dtype, self.device)
+            raise ValueError(
+                f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
+                f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len"
+            )
+        self.kv_cache = KVCache(
+            c.num_hidden_layers,
+            num_blocks,
+            c.num_key_value_heads,
+            c.head_dim,
+            block_size,
+            self.dtype,
+            self.device,
+        )
         self.attn = PagedAttention(self.kv_cache, c.head_dim)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not enforce_eager:
@@ -105,7 +133,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(ids, ids, lambda layer, q, k, v: q)
-        self.model.compute_logits(hidden[:min(num_seqs, num_tokens)])
+        self.model.compute_logits(hidden[: min(num_seqs, num_tokens)])
         torch.cuda.empty_cache()
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -116,20 +144,31 @@ class ModelRunner:
             row, num_blocks = self.free_rows.pop(), len(new.block_ids)
             self.block_table[row, :num_blocks] = new.block_ids
             self.requests[new.req_id] = CachedRequestState(
-                new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids), new.sampling_params,
-                new.num_computed_tokens, row, num_blocks)
+                new.prompt_token_ids + new.output_token_ids,
+                len(new.prompt_token_ids),
+                new.sampling_params,
+                new.num_computed_tokens,
+                row,
+                num_blocks,
+            )
         cached = scheduler_output.scheduled_cached_reqs
-        for req_id, tokens, blocks, num_computed in zip(cached.req_ids, cached.new_token_ids, cached.new_block_ids,
-                                                        cached.num_computed_tokens):
+        for req_id, tokens, blocks, num_computed in zip(
+            cached.req_ids, cached.new_token_ids, cached.new_block_ids, cached.num_computed_tokens
+        ):
             state = self.requests[req_id]
             state.token_ids += tokens
             state.num_computed_tokens = num_computed
             if blocks:
-                self.block_table[state.row, state.num_blocks:state.num_blocks + len(blocks)] = blocks
+                self.block_table[state.row, state.num_blocks : state.num_blocks + len(blocks)] = (
+                    blocks
+                )
                 state.num_blocks += len(blocks)
 
-    def prepare(self, scheduler_output: SchedulerOutput
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[CachedRequestState]]:
+    def prepare(
+        self, scheduler_output: SchedulerOutput
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[CachedRequestState]
+    ]:
         """Pack the step: token ids, positions, attention metadata, the rows whose logits we need, and the
         requests in the batch's order.
 
@@ -153,21 +192,35 @@ class ModelRunner:
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
         known = positions < known_ends[row]
         ids = np.zeros(len(positions), np.int64)
-        ids[known] = np.fromiter(itertools.chain.from_iterable(
-            r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())), np.int64)
+        ids[known] = np.fromiter(
+            itertools.chain.from_iterable(
+                r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())
+            ),
+            np.int64,
+        )
         decode = len(positions) == n
         metadata = AttentionMetadata(
-            slot_mapping=to_device(slots, self.device), block_tables=to_device(tables, self.device),
+            slot_mapping=to_device(slots, self.device),
+            block_tables=to_device(tables, self.device),
             context_lens=to_device(ends.astype(np.int32), self.device),
             cu_seqlens_q=None if decode else to_device(cu_seqlens.astype(np.int32), self.device),
-            max_seqlen_q=int(counts.max()))
+            max_seqlen_q=int(counts.max()),
+        )
         input_ids = to_device(ids, self.device)
         pending = np.flatnonzero(~known)
         if len(pending):
             req_ids = list(scheduler_output.num_scheduled_tokens)
             source = [self.last_rows[req_ids[r]] for r in row[pending].tolist()]
-            input_ids[to_device(pending, self.device)] = self.last_sampled[to_device(np.array(source), self.device)]
-        return input_ids, to_device(positions, self.device), metadata, to_device(cu_seqlens[1:] - 1, self.device), reqs
+            input_ids[to_device(pending, self.device)] = self.last_sampled[
+                to_device(np.array(source), self.device)
+            ]
+        return (
+            input_ids,
+            to_device(positions, self.device),
+            metadata,
+            to_device(cu_seqlens[1:] - 1, self.device),
+            reqs,
+        )
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
@@ -177,14 +230,21 @@ class ModelRunner:
         input_ids, positions, metadata, last_rows, reqs = self.prepare(scheduler_output)
         graph_bs = next((b for b in sorted(self.graphs) if b >= len(reqs)), None)
         if metadata.is_decode and graph_bs is not None:
-            hidden = self._replay(graph_bs, input_ids, positions, metadata)[:len(reqs)]
+            hidden = self._replay(graph_bs, input_ids, positions, metadata)[: len(reqs)]
         else:
             self.attn.metadata = metadata
             hidden = self.model(input_ids, positions, self.attn)[last_rows]
         # the sampled token's position is the request's length after this step
-        sample_positions = [r.num_computed_tokens + n for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())]
-        self.last_sampled = self.sampler(self.model.compute_logits(hidden), [r.params for r in reqs], sample_positions)
-        self.last_rows = {req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)}
+        sample_positions = [
+            r.num_computed_tokens + n
+            for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())
+        ]
+        self.last_sampled = self.sampler(
+            self.model.compute_logits(hidden), [r.params for r in reqs], sample_positions
+        )
+        self.last_rows = {
+            req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
+        }
         return SampledTokens(self.last_sampled)
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
@@ -195,17 +255,29 @@ class ModelRunner:
             "input_ids": torch.zeros(max_bs, dtype=torch.long, device=self.device),
             "positions": torch.zeros(max_bs, dtype=torch.long, device=self.device),
             "slot_mapping": torch.full((max_bs,), -1, dtype=torch.long, device=self.device),
-            "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
+            "block_tables": torch.zeros(
+                max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device
+            ),
             "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=self.device),
         }
-        self.graph_output = torch.zeros(max_bs, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        self.graph_output = torch.zeros(
+            max_bs, self.config.hidden_size, dtype=self.dtype, device=self.device
+        )
         pool = None
         with torch.inference_mode():
-            for bs in reversed(cuda_graph_sizes(max_bs)):  # largest first, so the smaller graphs reuse its memory
+            for bs in reversed(
+                cuda_graph_sizes(max_bs)
+            ):  # largest first, so the smaller graphs reuse its memory
                 g = torch.cuda.CUDAGraph()
                 self.attn.metadata = self._graph_metadata(bs)
-                args = (self.graph_inputs["input_ids"][:bs], self.graph_inputs["positions"][:bs], self.attn)
-                self.graph_output[:bs] = self.model(*args)  # warm-up: compiles kernels, fills caches
+                args = (
+                    self.graph_inputs["input_ids"][:bs],
+                    self.graph_inputs["positions"][:bs],
+                    self.attn,
+                )
+                self.graph_output[:bs] = self.model(
+                    *args
+                )  # warm-up: compiles kernels, fills caches
                 with torch.cuda.graph(g, pool):
                     self.graph_output[:bs] = self.model(*args)
                 pool = g.pool()
@@ -214,15 +286,21 @@ class ModelRunner:
 
     def _graph_metadata(self, bs: int) -> AttentionMetadata:
         i = self.graph_inputs
-        return AttentionMetadata(i["slot_mapping"][:bs], i["block_tables"][:bs], i["context_lens"][:bs])
+        return AttentionMetadata(
+            i["slot_mapping"][:bs], i["block_tables"][:bs], i["context_lens"][:bs]
+        )
 
     def _replay(self, bs: int, input_ids, positions, metadata: AttentionMetadata) -> torch.Tensor:
         n, i = input_ids.shape[0], self.graph_inputs
         i["slot_mapping"][n:bs].fill_(-1)  # padding rows store nothing and see no keys
         i["context_lens"][n:bs].zero_()
-        for name, value in (("input_ids", input_ids), ("positions", positions),
-                            ("slot_mapping", metadata.slot_mapping), ("context_lens", metadata.context_lens)):
+        for name, value in (
+            ("input_ids", input_ids),
+            ("positions", positions),
+            ("slot_mapping", metadata.slot_mapping),
+            ("context_lens", metadata.context_lens),
+        ):
             i[name][:n].copy_(value)
-        i["block_tables"][:n, :metadata.block_tables.shape[1]].copy_(metadata.block_tables)
+        i["block_tables"][:n, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
         self.graphs[bs].replay()
         return self.graph_output
