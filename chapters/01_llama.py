@@ -70,6 +70,8 @@ import numpy as np
 import torch
 import transformers
 
+import mini_infer.kernels  # noqa: F401  (before any @triton.jit below: Triton's interpreter when there is no GPU)
+
 warnings.filterwarnings(
     "ignore", message="IProgress not found"
 )  # tqdm's note about Jupyter widgets

@@ -50,6 +50,8 @@ import torch
 import triton
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+import mini_infer.kernels  # noqa: F401  (before any @triton.jit below: Triton's interpreter when there is no GPU)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 print(
     "Triton kernels run", "on the GPU" if DEVICE == "cuda" else "through the interpreter on the CPU"

@@ -53,6 +53,8 @@ import triton
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+import mini_infer.kernels  # noqa: F401  (before any @triton.jit below: Triton's interpreter when there is no GPU)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 print(
     "Triton kernels run", "on the GPU" if DEVICE == "cuda" else "through the interpreter on the CPU"

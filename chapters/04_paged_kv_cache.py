@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+import mini_infer.kernels  # noqa: F401  (before any @triton.jit below: Triton's interpreter when there is no GPU)
+
 # Triton kernels run on the GPU when there is one, else through the interpreter on CPU tensors
 device = "cuda" if torch.cuda.is_available() else "cpu"
 print(f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}")
@@ -1008,7 +1010,7 @@ def paged_decode_attention_triton(
     context_lens,
     scale,
     num_splits=None,
-    block_n=32,
+    block_n=None,
     num_warps=4,
     num_stages=3,
 ):
@@ -1017,7 +1019,8 @@ def paged_decode_attention_triton(
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
     A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
-    over the block table's width; block_n (keys per tile, a power of two, at least 16), num_warps and
+    over the block table's width; block_n (keys per tile, a power of two, at least 16; default 64 for
+    head_dim up to 64, else 32, the best on an H200 in benchmarks/attention_sweep.py), num_warps and
     num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a head_dim
     outside 16..256.
     """
@@ -1028,6 +1031,8 @@ def paged_decode_attention_triton(
             "paged_decode_attention_triton needs q with unit last stride and contiguous pools"
         )
     max_context = block_tables.shape[1] * block_size  # from the shape: no host sync, graph-safe
+    if block_n is None:
+        block_n = 64 if D <= 64 else 32
     if num_splits is None:
         num_sms = (
             torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
@@ -1181,12 +1186,13 @@ for num_splits in [1, 3, None]:
 # tile, at 96 a quarter. (FlashAttention also rounds head sizes up to the sizes its kernels are built for.)
 #
 # The launch parameters come from a small table by head_dim, `PREFILL_LAUNCH`, not from autotuning (which
-# needs a GPU timer and would tune at run time): 128 rows on 8 warps, that is two Hopper warpgroups of 64
-# rows each, tiles of 64 keys, 3 pipeline stages. 128 rows on 4 warps spill registers at head_dim 128 (the
-# compiler's resource report says so). The table was picked for Hopper before it was measured; every
-# choice above is a keyword argument of `prefill_attention_triton` (`block_m`, `block_n`, `num_warps`,
-# `num_stages`, `pack_gqa`, `mask_all_tiles`), so `benchmarks/attention_sweep.py` can time each against the
-# others and against PyTorch's FlashAttention.
+# needs a GPU timer and would tune at run time). Every choice above is a keyword argument of
+# `prefill_attention_triton` (`block_m`, `block_n`, `num_warps`, `num_stages`, `pack_gqa`,
+# `mask_all_tiles`), so `benchmarks/attention_sweep.py` can time each against the others and against
+# PyTorch's FlashAttention. Our first guess for Hopper was 128 rows on 8 warps (two warpgroups of 64 rows);
+# on an H200 the sweep found 64 x 64 tiles on 4 warps faster at head_dims 64 and 128 (geometric mean over
+# 11 prompt shapes: 1.02x and 1.16x the speed of PyTorch's FlashAttention, against 0.90x and 1.02x for the
+# first guess), and the table holds the measured winners.
 
 
 # %%
@@ -1301,7 +1307,9 @@ def _prefill_kernel(
 # measuring them: (BLOCK_M rows, BLOCK_N keys, num_warps, num_stages). With pack_gqa a row is one (query, head)
 # pair. The earlier kernel (a program per query head, 4 warps) ran fastest on an H100 with 64 x 64 tiles; on 8
 # warps, 128 rows are two warpgroups of 64 sharing each K/V tile. benchmarks/attention_sweep.py times both.
-PREFILL_LAUNCH = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+# Measured on an H200 (benchmarks/attention_sweep.py, 2026-11-30): 64 x 64 tiles on 4 warps beat the
+# 128-row tiles on 8 warps at head_dim 64 and 128 (256 was not measured).
+PREFILL_LAUNCH = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
 
 
 def prefill_launch_params(head_dim: int) -> tuple[int, int, int, int]:

@@ -41,8 +41,8 @@ def block_bytes(llm) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(llm) -> list[list[int]]:
-    """Hugging Face transformers' greedy tokens, one prompt at a time, on the same GGUF weights."""
+def hf_model():
+    """Hugging Face transformers' model on the same GGUF weights, in float32 on the CPU."""
     path = embedded_gguf_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
@@ -51,10 +51,16 @@ def reference(llm) -> list[list[int]]:
         None  # like ignore_eos: run on past <|im_end|>, logits untouched
     )
     hf.generation_config.pad_token_id = 0
+    return hf
+
+
+@pytest.fixture(scope="module")
+def reference(llm, hf_model) -> list[list[int]]:
+    """Hugging Face transformers' greedy tokens, one prompt at a time."""
     out = []
     for prompt in PROMPTS:
         ids = torch.tensor([llm.get_tokenizer().encode(prompt)])
-        gen = hf.generate(
+        gen = hf_model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False
         )
         out.append(gen[0, ids.shape[1] :].tolist())
@@ -78,20 +84,28 @@ def test_batched_greedy_equals_hugging_face(llm, reference):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_engine_matches_hugging_face(reference):
+def test_gpu_engine_matches_hugging_face(reference, hf_model):
     # Triton kernels, the paged KV cache and CUDA graphs, in fp32: the same greedy tokens.
     gpu = LLM(dtype="float32", device="cuda", max_model_len=512, gpu_memory_utilization=0.3)
     assert gpu.engine.runner.graphs
     assert token_ids(gpu.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
     del gpu
-    # bf16 rounds differently and drifts from fp32 after some tokens: the first 16 agree for 90% of prompts.
+    # bf16 rounds differently from fp32, and a near-tie can tip either way (Hugging Face's own bf16 leaves
+    # its fp32 tokens within 16 tokens on one of these prompts, measured on an H200). So, as vLLM checks its
+    # models against Hugging Face: where our bf16 tokens first leave the fp32 reference, the token we chose
+    # must be among Hugging Face's 3 most likely there.
     half = LLM(device="cuda", max_model_len=512, gpu_memory_utilization=0.3)
     assert half.engine.runner.dtype == torch.bfloat16
     outputs = token_ids(half.generate(PROMPTS, GREEDY, use_tqdm=False))
-    agree = sum(out[:16] == ref[:16] for out, ref in zip(outputs, reference))
-    assert agree >= 0.9 * len(PROMPTS), (
-        f"{agree} of {len(PROMPTS)} prompts agree on their first 16 tokens"
-    )
+    for prompt, out, ref in zip(PROMPTS, outputs, reference):
+        i = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), None)
+        if i is not None:
+            ids = torch.tensor([half.get_tokenizer().encode(prompt) + ref[:i]])
+            with torch.no_grad():
+                top = hf_model(ids).logits[0, -1].topk(3).indices.tolist()
+            assert out[i] in top, (
+                f"{prompt!r}: token {i} is {out[i]}, Hugging Face's top 3 are {top}"
+            )
 
 
 @pytest.mark.slow

@@ -266,7 +266,7 @@ def paged_decode_attention_triton(
     context_lens,
     scale,
     num_splits=None,
-    block_n=32,
+    block_n=None,
     num_warps=4,
     num_stages=3,
 ):
@@ -275,7 +275,8 @@ def paged_decode_attention_triton(
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
     A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
-    over the block table's width; block_n (keys per tile, a power of two, at least 16), num_warps and
+    over the block table's width; block_n (keys per tile, a power of two, at least 16; default 64 for
+    head_dim up to 64, else 32, the best on an H200 in benchmarks/attention_sweep.py), num_warps and
     num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a head_dim
     outside 16..256.
     """
@@ -286,6 +287,8 @@ def paged_decode_attention_triton(
             "paged_decode_attention_triton needs q with unit last stride and contiguous pools"
         )
     max_context = block_tables.shape[1] * block_size  # from the shape: no host sync, graph-safe
+    if block_n is None:
+        block_n = 64 if D <= 64 else 32
     if num_splits is None:
         num_sms = (
             torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
@@ -477,7 +480,9 @@ def _prefill_kernel(
 # measuring them: (BLOCK_M rows, BLOCK_N keys, num_warps, num_stages). With pack_gqa a row is one (query, head)
 # pair. The earlier kernel (a program per query head, 4 warps) ran fastest on an H100 with 64 x 64 tiles; on 8
 # warps, 128 rows are two warpgroups of 64 sharing each K/V tile. benchmarks/attention_sweep.py times both.
-PREFILL_LAUNCH = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+# Measured on an H200 (benchmarks/attention_sweep.py, 2026-11-30): 64 x 64 tiles on 4 warps beat the
+# 128-row tiles on 8 warps at head_dim 64 and 128 (256 was not measured).
+PREFILL_LAUNCH = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
 
 
 def prefill_launch_params(head_dim: int) -> tuple[int, int, int, int]:
