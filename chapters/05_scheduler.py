@@ -74,7 +74,11 @@ print("outputs from:", describe_run())
 validated on creation."""
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
+
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding
+MAX_LOGPROBS = 20  # the most log-probabilities a request may ask for per token (vLLM's default)
 
 
 class RequestOutputKind(enum.Enum):
@@ -87,15 +91,21 @@ class RequestOutputKind(enum.Enum):
 
 @dataclass
 class SamplingParams:
-    """Sampling settings for one request, named as in vLLM.
+    """Sampling settings for one request, named and behaving as in vLLM.
 
-    temperature 0 means greedy decoding; top_k -1 and top_p 1.0 switch those filters off. A request
-    stops after `max_tokens` new tokens (None: as many as `max_model_len` leaves room for), at the model's
-    end-of-sequence token (unless `ignore_eos`), at any of `stop_token_ids`, at the model's length
-    (finish reason "length"), or when its text reaches one of the `stop` strings (a single string, or
-    None, is taken too): its text then ends just before it. A `seed` makes its sampling reproducible on
-    its own. `n` asks for that many samples of the prompt; each runs as a sequence of its own (see
-    `for_sample`) and they come back together.
+    temperature 0 (or below 1e-5) means greedy decoding; top_k -1 or 0, top_p 1.0 and min_p 0.0 switch
+    those filters off. Penalties, applied before temperature: `repetition_penalty` (> 1 discourages every
+    token of the prompt and the output so far, as in Hugging Face: a positive logit is divided by it, a
+    negative one multiplied), `presence_penalty` and `frequency_penalty` (in [-2, 2], OpenAI's: subtracted
+    once for a token the output already has, and once per time it has it). A request stops after
+    `max_tokens` new tokens (None: as many as `max_model_len` leaves room for), at the model's
+    end-of-sequence token (unless `ignore_eos`), at any of `stop_token_ids`, at the model's length (finish
+    reason "length"), or when its text reaches one of the `stop` strings (a single string, or None, is taken
+    too); not before `min_tokens` new tokens. The text of a stop string or stop token is left out unless
+    `include_stop_str_in_output`. `logprobs` asks for the log-probability of each sampled token and of the
+    `logprobs` most likely ones (computed from the model's logits before penalties and temperature, vLLM's
+    default). A `seed` makes its sampling reproducible on its own. `n` asks for that many samples of the
+    prompt; each runs as a sequence of its own (see `for_sample`) and they come back together.
 
     Raises ValueError naming the field and the allowed values when a value is not allowed.
     """
@@ -104,10 +114,17 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens: int | None = 16
+    min_tokens: int = 0
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
     seed: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
@@ -116,15 +133,39 @@ class SamplingParams:
             raise ValueError(
                 f"n (the number of samples) must be a positive integer, got {self.n!r}"
             )
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not _is_int(self.top_k) or self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or a positive integer, got {self.top_k}")
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+            raise ValueError(
+                f"temperature must be >= 0 and finite (0 means greedy), got {self.temperature}"
+            )
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a positive integer, got {self.top_k}")
+        self.top_k = -1 if self.top_k == 0 else self.top_k  # both mean off, as in vLLM
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(
+                f"repetition_penalty must be > 0 and finite (1 is off), got {self.repetition_penalty}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(
                 f"max_tokens must be a positive integer or None, got {self.max_tokens}"
+            )
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
@@ -145,7 +186,17 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below 1e-5 (vLLM's threshold) sampling is greedy in all but name, and far smaller temperatures
+        # overflow float32 when the logits are divided by them (1e-40 gives inf): both are greedy here
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return (
+            self.repetition_penalty != 1
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+        )
 
     def for_sample(self, i: int) -> "SamplingParams":
         """The params of sample i of n: one sample, and its own seed."""
@@ -164,7 +215,7 @@ print(SamplingParams(temperature=0, max_tokens=32))
 for bad in (
     {"temperature": -1},
     {"top_p": 0},
-    {"top_k": 0},
+    {"top_k": -2},
     {"max_tokens": 0},
     {"stop": [""]},
     {"n": 0},

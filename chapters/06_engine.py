@@ -195,9 +195,24 @@ print(
     ).tolist(),
 )
 
+# %% [markdown]
+# The `Sampler` puts the kernel behind vLLM's sampling parameters. Most requests ask only for a temperature
+# (or greedy decoding), and their logits go straight to the kernel. The others are processed in float32
+# first, only their own rows: `min_tokens` forbids the end-of-sequence and stop tokens until a request has
+# that many outputs; `repetition_penalty` scales down the logits of every token the prompt or the output
+# already holds (Hugging Face's rule), `presence_penalty` and `frequency_penalty` subtract a constant for
+# each output token seen, once or per occurrence (OpenAI's); then top-k, top-p and min-p drop the unlikely
+# tail. A temperature below 1e-5 is greedy: dividing logits by 1e-40 would overflow float32 and turn the
+# draw into noise. A request with `logprobs=k` also gets, for each of its tokens, the log-probability of the
+# sampled token and of the k most likely ones, from the model's own logits (before penalties and
+# temperature, vLLM's default): a `log_softmax` over its row only, so requests that do not ask pay nothing.
+
 # %%
 #| export mini_infer.layers.sampler
-"""Turn each request's logits into its next token: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Turn each request's logits into its next token: min_tokens, penalties, greedy, temperature, top-k, top-p,
+min-p, per-request seeds, and the log-probabilities a request asks for."""
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -207,58 +222,179 @@ from mini_infer.kernels.sampling import sample
 from mini_infer.sampling_params import SamplingParams
 
 
+@dataclass
+class SamplingBatch:
+    """What the sampler needs of one step's requests; row i is request i of the batch.
+
+    positions[i]: where row i's token will stand in its sequence (a seeded request's noise depends on it;
+    positions[i] - num_prompt_tokens[i] outputs come before it, which min_tokens counts). histories[i]:
+    for a request with penalties, its tokens the host knows (prompt, then outputs), else None; its newest
+    output may still be on its way from the GPU: pending [B] (int64, on the logits' device) then holds its
+    id, else -1 (None when no row has penalties).
+    """
+
+    params: list[SamplingParams]
+    positions: list[int]
+    num_prompt_tokens: list[int]
+    histories: list[list[int] | None]
+    pending: torch.Tensor | None = None
+
+
+@dataclass
+class SamplerOutput:
+    """token_ids [B] int64. For the rows that asked for log-probabilities (`logprob_rows`, R of them):
+    logprobs [R, 1 + K] float32 and logprob_token_ids [R, 1 + K] int64, column 0 the sampled token and then
+    the K most likely (K the most any row asked for), and ranks [R] int64, the sampled token's rank (1 =
+    most likely). Log-probabilities are those of the model's logits, before penalties and temperature."""
+
+    token_ids: torch.Tensor
+    logprob_rows: list[int]
+    logprobs: torch.Tensor | None = None
+    logprob_token_ids: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+
+
 class Sampler:
-    """Samples one token per row of logits [B, vocab], row i following params[i].
+    """Samples one token per row of logits [B, vocab], row i following batch.params[i].
 
     The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
     one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
-    the token), so its tokens depend neither on which requests share the batch nor on the step.
+    the token), so its tokens depend neither on which requests share the batch nor on the step; the others
+    draw from a generator seeded with `seed` (None: fresh each run). Rows that need more than temperature
+    (min_tokens, penalties, top-k, top-p, min-p) are processed in float32 first; the others, and requests
+    without logprobs, pay nothing for it. `eos_token_ids` are the model's, which min_tokens holds back.
     """
 
-    def __init__(self):
-        self.rng = np.random.default_rng()
+    def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.eos_token_ids = list(eos_token_ids)
 
-    def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]
-    ) -> torch.Tensor:
-        """Token ids [B] (int64, on the logits' device); positions[i] is where row i's token will stand in
-        its sequence (what a seeded request's noise depends on)."""
-        if all(p.greedy for p in params):
-            return logits.argmax(dim=-1)
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        params = batch.params
+        raw = logits
+        if all(p.greedy and not p.penalized and not p.min_tokens for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            logits = self.apply_min_tokens(logits.float(), batch)
+            logits = self.apply_penalties(logits, batch)
+            tokens = self.draw(logits, batch)
+        return self.with_logprobs(raw, tokens, params)
+
+    def apply_min_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """A request that has fewer than min_tokens outputs may not end: its stop tokens (and the model's
+        end-of-sequence tokens, unless ignore_eos) get -inf."""
+        rows, cols = [], []
+        for i, (p, position, num_prompt) in enumerate(
+            zip(batch.params, batch.positions, batch.num_prompt_tokens)
+        ):
+            if position - num_prompt < p.min_tokens:
+                stops = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
+                rows += [i] * len(stops)
+                cols += stops
+        if rows:
+            logits[
+                to_device(np.array(rows), logits.device), to_device(np.array(cols), logits.device)
+            ] = float("-inf")
+        return logits
+
+    def apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Repetition penalty over prompt and output (Hugging Face's: a positive logit divided by it, a
+        negative one multiplied), presence and frequency penalties over the output (OpenAI's)."""
+        rows = [i for i, p in enumerate(batch.params) if p.penalized]
+        if not rows:
+            return logits
         device, vocab = logits.device, logits.shape[-1]
+        outputs = [batch.histories[i][batch.num_prompt_tokens[i] :] for i in rows]
+        width = max(1, max(map(len, outputs)))
+        padded = np.full((len(rows), width + 1), vocab, np.int64)  # vocab: a column that is dropped
+        for r, out in enumerate(outputs):
+            padded[r, : len(out)] = out
+        index = to_device(np.array(rows), device)
+        ids = to_device(padded, device)
+        ids[:, -1] = torch.where(
+            batch.pending[index] >= 0, batch.pending[index], vocab
+        )  # the newest, if pending
+        counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
+            1, ids, torch.ones_like(ids, dtype=torch.float32)
+        )
+        counts = counts[:, :vocab]
+        prompts = [batch.histories[i][: batch.num_prompt_tokens[i]] for i in rows]
+        seen = counts > 0
+        prompt_rows = np.repeat(np.arange(len(rows)), [len(x) for x in prompts])
+        seen[to_device(prompt_rows, device), to_device(np.concatenate(prompts), device)] = True
+        p = [batch.params[i] for i in rows]
+        rep = to_device(np.array([x.repetition_penalty for x in p], np.float32), device)[:, None]
+        presence = to_device(np.array([x.presence_penalty for x in p], np.float32), device)[:, None]
+        frequency = to_device(np.array([x.frequency_penalty for x in p], np.float32), device)[
+            :, None
+        ]
+        sub = logits[index]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        logits[index] = sub - presence * (counts > 0) - frequency * counts
+        return logits
+
+    def draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Greedy rows take the argmax; the others draw at their temperature, within top-k, top-p, min-p."""
+        params, device, vocab = batch.params, logits.device, logits.shape[-1]
         temperature = np.array([0.0 if p.greedy else p.temperature for p in params], np.float32)
-        if any(p.top_k != -1 or p.top_p < 1 for p in params):
-            logits = (
-                logits.float()
-                / to_device(np.where(temperature > 0, temperature, 1), device)[:, None]
-            )
+        if any(p.top_k != -1 or p.top_p < 1 or p.min_p > 0 for p in params):
+            logits = logits / to_device(np.where(temperature > 0, temperature, 1), device)[:, None]
             top_k = to_device(
                 np.array([p.top_k if p.top_k != -1 else vocab for p in params]), device
             )
             top_p = to_device(np.array([p.top_p for p in params], np.float32), device)
-            logits = self.filter_top_k_top_p(logits, top_k, top_p)
+            min_p = to_device(np.array([p.min_p for p in params], np.float32), device)
+            logits = self.filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
             temperature = (temperature > 0).astype(np.float32)  # already divided
+        # a huge penalty (repetition_penalty 1e-30, say) can push a logit past float32: keep it the largest
+        logits = torch.nan_to_num(
+            logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
+        )
         seeds = self.rng.integers(0, 2**62, len(params))
-        for i, (p, position) in enumerate(zip(params, positions)):
+        for i, (p, position) in enumerate(zip(params, batch.positions)):
             if p.seed is not None:
                 seeds[i] = (p.seed * 6364136223846793005 + position) % 2**62
         return sample(logits, to_device(temperature, device), to_device(seeds, device))
 
     @staticmethod
-    def filter_top_k_top_p(
-        logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    def filter_top_k_top_p_min_p(
+        logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
     ) -> torch.Tensor:
-        """Keep, per row, the top_k most likely tokens, then the fewest whose probability reaches top_p;
-        the rest get -inf. The most likely token always stays."""
+        """Keep, per row, the top_k most likely tokens, then the fewest whose probability reaches top_p, and
+        of those the ones at least min_p times as likely as the most likely; the rest get -inf. The most
+        likely token always stays."""
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(logits.shape[-1], device=logits.device)
         drop = rank[None, :] >= top_k[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         drop |= (
             probs.cumsum(dim=-1) - probs >= top_p[:, None]
-        )  # the mass before this token already suffices
+        )  # the mass before it already suffices
+        drop |= probs < min_p[:, None] * probs[:, :1]
         return torch.full_like(logits, float("-inf")).scatter(
             -1, order, sorted_logits.masked_fill(drop, float("-inf"))
+        )
+
+    @staticmethod
+    def with_logprobs(
+        logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
+    ) -> SamplerOutput:
+        """The sampled tokens, and for the rows that ask for them, their log-probabilities (see SamplerOutput)."""
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not rows:
+            return SamplerOutput(tokens, rows)
+        index = torch.tensor(rows, device=logits.device)
+        logprobs = logits[index].float().log_softmax(dim=-1)
+        sampled = tokens[index]
+        sampled_logprobs = logprobs.gather(1, sampled[:, None])
+        top = logprobs.topk(max(params[i].logprobs for i in rows), dim=-1)
+        ranks = (logprobs > sampled_logprobs).sum(dim=-1) + 1
+        return SamplerOutput(
+            tokens,
+            rows,
+            torch.cat([sampled_logprobs, top.values], dim=1),
+            torch.cat([sampled[:, None], top.indices], dim=1),
+            ranks,
         )
 
 
@@ -267,8 +403,8 @@ from mini_infer.layers.sampler import Sampler
 
 # top-k 2 keeps the two most likely; top-p 0.7 keeps the fewest whose mass reaches 0.7
 probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2)
-kept = Sampler.filter_top_k_top_p(
-    probs.log(), torch.tensor([2, 4]), torch.tensor([1.0, 0.7])
+kept = Sampler.filter_top_k_top_p_min_p(
+    probs.log(), torch.tensor([2, 4]), torch.tensor([1.0, 0.7]), torch.tensor([0.0, 0.0])
 ).isfinite()
 print(kept.tolist())
 
@@ -396,29 +532,42 @@ import torch
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
 from mini_infer.layers.attention import AttentionMetadata, PagedAttention
-from mini_infer.layers.sampler import Sampler
+from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 from mini_infer.sampling_params import SamplingParams
 
 
 class SampledTokens:
-    """One step's sampled token ids on their way to the host: the copy is queued behind the step on the
-    GPU, and `tolist()` waits for it only when the host needs the tokens."""
+    """One step's sampled token ids (and log-probabilities, for the requests that asked) on their way to the
+    host: the copy is queued behind the step on the GPU, and `tolist()` waits for it only when the host
+    needs the tokens."""
 
-    def __init__(self, tokens: torch.Tensor):
+    def __init__(self, output: SamplerOutput):
         self.ready = None
-        if tokens.is_cuda:
-            tokens = tokens.to(
-                "cpu", non_blocking=True
-            )  # into pinned memory, behind the step's kernels
+        tensors = [output.token_ids, output.logprobs, output.logprob_token_ids, output.ranks]
+        if output.token_ids.is_cuda:  # into pinned memory, behind the step's kernels
+            tensors = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
             self.ready = torch.cuda.Event()
             self.ready.record()
-        self.tokens = tokens
+        self.tokens, self._logprobs, self._logprob_ids, self._ranks = tensors
+        self.logprob_rows = output.logprob_rows
 
     def tolist(self) -> list[int]:
         if self.ready is not None:
             self.ready.synchronize()
         return self.tokens.tolist()
+
+    def logprobs(self) -> dict[int, tuple[list[int], list[float], int]]:
+        """For each row that asked: (token ids, their logprobs, the sampled token's rank); the sampled token
+        first, then the most likely ones. Call after tolist()."""
+        if not self.logprob_rows:
+            return {}
+        ids, values, ranks = (
+            self._logprob_ids.tolist(),
+            self._logprobs.tolist(),
+            self._ranks.tolist(),
+        )
+        return {row: (ids[r], values[r], ranks[r]) for r, row in enumerate(self.logprob_rows)}
 
 
 @dataclass
@@ -462,12 +611,14 @@ class ModelRunner:
         gpu_memory_utilization: float = 0.9,
         cpu_kv_bytes: int = 1 << 30,
         enforce_eager: bool = False,
+        eos_token_ids: tuple[int, ...] = (),
+        seed: int | None = None,
     ):
         self.model, self.config = model, model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_ids, seed)
         self.requests: dict[int, CachedRequestState] = {}
         # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
@@ -618,18 +769,44 @@ class ModelRunner:
         else:
             self.attn.metadata = metadata
             hidden = self.model(input_ids, positions, self.attn)[last_rows]
-        # the sampled token's position is the request's length after this step
-        sample_positions = [
-            r.num_computed_tokens + n
-            for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())
-        ]
-        self.last_sampled = self.sampler(
-            self.model.compute_logits(hidden), [r.params for r in reqs], sample_positions
+        logits = self.model.compute_logits(hidden)
+        output = self.sampler(
+            logits, self.sampling_batch(reqs, scheduler_output, input_ids, last_rows)
         )
+        self.last_sampled = output.token_ids
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
-        return SampledTokens(self.last_sampled)
+        return SampledTokens(output)
+
+    def sampling_batch(
+        self,
+        reqs: list[CachedRequestState],
+        scheduler_output: SchedulerOutput,
+        input_ids: torch.Tensor,
+        last_rows: torch.Tensor,
+    ) -> SamplingBatch:
+        """The sampler's view of the step. A sampled token stands at the request's length after this step;
+        penalties need each penalized request's tokens, the newest of which, when the host has not seen it,
+        is this step's last input token of the request (on the device)."""
+        ends = [
+            r.num_computed_tokens + n
+            for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())
+        ]
+        penalized = [r.params.penalized for r in reqs]
+        pending = None
+        if any(penalized):
+            unseen = to_device(
+                np.array([len(r.token_ids) < end for r, end in zip(reqs, ends)]), self.device
+            )
+            pending = torch.where(unseen, input_ids[last_rows], -1)
+        return SamplingBatch(
+            [r.params for r in reqs],
+            ends,
+            [r.num_prompt_tokens for r in reqs],
+            [r.token_ids if p else None for r, p in zip(reqs, penalized)],
+            pending,
+        )
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
         """Capture the decode forward for every size of `cuda_graph_sizes`. Each graph reads its inputs from
@@ -880,20 +1057,28 @@ class TextStream:
     step decodes a short window (the tokens that produced the last piece, for context, and the new ones)
     and keeps the part of the text past what the window's start already gave. A piece that ends inside a
     character (U+FFFD, the UTF-8 bytes are split over tokens) waits for the next token. Text that could be
-    the start of a stop string is held back until it is clear it is not one.
+    the start of a stop string is held back until it is clear it is not one. The text ends just before
+    the first stop string found (`stop_reason`), or just after it with `include_stop`.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] = ()):
-        self.decode, self.stop = decode, list(stop)
+    def __init__(
+        self, decode: Callable[[list[int]], str], stop: list[str] = (), include_stop: bool = False
+    ):
+        self.decode, self.stop, self.include_stop = decode, list(stop), include_stop
         self.hold = max(map(len, self.stop), default=1) - 1
         self.text, self.num_sent = "", 0
         self.prefix_offset = self.read_offset = (
             0  # token_ids[prefix_offset:read_offset] made the last piece
         )
-        self.stopped = False  # a stop string was found: the text ends just before it
+        self.stop_reason: str | None = None  # the stop string found, if one was
 
-    def add(self, token_ids: list[int], finished: bool) -> str:
-        """Take all the output tokens so far; return the new text that is safe to send."""
+    @property
+    def stopped(self) -> bool:
+        return self.stop_reason is not None
+
+    def add(self, token_ids: list[int], finished: bool, check_stop: bool = True) -> str:
+        """Take all the output tokens so far; return the new text that is safe to send. With check_stop
+        False (a request still short of its min_tokens) its new text is not searched for stop strings."""
         before = self.decode(token_ids[self.prefix_offset : self.read_offset])
         window = self.decode(token_ids[self.prefix_offset :])
         if finished or (len(window) > len(before) and not window.endswith("\ufffd")):
@@ -902,14 +1087,16 @@ class TextStream:
             )  # a stop string may straddle the old end
             self.text += window[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
-            hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+            hits = [
+                (i, s)
+                for s in self.stop
+                if check_stop and (i := self.text.find(s, search_from)) >= 0
+            ]
             if hits:
-                self.text, self.stopped = self.text[: min(hits)], True
-        end = (
-            len(self.text)
-            if finished or self.stopped
-            else max(len(self.text) - self.hold, self.num_sent)
-        )
+                at, self.stop_reason = min(hits)
+                self.text = self.text[: at + len(self.stop_reason) * self.include_stop]
+        done = finished or self.stopped
+        end = len(self.text) if done else max(len(self.text) - self.hold, self.num_sent)
         piece, self.num_sent = self.text[self.num_sent : end], end
         return piece
 
@@ -935,16 +1122,31 @@ from dataclasses import dataclass
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model, its rank among all tokens (1 = the most likely), and
+    its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     """One sample of a request: its text and token ids (the whole output so far, or only this step's with
-    `RequestOutputKind.DELTA`), and why it ended."""
+    `RequestOutputKind.DELTA`), and why it ended: finish_reason "stop" (end of sequence, a stop token or a
+    stop string; `stop_reason` says which token id or string, None for end of sequence), "length",
+    "abort" or "error". With `SamplingParams.logprobs`, `logprobs` holds, for each of its tokens, the
+    sampled token's and the most likely tokens' `Logprob`s by token id, and `cumulative_logprob` their sum
+    over the sampled tokens."""
 
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: (
-        str | None
-    )  # "stop" (end of sequence, a stop token or string), "length", "abort" or "error"
+    finish_reason: str | None
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -959,15 +1161,19 @@ class RequestOutput:
 
 # %%
 #| export mini_infer.engine.output_processor
-"""Tokens in, `RequestOutput`s out: incremental detokenization, stop strings, finish reasons, and a
-request's samples gathered into one output. Plain Python (the tokenizer is whatever the loader gave)."""
+"""Tokens in, `RequestOutput`s out: incremental detokenization, stop strings, finish reasons, log-probabilities,
+and a request's samples gathered into one output. Plain Python (the tokenizer is whatever the loader gave)."""
 
 from dataclasses import dataclass, field
 
 from mini_infer.engine.detokenizer import TextStream
 from mini_infer.engine.input_processor import EngineRequest
-from mini_infer.outputs import CompletionOutput, RequestOutput
+from mini_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from mini_infer.sampling_params import RequestOutputKind
+
+# what the runner returns for a token whose logprobs were asked for: (token ids, their log-probabilities,
+# the sampled token's rank), the sampled token first, then the most likely ones
+LogprobEntry = tuple[list[int], list[float], int]
 
 
 @dataclass
@@ -978,9 +1184,12 @@ class SampleState:
     stream: (
         TextStream | None
     )  # its text as it comes, when needed before the end (stop strings, streaming)
+    logprobs: list[dict[int, Logprob]] | None  # when the request asked for them
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # what the stream has released so far
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    hide_last_token: bool = False  # it ended at a stop token whose text stays out of the output
     num_reported: int = 0  # tokens already in a DELTA output
 
 
@@ -996,17 +1205,16 @@ class OutputProcessor:
     """Turns the engine's new tokens into each request's `RequestOutput`, as its `output_kind` asks.
 
     Only samples whose text is needed while they run are detokenized each step: those with stop strings
-    (a stop string ends the sample at once: `process` returns it so the engine can stop it) and those of
-    streamed requests (DELTA, CUMULATIVE). `LLM.generate`'s requests (FINAL_ONLY) without stop strings are
-    decoded once, when they finish.
+    (a stop string ends the sample at once: `process` returns it so the engine can stop it; not before
+    its min_tokens) and those of streamed requests (DELTA, CUMULATIVE). `LLM.generate`'s requests
+    (FINAL_ONLY) without stop strings are decoded once, when they finish. The text of a stop token or
+    string stays out unless the request asks for it (`include_stop_str_in_output`), as in vLLM.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
-        self.sample_of: dict[
-            int, tuple[RequestState, SampleState]
-        ] = {}  # sequence id -> its request and sample
+        self.sample_of: dict[int, tuple[RequestState, SampleState]] = {}  # by sequence id
 
     def decode(self, token_ids: list[int]) -> str:
         return (
@@ -1020,37 +1228,46 @@ class OutputProcessor:
         params = request.sampling_params
         streamed = params.output_kind is not RequestOutputKind.FINAL_ONLY
         text_needed = streamed or bool(params.stop)
+
+        def sample(i: int) -> SampleState:
+            stream = TextStream(self.decode, params.stop, params.include_stop_str_in_output)
+            return SampleState(
+                i, stream if text_needed else None, None if params.logprobs is None else []
+            )
+
         state = RequestState(
-            request,
-            {
-                seq_id: SampleState(
-                    i, TextStream(self.decode, params.stop) if text_needed else None
-                )
-                for i, seq_id in enumerate(seq_ids)
-            },
-            streamed,
+            request, {seq_id: sample(i) for i, seq_id in enumerate(seq_ids)}, streamed
         )
         self.requests[request.request_id] = state
-        for seq_id, sample in state.samples.items():
-            self.sample_of[seq_id] = (state, sample)
+        for seq_id, s in state.samples.items():
+            self.sample_of[seq_id] = (state, s)
 
     def process(
-        self, new_tokens: list[tuple[int, int, str | None]]
+        self, new_tokens: list[tuple[int, int, str | None, LogprobEntry | None]]
     ) -> tuple[list[RequestOutput], list[int]]:
-        """Take one step's (sequence id, new token, finish reason or None) triples. Returns the outputs that
-        are due, one per request, and the sequences whose text just reached a stop string (the engine must
-        end them: their finish reason here is "stop")."""
+        """Take one step's (sequence id, new token, finish reason or None, logprobs or None) tuples. Returns
+        the outputs that are due, one per request, and the sequences whose text just reached a stop string
+        (the engine must end them: their finish reason here is "stop")."""
         touched: dict[str, RequestState] = {}
         stopped = []
-        for seq_id, token, finish_reason in new_tokens:
+        for seq_id, token, finish_reason, logprobs in new_tokens:
             state, sample = self.sample_of[seq_id]
+            params = state.request.sampling_params
             sample.token_ids.append(token)
+            if logprobs is not None:
+                sample.logprobs.append(self._logprobs(logprobs, params.logprobs))
+            if finish_reason == "stop" and token in params.stop_token_ids:
+                sample.stop_reason = token
+                sample.hide_last_token = not params.include_stop_str_in_output
             if sample.stream is not None:
-                sample.text += sample.stream.add(sample.token_ids, finish_reason is not None)
-                if sample.stream.stopped and finish_reason is None:
-                    stopped.append(seq_id)
+                check_stop = len(sample.token_ids) >= params.min_tokens
+                sample.text += sample.stream.add(
+                    self._text_ids(sample), finish_reason is not None, check_stop
+                )
                 if sample.stream.stopped:
-                    finish_reason = "stop"
+                    if finish_reason is None:
+                        stopped.append(seq_id)
+                    finish_reason, sample.stop_reason = "stop", sample.stream.stop_reason
             if finish_reason is not None:
                 self._finish(state, seq_id, sample, finish_reason)
             if state.streamed or finish_reason is not None:
@@ -1068,6 +1285,17 @@ class OutputProcessor:
                 self._finish(state, seq_id, sample, "abort")
         return self._output(state, force=True)
 
+    def _logprobs(self, entry: LogprobEntry, k: int) -> dict[int, Logprob]:
+        """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k)."""
+        (sampled, *top), (sampled_logprob, *top_logprobs), rank = entry
+        out = {sampled: Logprob(sampled_logprob, rank, self._token_text(sampled))}
+        for i, (token, logprob) in enumerate(zip(top[:k], top_logprobs[:k])):
+            out.setdefault(token, Logprob(logprob, i + 1, self._token_text(token)))
+        return out
+
+    def _token_text(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
     def _finish(self, state: RequestState, seq_id: int, sample: SampleState, reason: str) -> None:
         sample.finish_reason = reason
         state.num_finished += 1
@@ -1082,33 +1310,42 @@ class OutputProcessor:
             return None
         completions = []
         for sample in sorted(state.samples.values(), key=lambda s: s.index):
+            start = sample.num_reported if kind is RequestOutputKind.DELTA else 0
             if kind is RequestOutputKind.DELTA:
-                if sample.num_reported == len(sample.token_ids) and not force:
+                if start == len(sample.token_ids) and not force:
                     continue  # nothing new for this sample in this step
-                new_ids, sample.num_reported = (
-                    sample.token_ids[sample.num_reported :],
-                    len(sample.token_ids),
-                )
-                text, sample.text = sample.text, ""
-                completions.append(
-                    CompletionOutput(sample.index, text, new_ids, sample.finish_reason)
-                )
+                text, sample.text, sample.num_reported = sample.text, "", len(sample.token_ids)
             else:
-                completions.append(
-                    CompletionOutput(
-                        sample.index,
-                        self._text(sample, finished),
-                        list(sample.token_ids),
-                        sample.finish_reason,
-                    )
+                text = self._final_text(sample) if finished else sample.text
+            logprobs = None if sample.logprobs is None else sample.logprobs[start:]
+            cumulative = (
+                None
+                if sample.logprobs is None
+                else sum(
+                    entry[token].logprob for entry, token in zip(sample.logprobs, sample.token_ids)
                 )
+            )
+            completions.append(
+                CompletionOutput(
+                    sample.index,
+                    text,
+                    sample.token_ids[start:],
+                    sample.finish_reason,
+                    cumulative,
+                    logprobs,
+                    sample.stop_reason,
+                )
+            )
         r = state.request
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, finished)
 
-    def _text(self, sample: SampleState, finished: bool) -> str:
-        if sample.stream is None or (finished and not sample.stream.stopped):
+    def _text_ids(self, sample: SampleState) -> list[int]:
+        return sample.token_ids[:-1] if sample.hide_last_token else sample.token_ids
+
+    def _final_text(self, sample: SampleState) -> str:
+        if sample.stream is None or not sample.stream.stopped:
             # decoded in one go: an incremental decode may differ from it where a tokenizer looks at context
-            return self.decode(sample.token_ids) if finished else sample.text
+            return self.decode(self._text_ids(sample))
         return sample.text
 
 
@@ -1139,13 +1376,13 @@ from mini_infer.sampling_params import SamplingParams
 from mini_infer.worker.model_runner import ModelRunner
 
 
-def make_runner(model, tensor_parallel_size: int, *runner_args):
+def make_runner(model, tensor_parallel_size: int, *runner_args, **runner_kwargs):
     """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU."""
     if tensor_parallel_size > 1:
         from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
 
-        return TensorParallelRunner(model, tensor_parallel_size, *runner_args)
-    return ModelRunner(model, *runner_args)
+        return TensorParallelRunner(model, tensor_parallel_size, *runner_args, **runner_kwargs)
+    return ModelRunner(model, *runner_args, **runner_kwargs)
 
 
 class LLMEngine:
@@ -1154,7 +1391,8 @@ class LLMEngine:
     `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
     `load_format="dummy"` a config.json (random weights, for benchmarks).
     `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
-    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9).
+    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9). `seed` seeds the
+    sampling of requests that have no seed of their own, so that a run repeats (None: fresh each run).
     Requests come in through `add_request` (checked once, by the `InputProcessor`), their outputs come out
     of `step()` (made by the `OutputProcessor`) as their `SamplingParams.output_kind` asks.
     """
@@ -1176,6 +1414,7 @@ class LLMEngine:
         static_batching: bool = False,
         async_scheduling: bool | None = None,
         tensor_parallel_size: int = 1,
+        seed: int | None = None,
     ):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(
@@ -1189,6 +1428,9 @@ class LLMEngine:
         )
         # every running request can take its next token in every step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
         self.runner = make_runner(
             self.model,
             tensor_parallel_size,
@@ -1199,14 +1441,13 @@ class LLMEngine:
             gpu_memory_utilization,
             cpu_kv_bytes,
             enforce_eager,
+            eos_token_ids=tuple(eos),
+            seed=seed,
         )
         self.async_scheduling = (
             self.device.type == "cuda" if async_scheduling is None else async_scheduling
         )
         self.in_flight = None  # (scheduler output, which requests sample, their tokens-to-be) of the launched step
-        eos = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(
             BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
             max_num_seqs,
@@ -1219,9 +1460,7 @@ class LLMEngine:
             self.tokenizer, self.config.vocab_size, self.max_model_len
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.num_generated_tokens = (
-            0  # output tokens of every request so far (for progress reports)
-        )
+        self.num_generated_tokens = 0  # of every request so far (for progress reports)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
         """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
@@ -1269,8 +1508,17 @@ class LLMEngine:
         scheduler_output, samples, tokens = done
         got_token = self.scheduler.record(scheduler_output, samples, tokens.tolist())
         self.num_generated_tokens += len(got_token)
+        by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
+        by_seq = (
+            {
+                seq_id: by_row.get(i)
+                for i, seq_id in enumerate(scheduler_output.num_scheduled_tokens)
+            }
+            if by_row
+            else {}
+        )
         outputs, stopped = self.output_processor.process(
-            [(seq.seq_id, seq.token_ids[-1], seq.finish_reason) for seq in got_token]
+            [(s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)) for s in got_token]
         )
         for seq_id in stopped:  # its text reached a stop string
             self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
@@ -1314,6 +1562,7 @@ class LLMEngine:
 #| export mini_infer.llm
 """`LLM`: the public face, shaped like vLLM's so that habits carry over."""
 
+import inspect
 import itertools
 import time
 from collections.abc import Iterator
@@ -1348,11 +1597,18 @@ class LLM:
     """
 
     def __init__(self, model=None, **engine_args):
+        known = inspect.signature(LLMEngine).parameters
+        unknown = [name for name in engine_args if name not in known]
+        if unknown:  # say it in the user's terms, not LLMEngine's
+            raise TypeError(
+                f"LLM() got an unexpected keyword argument {unknown[0]!r}; the engine arguments are "
+                f"{', '.join(name for name in known if name != 'model')}"
+            )
         self.engine = LLMEngine(model, **engine_args)
         self.request_counter = itertools.count()
         self.unread: dict[
             str, list[RequestOutput]
-        ] = {}  # outputs of streams, made while another caller stepped
+        ] = {}  # streams' outputs, made while another caller stepped
 
     def get_tokenizer(self):
         return self.engine.get_tokenizer()

@@ -504,35 +504,34 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mini_infer.core.scheduler_output import SchedulerOutput
-from mini_infer.layers.sampler import Sampler
+from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.loader import empty_model
 from mini_infer.parallel.layers import check_shardable, load_full_weight, shard_model
-from mini_infer.sampling_params import SamplingParams
 from mini_infer.worker.model_runner import ModelRunner, SampledTokens
 
 # Idle workers wait for the next step in a gloo receive, which would otherwise time out after 30 minutes.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
-class BroadcastingSampler(Sampler):
-    """Rank 0's sampler: it samples, then sends the tokens to the workers. A worker's next step may need
-    them: a token the driver has not seen yet is, on every rank, the runner's own latest sample."""
+class BroadcastingSampler:
+    """Rank 0's sampler: its runner's sampler samples, then the tokens go to the workers. A worker's next
+    step may need them: a token the driver has not seen yet is, on every rank, the runner's own latest
+    sample."""
 
-    def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]
-    ) -> torch.Tensor:
-        tokens = super().__call__(logits, params, positions)
-        dist.broadcast(tokens, src=0)
-        return tokens
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        output = self.sampler(logits, batch)
+        dist.broadcast(output.token_ids, src=0)
+        return output
 
 
-def receive_sample(
-    logits: torch.Tensor, params: list[SamplingParams], positions: list[int]
-) -> torch.Tensor:
-    """A worker's sampler: the tokens rank 0 sampled."""
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+def receive_sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """A worker's sampler: the tokens rank 0 sampled (log-probabilities are rank 0's to report)."""
+    tokens = torch.empty(len(batch.params), dtype=torch.long, device=logits.device)
     dist.broadcast(tokens, src=0)
-    return tokens
+    return SamplerOutput(tokens, [])
 
 
 def rank_device(device_type: str, rank: int) -> torch.device:
@@ -688,7 +687,7 @@ class TensorParallelRunner:
             for p in model.parameters():
                 dist.broadcast(p, src=0)
         self.runner = ModelRunner(shard_model(model, 0, world_size), *args, **kwargs)
-        self.runner.sampler = BroadcastingSampler()
+        self.runner.sampler = BroadcastingSampler(self.runner.sampler)
         self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
         self.device = self.runner.device
 

@@ -5,16 +5,31 @@ from dataclasses import dataclass
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model, its rank among all tokens (1 = the most likely), and
+    its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     """One sample of a request: its text and token ids (the whole output so far, or only this step's with
-    `RequestOutputKind.DELTA`), and why it ended."""
+    `RequestOutputKind.DELTA`), and why it ended: finish_reason "stop" (end of sequence, a stop token or a
+    stop string; `stop_reason` says which token id or string, None for end of sequence), "length",
+    "abort" or "error". With `SamplingParams.logprobs`, `logprobs` holds, for each of its tokens, the
+    sampled token's and the most likely tokens' `Logprob`s by token id, and `cumulative_logprob` their sum
+    over the sampled tokens."""
 
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: (
-        str | None
-    )  # "stop" (end of sequence, a stop token or string), "length", "abort" or "error"
+    finish_reason: str | None
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass

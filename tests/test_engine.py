@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from helpers import assert_engine_quiet
-from mini_infer.layers.sampler import Sampler
+from mini_infer.layers.sampler import Sampler, SamplingBatch
 from mini_infer.llm import LLM
 from mini_infer.loader import embedded_gguf_path
 from mini_infer.memory.kv_cache import kv_block_bytes
@@ -415,17 +415,19 @@ def test_dummy_weights_generate_from_token_ids():
     )
 
 
-def test_top_k_top_p_filter_keeps_the_right_tokens():
-    logits = torch.log(
-        torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
-    )
-    kept = Sampler.filter_top_k_top_p(
-        logits, torch.tensor([4, 2, 4]), torch.tensor([0.7, 1.0, 0.3])
+def test_top_k_top_p_min_p_filter_keeps_the_right_tokens():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3 + [[0.25, 0.25, 0.25, 0.25]])
+    kept = Sampler.filter_top_k_top_p_min_p(
+        probs.log(),
+        torch.tensor([4, 2, 4, 4]),
+        torch.tensor([0.7, 1.0, 1.0, 0.3]),
+        torch.tensor([0.0, 0.0, 0.5, 0.0]),
     ).isfinite()
     assert kept.tolist() == [
-        [True, True, False, False],
-        [True, True, False, False],
-        [True, True, False, False],
+        [True, True, False, False],  # top-p 0.7
+        [True, True, False, False],  # top-k 2
+        [True, True, False, False],  # min-p 0.5: at least half as likely as the most likely
+        [True, True, False, False],  # top-p 0.3 of a flat row
     ]
 
 
@@ -437,8 +439,9 @@ def test_sampler_greedy_rows_and_sampled_rows_share_a_batch():
         SamplingParams(top_k=1),
         SamplingParams(temperature=0.5, seed=3),
     ]
-    tokens = Sampler()(logits, params, [1, 1, 1])
+    batch = SamplingBatch(params, [1, 1, 1], [1, 1, 1], [None] * 3)
+    tokens = Sampler()(logits, batch).token_ids
     assert tokens[0] == logits[0].argmax()
     assert tokens[1] == logits[1].argmax()
-    again = Sampler()(logits, params, [1, 1, 1])
+    again = Sampler()(logits, batch).token_ids
     assert again[2] == tokens[2]  # same seed and position, fresh sampler: same draw

@@ -256,7 +256,7 @@ BAD = [  # (body, status, words of the message)
     ({"model": MODEL}, 400, "prompt: Field required"),
     ({"model": MODEL, "prompt": "Hi", "temperature": -1}, 400, "temperature must be >= 0"),
     ({"model": MODEL, "prompt": "Hi", "top_p": 2}, 400, "top_p must be in (0, 1]"),
-    ({"model": MODEL, "prompt": "Hi", "top_k": 0}, 400, "top_k must be -1"),
+    ({"model": MODEL, "prompt": "Hi", "top_k": -3}, 400, "top_k must be -1 or 0"),
     (
         {"model": MODEL, "prompt": "Hi", "max_tokens": 0},
         400,

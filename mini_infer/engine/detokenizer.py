@@ -11,20 +11,28 @@ class TextStream:
     step decodes a short window (the tokens that produced the last piece, for context, and the new ones)
     and keeps the part of the text past what the window's start already gave. A piece that ends inside a
     character (U+FFFD, the UTF-8 bytes are split over tokens) waits for the next token. Text that could be
-    the start of a stop string is held back until it is clear it is not one.
+    the start of a stop string is held back until it is clear it is not one. The text ends just before
+    the first stop string found (`stop_reason`), or just after it with `include_stop`.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] = ()):
-        self.decode, self.stop = decode, list(stop)
+    def __init__(
+        self, decode: Callable[[list[int]], str], stop: list[str] = (), include_stop: bool = False
+    ):
+        self.decode, self.stop, self.include_stop = decode, list(stop), include_stop
         self.hold = max(map(len, self.stop), default=1) - 1
         self.text, self.num_sent = "", 0
         self.prefix_offset = self.read_offset = (
             0  # token_ids[prefix_offset:read_offset] made the last piece
         )
-        self.stopped = False  # a stop string was found: the text ends just before it
+        self.stop_reason: str | None = None  # the stop string found, if one was
 
-    def add(self, token_ids: list[int], finished: bool) -> str:
-        """Take all the output tokens so far; return the new text that is safe to send."""
+    @property
+    def stopped(self) -> bool:
+        return self.stop_reason is not None
+
+    def add(self, token_ids: list[int], finished: bool, check_stop: bool = True) -> str:
+        """Take all the output tokens so far; return the new text that is safe to send. With check_stop
+        False (a request still short of its min_tokens) its new text is not searched for stop strings."""
         before = self.decode(token_ids[self.prefix_offset : self.read_offset])
         window = self.decode(token_ids[self.prefix_offset :])
         if finished or (len(window) > len(before) and not window.endswith("\ufffd")):
@@ -33,13 +41,15 @@ class TextStream:
             )  # a stop string may straddle the old end
             self.text += window[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
-            hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+            hits = [
+                (i, s)
+                for s in self.stop
+                if check_stop and (i := self.text.find(s, search_from)) >= 0
+            ]
             if hits:
-                self.text, self.stopped = self.text[: min(hits)], True
-        end = (
-            len(self.text)
-            if finished or self.stopped
-            else max(len(self.text) - self.hold, self.num_sent)
-        )
+                at, self.stop_reason = min(hits)
+                self.text = self.text[: at + len(self.stop_reason) * self.include_stop]
+        done = finished or self.stopped
+        end = len(self.text) if done else max(len(self.text) - self.hold, self.num_sent)
         piece, self.num_sent = self.text[self.num_sent : end], end
         return piece

@@ -14,13 +14,13 @@ from mini_infer.sampling_params import SamplingParams
 from mini_infer.worker.model_runner import ModelRunner
 
 
-def make_runner(model, tensor_parallel_size: int, *runner_args):
+def make_runner(model, tensor_parallel_size: int, *runner_args, **runner_kwargs):
     """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU."""
     if tensor_parallel_size > 1:
         from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
 
-        return TensorParallelRunner(model, tensor_parallel_size, *runner_args)
-    return ModelRunner(model, *runner_args)
+        return TensorParallelRunner(model, tensor_parallel_size, *runner_args, **runner_kwargs)
+    return ModelRunner(model, *runner_args, **runner_kwargs)
 
 
 class LLMEngine:
@@ -29,7 +29,8 @@ class LLMEngine:
     `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
     `load_format="dummy"` a config.json (random weights, for benchmarks).
     `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
-    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9).
+    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9). `seed` seeds the
+    sampling of requests that have no seed of their own, so that a run repeats (None: fresh each run).
     Requests come in through `add_request` (checked once, by the `InputProcessor`), their outputs come out
     of `step()` (made by the `OutputProcessor`) as their `SamplingParams.output_kind` asks.
     """
@@ -51,6 +52,7 @@ class LLMEngine:
         static_batching: bool = False,
         async_scheduling: bool | None = None,
         tensor_parallel_size: int = 1,
+        seed: int | None = None,
     ):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(
@@ -64,6 +66,9 @@ class LLMEngine:
         )
         # every running request can take its next token in every step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
         self.runner = make_runner(
             self.model,
             tensor_parallel_size,
@@ -74,14 +79,13 @@ class LLMEngine:
             gpu_memory_utilization,
             cpu_kv_bytes,
             enforce_eager,
+            eos_token_ids=tuple(eos),
+            seed=seed,
         )
         self.async_scheduling = (
             self.device.type == "cuda" if async_scheduling is None else async_scheduling
         )
         self.in_flight = None  # (scheduler output, which requests sample, their tokens-to-be) of the launched step
-        eos = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(
             BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
             max_num_seqs,
@@ -94,9 +98,7 @@ class LLMEngine:
             self.tokenizer, self.config.vocab_size, self.max_model_len
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.num_generated_tokens = (
-            0  # output tokens of every request so far (for progress reports)
-        )
+        self.num_generated_tokens = 0  # of every request so far (for progress reports)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
         """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
@@ -144,8 +146,17 @@ class LLMEngine:
         scheduler_output, samples, tokens = done
         got_token = self.scheduler.record(scheduler_output, samples, tokens.tolist())
         self.num_generated_tokens += len(got_token)
+        by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
+        by_seq = (
+            {
+                seq_id: by_row.get(i)
+                for i, seq_id in enumerate(scheduler_output.num_scheduled_tokens)
+            }
+            if by_row
+            else {}
+        )
         outputs, stopped = self.output_processor.process(
-            [(seq.seq_id, seq.token_ids[-1], seq.finish_reason) for seq in got_token]
+            [(s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)) for s in got_token]
         )
         for seq_id in stopped:  # its text reached a stop string
             self.scheduler.finish(self.scheduler.requests[seq_id], "stop")

@@ -12,29 +12,42 @@ import torch
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
 from mini_infer.layers.attention import AttentionMetadata, PagedAttention
-from mini_infer.layers.sampler import Sampler
+from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 from mini_infer.sampling_params import SamplingParams
 
 
 class SampledTokens:
-    """One step's sampled token ids on their way to the host: the copy is queued behind the step on the
-    GPU, and `tolist()` waits for it only when the host needs the tokens."""
+    """One step's sampled token ids (and log-probabilities, for the requests that asked) on their way to the
+    host: the copy is queued behind the step on the GPU, and `tolist()` waits for it only when the host
+    needs the tokens."""
 
-    def __init__(self, tokens: torch.Tensor):
+    def __init__(self, output: SamplerOutput):
         self.ready = None
-        if tokens.is_cuda:
-            tokens = tokens.to(
-                "cpu", non_blocking=True
-            )  # into pinned memory, behind the step's kernels
+        tensors = [output.token_ids, output.logprobs, output.logprob_token_ids, output.ranks]
+        if output.token_ids.is_cuda:  # into pinned memory, behind the step's kernels
+            tensors = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
             self.ready = torch.cuda.Event()
             self.ready.record()
-        self.tokens = tokens
+        self.tokens, self._logprobs, self._logprob_ids, self._ranks = tensors
+        self.logprob_rows = output.logprob_rows
 
     def tolist(self) -> list[int]:
         if self.ready is not None:
             self.ready.synchronize()
         return self.tokens.tolist()
+
+    def logprobs(self) -> dict[int, tuple[list[int], list[float], int]]:
+        """For each row that asked: (token ids, their logprobs, the sampled token's rank); the sampled token
+        first, then the most likely ones. Call after tolist()."""
+        if not self.logprob_rows:
+            return {}
+        ids, values, ranks = (
+            self._logprob_ids.tolist(),
+            self._logprobs.tolist(),
+            self._ranks.tolist(),
+        )
+        return {row: (ids[r], values[r], ranks[r]) for r, row in enumerate(self.logprob_rows)}
 
 
 @dataclass
@@ -78,12 +91,14 @@ class ModelRunner:
         gpu_memory_utilization: float = 0.9,
         cpu_kv_bytes: int = 1 << 30,
         enforce_eager: bool = False,
+        eos_token_ids: tuple[int, ...] = (),
+        seed: int | None = None,
     ):
         self.model, self.config = model, model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_ids, seed)
         self.requests: dict[int, CachedRequestState] = {}
         # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
@@ -234,18 +249,44 @@ class ModelRunner:
         else:
             self.attn.metadata = metadata
             hidden = self.model(input_ids, positions, self.attn)[last_rows]
-        # the sampled token's position is the request's length after this step
-        sample_positions = [
-            r.num_computed_tokens + n
-            for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())
-        ]
-        self.last_sampled = self.sampler(
-            self.model.compute_logits(hidden), [r.params for r in reqs], sample_positions
+        logits = self.model.compute_logits(hidden)
+        output = self.sampler(
+            logits, self.sampling_batch(reqs, scheduler_output, input_ids, last_rows)
         )
+        self.last_sampled = output.token_ids
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
-        return SampledTokens(self.last_sampled)
+        return SampledTokens(output)
+
+    def sampling_batch(
+        self,
+        reqs: list[CachedRequestState],
+        scheduler_output: SchedulerOutput,
+        input_ids: torch.Tensor,
+        last_rows: torch.Tensor,
+    ) -> SamplingBatch:
+        """The sampler's view of the step. A sampled token stands at the request's length after this step;
+        penalties need each penalized request's tokens, the newest of which, when the host has not seen it,
+        is this step's last input token of the request (on the device)."""
+        ends = [
+            r.num_computed_tokens + n
+            for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())
+        ]
+        penalized = [r.params.penalized for r in reqs]
+        pending = None
+        if any(penalized):
+            unseen = to_device(
+                np.array([len(r.token_ids) < end for r, end in zip(reqs, ends)]), self.device
+            )
+            pending = torch.where(unseen, input_ids[last_rows], -1)
+        return SamplingBatch(
+            [r.params for r in reqs],
+            ends,
+            [r.num_prompt_tokens for r in reqs],
+            [r.token_ids if p else None for r, p in zip(reqs, penalized)],
+            pending,
+        )
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
         """Capture the decode forward for every size of `cuda_graph_sizes`. Each graph reads its inputs from

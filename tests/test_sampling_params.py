@@ -1,0 +1,223 @@
+"""What a vLLM user asks of SamplingParams and LLM (issue 16), on the embedded model on the CPU: logprobs
+and penalties checked against Hugging Face transformers on the same weights, min_tokens, min_p, top_k 0,
+stop tokens' text, extreme temperatures, async scheduling, the engine's seed and argument errors."""
+
+import pytest
+import torch
+import transformers
+
+from helpers import assert_engine_quiet
+from mini_infer.llm import LLM
+from mini_infer.loader import embedded_gguf_path
+from mini_infer.sampling_params import SamplingParams
+
+PROMPT = "The capital of France is"
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    path = embedded_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    """Hugging Face's logits for the token after ids, in float32."""
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0, -1]
+
+
+def test_logprobs_are_the_log_softmax_of_hugging_faces_logits(smol, hf):
+    prompt = smol.get_tokenizer().encode(PROMPT)
+    (out,) = smol.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=6, logprobs=3), use_tqdm=False
+    )
+    c = out.outputs[0]
+    assert len(c.logprobs) == 6
+    for i, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+        ref = hf_logits(hf, prompt + c.token_ids[:i]).log_softmax(-1)
+        top = ref.topk(3)
+        assert list(entry) == top.indices.tolist()  # greedy: the sampled token is the most likely
+        assert [e.rank for e in entry.values()] == [1, 2, 3]
+        torch.testing.assert_close(
+            torch.tensor([e.logprob for e in entry.values()]), top.values, atol=1e-4, rtol=0
+        )
+        assert entry[token].decoded_token == smol.get_tokenizer().decode([token])
+    assert c.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for e, t in zip(c.logprobs, c.token_ids))
+    )
+    # a sampled token outside the top k still gets its own entry, with its rank; no logprobs: none
+    sampled = SamplingParams(temperature=5.0, max_tokens=8, logprobs=0, seed=3)
+    (out,) = smol.generate(prompt, sampled, use_tqdm=False)
+    assert all(
+        len(e) == 1 and e[t].rank >= 1
+        for e, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)
+    )
+    assert any(e[t].rank > 1 for e, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids))
+    assert (
+        smol.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].logprobs
+        is None
+    )
+
+
+def test_repetition_penalty_greedy_equals_hugging_face(smol, hf):
+    prompt = smol.get_tokenizer().encode(PROMPT)
+    for penalty in (1.3, 0.8):
+        ids = torch.tensor([prompt])
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=16,
+            do_sample=False,
+            repetition_penalty=penalty,
+            eos_token_id=None,
+        )[0, len(prompt) :].tolist()
+        params = SamplingParams(
+            temperature=0, max_tokens=16, repetition_penalty=penalty, ignore_eos=True
+        )
+        assert smol.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == ref
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula(smol, hf):
+    prompt = smol.get_tokenizer().encode(PROMPT)
+    params = SamplingParams(
+        temperature=0, max_tokens=10, presence_penalty=0.8, frequency_penalty=0.6, ignore_eos=True
+    )
+    out = smol.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    for i, token in enumerate(out):
+        logits = hf_logits(hf, prompt + out[:i])
+        counts = torch.bincount(
+            torch.tensor(out[:i], dtype=torch.long), minlength=logits.numel()
+        ).float()
+        penalized = (
+            logits - 0.8 * (counts > 0) - 0.6 * counts
+        )  # over the output only, not the prompt
+        assert token == int(penalized.argmax())
+    plain = smol.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False
+    )
+    assert out != plain[0].outputs[0].token_ids  # the penalties did something
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_penalties_see_the_token_still_in_flight(smol, async_scheduling, monkeypatch):
+    # One step ahead, the newest output is not on the host yet: penalties must count it all the same.
+    monkeypatch.setattr(smol.engine, "async_scheduling", async_scheduling)
+    params = SamplingParams(
+        temperature=0, max_tokens=12, repetition_penalty=1.4, frequency_penalty=0.5, ignore_eos=True
+    )
+    outs = [
+        o.outputs[0].token_ids
+        for o in smol.generate([PROMPT, "Once upon a time"], params, use_tqdm=False)
+    ]
+    monkeypatch.setattr(smol.engine, "async_scheduling", not async_scheduling)
+    assert [
+        o.outputs[0].token_ids
+        for o in smol.generate([PROMPT, "Once upon a time"], params, use_tqdm=False)
+    ] == outs
+    assert_engine_quiet(smol)
+
+
+def test_min_tokens_holds_back_the_end_and_stop_strings(smol):
+    chat = [{"role": "user", "content": "Say hi."}]
+    short = smol.chat(chat, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[
+        0
+    ].outputs[0]
+    assert short.finish_reason == "stop" and len(short.token_ids) < 30
+    held = smol.chat(
+        chat,
+        SamplingParams(temperature=0, max_tokens=40, min_tokens=len(short.token_ids) + 5),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert len(held.token_ids) >= len(short.token_ids) + 5
+    # a stop string in the first min_tokens tokens' text does not end the request
+    stop = short.text[:3]
+    early = smol.chat(
+        chat, SamplingParams(temperature=0, max_tokens=40, stop=stop), use_tqdm=False
+    )[0].outputs[0]
+    late = smol.chat(
+        chat, SamplingParams(temperature=0, max_tokens=40, stop=stop, min_tokens=3), use_tqdm=False
+    )
+    assert early.text == "" and late[0].outputs[0].text.startswith(short.text[:3])
+
+
+def test_min_p_top_k_zero_and_tiny_temperatures(smol):
+    greedy = smol.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[
+        0
+    ].outputs[0]
+    for params in (
+        SamplingParams(temperature=1.0, min_p=1.0, max_tokens=12, seed=1),  # only the most likely
+        SamplingParams(temperature=1e-38, max_tokens=12),
+        SamplingParams(temperature=1e-40, max_tokens=12),
+        SamplingParams(temperature=1e-6, top_k=0, max_tokens=12, seed=2),
+    ):
+        assert (
+            smol.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids
+            == greedy.token_ids
+        ), params
+    assert SamplingParams(top_k=0).top_k == SamplingParams(top_k=-1).top_k == -1
+    for bad, field in (
+        ({"temperature": float("inf")}, "temperature"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"logprobs": 21}, "logprobs"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**bad)
+
+
+def test_a_stop_token_stays_in_the_token_ids_but_not_in_the_text(smol):
+    full = smol.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[
+        0
+    ].outputs[0]
+    stop = full.token_ids[1]  # "."
+    for kind in ("final", "stream"):
+        params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop])
+        if kind == "final":
+            c = smol.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+            assert (c.token_ids, c.finish_reason, c.stop_reason) == (
+                full.token_ids[:2],
+                "stop",
+                stop,
+            )
+            text = c.text
+        else:
+            text = "".join(smol.stream(PROMPT, params))
+        assert text == smol.get_tokenizer().decode(full.token_ids[:1])
+    kept = SamplingParams(
+        temperature=0, max_tokens=8, stop_token_ids=[stop], include_stop_str_in_output=True
+    )
+    assert smol.generate(PROMPT, kept, use_tqdm=False)[0].outputs[
+        0
+    ].text == smol.get_tokenizer().decode(full.token_ids[:2])
+    by_string = SamplingParams(
+        temperature=0, max_tokens=8, stop=".", include_stop_str_in_output=True
+    )
+    c = smol.generate(PROMPT, by_string, use_tqdm=False)[0].outputs[0]
+    assert (c.text, c.stop_reason) == (" Paris.", ".")
+
+
+def test_the_engines_seed_repeats_unseeded_sampling():
+    def run(seed):
+        llm = LLM(
+            dtype="float32", device="cpu", max_model_len=128, cpu_kv_bytes=16 << 20, seed=seed
+        )
+        params = SamplingParams(temperature=1.0, max_tokens=8)
+        return [
+            o.outputs[0].token_ids for o in llm.generate([PROMPT, "Hello"], params, use_tqdm=False)
+        ]
+
+    assert run(7) == run(7) != run(8)
+
+
+def test_an_unknown_engine_argument_names_llm():
+    with pytest.raises(
+        TypeError, match=r"LLM\(\) got an unexpected keyword argument 'tensor_parallel'"
+    ):
+        LLM(tensor_parallel=2)
