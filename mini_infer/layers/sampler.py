@@ -60,19 +60,22 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        params = batch.params
-        raw = logits
-        if all(p.greedy and not p.penalized and not p.min_tokens for p in params):
-            tokens = logits.argmax(dim=-1)
+        params, processed = batch.params, logits
+        if any(
+            p.penalized or p.min_tokens for p in params
+        ):  # a float32 copy: logprobs need the raw logits
+            processed = logits.to(torch.float32, copy=True)
+            self.apply_min_tokens(processed, batch)
+            self.apply_penalties(processed, batch)
+        if all(p.greedy for p in params):
+            tokens = processed.argmax(dim=-1)
         else:
-            logits = self.apply_min_tokens(logits.float(), batch)
-            logits = self.apply_penalties(logits, batch)
-            tokens = self.draw(logits, batch)
-        return self.with_logprobs(raw, tokens, params)
+            tokens = self.draw(processed, batch)
+        return self.with_logprobs(logits, tokens, params)
 
-    def apply_min_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """A request that has fewer than min_tokens outputs may not end: its stop tokens (and the model's
-        end-of-sequence tokens, unless ignore_eos) get -inf."""
+    def apply_min_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
+        """In place: a request that has fewer than min_tokens outputs may not end: its stop tokens (and the
+        model's end-of-sequence tokens, unless ignore_eos) get -inf."""
         rows, cols = [], []
         for i, (p, position, num_prompt) in enumerate(
             zip(batch.params, batch.positions, batch.num_prompt_tokens)
@@ -87,12 +90,13 @@ class Sampler:
             ] = float("-inf")
         return logits
 
-    def apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Repetition penalty over prompt and output (Hugging Face's: a positive logit divided by it, a
-        negative one multiplied), presence and frequency penalties over the output (OpenAI's)."""
+    def apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
+        """In place: repetition penalty over prompt and output (Hugging Face's: a positive logit divided by
+        it, a negative one multiplied), presence and frequency penalties over the output (OpenAI's). A huge
+        penalty (repetition_penalty 1e-30, say) can push a logit past float32: it becomes the largest float."""
         rows = [i for i, p in enumerate(batch.params) if p.penalized]
         if not rows:
-            return logits
+            return
         device, vocab = logits.device, logits.shape[-1]
         outputs = [batch.histories[i][batch.num_prompt_tokens[i] :] for i in rows]
         width = max(1, max(map(len, outputs)))
@@ -120,15 +124,23 @@ class Sampler:
         ]
         sub = logits[index]
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        logits[index] = sub - presence * (counts > 0) - frequency * counts
-        return logits
+        sub = sub - presence * (counts > 0) - frequency * counts
+        logits[index] = torch.nan_to_num(
+            sub, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
+        )
 
     def draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Greedy rows take the argmax; the others draw at their temperature, within top-k, top-p, min-p."""
         params, device, vocab = batch.params, logits.device, logits.shape[-1]
         temperature = np.array([0.0 if p.greedy else p.temperature for p in params], np.float32)
         if any(p.top_k != -1 or p.top_p < 1 or p.min_p > 0 for p in params):
-            logits = logits / to_device(np.where(temperature > 0, temperature, 1), device)[:, None]
+            logits = (
+                logits.float()
+                / to_device(np.where(temperature > 0, temperature, 1), device)[:, None]
+            )
+            logits = torch.nan_to_num(
+                logits, posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
+            )
             top_k = to_device(
                 np.array([p.top_k if p.top_k != -1 else vocab for p in params]), device
             )
@@ -136,10 +148,6 @@ class Sampler:
             min_p = to_device(np.array([p.min_p for p in params], np.float32), device)
             logits = self.filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
             temperature = (temperature > 0).astype(np.float32)  # already divided
-        # a huge penalty (repetition_penalty 1e-30, say) can push a logit past float32: keep it the largest
-        logits = torch.nan_to_num(
-            logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
-        )
         seeds = self.rng.integers(0, 2**62, len(params))
         for i, (p, position) in enumerate(zip(params, batch.positions)):
             if p.seed is not None:
