@@ -26,7 +26,7 @@
 # This chapter puts the engine behind the API that most LLM clients already speak, OpenAI's:
 #
 # ```bash
-# python -m mini_infer.serve          # the embedded SmolLM2 on 127.0.0.1:8000 (or: mini-infer serve)
+# mini-infer serve          # the embedded SmolLM2 on 127.0.0.1:8000 (or: python -m mini_infer serve)
 # ```
 #
 # ```python
@@ -372,18 +372,46 @@ engine.shutdown()
 # messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the sampling fields
 # people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of the prompt, up to
 # 16 here), plus `top_k` and `ignore_eos` as extensions, as in vLLM. pydantic checks the types;
-# `SamplingParams` checks the values and names the field when one is not allowed. The answer carries the text, why it ended (`finish_reason`:
-# "stop" for the end-of-sequence token or a stop string, "length" for `max_tokens`) and the `usage` counts;
-# with `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the tokens of all of them.
+# `SamplingParams` checks the values and names the field when one is not allowed. Where OpenAI's schema
+# lets a field be null (the sampling and streaming fields: the `openai` package's request types, generated
+# from that schema, mark them `Optional`), null means the default, as if the field were left out:
+# `temperature: null` samples at 1.0. The answer carries the text, why it ended (`finish_reason`: "stop"
+# for the end-of-sequence token or a stop string, "length" for `max_tokens`) and the `usage` counts; with
+# `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the tokens of all of them.
+#
+# OpenAI's API has more fields than this server implements, and ignoring one is the worst answer: a client
+# that asks for `logit_bias` or `response_format: {"type": "json_object"}` and gets plain text cannot tell.
+# So every field is one of three kinds:
+#
+# - implemented: the fields above;
+# - accepted and ignored, because it does not change the output: `user` (who the end user is, for
+#   OpenAI's abuse monitoring) and, in a chat, `metadata` (tags for OpenAI's dashboard);
+# - declared, and refused with a 400 naming it as soon as it asks for something: `logit_bias`, `echo`,
+#   `suffix`, `best_of` above 1, a `response_format` other than text, `tools` and `tool_choice`; and for
+#   now `logprobs`, `top_logprobs`, `presence_penalty` and `frequency_penalty`, which are being built (a
+#   table of their own, `NOT_SUPPORTED_YET`, that shrinks as they arrive). The value that asks for nothing
+#   (`logit_bias: {}`, `echo: false`, `presence_penalty: 0`, `tool_choice: "none"`, ...) is accepted, so a
+#   client that spells out the defaults keeps working.
+#
+# A field of none of these kinds, a typo like `temprature` or a vLLM extension that this server lacks like
+# `min_p`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the same until late
+# 2024 ("OpenAI API does not allow extra fields", said its `protocol.py`); since its pull request #10463 it
+# accepts unknown fields and only logs them (now at debug level), because clients built against OpenAI
+# send fields of their own. This server keeps refusing them: it knows far fewer fields than vLLM, so a
+# client written for vLLM would often lose something that changes its output, without a word; and the
+# `openai` client sends only the fields that its caller sets (others through `extra_body`).
 #
 # With `stream: true`, the answer is a stream of *server-sent events*: an HTTP response of type
 # `text/event-stream` that stays open, one `data: {json}` line (and a blank line) per event, here one per
 # engine step that gave the request a token, and `data: [DONE]` at the end. Each event is a *chunk*: the
 # same envelope with the new text (`choices[0].text`, or `choices[0].delta.content` in a chat; the first
-# chat chunk names the role). With `stream_options: {"include_usage": true}` a last chunk brings the usage.
-# OpenAI streams several choices by giving each chunk the `index` of its choice; this server streams one
-# and refuses `n` > 1 with `stream: true` (merging n streams would cost more code than it teaches).
-# Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for a bad request.
+# chat chunk names the role). With `stream_options: {"include_usage": true}`, as OpenAI documents, every
+# chunk carries `"usage": null` and a last chunk, with no choices, brings the counts; `stream_options`
+# without `stream: true` is a 400 (OpenAI's reference: "only set this when you set `stream: true`"; vLLM
+# refuses it too). OpenAI streams several choices by giving each chunk the `index` of its choice; this
+# server streams one and refuses `n` > 1 with `stream: true` (merging n streams would cost more code than
+# it teaches). Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status
+# for a bad request.
 
 # %%
 #| export mini_infer.serve.protocol
@@ -624,10 +652,14 @@ def error(
 # server-sent events (DELTA outputs) or, once the request has finished, with one JSON body (its FINAL_ONLY
 # output). A streaming client that hangs up makes Starlette cancel the response's generator; a waiting one
 # is watched for the `http.disconnect` message. Either way the request's output stream is closed and the
-# engine aborts it. Errors in a body that FastAPI checks (bad JSON, a wrong type, a missing field) get the
-# same error shape with status 400, and unknown paths a 404; a bad request never reaches the engine's
-# step, so none can take the server down. It listens on 127.0.0.1 unless told
+# engine aborts it. Errors in a body that FastAPI checks (bad JSON, a wrong type, a missing field, an
+# unknown one) get the same error shape with status 400, and unknown paths a 404; a bad request never
+# reaches the engine's step, so none can take the server down. It listens on 127.0.0.1 unless told
 # otherwise: it has no authentication.
+#
+# The command line is vLLM's: `mini-infer serve [MODEL] [options]` (also `python -m mini_infer serve`, and
+# `python -m mini_infer.serve [MODEL] [options]`), the model as an optional argument, `--model` as its
+# older spelling, and `--help` showing every default.
 
 # %%
 #| export mini_infer.serve.api_server
@@ -1091,7 +1123,8 @@ while llm.engine.has_unfinished_requests():
 print(f"blocks in use after 3 chunks: {in_use}; after hanging up: {free - blocks.num_free_blocks}")
 
 # %% [markdown]
-# Bad requests get a clear 4xx answer in OpenAI's error shape, and the server keeps serving:
+# Bad requests get a clear 4xx answer in OpenAI's error shape, and the server keeps serving. Nulls, and
+# refused fields at the value that asks for nothing, pass:
 
 # %% tags=["nbval-check-output"]
 bad = {
@@ -1100,6 +1133,10 @@ bad = {
     "temperature -1": {"model": model, "prompt": "Hi", "temperature": -1},
     "top_p as text": {"model": model, "prompt": "Hi", "top_p": "high"},
     "n=2 streamed": {"model": model, "prompt": "Hi", "n": 2, "stream": True},
+    "usage, no stream": {"model": model, "prompt": "Hi", "stream_options": {"include_usage": True}},
+    "logit_bias": {"model": model, "prompt": "Hi", "logit_bias": {"13": -100}},
+    "presence_penalty": {"model": model, "prompt": "Hi", "presence_penalty": 0.5},
+    "misspelt field": {"model": model, "prompt": "Hi", "temprature": 0},
     "prompt too long": {"model": model, "prompt": "Hi " * 600},
     "unknown model": {"model": "gpt-4", "prompt": "Hi"},
 }
@@ -1115,6 +1152,13 @@ r = httpx.post(
 )
 print(f"{'unknown role':16} {r.status_code} {r.json()['error']['message']}")
 print("health:", httpx.get(f"{url}/health").json())
+fine = {
+    **{"model": model, "prompt": "Hi", "max_tokens": 2, "temperature": 0},
+    **{"top_p": None, "n": None, "stream": None, "stop": None, "stream_options": None},
+    **{"logit_bias": {}, "echo": False, "presence_penalty": 0, "user": "a reader"},
+}
+r = httpx.post(f"{url}/v1/completions", json=fine)
+print(f"{'nulls and no-ops':16} {r.status_code} {r.json()['choices'][0]['text']!r}")
 
 # %% [markdown]
 # ## Latency under load
@@ -1257,8 +1301,8 @@ server.close()  # stop uvicorn and the engine thread
 # ## Run it yourself
 #
 # ```bash
-# python -m mini_infer.serve --port 8000                  # or: mini-infer serve; --help lists the options
-# python -m mini_infer.serve --model HuggingFaceTB/SmolLM2-360M-Instruct --host 0.0.0.0   # reachable by others
+# mini-infer serve --port 8000                  # or: python -m mini_infer serve; --help lists the options
+# mini-infer serve HuggingFaceTB/SmolLM2-360M-Instruct --host 0.0.0.0   # reachable by others
 # ```
 #
 # ```python
@@ -1270,6 +1314,6 @@ server.close()  # stop uvicorn and the engine thread
 # ```
 #
 # `tests/test_serve.py` does all of this with the `openai` client against a real uvicorn server: both
-# endpoints, streamed and not, 16 concurrent clients, a client that hangs up mid-stream, malformed JSON and
-# bad parameters. `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the
+# endpoints, streamed and not, 16 concurrent clients, a client that hangs up mid-stream, malformed JSON,
+# bad parameters, null ones, fields refused by name, and the command line. `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the
 # server under load and, on a GPU, the offline throughput of the same workload beside it.
