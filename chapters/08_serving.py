@@ -26,7 +26,7 @@
 # This chapter puts the engine behind the API that most LLM clients already speak, OpenAI's:
 #
 # ```bash
-# python -m mini_infer.serve          # the embedded SmolLM2 on 127.0.0.1:8000 (or: mini-infer serve)
+# mini-infer serve          # the embedded SmolLM2 on 127.0.0.1:8000 (or: python -m mini_infer serve)
 # ```
 #
 # ```python
@@ -372,78 +372,162 @@ engine.shutdown()
 # messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the sampling fields
 # people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of the prompt, up to
 # 16 here), plus `top_k` and `ignore_eos` as extensions, as in vLLM. pydantic checks the types;
-# `SamplingParams` checks the values and names the field when one is not allowed. The answer carries the text, why it ended (`finish_reason`:
-# "stop" for the end-of-sequence token or a stop string, "length" for `max_tokens`) and the `usage` counts;
-# with `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the tokens of all of them.
+# `SamplingParams` checks the values and names the field when one is not allowed. Where OpenAI's schema
+# lets a field be null (the sampling and streaming fields: the `openai` package's request types, generated
+# from that schema, mark them `Optional`), null means the default, as if the field were left out:
+# `temperature: null` samples at 1.0. The answer carries the text, why it ended (`finish_reason`: "stop"
+# for the end-of-sequence token or a stop string, "length" for `max_tokens`) and the `usage` counts; with
+# `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the tokens of all of them.
+#
+# OpenAI's API has more fields than this server implements, and ignoring one is the worst answer: a client
+# that asks for `logit_bias` or `response_format: {"type": "json_object"}` and gets plain text cannot tell.
+# So every field is one of three kinds:
+#
+# - implemented: the fields above;
+# - accepted and ignored, because it does not change the output: `user` (who the end user is, for
+#   OpenAI's abuse monitoring) and, in a chat, `metadata` (tags for OpenAI's dashboard);
+# - declared, and refused with a 400 naming it as soon as it asks for something: `logit_bias`, `echo`,
+#   `suffix`, `best_of` above 1, a `response_format` other than text, `tools` and `tool_choice`; and for
+#   now `logprobs`, `top_logprobs`, `presence_penalty` and `frequency_penalty`, which are being built (a
+#   table of their own, `NOT_SUPPORTED_YET`, that shrinks as they arrive). The value that asks for nothing
+#   (`logit_bias: {}`, `echo: false`, `presence_penalty: 0`, `tool_choice: "none"`, ...) is accepted, so a
+#   client that spells out the defaults keeps working.
+#
+# A field of none of these kinds, a typo like `temprature` or a vLLM extension that this server lacks like
+# `min_p`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the same until late
+# 2024 ("OpenAI API does not allow extra fields", said its `protocol.py`); since its pull request #10463 it
+# accepts unknown fields and only logs them (now at debug level), because clients built against OpenAI
+# send fields of their own. This server keeps refusing them: it knows far fewer fields than vLLM, so a
+# client written for vLLM would often lose something that changes its output, without a word; and the
+# `openai` client sends only the fields that its caller sets (others through `extra_body`).
 #
 # With `stream: true`, the answer is a stream of *server-sent events*: an HTTP response of type
 # `text/event-stream` that stays open, one `data: {json}` line (and a blank line) per event, here one per
 # engine step that gave the request a token, and `data: [DONE]` at the end. Each event is a *chunk*: the
 # same envelope with the new text (`choices[0].text`, or `choices[0].delta.content` in a chat; the first
-# chat chunk names the role). With `stream_options: {"include_usage": true}` a last chunk brings the usage.
-# OpenAI streams several choices by giving each chunk the `index` of its choice; this server streams one
-# and refuses `n` > 1 with `stream: true` (merging n streams would cost more code than it teaches).
-# Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for a bad request.
+# chat chunk names the role). With `stream_options: {"include_usage": true}`, as OpenAI documents, every
+# chunk carries `"usage": null` and a last chunk, with no choices, brings the counts; `stream_options`
+# without `stream: true` is a 400 (OpenAI's reference: "only set this when you set `stream: true`"; vLLM
+# refuses it too). OpenAI streams several choices by giving each chunk the `index` of its choice; this
+# server streams one and refuses `n` > 1 with `stream: true` (merging n streams would cost more code than
+# it teaches). Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status
+# for a bad request.
 
 # %%
 #| export mini_infer.serve.protocol
 """OpenAI's wire format: the request bodies (checked by pydantic) and the bodies of responses, stream
 chunks and errors."""
 
+import json
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from mini_infer.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False  # a last chunk with the usage counts and no choices
+class OpenAIRequest(BaseModel):
+    """A request body, or an object in one, that refuses fields it does not declare."""
+
+    # Not pydantic's default ("ignore"): a misspelt field, or one this server lacks (vLLM's min_p, say),
+    # would change the output without a word. The error handler answers 400 naming the field.
+    model_config = ConfigDict(extra="forbid")
 
 
-class SamplingFields(BaseModel):
-    """The fields that both endpoints share. Fields that OpenAI has and this server does not are ignored."""
+class StreamOptions(OpenAIRequest):
+    include_usage: bool = False  # "usage": null in every chunk, and a last chunk with the counts
+
+
+class SamplingFields(OpenAIRequest):
+    """The fields that both endpoints share. Null, where OpenAI's schema allows it, means the default.
+
+    OpenAI's fields that would change the output and that this server does not implement are declared,
+    to be refused by name when they ask for something (`NOT_SUPPORTED`); `user`, which does not change
+    the output, is accepted and ignored.
+    """
 
     model: str
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_tokens: int | None = None  # null: the endpoint's default
+    temperature: float | None = None  # null: 1.0
+    top_p: float | None = None  # null: 1.0
     top_k: int = -1  # an extension (as in vLLM): -1 is off
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1  # completions of the prompt
-    stream: bool = False
+    n: int | None = None  # completions of the prompt; null: 1
+    stream: bool | None = None  # null: false
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks that want every max_tokens
+    user: str | None = None  # the end user, for OpenAI's abuse monitoring
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    # Each field that this server does not implement, with the values that ask for nothing (null, or
+    # leaving the field out, always does): any other value is refused.
+    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": ({},)}
+    # Being built (issue 16): a field leaves this table when SamplingParams implements it.
+    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple]] = {
+        "presence_penalty": (0,),
+        "frequency_penalty": (0,),
+    }
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """The engine's SamplingParams; ValueError naming the field when a value is not allowed."""
-        if self.n > 16:  # one request should not fill the batch on its own
-            raise ValueError(f"n must be at most 16 (this server's limit), got {self.n}")
-        if self.n > 1 and self.stream:
+        """The engine's SamplingParams. Raises ValueError naming the field when a value is not allowed, or
+        asks for something that this server does not implement."""
+        self._refuse_unsupported()
+        n = 1 if self.n is None else self.n
+        if n > 16:  # one request should not fill the batch on its own
+            raise ValueError(f"n must be at most 16 (this server's limit), got {n}")
+        if n > 1 and self.stream:
             raise ValueError(
-                f"n must be 1 with stream true (this server streams one choice), got {self.n}"
+                f"n must be 1 with stream true (this server streams one choice), got {n}"
             )
+        if self.stream_options is not None and not self.stream:  # as OpenAI's reference says
+            raise ValueError("stream_options needs stream true: it says how to stream")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError(f"stop must be up to 4 strings (OpenAI's limit), got {len(self.stop)}")
         return SamplingParams(
-            n=self.n,
-            temperature=self.temperature,
+            n=n,
+            temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k,
-            top_p=self.top_p,
+            top_p=1.0 if self.top_p is None else self.top_p,
             max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             stop=self.stop,
         )
 
+    def _refuse_unsupported(self) -> None:
+        for fields, how in (
+            (self.NOT_SUPPORTED, "by this server"),
+            (self.NOT_SUPPORTED_YET, "yet"),
+        ):
+            for name, nothing in fields.items():
+                if getattr(self, name) not in (None, *nothing):
+                    accepted = " or ".join(json.dumps(value) for value in (None, *nothing))
+                    raise ValueError(
+                        f"{name} is not supported {how}: leave it out, or send {accepted}"
+                    )
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None  # how many top tokens: even 0 asks for the sampled token's logprob
+
+    NOT_SUPPORTED = {
+        **SamplingFields.NOT_SUPPORTED,
+        "best_of": (1,),
+        "echo": (False,),
+        "suffix": ("",),
+    }
+    NOT_SUPPORTED_YET = {**SamplingFields.NOT_SUPPORTED_YET, "logprobs": ()}
 
     def single_prompt(self) -> str | list[int]:
-        """The one prompt (a string or token ids); a list of several is refused."""
+        """The one prompt (a string or token ids); ValueError for a list of several."""
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -475,6 +559,24 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    metadata: dict[str, str] | None = None  # tags for OpenAI's dashboard: accepted and ignored
+
+    NOT_SUPPORTED = {
+        **SamplingFields.NOT_SUPPORTED,
+        "response_format": ({"type": "text"},),
+        "tools": ([],),
+        "tool_choice": ("none",),
+    }
+    NOT_SUPPORTED_YET = {
+        **SamplingFields.NOT_SUPPORTED_YET,
+        "logprobs": (False,),
+        "top_logprobs": (0,),
+    }
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -520,11 +622,13 @@ def response(
     chat: bool,
     stream: bool,
     usage_counts: dict | None = None,
+    with_usage: bool = True,
 ) -> dict:
-    """A whole response, or one chunk of a stream."""
+    """A whole response, or one chunk of a stream. A stream's chunks have a "usage" (null until the last
+    chunk) only when the request asked for it, `with_usage`."""
     kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
     body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
-    if usage_counts is not None or not stream:
+    if with_usage:
         body["usage"] = usage_counts
     return body
 
@@ -548,10 +652,14 @@ def error(
 # server-sent events (DELTA outputs) or, once the request has finished, with one JSON body (its FINAL_ONLY
 # output). A streaming client that hangs up makes Starlette cancel the response's generator; a waiting one
 # is watched for the `http.disconnect` message. Either way the request's output stream is closed and the
-# engine aborts it. Errors in a body that FastAPI checks (bad JSON, a wrong type, a missing field) get the
-# same error shape with status 400, and unknown paths a 404; a bad request never reaches the engine's
-# step, so none can take the server down. It listens on 127.0.0.1 unless told
+# engine aborts it. Errors in a body that FastAPI checks (bad JSON, a wrong type, a missing field, an
+# unknown one) get the same error shape with status 400, and unknown paths a 404; a bad request never
+# reaches the engine's step, so none can take the server down. It listens on 127.0.0.1 unless told
 # otherwise: it has no authentication.
+#
+# The command line is vLLM's: `mini-infer serve [MODEL] [options]` (also `python -m mini_infer serve`, and
+# `python -m mini_infer.serve [MODEL] [options]`), the model as an optional argument, `--model` as its
+# older spelling, and `--help` showing every default.
 
 # %%
 #| export mini_infer.serve.api_server
@@ -573,6 +681,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from mini_infer.device import DTYPES
 from mini_infer.llm import LLM
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import RequestOutputKind
@@ -620,7 +729,12 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
             message = f"the body is not valid JSON: {first['ctx']['error']} at character {first['loc'][-1]}"
             return JSONResponse(protocol.error(message), status_code=400)
         param = ".".join(map(str, first["loc"][1:])) or None
-        message = f"{param}: {first['msg']}" if param else f"invalid request body: {first['msg']}"
+        if first["type"] == "extra_forbidden":  # protocol.OpenAIRequest: refused, never ignored
+            message = f"{param}: unknown field (this server refuses what it does not implement)"
+        elif param:
+            message = f"{param}: {first['msg']}"
+        else:
+            message = f"invalid request body: {first['msg']}"
         return JSONResponse(protocol.error(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -735,7 +849,17 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                         sample.text, sample.finish_reason, chat, stream=True, first=first
                     )
                 ]
-                yield event(protocol.response(rid, model_name, created, choices, chat, stream=True))
+                yield event(
+                    protocol.response(
+                        rid,
+                        model_name,
+                        created,
+                        choices,
+                        chat,
+                        stream=True,
+                        with_usage=include_usage,
+                    )
+                )
                 first = False
         except (
             Exception
@@ -792,36 +916,72 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
         thread.join()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, as vLLM's does; an option whose default is None says in its
+    help what happens without it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="a .gguf file, a safetensors directory, a hub id or (with "
-        "--load-format dummy) a config.json; default: the embedded SmolLM2-135M-Instruct",
+    """The options of `mini-infer serve` (and `python -m mini_infer.serve`), named as vLLM's."""
+    model = ap.add_mutually_exclusive_group()  # argparse refuses MODEL and --model together
+    model.add_argument(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        help="a .gguf file, a safetensors directory, a hub id or (with --load-format dummy) a "
+        "config.json; without it, the embedded SmolLM2-135M-Instruct",
     )
-    ap.add_argument(
-        "--served-model-name", default=None, help="the model's id in the API (default: --model)"
-    )
+    model.add_argument("--model", help="the same as MODEL (vLLM's older spelling)")
+    ap.add_argument("--served-model-name", help="the model's id in the API; without it, MODEL")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--port", type=int, default=8000, help="the port to listen on")
     ap.add_argument(
-        "--device", default=None, help="cpu or cuda (default: the GPU when there is one)"
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights of the shape a config.json gives (for benchmarks)",
     )
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="the number format of weights and activations; auto: bfloat16 on GPUs that have it, "
+        "float16 on older ones, float32 on the CPU",
+    )
+    ap.add_argument("--device", help="cpu or cuda; without it, the GPU when there is one")
+    ap.add_argument(
+        "--max-model-len",
+        type=int,
+        help="the most tokens of a request, prompt and output; without it, the model's",
+    )
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="the most requests in a batch")
+    ap.add_argument(
+        "--max-num-batched-tokens", type=int, default=8192, help="the most tokens in a step"
+    )
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--log-level", default="info")
+    ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="the share of the GPU's memory for the model and its KV cache",
+    )
+    ap.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level",
+    )
     return ap
 
 
 def run(args: argparse.Namespace) -> None:
     """Load the model and serve it until interrupted."""
+    model = args.model_tag or args.model
     llm = LLM(
-        args.model,
+        model,
         dtype=args.dtype,
         device=args.device,
         load_format=args.load_format,
@@ -831,24 +991,29 @@ def run(args: argparse.Namespace) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
     )
-    name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
+    name = args.served_model_name or model or EMBEDDED_MODEL_NAME
     uvicorn.run(build_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m mini_infer.serve [options]`."""
-    run(
-        add_arguments(
-            argparse.ArgumentParser(prog="python -m mini_infer.serve", description=__doc__)
-        ).parse_args(argv)
+    """`python -m mini_infer.serve [MODEL] [options]`."""
+    ap = argparse.ArgumentParser(
+        prog="python -m mini_infer.serve", description=__doc__, formatter_class=HelpFormatter
     )
+    run(add_arguments(ap).parse_args(argv))
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """The `mini-infer` command: `mini-infer serve [options]`."""
-    ap = argparse.ArgumentParser(prog="mini-infer")
+    """The `mini-infer` command, as vLLM's `vllm`: `mini-infer serve [MODEL] [options]`."""
+    ap = argparse.ArgumentParser(prog="mini-infer", formatter_class=HelpFormatter)
     commands = ap.add_subparsers(dest="command", required=True)
-    add_arguments(commands.add_parser("serve", description=__doc__))
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible API",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+    add_arguments(serve)
     run(ap.parse_args(argv))
 
 
@@ -858,10 +1023,19 @@ def cli(argv: list[str] | None = None) -> None:
 
 from mini_infer.serve.api_server import main
 
-if (
-    __name__ == "__main__" and __package__ == "mini_infer.serve"
-):  # run with -m (a notebook is __main__ too)
+# run with -m (a notebook is __main__ too)
+if __name__ == "__main__" and __package__ == "mini_infer.serve":
     main()
+
+# %%
+#| export mini_infer.__main__
+"""`python -m mini_infer`: the `mini-infer` command, e.g. `python -m mini_infer serve [MODEL] [options]`."""
+
+from mini_infer.serve.api_server import cli
+
+# run with -m (a notebook is __main__ too)
+if __name__ == "__main__" and __package__ == "mini_infer":
+    cli()
 
 # %% [markdown]
 # Start it in a background thread of this notebook, on a free port of the loopback interface, and talk to
@@ -949,7 +1123,8 @@ while llm.engine.has_unfinished_requests():
 print(f"blocks in use after 3 chunks: {in_use}; after hanging up: {free - blocks.num_free_blocks}")
 
 # %% [markdown]
-# Bad requests get a clear 4xx answer in OpenAI's error shape, and the server keeps serving:
+# Bad requests get a clear 4xx answer in OpenAI's error shape, and the server keeps serving. Nulls, and
+# refused fields at the value that asks for nothing, pass:
 
 # %% tags=["nbval-check-output"]
 bad = {
@@ -958,6 +1133,10 @@ bad = {
     "temperature -1": {"model": model, "prompt": "Hi", "temperature": -1},
     "top_p as text": {"model": model, "prompt": "Hi", "top_p": "high"},
     "n=2 streamed": {"model": model, "prompt": "Hi", "n": 2, "stream": True},
+    "usage, no stream": {"model": model, "prompt": "Hi", "stream_options": {"include_usage": True}},
+    "logit_bias": {"model": model, "prompt": "Hi", "logit_bias": {"13": -100}},
+    "presence_penalty": {"model": model, "prompt": "Hi", "presence_penalty": 0.5},
+    "misspelt field": {"model": model, "prompt": "Hi", "temprature": 0},
     "prompt too long": {"model": model, "prompt": "Hi " * 600},
     "unknown model": {"model": "gpt-4", "prompt": "Hi"},
 }
@@ -973,6 +1152,13 @@ r = httpx.post(
 )
 print(f"{'unknown role':16} {r.status_code} {r.json()['error']['message']}")
 print("health:", httpx.get(f"{url}/health").json())
+fine = {
+    **{"model": model, "prompt": "Hi", "max_tokens": 2, "temperature": 0},
+    **{"top_p": None, "n": None, "stream": None, "stop": None, "stream_options": None},
+    **{"logit_bias": {}, "echo": False, "presence_penalty": 0, "user": "a reader"},
+}
+r = httpx.post(f"{url}/v1/completions", json=fine)
+print(f"{'nulls and no-ops':16} {r.status_code} {r.json()['choices'][0]['text']!r}")
 
 # %% [markdown]
 # ## Latency under load
@@ -1115,8 +1301,8 @@ server.close()  # stop uvicorn and the engine thread
 # ## Run it yourself
 #
 # ```bash
-# python -m mini_infer.serve --port 8000                  # or: mini-infer serve; --help lists the options
-# python -m mini_infer.serve --model HuggingFaceTB/SmolLM2-360M-Instruct --host 0.0.0.0   # reachable by others
+# mini-infer serve --port 8000                  # or: python -m mini_infer serve; --help lists the options
+# mini-infer serve HuggingFaceTB/SmolLM2-360M-Instruct --host 0.0.0.0   # reachable by others
 # ```
 #
 # ```python
@@ -1128,6 +1314,6 @@ server.close()  # stop uvicorn and the engine thread
 # ```
 #
 # `tests/test_serve.py` does all of this with the `openai` client against a real uvicorn server: both
-# endpoints, streamed and not, 16 concurrent clients, a client that hangs up mid-stream, malformed JSON and
-# bad parameters. `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the
+# endpoints, streamed and not, 16 concurrent clients, a client that hangs up mid-stream, malformed JSON,
+# bad parameters, null ones, fields refused by name, and the command line. `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the
 # server under load and, on a GPU, the offline throughput of the same workload beside it.

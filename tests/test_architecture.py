@@ -11,6 +11,7 @@ PACKAGE = ROOT / "mini_infer"
 # Each part of the package (a subpackage or a top-level module) and its layer: a part imports only from
 # lower layers. The same picture as CONTRIBUTING.md's.
 LAYERS = {
+    "__main__": 8,  # python -m mini_infer: the command line
     "serve": 7,
     "llm": 6,
     "engine": 5,

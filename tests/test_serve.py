@@ -4,8 +4,11 @@ send). Also the command line and a smoke run of the serving benchmark."""
 
 import asyncio
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -327,6 +330,231 @@ def test_still_healthy_after_bad_requests(url, client):
         .text
         == " Paris."
     )
+
+
+# OpenAI's API as vLLM serves it (issue 16): null fields, fields refused by name, stream options, the CLI.
+
+
+def test_null_fields_mean_the_default(client):
+    # OpenAI's schema lets these fields be null (the openai package's request types mark them Optional);
+    # the client sends an explicit None as null, and null means "the default".
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0)
+    nulls = dict(
+        top_p=None,
+        n=None,
+        stream=None,
+        seed=None,
+        stop=None,
+        max_tokens=None,
+        stream_options=None,
+        best_of=None,
+        echo=None,
+        suffix=None,
+        logit_bias=None,
+        logprobs=None,
+        presence_penalty=None,
+        frequency_penalty=None,
+    )
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, **nulls)
+    assert reply.choices[0].text == greedy.choices[0].text and len(reply.choices) == 1
+    assert reply.usage.completion_tokens == greedy.usage.completion_tokens == 16  # the default
+    # temperature null is 1.0: the same sample as no temperature, with the same seed
+    sampled = [
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, seed=7, **extra)
+        .choices[0]
+        .text
+        for extra in ({}, {"temperature": None})
+    ]
+    assert sampled[0] == sampled[1]
+    chat_nulls = dict(
+        top_p=None,
+        n=None,
+        stream=None,
+        seed=None,
+        stop=None,
+        max_tokens=None,
+        stream_options=None,
+        logit_bias=None,
+        logprobs=None,
+        top_logprobs=None,
+        presence_penalty=None,
+        frequency_penalty=None,
+    )
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_completion_tokens=8, **chat_nulls
+    )
+    alone = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_completion_tokens=8
+    )
+    assert chat.choices[0].message.content == alone.choices[0].message.content
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT, temperature=0, stream=True, n=None, stream_options=None
+    )
+    assert "".join(c.choices[0].text for c in stream) == greedy.choices[0].text
+
+
+NOT_SUPPORTED = [  # (endpoint, field, a value that would change the output, words of the message)
+    ("completions", "logit_bias", {"13": -100}, "logit_bias is not supported by this server"),
+    ("completions", "echo", True, "echo is not supported by this server"),
+    ("completions", "suffix", " and so on.", "suffix is not supported by this server"),
+    ("completions", "best_of", 2, "best_of is not supported by this server"),
+    ("completions", "logprobs", 0, "logprobs is not supported yet"),  # 0: the sampled token's
+    ("completions", "presence_penalty", 0.5, "presence_penalty is not supported yet"),
+    ("completions", "frequency_penalty", -0.5, "frequency_penalty is not supported yet"),
+    ("chat", "logit_bias", {"13": 5}, "logit_bias is not supported by this server"),
+    ("chat", "logprobs", True, "logprobs is not supported yet"),
+    ("chat", "top_logprobs", 2, "top_logprobs is not supported yet"),
+    ("chat", "presence_penalty", 1.0, "presence_penalty is not supported yet"),
+    ("chat", "response_format", {"type": "json_object"}, "response_format is not supported"),
+    (
+        "chat",
+        "tools",
+        [{"type": "function", "function": {"name": "weather", "parameters": {}}}],
+        "tools is not supported by this server",
+    ),
+    ("chat", "tool_choice", "required", "tool_choice is not supported by this server"),
+]
+
+
+def create(client, endpoint: str, **fields):
+    if endpoint == "chat":
+        return client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, **fields)
+    return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **fields)
+
+
+@pytest.mark.parametrize(
+    "endpoint,field,value,words", NOT_SUPPORTED, ids=[f"{e}-{f}" for e, f, *_ in NOT_SUPPORTED]
+)
+def test_fields_that_would_change_the_output_are_refused_by_name(
+    client, endpoint, field, value, words
+):
+    with pytest.raises(openai.BadRequestError, match=words):
+        create(client, endpoint, **{field: value})
+
+
+def test_fields_that_ask_for_nothing_are_accepted(client, llm):
+    # each refused field at the value that asks for nothing, and fields that do not change the output
+    off = dict(
+        temperature=0,
+        logit_bias={},
+        echo=False,
+        best_of=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        user="alice",
+    )
+    assert create(client, "completions", **off).choices[0].text == " Paris."
+    chat_off = dict(
+        logit_bias={},
+        logprobs=False,
+        top_logprobs=0,
+        presence_penalty=0,
+        response_format={"type": "text"},
+        tool_choice="none",
+        user="alice",
+        metadata={"chapter": "8"},
+    )
+    alone = create(client, "chat", temperature=0).choices[0].message.content
+    assert create(client, "chat", temperature=0, **chat_off).choices[0].message.content == alone
+    assert_engine_quiet(llm, within=10)
+
+
+def test_unknown_fields_are_refused_by_name(client, url):
+    # min_p is a vLLM extension this server lacks: ignoring it would change the output unannounced
+    with pytest.raises(openai.BadRequestError, match="min_p: unknown field"):
+        create(client, "completions", extra_body={"min_p": 0.1})
+    body = {"model": MODEL, "messages": CHAT, "temprature": 0}  # a typo
+    r = httpx.post(f"{url}/v1/chat/completions", json=body)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "temprature"
+    assert error["message"].startswith("temprature: unknown field")
+    body = {"model": MODEL, "prompt": PROMPT, "stream": True, "stream_options": {"usage": True}}
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.usage"
+
+
+def stream_events(url: str, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{url}/v1/{path}", json=body) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+
+
+def test_stream_options_need_stream_and_usage_is_null_until_the_last_chunk(client, url):
+    for stream in ({}, {"stream": False}):
+        with pytest.raises(openai.BadRequestError, match="stream_options needs stream true"):
+            create(client, "completions", stream_options={"include_usage": True}, **stream)
+    asks = {"max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
+    for path, prompt in (
+        ("completions", {"prompt": PROMPT}),
+        ("chat/completions", {"messages": CHAT}),
+    ):
+        body = {"model": MODEL, **prompt, **asks}
+        *chunks, last = stream_events(
+            url, path, {**body, "stream_options": {"include_usage": True}}
+        )
+        assert len(chunks) == 4 and all(c["choices"] and c["usage"] is None for c in chunks)
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4
+        chunks = stream_events(url, path, {**body, "stream_options": {"include_usage": False}})
+        assert len(chunks) == 4 and not any("usage" in c for c in chunks)  # as with no options
+
+
+def test_mini_infer_command_shows_its_defaults():
+    env = {**os.environ, "COLUMNS": "100"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mini_infer", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines at COLUMNS
+    assert text.startswith("usage: mini-infer serve [-h]") and "[MODEL]" in text.split("options")[0]
+    for shown in ("(default: 127.0.0.1)", "(default: 8000)", "{auto,float32,bfloat16,float16}"):
+        assert shown in text
+    assert "(default: None)" not in text  # an option without a default says in words what it does
+    twice = subprocess.run(
+        [sys.executable, "-m", "mini_infer", "serve", "a.gguf", "--model", "b.gguf"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert twice.returncode == 2 and "--model: not allowed with argument MODEL" in twice.stderr
+
+
+def test_mini_infer_serve_takes_the_model_as_an_argument():
+    from mini_infer.loader import embedded_gguf_path
+
+    gguf = str(embedded_gguf_path())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = ["serve", gguf, "--port", str(port), "--device", "cpu", "--max-model-len", "128"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mini_infer", *command, "--log-level", "warning"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert server.poll() is None, server.stderr.read()[-3000:]
+        # the model's id is the path it was served from: the argument reached the engine
+        assert [m["id"] for m in models["data"]] == [gguf]
+        assert models["data"][0]["max_model_len"] == 128
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_serving_benchmark_runs_on_the_cpu(tmp_path):

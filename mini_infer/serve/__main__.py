@@ -3,7 +3,6 @@
 
 from mini_infer.serve.api_server import main
 
-if (
-    __name__ == "__main__" and __package__ == "mini_infer.serve"
-):  # run with -m (a notebook is __main__ too)
+# run with -m (a notebook is __main__ too)
+if __name__ == "__main__" and __package__ == "mini_infer.serve":
     main()

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from mini_infer.device import DTYPES
 from mini_infer.llm import LLM
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import RequestOutputKind
@@ -64,7 +65,12 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
             message = f"the body is not valid JSON: {first['ctx']['error']} at character {first['loc'][-1]}"
             return JSONResponse(protocol.error(message), status_code=400)
         param = ".".join(map(str, first["loc"][1:])) or None
-        message = f"{param}: {first['msg']}" if param else f"invalid request body: {first['msg']}"
+        if first["type"] == "extra_forbidden":  # protocol.OpenAIRequest: refused, never ignored
+            message = f"{param}: unknown field (this server refuses what it does not implement)"
+        elif param:
+            message = f"{param}: {first['msg']}"
+        else:
+            message = f"invalid request body: {first['msg']}"
         return JSONResponse(protocol.error(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -179,7 +185,17 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                         sample.text, sample.finish_reason, chat, stream=True, first=first
                     )
                 ]
-                yield event(protocol.response(rid, model_name, created, choices, chat, stream=True))
+                yield event(
+                    protocol.response(
+                        rid,
+                        model_name,
+                        created,
+                        choices,
+                        chat,
+                        stream=True,
+                        with_usage=include_usage,
+                    )
+                )
                 first = False
         except (
             Exception
@@ -236,36 +252,72 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
         thread.join()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, as vLLM's does; an option whose default is None says in its
+    help what happens without it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="a .gguf file, a safetensors directory, a hub id or (with "
-        "--load-format dummy) a config.json; default: the embedded SmolLM2-135M-Instruct",
+    """The options of `mini-infer serve` (and `python -m mini_infer.serve`), named as vLLM's."""
+    model = ap.add_mutually_exclusive_group()  # argparse refuses MODEL and --model together
+    model.add_argument(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        help="a .gguf file, a safetensors directory, a hub id or (with --load-format dummy) a "
+        "config.json; without it, the embedded SmolLM2-135M-Instruct",
     )
-    ap.add_argument(
-        "--served-model-name", default=None, help="the model's id in the API (default: --model)"
-    )
+    model.add_argument("--model", help="the same as MODEL (vLLM's older spelling)")
+    ap.add_argument("--served-model-name", help="the model's id in the API; without it, MODEL")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--port", type=int, default=8000, help="the port to listen on")
     ap.add_argument(
-        "--device", default=None, help="cpu or cuda (default: the GPU when there is one)"
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights of the shape a config.json gives (for benchmarks)",
     )
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="the number format of weights and activations; auto: bfloat16 on GPUs that have it, "
+        "float16 on older ones, float32 on the CPU",
+    )
+    ap.add_argument("--device", help="cpu or cuda; without it, the GPU when there is one")
+    ap.add_argument(
+        "--max-model-len",
+        type=int,
+        help="the most tokens of a request, prompt and output; without it, the model's",
+    )
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="the most requests in a batch")
+    ap.add_argument(
+        "--max-num-batched-tokens", type=int, default=8192, help="the most tokens in a step"
+    )
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--log-level", default="info")
+    ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="the share of the GPU's memory for the model and its KV cache",
+    )
+    ap.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level",
+    )
     return ap
 
 
 def run(args: argparse.Namespace) -> None:
     """Load the model and serve it until interrupted."""
+    model = args.model_tag or args.model
     llm = LLM(
-        args.model,
+        model,
         dtype=args.dtype,
         device=args.device,
         load_format=args.load_format,
@@ -275,22 +327,27 @@ def run(args: argparse.Namespace) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
     )
-    name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
+    name = args.served_model_name or model or EMBEDDED_MODEL_NAME
     uvicorn.run(build_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m mini_infer.serve [options]`."""
-    run(
-        add_arguments(
-            argparse.ArgumentParser(prog="python -m mini_infer.serve", description=__doc__)
-        ).parse_args(argv)
+    """`python -m mini_infer.serve [MODEL] [options]`."""
+    ap = argparse.ArgumentParser(
+        prog="python -m mini_infer.serve", description=__doc__, formatter_class=HelpFormatter
     )
+    run(add_arguments(ap).parse_args(argv))
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """The `mini-infer` command: `mini-infer serve [options]`."""
-    ap = argparse.ArgumentParser(prog="mini-infer")
+    """The `mini-infer` command, as vLLM's `vllm`: `mini-infer serve [MODEL] [options]`."""
+    ap = argparse.ArgumentParser(prog="mini-infer", formatter_class=HelpFormatter)
     commands = ap.add_subparsers(dest="command", required=True)
-    add_arguments(commands.add_parser("serve", description=__doc__))
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible API",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+    add_arguments(serve)
     run(ap.parse_args(argv))

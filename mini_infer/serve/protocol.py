@@ -2,60 +2,116 @@
 """OpenAI's wire format: the request bodies (checked by pydantic) and the bodies of responses, stream
 chunks and errors."""
 
+import json
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from mini_infer.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False  # a last chunk with the usage counts and no choices
+class OpenAIRequest(BaseModel):
+    """A request body, or an object in one, that refuses fields it does not declare."""
+
+    # Not pydantic's default ("ignore"): a misspelt field, or one this server lacks (vLLM's min_p, say),
+    # would change the output without a word. The error handler answers 400 naming the field.
+    model_config = ConfigDict(extra="forbid")
 
 
-class SamplingFields(BaseModel):
-    """The fields that both endpoints share. Fields that OpenAI has and this server does not are ignored."""
+class StreamOptions(OpenAIRequest):
+    include_usage: bool = False  # "usage": null in every chunk, and a last chunk with the counts
+
+
+class SamplingFields(OpenAIRequest):
+    """The fields that both endpoints share. Null, where OpenAI's schema allows it, means the default.
+
+    OpenAI's fields that would change the output and that this server does not implement are declared,
+    to be refused by name when they ask for something (`NOT_SUPPORTED`); `user`, which does not change
+    the output, is accepted and ignored.
+    """
 
     model: str
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_tokens: int | None = None  # null: the endpoint's default
+    temperature: float | None = None  # null: 1.0
+    top_p: float | None = None  # null: 1.0
     top_k: int = -1  # an extension (as in vLLM): -1 is off
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1  # completions of the prompt
-    stream: bool = False
+    n: int | None = None  # completions of the prompt; null: 1
+    stream: bool | None = None  # null: false
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks that want every max_tokens
+    user: str | None = None  # the end user, for OpenAI's abuse monitoring
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    # Each field that this server does not implement, with the values that ask for nothing (null, or
+    # leaving the field out, always does): any other value is refused.
+    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": ({},)}
+    # Being built (issue 16): a field leaves this table when SamplingParams implements it.
+    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple]] = {
+        "presence_penalty": (0,),
+        "frequency_penalty": (0,),
+    }
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """The engine's SamplingParams; ValueError naming the field when a value is not allowed."""
-        if self.n > 16:  # one request should not fill the batch on its own
-            raise ValueError(f"n must be at most 16 (this server's limit), got {self.n}")
-        if self.n > 1 and self.stream:
+        """The engine's SamplingParams. Raises ValueError naming the field when a value is not allowed, or
+        asks for something that this server does not implement."""
+        self._refuse_unsupported()
+        n = 1 if self.n is None else self.n
+        if n > 16:  # one request should not fill the batch on its own
+            raise ValueError(f"n must be at most 16 (this server's limit), got {n}")
+        if n > 1 and self.stream:
             raise ValueError(
-                f"n must be 1 with stream true (this server streams one choice), got {self.n}"
+                f"n must be 1 with stream true (this server streams one choice), got {n}"
             )
+        if self.stream_options is not None and not self.stream:  # as OpenAI's reference says
+            raise ValueError("stream_options needs stream true: it says how to stream")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError(f"stop must be up to 4 strings (OpenAI's limit), got {len(self.stop)}")
         return SamplingParams(
-            n=self.n,
-            temperature=self.temperature,
+            n=n,
+            temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k,
-            top_p=self.top_p,
+            top_p=1.0 if self.top_p is None else self.top_p,
             max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             stop=self.stop,
         )
 
+    def _refuse_unsupported(self) -> None:
+        for fields, how in (
+            (self.NOT_SUPPORTED, "by this server"),
+            (self.NOT_SUPPORTED_YET, "yet"),
+        ):
+            for name, nothing in fields.items():
+                if getattr(self, name) not in (None, *nothing):
+                    accepted = " or ".join(json.dumps(value) for value in (None, *nothing))
+                    raise ValueError(
+                        f"{name} is not supported {how}: leave it out, or send {accepted}"
+                    )
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None  # how many top tokens: even 0 asks for the sampled token's logprob
+
+    NOT_SUPPORTED = {
+        **SamplingFields.NOT_SUPPORTED,
+        "best_of": (1,),
+        "echo": (False,),
+        "suffix": ("",),
+    }
+    NOT_SUPPORTED_YET = {**SamplingFields.NOT_SUPPORTED_YET, "logprobs": ()}
 
     def single_prompt(self) -> str | list[int]:
-        """The one prompt (a string or token ids); a list of several is refused."""
+        """The one prompt (a string or token ids); ValueError for a list of several."""
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -87,6 +143,24 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    metadata: dict[str, str] | None = None  # tags for OpenAI's dashboard: accepted and ignored
+
+    NOT_SUPPORTED = {
+        **SamplingFields.NOT_SUPPORTED,
+        "response_format": ({"type": "text"},),
+        "tools": ([],),
+        "tool_choice": ("none",),
+    }
+    NOT_SUPPORTED_YET = {
+        **SamplingFields.NOT_SUPPORTED_YET,
+        "logprobs": (False,),
+        "top_logprobs": (0,),
+    }
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -132,11 +206,13 @@ def response(
     chat: bool,
     stream: bool,
     usage_counts: dict | None = None,
+    with_usage: bool = True,
 ) -> dict:
-    """A whole response, or one chunk of a stream."""
+    """A whole response, or one chunk of a stream. A stream's chunks have a "usage" (null until the last
+    chunk) only when the request asked for it, `with_usage`."""
     kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
     body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
-    if usage_counts is not None or not stream:
+    if with_usage:
         body["usage"] = usage_counts
     return body
 
