@@ -371,7 +371,8 @@ engine.shutdown()
 # OpenAI's API is JSON over HTTP. A request names the model, the prompt (`/v1/completions`) or the chat
 # messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the sampling fields
 # people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of the prompt, up to
-# 16 here), plus `top_k` and `ignore_eos` as extensions, as in vLLM. pydantic checks the types;
+# 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's `top_logprobs`), plus
+# vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and `ignore_eos`. pydantic checks the types;
 # `SamplingParams` checks the values and names the field when one is not allowed. Where OpenAI's schema
 # lets a field be null (the sampling and streaming fields: the `openai` package's request types, generated
 # from that schema, mark them `Optional`), null means the default, as if the field were left out:
@@ -387,14 +388,12 @@ engine.shutdown()
 # - accepted and ignored, because it does not change the output: `user` (who the end user is, for
 #   OpenAI's abuse monitoring) and, in a chat, `metadata` (tags for OpenAI's dashboard);
 # - declared, and refused with a 400 naming it as soon as it asks for something: `logit_bias`, `echo`,
-#   `suffix`, `best_of` above 1, a `response_format` other than text, `tools` and `tool_choice`; and for
-#   now `logprobs`, `top_logprobs`, `presence_penalty` and `frequency_penalty`, which are being built (a
-#   table of their own, `NOT_SUPPORTED_YET`, that shrinks as they arrive). The value that asks for nothing
-#   (`logit_bias: {}`, `echo: false`, `presence_penalty: 0`, `tool_choice: "none"`, ...) is accepted, so a
+#   `suffix`, `best_of` above 1, a `response_format` other than text, `tools` and `tool_choice`. The value
+#   that asks for nothing (`logit_bias: {}`, `echo: false`, `tool_choice: "none"`, ...) is accepted, so a
 #   client that spells out the defaults keeps working.
 #
 # A field of none of these kinds, a typo like `temprature` or a vLLM extension that this server lacks like
-# `min_p`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the same until late
+# `length_penalty`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the same until late
 # 2024 ("OpenAI API does not allow extra fields", said its `protocol.py`); since its pull request #10463 it
 # accepts unknown fields and only logs them (now at debug level), because clients built against OpenAI
 # send fields of their own. This server keeps refusing them: it knows far fewer fields than vLLM, so a
@@ -410,7 +409,10 @@ engine.shutdown()
 # without `stream: true` is a 400 (OpenAI's reference: "only set this when you set `stream: true`"; vLLM
 # refuses it too). OpenAI streams several choices by giving each chunk the `index` of its choice; this
 # server streams one and refuses `n` > 1 with `stream: true` (merging n streams would cost more code than
-# it teaches). Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status
+# it teaches). Log-probabilities come in OpenAI's two shapes: a completion's `logprobs` holds `tokens`,
+# `token_logprobs`, `top_logprobs` (text to logprob) and `text_offset`; a chat's holds, per token, its
+# text, logprob and UTF-8 bytes and its `top_logprobs` most likely alternatives. Both are the engine's
+# (Chapter 6: the model's log-softmax, before penalties and temperature). Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status
 # for a bad request.
 
 # %%
@@ -424,6 +426,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from mini_infer.outputs import CompletionOutput
 from mini_infer.sampling_params import SamplingParams
 
 
@@ -458,6 +461,9 @@ class SamplingFields(OpenAIRequest):
     stream: bool | None = None  # null: false
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks that want every max_tokens
+    repetition_penalty: float | None = None  # extensions, as in vLLM (null: off)
+    min_p: float | None = None
+    min_tokens: int | None = None
     user: str | None = None  # the end user, for OpenAI's abuse monitoring
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = None
@@ -466,11 +472,6 @@ class SamplingFields(OpenAIRequest):
     # Each field that this server does not implement, with the values that ask for nothing (null, or
     # leaving the field out, always does): any other value is refused.
     NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": ({},)}
-    # Being built (issue 16): a field leaves this table when SamplingParams implements it.
-    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple]] = {
-        "presence_penalty": (0,),
-        "frequency_penalty": (0,),
-    }
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams. Raises ValueError naming the field when a value is not allowed, or
@@ -496,19 +497,25 @@ class SamplingFields(OpenAIRequest):
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             stop=self.stop,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens or 0,
+            logprobs=self.num_logprobs(),
         )
 
+    def num_logprobs(self) -> int | None:
+        """How many of the most likely tokens to report beside each sampled one; None: no logprobs."""
+        return None
+
     def _refuse_unsupported(self) -> None:
-        for fields, how in (
-            (self.NOT_SUPPORTED, "by this server"),
-            (self.NOT_SUPPORTED_YET, "yet"),
-        ):
-            for name, nothing in fields.items():
-                if getattr(self, name) not in (None, *nothing):
-                    accepted = " or ".join(json.dumps(value) for value in (None, *nothing))
-                    raise ValueError(
-                        f"{name} is not supported {how}: leave it out, or send {accepted}"
-                    )
+        for name, nothing in self.NOT_SUPPORTED.items():
+            if getattr(self, name) not in (None, *nothing):
+                accepted = " or ".join(json.dumps(value) for value in (None, *nothing))
+                raise ValueError(
+                    f"{name} is not supported by this server: leave it out, or send {accepted}"
+                )
 
 
 class CompletionRequest(SamplingFields):
@@ -524,7 +531,9 @@ class CompletionRequest(SamplingFields):
         "echo": (False,),
         "suffix": ("",),
     }
-    NOT_SUPPORTED_YET = {**SamplingFields.NOT_SUPPORTED_YET, "logprobs": ()}
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt (a string or token ids); ValueError for a list of several."""
@@ -572,11 +581,11 @@ class ChatCompletionRequest(SamplingFields):
         "tools": ([],),
         "tool_choice": ("none",),
     }
-    NOT_SUPPORTED_YET = {
-        **SamplingFields.NOT_SUPPORTED_YET,
-        "logprobs": (False,),
-        "top_logprobs": (0,),
-    }
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -597,21 +606,73 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 
 def choice(
-    text: str,
-    finish_reason: str | None,
+    output: CompletionOutput,
     chat: bool,
     stream: bool,
     first: bool = False,
-    index: int = 0,
+    offset: int = 0,
+    top_logprobs: int = 0,
 ) -> dict:
-    """One choice of a response or of a stream chunk. A chat stream's first chunk names the role."""
+    """One choice of a response or of a stream chunk, from a sample's output (the whole, or a stream's
+    delta); a chat stream's first chunk names the role. With logprobs, in OpenAI's shape for the endpoint
+    (a chat lists the `top_logprobs` most likely tokens); a completion's text offsets start at `offset`,
+    the characters its stream has sent before."""
+    text, logprobs = output.text, None
     if not chat:
         body = {"text": text}
-    elif stream:
-        body = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
+        if output.logprobs is not None:
+            logprobs = completion_logprobs(output, offset)
     else:
-        body = {"message": {"role": "assistant", "content": text}}
-    return {"index": index, **body, "logprobs": None, "finish_reason": finish_reason}
+        if stream:
+            body = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
+        else:
+            body = {"message": {"role": "assistant", "content": text}}
+        if output.logprobs is not None:
+            logprobs = {"content": chat_logprobs(output, top_logprobs)}
+    return {
+        "index": output.index,
+        **body,
+        "logprobs": logprobs,
+        "finish_reason": output.finish_reason,
+    }
+
+
+def completion_logprobs(output: CompletionOutput, offset: int) -> dict:
+    """The legacy completions shape: each token's text, its logprob, the most likely tokens' logprobs by
+    text, and where each token's text starts in the completion."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token, entry in zip(output.token_ids, output.logprobs):
+        tokens.append(entry[token].decoded_token)
+        token_logprobs.append(entry[token].logprob)
+        top.append({lp.decoded_token: lp.logprob for lp in entry.values()})
+        offsets.append(offset)
+        offset += len(entry[token].decoded_token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(output: CompletionOutput, top_logprobs: int) -> list[dict]:
+    """The chat shape: per token its text, logprob and UTF-8 bytes, and the top_logprobs most likely
+    tokens (ranks 1 to top_logprobs, which the sampled token may not be among)."""
+
+    def one(lp) -> dict:
+        return {
+            "token": lp.decoded_token,
+            "logprob": lp.logprob,
+            "bytes": list(lp.decoded_token.encode()),
+        }
+
+    content = []
+    for token, entry in zip(output.token_ids, output.logprobs):
+        top = sorted(
+            (lp for lp in entry.values() if lp.rank <= top_logprobs), key=lambda lp: lp.rank
+        )
+        content.append({**one(entry[token]), "top_logprobs": [one(lp) for lp in top]})
+    return content
 
 
 def response(
@@ -805,11 +866,12 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                sse(outputs, rid, created, chat, include_usage), media_type="text/event-stream"
+                sse(outputs, rid, created, chat, include_usage, params.logprobs or 0),
+                media_type="text/event-stream",
             )
         final = await until_disconnected(request, anext(outputs))
         choices = [
-            protocol.choice(c.text, c.finish_reason, chat, stream=False, index=c.index)
+            protocol.choice(c, chat, stream=False, top_logprobs=params.logprobs or 0)
             for c in final.outputs
         ]
         num_output_tokens = sum(len(c.token_ids) for c in final.outputs)
@@ -829,6 +891,7 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         created: int,
         chat: bool,
         include_usage: bool,
+        top_logprobs: int,
     ) -> AsyncIterator[str]:
         """The stream as server-sent events: a chunk per engine step, then [DONE]. When the client hangs up,
         Starlette cancels this generator and `outputs` aborts the request."""
@@ -836,7 +899,7 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         def event(body: dict) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
-        first, num_prompt_tokens, num_output_tokens = True, None, 0
+        first, num_prompt_tokens, num_output_tokens, offset = True, None, 0, 0
         try:
             async for delta in outputs:
                 (sample,) = delta.outputs
@@ -846,9 +909,15 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                 )
                 choices = [
                     protocol.choice(
-                        sample.text, sample.finish_reason, chat, stream=True, first=first
+                        sample,
+                        chat,
+                        stream=True,
+                        first=first,
+                        offset=offset,
+                        top_logprobs=top_logprobs,
                     )
                 ]
+                offset += len(sample.text)
                 yield event(
                     protocol.response(
                         rid,
@@ -1083,6 +1152,18 @@ for c in reply.choices:
 print(reply.usage)
 
 # %% [markdown]
+# Log-probabilities in OpenAI's chat shape: each token of the reply with its log-probability and the most
+# likely alternatives at that point, here the 2 best (greedy picks the first):
+
+# %% tags=["nbval-check-output"]
+reply = client.chat.completions.create(
+    model=model, messages=question, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+)
+for t in reply.choices[0].logprobs.content:
+    options = ", ".join(f"{a.token!r} {a.logprob:.2f}" for a in t.top_logprobs)
+    print(f"{t.token!r:12} {t.logprob:6.2f}   best: {options}")
+
+# %% [markdown]
 # On the wire, a stream is plain text. The first three events of a streamed completion, and the last ones,
 # as `httpx` receives them:
 
@@ -1135,7 +1216,7 @@ bad = {
     "n=2 streamed": {"model": model, "prompt": "Hi", "n": 2, "stream": True},
     "usage, no stream": {"model": model, "prompt": "Hi", "stream_options": {"include_usage": True}},
     "logit_bias": {"model": model, "prompt": "Hi", "logit_bias": {"13": -100}},
-    "presence_penalty": {"model": model, "prompt": "Hi", "presence_penalty": 0.5},
+    "suffix": {"model": model, "prompt": "Hi", "suffix": " and so on."},
     "misspelt field": {"model": model, "prompt": "Hi", "temprature": 0},
     "prompt too long": {"model": model, "prompt": "Hi " * 600},
     "unknown model": {"model": "gpt-4", "prompt": "Hi"},

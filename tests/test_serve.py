@@ -398,13 +398,7 @@ NOT_SUPPORTED = [  # (endpoint, field, a value that would change the output, wor
     ("completions", "echo", True, "echo is not supported by this server"),
     ("completions", "suffix", " and so on.", "suffix is not supported by this server"),
     ("completions", "best_of", 2, "best_of is not supported by this server"),
-    ("completions", "logprobs", 0, "logprobs is not supported yet"),  # 0: the sampled token's
-    ("completions", "presence_penalty", 0.5, "presence_penalty is not supported yet"),
-    ("completions", "frequency_penalty", -0.5, "frequency_penalty is not supported yet"),
     ("chat", "logit_bias", {"13": 5}, "logit_bias is not supported by this server"),
-    ("chat", "logprobs", True, "logprobs is not supported yet"),
-    ("chat", "top_logprobs", 2, "top_logprobs is not supported yet"),
-    ("chat", "presence_penalty", 1.0, "presence_penalty is not supported yet"),
     ("chat", "response_format", {"type": "json_object"}, "response_format is not supported"),
     (
         "chat",
@@ -460,9 +454,9 @@ def test_fields_that_ask_for_nothing_are_accepted(client, llm):
 
 
 def test_unknown_fields_are_refused_by_name(client, url):
-    # min_p is a vLLM extension this server lacks: ignoring it would change the output unannounced
-    with pytest.raises(openai.BadRequestError, match="min_p: unknown field"):
-        create(client, "completions", extra_body={"min_p": 0.1})
+    # length_penalty is a vLLM extension this server lacks: ignoring it would change the output unannounced
+    with pytest.raises(openai.BadRequestError, match="length_penalty: unknown field"):
+        create(client, "completions", extra_body={"length_penalty": 1.2})
     body = {"model": MODEL, "messages": CHAT, "temprature": 0}  # a typo
     r = httpx.post(f"{url}/v1/chat/completions", json=body)
     error = r.json()["error"]
@@ -621,3 +615,55 @@ def test_async_engine_with_async_scheduling_streams_only_known_tokens():
         assert [t for d in deltas for t in d.token_ids] == full.token_ids and all(
             len(d.token_ids) == 1 for d in deltas
         )
+
+
+def test_logprobs_in_openais_shapes_equal_the_engines(client, llm):
+    from mini_infer.sampling_params import SamplingParams
+
+    (ref,) = llm.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=4, logprobs=2), use_tqdm=False
+    )
+    ref = ref.outputs[0]
+    sampled = [e[t] for e, t in zip(ref.logprobs, ref.token_ids)]
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2
+    )
+    lp = reply.choices[0].logprobs
+    assert lp.tokens == [s.decoded_token for s in sampled]
+    assert lp.token_logprobs == pytest.approx([s.logprob for s in sampled])
+    assert [len(top) for top in lp.top_logprobs] == [
+        2
+    ] * 4  # greedy: the sampled token is the most likely
+    assert lp.text_offset == [0] + [sum(len(t) for t in lp.tokens[:i]) for i in range(1, 4)]
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, stream=True
+        )
+    )
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token for t in content)
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    plain = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs true"):
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, top_logprobs=2)
+    assert_engine_quiet(llm, within=10)
+
+
+def test_penalties_and_vllms_sampling_extensions_reach_the_engine(client, llm):
+    from mini_infer.sampling_params import SamplingParams
+
+    fields = dict(presence_penalty=1.0, frequency_penalty=0.5)
+    extensions = dict(repetition_penalty=1.3, min_p=0.05, min_tokens=6)
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, **fields, extra_body=extensions
+    )
+    params = SamplingParams(temperature=0, max_tokens=12, **fields, **extensions)
+    assert reply.choices[0].text == llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].text
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert reply.choices[0].text != plain.choices[0].text

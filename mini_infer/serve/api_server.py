@@ -141,11 +141,12 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                sse(outputs, rid, created, chat, include_usage), media_type="text/event-stream"
+                sse(outputs, rid, created, chat, include_usage, params.logprobs or 0),
+                media_type="text/event-stream",
             )
         final = await until_disconnected(request, anext(outputs))
         choices = [
-            protocol.choice(c.text, c.finish_reason, chat, stream=False, index=c.index)
+            protocol.choice(c, chat, stream=False, top_logprobs=params.logprobs or 0)
             for c in final.outputs
         ]
         num_output_tokens = sum(len(c.token_ids) for c in final.outputs)
@@ -165,6 +166,7 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         created: int,
         chat: bool,
         include_usage: bool,
+        top_logprobs: int,
     ) -> AsyncIterator[str]:
         """The stream as server-sent events: a chunk per engine step, then [DONE]. When the client hangs up,
         Starlette cancels this generator and `outputs` aborts the request."""
@@ -172,7 +174,7 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         def event(body: dict) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
-        first, num_prompt_tokens, num_output_tokens = True, None, 0
+        first, num_prompt_tokens, num_output_tokens, offset = True, None, 0, 0
         try:
             async for delta in outputs:
                 (sample,) = delta.outputs
@@ -182,9 +184,15 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                 )
                 choices = [
                     protocol.choice(
-                        sample.text, sample.finish_reason, chat, stream=True, first=first
+                        sample,
+                        chat,
+                        stream=True,
+                        first=first,
+                        offset=offset,
+                        top_logprobs=top_logprobs,
                     )
                 ]
+                offset += len(sample.text)
                 yield event(
                     protocol.response(
                         rid,

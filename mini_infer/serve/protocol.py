@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from mini_infer.outputs import CompletionOutput
 from mini_infer.sampling_params import SamplingParams
 
 
@@ -42,6 +43,9 @@ class SamplingFields(OpenAIRequest):
     stream: bool | None = None  # null: false
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks that want every max_tokens
+    repetition_penalty: float | None = None  # extensions, as in vLLM (null: off)
+    min_p: float | None = None
+    min_tokens: int | None = None
     user: str | None = None  # the end user, for OpenAI's abuse monitoring
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = None
@@ -50,11 +54,6 @@ class SamplingFields(OpenAIRequest):
     # Each field that this server does not implement, with the values that ask for nothing (null, or
     # leaving the field out, always does): any other value is refused.
     NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": ({},)}
-    # Being built (issue 16): a field leaves this table when SamplingParams implements it.
-    NOT_SUPPORTED_YET: ClassVar[dict[str, tuple]] = {
-        "presence_penalty": (0,),
-        "frequency_penalty": (0,),
-    }
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams. Raises ValueError naming the field when a value is not allowed, or
@@ -80,19 +79,25 @@ class SamplingFields(OpenAIRequest):
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             stop=self.stop,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens or 0,
+            logprobs=self.num_logprobs(),
         )
 
+    def num_logprobs(self) -> int | None:
+        """How many of the most likely tokens to report beside each sampled one; None: no logprobs."""
+        return None
+
     def _refuse_unsupported(self) -> None:
-        for fields, how in (
-            (self.NOT_SUPPORTED, "by this server"),
-            (self.NOT_SUPPORTED_YET, "yet"),
-        ):
-            for name, nothing in fields.items():
-                if getattr(self, name) not in (None, *nothing):
-                    accepted = " or ".join(json.dumps(value) for value in (None, *nothing))
-                    raise ValueError(
-                        f"{name} is not supported {how}: leave it out, or send {accepted}"
-                    )
+        for name, nothing in self.NOT_SUPPORTED.items():
+            if getattr(self, name) not in (None, *nothing):
+                accepted = " or ".join(json.dumps(value) for value in (None, *nothing))
+                raise ValueError(
+                    f"{name} is not supported by this server: leave it out, or send {accepted}"
+                )
 
 
 class CompletionRequest(SamplingFields):
@@ -108,7 +113,9 @@ class CompletionRequest(SamplingFields):
         "echo": (False,),
         "suffix": ("",),
     }
-    NOT_SUPPORTED_YET = {**SamplingFields.NOT_SUPPORTED_YET, "logprobs": ()}
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt (a string or token ids); ValueError for a list of several."""
@@ -156,11 +163,11 @@ class ChatCompletionRequest(SamplingFields):
         "tools": ([],),
         "tool_choice": ("none",),
     }
-    NOT_SUPPORTED_YET = {
-        **SamplingFields.NOT_SUPPORTED_YET,
-        "logprobs": (False,),
-        "top_logprobs": (0,),
-    }
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -181,21 +188,73 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 
 def choice(
-    text: str,
-    finish_reason: str | None,
+    output: CompletionOutput,
     chat: bool,
     stream: bool,
     first: bool = False,
-    index: int = 0,
+    offset: int = 0,
+    top_logprobs: int = 0,
 ) -> dict:
-    """One choice of a response or of a stream chunk. A chat stream's first chunk names the role."""
+    """One choice of a response or of a stream chunk, from a sample's output (the whole, or a stream's
+    delta); a chat stream's first chunk names the role. With logprobs, in OpenAI's shape for the endpoint
+    (a chat lists the `top_logprobs` most likely tokens); a completion's text offsets start at `offset`,
+    the characters its stream has sent before."""
+    text, logprobs = output.text, None
     if not chat:
         body = {"text": text}
-    elif stream:
-        body = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
+        if output.logprobs is not None:
+            logprobs = completion_logprobs(output, offset)
     else:
-        body = {"message": {"role": "assistant", "content": text}}
-    return {"index": index, **body, "logprobs": None, "finish_reason": finish_reason}
+        if stream:
+            body = {"delta": {"role": "assistant", "content": text} if first else {"content": text}}
+        else:
+            body = {"message": {"role": "assistant", "content": text}}
+        if output.logprobs is not None:
+            logprobs = {"content": chat_logprobs(output, top_logprobs)}
+    return {
+        "index": output.index,
+        **body,
+        "logprobs": logprobs,
+        "finish_reason": output.finish_reason,
+    }
+
+
+def completion_logprobs(output: CompletionOutput, offset: int) -> dict:
+    """The legacy completions shape: each token's text, its logprob, the most likely tokens' logprobs by
+    text, and where each token's text starts in the completion."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token, entry in zip(output.token_ids, output.logprobs):
+        tokens.append(entry[token].decoded_token)
+        token_logprobs.append(entry[token].logprob)
+        top.append({lp.decoded_token: lp.logprob for lp in entry.values()})
+        offsets.append(offset)
+        offset += len(entry[token].decoded_token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(output: CompletionOutput, top_logprobs: int) -> list[dict]:
+    """The chat shape: per token its text, logprob and UTF-8 bytes, and the top_logprobs most likely
+    tokens (ranks 1 to top_logprobs, which the sampled token may not be among)."""
+
+    def one(lp) -> dict:
+        return {
+            "token": lp.decoded_token,
+            "logprob": lp.logprob,
+            "bytes": list(lp.decoded_token.encode()),
+        }
+
+    content = []
+    for token, entry in zip(output.token_ids, output.logprobs):
+        top = sorted(
+            (lp for lp in entry.values() if lp.rank <= top_logprobs), key=lambda lp: lp.rank
+        )
+        content.append({**one(entry[token]), "top_logprobs": [one(lp) for lp in top]})
+    return content
 
 
 def response(
