@@ -53,7 +53,29 @@ def device_name(device) -> str:
     model = next(
         (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None
     )
-    return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return (
+        f"{model or platform.processor() or 'CPU'} ({threads} thread{'s' if threads > 1 else ''})"
+    )
+
+
+def set_cpu_threads() -> int:
+    """Give PyTorch few threads on the CPU, unless the user chose a number; return the number it uses.
+
+    PyTorch starts with one thread per core. An operation split across threads waits for the slowest,
+    so when another program takes one of the cores (on a laptop, beside a test run) every operation
+    waits for a thread that is not running: on a busy 2-core machine the quickstart decoded 10 times
+    faster on 1 thread than on 2 (section 1.1 has the numbers). So: half the CPUs this process may
+    use, leaving the rest to everything else, at least 1 and at most 4 (the CPU path runs small
+    models, whose operations are too small to split further). OMP_NUM_THREADS or MKL_NUM_THREADS,
+    which PyTorch reads at start-up, mean the user chose: then nothing changes. A smaller number set
+    with torch.set_num_threads is kept; to use more, call it after creating the engine."""
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = min(torch.get_num_threads(), max(1, min(4, (cpus or 1) // 2)))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def to_device(values, device: torch.device) -> torch.Tensor:
