@@ -32,9 +32,9 @@
 #
 # | module | what it holds |
 # |---|---|
-# | `mini_infer.device` | which device and dtype to run on |
+# | `mini_infer.device` | which device and dtype to run on, and how many CPU threads |
 # | `mini_infer.config` | `ModelConfig`, the model's shape, from a Hugging Face `config.json` |
-# | `mini_infer.models.llama` | the Llama (and Qwen3) model on packed tokens |
+# | `mini_infer.models.llama` | the Llama model (and Mistral, Qwen2, Qwen3) on packed tokens |
 # | `mini_infer.contiguous_cache` | `ContiguousKVCache` and `generate_greedy` |
 # | `mini_infer.loader` | `load_model`: the embedded GGUF, safetensors directories, hub ids, dummy weights |
 
@@ -88,10 +88,24 @@ print(
 # device. GPUs of compute capability 8.0 and later (A100, H100, RTX 30xx and up) compute natively in
 # **bfloat16**, which keeps float32's exponent range in 2 bytes; older ones such as Colab's T4 get
 # **float16**; the CPU gets **float32**, the exact reference every other setting is compared with.
+#
+# On the CPU one more choice matters: how many threads PyTorch splits each operation across. PyTorch
+# starts with one per core, which is right for a machine with nothing else to do. An operation split
+# across threads is done when its slowest thread is, though, so on a laptop where a browser, an editor
+# or a test run holds one of the cores, every operation waits for a thread that is not running.
+# Measured on a 2-core machine that other work kept busy (a load average of about 4): the quickstart
+# (`examples/quickstart.py`: load the embedded model, answer one chat question) answered at a median
+# 0.8 tokens/s on PyTorch's default of 2 threads and 7.1 tokens/s on 1, and loaded in 17.0 s against
+# 9.8 s. Method: `benchmarks/cpu_quickstart.py`, a fresh process per run, the settings taking turns,
+# 4 runs each; every run is in `benchmarks/results/cpu_quickstart.json`.
+#
+# So the engine (Chapter 6) calls `set_cpu_threads()` when it starts on the CPU: half the CPUs the
+# process may use, at least 1 and at most 4, unless `OMP_NUM_THREADS` (or `MKL_NUM_THREADS`) says the
+# user chose. `torch.set_num_threads(n)` after creating the engine overrides it too.
 
 # %%
 #| export mini_infer.device
-"""Which device and number format to run on, and how host arrays get there."""
+"""Which device and number format to run on, how many CPU threads, and how host arrays get there."""
 
 import datetime
 import importlib.metadata
@@ -156,7 +170,7 @@ def set_cpu_threads() -> int:
 
     PyTorch starts with one thread per core. An operation split across threads waits for the slowest,
     so when another program takes one of the cores (on a laptop, beside a test run) every operation
-    waits for a thread that is not running: on a busy 2-core machine the quickstart decoded 10 times
+    waits for a thread that is not running: on a busy 2-core machine the quickstart answered 9 times
     faster on 1 thread than on 2 (section 1.1 has the numbers). So: half the CPUs this process may
     use, leaving the rest to everything else, at least 1 and at most 4 (the CPU path runs small
     models, whose operations are too small to split further). OMP_NUM_THREADS or MKL_NUM_THREADS,
@@ -235,8 +249,18 @@ print(
 # %% [markdown]
 # The Llama shape fits in a dozen numbers. Hugging Face checkpoints carry the same numbers in a
 # `config.json` under other names, and that is the form the rest of the package reads: `ModelConfig`
-# takes a `config.json` dict (Llama and Qwen3, which adds a norm on queries and keys), and the GGUF
-# loader first translates the GGUF metadata into such a dict.
+# takes a `config.json` dict, and the GGUF loader first translates the GGUF metadata into such a dict.
+#
+# Four families share this shape: Llama; Mistral, the same computation; Qwen2, which adds a bias to the
+# query, key and value projections but none to the output projection (always: its config has no flag
+# for them); and Qwen3, which adds an RMSNorm over each query and key head. `from_hf` reads each
+# family's fields as Hugging Face `transformers` does, and refuses what the model below does not
+# compute: another family, an activation other than SiLU, biases in the MLP, and a **sliding window**
+# shorter than the longest sequence we will run. A layer with a window of $W$ tokens lets each token
+# attend to itself and the $W - 1$ tokens before it only (Mistral 7B v0.1 has $W$ = 4,096 for a
+# context of 32,768; Qwen2 and Qwen3 configs name one but switch it off with `use_sliding_window`).
+# Up to $W$ tokens that is every earlier token, so full attention computes exactly the same: such a
+# model runs when `max_model_len` is at most $W$, and otherwise gets an error that says so.
 
 # %%
 #| export mini_infer.config
@@ -817,8 +841,9 @@ print("lm_head is the embedding table:", hf.lm_head.weight.data_ptr() == E.data_
 #   Hugging Face tensor into its slice.
 #
 # Parameter names follow Hugging Face's (`model.layers.0.self_attn.o_proj.weight`), so loading needs no
-# translation beyond the merged projections. Qwen3 is the same model plus `q_norm` and `k_norm`, an
-# RMSNorm over each query and key head before the rotation.
+# translation beyond the merged projections. Mistral is the same model; Qwen2 gives `qkv_proj` a bias
+# (and `o_proj` none); Qwen3 adds `q_norm` and `k_norm`, an RMSNorm over each query and key head
+# before the rotation.
 
 # %%
 #| export mini_infer.models.llama
@@ -1105,6 +1130,15 @@ class ContiguousKVCache:
 # checkpoint lacks cannot pass unnoticed; streams the checkpoint's tensors into the model by name; and
 # loads the tokenizer. With no argument it loads the embedded GGUF file. Section 1.10 covers the other
 # sources.
+#
+# The GGUF file holds the tokenizer too, as metadata: 49,152 tokens and 48,900 merges. `gguf`'s reader
+# turns every one of those strings into NumPy arrays, and that is most of its 4 s (median of 4 runs on
+# the busy 2-core machine of section 1.1). `AutoTokenizer.from_pretrained(..., gguf_file=...)` would
+# parse the whole file a second time, only to learn the model's type, before building the tokenizer;
+# the class it then picks for this file, `PreTrainedTokenizerFast`, reads just the tokenizer's entries,
+# with a fast reader of transformers' own. So we call that class directly: 0.44 s instead of 5.05 s
+# (medians of 4 runs), and the quickstart's load on one thread went from 13.8 s to 9.4 s (medians of
+# 4 runs each, in `benchmarks/results/cpu_quickstart.json`).
 
 
 # %%
@@ -1162,10 +1196,9 @@ def load_gguf(path: Path, dtype: torch.dtype, device, max_model_len: int | None)
         raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
     config = ModelConfig.from_hf(gguf_hf_config(reader), max_model_len)
     model = load_weights(empty_model(config, dtype, device), gguf_weights(reader, config), path)
-    # Not AutoTokenizer: to pick a tokenizer class it first works out the model's config by parsing the
-    # whole file again with GGUFReader, vocabulary included (4 of the 17 s of a load on a 2-core CPU).
-    # The tokenizer class reads only the tokenizer's entries, with transformers' fast reader (0.3 s),
-    # and gives the same tokenizer: AutoTokenizer's choice for a GGUF file is this class.
+    # Not AutoTokenizer: to pick a tokenizer class it works out the model's config by parsing the whole
+    # file again with GGUFReader, vocabulary included (5 s on a busy 2-core CPU). The class it picks for
+    # the embedded file reads only the tokenizer's entries, with transformers' fast reader (0.4 s).
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
     return LoadedModel(model, tokenizer, config)
 
@@ -1629,7 +1662,10 @@ plt.show()
 # %% [markdown]
 # ## 1.10 Other models: safetensors directories, hub ids, dummy weights
 #
-# The same model class runs any Llama or Qwen3 checkpoint. `load_model` accepts:
+# The same model class runs Llama, Mistral, Qwen2 and Qwen3 checkpoints, and head sizes that are not
+# powers of two: the tests run tiny random models of each family, and with heads of 80 and 96, through
+# the engine on the CPU against Hugging Face, token for token (the attention kernels pad such heads to
+# the next power of two; their tests cover 80 and 96 under Triton's interpreter). `load_model` accepts:
 #
 # * nothing: the embedded SmolLM2 GGUF file;
 # * a `.gguf` file;
@@ -1641,7 +1677,8 @@ plt.show()
 #   for benchmarks, whose speed does not depend on the weights' values.
 #
 # Every failure names its cause: a missing path, a directory without `config.json` or weights, a
-# damaged file, an unreachable hub, an architecture we do not support.
+# damaged file, an unreachable hub, an architecture or a setting we do not support. `max_model_len`
+# (the engine passes its own) is checked against a sliding window before a single weight is read.
 
 
 # %%
