@@ -326,7 +326,7 @@ class ModelConfig:
             eos = hf.get("eos_token_id")
             # Qwen2 hard-codes its biases (q/k/v yes, o no) and has no attention_bias key; Llama and
             # Qwen3 put one on all four projections when attention_bias is set; Mistral on none.
-            bias = hf.get("attention_bias", False) and model_type != "mistral"
+            bias = bool(hf.get("attention_bias")) and model_type != "mistral"
             config = cls(
                 model_type=model_type,
                 hidden_size=hf["hidden_size"],
