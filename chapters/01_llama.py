@@ -32,9 +32,9 @@
 #
 # | module | what it holds |
 # |---|---|
-# | `mini_infer.device` | which device and dtype to run on |
+# | `mini_infer.device` | which device and dtype to run on, and how many CPU threads |
 # | `mini_infer.config` | `ModelConfig`, the model's shape, from a Hugging Face `config.json` |
-# | `mini_infer.models.llama` | the Llama (and Qwen3) model on packed tokens |
+# | `mini_infer.models.llama` | the Llama model (and Mistral, Qwen2, Qwen3) on packed tokens |
 # | `mini_infer.contiguous_cache` | `ContiguousKVCache` and `generate_greedy` |
 # | `mini_infer.loader` | `load_model`: the embedded GGUF, safetensors directories, hub ids, dummy weights |
 
@@ -88,10 +88,24 @@ print(
 # device. GPUs of compute capability 8.0 and later (A100, H100, RTX 30xx and up) compute natively in
 # **bfloat16**, which keeps float32's exponent range in 2 bytes; older ones such as Colab's T4 get
 # **float16**; the CPU gets **float32**, the exact reference every other setting is compared with.
+#
+# On the CPU one more choice matters: how many threads PyTorch splits each operation across. PyTorch
+# starts with one per core, which is right for a machine with nothing else to do. An operation split
+# across threads is done when its slowest thread is, though, so on a laptop where a browser, an editor
+# or a test run holds one of the cores, every operation waits for a thread that is not running.
+# Measured on a 2-core machine that other work kept busy (a load average of about 4): the quickstart
+# (`examples/quickstart.py`: load the embedded model, answer one chat question) answered at a median
+# 0.8 tokens/s on PyTorch's default of 2 threads and 7.1 tokens/s on 1, and loaded in 17.0 s against
+# 9.8 s. Method: `benchmarks/cpu_quickstart.py`, a fresh process per run, the settings taking turns,
+# 4 runs each; every run is in `benchmarks/results/cpu_quickstart.json`.
+#
+# So the engine (Chapter 6) calls `set_cpu_threads()` when it starts on the CPU: half the CPUs the
+# process may use, at least 1 and at most 4, unless `OMP_NUM_THREADS` (or `MKL_NUM_THREADS`) says the
+# user chose. `torch.set_num_threads(n)` after creating the engine overrides it too.
 
 # %%
 #| export mini_infer.device
-"""Which device and number format to run on, and how host arrays get there."""
+"""Which device and number format to run on, how many CPU threads, and how host arrays get there."""
 
 import datetime
 import importlib.metadata
@@ -145,7 +159,29 @@ def device_name(device) -> str:
     model = next(
         (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None
     )
-    return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return (
+        f"{model or platform.processor() or 'CPU'} ({threads} thread{'s' if threads > 1 else ''})"
+    )
+
+
+def set_cpu_threads() -> int:
+    """Give PyTorch few threads on the CPU, unless the user chose a number; return the number it uses.
+
+    PyTorch starts with one thread per core. An operation split across threads waits for the slowest,
+    so when another program takes one of the cores (on a laptop, beside a test run) every operation
+    waits for a thread that is not running: on a busy 2-core machine the quickstart answered 9 times
+    faster on 1 thread than on 2 (section 1.1 has the numbers). So: half the CPUs this process may
+    use, leaving the rest to everything else, at least 1 and at most 4 (the CPU path runs small
+    models, whose operations are too small to split further). OMP_NUM_THREADS or MKL_NUM_THREADS,
+    which PyTorch reads at start-up, mean the user chose: then nothing changes. A smaller number set
+    with torch.set_num_threads is kept; to use more, call it after creating the engine."""
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = min(torch.get_num_threads(), max(1, min(4, (cpus or 1) // 2)))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def to_device(values, device: torch.device) -> torch.Tensor:
@@ -213,18 +249,28 @@ print(
 # %% [markdown]
 # The Llama shape fits in a dozen numbers. Hugging Face checkpoints carry the same numbers in a
 # `config.json` under other names, and that is the form the rest of the package reads: `ModelConfig`
-# takes a `config.json` dict (Llama and Qwen3, which adds a norm on queries and keys), and the GGUF
-# loader first translates the GGUF metadata into such a dict.
+# takes a `config.json` dict, and the GGUF loader first translates the GGUF metadata into such a dict.
+#
+# Four families share this shape: Llama; Mistral, the same computation; Qwen2, which adds a bias to the
+# query, key and value projections but none to the output projection (always: its config has no flag
+# for them); and Qwen3, which adds an RMSNorm over each query and key head. `from_hf` reads each
+# family's fields as Hugging Face `transformers` does, and refuses what the model below does not
+# compute: another family, an activation other than SiLU, biases in the MLP, and a **sliding window**
+# shorter than the longest sequence we will run. A layer with a window of $W$ tokens lets each token
+# attend to itself and the $W - 1$ tokens before it only (Mistral 7B v0.1 has $W$ = 4,096 for a
+# context of 32,768; Qwen2 and Qwen3 configs name one but switch it off with `use_sliding_window`).
+# Up to $W$ tokens that is every earlier token, so full attention computes exactly the same: such a
+# model runs when `max_model_len` is at most $W$, and otherwise gets an error that says so.
 
 # %%
 #| export mini_infer.config
-"""The model's shape, read from a Hugging Face `config.json` dict (Llama family and Qwen3)."""
+"""The model's shape, read from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2 and Qwen3)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -242,20 +288,34 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool  # q, k and v projections have a bias (Qwen2 always, others: attention_bias)
+    o_proj_bias: bool  # the output projection has one (Qwen2 never, others: attention_bias)
     qk_norm: bool  # Qwen3 normalises each query and key head before the rotary embedding
+    sliding_window: int | None  # the window of the layers that attend over one; None: none does
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def from_hf(cls, hf: dict) -> ModelConfig:
-        """Build from a Hugging Face `config.json` dict; raise ValueError for an unsupported architecture."""
+    def from_hf(cls, hf: dict, max_model_len: int | None = None) -> ModelConfig:
+        """Build from a Hugging Face `config.json` dict.
+
+        `max_model_len`: the longest sequence (prompt and output) that will run, max_position_embeddings
+        when None. Raises ValueError for an unsupported architecture, a missing key, a feature we do not
+        implement (an MLP bias, an activation other than SiLU), and a sliding attention window shorter
+        than max_model_len (we implement full attention only, which equals it up to the window's length).
+        """
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             name = ", ".join(hf.get("architectures") or []) or str(model_type)
             raise ValueError(
                 f"unsupported architecture {name} (model_type {model_type!r}): "
                 f"mini_infer supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        act, mlp_bias = hf.get("hidden_act", "silu"), hf.get("mlp_bias", False)
+        if act != "silu" or mlp_bias:
+            raise ValueError(
+                f"{model_type} config with hidden_act {act!r} and mlp_bias {mlp_bias}: mini_infer's "
+                f"MLP is SwiGLU (silu) without biases"
             )
         try:
             heads = hf["num_attention_heads"]
@@ -264,7 +324,10 @@ class ModelConfig:
             rope = hf.get("rope_parameters") or {}
             scaled = rope.get("rope_type", "default") != "default"
             eos = hf.get("eos_token_id")
-            return cls(
+            # Qwen2 hard-codes its biases (q/k/v yes, o no) and has no attention_bias key; Llama and
+            # Qwen3 put one on all four projections when attention_bias is set; Mistral on none.
+            bias = bool(hf.get("attention_bias")) and model_type != "mistral"
+            config = cls(
                 model_type=model_type,
                 hidden_size=hf["hidden_size"],
                 intermediate_size=hf["intermediate_size"],
@@ -278,8 +341,10 @@ class ModelConfig:
                 rope_scaling=hf.get("rope_scaling") or (rope if scaled else None),
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                attention_bias=hf.get("attention_bias", False),
+                qkv_bias=model_type == "qwen2" or bias,
+                o_proj_bias=model_type != "qwen2" and bias,
                 qk_norm=model_type == "qwen3",
+                sliding_window=sliding_window(hf),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(eos)
                 if isinstance(eos, list)
@@ -287,6 +352,36 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ValueError(f"config for {model_type} lacks the key {e}") from e
+        # In a window of W tokens a query sees itself and the W - 1 tokens before it: in a sequence of
+        # at most W tokens that is every earlier token, and full attention computes the same.
+        length = min(
+            max_model_len or config.max_position_embeddings, config.max_position_embeddings
+        )
+        if config.sliding_window is not None and config.sliding_window < length:
+            raise ValueError(
+                f"this {model_type} model attends over a sliding window of {config.sliding_window} "
+                f"tokens, which mini_infer does not implement: pass max_model_len <= "
+                f"{config.sliding_window} (now {length}) to run it exactly"
+            )
+        return config
+
+
+def sliding_window(hf: dict) -> int | None:
+    """The attention window of the layers that use one, from a `config.json` dict; None when none does.
+
+    Mistral's `sliding_window` (null in v0.2 and later) applies to every layer. Qwen2 and Qwen3 use
+    theirs only with `use_sliding_window`, and only in the layers that `layer_types` marks (older
+    configs: the layers from `max_window_layers` on), as transformers does. Llama has none."""
+    model_type, window = hf.get("model_type"), hf.get("sliding_window")
+    if model_type == "mistral":
+        return window
+    if model_type not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or window is None:
+        return None
+    layers = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+        for i in range(hf.get("num_hidden_layers", 0))
+    ]
+    return window if "sliding_attention" in layers else None
 
 
 # %%
@@ -746,12 +841,14 @@ print("lm_head is the embedding table:", hf.lm_head.weight.data_ptr() == E.data_
 #   Hugging Face tensor into its slice.
 #
 # Parameter names follow Hugging Face's (`model.layers.0.self_attn.o_proj.weight`), so loading needs no
-# translation beyond the merged projections. Qwen3 is the same model plus `q_norm` and `k_norm`, an
-# RMSNorm over each query and key head before the rotation.
+# translation beyond the merged projections. Mistral is the same model; Qwen2 gives `qkv_proj` a bias
+# (and `o_proj` none); Qwen3 adds `q_norm` and `k_norm`, an RMSNorm over each query and key head
+# before the rotation.
 
 # %%
 #| export mini_infer.models.llama
-"""The Llama architecture (and Qwen3, which adds q/k norms) in plain PyTorch, on packed tokens.
+"""The Llama architecture in plain PyTorch, on packed tokens; Mistral is the same model, Qwen2 adds
+biases to the q/k/v projections, Qwen3 norms on each query and key head.
 
 `model(input_ids [T], positions [T], attn) -> hidden [T, hidden]`, then `model.compute_logits(hidden)`.
 The attention object `attn(layer_idx, q, k, v) -> [T, heads, head_dim]` owns the KV cache and decides
@@ -813,9 +910,9 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(
-            config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias
+            config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias
         )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -1033,6 +1130,15 @@ class ContiguousKVCache:
 # checkpoint lacks cannot pass unnoticed; streams the checkpoint's tensors into the model by name; and
 # loads the tokenizer. With no argument it loads the embedded GGUF file. Section 1.10 covers the other
 # sources.
+#
+# The GGUF file holds the tokenizer too, as metadata: 49,152 tokens and 48,900 merges. `gguf`'s reader
+# turns every one of those strings into NumPy arrays, and that is most of its 4 s (median of 4 runs on
+# the busy 2-core machine of section 1.1). `AutoTokenizer.from_pretrained(..., gguf_file=...)` would
+# parse the whole file a second time, only to learn the model's type, before building the tokenizer;
+# the class it then picks for this file, `PreTrainedTokenizerFast`, reads just the tokenizer's entries,
+# with a fast reader of transformers' own. So we call that class directly: 0.44 s instead of 5.05 s
+# (medians of 4 runs), and the quickstart's load on one thread went from 13.8 s to 9.4 s (medians of
+# 4 runs each, in `benchmarks/results/cpu_quickstart.json`).
 
 
 # %%
@@ -1079,8 +1185,8 @@ def load_weights(model: LlamaForCausalLM, weights, source) -> LlamaForCausalLM:
     return model
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedModel:
-    from transformers import AutoTokenizer  # imported when needed: it takes seconds
+def load_gguf(path: Path, dtype: torch.dtype, device, max_model_len: int | None) -> LoadedModel:
+    from transformers import PreTrainedTokenizerFast  # imported when needed: it takes seconds
 
     try:
         reader = gguf.GGUFReader(path)
@@ -1088,9 +1194,13 @@ def load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedModel:
         Exception
     ) as e:  # the reader fails in many ways on a damaged file; all mean "not a valid GGUF"
         raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
-    config = ModelConfig.from_hf(gguf_hf_config(reader))
+    config = ModelConfig.from_hf(gguf_hf_config(reader), max_model_len)
     model = load_weights(empty_model(config, dtype, device), gguf_weights(reader, config), path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # Not AutoTokenizer: to pick a tokenizer class it works out the model's config by parsing the whole
+    # file again with GGUFReader, vocabulary included. The class it picks for the embedded file reads
+    # only the tokenizer's entries, with transformers' fast reader: 0.4 s instead of 5 s on a busy
+    # 2-core CPU (section 1.6).
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
     return LoadedModel(model, tokenizer, config)
 
 
@@ -1553,7 +1663,10 @@ plt.show()
 # %% [markdown]
 # ## 1.10 Other models: safetensors directories, hub ids, dummy weights
 #
-# The same model class runs any Llama or Qwen3 checkpoint. `load_model` accepts:
+# The same model class runs Llama, Mistral, Qwen2 and Qwen3 checkpoints, and head sizes that are not
+# powers of two: the tests run tiny random models of each family, and with heads of 80 and 96, through
+# the engine on the CPU against Hugging Face, token for token (the attention kernels pad such heads to
+# the next power of two; their tests cover 80 and 96 under Triton's interpreter). `load_model` accepts:
 #
 # * nothing: the embedded SmolLM2 GGUF file;
 # * a `.gguf` file;
@@ -1565,7 +1678,8 @@ plt.show()
 #   for benchmarks, whose speed does not depend on the weights' values.
 #
 # Every failure names its cause: a missing path, a directory without `config.json` or weights, a
-# damaged file, an unreachable hub, an architecture we do not support.
+# damaged file, an unreachable hub, an architecture or a setting we do not support. `max_model_len`
+# (the engine passes its own) is checked against a sliding window before a single weight is read.
 
 
 # %%
@@ -1603,10 +1717,12 @@ def safetensors_weights(files: list[Path]):
             raise ValueError(f"cannot read safetensors file {f}: {e}") from e
 
 
-def load_safetensors_dir(directory: Path, dtype: torch.dtype, device) -> LoadedModel:
+def load_safetensors_dir(
+    directory: Path, dtype: torch.dtype, device, max_model_len: int | None
+) -> LoadedModel:
     from transformers import AutoTokenizer
 
-    config = ModelConfig.from_hf(json.loads(_config_file(directory).read_text()))
+    config = ModelConfig.from_hf(json.loads(_config_file(directory).read_text()), max_model_len)
     files = safetensors_files(directory)
     model = load_weights(empty_model(config, dtype, device), safetensors_weights(files), directory)
     has_tokenizer = any(
@@ -1636,12 +1752,14 @@ def download(repo_id: str) -> Path:
         ) from e
 
 
-def load_dummy(source, dtype: torch.dtype, device, seed: int = 0) -> LoadedModel:
+def load_dummy(
+    source, dtype: torch.dtype, device, max_model_len: int | None, seed: int = 0
+) -> LoadedModel:
     """Random weights for a config (a dict, a config.json file or a directory holding one)."""
     hf_config = (
         source if isinstance(source, dict) else json.loads(_config_file(Path(source)).read_text())
     )
-    config = ModelConfig.from_hf(hf_config)
+    config = ModelConfig.from_hf(hf_config, max_model_len)
     model = empty_model(config, dtype, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
@@ -1656,31 +1774,37 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def load_model(
-    model: str | Path | dict | None = None, dtype="auto", device=None, load_format: str = "auto"
+    model: str | Path | dict | None = None,
+    dtype="auto",
+    device=None,
+    load_format: str = "auto",
+    max_model_len: int | None = None,
 ) -> LoadedModel:
     """Load (model, tokenizer, config).
 
     `model`: None for the embedded SmolLM2 GGUF; a .gguf file; a directory with config.json and
     *.safetensors; or a Hugging Face hub id. With `load_format="dummy"`, a config.json path or dict,
     filled with seeded random weights. `dtype`: "auto" (the device's default), "float32", "bfloat16",
-    "float16" or a torch dtype. `device`: default_device() when None."""
+    "float16" or a torch dtype. `device`: default_device() when None. `max_model_len`: the longest
+    sequence that will run (max_position_embeddings when None); a model whose sliding attention
+    window is shorter is refused with a ValueError before any weight is read."""
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     if load_format == "dummy":
-        return load_dummy(model, dtype, device)
+        return load_dummy(model, dtype, device, max_model_len)
     if load_format != "auto":
         raise ValueError(f"unknown load_format {load_format!r}: use 'auto' or 'dummy'")
     if model is None:
-        return load_gguf(embedded_gguf_path(), dtype, device)
+        return load_gguf(embedded_gguf_path(), dtype, device, max_model_len)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype, device)
+        return load_gguf(path, dtype, device, max_model_len)
     if path.is_dir():
-        return load_safetensors_dir(path, dtype, device)
+        return load_safetensors_dir(path, dtype, device, max_model_len)
     if path.exists():
         raise ValueError(f"{path} is neither a .gguf file nor a model directory")
     if HUB_ID.fullmatch(str(model)):
-        return load_safetensors_dir(download(str(model)), dtype, device)
+        return load_safetensors_dir(download(str(model)), dtype, device, max_model_len)
     raise FileNotFoundError(f"model path not found: {path}")
 
 

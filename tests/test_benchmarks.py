@@ -46,6 +46,12 @@ def test_exits_cleanly_without_a_gpu(script):
     assert f"{script}.py measures a GPU; none is visible here." in result.stdout
 
 
+def test_cpu_quickstart_help():
+    result = run(sys.executable, "benchmarks/cpu_quickstart.py", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--threads" in result.stdout and "--code" in result.stdout
+
+
 def test_race_exits_cleanly_without_a_gpu():
     result = run("bash", "benchmarks/race.sh", PYTHON=sys.executable)
     assert result.returncode == 0, result.stderr

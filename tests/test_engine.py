@@ -1,6 +1,7 @@
 """The engine end to end on the CPU: greedy output equal to Hugging Face's, the same under chunked
 prefill, prefix caching and memory pressure; seeds, streaming, stop strings, and clear errors for bad requests."""
 
+import os
 import re
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import assert_engine_quiet
+from helpers import TINY_HF, assert_engine_quiet, tiny_hf_model
 from mini_infer.layers.sampler import Sampler, SamplingBatch
 from mini_infer.llm import LLM
 from mini_infer.loader import embedded_gguf_path
@@ -413,6 +414,61 @@ def test_dummy_weights_generate_from_token_ids():
         "no tokenizer, and stop strings need one"
         in llm.generate([1, 2], SamplingParams(stop="."), use_tqdm=False)[0].error
     )
+
+
+@pytest.mark.parametrize(
+    "model_type, config",
+    [
+        pytest.param("qwen2", dict(tie_word_embeddings=True), id="qwen2"),
+        pytest.param("mistral", dict(sliding_window=None), id="mistral"),
+        pytest.param(
+            "llama", dict(hidden_size=160, num_attention_heads=2, head_dim=80), id="head80"
+        ),
+        pytest.param(
+            "qwen3",
+            dict(hidden_size=96, num_attention_heads=2, num_key_value_heads=1, head_dim=96),
+            id="head96",
+        ),
+    ],
+)
+def test_model_families_and_head_sizes_through_llm_equal_hugging_face(tmp_path, model_type, config):
+    hf = tiny_hf_model(model_type, **config)
+    hf.save_pretrained(tmp_path)
+    llm = LLM(tmp_path, dtype="float32", device="cpu", max_model_len=128, cpu_kv_bytes=4 << 20)
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 300, (n,), generator=generator).tolist() for n in (5, 19, 40)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ours = token_ids(llm.generate(prompts, params, use_tqdm=False))  # one batch: prefill + decode
+    for prompt, tokens in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            expected = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=16,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert tokens == expected[0, len(prompt) :].tolist()
+
+
+def test_the_engine_on_the_cpu_takes_few_threads_unless_the_user_chose(monkeypatch):
+    config = {"model_type": "llama", **TINY_HF}
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    try:
+        torch.set_num_threads(16)  # PyTorch's start-up default on 16 cores
+        LLM(config, load_format="dummy", device="cpu", cpu_kv_bytes=1 << 20)
+        assert torch.get_num_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "16")
+        torch.set_num_threads(16)
+        LLM(config, load_format="dummy", device="cpu", cpu_kv_bytes=1 << 20)
+        assert torch.get_num_threads() == 16
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_top_k_top_p_min_p_filter_keeps_the_right_tokens():

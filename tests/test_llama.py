@@ -1,7 +1,8 @@
 """The exported Llama model (Chapter 1) against Hugging Face transformers.
 
 The embedded SmolLM2 GGUF, loaded by both, in float32 on the CPU: prompt logits and greedy tokens. Tiny
-random Llama and Qwen3 models, saved by transformers and loaded through our safetensors path: logits.
+random models of every family (Llama, Mistral, Qwen2, Qwen3, a head size of 80), saved by transformers
+and loaded through our safetensors path: logits and greedy tokens; sliding windows.
 The contiguous KV cache: prefill in chunks equals prefill at once.
 """
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 import transformers
 
+from helpers import TINY_HF as TINY
+from helpers import tiny_hf_model
 from mini_infer.contiguous_cache import ContiguousKVCache, generate_greedy
 from mini_infer.loader import embedded_gguf_path, load_model
 
@@ -117,41 +120,30 @@ def test_greedy_answers(ours, prompts):
     assert tokenizer.decode(answer, skip_special_tokens=True) == "The capital of France is Paris."
 
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=300,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-)
+FAMILIES = [
+    pytest.param(
+        "llama", dict(attention_bias=True, tie_word_embeddings=True, rope_theta=5000.0), id="llama"
+    ),
+    pytest.param("qwen3", dict(head_dim=32, tie_word_embeddings=False), id="qwen3"),
+    pytest.param("qwen2", dict(tie_word_embeddings=True), id="qwen2"),  # q/k/v biases, o without
+    pytest.param("mistral", dict(sliding_window=None), id="mistral"),
+    # a window as long as max_position_embeddings never hides a token: full attention is exact
+    pytest.param("mistral", dict(sliding_window=128), id="mistral-window"),
+    pytest.param(
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=16, max_window_layers=2),
+        id="qwen2-window-unused",  # no layer from max_window_layers (2) on: no layer slides
+    ),
+    pytest.param("llama", dict(hidden_size=160, num_attention_heads=2, head_dim=80), id="head80"),
+]
 
 
-def tiny_hf(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        config = transformers.LlamaConfig(
-            **TINY, attention_bias=True, tie_word_embeddings=True, rope_theta=5000.0
-        )
-        model = transformers.LlamaForCausalLM(config)
-    else:
-        config = transformers.Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False)
-        model = transformers.Qwen3ForCausalLM(config)
-    with torch.no_grad():  # make the norms and biases non-trivial, so a mistake with them shows
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_tiny_random_model_matches_hf_through_safetensors(tmp_path, kind):
-    hf_model = tiny_hf(kind)
+@pytest.mark.parametrize("model_type, config", FAMILIES)
+def test_tiny_random_model_matches_hf_through_safetensors(tmp_path, model_type, config):
+    hf_model = tiny_hf_model(model_type, **config)
     hf_model.save_pretrained(tmp_path)
-    model, tokenizer, config = load_model(tmp_path, dtype="float32", device="cpu")
-    assert tokenizer is None and config.qk_norm == (kind == "qwen3")
+    model, tokenizer, ours = load_model(tmp_path, dtype="float32", device="cpu")
+    assert tokenizer is None and ours.model_type == model_type
     ids = torch.randint(
         0, TINY["vocab_size"], (20,), generator=torch.Generator().manual_seed(1)
     ).tolist()
@@ -168,6 +160,34 @@ def test_tiny_random_model_matches_hf_through_safetensors(tmp_path, kind):
             pad_token_id=0,
         )
     assert generate_greedy(model, ids, 10) == hf_tokens[0, 20:].tolist()
+
+
+@pytest.mark.parametrize(
+    "model_type, config",
+    [
+        ("mistral", dict(sliding_window=32)),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=1)),
+    ],
+)
+def test_a_sliding_window_runs_exactly_up_to_its_length_and_is_refused_beyond(
+    tmp_path, model_type, config
+):
+    hf_model = tiny_hf_model(model_type, **config)
+    hf_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="sliding window of 32 tokens.*max_model_len <= 32"):
+        load_model(tmp_path, dtype="float32", device="cpu")  # max_model_len: 128 positions
+    model = load_model(tmp_path, dtype="float32", device="cpu", max_model_len=32).model
+    ids = torch.randint(0, TINY["vocab_size"], (22,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hf_tokens = hf_model.generate(
+            ids[None],
+            attention_mask=torch.ones(1, 22, dtype=torch.long),
+            max_new_tokens=11,  # the last query, at position 31, sees the whole window of 32 tokens
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert generate_greedy(model, ids.tolist(), 11) == hf_tokens[0, 22:].tolist()
 
 
 def test_prefill_in_chunks_equals_prefill_at_once():

@@ -1,6 +1,7 @@
 """Loading (Chapter 1): sources, errors that name their cause, dummy weights, device and dtype choice."""
 
 import json
+import os
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 import mini_infer.device
 from mini_infer.config import ModelConfig
 from mini_infer.contiguous_cache import ContiguousKVCache
-from mini_infer.device import default_device, default_dtype, resolve_dtype
+from mini_infer.device import default_device, default_dtype, resolve_dtype, set_cpu_threads
 from mini_infer.loader import embedded_gguf_path, load_model
 
 TINY = {
@@ -86,6 +87,37 @@ def test_safetensors_directory_with_a_tokenizer(tmp_path):
     )
     tokenizer.save_pretrained(tmp_path)
     assert load_model(tmp_path, dtype="float32", device="cpu").tokenizer is not None
+
+
+@pytest.mark.slow
+def test_embedded_gguf_is_parsed_once_and_its_tokenizer_is_autotokenizers(monkeypatch):
+    import gguf
+
+    parses = []
+    real_init = gguf.GGUFReader.__init__
+
+    def counting_init(self, path, *args, **kwargs):
+        parses.append(path)
+        real_init(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting_init)
+    tokenizer = load_model(dtype="float32", device="cpu").tokenizer
+    assert len(parses) == 1  # the weights' reader; the tokenizer reads only its own entries
+    path = embedded_gguf_path()
+    auto = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert type(tokenizer) is type(auto)
+    assert tokenizer.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    assert tokenizer.chat_template == auto.chat_template
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
+        auto.bos_token,
+        auto.eos_token,
+        auto.pad_token,
+        auto.unk_token,
+    )
+    chat = [{"role": "user", "content": "Hello <|im_end|> wörld"}]
+    assert tokenizer.apply_chat_template(chat, add_generation_prompt=True) == (
+        auto.apply_chat_template(chat, add_generation_prompt=True)
+    )
 
 
 @pytest.mark.slow
@@ -177,7 +209,7 @@ def test_unreachable_hub_id_fails_fast_and_clearly(monkeypatch, tmp_path):
 @pytest.mark.parametrize("where", ["dict", "directory"])
 def test_unsupported_architecture(tmp_path, where):
     gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64}
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*llama, qwen3"):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*llama, mistral, qwen2, qwen3"):
         if where == "dict":
             load_model(gpt2, load_format="dummy")
         else:
@@ -262,6 +294,79 @@ def test_config_from_hf_dicts():
         ModelConfig.from_hf({k: v for k, v in TINY.items() if k != "intermediate_size"})
 
 
+@pytest.mark.parametrize(
+    "hf, biases",
+    [
+        ({"model_type": "llama"}, (False, False)),
+        ({"model_type": "llama", "attention_bias": True}, (True, True)),
+        ({"model_type": "qwen3", "attention_bias": True}, (True, True)),
+        ({"model_type": "qwen2"}, (True, False)),  # implicit: q/k/v always, o never
+        ({"model_type": "qwen2", "attention_bias": True}, (True, False)),  # not a Qwen2 key
+        ({"model_type": "mistral", "attention_bias": True}, (False, False)),  # not a Mistral key
+    ],
+)
+def test_attention_biases_of_each_family(hf, biases):
+    config = ModelConfig.from_hf({**TINY, **hf})
+    assert (config.qkv_bias, config.o_proj_bias) == biases
+
+
+@pytest.mark.parametrize(
+    "hf, window",
+    [
+        ({"model_type": "llama", "sliding_window": 16}, None),  # no Llama key
+        ({"model_type": "mistral", "sliding_window": None}, None),
+        ({"model_type": "mistral", "sliding_window": 4096}, 4096),  # Mistral 7B v0.1
+        ({"model_type": "qwen2", "sliding_window": 32768, "max_window_layers": 0}, None),  # unused
+        (
+            {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64},
+            None,  # max_window_layers, 28 by default: past the last layer
+        ),
+        (
+            {
+                "model_type": "qwen3",
+                "use_sliding_window": True,
+                "sliding_window": 64,
+                "max_window_layers": 1,
+            },
+            64,
+        ),
+        (
+            {
+                "model_type": "qwen2",
+                "use_sliding_window": True,
+                "sliding_window": 64,
+                "layer_types": ["full_attention", "sliding_attention"],
+            },
+            64,
+        ),
+    ],
+)
+def test_sliding_window_of_each_family(hf, window):
+    assert (
+        ModelConfig.from_hf({**TINY, "max_position_embeddings": 64, **hf}).sliding_window == window
+    )
+
+
+def test_a_sliding_window_shorter_than_max_model_len_is_refused_before_loading():
+    mistral = {**TINY, "model_type": "mistral", "sliding_window": 64}  # 128 positions
+    with pytest.raises(
+        ValueError, match="sliding window of 64 tokens.*max_model_len <= 64 \\(now 128\\)"
+    ):
+        load_model(mistral, load_format="dummy")
+    with pytest.raises(ValueError, match="now 65"):
+        load_model(mistral, load_format="dummy", max_model_len=65)
+    assert load_model(mistral, load_format="dummy", max_model_len=64).config.sliding_window == 64
+
+
+@pytest.mark.parametrize(
+    "hf, error",
+    [({"hidden_act": "gelu"}, "hidden_act 'gelu'"), ({"mlp_bias": True}, "mlp_bias True")],
+)
+def test_an_mlp_we_do_not_implement_is_refused(hf, error):
+    with pytest.raises(ValueError, match=error):
+        ModelConfig.from_hf({**TINY, **hf})
+
+
 # --- device and dtype ------------------------------------------------------------------------------------
 
 
@@ -298,6 +403,34 @@ def test_default_dtype_on_gpus(monkeypatch, capability, expected):
     )
     assert default_dtype("cuda") == expected
     assert resolve_dtype("auto", "cuda") == expected
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("restore_threads")
+@pytest.mark.parametrize(
+    "cpus, torch_threads, expected",
+    [(1, 1, 1), (2, 2, 1), (8, 8, 4), (64, 32, 4), (16, 2, 2)],  # the last: a user's smaller choice
+)
+def test_cpu_threads_default_to_half_the_cpus_at_most_4(monkeypatch, cpus, torch_threads, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    torch.set_num_threads(torch_threads)
+    assert set_cpu_threads() == expected == torch.get_num_threads()
+
+
+@pytest.mark.usefixtures("restore_threads")
+@pytest.mark.parametrize("variable", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
+def test_cpu_threads_chosen_by_the_user_are_kept(monkeypatch, variable):
+    monkeypatch.setenv(variable, "3")
+    torch.set_num_threads(3)
+    assert set_cpu_threads() == 3 == torch.get_num_threads()
 
 
 def test_dtype_names():

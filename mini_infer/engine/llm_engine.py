@@ -5,6 +5,7 @@ import torch
 
 from mini_infer.core.scheduler import Scheduler
 from mini_infer.core.sequence import Sequence
+from mini_infer.device import default_device, set_cpu_threads
 from mini_infer.engine.input_processor import EngineRequest, InputProcessor
 from mini_infer.engine.output_processor import OutputProcessor
 from mini_infer.loader import load_model
@@ -58,7 +59,16 @@ class LLMEngine:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
-        loaded = load_model(model, dtype=dtype, device=device, load_format=load_format)
+        device = torch.device(device) if device is not None else default_device()
+        if device.type == "cpu":
+            set_cpu_threads()  # a few threads, unless the user chose (Chapter 1 says why)
+        loaded = load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            load_format=load_format,
+            max_model_len=max_model_len,
+        )
         self.model, self.tokenizer, self.config = loaded
         self.max_model_len = min(
             max_model_len or self.config.max_position_embeddings,

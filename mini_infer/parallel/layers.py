@@ -169,10 +169,10 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = ColumnParallelLinear(
-            c.hidden_size, attn.qkv_proj.sizes, c.attention_bias, rank, world_size, like
+            c.hidden_size, attn.qkv_proj.sizes, c.qkv_bias, rank, world_size, like
         )
         attn.o_proj = RowParallelLinear(
-            attn.o_proj.in_features, c.hidden_size, c.attention_bias, rank, world_size, like
+            attn.o_proj.in_features, c.hidden_size, c.o_proj_bias, rank, world_size, like
         )
         attn.num_heads, attn.num_kv_heads = (
             attn.num_heads // world_size,
