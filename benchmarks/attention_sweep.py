@@ -86,6 +86,7 @@ PREFILL_CASES = [
     (2, 4096, 0),
     (1, 1024, 3072),
 ]
+# (batch, context)
 DECODE_CASES = [
     (64, 4096),
     (256, 600),
@@ -93,7 +94,7 @@ DECODE_CASES = [
     (256, 4096),
     (64, 600),
     (1, 600),
-]  # (batch, context)
+]
 
 
 def prefill_variants(head_dim: int) -> dict[str, dict]:
@@ -336,9 +337,8 @@ def check_all(device, dtype, tiny: bool, shapes: dict) -> Checks:
     num_seqs, new, cached = sdpa_case
     for seed, (name, shape) in enumerate((n, s) for n, s in shapes.items() if n in MODELS):
         for prefix in (0, cached):
-            sdpa_dtype = (
-                dtype if device.type == "cuda" else torch.float32
-            )  # CPU SDPA: the math backend, in fp32
+            # CPU SDPA: the math backend, in fp32
+            sdpa_dtype = dtype if device.type == "cuda" else torch.float32
             b = paged_batch(
                 shape, [new] * num_seqs, [new + prefix] * num_seqs, sdpa_dtype, device, seed + 200
             )
@@ -660,9 +660,8 @@ def sweep(device, dtype, budget_s: float, quick: bool, out_dir: Path) -> int:
     deadline = start + budget_s
     prefill, decode = [], []
     result["prefill"], result["decode"] = prefill, decode
-    timer = Timer(
-        time.time() + (deadline - time.time()) * 2 / 3, checks, quick
-    )  # prefill: 2/3 of what is left
+    # prefill: 2/3 of what is left
+    timer = Timer(time.time() + (deadline - time.time()) * 2 / 3, checks, quick)
     time_prefill(timer, prefill, device, dtype)
     save()
     skipped = timer.skipped

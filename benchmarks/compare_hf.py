@@ -24,9 +24,8 @@ def hf_generate(model, batch_size: int):
     """The `generate` of a Hugging Face model (see common.py): static batches of `batch_size` requests."""
     import torch
 
-    model.generation_config.eos_token_id = (
-        None  # ignore_eos: every request runs to its max_new_tokens
-    )
+    # ignore_eos: every request runs to its max_new_tokens
+    model.generation_config.eos_token_id = None
 
     def generate(prompts, max_tokens, temperature):
         sampling = (
@@ -48,9 +47,8 @@ def hf_generate(model, batch_size: int):
             assert out.shape[1] - width == max(lengths), (
                 "generate stopped before the longest request was done"
             )
-            produced += sum(
-                lengths
-            )  # each request's own tokens: those past its max_tokens are discarded
+            # each request's own tokens: those past its max_tokens are discarded
+            produced += sum(lengths)
         return produced
 
     return generate

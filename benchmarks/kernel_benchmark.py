@@ -222,9 +222,8 @@ def bench_prefill(bench: Bench, cases, models) -> None:
             seed=0,
         )
         es = torch.finfo(DTYPE).bits // 8
-        nbytes = (
-            es * num_seqs * d * (2 * new * hq + 2 * (new + cached) * hkv)
-        )  # q, out; K and V once
+        # q, out; K and V once
+        nbytes = es * num_seqs * d * (2 * new * hq + 2 * (new + cached) * hkv)
         flops = 4 * d * hq * visible_pairs(new, cached) * num_seqs
 
         def triton_fn(b=b):
@@ -266,9 +265,8 @@ def figure(result: dict, op: str):
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if r["op"] == op]
-    groups = sorted(
-        {tuple(r["shape"][1:]) for r in rows}
-    )  # hidden size, or (q heads, kv heads, head_dim)
+    # hidden size, or (q heads, kv heads, head_dim)
+    groups = sorted({tuple(r["shape"][1:]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
         for impl in dict.fromkeys(r["impl"] for r in rows):

@@ -100,9 +100,8 @@ class Paged:
         return True
 
     def grow(self, req: Request) -> bool:
-        self.bm.cache_computed(
-            req, len(req.token_ids) - 1
-        )  # this step wrote all but the newest token's K/V
+        # this step wrote all but the newest token's K/V
+        self.bm.cache_computed(req, len(req.token_ids) - 1)
         if not self.bm.can_append(req):
             return False
         self.bm.append_slot(req)

@@ -72,9 +72,8 @@ import transformers
 
 import mini_infer.kernels  # noqa: F401  (before any @triton.jit below: Triton's interpreter when there is no GPU)
 
-warnings.filterwarnings(
-    "ignore", message="IProgress not found"
-)  # tqdm's note about Jupyter widgets
+# tqdm's note about Jupyter widgets
+warnings.filterwarnings("ignore", message="IProgress not found")
 transformers.utils.logging.disable_progress_bar()  # no loading bars in the book
 print(
     f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
@@ -1145,9 +1144,8 @@ class ContiguousKVCache:
 #| export mini_infer.loader
 class LoadedModel(NamedTuple):
     model: LlamaForCausalLM
-    tokenizer: (
-        object | None
-    )  # a transformers tokenizer; None for dummy weights or a directory without one
+    # a transformers tokenizer; None for dummy weights or a directory without one
+    tokenizer: object | None
     config: ModelConfig
 
 
@@ -1595,10 +1593,11 @@ def kv_and_weights(hf_config):
     params = c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (
         1 if c.tie_word_embeddings else 2
     )
+    # bf16 bytes/token
     return (
         params,
         2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2,
-    )  # bf16 bytes/token
+    )
 
 
 shapes = {

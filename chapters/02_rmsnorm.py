@@ -191,14 +191,12 @@ def _rms_norm_kernel(
 ):
     # Each program normalises ROWS whole rows of N elements held in registers: one read and one write per
     # element. The residual and the output are contiguous (row stride N); x may have a longer row stride.
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(
-        tl.int64
-    )  # int64: rows * stride can pass 2**31
+    # int64: rows * stride can pass 2**31
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < N)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(
-        tl.float32
-    )  # issued first, overlapping x's latency
+    # issued first, overlapping x's latency
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # The sum is rounded to the residual's dtype, stored, and that rounded sum is what gets normalised.

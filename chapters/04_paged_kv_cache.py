@@ -235,12 +235,10 @@ def hash_block(prev_hash: bytes, token_ids: list[int]) -> bytes:
 
 @dataclass
 class Block:
-    ref_count: int = (
-        0  # sequences using the block; 0 = free (but maybe still holding a cached prefix)
-    )
-    hash: bytes | None = (
-        None  # set once the block is full, while its contents are in the prefix cache
-    )
+    # sequences using the block; 0 = free (but maybe still holding a cached prefix)
+    ref_count: int = 0
+    # set once the block is full, while its contents are in the prefix cache
+    hash: bytes | None = None
 
 
 # %% [markdown]
@@ -261,9 +259,8 @@ class BlockPool:
 
     def __init__(self, num_blocks: int):
         self.blocks = [Block() for _ in range(num_blocks)]
-        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(
-            range(num_blocks)
-        )  # front: handed out next
+        # front: handed out next
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[bytes, int] = {}  # block hash -> id of a block holding that prefix
 
     @property
@@ -862,14 +859,12 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.exp2(
-        s * qk_scale - m_new[:, None]
-    )  # the scale rides on the subtraction: one multiply-add per score
+    # the scale rides on the subtraction: one multiply-add per score
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(
-        p.to(v.dtype), v, acc * alpha[:, None]
-    )  # accumulate in place (the MMA's own accumulator)
+    # accumulate in place (the MMA's own accumulator)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -904,9 +899,8 @@ def _decode_split_kernel(
     offs_h = tl.arange(0, BLOCK_H)  # rows: the GROUP query heads of this KV head, padded to BLOCK_H
     heads = kv_head * GROUP + offs_h
     mask_h = offs_h < GROUP
-    offs_d = tl.arange(
-        0, BLOCK_D
-    )  # head_dim padded to a power of two; the padding columns are masked
+    # head_dim padded to a power of two; the padding columns are masked
+    offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -1239,9 +1233,8 @@ def _prefill_kernel(
     mask_m = (rows < QUERIES * HEADS) & (offs_m < q_len)
     first = context_len - q_len + tile * QUERIES  # the tile's first query position
     positions = first + rows // HEADS  # each query sees keys 0..its position
-    offs_d = tl.arange(
-        0, BLOCK_D
-    )  # head_dim padded to a power of two; the padding columns are masked
+    # head_dim padded to a power of two; the padding columns are masked
+    offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(
@@ -1274,9 +1267,8 @@ def _prefill_kernel(
             HEAD_DIM,
         )
         m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, None, False)
-    hi = tl.minimum(
-        context_len, first + QUERIES
-    )  # keys past the tile's last query position: masked for all
+    # keys past the tile's last query position: masked for all
+    hi = tl.minimum(context_len, first + QUERIES)
     for start in range(full, hi, BLOCK_N):
         k, v = _load_kv_tile(
             k_cache_ptr,
@@ -1495,9 +1487,8 @@ if device == "cuda":
             0, (num_seqs + 1) * q_len, q_len, dtype=torch.int32, device=device
         )
         q = torch.randn(num_seqs * q_len, hq, HEAD_DIM, dtype=bf16, device=device)
-        flops = (
-            num_seqs * 4 * (q_len * q_len / 2) * HEAD_DIM * hq
-        )  # two matmuls, half the scores (causal)
+        # two matmuls, half the scores (causal)
+        flops = num_seqs * 4 * (q_len * q_len / 2) * HEAD_DIM * hq
         ms = do_bench(
             graphed(
                 lambda: prefill_attention_triton(

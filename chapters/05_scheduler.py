@@ -385,9 +385,8 @@ class CachedRequestData:
     would cost the host more than the lists do). Only what changed since the request's last step travels."""
 
     req_ids: list[int] = field(default_factory=list)
-    new_token_ids: list[list[int]] = field(
-        default_factory=list
-    )  # sampled tokens the host has seen since
+    # sampled tokens the host has seen since
+    new_token_ids: list[list[int]] = field(default_factory=list)
     new_block_ids: list[list[int]] = field(default_factory=list)  # blocks appended since
     num_computed_tokens: list[int] = field(default_factory=list)
 
@@ -468,15 +467,13 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.eos_token_ids = frozenset(eos_token_ids)  # a model may have several (Llama 3 has two)
-        self.static = (
-            static  # static batching: admit a new batch only when the last one has finished
-        )
+        # static batching: admit a new batch only when the last one has finished
+        self.static = static
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
         self.requests: dict[int, Sequence] = {}  # every unfinished request, by seq_id
-        self.finished_req_ids: set[int] = (
-            set()
-        )  # the runner knew them, and they left since the last step
+        # the runner knew them, and they left since the last step
+        self.finished_req_ids: set[int] = set()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -716,9 +713,8 @@ class TokenPoolModel:
         self.scheduler, self.block_size = scheduler, bm.block_size
         self.pool: list[int | None] = [None] * (bm.num_blocks * bm.block_size)
         self.vocab_size = vocab_size
-        self.requests: dict[
-            int, tuple[list[int], list[int]]
-        ] = {}  # req id -> (its tokens, its block ids)
+        # req id -> (its tokens, its block ids)
+        self.requests: dict[int, tuple[list[int], list[int]]] = {}
         self.last_sampled: dict[int, int] = {}
 
     def _slot(self, block_ids: list[int], pos: int) -> int:

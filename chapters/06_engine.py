@@ -147,9 +147,8 @@ def sample_triton(
 ) -> torch.Tensor:
     """The kernel: the logits are read once, in their own dtype, and no probabilities are written. Its
     random numbers (Philox) differ from `sample_ref`'s, so the two agree in distribution, not draw by draw."""
-    out = torch.empty(
-        logits.shape[0], dtype=torch.long, device=logits.device
-    )  # the store widens the index
+    # the store widens the index
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if logits.shape[0]:
         _sample_kernel[(logits.shape[0],)](
             logits,
@@ -315,9 +314,8 @@ class Sampler:
             padded[r, : len(out)] = out
         index = to_device(np.array(rows), device)
         ids = to_device(padded, device)
-        ids[:, -1] = torch.where(
-            batch.pending[index] >= 0, batch.pending[index], vocab
-        )  # the newest, if pending
+        # the newest, if pending
+        ids[:, -1] = torch.where(batch.pending[index] >= 0, batch.pending[index], vocab)
         counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
             1, ids, torch.ones_like(ids, dtype=torch.float32)
         )
@@ -375,9 +373,8 @@ class Sampler:
         rank = torch.arange(logits.shape[-1], device=logits.device)
         drop = rank[None, :] >= top_k[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        drop |= (
-            probs.cumsum(dim=-1) - probs >= top_p[:, None]
-        )  # the mass before it already suffices
+        # the mass before it already suffices
+        drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]
         drop |= probs < min_p[:, None] * probs[:, :1]
         return torch.full_like(logits, float("-inf")).scatter(
             -1, order, sorted_logits.masked_fill(drop, float("-inf"))
@@ -631,12 +628,10 @@ class ModelRunner:
         # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
         self.free_rows = list(range(max_num_seqs))
-        self.last_rows: dict[
-            int, int
-        ] = {}  # the last step's requests -> their rows of last_sampled, which
-        self.last_sampled: torch.Tensor | None = (
-            None  # stays on the device: where a pending token comes from
-        )
+        # the last step's sampled tokens, left on the device (a pending token is read from there), and the
+        # row of each of its requests in them
+        self.last_sampled: torch.Tensor | None = None
+        self.last_rows: dict[int, int] = {}
         c = self.config
         if self.device.type == "cuda":
             self._warm_up(max_num_batched_tokens, max_num_seqs)
@@ -844,9 +839,8 @@ class ModelRunner:
                     self.graph_inputs["positions"][:bs],
                     self.attn,
                 )
-                self.graph_output[:bs] = self.model(
-                    *args
-                )  # warm-up: compiles kernels, fills caches
+                # warm-up: compiles kernels, fills caches
+                self.graph_output[:bs] = self.model(*args)
                 with torch.cuda.graph(g, pool):
                     self.graph_output[:bs] = self.model(*args)
                 pool = g.pool()
@@ -1075,9 +1069,8 @@ class TextStream:
         self.decode, self.stop, self.include_stop = decode, list(stop), include_stop
         self.hold = max(map(len, self.stop), default=1) - 1
         self.text, self.num_sent = "", 0
-        self.prefix_offset = self.read_offset = (
-            0  # token_ids[prefix_offset:read_offset] made the last piece
-        )
+        # token_ids[prefix_offset:read_offset] made the last piece
+        self.prefix_offset = self.read_offset = 0
         self.stop_reason: str | None = None  # the stop string found, if one was
 
     @property
@@ -1090,9 +1083,8 @@ class TextStream:
         before = self.decode(token_ids[self.prefix_offset : self.read_offset])
         window = self.decode(token_ids[self.prefix_offset :])
         if finished or (len(window) > len(before) and not window.endswith("\ufffd")):
-            search_from = max(
-                0, len(self.text) - self.hold
-            )  # a stop string may straddle the old end
+            # a stop string may straddle the old end
+            search_from = max(0, len(self.text) - self.hold)
             self.text += window[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
             hits = [
@@ -1189,9 +1181,8 @@ class SampleState:
     """One sample (one engine sequence) of a request."""
 
     index: int
-    stream: (
-        TextStream | None
-    )  # its text as it comes, when needed before the end (stop strings, streaming)
+    # its text as it comes, when needed before the end (stop strings, streaming)
+    stream: TextStream | None
     logprobs: list[dict[int, Logprob]] | None  # when the request asked for them
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # what the stream has released so far
@@ -1624,9 +1615,8 @@ class LLM:
             )
         self.engine = LLMEngine(model, **engine_args)
         self.request_counter = itertools.count()
-        self.unread: dict[
-            str, list[RequestOutput]
-        ] = {}  # streams' outputs, made while another caller stepped
+        # streams' outputs, made while another caller stepped
+        self.unread: dict[str, list[RequestOutput]] = {}
 
     def get_tokenizer(self):
         return self.engine.get_tokenizer()

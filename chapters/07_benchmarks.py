@@ -196,6 +196,7 @@ for p in profiles:
     )
     kv_bytes = p["batch"] * p["mean_context"] * 2 * layers * kv_heads * head_dim * 2
     attention_gbps = kv_bytes / (p["gpu_ms"]["decode attention"] * 1e-3) / 1e9
+    # + the logits' matmul
     weights = (
         layers
         * (
@@ -203,7 +204,7 @@ for p in profiles:
             + 3 * hidden * c["intermediate_size"]
         )
         + c["vocab_size"] * hidden
-    )  # + the logits' matmul
+    )
     tflops = 2 * weights * p["batch"] / (p["gpu_ms"]["matmul"] * 1e-3) / 1e12
     print(
         f"{p['model']:14} {p['step_ms']:5.1f}ms {p['host_ms']:5.1f}ms {p['gpu_ms']['decode attention']:8.2f}ms "

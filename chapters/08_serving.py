@@ -176,9 +176,8 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.error: Exception | None = None  # why the engine thread died, if it did
-        self._inbox: queue.SimpleQueue = (
-            queue.SimpleQueue()
-        )  # calls for the engine thread; None stops it
+        # calls for the engine thread; None stops it
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> its outputs; engine thread only
         self._ids = itertools.count()
         self._closed = False
@@ -211,9 +210,8 @@ class AsyncLLMEngine:
         try:
             await added
         except asyncio.CancelledError:
-            self._inbox.put(
-                lambda: self._abort(request_id)
-            )  # runs after the add: the inbox keeps its order
+            # runs after the add: the inbox keeps its order
+            self._inbox.put(lambda: self._abort(request_id))
             raise
         return self._outputs(request_id, outputs)
 
@@ -319,9 +317,8 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 
 # %% tags=["nbval-check-output"]
 greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-streamed = replace(
-    greedy, output_kind=RequestOutputKind.DELTA
-)  # an output per step, with only what is new
+# an output per step, with only what is new
+streamed = replace(greedy, output_kind=RequestOutputKind.DELTA)
 prompts = ["The capital of France is", "Water boils at a temperature of"]
 blocks = llm.engine.scheduler.block_manager
 
@@ -783,9 +780,8 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
-        first = e.errors()[
-            0
-        ]  # e.g. {"loc": ("body", "temperature"), "msg": "Input should be a valid number"}
+        # e.g. {"loc": ("body", "temperature"), "msg": "Input should be a valid number"}
+        first = e.errors()[0]
         if first["type"] == "json_invalid":  # its loc holds the position of the error
             message = f"the body is not valid JSON: {first['ctx']['error']} at character {first['loc'][-1]}"
             return JSONResponse(protocol.error(message), status_code=400)
@@ -855,9 +851,8 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                 code="model_not_found",
             )
         try:
-            params = body.sampling_params(
-                default_max_tokens
-            )  # a chat's default: as long as the context allows
+            # a chat's default: as long as the context allows
+            params = body.sampling_params(default_max_tokens)
             kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
             outputs = await engine.generate(prompt(), replace(params, output_kind=kind))
         except (ValueError, TypeError) as e:
@@ -1266,9 +1261,8 @@ import numpy as np
 @dataclass
 class RequestTiming:
     ttft: float  # seconds from sending the request to the first chunk with a token
-    itl: list[
-        float
-    ]  # seconds between its later chunks (inter-token latency: one chunk per engine step)
+    # seconds between its later chunks (inter-token latency: one chunk per engine step)
+    itl: list[float]
     num_output_tokens: int
 
 
@@ -1320,9 +1314,8 @@ def summarize(timings: list[RequestTiming], seconds: float) -> dict:
         "output_tokens_per_s": round(sum(t.num_output_tokens for t in timings) / seconds, 1),
     }
     for name, values in (("ttft_ms", ttft), ("itl_ms", itl)):
-        median, p99 = (
-            np.percentile(values, [50, 99]) if len(values) else (np.nan, np.nan)
-        )  # nan: no gaps at all
+        # nan: no gaps at all
+        median, p99 = np.percentile(values, [50, 99]) if len(values) else (np.nan, np.nan)
         stats[f"{name}_median"], stats[f"{name}_p99"] = (
             round(float(median), 2),
             round(float(p99), 2),

@@ -391,9 +391,8 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
     counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only."""
     c = model.config
     check_shardable(c, world_size)
-    full = dict(
-        model.named_parameters()
-    )  # unsharded; a tied LM head appears once, as the embedding
+    # unsharded; a tied LM head appears once, as the embedding
+    full = dict(model.named_parameters())
     like = model.lm_head.weight
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -655,9 +654,8 @@ class TensorParallelRunner:
                 f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
                 f"{torch.cuda.device_count()} visible"
             )
-        store = dist.TCPStore(
-            "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
-        )  # a free port
+        # a free port
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
         threads = max(1, torch.get_num_threads() // world_size)
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self.workers = [
@@ -796,9 +794,8 @@ for name in ("qwen3-0.6b", "llama3-8b"):
     )
     cfg = c.config
     reduces = 2 * cfg.num_hidden_layers + 1
-    per_token = (
-        reduces * cfg.hidden_size * bf16 + cfg.vocab_size * bf16
-    )  # hidden vectors + one row of logits
+    # hidden vectors + one row of logits
+    per_token = reduces * cfg.hidden_size * bf16 + cfg.vocab_size * bf16
     weights = sum(p.numel() for p in c.parameters()) * bf16
     print(
         f"{name:14} {reduces:>11} {per_token / 1e3:>7.0f} kB {256 * per_token / 1e6:>10.0f} MB "

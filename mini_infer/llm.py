@@ -45,9 +45,8 @@ class LLM:
             )
         self.engine = LLMEngine(model, **engine_args)
         self.request_counter = itertools.count()
-        self.unread: dict[
-            str, list[RequestOutput]
-        ] = {}  # streams' outputs, made while another caller stepped
+        # streams' outputs, made while another caller stepped
+        self.unread: dict[str, list[RequestOutput]] = {}
 
     def get_tokenizer(self):
         return self.engine.get_tokenizer()

@@ -109,9 +109,8 @@ def gguf_weights(reader, config: ModelConfig):
 
 class LoadedModel(NamedTuple):
     model: LlamaForCausalLM
-    tokenizer: (
-        object | None
-    )  # a transformers tokenizer; None for dummy weights or a directory without one
+    # a transformers tokenizer; None for dummy weights or a directory without one
+    tokenizer: object | None
     config: ModelConfig
 
 

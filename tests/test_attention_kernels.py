@@ -92,6 +92,7 @@ def test_store_kvcache(device, dtype, heads):
 
 def check_decode(device, dtype, heads, seed=0, **knobs):
     hq, hkv, d = heads
+    # within, at, across block boundaries; several key tiles
     context_lens = [
         1,
         15,
@@ -99,7 +100,7 @@ def check_decode(device, dtype, heads, seed=0, **knobs):
         17,
         45,
         130,
-    ]  # within, at, across block boundaries; several key tiles
+    ]
     k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, d, dtype, device, seed=seed)
     q = torch.randn(len(context_lens), hq, d, generator=g).to(device, dtype)
     scale = d**-0.5
@@ -114,14 +115,12 @@ def check_decode(device, dtype, heads, seed=0, **knobs):
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("device, dtype", cases())
 def test_paged_decode(device, dtype, heads):
-    check_decode(
-        device, dtype, heads, num_splits=3
-    )  # several splits per sequence, some empty for short ones
+    # several splits per sequence, some empty for short ones
+    check_decode(device, dtype, heads, num_splits=3)
 
 
-@pytest.mark.parametrize(
-    "num_splits", [1, None]
-)  # one program per (sequence, KV head); the heuristic
+# one program per (sequence, KV head); the heuristic
+@pytest.mark.parametrize("num_splits", [1, None])
 @pytest.mark.parametrize("device, dtype", cases())
 def test_paged_decode_splits(device, dtype, num_splits):
     check_decode(device, dtype, HEADS[2], seed=3, num_splits=num_splits)

@@ -74,10 +74,11 @@ def test_workload_subset_is_the_start_of_the_full_workload():
     args.num_seqs = 256
     full_prompts, full_lengths = common.workload(args)
     assert (prompts, lengths) == (full_prompts[:32], full_lengths[:32])
+    # the reference workload
     assert (sum(map(len, full_prompts)), sum(full_lengths)) == (
         142_827,
         133_966,
-    )  # the reference workload
+    )
 
 
 def fake_engine(calls):
@@ -269,9 +270,8 @@ def test_summarize_compares_only_rows_of_one_machine(tmp_path):
     )
     best = summary["tables"]["throughput"]["qwen3-0.6b"]
     assert best["mini_infer"]["tokens_per_s"] == 800.0  # not the eager, static or 32-request rows
-    assert (
-        best["vllm"]["attention_backend"] == "TRITON_ATTN"
-    )  # the better backend of the same card and day
+    # the better backend of the same card and day
+    assert best["vllm"]["attention_backend"] == "TRITON_ATTN"
     assert summarize.speedup(best["mini_infer"], best["vllm"], "throughput") == pytest.approx(0.64)
     assert summarize.speedup(
         best["mini_infer"], best["hf-transformers"], "throughput"
@@ -335,9 +335,8 @@ def race_rows(
 
 def test_the_newest_machine_with_a_complete_race_is_reported(tmp_path):
     old, old_lat = race_rows("old", common.MODELS, date="2026-11-25")
-    new, new_lat = race_rows(
-        "new", common.MODELS[:2]
-    )  # a newer race that has not reached every model yet
+    # a newer race that has not reached every model yet
+    new, new_lat = race_rows("new", common.MODELS[:2])
     write(tmp_path / "throughput.jsonl", old + new)
     write(tmp_path / "latency.jsonl", old_lat + new_lat)
     assert summarize.machines(tmp_path)[0][2] == "new"

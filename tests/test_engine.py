@@ -48,9 +48,8 @@ def hf_model():
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
-    hf.generation_config.eos_token_id = (
-        None  # like ignore_eos: run on past <|im_end|>, logits untouched
-    )
+    # like ignore_eos: run on past <|im_end|>, logits untouched
+    hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return hf
 
@@ -75,9 +74,8 @@ def token_ids(outputs) -> list[list[int]]:
 @pytest.mark.slow
 def test_batched_greedy_equals_hugging_face(llm, reference):
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert (
-        len({len(llm.get_tokenizer().encode(p)) for p in PROMPTS}) >= 6
-    )  # prompts of different lengths
+    # prompts of different lengths
+    assert len({len(llm.get_tokenizer().encode(p)) for p in PROMPTS}) >= 6
     assert token_ids(outputs) == reference
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
     assert outputs[0].outputs[0].text.startswith(" Paris")
@@ -178,10 +176,11 @@ def test_async_scheduling_keeps_greedy_output(reference, block_bytes):
     out = small.chat(chat, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[
         0
     ]
+    # a step past the stop token was void
     assert (out.text, out.finish_reason) == (
         "The capital of France is Paris.",
         "stop",
-    )  # a step past the stop token was void
+    )
     stream = small.stream(PROMPTS[2], GREEDY)
     next(stream)
     stream.close()
@@ -230,18 +229,16 @@ def test_a_stop_string_ends_the_text_just_before_it_and_frees_the_request(
     monkeypatch.setattr(llm.engine, "async_scheduling", async_scheduling)
     plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     full = [o.outputs[0] for o in llm.generate(PROMPTS[:2], plain, use_tqdm=False)]
-    stop = llm.get_tokenizer().decode(full[0].token_ids[4:6])[
-        1:-1
-    ]  # from inside token 4 to inside token 5
+    # from inside token 4 to inside token 5
+    stop = llm.get_tokenizer().decode(full[0].token_ids[4:6])[1:-1]
     assert stop == "he answe" and full[0].text.count(stop) == 1  # of " Paris.\n\nThe answer is: 2"
     with_stop = SamplingParams(
         temperature=0, max_tokens=10, ignore_eos=True, stop=["never said", stop]
     )
     out = [o.outputs[0] for o in llm.generate(PROMPTS[:2], [with_stop, plain], use_tqdm=False)]
     assert (out[0].text, out[0].finish_reason) == (full[0].text[: full[0].text.index(stop)], "stop")
-    assert (
-        out[0].token_ids == full[0].token_ids[:6]
-    )  # up to the token that completed the stop string
+    # up to the token that completed the stop string
+    assert out[0].token_ids == full[0].token_ids[:6]
     assert out[1] == full[1]  # its neighbour in the batch is unaffected
     assert "".join(llm.stream(PROMPTS[0], with_stop)) == out[0].text
     assert_engine_quiet(llm)
@@ -269,9 +266,8 @@ def test_n_seeded_samples_differ_and_repeat_alone_or_in_a_batch(llm):
     )
     assert completions(crowded[1]) == completions(out)
     assert [len(o.outputs) for o in crowded] == [1, 3, 2]
-    one = SamplingParams(
-        temperature=1.0, max_tokens=6, seed=11, ignore_eos=True
-    )  # sample 0 keeps the seed
+    # sample 0 keeps the seed
+    one = SamplingParams(temperature=1.0, max_tokens=6, seed=11, ignore_eos=True)
     assert completions(llm.generate(PROMPTS[2], one, use_tqdm=False)[0]) == completions(out)[:1]
     assert_engine_quiet(llm)
 
@@ -306,11 +302,12 @@ def test_each_sample_stops_at_its_own_stop_string(llm):
             assert s.token_ids == f.token_ids[: len(s.token_ids)]
         else:
             assert s == f
+    # one sample never meets it
     assert [s.finish_reason for s in stopped] == [
         "length",
         "stop",
         "stop",
-    ]  # one sample never meets it
+    ]
     assert_engine_quiet(llm)
 
 
@@ -348,10 +345,11 @@ def test_output_past_max_model_len_stops_there_with_length(llm):
     (out,) = llm.generate(
         prompt, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), use_tqdm=False
     )
+    # None: up to the context
     assert (len(out.outputs[0].token_ids), out.outputs[0].finish_reason) == (
         12,
         "length",
-    )  # None: up to the context
+    )
     assert_engine_quiet(llm)
 
 

@@ -52,9 +52,8 @@ def test_dummy_weights_from_a_tiny_config(tmp_path):
     out = logits(model)
     assert tokenizer is None and out.shape == (12, 300) and out.isfinite().all()
     assert not any(p.isnan().any() for p in model.parameters())
-    (tmp_path / "config.json").write_text(
-        json.dumps(TINY)
-    )  # the same from a file and from a directory
+    # the same from a file and from a directory
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
     for source in (tmp_path / "config.json", tmp_path):
         again = load_model(source, dtype="float32", device="cpu", load_format="dummy").model
         assert torch.equal(logits(again), out)  # seeded

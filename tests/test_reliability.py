@@ -303,9 +303,8 @@ def test_greedy_is_the_same_across_runs_and_batch_compositions(llm):
     batched = token_ids(llm.generate(prompts, greedy(12), use_tqdm=False))
     one_by_one = [token_ids(llm.generate([p], greedy(12), use_tqdm=False))[0] for p in prompts[:4]]
     assert one_by_one == batched[:4]
-    other = tiny(
-        max_num_seqs=3, max_num_batched_tokens=8
-    )  # fresh engine, other batches and prompt chunks
+    # fresh engine, other batches and prompt chunks
+    other = tiny(max_num_seqs=3, max_num_batched_tokens=8)
     assert token_ids(other.generate(prompts[::-1], greedy(12), use_tqdm=False)) == batched[::-1]
 
 
@@ -434,9 +433,8 @@ def test_streams_and_generate_interleaved_lose_no_text(smol, async_scheduling, m
     expected = [o.outputs[0].text for o in smol.generate(prompts, params, use_tqdm=False)]
     streams = [smol.stream(p, sp) for p, sp in zip(prompts[:2], params[:2])]
     texts = [next(streams[0]), next(streams[1])]
-    assert (
-        smol.generate(prompts[2], params[2], use_tqdm=False)[0].outputs[0].text == expected[2]
-    )  # runs both streams out
+    # runs both streams out
+    assert smol.generate(prompts[2], params[2], use_tqdm=False)[0].outputs[0].text == expected[2]
     texts[1] += "".join(streams[1])
     texts[0] += "".join(streams[0])
     assert texts == expected[:2]

@@ -95,9 +95,8 @@ def test_reference_matches_hugging_face():
 
 def test_too_large_hidden_is_refused():
     with pytest.raises(ValueError, match="hidden sizes up to"):
-        rms_norm_triton(
-            torch.randn(1, 2**17), torch.randn(2**17), 1e-5
-        )  # refused before any launch
+        # refused before any launch
+        rms_norm_triton(torch.randn(1, 2**17), torch.randn(2**17), 1e-5)
 
 
 def test_non_contiguous_residual_is_refused():

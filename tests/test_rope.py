@@ -106,9 +106,8 @@ def test_cache_matches_hugging_face(rope_type):
         rope_parameters=scaling,
     )
     positions = torch.tensor([[0, 1, 100, 8191, 20000, 131071]])
-    cos, sin = LlamaRotaryEmbedding(config)(
-        torch.randn(1, 6, 128), positions
-    )  # [1, T, D], each half repeated
+    # [1, T, D], each half repeated
+    cos, sin = LlamaRotaryEmbedding(config)(torch.randn(1, 6, 128), positions)
     cache = rope_cos_sin_cache(128, 131072, 500_000.0, rope_scaling=scaling)
     torch.testing.assert_close(
         cache[positions[0]], torch.cat([cos[0, :, :64], sin[0, :, :64]], dim=-1)
@@ -129,6 +128,5 @@ def test_rotation_depends_only_on_position_difference():
         k_rot, _ = apply_rope_ref(k, k, torch.tensor([n]), cache)
         return (q_rot * k_rot).sum().item()
 
-    assert score(10, 3) == pytest.approx(
-        score(1007, 1000), rel=1e-3
-    )  # fp32 angles near 1000 radians carry ~1e-4 error
+    # fp32 angles near 1000 radians carry ~1e-4 error
+    assert score(10, 3) == pytest.approx(score(1007, 1000), rel=1e-3)

@@ -53,9 +53,8 @@ def test_a_seed_fixes_the_draw_and_greedy_rows_ignore_it(impl):
     assert first.tolist() == again.tolist()
     others = impl(logits, t, seeds + 1000)
     assert others[0::2].tolist() == first[0::2].tolist() == logits[0::2].argmax(-1).tolist()
-    assert (
-        others[1::2].tolist() != first[1::2].tolist()
-    )  # 4 rows of 500 tokens all equal by chance: ~never
+    # 4 rows of 500 tokens all equal by chance: ~never
+    assert others[1::2].tolist() != first[1::2].tolist()
 
 
 def test_filtered_tokens_are_never_drawn():

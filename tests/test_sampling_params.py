@@ -93,9 +93,8 @@ def test_presence_and_frequency_penalties_follow_openais_formula(smol, hf):
         counts = torch.bincount(
             torch.tensor(out[:i], dtype=torch.long), minlength=logits.numel()
         ).float()
-        penalized = (
-            logits - 0.8 * (counts > 0) - 0.6 * counts
-        )  # over the output only, not the prompt
+        # over the output only, not the prompt
+        penalized = logits - 0.8 * (counts > 0) - 0.6 * counts
         assert token == int(penalized.argmax())
     plain = smol.generate(
         prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False

@@ -45,9 +45,8 @@ def run(seqs, num_blocks, **kwargs):
     for seq in seqs:
         scheduler.add(seq)
     batches = []
-    model = TokenPoolModel(
-        scheduler
-    )  # asserts every step that each request reads exactly its own tokens
+    # asserts every step that each request reads exactly its own tokens
+    model = TokenPoolModel(scheduler)
     finished = run_to_completion(
         scheduler,
         model.step,
@@ -79,9 +78,8 @@ def test_random_workloads_finish_exactly_within_limits(w):
         max_num_batched_tokens=budget,
         static=static,
     )
-    assert sorted(s.seq_id for s in finished) == sorted(
-        s.seq_id for s in seqs
-    )  # none lost, none twice
+    # none lost, none twice
+    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in seqs)
     assert all(
         s.num_output_tokens == s.params.max_tokens and s.finish_reason == "length" for s in seqs
     )
@@ -171,9 +169,8 @@ def test_stop_tokens_and_eos_finish_a_request():
 def test_max_model_len_must_fit_the_cache_and_ends_requests():
     with pytest.raises(ValueError, match="does not fit in the KV cache's 16 tokens"):
         Scheduler(BlockManager(4, block_size=BLOCK), max_model_len=20)
-    scheduler = Scheduler(
-        BlockManager(4, block_size=BLOCK)
-    )  # max_model_len: the whole cache, 16 tokens
+    # max_model_len: the whole cache, 16 tokens
+    scheduler = Scheduler(BlockManager(4, block_size=BLOCK))
     unbounded, bounded = (
         Sequence([1, 2, 3], SamplingParams(max_tokens=m, ignore_eos=True)) for m in (None, 100)
     )
@@ -306,9 +303,8 @@ def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs
     # a small vocabulary, so that the stop token 7 comes up; the model checks every step's description
     run_to_completion(schedulers[0], TokenPoolModel(schedulers[0], vocab_size=50).step)
     finished = run_one_step_behind(schedulers[1], TokenPoolModel(schedulers[1], vocab_size=50))
-    assert sorted(s.seq_id for s in finished) == sorted(
-        s.seq_id for s in behind
-    )  # none lost, none twice
+    # none lost, none twice
+    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in behind)
     assert [(s.output_token_ids, s.finish_reason) for s in behind] == [
         (s.output_token_ids, s.finish_reason) for s in synced
     ]
@@ -339,9 +335,8 @@ def test_the_step_description_sends_only_what_changed():
     cached = output.scheduled_cached_reqs
     assert not output.scheduled_new_reqs and cached.req_ids == [first.seq_id]
     assert cached.new_token_ids == [first.token_ids[3:]] and cached.new_block_ids == [[]]
-    assert (
-        pickle.loads(pickle.dumps(output)) == output
-    )  # plain data: it can travel to other processes
+    # plain data: it can travel to other processes
+    assert pickle.loads(pickle.dumps(output)) == output
     scheduler.update(output, model.step(output))
     output = scheduler.schedule()  # token 5 needs a second block
     assert output.scheduled_cached_reqs.new_block_ids == [[1]]

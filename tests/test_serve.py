@@ -161,9 +161,8 @@ def test_n_completions_of_one_prompt(client, llm):
         model=MODEL, messages=CHAT, max_tokens=8, temperature=0, n=2
     )
     assert [c.index for c in chat.choices] == [0, 1]
-    assert (
-        chat.choices[0].message.content == chat.choices[1].message.content
-    )  # greedy: the same twice
+    # greedy: the same twice
+    assert chat.choices[0].message.content == chat.choices[1].message.content
     with pytest.raises(openai.BadRequestError, match="n must be 1 with stream true"):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, n=2, stream=True)
     assert_engine_quiet(llm, within=10)
@@ -208,9 +207,8 @@ def test_16_concurrent_clients_all_finish(url, client, llm):
 
     results = asyncio.run(sixteen_clients())
     assert [reason for _, reason in results] == ["length"] * 16
-    assert [text for text, _ in results] == [
-        alone[i % 4] for i in range(16)
-    ]  # batched as alone (fp32 CPU)
+    # batched as alone (fp32 CPU)
+    assert [text for text, _ in results] == [alone[i % 4] for i in range(16)]
     assert_engine_quiet(llm, within=10)
 
 
@@ -221,9 +219,8 @@ def test_load_generator_times_every_request(url, llm):
     ]
     timings, seconds = asyncio.run(run_load(url, bodies, num_clients=2))
     assert [t.num_output_tokens for t in timings] == [4, 4, 4]
-    assert all(
-        t.ttft > 0 and len(t.itl) >= 1 for t in timings
-    )  # at least two chunks: the gaps between them
+    # at least two chunks: the gaps between them
+    assert all(t.ttft > 0 and len(t.itl) >= 1 for t in timings)
     stats = summarize(timings, seconds)
     assert stats["requests_per_s"] > 0 and stats["ttft_ms_median"] <= stats["ttft_ms_p99"]
     assert_engine_quiet(llm, within=10)

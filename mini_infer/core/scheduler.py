@@ -48,15 +48,13 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.eos_token_ids = frozenset(eos_token_ids)  # a model may have several (Llama 3 has two)
-        self.static = (
-            static  # static batching: admit a new batch only when the last one has finished
-        )
+        # static batching: admit a new batch only when the last one has finished
+        self.static = static
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
         self.requests: dict[int, Sequence] = {}  # every unfinished request, by seq_id
-        self.finished_req_ids: set[int] = (
-            set()
-        )  # the runner knew them, and they left since the last step
+        # the runner knew them, and they left since the last step
+        self.finished_req_ids: set[int] = set()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:

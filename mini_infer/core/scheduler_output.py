@@ -25,9 +25,8 @@ class CachedRequestData:
     would cost the host more than the lists do). Only what changed since the request's last step travels."""
 
     req_ids: list[int] = field(default_factory=list)
-    new_token_ids: list[list[int]] = field(
-        default_factory=list
-    )  # sampled tokens the host has seen since
+    # sampled tokens the host has seen since
+    new_token_ids: list[list[int]] = field(default_factory=list)
     new_block_ids: list[list[int]] = field(default_factory=list)  # blocks appended since
     num_computed_tokens: list[int] = field(default_factory=list)
 

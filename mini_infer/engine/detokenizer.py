@@ -21,9 +21,8 @@ class TextStream:
         self.decode, self.stop, self.include_stop = decode, list(stop), include_stop
         self.hold = max(map(len, self.stop), default=1) - 1
         self.text, self.num_sent = "", 0
-        self.prefix_offset = self.read_offset = (
-            0  # token_ids[prefix_offset:read_offset] made the last piece
-        )
+        # token_ids[prefix_offset:read_offset] made the last piece
+        self.prefix_offset = self.read_offset = 0
         self.stop_reason: str | None = None  # the stop string found, if one was
 
     @property
@@ -36,9 +35,8 @@ class TextStream:
         before = self.decode(token_ids[self.prefix_offset : self.read_offset])
         window = self.decode(token_ids[self.prefix_offset :])
         if finished or (len(window) > len(before) and not window.endswith("\ufffd")):
-            search_from = max(
-                0, len(self.text) - self.hold
-            )  # a stop string may straddle the old end
+            # a stop string may straddle the old end
+            search_from = max(0, len(self.text) - self.hold)
             self.text += window[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
             hits = [

@@ -19,9 +19,8 @@ class SampleState:
     """One sample (one engine sequence) of a request."""
 
     index: int
-    stream: (
-        TextStream | None
-    )  # its text as it comes, when needed before the end (stop strings, streaming)
+    # its text as it comes, when needed before the end (stop strings, streaming)
+    stream: TextStream | None
     logprobs: list[dict[int, Logprob]] | None  # when the request asked for them
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # what the stream has released so far

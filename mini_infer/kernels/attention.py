@@ -118,14 +118,12 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.exp2(
-        s * qk_scale - m_new[:, None]
-    )  # the scale rides on the subtraction: one multiply-add per score
+    # the scale rides on the subtraction: one multiply-add per score
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(
-        p.to(v.dtype), v, acc * alpha[:, None]
-    )  # accumulate in place (the MMA's own accumulator)
+    # accumulate in place (the MMA's own accumulator)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -160,9 +158,8 @@ def _decode_split_kernel(
     offs_h = tl.arange(0, BLOCK_H)  # rows: the GROUP query heads of this KV head, padded to BLOCK_H
     heads = kv_head * GROUP + offs_h
     mask_h = offs_h < GROUP
-    offs_d = tl.arange(
-        0, BLOCK_D
-    )  # head_dim padded to a power of two; the padding columns are masked
+    # head_dim padded to a power of two; the padding columns are masked
+    offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -412,9 +409,8 @@ def _prefill_kernel(
     mask_m = (rows < QUERIES * HEADS) & (offs_m < q_len)
     first = context_len - q_len + tile * QUERIES  # the tile's first query position
     positions = first + rows // HEADS  # each query sees keys 0..its position
-    offs_d = tl.arange(
-        0, BLOCK_D
-    )  # head_dim padded to a power of two; the padding columns are masked
+    # head_dim padded to a power of two; the padding columns are masked
+    offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(
@@ -447,9 +443,8 @@ def _prefill_kernel(
             HEAD_DIM,
         )
         m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, None, False)
-    hi = tl.minimum(
-        context_len, first + QUERIES
-    )  # keys past the tile's last query position: masked for all
+    # keys past the tile's last query position: masked for all
+    hi = tl.minimum(context_len, first + QUERIES)
     for start in range(full, hi, BLOCK_N):
         k, v = _load_kv_tile(
             k_cache_ptr,

@@ -54,9 +54,8 @@ def sample_triton(
 ) -> torch.Tensor:
     """The kernel: the logits are read once, in their own dtype, and no probabilities are written. Its
     random numbers (Philox) differ from `sample_ref`'s, so the two agree in distribution, not draw by draw."""
-    out = torch.empty(
-        logits.shape[0], dtype=torch.long, device=logits.device
-    )  # the store widens the index
+    # the store widens the index
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if logits.shape[0]:
         _sample_kernel[(logits.shape[0],)](
             logits,

@@ -105,9 +105,8 @@ class Sampler:
             padded[r, : len(out)] = out
         index = to_device(np.array(rows), device)
         ids = to_device(padded, device)
-        ids[:, -1] = torch.where(
-            batch.pending[index] >= 0, batch.pending[index], vocab
-        )  # the newest, if pending
+        # the newest, if pending
+        ids[:, -1] = torch.where(batch.pending[index] >= 0, batch.pending[index], vocab)
         counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
             1, ids, torch.ones_like(ids, dtype=torch.float32)
         )
@@ -165,9 +164,8 @@ class Sampler:
         rank = torch.arange(logits.shape[-1], device=logits.device)
         drop = rank[None, :] >= top_k[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        drop |= (
-            probs.cumsum(dim=-1) - probs >= top_p[:, None]
-        )  # the mass before it already suffices
+        # the mass before it already suffices
+        drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]
         drop |= probs < min_p[:, None] * probs[:, :1]
         return torch.full_like(logits, float("-inf")).scatter(
             -1, order, sorted_logits.masked_fill(drop, float("-inf"))

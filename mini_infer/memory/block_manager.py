@@ -40,12 +40,10 @@ def hash_block(prev_hash: bytes, token_ids: list[int]) -> bytes:
 
 @dataclass
 class Block:
-    ref_count: int = (
-        0  # sequences using the block; 0 = free (but maybe still holding a cached prefix)
-    )
-    hash: bytes | None = (
-        None  # set once the block is full, while its contents are in the prefix cache
-    )
+    # sequences using the block; 0 = free (but maybe still holding a cached prefix)
+    ref_count: int = 0
+    # set once the block is full, while its contents are in the prefix cache
+    hash: bytes | None = None
 
 
 class BlockPool:
@@ -57,9 +55,8 @@ class BlockPool:
 
     def __init__(self, num_blocks: int):
         self.blocks = [Block() for _ in range(num_blocks)]
-        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(
-            range(num_blocks)
-        )  # front: handed out next
+        # front: handed out next
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[bytes, int] = {}  # block hash -> id of a block holding that prefix
 
     @property

@@ -162,9 +162,8 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
     counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only."""
     c = model.config
     check_shardable(c, world_size)
-    full = dict(
-        model.named_parameters()
-    )  # unsharded; a tied LM head appears once, as the embedding
+    # unsharded; a tied LM head appears once, as the embedding
+    full = dict(model.named_parameters())
     like = model.lm_head.weight
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

@@ -164,9 +164,8 @@ class TensorParallelRunner:
                 f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
                 f"{torch.cuda.device_count()} visible"
             )
-        store = dist.TCPStore(
-            "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
-        )  # a free port
+        # a free port
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
         threads = max(1, torch.get_num_threads() // world_size)
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self.workers = [

@@ -58,9 +58,8 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
-        first = e.errors()[
-            0
-        ]  # e.g. {"loc": ("body", "temperature"), "msg": "Input should be a valid number"}
+        # e.g. {"loc": ("body", "temperature"), "msg": "Input should be a valid number"}
+        first = e.errors()[0]
         if first["type"] == "json_invalid":  # its loc holds the position of the error
             message = f"the body is not valid JSON: {first['ctx']['error']} at character {first['loc'][-1]}"
             return JSONResponse(protocol.error(message), status_code=400)
@@ -130,9 +129,8 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                 code="model_not_found",
             )
         try:
-            params = body.sampling_params(
-                default_max_tokens
-            )  # a chat's default: as long as the context allows
+            # a chat's default: as long as the context allows
+            params = body.sampling_params(default_max_tokens)
             kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
             outputs = await engine.generate(prompt(), replace(params, output_kind=kind))
         except (ValueError, TypeError) as e:

@@ -24,9 +24,8 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.error: Exception | None = None  # why the engine thread died, if it did
-        self._inbox: queue.SimpleQueue = (
-            queue.SimpleQueue()
-        )  # calls for the engine thread; None stops it
+        # calls for the engine thread; None stops it
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> its outputs; engine thread only
         self._ids = itertools.count()
         self._closed = False
@@ -59,9 +58,8 @@ class AsyncLLMEngine:
         try:
             await added
         except asyncio.CancelledError:
-            self._inbox.put(
-                lambda: self._abort(request_id)
-            )  # runs after the add: the inbox keeps its order
+            # runs after the add: the inbox keeps its order
+            self._inbox.put(lambda: self._abort(request_id))
             raise
         return self._outputs(request_id, outputs)
 

@@ -14,9 +14,8 @@ import numpy as np
 @dataclass
 class RequestTiming:
     ttft: float  # seconds from sending the request to the first chunk with a token
-    itl: list[
-        float
-    ]  # seconds between its later chunks (inter-token latency: one chunk per engine step)
+    # seconds between its later chunks (inter-token latency: one chunk per engine step)
+    itl: list[float]
     num_output_tokens: int
 
 
@@ -68,9 +67,8 @@ def summarize(timings: list[RequestTiming], seconds: float) -> dict:
         "output_tokens_per_s": round(sum(t.num_output_tokens for t in timings) / seconds, 1),
     }
     for name, values in (("ttft_ms", ttft), ("itl_ms", itl)):
-        median, p99 = (
-            np.percentile(values, [50, 99]) if len(values) else (np.nan, np.nan)
-        )  # nan: no gaps at all
+        # nan: no gaps at all
+        median, p99 = np.percentile(values, [50, 99]) if len(values) else (np.nan, np.nan)
         stats[f"{name}_median"], stats[f"{name}_p99"] = (
             round(float(median), 2),
             round(float(p99), 2),

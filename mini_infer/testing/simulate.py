@@ -41,9 +41,8 @@ class TokenPoolModel:
         self.scheduler, self.block_size = scheduler, bm.block_size
         self.pool: list[int | None] = [None] * (bm.num_blocks * bm.block_size)
         self.vocab_size = vocab_size
-        self.requests: dict[
-            int, tuple[list[int], list[int]]
-        ] = {}  # req id -> (its tokens, its block ids)
+        # req id -> (its tokens, its block ids)
+        self.requests: dict[int, tuple[list[int], list[int]]] = {}
         self.last_sampled: dict[int, int] = {}
 
     def _slot(self, block_ids: list[int], pos: int) -> int:

@@ -103,12 +103,10 @@ class ModelRunner:
         # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
         self.free_rows = list(range(max_num_seqs))
-        self.last_rows: dict[
-            int, int
-        ] = {}  # the last step's requests -> their rows of last_sampled, which
-        self.last_sampled: torch.Tensor | None = (
-            None  # stays on the device: where a pending token comes from
-        )
+        # the last step's sampled tokens, left on the device (a pending token is read from there), and the
+        # row of each of its requests in them
+        self.last_sampled: torch.Tensor | None = None
+        self.last_rows: dict[int, int] = {}
         c = self.config
         if self.device.type == "cuda":
             self._warm_up(max_num_batched_tokens, max_num_seqs)
@@ -316,9 +314,8 @@ class ModelRunner:
                     self.graph_inputs["positions"][:bs],
                     self.attn,
                 )
-                self.graph_output[:bs] = self.model(
-                    *args
-                )  # warm-up: compiles kernels, fills caches
+                # warm-up: compiles kernels, fills caches
+                self.graph_output[:bs] = self.model(*args)
                 with torch.cuda.graph(g, pool):
                     self.graph_output[:bs] = self.model(*args)
                 pool = g.pool()
