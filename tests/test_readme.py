@@ -1,5 +1,6 @@
 """The README's set-up commands are the ones CI runs, and its results are generated from the committed files."""
 
+import ast
 import os
 import re
 import socket
@@ -64,12 +65,11 @@ def test_readme_usage_snippet_runs_and_answers(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    first, second = result.stdout.splitlines()[:2]
-    assert (
-        first == "The capital of France is Paris."
-        and second.startswith("[")
-        and second.count("'") >= 4
-    )
+    answer, texts, logprobs = result.stdout.splitlines()[:3]
+    assert answer == "The capital of France is Paris."
+    texts, logprobs = ast.literal_eval(texts), ast.literal_eval(logprobs)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    assert len(logprobs) == 3 and max(logprobs, key=logprobs.get) == " Paris"
 
 
 def test_readme_serving_snippet_talks_to_the_readme_server_command():
