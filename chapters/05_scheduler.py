@@ -436,8 +436,9 @@ class Scheduler:
     while KV blocks and the budget allow. When a running request needs a new block and none is free,
     the newest running request is preempted: its blocks are freed and it goes back to the front of the
     queue, to be recomputed (much of it from the prefix cache) when memory returns. The step is
-    described by a `SchedulerOutput`. After the model ran, `update()` records the sampled tokens and
-    retires finished requests.
+    described by a `SchedulerOutput`. After the model ran, `record()` appends the sampled tokens and
+    retires finished requests (`advance()` first counts the launched step as computed; `update()` does both,
+    for a model that answers at once).
     With `static=True` it is the old way instead: a new batch is admitted only once every request of
     the last one has finished.
 
@@ -485,8 +486,9 @@ class Scheduler:
         self.finish(seq, "abort")
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a request now, wherever it is: "abort", or "stop" when its text reached a stop string (Chapter
-        6). Its blocks return at once; a token still in flight for it is void. A finished request stays so."""
+        """End a request now, wherever it is, with this reason: "stop" or "length" from `record()`, "abort", or
+        "stop" when its text reached a stop string (Chapter 6). Its blocks return at once; a token still in
+        flight for it is void. A finished request stays so."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:

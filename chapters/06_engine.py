@@ -259,9 +259,10 @@ class Sampler:
     The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
     one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
     the token), so its tokens depend neither on which requests share the batch nor on the step; the others
-    draw from a generator seeded with `seed` (None: fresh each run). Rows that need more than temperature
-    (min_tokens, penalties, top-k, top-p, min-p) are processed in float32 first; the others, and requests
-    without logprobs, pay nothing for it. `eos_token_ids` are the model's, which min_tokens holds back.
+    draw from a generator seeded with `seed` (None: fresh each run). When some row needs more than a
+    temperature (min_tokens, penalties, top-k, top-p, min-p), the batch's logits are processed in float32
+    first; a batch of plain requests goes straight to the kernel. Log-probabilities are computed for the
+    rows that ask for them only. `eos_token_ids` are the model's, which min_tokens holds back.
     """
 
     def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int | None = None):
@@ -297,7 +298,6 @@ class Sampler:
             logits[
                 to_device(np.array(rows), logits.device), to_device(np.array(cols), logits.device)
             ] = float("-inf")
-        return logits
 
     def apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
         """In place: repetition penalty over prompt and output (Hugging Face's: a positive logit divided by
@@ -349,9 +349,9 @@ class Sampler:
             logits = torch.nan_to_num(
                 logits, posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
             )
-            top_k = to_device(
-                np.array([p.top_k if p.top_k != -1 else vocab for p in params]), device
-            )
+            # a top_k past the vocabulary keeps it all (and one past int64 would not fit the array)
+            top_k = [vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params]
+            top_k = to_device(np.array(top_k), device)
             top_p = to_device(np.array([p.top_p for p in params], np.float32), device)
             min_p = to_device(np.array([p.min_p for p in params], np.float32), device)
             logits = self.filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)
@@ -1019,6 +1019,9 @@ class InputProcessor:
         ]
         if bad:
             raise ValueError(f"token ids must be integers in [0, {vocab}): got {bad[:5]}")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}): got {bad[:5]}")
         if n >= self.max_model_len:
             raise ValueError(
                 f"the prompt ({n} tokens) leaves no room for output in max_model_len "
@@ -1489,8 +1492,8 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """End a request now, wherever it is; its blocks return at once. Returns its last output (finish
-        reason "abort"), or None for a request that is not running."""
+        """End a request now, wherever it is (waiting or running); its blocks return at once. Returns its last
+        output (finish reason "abort"), or None for a request id that is unknown or already finished."""
         state = self.output_processor.requests.get(request_id)
         for seq_id in state.samples if state else ():
             if seq_id in self.scheduler.requests:
@@ -1602,7 +1605,8 @@ class LLM:
     unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
     anything is queued: a prompt or sampling params of the wrong type (TypeError), a number of sampling
     params that does not match the prompts (ValueError). Invalid `SamplingParams` values raise when the
-    params are created. `stream()`, which serves one request of one sample, raises its ValueError instead.
+    params are created. `stream()`, which serves one request of one sample, raises its ValueError instead,
+    when its first piece is asked for (it is a generator).
     """
 
     def __init__(self, model=None, **engine_args):
@@ -1644,15 +1648,21 @@ class LLM:
             total=num_seqs, desc="Generating", unit="seq", disable=not use_tqdm, dynamic_ncols=True
         )
         start, first_token = time.perf_counter(), self.engine.num_generated_tokens
-        while waiting:
-            for output in self._step():
-                if output.request_id in waiting:  # FINAL_ONLY: its one output
-                    waiting.remove(output.request_id)
-                    results[output.request_id] = output
-                    bar.update(len(output.outputs))
-            rate = (self.engine.num_generated_tokens - first_token) / (time.perf_counter() - start)
-            bar.set_postfix_str(f"{rate:,.0f} output tok/s", refresh=False)
-        bar.close()
+        try:
+            while waiting:
+                for output in self._step():
+                    if output.request_id in waiting:  # FINAL_ONLY: its one output
+                        waiting.remove(output.request_id)
+                        results[output.request_id] = output
+                        bar.update(len(output.outputs))
+                rate = (self.engine.num_generated_tokens - first_token) / (
+                    time.perf_counter() - start
+                )
+                bar.set_postfix_str(f"{rate:,.0f} output tok/s", refresh=False)
+        finally:  # an exception or Ctrl-C: nothing this call queued may go on holding KV blocks
+            for request_id in waiting:
+                self.engine.abort_request(request_id)
+            bar.close()
         return [results[r.request_id] for r in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:

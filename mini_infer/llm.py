@@ -32,7 +32,8 @@ class LLM:
     unknown chat role, text for a model without a tokenizer). Errors of the call itself raise before
     anything is queued: a prompt or sampling params of the wrong type (TypeError), a number of sampling
     params that does not match the prompts (ValueError). Invalid `SamplingParams` values raise when the
-    params are created. `stream()`, which serves one request of one sample, raises its ValueError instead.
+    params are created. `stream()`, which serves one request of one sample, raises its ValueError instead,
+    when its first piece is asked for (it is a generator).
     """
 
     def __init__(self, model=None, **engine_args):
@@ -74,15 +75,21 @@ class LLM:
             total=num_seqs, desc="Generating", unit="seq", disable=not use_tqdm, dynamic_ncols=True
         )
         start, first_token = time.perf_counter(), self.engine.num_generated_tokens
-        while waiting:
-            for output in self._step():
-                if output.request_id in waiting:  # FINAL_ONLY: its one output
-                    waiting.remove(output.request_id)
-                    results[output.request_id] = output
-                    bar.update(len(output.outputs))
-            rate = (self.engine.num_generated_tokens - first_token) / (time.perf_counter() - start)
-            bar.set_postfix_str(f"{rate:,.0f} output tok/s", refresh=False)
-        bar.close()
+        try:
+            while waiting:
+                for output in self._step():
+                    if output.request_id in waiting:  # FINAL_ONLY: its one output
+                        waiting.remove(output.request_id)
+                        results[output.request_id] = output
+                        bar.update(len(output.outputs))
+                rate = (self.engine.num_generated_tokens - first_token) / (
+                    time.perf_counter() - start
+                )
+                bar.set_postfix_str(f"{rate:,.0f} output tok/s", refresh=False)
+        finally:  # an exception or Ctrl-C: nothing this call queued may go on holding KV blocks
+            for request_id in waiting:
+                self.engine.abort_request(request_id)
+            bar.close()
         return [results[r.request_id] for r in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:

@@ -82,6 +82,11 @@ def llm() -> LLM:
         ),
         ({"prompt_token_ids": [1], "text": "x"}, greedy(4), "a prompt dict has one key"),
         ("text", greedy(4), "no tokenizer"),
+        (
+            [1, 2],
+            SamplingParams(stop_token_ids=[VOCAB], min_tokens=1),
+            rf"stop_token_ids must be in \[0, {VOCAB}\)",
+        ),
         ([{"role": "user", "content": "hi"}], greedy(4), "no tokenizer"),
     ],
 )
@@ -439,3 +444,32 @@ def test_streams_and_generate_interleaved_lose_no_text(smol, async_scheduling, m
     texts[0] += "".join(streams[0])
     assert texts == expected[:2]
     assert_engine_quiet(smol)
+
+
+def test_a_generate_call_that_is_interrupted_leaves_nothing_running(llm, monkeypatch):
+    step, calls = llm.engine.step, []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3], [4, 5]], greedy(20), use_tqdm=False)
+    monkeypatch.undo()
+    assert_engine_quiet(llm)  # its requests were aborted, their blocks free
+    assert token_ids(llm.generate([[1, 2, 3]], greedy(3), use_tqdm=False))[
+        0
+    ]  # and the engine still works
+
+
+def test_top_k_beyond_the_vocabulary_is_off(llm):
+    sampled = SamplingParams(
+        temperature=0.8, top_k=2**70, top_p=0.9, max_tokens=4, seed=1, ignore_eos=True
+    )
+    off = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=4, seed=1, ignore_eos=True)
+    assert token_ids(llm.generate([[1, 2, 3]], sampled, use_tqdm=False)) == token_ids(
+        llm.generate([[1, 2, 3]], off, use_tqdm=False)
+    )

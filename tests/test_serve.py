@@ -44,8 +44,28 @@ def llm(smol):  # tests/conftest.py
     return smol
 
 
+PENALIZED = dict(presence_penalty=1.0, frequency_penalty=0.5)  # OpenAI's fields
+EXTENSIONS = dict(repetition_penalty=1.3, min_p=0.05, min_tokens=6)  # vLLM's
+
+
 @pytest.fixture(scope="module")
-def url(llm):
+def references(llm) -> dict:
+    """The engine's own outputs, made before the server's thread owns the engine (one thread at a time)."""
+    from mini_infer.sampling_params import SamplingParams
+
+    def one(**params):
+        return llm.generate(PROMPT, SamplingParams(temperature=0, **params), use_tqdm=False)[
+            0
+        ].outputs[0]
+
+    return {
+        "logprobs": one(max_tokens=4, logprobs=2),
+        "penalized": one(max_tokens=12, **PENALIZED, **EXTENSIONS),
+    }
+
+
+@pytest.fixture(scope="module")
+def url(llm, references):
     with serve_in_thread(build_app(llm)) as url:
         yield url
 
@@ -614,13 +634,8 @@ def test_async_engine_with_async_scheduling_streams_only_known_tokens():
         )
 
 
-def test_logprobs_in_openais_shapes_equal_the_engines(client, llm):
-    from mini_infer.sampling_params import SamplingParams
-
-    (ref,) = llm.generate(
-        PROMPT, SamplingParams(temperature=0, max_tokens=4, logprobs=2), use_tqdm=False
-    )
-    ref = ref.outputs[0]
+def test_logprobs_in_openais_shapes_equal_the_engines(client, llm, references):
+    ref = references["logprobs"]
     sampled = [e[t] for e, t in zip(ref.logprobs, ref.token_ids)]
     reply = client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2
@@ -628,9 +643,8 @@ def test_logprobs_in_openais_shapes_equal_the_engines(client, llm):
     lp = reply.choices[0].logprobs
     assert lp.tokens == [s.decoded_token for s in sampled]
     assert lp.token_logprobs == pytest.approx([s.logprob for s in sampled])
-    assert [len(top) for top in lp.top_logprobs] == [
-        2
-    ] * 4  # greedy: the sampled token is the most likely
+    # greedy: the sampled token is the most likely, so it is among the 2
+    assert [len(top) for top in lp.top_logprobs] == [2] * 4
     assert lp.text_offset == [0] + [sum(len(t) for t in lp.tokens[:i]) for i in range(1, 4)]
     chunks = list(
         client.completions.create(
@@ -638,6 +652,15 @@ def test_logprobs_in_openais_shapes_equal_the_engines(client, llm):
         )
     )
     assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+    # streamed text offsets count every token's text, also where a stop string holds text back
+    held = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1, stop=[" of"])
+    whole = client.completions.create(**held).choices[0].logprobs.text_offset
+    streamed = client.completions.create(**held, stream=True)
+    assert [
+        o
+        for c in streamed
+        for o in (c.choices[0].logprobs.text_offset if c.choices[0].logprobs else [])
+    ] == whole
     chat = client.chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
     )
@@ -652,15 +675,30 @@ def test_logprobs_in_openais_shapes_equal_the_engines(client, llm):
     assert_engine_quiet(llm, within=10)
 
 
-def test_penalties_and_vllms_sampling_extensions_reach_the_engine(client, llm):
-    from mini_infer.sampling_params import SamplingParams
-
-    fields = dict(presence_penalty=1.0, frequency_penalty=0.5)
-    extensions = dict(repetition_penalty=1.3, min_p=0.05, min_tokens=6)
+def test_penalties_and_vllms_sampling_extensions_reach_the_engine(client, references):
     reply = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, **fields, extra_body=extensions
+        model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, **PENALIZED, extra_body=EXTENSIONS
     )
-    params = SamplingParams(temperature=0, max_tokens=12, **fields, **extensions)
-    assert reply.choices[0].text == llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].text
+    assert reply.choices[0].text == references["penalized"].text
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
     assert reply.choices[0].text != plain.choices[0].text
+
+
+def test_logprobs_of_a_model_without_a_tokenizer_name_token_ids(tmp_path):
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+    }
+    tiny = LLM(config, load_format="dummy", device="cpu", dtype="float32", cpu_kv_bytes=1 << 20)
+    with serve_in_thread(build_app(tiny, "tiny")) as url:
+        body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2, "logprobs": 1, "top_k": None}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        tokens = r.json()["choices"][0]["logprobs"]["tokens"]
+        assert len(tokens) == 2 and all(t.startswith("token_id:") for t in tokens)

@@ -128,8 +128,8 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """End a request now, wherever it is; its blocks return at once. Returns its last output (finish
-        reason "abort"), or None for a request that is not running."""
+        """End a request now, wherever it is (waiting or running); its blocks return at once. Returns its last
+        output (finish reason "abort"), or None for a request id that is unknown or already finished."""
         state = self.output_processor.requests.get(request_id)
         for seq_id in state.samples if state else ():
             if seq_id in self.scheduler.requests:

@@ -50,9 +50,10 @@ class Sampler:
     The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
     one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
     the token), so its tokens depend neither on which requests share the batch nor on the step; the others
-    draw from a generator seeded with `seed` (None: fresh each run). Rows that need more than temperature
-    (min_tokens, penalties, top-k, top-p, min-p) are processed in float32 first; the others, and requests
-    without logprobs, pay nothing for it. `eos_token_ids` are the model's, which min_tokens holds back.
+    draw from a generator seeded with `seed` (None: fresh each run). When some row needs more than a
+    temperature (min_tokens, penalties, top-k, top-p, min-p), the batch's logits are processed in float32
+    first; a batch of plain requests goes straight to the kernel. Log-probabilities are computed for the
+    rows that ask for them only. `eos_token_ids` are the model's, which min_tokens holds back.
     """
 
     def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int | None = None):
@@ -88,7 +89,6 @@ class Sampler:
             logits[
                 to_device(np.array(rows), logits.device), to_device(np.array(cols), logits.device)
             ] = float("-inf")
-        return logits
 
     def apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
         """In place: repetition penalty over prompt and output (Hugging Face's: a positive logit divided by
@@ -140,9 +140,9 @@ class Sampler:
             logits = torch.nan_to_num(
                 logits, posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
             )
-            top_k = to_device(
-                np.array([p.top_k if p.top_k != -1 else vocab for p in params]), device
-            )
+            # a top_k past the vocabulary keeps it all (and one past int64 would not fit the array)
+            top_k = [vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params]
+            top_k = to_device(np.array(top_k), device)
             top_p = to_device(np.array([p.top_p for p in params], np.float32), device)
             min_p = to_device(np.array([p.min_p for p in params], np.float32), device)
             logits = self.filter_top_k_top_p_min_p(logits, top_k, top_p, min_p)

@@ -190,7 +190,8 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                         top_logprobs=top_logprobs,
                     )
                 ]
-                offset += len(sample.text)
+                if not chat and choices[0]["logprobs"]:  # the next chunk's tokens start past these
+                    offset += sum(map(len, choices[0]["logprobs"]["tokens"]))
                 yield event(
                     protocol.response(
                         rid,

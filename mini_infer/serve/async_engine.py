@@ -28,7 +28,8 @@ class AsyncLLMEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}  # request id -> its outputs; engine thread only
         self._ids = itertools.count()
-        self._closed = False
+        self._closed = False  # set once, under _lock: after it, no call is posted to the inbox
+        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -47,14 +48,15 @@ class AsyncLLMEngine:
         """Queue a request, raising TypeError or ValueError (the InputProcessor's) if it is invalid; return
         its outputs as they come, as `params.output_kind` asks (DELTA to stream). Leaving the iteration
         early (a client that hung up, a task cancelled) aborts the request."""
-        if self.error is not None or self._closed:
-            raise RuntimeError(f"the engine is not running: {self.error or 'shut down'}")
         request_id, outputs, added = (
             str(next(self._ids)),
             asyncio.Queue(),
             self._loop.create_future(),
         )
-        self._inbox.put(lambda: self._add(request_id, prompt, params, outputs, added))
+        with self._lock:  # so that the engine thread cannot close between the check and the post
+            if self.error is not None or self._closed:
+                raise RuntimeError(f"the engine is not running: {self.error or 'shut down'}")
+            self._inbox.put(lambda: self._add(request_id, prompt, params, outputs, added))
         try:
             await added
         except asyncio.CancelledError:
@@ -88,7 +90,8 @@ class AsyncLLMEngine:
             Exception
         ) as e:  # a bug or a device error: fail the requests rather than leave them hanging
             self.error = e
-        self._closed = True
+        with self._lock:
+            self._closed = True
         left, self._queues = self._queues, {}
         self._send(
             [
@@ -96,7 +99,7 @@ class AsyncLLMEngine:
                 for request_id, outputs in left.items()
             ]
         )
-        while not self._inbox.empty():  # adds posted meanwhile see _closed and are refused
+        while not self._inbox.empty():  # adds posted before _closed was set: refused
             if call := self._inbox.get():
                 call()
 

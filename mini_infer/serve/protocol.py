@@ -8,15 +8,15 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from mini_infer.outputs import CompletionOutput
+from mini_infer.outputs import CompletionOutput, Logprob
 from mini_infer.sampling_params import SamplingParams
 
 
 class OpenAIRequest(BaseModel):
     """A request body, or an object in one, that refuses fields it does not declare."""
 
-    # Not pydantic's default ("ignore"): a misspelt field, or one this server lacks (vLLM's min_p, say),
-    # would change the output without a word. The error handler answers 400 naming the field.
+    # Not pydantic's default ("ignore"): a misspelt field, or one this server lacks (vLLM's
+    # length_penalty, say), would change the output without a word. The error handler answers 400 naming the field.
     model_config = ConfigDict(extra="forbid")
 
 
@@ -36,7 +36,7 @@ class SamplingFields(OpenAIRequest):
     max_tokens: int | None = None  # null: the endpoint's default
     temperature: float | None = None  # null: 1.0
     top_p: float | None = None  # null: 1.0
-    top_k: int = -1  # an extension (as in vLLM): -1 is off
+    top_k: int | None = None  # an extension (as in vLLM): -1 or 0 is off; null: off
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = None  # completions of the prompt; null: 1
@@ -73,7 +73,7 @@ class SamplingFields(OpenAIRequest):
         return SamplingParams(
             n=n,
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=self.top_k,
+            top_k=-1 if self.top_k is None else self.top_k,
             top_p=1.0 if self.top_p is None else self.top_p,
             max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
             seed=self.seed,
@@ -224,11 +224,11 @@ def completion_logprobs(output: CompletionOutput, offset: int) -> dict:
     text, and where each token's text starts in the completion."""
     tokens, token_logprobs, top, offsets = [], [], [], []
     for token, entry in zip(output.token_ids, output.logprobs):
-        tokens.append(entry[token].decoded_token)
+        tokens.append(token_text(token, entry[token]))
         token_logprobs.append(entry[token].logprob)
-        top.append({lp.decoded_token: lp.logprob for lp in entry.values()})
+        top.append({token_text(t, lp): lp.logprob for t, lp in entry.items()})
         offsets.append(offset)
-        offset += len(entry[token].decoded_token)
+        offset += len(tokens[-1])
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,
@@ -241,20 +241,24 @@ def chat_logprobs(output: CompletionOutput, top_logprobs: int) -> list[dict]:
     """The chat shape: per token its text, logprob and UTF-8 bytes, and the top_logprobs most likely
     tokens (ranks 1 to top_logprobs, which the sampled token may not be among)."""
 
-    def one(lp) -> dict:
-        return {
-            "token": lp.decoded_token,
-            "logprob": lp.logprob,
-            "bytes": list(lp.decoded_token.encode()),
-        }
+    def one(token: int, lp) -> dict:
+        text = token_text(token, lp)
+        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}
 
     content = []
     for token, entry in zip(output.token_ids, output.logprobs):
         top = sorted(
-            (lp for lp in entry.values() if lp.rank <= top_logprobs), key=lambda lp: lp.rank
+            (t for t, lp in entry.items() if lp.rank <= top_logprobs), key=lambda t: entry[t].rank
         )
-        content.append({**one(entry[token]), "top_logprobs": [one(lp) for lp in top]})
+        content.append(
+            {**one(token, entry[token]), "top_logprobs": [one(t, entry[t]) for t in top]}
+        )
     return content
+
+
+def token_text(token: int, logprob: Logprob) -> str:
+    """A token's text, or, for a model without a tokenizer, "token_id:N" (vLLM's form)."""
+    return f"token_id:{token}" if logprob.decoded_token is None else logprob.decoded_token
 
 
 def response(
