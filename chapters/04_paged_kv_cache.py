@@ -357,14 +357,13 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _plan(self, seq: SequenceLike) -> tuple[list[int], int]:
+    def _plan(self, seq: SequenceLike, use_cache: bool) -> tuple[list[int], int]:
         """For allocate: the cached blocks to reuse, and how many free blocks it takes."""
         tokens, bs, pool = seq.token_ids, self.block_size, self.pool
         hits, h = [], b""
-        if self.enable_prefix_caching:
-            for start in range(
-                0, (seq.num_tokens - 1) // bs * bs, bs
-            ):  # never the block holding the last token
+        if self.enable_prefix_caching and use_cache:
+            # never the block holding the last token
+            for start in range(0, (seq.num_tokens - 1) // bs * bs, bs):
                 h = hash_block(h, tokens[start : start + bs])
                 if h not in pool.cached:
                     break
@@ -375,18 +374,19 @@ class BlockManager:
         )
         return hits, needed
 
-    def can_allocate(self, seq: SequenceLike) -> bool:
-        """Whether allocate(seq) would succeed now."""
-        return self._plan(seq)[1] <= self.num_free_blocks
+    def can_allocate(self, seq: SequenceLike, use_cache: bool = True) -> bool:
+        """Whether allocate(seq, use_cache) would succeed now."""
+        return self._plan(seq, use_cache)[1] <= self.num_free_blocks
 
-    def allocate(self, seq: SequenceLike) -> int:
-        """Give seq blocks for all its tokens; return how many leading tokens the prefix cache served.
+    def allocate(self, seq: SequenceLike, use_cache: bool = True) -> int:
+        """Give seq blocks for all its tokens; return how many leading tokens the prefix cache served (none
+        with use_cache False: a request that must compute every token, e.g. for its prompt's logprobs).
 
         Raises RuntimeError (changing nothing) when the free blocks do not suffice.
         """
         if seq.block_table:
             raise ValueError("the sequence already has blocks")
-        hits, needed = self._plan(seq)
+        hits, needed = self._plan(seq, use_cache)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         for block_id in hits:

@@ -104,7 +104,8 @@ class SamplingParams:
     too); not before `min_tokens` new tokens. The text of a stop string or stop token is left out unless
     `include_stop_str_in_output`. `logprobs` asks for the log-probability of each sampled token and of the
     `logprobs` most likely ones (computed from the model's logits before penalties and temperature, vLLM's
-    default). A `seed` makes its sampling reproducible on its own. `n` asks for that many samples of the
+    default); `prompt_logprobs` the same for each prompt token after the first (such a request computes its
+    whole prompt: the prefix cache does not serve it). A `seed` makes its sampling reproducible on its own. `n` asks for that many samples of the
     prompt; each runs as a sequence of its own (see `for_sample`) and they come back together.
 
     Raises ValueError naming the field and the allowed values when a value is not allowed.
@@ -125,6 +126,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     seed: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
@@ -161,12 +163,12 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
-        if self.logprobs is not None and (
-            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(
-                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(
+                    f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}"
+                )
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         # as in vLLM, a single stop string, or None, is taken too
@@ -532,10 +534,12 @@ class Scheduler:
             and (budget or self.static)
         ):
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            # a request that wants its prompt's logprobs computes every prompt token: no cache hits
+            use_cache = seq.params.prompt_logprobs is None
+            if not self.block_manager.can_allocate(seq, use_cache):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, use_cache)
             # A fully cached prompt still computes its last token: its logits give the first output.
             seq.num_computed_tokens = min(seq.num_cached_tokens, seq.num_tokens - 1)
             seq.status = SequenceStatus.RUNNING

@@ -389,18 +389,25 @@ class Sampler:
         if not rows:
             return SamplerOutput(tokens, rows)
         index = torch.tensor(rows, device=logits.device)
-        logprobs = logits[index].float().log_softmax(dim=-1)
-        sampled = tokens[index]
-        sampled_logprobs = logprobs.gather(1, sampled[:, None])
-        top = logprobs.topk(max(params[i].logprobs for i in rows), dim=-1)
-        ranks = (logprobs > sampled_logprobs).sum(dim=-1) + 1
-        return SamplerOutput(
-            tokens,
-            rows,
-            torch.cat([sampled_logprobs, top.values], dim=1),
-            torch.cat([sampled[:, None], top.indices], dim=1),
-            ranks,
-        )
+        k = max(params[i].logprobs for i in rows)
+        return SamplerOutput(tokens, rows, *top_logprobs(logits[index], tokens[index], k))
+
+
+def top_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For logits [R, vocab] and a chosen token per row [R]: log-probabilities [R, 1 + k] float32 and their
+    token ids [R, 1 + k] int64 (the chosen token's first, then the k most likely), and the chosen token's
+    rank [R] int64 (1 = the most likely)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen_logprobs = logprobs.gather(1, chosen[:, None])
+    top = logprobs.topk(k, dim=-1)
+    ranks = (logprobs > chosen_logprobs).sum(dim=-1) + 1
+    return (
+        torch.cat([chosen_logprobs, top.values], dim=1),
+        torch.cat([chosen[:, None], top.indices], dim=1),
+        ranks,
+    )
 
 
 # %% tags=["nbval-check-output"]
@@ -537,7 +544,7 @@ import torch
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
 from mini_infer.layers.attention import AttentionMetadata, PagedAttention
-from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch, top_logprobs
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 from mini_infer.sampling_params import SamplingParams
 
@@ -545,17 +552,26 @@ from mini_infer.sampling_params import SamplingParams
 class SampledTokens:
     """One step's sampled token ids (and log-probabilities, for the requests that asked) on their way to the
     host: the copy is queued behind the step on the GPU, and `tolist()` waits for it only when the host
-    needs the tokens."""
+    needs the tokens. `prompt_logprobs` maps a row of the batch to (the first prompt position it covers,
+    its prompt tokens' log-probabilities as `top_logprobs` gives them)."""
 
-    def __init__(self, output: SamplerOutput):
+    def __init__(
+        self, output: SamplerOutput, prompt_logprobs: dict[int, tuple[int, tuple]] | None = None
+    ):
         self.ready = None
+        prompt_logprobs = prompt_logprobs or {}
         tensors = [output.token_ids, output.logprobs, output.logprob_token_ids, output.ranks]
         if output.token_ids.is_cuda:  # into pinned memory, behind the step's kernels
             tensors = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
+            prompt_logprobs = {
+                row: (first, tuple(t.to("cpu", non_blocking=True) for t in parts))
+                for row, (first, parts) in prompt_logprobs.items()
+            }
             self.ready = torch.cuda.Event()
             self.ready.record()
         self.tokens, self._logprobs, self._logprob_ids, self._ranks = tensors
         self.logprob_rows = output.logprob_rows
+        self._prompt_logprobs = prompt_logprobs
 
     def tolist(self) -> list[int]:
         if self.ready is not None:
@@ -573,6 +589,14 @@ class SampledTokens:
             self._ranks.tolist(),
         )
         return {row: (ids[r], values[r], ranks[r]) for r, row in enumerate(self.logprob_rows)}
+
+    def prompt_logprobs(self) -> dict[int, tuple[int, list[tuple[list[int], list[float], int]]]]:
+        """For each row with prompt logprobs: (its first prompt position p, then for positions p, p + 1,
+        ...: the entry of the prompt token at position + 1, shaped as `logprobs()` gives). Call after tolist()."""
+        out = {}
+        for row, (first, (values, ids, ranks)) in self._prompt_logprobs.items():
+            out[row] = (first, list(zip(ids.tolist(), values.tolist(), ranks.tolist())))
+        return out
 
 
 @dataclass
@@ -766,12 +790,14 @@ class ModelRunner:
         which arrive when the GPU is done."""
         self.update_states(scheduler_output)
         input_ids, positions, metadata, last_rows, reqs = self.prepare(scheduler_output)
+        prompt_rows = self.prompt_logprob_rows(reqs, scheduler_output)
         graph_bs = next((b for b in sorted(self.graphs) if b >= len(reqs)), None)
-        if metadata.is_decode and graph_bs is not None:
+        if metadata.is_decode and graph_bs is not None and not prompt_rows:
             hidden = self._replay(graph_bs, input_ids, positions, metadata)[: len(reqs)]
         else:
             self.attn.metadata = metadata
-            hidden = self.model(input_ids, positions, self.attn)[last_rows]
+            all_hidden = self.model(input_ids, positions, self.attn)
+            hidden = all_hidden[last_rows]
         logits = self.model.compute_logits(hidden)
         output = self.sampler(
             logits, self.sampling_batch(reqs, scheduler_output, input_ids, last_rows)
@@ -780,7 +806,32 @@ class ModelRunner:
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
-        return SampledTokens(output)
+        prompt_logprobs = {}
+        for i, (first, rows, targets) in prompt_rows.items():
+            index, chosen = (torch.tensor(x, device=self.device) for x in (rows, targets))
+            prompt_logits = self.model.compute_logits(all_hidden[index])
+            k = reqs[i].params.prompt_logprobs
+            prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
+        return SampledTokens(output, prompt_logprobs)
+
+    def prompt_logprob_rows(
+        self, reqs: list[CachedRequestState], scheduler_output: SchedulerOutput
+    ) -> dict[int, tuple[int, list[int], list[int]]]:
+        """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
+        position, the rows of the packed batch whose logits score the next prompt token, those tokens).
+        Position p's logits score the token at p + 1, so the prompt's last position (which scores the first
+        output) is not among them."""
+        out, offset = {}, 0
+        for i, (r, n) in enumerate(zip(reqs, scheduler_output.num_scheduled_tokens.values())):
+            start, end = (
+                r.num_computed_tokens,
+                min(r.num_computed_tokens + n, r.num_prompt_tokens - 1),
+            )
+            if r.params.prompt_logprobs is not None and start < end:
+                rows = list(range(offset, offset + end - start))
+                out[i] = (start, rows, r.token_ids[start + 1 : end + 1])
+            offset += n
+        return out
 
     def sampling_batch(
         self,
@@ -1160,6 +1211,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]  # one per sample (SamplingParams.n), in index order
     finished: bool = True
     error: str | None = None  # why a rejected request did not run (its finish_reason is "error")
+    # with SamplingParams.prompt_logprobs: per prompt token its Logprobs (None for the first, which nothing
+    # scores), once the whole prompt has been computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 # %%
@@ -1201,6 +1255,10 @@ class RequestState:
     samples: dict[int, SampleState]  # by sequence id
     streamed: bool  # it wants an output after every step (DELTA, CUMULATIVE), not only the last
     num_finished: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+        None  # filled as the prompt is computed
+    )
+    prompt_logprobs_sent: bool = False  # a DELTA stream sends them once
 
 
 class OutputProcessor:
@@ -1240,6 +1298,8 @@ class OutputProcessor:
         state = RequestState(
             request, {seq_id: sample(i) for i, seq_id in enumerate(seq_ids)}, streamed
         )
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(request.prompt_token_ids)
         self.requests[request.request_id] = state
         for seq_id, s in state.samples.items():
             self.sample_of[seq_id] = (state, s)
@@ -1276,6 +1336,16 @@ class OutputProcessor:
                 touched[state.request.request_id] = state
         outputs = [out for state in touched.values() if (out := self._output(state)) is not None]
         return outputs, stopped
+
+    def add_prompt_logprobs(self, seq_id: int, first: int, entries: list[LogprobEntry]) -> None:
+        """Take a step's prompt logprobs of a sequence: entries[i] scores the prompt token at first + i + 1.
+        Every sample of a request computes the same ones (and a preempted one computes them again)."""
+        if seq_id not in self.sample_of:  # finished or aborted meanwhile
+            return
+        state, _ = self.sample_of[seq_id]
+        k = state.request.sampling_params.prompt_logprobs
+        for i, entry in enumerate(entries):
+            state.prompt_logprobs[first + i + 1] = self._logprobs(entry, k)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop following a request; return its last output (its unfinished samples end with "abort")."""
@@ -1338,8 +1408,19 @@ class OutputProcessor:
                     sample.stop_reason,
                 )
             )
-        r = state.request
-        return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, finished)
+        r, prompt_logprobs = state.request, state.prompt_logprobs
+        if prompt_logprobs is not None and kind is RequestOutputKind.DELTA:
+            # with the first output only: the whole prompt is computed before any token is sampled
+            prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
+            state.prompt_logprobs_sent = True
+        return RequestOutput(
+            r.request_id,
+            r.prompt,
+            r.prompt_token_ids,
+            completions,
+            finished,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def _text_ids(self, sample: SampleState) -> list[int]:
         return sample.token_ids[:-1] if sample.hide_last_token else sample.token_ids
@@ -1520,15 +1601,14 @@ class LLMEngine:
         scheduler_output, samples, tokens = done
         got_token = self.scheduler.record(scheduler_output, samples, tokens.tolist())
         self.num_generated_tokens += len(got_token)
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        for row, (
+            first,
+            entries,
+        ) in tokens.prompt_logprobs().items():  # before the tokens: a request may end
+            self.output_processor.add_prompt_logprobs(req_ids[row], first, entries)
         by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
-        by_seq = (
-            {
-                seq_id: by_row.get(i)
-                for i, seq_id in enumerate(scheduler_output.num_scheduled_tokens)
-            }
-            if by_row
-            else {}
-        )
+        by_seq = {seq_id: by_row.get(i) for i, seq_id in enumerate(req_ids)} if by_row else {}
         outputs, stopped = self.output_processor.process(
             [(s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)) for s in got_token]
         )
@@ -1846,6 +1926,22 @@ print(
     len({tuple(c.token_ids) for c in samples}),
 )
 print("the same samples again:", [c.token_ids for c in samples] == [c.token_ids for c in again])
+
+# %% [markdown]
+# `logprobs=k` returns, for every generated token, its log-probability and the k most likely tokens at that
+# point (`prompt_logprobs=k` does the same for the prompt's tokens). A `repetition_penalty` above 1 steers
+# greedy decoding away from every token the text already holds, and the same story takes another turn:
+
+# %% tags=["nbval-check-output"]
+params = SamplingParams(temperature=0, max_tokens=3, logprobs=2)
+out = llm.generate("The capital of France is", params, use_tqdm=False)[0].outputs[0]
+for token, entry in zip(out.token_ids, out.logprobs):
+    best = ", ".join(f"{lp.decoded_token!r} {lp.logprob:.2f}" for lp in entry.values())
+    print(f"{entry[token].decoded_token!r:10} rank {entry[token].rank}   {best}")
+for penalty in (1.0, 1.3):
+    params = SamplingParams(temperature=0, max_tokens=40, repetition_penalty=penalty)
+    text = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0].text
+    print(f"repetition_penalty {penalty}: {text!r}")
 
 # %% [markdown]
 # ## Correct: the same tokens as Hugging Face

@@ -40,3 +40,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]  # one per sample (SamplingParams.n), in index order
     finished: bool = True
     error: str | None = None  # why a rejected request did not run (its finish_reason is "error")
+    # with SamplingParams.prompt_logprobs: per prompt token its Logprobs (None for the first, which nothing
+    # scores), once the whole prompt has been computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

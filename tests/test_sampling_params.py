@@ -220,3 +220,34 @@ def test_an_unknown_engine_argument_names_llm():
         TypeError, match=r"LLM\(\) got an unexpected keyword argument 'tensor_parallel'"
     ):
         LLM(tensor_parallel=2)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prompt_logprobs_are_the_log_softmax_of_hugging_faces_logits(
+    smol, hf, async_scheduling, monkeypatch
+):
+    monkeypatch.setattr(smol.engine, "async_scheduling", async_scheduling)
+    monkeypatch.setattr(smol.engine.scheduler, "max_num_batched_tokens", 5)  # the prompt in chunks
+    prompt = smol.get_tokenizer().encode(
+        "The capital of France is Paris, and the capital of Italy is"
+    )
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    for _ in range(2):  # the second time its prefix is cached, and must be computed all the same
+        out, other = smol.generate(
+            [prompt, "Hello"], [params, SamplingParams(max_tokens=3)], use_tqdm=False
+        )
+        assert other.prompt_logprobs is None and out.prompt_logprobs[0] is None
+        with torch.no_grad():
+            ref = (
+                hf(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+            )  # position p scores token p + 1
+        for p, entry in enumerate(out.prompt_logprobs[1:]):
+            token = prompt[p + 1]
+            top = ref[p].topk(2)
+            assert entry[token].logprob == pytest.approx(float(ref[p, token]), abs=1e-4)
+            assert entry[token].rank == int((ref[p] > ref[p, token]).sum()) + 1
+            best = sorted(
+                (t for t, lp in entry.items() if lp.rank <= 2), key=lambda t: entry[t].rank
+            )
+            assert best == top.indices.tolist()
+    assert_engine_quiet(smol)

@@ -113,10 +113,12 @@ class Scheduler:
             and (budget or self.static)
         ):
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            # a request that wants its prompt's logprobs computes every prompt token: no cache hits
+            use_cache = seq.params.prompt_logprobs is None
+            if not self.block_manager.can_allocate(seq, use_cache):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, use_cache)
             # A fully cached prompt still computes its last token: its logits give the first output.
             seq.num_computed_tokens = min(seq.num_cached_tokens, seq.num_tokens - 1)
             seq.status = SequenceStatus.RUNNING

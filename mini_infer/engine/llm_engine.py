@@ -156,15 +156,14 @@ class LLMEngine:
         scheduler_output, samples, tokens = done
         got_token = self.scheduler.record(scheduler_output, samples, tokens.tolist())
         self.num_generated_tokens += len(got_token)
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        for row, (
+            first,
+            entries,
+        ) in tokens.prompt_logprobs().items():  # before the tokens: a request may end
+            self.output_processor.add_prompt_logprobs(req_ids[row], first, entries)
         by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
-        by_seq = (
-            {
-                seq_id: by_row.get(i)
-                for i, seq_id in enumerate(scheduler_output.num_scheduled_tokens)
-            }
-            if by_row
-            else {}
-        )
+        by_seq = {seq_id: by_row.get(i) for i, seq_id in enumerate(req_ids)} if by_row else {}
         outputs, stopped = self.output_processor.process(
             [(s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)) for s in got_token]
         )

@@ -36,6 +36,10 @@ class RequestState:
     samples: dict[int, SampleState]  # by sequence id
     streamed: bool  # it wants an output after every step (DELTA, CUMULATIVE), not only the last
     num_finished: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+        None  # filled as the prompt is computed
+    )
+    prompt_logprobs_sent: bool = False  # a DELTA stream sends them once
 
 
 class OutputProcessor:
@@ -75,6 +79,8 @@ class OutputProcessor:
         state = RequestState(
             request, {seq_id: sample(i) for i, seq_id in enumerate(seq_ids)}, streamed
         )
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(request.prompt_token_ids)
         self.requests[request.request_id] = state
         for seq_id, s in state.samples.items():
             self.sample_of[seq_id] = (state, s)
@@ -111,6 +117,16 @@ class OutputProcessor:
                 touched[state.request.request_id] = state
         outputs = [out for state in touched.values() if (out := self._output(state)) is not None]
         return outputs, stopped
+
+    def add_prompt_logprobs(self, seq_id: int, first: int, entries: list[LogprobEntry]) -> None:
+        """Take a step's prompt logprobs of a sequence: entries[i] scores the prompt token at first + i + 1.
+        Every sample of a request computes the same ones (and a preempted one computes them again)."""
+        if seq_id not in self.sample_of:  # finished or aborted meanwhile
+            return
+        state, _ = self.sample_of[seq_id]
+        k = state.request.sampling_params.prompt_logprobs
+        for i, entry in enumerate(entries):
+            state.prompt_logprobs[first + i + 1] = self._logprobs(entry, k)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop following a request; return its last output (its unfinished samples end with "abort")."""
@@ -173,8 +189,19 @@ class OutputProcessor:
                     sample.stop_reason,
                 )
             )
-        r = state.request
-        return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, finished)
+        r, prompt_logprobs = state.request, state.prompt_logprobs
+        if prompt_logprobs is not None and kind is RequestOutputKind.DELTA:
+            # with the first output only: the whole prompt is computed before any token is sampled
+            prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
+            state.prompt_logprobs_sent = True
+        return RequestOutput(
+            r.request_id,
+            r.prompt,
+            r.prompt_token_ids,
+            completions,
+            finished,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def _text_ids(self, sample: SampleState) -> list[int]:
         return sample.token_ids[:-1] if sample.hide_last_token else sample.token_ids

@@ -180,15 +180,22 @@ class Sampler:
         if not rows:
             return SamplerOutput(tokens, rows)
         index = torch.tensor(rows, device=logits.device)
-        logprobs = logits[index].float().log_softmax(dim=-1)
-        sampled = tokens[index]
-        sampled_logprobs = logprobs.gather(1, sampled[:, None])
-        top = logprobs.topk(max(params[i].logprobs for i in rows), dim=-1)
-        ranks = (logprobs > sampled_logprobs).sum(dim=-1) + 1
-        return SamplerOutput(
-            tokens,
-            rows,
-            torch.cat([sampled_logprobs, top.values], dim=1),
-            torch.cat([sampled[:, None], top.indices], dim=1),
-            ranks,
-        )
+        k = max(params[i].logprobs for i in rows)
+        return SamplerOutput(tokens, rows, *top_logprobs(logits[index], tokens[index], k))
+
+
+def top_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For logits [R, vocab] and a chosen token per row [R]: log-probabilities [R, 1 + k] float32 and their
+    token ids [R, 1 + k] int64 (the chosen token's first, then the k most likely), and the chosen token's
+    rank [R] int64 (1 = the most likely)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen_logprobs = logprobs.gather(1, chosen[:, None])
+    top = logprobs.topk(k, dim=-1)
+    ranks = (logprobs > chosen_logprobs).sum(dim=-1) + 1
+    return (
+        torch.cat([chosen_logprobs, top.values], dim=1),
+        torch.cat([chosen[:, None], top.indices], dim=1),
+        ranks,
+    )

@@ -12,7 +12,7 @@ import torch
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
 from mini_infer.layers.attention import AttentionMetadata, PagedAttention
-from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch, top_logprobs
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 from mini_infer.sampling_params import SamplingParams
 
@@ -20,17 +20,26 @@ from mini_infer.sampling_params import SamplingParams
 class SampledTokens:
     """One step's sampled token ids (and log-probabilities, for the requests that asked) on their way to the
     host: the copy is queued behind the step on the GPU, and `tolist()` waits for it only when the host
-    needs the tokens."""
+    needs the tokens. `prompt_logprobs` maps a row of the batch to (the first prompt position it covers,
+    its prompt tokens' log-probabilities as `top_logprobs` gives them)."""
 
-    def __init__(self, output: SamplerOutput):
+    def __init__(
+        self, output: SamplerOutput, prompt_logprobs: dict[int, tuple[int, tuple]] | None = None
+    ):
         self.ready = None
+        prompt_logprobs = prompt_logprobs or {}
         tensors = [output.token_ids, output.logprobs, output.logprob_token_ids, output.ranks]
         if output.token_ids.is_cuda:  # into pinned memory, behind the step's kernels
             tensors = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
+            prompt_logprobs = {
+                row: (first, tuple(t.to("cpu", non_blocking=True) for t in parts))
+                for row, (first, parts) in prompt_logprobs.items()
+            }
             self.ready = torch.cuda.Event()
             self.ready.record()
         self.tokens, self._logprobs, self._logprob_ids, self._ranks = tensors
         self.logprob_rows = output.logprob_rows
+        self._prompt_logprobs = prompt_logprobs
 
     def tolist(self) -> list[int]:
         if self.ready is not None:
@@ -48,6 +57,14 @@ class SampledTokens:
             self._ranks.tolist(),
         )
         return {row: (ids[r], values[r], ranks[r]) for r, row in enumerate(self.logprob_rows)}
+
+    def prompt_logprobs(self) -> dict[int, tuple[int, list[tuple[list[int], list[float], int]]]]:
+        """For each row with prompt logprobs: (its first prompt position p, then for positions p, p + 1,
+        ...: the entry of the prompt token at position + 1, shaped as `logprobs()` gives). Call after tolist()."""
+        out = {}
+        for row, (first, (values, ids, ranks)) in self._prompt_logprobs.items():
+            out[row] = (first, list(zip(ids.tolist(), values.tolist(), ranks.tolist())))
+        return out
 
 
 @dataclass
@@ -241,12 +258,14 @@ class ModelRunner:
         which arrive when the GPU is done."""
         self.update_states(scheduler_output)
         input_ids, positions, metadata, last_rows, reqs = self.prepare(scheduler_output)
+        prompt_rows = self.prompt_logprob_rows(reqs, scheduler_output)
         graph_bs = next((b for b in sorted(self.graphs) if b >= len(reqs)), None)
-        if metadata.is_decode and graph_bs is not None:
+        if metadata.is_decode and graph_bs is not None and not prompt_rows:
             hidden = self._replay(graph_bs, input_ids, positions, metadata)[: len(reqs)]
         else:
             self.attn.metadata = metadata
-            hidden = self.model(input_ids, positions, self.attn)[last_rows]
+            all_hidden = self.model(input_ids, positions, self.attn)
+            hidden = all_hidden[last_rows]
         logits = self.model.compute_logits(hidden)
         output = self.sampler(
             logits, self.sampling_batch(reqs, scheduler_output, input_ids, last_rows)
@@ -255,7 +274,32 @@ class ModelRunner:
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
-        return SampledTokens(output)
+        prompt_logprobs = {}
+        for i, (first, rows, targets) in prompt_rows.items():
+            index, chosen = (torch.tensor(x, device=self.device) for x in (rows, targets))
+            prompt_logits = self.model.compute_logits(all_hidden[index])
+            k = reqs[i].params.prompt_logprobs
+            prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
+        return SampledTokens(output, prompt_logprobs)
+
+    def prompt_logprob_rows(
+        self, reqs: list[CachedRequestState], scheduler_output: SchedulerOutput
+    ) -> dict[int, tuple[int, list[int], list[int]]]:
+        """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
+        position, the rows of the packed batch whose logits score the next prompt token, those tokens).
+        Position p's logits score the token at p + 1, so the prompt's last position (which scores the first
+        output) is not among them."""
+        out, offset = {}, 0
+        for i, (r, n) in enumerate(zip(reqs, scheduler_output.num_scheduled_tokens.values())):
+            start, end = (
+                r.num_computed_tokens,
+                min(r.num_computed_tokens + n, r.num_prompt_tokens - 1),
+            )
+            if r.params.prompt_logprobs is not None and start < end:
+                rows = list(range(offset, offset + end - start))
+                out[i] = (start, rows, r.token_ids[start + 1 : end + 1])
+            offset += n
+        return out
 
     def sampling_batch(
         self,
