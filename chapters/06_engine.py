@@ -583,20 +583,21 @@ class SampledTokens:
         first, then the most likely ones. Call after tolist()."""
         if not self.logprob_rows:
             return {}
-        ids, values, ranks = (
-            self._logprob_ids.tolist(),
-            self._logprobs.tolist(),
-            self._ranks.tolist(),
-        )
-        return {row: (ids[r], values[r], ranks[r]) for r, row in enumerate(self.logprob_rows)}
+        return dict(zip(self.logprob_rows, entries(self._logprobs, self._logprob_ids, self._ranks)))
 
     def prompt_logprobs(self) -> dict[int, tuple[int, list[tuple[list[int], list[float], int]]]]:
         """For each row with prompt logprobs: (its first prompt position p, then for positions p, p + 1,
         ...: the entry of the prompt token at position + 1, shaped as `logprobs()` gives). Call after tolist()."""
-        out = {}
-        for row, (first, (values, ids, ranks)) in self._prompt_logprobs.items():
-            out[row] = (first, list(zip(ids.tolist(), values.tolist(), ranks.tolist())))
-        return out
+        return {
+            row: (first, entries(*parts)) for row, (first, parts) in self._prompt_logprobs.items()
+        }
+
+
+def entries(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, ranks: torch.Tensor
+) -> list[tuple[list[int], list[float], int]]:
+    """`top_logprobs`' tensors, on the host, as one (token ids, logprobs, rank) entry per row."""
+    return list(zip(token_ids.tolist(), logprobs.tolist(), ranks.tolist()))
 
 
 @dataclass
@@ -609,6 +610,26 @@ class CachedRequestState:
     num_computed_tokens: int
     row: int  # its row of the runner's block table
     num_blocks: int
+
+
+@dataclass
+class StepInputs:
+    """A packed step (see `ModelRunner.prepare`): what the forward takes, and the per-request numbers it
+    was packed from, which sampling and prompt logprobs read too."""
+
+    input_ids: torch.Tensor  # [T] on the device
+    positions: torch.Tensor  # [T] on the device
+    metadata: AttentionMetadata
+    last_rows: (
+        torch.Tensor
+    )  # [B] on the device: each request's last token, whose logits we sample from
+    reqs: list[CachedRequestState]  # in the batch's order
+    starts: np.ndarray  # [B] each request's first position this step
+    ends: np.ndarray  # [B] its length after this step: where its sampled token will stand
+    known_ends: (
+        np.ndarray
+    )  # [B] the end of the tokens the host knows (ends - 1 when one is still pending)
+    cu_seqlens: np.ndarray  # [B + 1] where each request's tokens start in the packed batch
 
 
 def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
@@ -726,13 +747,9 @@ class ModelRunner:
                 )
                 state.num_blocks += len(blocks)
 
-    def prepare(
-        self, scheduler_output: SchedulerOutput
-    ) -> tuple[
-        torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[CachedRequestState]
-    ]:
-        """Pack the step: token ids, positions, attention metadata, the rows whose logits we need, and the
-        requests in the batch's order.
+    def prepare(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        """Pack the step: token ids, positions, attention metadata, the rows whose logits we need, the
+        requests in the batch's order, and the per-request numbers they came from.
 
         The per-token arithmetic is done by numpy on whole arrays: at batch 256 a Python loop over every
         token and block-table entry costs milliseconds, while the GPU waits. A token the host has not seen
@@ -776,12 +793,10 @@ class ModelRunner:
             input_ids[to_device(pending, self.device)] = self.last_sampled[
                 to_device(np.array(source), self.device)
             ]
-        return (
-            input_ids,
-            to_device(positions, self.device),
-            metadata,
-            to_device(cu_seqlens[1:] - 1, self.device),
-            reqs,
+        last_rows = to_device(cu_seqlens[1:] - 1, self.device)
+        positions = to_device(positions, self.device)
+        return StepInputs(
+            input_ids, positions, metadata, last_rows, reqs, starts, ends, known_ends, cu_seqlens
         )
 
     @torch.inference_mode()
@@ -789,19 +804,20 @@ class ModelRunner:
         """Queue one step (forward and sampling) and return its tokens, one per request in the batch's order,
         which arrive when the GPU is done."""
         self.update_states(scheduler_output)
-        input_ids, positions, metadata, last_rows, reqs = self.prepare(scheduler_output)
-        prompt_rows = self.prompt_logprob_rows(reqs, scheduler_output)
+        step = self.prepare(scheduler_output)
+        reqs = step.reqs
+        prompt_rows = self.prompt_logprob_rows(step)
         graph_bs = next((b for b in sorted(self.graphs) if b >= len(reqs)), None)
-        if metadata.is_decode and graph_bs is not None and not prompt_rows:
-            hidden = self._replay(graph_bs, input_ids, positions, metadata)[: len(reqs)]
+        if step.metadata.is_decode and graph_bs is not None and not prompt_rows:
+            hidden = self._replay(graph_bs, step.input_ids, step.positions, step.metadata)[
+                : len(reqs)
+            ]
         else:
-            self.attn.metadata = metadata
-            all_hidden = self.model(input_ids, positions, self.attn)
-            hidden = all_hidden[last_rows]
+            self.attn.metadata = step.metadata
+            all_hidden = self.model(step.input_ids, step.positions, self.attn)
+            hidden = all_hidden[step.last_rows]
         logits = self.model.compute_logits(hidden)
-        output = self.sampler(
-            logits, self.sampling_batch(reqs, scheduler_output, input_ids, last_rows)
-        )
+        output = self.sampler(logits, self.sampling_batch(step))
         self.last_sampled = output.token_ids
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
@@ -814,49 +830,35 @@ class ModelRunner:
             prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
         return SampledTokens(output, prompt_logprobs)
 
-    def prompt_logprob_rows(
-        self, reqs: list[CachedRequestState], scheduler_output: SchedulerOutput
-    ) -> dict[int, tuple[int, list[int], list[int]]]:
+    def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
         """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
         position, the rows of the packed batch whose logits score the next prompt token, those tokens).
         Position p's logits score the token at p + 1, so the prompt's last position (which scores the first
         output) is not among them."""
-        out, offset = {}, 0
-        for i, (r, n) in enumerate(zip(reqs, scheduler_output.num_scheduled_tokens.values())):
-            start, end = (
-                r.num_computed_tokens,
-                min(r.num_computed_tokens + n, r.num_prompt_tokens - 1),
-            )
-            if r.params.prompt_logprobs is not None and start < end:
-                rows = list(range(offset, offset + end - start))
+        out = {}
+        for i, r in enumerate(step.reqs):
+            if r.params.prompt_logprobs is None:
+                continue
+            start, end = int(step.starts[i]), min(int(step.ends[i]), r.num_prompt_tokens - 1)
+            if start < end:
+                first_row = int(step.cu_seqlens[i])
+                rows = list(range(first_row, first_row + end - start))
                 out[i] = (start, rows, r.token_ids[start + 1 : end + 1])
-            offset += n
         return out
 
-    def sampling_batch(
-        self,
-        reqs: list[CachedRequestState],
-        scheduler_output: SchedulerOutput,
-        input_ids: torch.Tensor,
-        last_rows: torch.Tensor,
-    ) -> SamplingBatch:
+    def sampling_batch(self, step: StepInputs) -> SamplingBatch:
         """The sampler's view of the step. A sampled token stands at the request's length after this step;
         penalties need each penalized request's tokens, the newest of which, when the host has not seen it,
         is this step's last input token of the request (on the device)."""
-        ends = [
-            r.num_computed_tokens + n
-            for r, n in zip(reqs, scheduler_output.num_scheduled_tokens.values())
-        ]
+        reqs = step.reqs
         penalized = [r.params.penalized for r in reqs]
         pending = None
         if any(penalized):
-            unseen = to_device(
-                np.array([len(r.token_ids) < end for r, end in zip(reqs, ends)]), self.device
-            )
-            pending = torch.where(unseen, input_ids[last_rows], -1)
+            unseen = to_device(step.known_ends < step.ends, self.device)
+            pending = torch.where(unseen, step.input_ids[step.last_rows], -1)
         return SamplingBatch(
             [r.params for r in reqs],
-            ends,
+            step.ends.tolist(),
             [r.num_prompt_tokens for r in reqs],
             [r.token_ids if p else None for r, p in zip(reqs, penalized)],
             pending,
