@@ -1243,6 +1243,7 @@ class SampleState:
     # its text as it comes, when needed before the end (stop strings, streaming)
     stream: TextStream | None
     logprobs: list[dict[int, Logprob]] | None  # when the request asked for them
+    cumulative_logprob: float | None  # their sum over the sampled tokens, kept as they come
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # what the stream has released so far
     finish_reason: str | None = None
@@ -1293,8 +1294,9 @@ class OutputProcessor:
 
         def sample(i: int) -> SampleState:
             stream = TextStream(self.decode, params.stop, params.include_stop_str_in_output)
+            asked = params.logprobs is not None
             return SampleState(
-                i, stream if text_needed else None, None if params.logprobs is None else []
+                i, stream if text_needed else None, [] if asked else None, 0.0 if asked else None
             )
 
         state = RequestState(
@@ -1320,6 +1322,7 @@ class OutputProcessor:
             sample.token_ids.append(token)
             if logprobs is not None:
                 sample.logprobs.append(self._logprobs(logprobs, params.logprobs))
+                sample.cumulative_logprob += sample.logprobs[-1][token].logprob
             if finish_reason == "stop" and token in params.stop_token_ids:
                 sample.stop_reason = token
                 sample.hide_last_token = not params.include_stop_str_in_output
@@ -1392,20 +1395,13 @@ class OutputProcessor:
             else:
                 text = self._final_text(sample) if finished else sample.text
             logprobs = None if sample.logprobs is None else sample.logprobs[start:]
-            cumulative = (
-                None
-                if sample.logprobs is None
-                else sum(
-                    entry[token].logprob for entry, token in zip(sample.logprobs, sample.token_ids)
-                )
-            )
             completions.append(
                 CompletionOutput(
                     sample.index,
                     text,
                     sample.token_ids[start:],
                     sample.finish_reason,
-                    cumulative,
+                    sample.cumulative_logprob,
                     logprobs,
                     sample.stop_reason,
                 )
