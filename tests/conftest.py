@@ -43,3 +43,20 @@ def smol():
     from mini_infer.llm import LLM
 
     return LLM(dtype="float32", device="cpu", max_model_len=512, cpu_kv_bytes=64 << 20)
+
+
+@pytest.fixture(scope="session")
+def hf_smol():
+    """Hugging Face transformers' model on the embedded GGUF's weights, in float32 on the CPU, loaded once
+    per session. Like ignore_eos, its generate runs on past <|im_end|>, logits untouched."""
+    import transformers
+
+    from mini_infer.loader import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from helpers import TINY_HF, assert_engine_quiet, tiny_hf_model
 from mini_infer.layers.sampler import Sampler, SamplingBatch
 from mini_infer.llm import LLM
-from mini_infer.loader import embedded_gguf_path
 from mini_infer.memory.kv_cache import kv_block_bytes
 from mini_infer.sampling_params import SamplingParams
 
@@ -43,16 +41,8 @@ def block_bytes(llm) -> int:
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    """Hugging Face transformers' model on the same GGUF weights, in float32 on the CPU."""
-    path = embedded_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    # like ignore_eos: run on past <|im_end|>, logits untouched
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    return hf
+def hf_model(hf_smol):  # tests/conftest.py
+    return hf_smol
 
 
 @pytest.fixture(scope="module")

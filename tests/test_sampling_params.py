@@ -4,11 +4,9 @@ stop tokens' text, extreme temperatures, async scheduling, the engine's seed and
 
 import pytest
 import torch
-import transformers
 
 from helpers import assert_engine_quiet
 from mini_infer.llm import LLM
-from mini_infer.loader import embedded_gguf_path
 from mini_infer.sampling_params import SamplingParams
 
 PROMPT = "The capital of France is"
@@ -16,13 +14,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def hf():
-    path = embedded_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    model.generation_config.pad_token_id = 0
-    return model
+def hf(hf_smol):  # tests/conftest.py
+    return hf_smol
 
 
 def hf_logits(hf, ids: list[int]) -> torch.Tensor:
