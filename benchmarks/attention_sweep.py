@@ -302,7 +302,7 @@ def check_all(device, dtype, tiny: bool, shapes: dict) -> Checks:
                 f"{name}, prefill",
                 variant,
                 lambda: prefill_attention_triton(  # noqa: B023 (called at once)
-                    b.q, b.k_cache, b.v_cache, b.tables, b.lens, b.cu, b.max_q, b.scale, **knobs
+                    b.q, b.k_cache, b.v_cache, b.tables, b.lens, b.cu, b.scale, **knobs
                 ),
                 ref,
             )
@@ -487,7 +487,6 @@ def time_prefill(timer: Timer, rows: list, device, dtype):
                     b.tables,
                     b.lens,
                     b.cu,  # noqa: B023
-                    b.max_q,
                     b.scale,
                     **knobs,
                 ),

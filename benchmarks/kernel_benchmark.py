@@ -228,7 +228,7 @@ def bench_prefill(bench: Bench, cases, models) -> None:
 
         def triton_fn(b=b):
             return prefill_attention_triton(
-                b.q, b.k_cache, b.v_cache, b.tables, b.lens, b.cu, b.max_q, b.scale
+                b.q, b.k_cache, b.v_cache, b.tables, b.lens, b.cu, b.scale
             )
 
         want = prefill_attention_ref(

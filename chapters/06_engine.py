@@ -449,15 +449,14 @@ class AttentionMetadata:
     slot_mapping [T] int64: the pool slot of each token's K/V (-1: a padding token, not stored).
     block_tables [B, max_blocks] int32 and context_lens [B] int32: each sequence's blocks and its length
     after this step (entries past a sequence's blocks are never read).
-    cu_seqlens_q [B + 1] int32: where each sequence's tokens start in the packed batch (prefill only).
-    max_seqlen_q: the most tokens of one sequence in this step (a host int: it sizes the prefill grid).
+    cu_seqlens_q [B + 1] int32: where each sequence's tokens start in the packed batch (None in a decode
+    step, which has one token per sequence).
     """
 
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor | None = None
-    max_seqlen_q: int = 1
 
     @property
     def is_decode(self) -> bool:
@@ -483,14 +482,7 @@ class PagedAttention:
                 q, k_cache, v_cache, m.block_tables, m.context_lens, self.scale
             )
         return prefill_attention(
-            q,
-            k_cache,
-            v_cache,
-            m.block_tables,
-            m.context_lens,
-            m.cu_seqlens_q,
-            m.max_seqlen_q,
-            self.scale,
+            q, k_cache, v_cache, m.block_tables, m.context_lens, m.cu_seqlens_q, self.scale
         )
 
 
@@ -511,7 +503,15 @@ class PagedAttention:
 #    pass, captured once per batch size (1, 2, 4, then every multiple of 8 up to `max_num_seqs`, as vLLM
 #    does), is launched as one unit, which removes the CPU launch overhead that dominated Chapter 1. A
 #    batch of 5 replays the graph of 8 with 3 padding rows that store nothing and see no keys. Steps that
-#    carry a prompt run eagerly.
+#    carry prompt tokens (a new request's prefill, alone or beside other requests' decode tokens) replay
+#    a graph too, one per token count (every 16 up to 256, every 64 up to 1,024, every 256 up to 2,048):
+#    Chapter 4's prefill kernel sizes its grid by the number of tokens and sequences only, never by their
+#    lengths, so one captured launch serves any mix of prompt chunks and decoding requests of that size,
+#    and padding rows belong to no sequence. Before that, such steps ran eagerly: on an H200 the time to
+#    first token of a 128-token prompt was 14 ms for SmolLM2 and 23 ms for Qwen3-0.6B, of which the GPU
+#    worked 1.0 and 1.6 ms (torch.profiler, 2026-11-30); the rest was Python launching about 300
+#    kernels. Steps above 2,048 tokens still run eagerly: there the GPU's work, not the launches, sets the
+#    pace.
 # 4. **Sample**, and queue the copy of the new tokens back to the CPU. `execute_model` returns before the
 #    GPU has finished: the host waits for the tokens (the one synchronisation per step) only when it
 #    needs them.
@@ -641,14 +641,33 @@ def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
     )
 
 
+def mixed_graph_sizes(max_num_batched_tokens: int, largest: int = 2048) -> list[int]:
+    """The token counts whose mixed steps (prompt chunks, alone or beside decoding requests) get a CUDA
+    graph: every 16 up to 256, every 64 up to 1,024, every 256 up to `largest`, none above
+    max_num_batched_tokens (which gets its own if it is smaller than `largest`). A step replays the
+    smallest graph that holds its tokens, so at most a quarter of a replay's tokens are padding; a larger
+    step runs eagerly, where the GPU's work, not the launches, sets the pace."""
+    ladder = [*range(16, 257, 16), *range(320, 1025, 64), *range(1280, largest + 1, 256)]
+    top = min(max_num_batched_tokens, largest)
+    return sorted({s for s in ladder if s <= top} | {top})
+
+
+def smallest_holding(sizes, n: int) -> int | None:
+    """The smallest of `sizes` (sorted) that is at least n, or None."""
+    return next((s for s in sizes if s >= n), None)
+
+
 class ModelRunner:
     """Owns the model, the KV pool and the sampler; `execute_model(scheduler_output)` queues a step and
     returns its tokens-to-be.
 
     The KV pool takes what memory is left after the weights and a warm-up forward of the largest step
     (`gpu_memory_utilization` of the GPU, or `cpu_kv_bytes` on the CPU); ValueError when it cannot hold
-    one sequence of `max_model_len` tokens. Decode steps replay CUDA graphs captured for the batch sizes
-    of `cuda_graph_sizes`: one launch for the whole forward instead of hundreds.
+    one sequence of `max_model_len` tokens. On a GPU, unless `enforce_eager`, every step replays a CUDA
+    graph, one launch for the whole forward instead of hundreds: decode steps a graph per batch size of
+    `cuda_graph_sizes` (decode attention), steps with prompt tokens a graph per token count of
+    `mixed_graph_sizes` (prefill attention, which serves decoding requests of the same step too). A step
+    larger than those runs eagerly.
     """
 
     def __init__(
@@ -699,9 +718,11 @@ class ModelRunner:
             self.device,
         )
         self.attn = PagedAttention(self.kv_cache, c.head_dim)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.max_num_seqs = max_num_seqs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode steps, by batch size
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps, by token count
         if self.device.type == "cuda" and not enforce_eager:
-            self._capture_graphs(max_num_seqs)
+            self._capture_graphs(max_num_seqs, max_num_batched_tokens)
 
     @property
     def num_blocks(self) -> int:
@@ -783,7 +804,6 @@ class ModelRunner:
             block_tables=to_device(tables, self.device),
             context_lens=to_device(ends.astype(np.int32), self.device),
             cu_seqlens_q=None if decode else to_device(cu_seqlens.astype(np.int32), self.device),
-            max_seqlen_q=int(counts.max()),
         )
         input_ids = to_device(ids, self.device)
         pending = np.flatnonzero(~known)
@@ -807,14 +827,19 @@ class ModelRunner:
         step = self.prepare(scheduler_output)
         reqs = step.reqs
         prompt_rows = self.prompt_logprob_rows(step)
-        graph_bs = next((b for b in sorted(self.graphs) if b >= len(reqs)), None)
-        if step.metadata.is_decode and graph_bs is not None and not prompt_rows:
-            hidden = self._replay(graph_bs, step.input_ids, step.positions, step.metadata)[
-                : len(reqs)
-            ]
+        num_tokens, decode = step.input_ids.shape[0], step.metadata.is_decode
+        bs = smallest_holding(self.graphs, len(reqs)) if decode and not prompt_rows else None
+        size = None if decode else smallest_holding(self.mixed_graphs, num_tokens)
+        if bs is not None:
+            hidden = self._replay(self.graphs[bs], bs, bs, step)[: len(reqs)]
         else:
-            self.attn.metadata = step.metadata
-            all_hidden = self.model(step.input_ids, step.positions, self.attn)
+            if size is not None:
+                all_hidden = self._replay(
+                    self.mixed_graphs[size], size, min(size, self.max_num_seqs), step
+                )
+            else:
+                self.attn.metadata = step.metadata
+                all_hidden = self.model(step.input_ids, step.positions, self.attn)
             hidden = all_hidden[step.last_rows]
         logits = self.model.compute_logits(hidden)
         output = self.sampler(logits, self.sampling_batch(step))
@@ -864,62 +889,75 @@ class ModelRunner:
             pending,
         )
 
-    def _capture_graphs(self, max_num_seqs: int) -> None:
-        """Capture the decode forward for every size of `cuda_graph_sizes`. Each graph reads its inputs from
-        the same static buffers, which a replay first fills."""
-        max_bs = max_num_seqs
-        self.graph_inputs = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.long, device=self.device),
-            "positions": torch.zeros(max_bs, dtype=torch.long, device=self.device),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.long, device=self.device),
-            "block_tables": torch.zeros(
-                max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device
-            ),
-            "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=self.device),
+    def _capture_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        """Capture the forward for every decode batch size and every mixed step's token count. All graphs
+        read their inputs from the same static buffers, which a replay first fills, and share one memory
+        pool: captured largest first, the smaller ones reuse its memory."""
+        mixed = mixed_graph_sizes(max_num_batched_tokens)
+        max_tokens = max(max_num_seqs, *mixed)
+        zeros = dict(dtype=torch.int32, device=self.device)
+        self.graph_inputs = i = {
+            "input_ids": torch.zeros(max_tokens, dtype=torch.long, device=self.device),
+            "positions": torch.zeros(max_tokens, dtype=torch.long, device=self.device),
+            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.long, device=self.device),
+            "block_tables": torch.zeros(max_num_seqs, self.max_blocks_per_seq, **zeros),
+            "context_lens": torch.zeros(max_num_seqs, **zeros),
+            "cu_seqlens_q": torch.zeros(max_num_seqs + 1, **zeros),
         }
         self.graph_output = torch.zeros(
-            max_bs, self.config.hidden_size, dtype=self.dtype, device=self.device
+            max_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device
         )
+        # (graphs, tokens, sequences, mixed): a decode graph has as many sequences as tokens; a mixed one
+        # at most max_num_seqs, and no more sequences than tokens
+        shapes = [(self.graphs, bs, bs, False) for bs in cuda_graph_sizes(max_num_seqs)]
+        shapes += [(self.mixed_graphs, t, min(t, max_num_seqs), True) for t in mixed]
         pool = None
         with torch.inference_mode():
-            for bs in reversed(
-                cuda_graph_sizes(max_bs)
-            ):  # largest first, so the smaller graphs reuse its memory
-                g = torch.cuda.CUDAGraph()
-                self.attn.metadata = self._graph_metadata(bs)
-                args = (
-                    self.graph_inputs["input_ids"][:bs],
-                    self.graph_inputs["positions"][:bs],
-                    self.attn,
+            for graphs, tokens, seqs, is_mixed in sorted(shapes, key=lambda s: -s[1]):
+                # every sequence empty: the warm-up and the capture store nothing and attend to nothing
+                self.attn.metadata = AttentionMetadata(
+                    i["slot_mapping"][:tokens],
+                    i["block_tables"][:seqs],
+                    i["context_lens"][:seqs],
+                    i["cu_seqlens_q"][: seqs + 1] if is_mixed else None,
                 )
-                # warm-up: compiles kernels, fills caches
-                self.graph_output[:bs] = self.model(*args)
-                with torch.cuda.graph(g, pool):
-                    self.graph_output[:bs] = self.model(*args)
-                pool = g.pool()
-                self.graphs[bs] = g
-        torch.cuda.synchronize()
+                graphs[tokens] = self._capture(tokens, pool)
+                pool = graphs[tokens].pool()
 
-    def _graph_metadata(self, bs: int) -> AttentionMetadata:
+    def _capture(self, tokens: int, pool) -> torch.cuda.CUDAGraph:
+        """The forward of the first `tokens` static inputs under the attention metadata set now, run once
+        (which compiles its kernels) and then captured into a graph that allocates from `pool`."""
         i = self.graph_inputs
-        return AttentionMetadata(
-            i["slot_mapping"][:bs], i["block_tables"][:bs], i["context_lens"][:bs]
-        )
+        args = (i["input_ids"][:tokens], i["positions"][:tokens], self.attn)
+        self.graph_output[:tokens] = self.model(*args)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool):
+            self.graph_output[:tokens] = self.model(*args)
+        return graph
 
-    def _replay(self, bs: int, input_ids, positions, metadata: AttentionMetadata) -> torch.Tensor:
-        n, i = input_ids.shape[0], self.graph_inputs
-        i["slot_mapping"][n:bs].fill_(-1)  # padding rows store nothing and see no keys
-        i["context_lens"][n:bs].zero_()
+    def _replay(
+        self, graph: torch.cuda.CUDAGraph, tokens: int, seqs: int, step: StepInputs
+    ) -> torch.Tensor:
+        """Fill the static inputs of a graph captured for `tokens` tokens of `seqs` sequences with the step,
+        replay it, and return its hidden states [tokens, hidden]. Rows past the step's tokens and sequences
+        are padding: they store nothing, have no queries (in a mixed graph) and see no keys."""
+        m, i = step.metadata, self.graph_inputs
+        n, b = step.input_ids.shape[0], len(step.reqs)
+        i["slot_mapping"][n:tokens].fill_(-1)
+        i["context_lens"][b:seqs].zero_()
         for name, value in (
-            ("input_ids", input_ids),
-            ("positions", positions),
-            ("slot_mapping", metadata.slot_mapping),
-            ("context_lens", metadata.context_lens),
+            ("input_ids", step.input_ids),
+            ("positions", step.positions),
+            ("slot_mapping", m.slot_mapping),
+            ("context_lens", m.context_lens),
         ):
-            i[name][:n].copy_(value)
-        i["block_tables"][:n, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
-        self.graphs[bs].replay()
-        return self.graph_output
+            i[name][: value.shape[0]].copy_(value)
+        i["block_tables"][:b, : m.block_tables.shape[1]].copy_(m.block_tables)
+        if m.cu_seqlens_q is not None:
+            i["cu_seqlens_q"][: b + 1].copy_(m.cu_seqlens_q)
+            i["cu_seqlens_q"][b + 1 : seqs + 1].fill_(n)
+        graph.replay()
+        return self.graph_output[:tokens]
 
 
 # %% [markdown]

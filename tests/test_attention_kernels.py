@@ -177,11 +177,33 @@ def test_prefill(device, dtype, heads):
     cu_seqlens_q = cu_seqlens(PREFILL_Q_LENS, device)
     q = torch.randn(sum(PREFILL_Q_LENS), hq, d, generator=g).to(device, dtype)
     scale = d**-0.5
-    out = prefill_attention_triton(
-        q, k_cache, v_cache, tables, lens, cu_seqlens_q, max(PREFILL_Q_LENS), scale
-    )
+    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, scale)
     expected = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, scale)
     torch.testing.assert_close(out, expected, **tolerance(device, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_padded_like_a_cuda_graph(device):
+    """A CUDA graph of a mixed step is captured for T tokens and B sequences and replayed for fewer: the
+    rows past the real tokens belong to no sequence, and padding sequences have no queries and context
+    length 0. The real rows must equal the unpadded result; one-token (decode) rows mix with prompts."""
+    hq, hkv, d = 6, 2, 64
+    q_lens, contexts = [1, 37, 1, 5], [40, 37, 9, 29]
+    k_cache, v_cache, tables, lens, g = setup(contexts, hkv, d, torch.float32, device)
+    n = sum(q_lens)
+    q = torch.randn(n, hq, d, generator=g).to(device)
+    expected = prefill_attention_ref(
+        q, k_cache, v_cache, tables, lens, cu_seqlens(q_lens, device), 0.125
+    )
+    pad_tokens, pad_seqs = 19, 3
+    q_padded = torch.cat([q, torch.randn(pad_tokens, hq, d, generator=g).to(device)])
+    tables_padded = torch.cat([tables, torch.zeros_like(tables[:pad_seqs])])
+    lens_padded = torch.cat([lens, torch.zeros(pad_seqs, dtype=lens.dtype, device=device)])
+    cu_padded = cu_seqlens(q_lens + [0] * pad_seqs, device)
+    out = prefill_attention_triton(
+        q_padded, k_cache, v_cache, tables_padded, lens_padded, cu_padded, 0.125
+    )
+    torch.testing.assert_close(out[:n], expected, **tolerance(device, torch.float32))
 
 
 # Small tiles, so that the prefixes span several unmasked key tiles; each program's own query heads or one
@@ -217,7 +239,6 @@ def test_prefill_knobs(device, knobs):
         tables,
         lens,
         cu_seqlens_q,
-        max(PREFILL_Q_LENS),
         0.1,
         num_warps=4,
         num_stages=2,
@@ -231,14 +252,14 @@ def test_kernels_refuse_what_they_cannot_run():
     k_cache, v_cache, tables, lens, g = setup([20], 1, 64, torch.float32, "cpu")
     q, cu = torch.randn(20, 8, 64, generator=g), cu_seqlens([20], "cpu")
     with pytest.raises(ValueError, match="smaller than the 8 query heads"):
-        prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu, 20, 0.125, block_m=4)
+        prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu, 0.125, block_m=4)
     small = setup([20], 1, 8, torch.float32, "cpu")[:4]
     with pytest.raises(ValueError, match="head_dim 16 to 256"):
-        prefill_attention_triton(torch.randn(20, 1, 8), *small, cu, 20, 0.3)
+        prefill_attention_triton(torch.randn(20, 1, 8), *small, cu, 0.3)
     with pytest.raises(ValueError, match="head_dim 16 to 256"):
         paged_decode_attention_triton(torch.randn(1, 1, 8), *small, 0.3)
     with pytest.raises(ValueError, match="contiguous pools"):
-        prefill_attention_triton(q, k_cache[:, :8], v_cache, tables, lens, cu, 20, 0.125)
+        prefill_attention_triton(q, k_cache[:, :8], v_cache, tables, lens, cu, 0.125)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -259,7 +280,7 @@ def test_store_then_prefill_is_causal_attention(device):
     ).transpose(0, 1)
     ref = prefill_attention_ref(q, k_cache, v_cache, tables, lens, cu_seqlens_q, d**-0.5)
     torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
-    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, n, d**-0.5)
+    out = prefill_attention_triton(q, k_cache, v_cache, tables, lens, cu_seqlens_q, d**-0.5)
     torch.testing.assert_close(out, expected, **tolerance(device, torch.float32))
 
 

@@ -491,3 +491,63 @@ def test_sampler_greedy_rows_and_sampled_rows_share_a_batch():
     assert tokens[1] == logits[1].argmax()
     again = Sampler()(logits, batch).token_ids
     assert again[2] == tokens[2]  # same seed and position, fresh sampler: same draw
+
+
+class EagerGraph:
+    """A CUDA graph's stand-in on the CPU: `replay()` runs the captured forward again, eagerly, on the
+    runner's static buffers, under the attention metadata it was captured with."""
+
+    replays = 0
+
+    def __init__(self, runner, tokens: int):
+        self.runner, self.tokens, self.metadata = runner, tokens, runner.attn.metadata
+
+    def pool(self):
+        return None
+
+    def replay(self):
+        r, i = self.runner, self.runner.graph_inputs
+        r.attn.metadata = self.metadata
+        args = (i["input_ids"][: self.tokens], i["positions"][: self.tokens], r.attn)
+        r.graph_output[: self.tokens] = r.model(*args)
+        EagerGraph.replays += 1
+
+
+def test_graph_replays_with_padding_give_the_eager_tokens(monkeypatch):
+    """What a GPU does with CUDA graphs, checked on the CPU: the runner's static buffers, the choice of a
+    decode or a mixed graph, and the padding of tokens and sequences. Every step replays a graph (chunked
+    prompts beside decoding requests, then pure decode), and the tokens equal the eager run's."""
+    from mini_infer.worker.model_runner import ModelRunner
+
+    config = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
+    generator = torch.Generator().manual_seed(5)
+    prompts = [
+        torch.randint(0, 256, (n,), generator=generator).tolist() for n in (5, 19, 40, 70, 3)
+    ]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    args = dict(load_format="dummy", device="cpu", dtype="float32", max_model_len=192)
+    eager = LLM(config, max_num_seqs=4, max_num_batched_tokens=48, seed=0, **args)
+    expected = token_ids(eager.generate(prompts, params, use_tqdm=False))
+    graphed = LLM(config, max_num_seqs=4, max_num_batched_tokens=48, seed=0, **args)
+    monkeypatch.setattr(
+        ModelRunner, "_capture", lambda self, tokens, pool: EagerGraph(self, tokens)
+    )
+    runner = graphed.engine.runner
+    runner._capture_graphs(4, 48)
+    assert sorted(runner.graphs) == [1, 2, 4] and sorted(runner.mixed_graphs) == [16, 32, 48]
+    steps = []
+    execute = runner.execute_model
+    monkeypatch.setattr(runner, "execute_model", lambda out: steps.append(out) or execute(out))
+    EagerGraph.replays = 0
+    assert token_ids(graphed.generate(prompts, params, use_tqdm=False)) == expected
+    mixed = [s for s in steps if len(s.num_scheduled_tokens) < s.total_num_scheduled_tokens]
+    assert len(mixed) >= 4 and EagerGraph.replays == len(steps)  # none ran eagerly

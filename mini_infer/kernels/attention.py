@@ -376,6 +376,7 @@ def _prefill_kernel(
     block_tables_ptr,
     context_lens_ptr,
     cu_seqlens_q_ptr,
+    num_seqs,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -395,12 +396,24 @@ def _prefill_kernel(
     # A program: one tile of QUERIES queries of one sequence, for HEADS query heads that share one KV head.
     # Row r of the tile is query r // HEADS and head r % HEADS, so the heads of a token are adjacent rows.
     QUERIES: tl.constexpr = BLOCK_M // HEADS
-    seq, head0 = tl.program_id(1), tl.program_id(2) * HEADS
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest tiles (last queries) start first
+    pid, head0 = tl.program_id(0), tl.program_id(1) * HEADS
+    # Sequence s owns the tiles from cu_seqlens_q[s] // QUERIES + s on: find the last s that starts at or
+    # before this program's tile (a binary search over num_seqs, which grows by at least 1 per sequence).
+    lo = pid * 0  # int32 scalars from the start: loop-carried values keep one type
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        starts_before = tl.load(cu_seqlens_q_ptr + mid) // QUERIES + mid <= pid
+        lo = tl.where(starts_before, mid, lo)
+        hi = tl.where(starts_before, hi, mid - 1)
+    seq = lo
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    if tile * QUERIES >= q_len:
+    num_tiles = tl.cdiv(q_len, QUERIES)
+    local = pid - (q_start // QUERIES + seq)
+    if local >= num_tiles:
         return
+    tile = num_tiles - 1 - local  # the longest tiles (last queries) start first
     context_len = tl.load(context_lens_ptr + seq)
 
     rows = tl.arange(0, BLOCK_M)
@@ -492,7 +505,6 @@ def prefill_attention_triton(
     block_tables,
     context_lens,
     cu_seqlens_q,
-    max_seqlen_q,
     scale,
     block_m=None,
     block_n=None,
@@ -504,8 +516,10 @@ def prefill_attention_triton(
     """Causal attention for packed prompts q [T, Hq, D] (see prefill_attention_ref), reading every key from
     the pools k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype), so store this step's K/V first.
 
-    block_tables [B, max_blocks], context_lens [B] and cu_seqlens_q [B + 1] are int32; max_seqlen_q (a host
-    int, at least the longest q_len) sizes the grid. Hq a multiple of Hkv, D from 16 to 256. Returns [T, Hq, D].
+    block_tables [B, max_blocks], context_lens [B] and cu_seqlens_q [B + 1] are int32. The grid depends on T
+    and B only, so a CUDA graph can replay one launch for any lengths: rows of q past cu_seqlens_q[B] and
+    sequences with no queries (cu_seqlens_q[s + 1] == cu_seqlens_q[s]) are padding, computed for no one, and
+    their output rows are left unwritten. Hq a multiple of Hkv, D from 16 to 256. Returns [T, Hq, D].
     The keywords are launch knobs for tuning, defaults from PREFILL_LAUNCH: block_m (rows per program, a power
     of two, at least 16), block_n (keys per tile, a power of two, at least 16), num_warps, num_stages;
     pack_gqa=False gives each query head its own program instead of one program per group of heads sharing a
@@ -526,7 +540,8 @@ def prefill_attention_triton(
             f"block_m={block_m} is smaller than the {heads} query heads a program packs"
         )
     o = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
-    grid = (triton.cdiv(max_seqlen_q, block_m // heads), context_lens.shape[0], Hq // heads)
+    num_seqs = context_lens.shape[0]
+    grid = (triton.cdiv(T, block_m // heads) + num_seqs, Hq // heads)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -535,6 +550,7 @@ def prefill_attention_triton(
         block_tables,
         context_lens,
         cu_seqlens_q,
+        num_seqs,
         q.stride(0),
         q.stride(1),
         o.stride(0),
@@ -556,12 +572,10 @@ def prefill_attention_triton(
     return o
 
 
-def prefill_attention(
-    q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
-):
+def prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale):
     if q.is_cuda:
         return prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale
         )
     return prefill_attention_ref(
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale

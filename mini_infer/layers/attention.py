@@ -17,15 +17,14 @@ class AttentionMetadata:
     slot_mapping [T] int64: the pool slot of each token's K/V (-1: a padding token, not stored).
     block_tables [B, max_blocks] int32 and context_lens [B] int32: each sequence's blocks and its length
     after this step (entries past a sequence's blocks are never read).
-    cu_seqlens_q [B + 1] int32: where each sequence's tokens start in the packed batch (prefill only).
-    max_seqlen_q: the most tokens of one sequence in this step (a host int: it sizes the prefill grid).
+    cu_seqlens_q [B + 1] int32: where each sequence's tokens start in the packed batch (None in a decode
+    step, which has one token per sequence).
     """
 
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor | None = None
-    max_seqlen_q: int = 1
 
     @property
     def is_decode(self) -> bool:
@@ -51,12 +50,5 @@ class PagedAttention:
                 q, k_cache, v_cache, m.block_tables, m.context_lens, self.scale
             )
         return prefill_attention(
-            q,
-            k_cache,
-            v_cache,
-            m.block_tables,
-            m.context_lens,
-            m.cu_seqlens_q,
-            m.max_seqlen_q,
-            self.scale,
+            q, k_cache, v_cache, m.block_tables, m.context_lens, m.cu_seqlens_q, self.scale
         )
