@@ -22,6 +22,7 @@ def run(args) -> dict:
         "engine": "mini_infer",
         "model": args.model,
         "policy": "static" if args.static else "continuous",
+        "workload": args.workload,
         **measured,
         "kv_blocks": llm.engine.runner.num_blocks,
         "preemptions": llm.engine.scheduler.num_preemptions,

@@ -50,10 +50,17 @@ def parser(doc: str, outputs: tuple[str, ...]) -> argparse.ArgumentParser:
     )
     if "throughput" in outputs:
         ap.add_argument(
+            "--workload",
+            choices=("nano-vllm", "chat"),
+            default="nano-vllm",
+            help="nano-vllm: the reference protocol (benchmark_workload); chat: 1,024 requests with "
+            "log-normal prompt and output lengths (chat_workload, seed 0)",
+        )
+        ap.add_argument(
             "--num-seqs",
             type=int,
             default=256,
-            help="requests; up to 256, the first ones of the 256-request workload",
+            help="requests of the nano-vllm workload; up to 256, the first ones of its 256 requests",
         )
         ap.add_argument("--max-input", type=int, default=1024)
         ap.add_argument("--max-output", type=int, default=1024)
@@ -76,8 +83,12 @@ def model_dir(name: str) -> Path:
 
 
 def workload(args) -> tuple[list[list[int]], list[int]]:
-    """The first --num-seqs requests of the 256-request benchmark workload (a larger number draws more)."""
-    from mini_infer.testing.simulate import benchmark_workload
+    """The chat workload (--workload chat), or the first --num-seqs requests of the 256-request benchmark
+    workload (a larger number draws more)."""
+    from mini_infer.testing.simulate import benchmark_workload, chat_workload
+
+    if getattr(args, "workload", "nano-vllm") == "chat":
+        return chat_workload()
 
     prompts, lengths = benchmark_workload(max(args.num_seqs, 256), args.max_input, args.max_output)
     return prompts[: args.num_seqs], lengths[: args.num_seqs]

@@ -8,7 +8,7 @@ The steps, each printed before it runs: the kernels against the copy ceiling (ke
 memory accounting (memory_test.py, CPU), the race of Mini-Infer against vLLM (when it imports) and HF
 transformers, throughput and batch-1 latency (race.sh), per model a profile of one decode step
 (profile_step.py) and online serving under load (benchmark_serving.py), static against continuous batching
-(benchmark_batching.py: the first model with 256 batch slots, the first two with 64), and last the README's
+(benchmark_batching.py: the first two models, chat workload, 64 and 256 slots), and last the README's
 results section and the race plot (report.py), rebuilt from benchmarks/results/ only.
 Every row names its device, machine, versions and date. Without a GPU it prints the commands and stops.
 """
@@ -39,19 +39,10 @@ def commands(args) -> list[list[str]]:
         ],
         *([py, "benchmarks/profile_step.py", "--model", m] for m in args.models),
         *([py, "benchmarks/benchmark_serving.py", "--model", m] for m in args.models),
-        [py, "benchmarks/benchmark_batching.py", "--model", args.models[0], "--quiet"],
-        *(
-            [
-                py,
-                "benchmarks/benchmark_batching.py",
-                "--model",
-                m,
-                "--max-num-seqs",
-                "64",
-                "--quiet",
-            ]
+        *(  # chat workload: more requests than batch slots, output lengths that vary widely
+            [py, "benchmarks/benchmark_batching.py", "--model", m, "--quiet"]
             for m in args.models[:2]
-        ),  # more requests than batch slots: where the policies differ
+        ),
         [py, "benchmarks/report.py"],
     ]
 

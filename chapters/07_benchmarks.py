@@ -285,33 +285,35 @@ print(memory["published"])
 # %% [markdown]
 # ## Static against continuous batching
 #
-# `benchmark_batching.py` runs the same engine twice on the same workload, once with static batches.
-# Its rows, on the machines that measured both policies:
+# `benchmark_batching.py` runs the same engine twice on the same workload, once with static batches (the
+# textbook policy: a new batch only when every request of the last one has finished). Its default workload
+# is `chat_workload` (Chapter 5): 1,024 requests, seed 0, prompt and output lengths log-normal (medians 256
+# and 128 tokens, shape 1, clipped to [8, 2048]), far more requests than batch slots. Its rows, on the
+# machines that measured both policies (older rows ran the nano-vllm workload of 256 requests):
 
 # %%
 rows = [
     r
     for r in summarize.load(common.RESULTS / "throughput.jsonl")
-    if r["engine"] == "mini_infer" and r["num_seqs"] == 256 and r.get("cuda_graphs", True)
+    if r["engine"] == "mini_infer" and r.get("cuda_graphs", True) and "policy" in r
 ]
-pairs = {
-    (r["machine"], r["model"], r.get("max_num_seqs", 256))
-    for r in rows
-    if r.get("policy") == "static"
-}
-for machine, model, slots in sorted(pairs):
-    same = [
-        r
-        for r in rows
-        if (r["machine"], r["model"], r.get("max_num_seqs", 256)) == (machine, model, slots)
-    ]
+
+
+def setting(r):
+    workload = r.get("workload", "nano-vllm" if r["num_seqs"] == 256 else None)
+    return r["machine"], r["model"], workload, r.get("max_num_seqs", 256)
+
+
+pairs = {setting(r) for r in rows if r["policy"] == "static" and setting(r)[2]}
+for machine, model, workload, slots in sorted(pairs):
+    same = [r for r in rows if setting(r) == (machine, model, workload, slots)]
     best = {
         policy: max((r["tokens_per_s"] for r in same if r["policy"] == policy), default=None)
         for policy in ("static", "continuous")
     }
     if None not in best.values():
         print(
-            f"{same[0]['device']} (machine {machine}, {same[0]['date']}), {model}, {slots} batch slots: static "
+            f"{same[0]['device']} (machine {machine}, {same[0]['date']}), {model}, {workload}, {slots} slots: static "
             f"{best['static']:,.0f}, continuous {best['continuous']:,.0f} tok/s ({best['continuous'] / best['static']:.2f}x)"
         )
 

@@ -3,6 +3,7 @@
 checking that every request reads exactly its own K/V. Plain Python."""
 
 import hashlib
+import math
 import random
 from array import array
 
@@ -26,6 +27,29 @@ def benchmark_workload(
         for _ in range(num_requests)
     ]
     return prompts, [rng.randint(min_len, max_output) for _ in range(num_requests)]
+
+
+def chat_workload(
+    num_requests: int = 1024,
+    seed: int = 0,
+    prompt_median: int = 256,
+    output_median: int = 128,
+    sigma: float = 1.0,
+    max_len: int = 2048,
+) -> tuple[list[list[int]], list[int]]:
+    """Chat-like requests, where most answers are short and a few are very long: `random.Random(seed)`
+    draws each request's prompt length and output length from log-normal distributions (medians
+    `prompt_median` and `output_median` tokens, both of shape `sigma`, rounded and clipped to [8,
+    max_len]), then its prompt's token ids, uniform in [0, 10000]. With sigma 1 the mean output is 1.65
+    times the median, and the longest of 64 requests is typically about 10 times it."""
+    rng = random.Random(seed)
+
+    def length(median: int) -> int:
+        return min(max_len, max(8, round(rng.lognormvariate(math.log(median), sigma))))
+
+    shapes = [(length(prompt_median), length(output_median)) for _ in range(num_requests)]
+    prompts = [[rng.randint(0, 10000) for _ in range(n)] for n, _ in shapes]
+    return prompts, [m for _, m in shapes]
 
 
 class TokenPoolModel:
