@@ -1197,7 +1197,9 @@ for num_splits in [1, 3, None]:
 
 # %%
 #| export mini_infer.kernels.attention
-@triton.jit
+# num_seqs changes from step to step: not specialized (Triton would compile a variant for 1 and for multiples
+# of 16 the first time a step has such a count, in the middle of a run)
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

@@ -367,7 +367,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-@triton.jit
+# num_seqs changes from step to step: not specialized (Triton would compile a variant for 1 and for multiples
+# of 16 the first time a step has such a count, in the middle of a run)
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
