@@ -121,8 +121,8 @@ def mixed_graph_sizes(max_num_batched_tokens: int, largest: int = 2048) -> list[
 
 
 def smallest_holding(sizes, n: int) -> int | None:
-    """The smallest of `sizes` (sorted) that is at least n, or None."""
-    return next((s for s in sizes if s >= n), None)
+    """The smallest of `sizes` that is at least n, or None."""
+    return min((s for s in sizes if s >= n), default=None)
 
 
 class ModelRunner:
