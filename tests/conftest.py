@@ -1,5 +1,7 @@
-"""Fixtures shared by test files: the built book (one build per session) and one-thread torch."""
+"""Fixtures shared by test files (the built book, one build per session; one-thread torch; the embedded model
+and Hugging Face's), and a `chapterN` mark on every test of chapter N: `pytest -m chapter4`."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +11,51 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The chapter whose code each test file checks (the chapter that exports the modules it tests). Files
+# about the whole project (the book, the export, the README, lint, architecture) have none; a chapter's
+# notebook (run by nbval) and its parametrized checks in test_chapters.py get their own chapter's mark.
+CHAPTER_OF_TEST_FILE = {
+    "test_llama.py": 1,
+    "test_loader.py": 1,
+    "test_rmsnorm.py": 2,
+    "test_rope.py": 3,
+    "test_kv_cache.py": 4,
+    "test_block_manager.py": 4,
+    "test_attention_kernels.py": 4,
+    "test_scheduler.py": 5,
+    "test_engine.py": 6,
+    "test_sampling.py": 6,
+    "test_sampling_params.py": 6,
+    "test_detokenizer.py": 6,
+    "test_reliability.py": 6,
+    "test_benchmarks.py": 7,
+    "test_serve.py": 8,
+    "test_tensor_parallel.py": 9,
+}
+CHAPTERS = 10  # the marks registered below: chapter1 ... chapter10
+
+
+def pytest_configure(config):
+    for n in range(1, CHAPTERS + 1):
+        config.addinivalue_line("markers", f"chapter{n}: checks Chapter {n}'s code")
+
+
+def chapter_of(item) -> int | None:
+    """The chapter a collected test belongs to: by its notebook or chapter parameter, else by its file."""
+    name = item.path.name
+    if item.path.parent.name == "chapters" and (m := re.match(r"(\d+)_", name)):
+        return int(m.group(1))
+    param = getattr(item, "callspec", None) and item.callspec.params.get("py")
+    if isinstance(param, Path) and (m := re.match(r"(\d+)_", param.name)):
+        return int(m.group(1))
+    return CHAPTER_OF_TEST_FILE.get(name)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if (n := chapter_of(item)) is not None:
+            item.add_marker(f"chapter{n}")
 
 
 @pytest.fixture(scope="session")

@@ -75,3 +75,27 @@ def test_every_chapter_is_in_the_table_of_contents():
     listed = toc_files(TOC["parts"])
     assert {f"chapters/{p.stem}.ipynb" for p in CHAPTERS} <= listed
     assert all((ROOT / f).exists() for f in listed | {TOC["root"] + ".md"})
+
+
+# Test files about the whole project rather than one chapter's code (conftest.CHAPTER_OF_TEST_FILE maps the rest).
+PROJECT_WIDE = {
+    "test_architecture.py",
+    "test_book.py",
+    "test_browser.py",
+    "test_chapters.py",
+    "test_export.py",
+    "test_lint.py",
+    "test_readme.py",
+    "test_store_outputs.py",
+}
+
+
+def test_every_test_file_names_its_chapter():
+    """`pytest -m chapterN` must find every test of chapter N: a new test file gets a chapter in
+    conftest.CHAPTER_OF_TEST_FILE, or is project-wide."""
+    import conftest
+
+    files = {p.name for p in Path(__file__).parent.glob("test_*.py")}
+    assert files - PROJECT_WIDE - set(conftest.CHAPTER_OF_TEST_FILE) == set()
+    assert set(conftest.CHAPTER_OF_TEST_FILE.values()) <= set(range(1, conftest.CHAPTERS + 1))
+    assert len(CHAPTERS) <= conftest.CHAPTERS  # every chapter has a registered mark
