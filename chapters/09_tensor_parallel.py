@@ -229,7 +229,8 @@ print(
 # %%
 #| export mini_infer.parallel.layers
 """Tensor-parallel layers: each rank holds a slice of a weight matrix, and the ranks combine their results
-with one collective. `shard_model` turns a loaded model into one rank's shard, in place.
+with one collective. `shard_model` turns a model into one rank's shard, in place: an empty one on the
+meta device before loading (`load_model(..., shard=rank_shard(rank, world_size))`), or a loaded one.
 
 Collectives run on the default process group, which the caller has set up (`TensorParallelRunner` does).
 """
@@ -237,6 +238,7 @@ Collectives run on the default process group, which the caller has set up (`Tens
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -253,7 +255,18 @@ def _empty(*shape, like: torch.Tensor) -> nn.Parameter:
     )
 
 
-class ColumnParallelLinear(nn.Module):
+class Sharded(nn.Module):
+    """A layer that holds its rank's slice of each parameter: `shard(param_name, full)` cuts that slice out
+    of the whole tensor, and the model's `load_weight` calls `load_full` with each whole tensor."""
+
+    def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_full(self, param_name: str, full: torch.Tensor) -> None:
+        copy_checked(getattr(self, param_name), self.shard(param_name, full), param_name)
+
+
+class ColumnParallelLinear(Sharded):
     """`x @ W.T` with W's output rows split across ranks: each rank computes its slice of the output, and
     nothing is communicated. `sizes` are the output's parts (q, k, v or gate, up); each part is split on
     its own, so that a rank keeps whole heads of q, k and v, and the gate rows that match its up rows."""
@@ -284,8 +297,17 @@ class ColumnParallelLinear(nn.Module):
             [part.chunk(self.world_size)[self.rank] for part in full.split(self.full_sizes)]
         )
 
+    def load_shard(self, param_name: str, part: int, full: torch.Tensor) -> None:
+        """One whole part as a checkpoint stores it (q_proj, or gate_proj): this rank's slice of it."""
+        start = sum(self.sizes[:part])
+        copy_checked(
+            getattr(self, param_name)[start : start + self.sizes[part]],
+            full.chunk(self.world_size)[self.rank],
+            f"part {part}",
+        )
 
-class RowParallelLinear(nn.Module):
+
+class RowParallelLinear(Sharded):
     """`x @ W.T` with W's input columns split: each rank multiplies its slice of x (the split output of a
     column-parallel layer) by its columns, which gives a partial sum of the whole output; an all-reduce
     adds the partial sums, and the bias is added once, after it."""
@@ -317,7 +339,7 @@ class RowParallelLinear(nn.Module):
         return full.chunk(self.world_size, dim=1)[self.rank] if param_name == "weight" else full
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(Sharded):
     """The embedding table split by vocabulary: rank r holds rows [r * n, (r + 1) * n). A rank looks up
     the ids it holds, writes zeros for the others, and an all-reduce puts each token's row together.
     The last shard is padded with zero rows when the vocabulary does not divide evenly."""
@@ -361,15 +383,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         return torch.cat(parts, dim=-1)[:, : self.num_embeddings]  # drop the padding rows' scores
 
 
-def load_full_weight(model: nn.Module, name: str, full: torch.Tensor) -> None:
-    """Copy one unsharded parameter, by its name in the unsharded model, into this rank's shard of it."""
-    module_name, _, param_name = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if hasattr(module, "shard"):
-        full = module.shard(param_name, full)
-    copy_checked(getattr(module, param_name), full, name)
-
-
 def check_shardable(config: ModelConfig, world_size: int) -> None:
     """Raise ValueError unless every rank can get whole heads and equal slices of the MLP."""
     c = config
@@ -386,9 +399,10 @@ def check_shardable(config: ModelConfig, world_size: int) -> None:
 
 
 def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaForCausalLM:
-    """Turn a loaded model into rank's shard of it, in place: q/k/v and gate/up column-parallel, o and down
+    """Turn a model into rank's shard of it, in place: q/k/v and gate/up column-parallel, o and down
     row-parallel, embedding and LM head split by vocabulary. The model's config then gives the local head
-    counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only."""
+    counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only. A loaded model
+    keeps its rank's slice of every weight; an empty one on the meta device is the shard to load into."""
     c = model.config
     check_shardable(c, world_size)
     # unsharded; a tied LM head appears once, as the embedding
@@ -424,10 +438,15 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
         num_key_value_heads=c.num_key_value_heads // world_size,
         intermediate_size=c.intermediate_size // world_size,
     )
-    with torch.no_grad():
+    if like.device.type != "meta":
         for name, tensor in full.items():
-            load_full_weight(model, name, tensor)
+            model.load_weight(name, tensor)
     return model
+
+
+def rank_shard(rank: int, world_size: int):
+    """What `load_model(..., shard=...)` takes to build and load only rank's shard of a model."""
+    return functools.partial(shard_model, rank=rank, world_size=world_size)
 
 
 # %% [markdown]
@@ -490,13 +509,21 @@ except ValueError as e:
 # %%
 #| export mini_infer.parallel.runner
 """Tensor parallelism over processes: one process per GPU (rank). The driver (rank 0) keeps the scheduler
-and sends each step's batch to the workers; every rank runs Chapter 6's ModelRunner on its shard."""
+and sends each step's batch to the workers; every rank loads its own shard of the weights and runs
+Chapter 6's ModelRunner on it. A thread of the driver watches the workers, and each worker watches the
+driver, so that a process that dies ends the others' waiting with an error instead of a hang."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import os
+import sys
+import threading
 import time
+import traceback
 import weakref
+from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
@@ -504,12 +531,15 @@ import torch.multiprocessing as mp
 
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
-from mini_infer.loader import empty_model
-from mini_infer.parallel.layers import check_shardable, load_full_weight, shard_model
+from mini_infer.loader import load_model
+from mini_infer.parallel.layers import rank_shard
 from mini_infer.worker.model_runner import ModelRunner, SampledTokens
 
 # Idle workers wait for the next step in a gloo receive, which would otherwise time out after 30 minutes.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
+# How long close() waits for the ranks to leave the process group and the workers to exit, before it
+# aborts the group and kills them.
+SHUTDOWN_TIMEOUT = 30.0
 
 
 class BroadcastingSampler:
@@ -547,25 +577,37 @@ def init_group(device_type: str, store: dist.Store, rank: int, world_size: int):
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
-def wait_for_workers(store: dist.Store, workers: list) -> None:
-    """Wait until every worker has started; raise, instead of waiting forever, if one died first."""
-    while not store.check([f"started/{r}" for r in range(1, len(workers) + 1)]):
-        dead = [w for w in workers if w.exitcode is not None]
-        if dead:
-            for w in workers:
-                w.terminate()
-            raise RuntimeError(
-                f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode} "
-                "before starting (its error is printed above; a script must start the engine "
-                "under `if __name__ == '__main__':`)"
-            )
-        time.sleep(0.05)
-
-
 def min_over_ranks(value: int, group) -> int:
     t = torch.tensor([value])
     dist.all_reduce(t, dist.ReduceOp.MIN, group=group)
     return int(t)
+
+
+def leave_group(runner: ModelRunner | None) -> None:
+    """Every rank's way out: drop the CUDA graphs, whose captured all-reduces hold NCCL's communicator, let
+    the GPU finish, then leave the process group."""
+    if runner is not None:
+        runner.release_graphs()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def abort_group() -> None:
+    """Abort every process group of this process: with NCCL, ncclCommAbort, which also ends a collective
+    that waits on the GPU for a rank that will never come."""
+    if dist.is_initialized():
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:  # noqa: BLE001 - best effort: the group is being thrown away
+            pass
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """A worker's watchdog thread: end the worker when the driver is gone (killed, or crashed), instead of
+    leaving it waiting forever for the next step."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 @torch.no_grad()
@@ -573,81 +615,159 @@ def worker_main(
     rank: int,
     world_size: int,
     port: int,
-    config,
-    dtype: torch.dtype,
-    device_type: str,
+    parent_pid: int,
+    load_args: dict,
     threads: int,
     runner_args: tuple,
     runner_kwargs: dict,
 ) -> None:
-    """A worker (rank >= 1): receive its shard, build its ModelRunner, then run steps until told to stop."""
+    """A worker (rank >= 1): load its shard, build its ModelRunner, then run steps until told to stop. An
+    error is printed, left in the store for the driver, and ends the process with exit code 1."""
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
     torch.set_num_threads(threads)
-    device = rank_device(device_type, rank)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
-    store.set(f"started/{rank}", "1")
-    group = init_group(device_type, store, rank, world_size)
-    # The unsharded model's parameter names and shapes, with no memory behind them; then this rank's shard.
-    model = empty_model(config, dtype, "meta")
-    full_shapes = [(name, p.shape) for name, p in model.named_parameters()]
-    shard_model(model, rank, world_size).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    for (
-        name,
-        shape,
-    ) in full_shapes:  # rank 0 broadcasts every unsharded tensor; each rank keeps its slice
-        full = torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(full, src=0)
-        load_full_weight(model, name, full)
-    runner = ModelRunner(model, *runner_args, **runner_kwargs)
-    runner.sampler = receive_sample
-    min_over_ranks(runner.num_blocks, group)
-    while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0, group=group)
-        if message[0] is None:
-            break
-        runner.execute_model(message[0])
-    dist.destroy_process_group()
-
-
-def shutdown(group, workers: list) -> None:
-    """Tell the workers to stop, wait for them, and leave the process group."""
     try:
-        dist.broadcast_object_list([None], src=0, group=group)
-    except RuntimeError:  # a worker that died cannot be told; the others are stopped below
-        pass
+        device = rank_device(torch.device(load_args["device"]).type, rank)
+        model = load_model(
+            **{**load_args, "device": device},
+            shard=rank_shard(rank, world_size),
+            tokenizer=False,
+        ).model
+        store.set(f"started/{rank}", "1")
+        group = init_group(device.type, store, rank, world_size)
+        runner = ModelRunner(model, *runner_args, **runner_kwargs)
+        runner.sampler = receive_sample
+        min_over_ranks(runner.num_blocks, group)
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=group)
+            if message[0] is None:
+                break
+            runner.execute_model(message[0])
+        leave_group(runner)
+    except BaseException:
+        report = traceback.format_exc()
+        print(f"tensor-parallel worker {rank} failed:\n{report}", file=sys.stderr, flush=True)
+        try:
+            store.set(f"error/{rank}", report)
+        except Exception:  # noqa: BLE001 - the driver may be gone
+            pass
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: nothing is left to tear down, and it cannot hang
+
+
+def stop_workers(workers: list, timeout: float) -> None:
+    """Terminate the workers still alive, then kill those that do not exit within `timeout` seconds."""
     for w in workers:
-        w.join(timeout=60)
         if w.is_alive():
             w.terminate()
-    dist.destroy_process_group()
+    for w in workers:
+        w.join(timeout)
+        if w.is_alive():
+            w.kill()
+            w.join(5)
+
+
+class WorkerMonitor:
+    """A thread of the driver that waits on the workers' process sentinels. A worker that exits while the
+    engine runs is a failure: the monitor records which one and how (its exit code, and its error when it
+    raised one), stops the other workers, and aborts the process group, so that a driver waiting in a
+    collective for the dead worker returns instead of waiting forever."""
+
+    def __init__(self, workers: list, store: dist.Store):
+        self.workers, self.store = workers, store
+        self.failure: str | None = None
+        self.failed, self.stopping = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="tp-monitor", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            wait([w.sentinel for w in self.workers], timeout=0.2)
+            dead = [w for w in self.workers if w.exitcode is not None]
+            if dead and not self.stopping.is_set():
+                return self._fail(dead[0])
+
+    def _fail(self, worker) -> None:
+        rank = self.workers.index(worker) + 1
+        error = ""
+        try:
+            if self.store.check([f"error/{rank}"]):
+                error = ": " + self.store.get(f"error/{rank}").decode().strip().splitlines()[-1]
+        except Exception:  # noqa: BLE001 - the exit code alone still says what happened
+            pass
+        self.failure = (
+            f"tensor-parallel worker {rank} (pid {worker.pid}) exited with code "
+            f"{worker.exitcode}{error}"
+        )
+        stop_workers(self.workers, timeout=5)
+        abort_group()
+        self.failed.set()
+
+    def stop(self) -> None:
+        """From now on a worker's exit is expected (the driver is shutting down)."""
+        self.stopping.set()
+        self.thread.join()
+
+    def check(self, cause: BaseException | None = None) -> None:
+        """Raise a RuntimeError naming the dead worker, if one died. With a `cause` (an error of the driver
+        in a collective), first give the monitor a moment: the error often comes before the exit is seen."""
+        if cause is not None:
+            self.failed.wait(timeout=5)
+        if self.failure is not None:
+            raise RuntimeError(
+                f"{self.failure}; the tensor-parallel engine cannot go on (close it)"
+            ) from cause
+
+
+def shutdown(group, workers: list, monitor: WorkerMonitor, runner, timeout=SHUTDOWN_TIMEOUT):
+    """Stop the workers and leave the process group, in bounded time. NCCL's teardown waits for every
+    rank, so the driver leaves the group at the same time as the workers instead of waiting for them to
+    exit first; each rank drops its CUDA graphs before (see `leave_group`). What has not finished by the
+    deadline is aborted (the group) or killed (the workers)."""
+    deadline = time.monotonic() + timeout
+    monitor.stop()
+    if monitor.failure is None and group is not None:
+        try:
+            dist.broadcast_object_list([None], src=0, group=group)  # "stop"
+        except Exception:  # noqa: BLE001 - a worker that cannot be told is killed below
+            pass
+    leaving = threading.Thread(target=leave_group, args=(runner,), daemon=True)
+    leaving.start()
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+    leaving.join(max(0.0, deadline - time.monotonic()))
+    stop_workers(workers, timeout=5)
+    if leaving.is_alive():
+        abort_group()
 
 
 class TensorParallelRunner:
     """A ModelRunner over `world_size` processes, for `LLMEngine`: `execute_model(scheduler_output)`,
     `num_blocks`, `device`, `close()`.
 
-    The driver process is rank 0. It starts ranks 1..N-1 (one per GPU, cuda:rank, NCCL; or CPU processes
-    with gloo), broadcasts the loaded model's weights, from which each rank keeps its shard, and shards its
-    own model in place. Every step it sends the step's `SchedulerOutput` (new requests whole, running ones
-    only their new tokens and blocks) to the workers, whose runners keep the same request state as rank 0's;
-    all ranks run the forward together, meeting in the model's all-reduces, and rank 0's
-    sampler picks the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest
-    pool of any rank, so one scheduler's block tables are valid everywhere.
+    The driver process is rank 0, with its shard `model` already loaded. It starts ranks 1..N-1 (one per
+    GPU, cuda:rank, NCCL; or CPU processes with gloo), each of which loads its own shard with `load_args`
+    (load_model's). Every step it sends the step's `SchedulerOutput` (new requests whole, running ones only
+    their new tokens and blocks) to the workers, whose runners keep the same request state as rank 0's;
+    all ranks run the forward together, meeting in the model's all-reduces, and rank 0's sampler picks
+    the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest pool of any rank,
+    so one scheduler's block tables are valid everywhere.
 
     `args` and `kwargs` are ModelRunner's, after the model. One tensor-parallel runner per process at a
     time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
-    is garbage collected, or when the interpreter exits.
+    is garbage collected, or when the interpreter exits; a worker that dies makes the next step raise a
+    RuntimeError that names it, and a worker exits on its own when the driver dies.
     """
 
-    def __init__(self, model, world_size: int, *args, **kwargs):
+    def __init__(self, model, world_size: int, load_args: dict, *args, **kwargs):
         if dist.is_initialized():
             raise RuntimeError(
                 "a process group already exists in this process: close the other "
                 "tensor-parallel engine first"
             )
-        check_shardable(model.config, world_size)
         device = model.lm_head.weight.device
         if device.type == "cuda" and torch.cuda.device_count() < world_size:
             raise ValueError(
@@ -661,14 +781,14 @@ class TensorParallelRunner:
         self.workers = [
             ctx.Process(
                 target=worker_main,
+                name=f"tp-worker-{r}",
                 daemon=True,
                 args=(
                     r,
                     world_size,
                     store.port,
-                    model.config,
-                    model.lm_head.weight.dtype,
-                    device.type,
+                    os.getpid(),
+                    {**load_args, "device": device},
                     threads,
                     args,
                     kwargs,
@@ -678,23 +798,51 @@ class TensorParallelRunner:
         ]
         for w in self.workers:
             w.start()
-        wait_for_workers(store, self.workers)
-        self.group = init_group(device.type, store, 0, world_size)
-        self._finalizer = weakref.finalize(self, shutdown, self.group, self.workers)
-        with torch.no_grad():
-            for p in model.parameters():
-                dist.broadcast(p, src=0)
-        self.runner = ModelRunner(shard_model(model, 0, world_size), *args, **kwargs)
-        self.runner.sampler = BroadcastingSampler(self.runner.sampler)
-        self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
+        self.monitor = WorkerMonitor(self.workers, store)
+        self.group, self.runner = None, None
+        try:
+            self._wait_for_workers(store)
+            self.group = init_group(device.type, store, 0, world_size)
+            self.runner = ModelRunner(model, *args, **kwargs)
+            self.runner.sampler = BroadcastingSampler(self.runner.sampler)
+            self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
+        except BaseException as e:
+            shutdown(self.group, self.workers, self.monitor, self.runner)
+            failure = self.monitor.failure
+            if isinstance(e, Exception) and failure is not None and failure not in str(e):
+                self.monitor.check(e)  # a dead worker is the cause: say which
+            raise
         self.device = self.runner.device
+        self._finalizer = weakref.finalize(
+            self, shutdown, self.group, self.workers, self.monitor, self.runner
+        )
+        # Before multiprocessing's own exit handler, which would terminate the workers mid-teardown.
+        atexit.register(self._finalizer)
+
+    def _wait_for_workers(self, store: dist.Store) -> None:
+        """Wait until every worker has loaded its shard; raise, instead of waiting forever, if one died."""
+        while not store.check([f"started/{r}" for r in range(1, len(self.workers) + 1)]):
+            if self.monitor.failed.wait(timeout=0.05):
+                raise RuntimeError(
+                    f"{self.monitor.failure} before joining the group (its error is printed above; "
+                    "a script must start the engine under `if __name__ == '__main__':`)"
+                )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
         """Send the step to the workers, then run rank 0's part of it; the tokens are rank 0's samples."""
-        dist.broadcast_object_list([scheduler_output], src=0, group=self.group)
-        return self.runner.execute_model(scheduler_output)
+        self.monitor.check()
+        try:
+            dist.broadcast_object_list([scheduler_output], src=0, group=self.group)
+            tokens = self.runner.execute_model(scheduler_output)
+        except Exception as e:
+            self.monitor.check(e)
+            raise
+        self.monitor.check()
+        return tokens
 
     def close(self) -> None:
+        """Stop the workers and leave the process group (bounded by SHUTDOWN_TIMEOUT); idempotent."""
+        atexit.unregister(self._finalizer)
         self._finalizer()
 
 
