@@ -74,12 +74,15 @@ def min_over_ranks(value: int, group) -> int:
     return int(t)
 
 
-def leave_group(runner: ModelRunner | None) -> None:
+def leave_group(runner: ModelRunner | None, aborting: threading.Thread | None = None) -> None:
     """Every rank's way out: drop the CUDA graphs, whose captured all-reduces hold NCCL's communicator, let
-    the GPU finish, then leave the process group."""
+    the GPU finish, then leave the process group; or, when the group is being aborted (`aborting`, after a
+    worker died), let that abort finish: it too waits until the graphs are gone."""
     if runner is not None:
         runner.release_graphs()
-    if dist.is_initialized():
+    if aborting is not None:
+        aborting.join()
+    elif dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -119,6 +122,8 @@ def worker_main(
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
     try:
         device = rank_device(torch.device(load_args["device"]).type, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before anything touches the GPU: no context on GPU 0
         model = load_model(
             **{**load_args, "device": device},
             shard=rank_shard(rank, world_size),
@@ -164,12 +169,17 @@ def stop_workers(workers: list, timeout: float) -> None:
 class WorkerMonitor:
     """A thread of the driver that waits on the workers' process sentinels. A worker that exits while the
     engine runs is a failure: the monitor records which one and how (its exit code, and its error when it
-    raised one), stops the other workers, and aborts the process group, so that a driver waiting in a
-    collective for the dead worker returns instead of waiting forever."""
+    raised one), aborts the process group, so that a driver waiting in a collective for the dead worker
+    returns instead of waiting forever, and stops the other workers.
+
+    The abort runs in a thread of its own (`aborting`): NCCL's abort first releases the kernels that wait,
+    then returns only once every CUDA graph that captured one of its all-reduces is destroyed, which the
+    driver's shutdown does (vLLM's workers abort the same way, with a deadline)."""
 
     def __init__(self, workers: list, store: dist.Store):
         self.workers, self.store = workers, store
         self.failure: str | None = None
+        self.aborting: threading.Thread | None = None
         self.failed, self.stopping = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._watch, name="tp-monitor", daemon=True)
         self.thread.start()
@@ -193,12 +203,14 @@ class WorkerMonitor:
             f"tensor-parallel worker {rank} (pid {worker.pid}) exited with code "
             f"{worker.exitcode}{error}"
         )
+        self.aborting = threading.Thread(target=abort_group, name="tp-abort", daemon=True)
+        self.aborting.start()
         stop_workers(self.workers, timeout=5)
-        abort_group()
         self.failed.set()
 
     def stop(self) -> None:
-        """From now on a worker's exit is expected (the driver is shutting down)."""
+        """From now on a worker's exit is expected (the driver is shutting down); returns once the monitor
+        is done (a failure it was handling included)."""
         self.stopping.set()
         self.thread.join()
 
@@ -225,14 +237,16 @@ def shutdown(group, workers: list, monitor: WorkerMonitor, runner, timeout=SHUTD
             dist.broadcast_object_list([None], src=0, group=group)  # "stop"
         except Exception:  # noqa: BLE001 - a worker that cannot be told is killed below
             pass
-    leaving = threading.Thread(target=leave_group, args=(runner,), daemon=True)
+    leaving = threading.Thread(
+        target=leave_group, args=(runner, monitor.aborting), name="tp-leave", daemon=True
+    )
     leaving.start()
     for w in workers:
         w.join(max(0.0, deadline - time.monotonic()))
     leaving.join(max(0.0, deadline - time.monotonic()))
     stop_workers(workers, timeout=5)
-    if leaving.is_alive():
-        abort_group()
+    if leaving.is_alive() and monitor.aborting is None:
+        abort_group()  # the teardown hangs: throw the group away
 
 
 class TensorParallelRunner:
