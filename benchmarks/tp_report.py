@@ -80,10 +80,8 @@ def table(found: dict) -> list[str]:
     return lines
 
 
-def plot(found: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def figure(found: dict):
+    """Throughput and batch-1 latency, per engine and number of GPUs, as bars."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -103,6 +101,17 @@ def plot(found: dict, path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Llama-3-8B shape, tensor parallelism on {found['where'][0]}", fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def plot(found: dict, path) -> None:
+    """The figure, written to `path` (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = figure(found)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

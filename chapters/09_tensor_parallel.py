@@ -27,10 +27,13 @@
 # 1. how a matrix product splits, by columns and by rows, and why a decoder layer then needs exactly two
 #    all-reduces (one after attention, one after the MLP), with a picture;
 # 2. `mini_infer.parallel.layers`: column- and row-parallel linear layers, a vocabulary-parallel embedding
-#    and LM head, and `shard_model`, which turns a loaded model into one rank's shard;
+#    and LM head, and `shard_model`, which turns a model into one rank's shard, so that each GPU loads only
+#    its part of the checkpoint;
 # 3. `mini_infer.parallel.runner`: one process per GPU, started by the engine, the scheduler in one place,
-#    each step's batch sent to the workers; `LLM(..., tensor_parallel_size=N)`;
-# 4. checks (the same greedy tokens with 1 and 2 processes) and what we can measure of the scaling here.
+#    each step's batch sent to the workers; `LLM(..., tensor_parallel_size=N)`; and how the processes stop,
+#    which on GPUs takes more care than starting them;
+# 4. checks (the same greedy tokens with 1 and 2 processes), what we can measure of the scaling here, the
+#    run on two GPUs, and what to do when one machine is not enough.
 #
 # Everything below runs on the CPU, with PyTorch's `gloo` backend standing in for NCCL, the GPUs'
 # communication library: the processes, the collectives and the numbers are the same, only slower.
@@ -221,10 +224,20 @@ print(
 # embedding end in an all-reduce, the LM head in an all-gather. They use `torch.distributed`, whose
 # collectives run on NCCL between GPUs and on gloo between CPU processes.
 #
-# `shard_model(model, rank, world_size)` swaps these layers into a loaded model and tells each attention
+# `shard_model(model, rank, world_size)` swaps these layers into a model and tells each attention
 # module, and the model's config, its local numbers of heads. That is all Chapter 6's `ModelRunner`
 # needs to know: it sizes its KV cache from the config, so each rank's cache holds only its own heads,
 # and the memory per token of the cache is divided by the number of GPUs too.
+#
+# **Loading a shard.** Applied to an empty model on PyTorch's `meta` device (shapes, no memory),
+# `shard_model` gives the shape of one rank's part before a byte is allocated. That is the `shard` step of
+# Chapter 1's loader: `load_model(..., shard=rank_shard(rank, world_size))` shards the empty model,
+# allocates only the shard on the rank's GPU, then streams the checkpoint tensor by tensor (GGUF through
+# its memory map, safetensors file by file, dummy weights generated one tensor at a time); the model's
+# `load_weight` hands each whole tensor to the layer that holds it, and a parallel layer keeps its slice
+# (`load_full`, or `load_shard` for one part of a merged q/k/v or gate/up matrix). So no GPU ever holds more
+# than its shard and the one tensor being copied: a model that does not fit one GPU can still be loaded.
+# With one GPU there is no `shard` step, and the same loader fills the whole model.
 
 # %%
 #| export mini_infer.parallel.layers
@@ -486,12 +499,13 @@ except ValueError as e:
 # and they must run the same forward in lockstep: every all-reduce waits for all ranks. vLLM's design,
 # which we follow:
 #
-# - The **driver** is the process that called `LLM(...)`. It is rank 0: it loads the model as in Chapter 6,
+# - The **driver** is the process that called `LLM(...)`. It is rank 0: it loads its shard of the model,
 #   starts ranks 1..N-1 with `torch.multiprocessing` (spawn: a fresh interpreter, since CUDA cannot be
 #   forked), and joins them in a process group (NCCL between GPUs, gloo on the CPU).
-# - **Weights.** Rank 0 broadcasts each whole tensor once; every rank keeps its slice (`load_full_weight`)
-#   and drops the rest, so no rank ever holds more than its shard and one tensor in flight. Rank 0 then
-#   shards its own copy in place.
+# - **Weights.** Every rank, the driver included, loads its own shard from the checkpoint, as section 3
+#   showed: the engine passes `load_model`'s arguments to the workers, not tensors. (A first version had
+#   rank 0 load the whole model on GPU 0 and broadcast every tensor: simple, but then the model had to fit
+#   one GPU, which is the very limit tensor parallelism exists to lift.)
 # - **The scheduler stays in one place.** Only the driver schedules, so there is one block manager. Each
 #   rank runs an ordinary `ModelRunner` on its shard, whose KV cache holds that rank's heads; the cache of
 #   every rank has the same blocks, indexed by the same block tables. The driver takes the smallest pool of
@@ -505,6 +519,33 @@ except ValueError as e:
 #
 # The runner offers what the engine uses of a `ModelRunner` (`execute_model`, `num_blocks`, `device`), so
 # `make_runner` needs two lines to choose it when `tensor_parallel_size > 1`.
+#
+# **Stopping.** On the CPU, ending the workers is a detail; on GPUs it is where the first run on two
+# H200s went wrong: the tokens were right, and `close()` never returned. Two things were in the way:
+#
+# - *NCCL's teardown waits for every rank.* `destroy_process_group` flushes and frees the communicator
+#   that all ranks share, and each rank's call returns when the others have made theirs. The driver used
+#   to join its workers first and leave the group after: each worker sat in its own teardown waiting for
+#   the driver, the driver sat in `join` waiting for the worker, until a 60-second timeout killed it.
+#   Now the driver tells the workers to stop and leaves the group *at the same time* as they do.
+# - *A CUDA graph that captured an all-reduce holds the communicator.* Chapter 6's decode graphs contain
+#   the all-reduces of every layer; NCCL counts each such graph as a user of the communicator and will not
+#   free it while one lives, so the teardown (and even an abort) waits forever. So every rank first drops
+#   its graphs and lets the GPU finish (`ModelRunner.release_graphs`), then leaves the group.
+#
+# And a deadline over all of it: what has not ended after `SHUTDOWN_TIMEOUT` seconds is aborted (the group)
+# or killed (the workers). The same shutdown runs on `close()`, when the runner is garbage collected, and
+# at interpreter exit (registered so that it runs before `multiprocessing` terminates its children).
+#
+# **Failing.** A collective waits for every rank, so one rank that dies, killed or crashed, leaves the
+# others waiting, and on GPUs NCCL's kernels spin on the device, not in any call Python could interrupt.
+# vLLM's `MultiprocExecutor` answers with a monitor, and so do we: a thread of the driver waits on the
+# workers' process sentinels. A worker that exits while the engine runs is a failure: the monitor aborts
+# the process group (`ncclCommAbort` releases the spinning kernels), stops the other workers, and the step
+# raises a `RuntimeError` that names the worker, its exit code and, if it raised, its exception (a worker
+# prints its traceback and leaves it in the group's key-value store before it exits with code 1). The other
+# way round, each worker has a thread that watches its parent: when the driver dies, the workers exit
+# instead of waiting forever for the next step.
 
 # %%
 #| export mini_infer.parallel.runner
@@ -923,11 +964,37 @@ print(three)
 print("same text with 3 processes as with 1:", three == one)
 
 # %% [markdown]
+# Each of the three processes read its own third of the GGUF file. And when a worker dies, here killed
+# between two calls as if it had crashed or run out of memory, the next call fails at once with an error
+# that says what happened, and `close()` still returns:
+
+# %%
+import os
+import signal
+
+llm_tp = LLM(tiny, tensor_parallel_size=2, **args)
+worker = llm_tp.engine.runner.workers[0]
+llm_tp.generate(prompts[:2], greedy, use_tqdm=False)
+os.kill(worker.pid, signal.SIGKILL)
+start = time.perf_counter()
+try:
+    llm_tp.generate(prompts[:2], greedy, use_tqdm=False)
+except RuntimeError as e:
+    print(f"RuntimeError after {time.perf_counter() - start:.2f} s: {e}")
+start = time.perf_counter()
+llm_tp.engine.runner.close()
+print(f"close() took {time.perf_counter() - start:.2f} s; the worker is alive: {worker.is_alive()}")
+
+# %% [markdown]
 # `tests/test_tensor_parallel.py` checks each parallel layer against its unsharded version (2 gloo
 # processes, fresh random inputs, several shapes, a vocabulary that does not divide evenly), a sharded model
-# against the whole one (tied and untied heads, attention biases, Qwen3's q/k norms), and the engine's
-# tokens with 2 processes against 1, with synchronous and asynchronous scheduling; with two GPUs it runs the
-# engine check on NCCL as well.
+# against the whole one (tied and untied heads, attention biases, Qwen3's q/k norms), each rank's shard
+# loaded from dummy weights, safetensors and the GGUF file against the same slice of the whole model, and
+# the engine's tokens with 2 processes against 1, with synchronous and asynchronous scheduling. It checks
+# every way the processes stop, each under a timeout so that a hang fails: `close()`, leaving the
+# interpreter with an engine open, a killed worker, a worker that raises, a killed driver; none may leave a
+# process behind. With two GPUs it runs the engine checks on NCCL as well (the same tokens in fp32, within
+# the top 3 in bf16, and the second GPU's memory given back by `close()`).
 #
 # ## 6. What it costs, and what it gains
 #
@@ -1037,38 +1104,74 @@ for label, rate in rates.items():
 #
 # The target of this chapter is Llama-3-8B (dummy weights) on the nano-vllm protocol of Chapter 6, with
 # tensor_parallel_size 1 and 2 on one machine: at least 1.7 times the throughput on two GPUs, and a lower
-# batch-1 latency. That needs a machine with two GPUs, which this book's runs have not had yet. When one is
-# available, one command measures all four rows (NVLink multicast off, `NCCL_NVLS_ENABLE=0`):
+# batch-1 latency, next to vLLM with the same sizes. One script does the whole visit to a machine with two
+# GPUs, every step under a timeout (NVLink multicast stays off in every process: `NCCL_NVLS_ENABLE=0` and
+# its PyTorch and NVSHMEM counterparts):
 #
 # ```bash
-# bash benchmarks/tensor_parallel.sh llama3-8b 1 2
+# OUT=/tmp/out bash benchmarks/tp_session.sh setup tests allreduce mini   # then, in a second call:
+# OUT=/tmp/out bash benchmarks/tp_session.sh vllm
 # ```
 #
-# It runs `benchmarks/benchmark_throughput.py` and `benchmarks/benchmark_latency.py` with
-# `--tensor-parallel-size 1` and `2` and appends the rows to `benchmarks/results/tp_throughput.jsonl` and
-# `tp_latency.jsonl`; the cell below shows them side by side once they exist.
+# It runs the 2-GPU tests; measures what one all-reduce of a decode step costs between the two GPUs at batch
+# 1 and 256, alone and inside a CUDA graph (`benchmarks/allreduce_latency.py`); runs our engine at tp=1 and
+# tp=2 (`benchmarks/benchmark_tp.py`: throughput, batch-1 latency, and GPU 0's memory: the weights it holds
+# and its peak while loading, which per-rank loading halves at tp=2); then vLLM with
+# `tensor_parallel_size=1` and `2` (`benchmarks/compare_vllm.py`). The rows go to
+# `benchmarks/results/tp_throughput.jsonl`, `tp_latency.jsonl` and `tp_allreduce.jsonl`, and
+# `benchmarks/tp_report.py` turns them into the table and the plot below, which appear once the rows exist.
 
 # %%
-RESULTS = CONFIGS.parent / "results"
+from IPython.display import Markdown, display
 
+found = None
+if (CONFIGS.parent / "tp_report.py").exists():  # a checkout (an install from git has no benchmarks)
+    sys.path.insert(0, str(CONFIGS.parent))
+    import tp_report
 
-def tp_rows(name: str) -> dict:
-    """The last row of each (model, tensor_parallel_size) in a results file."""
-    path = RESULTS / name
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return {(r["model"], r["tensor_parallel_size"]): r for r in rows}
-
-
-tput, lat = tp_rows("tp_throughput.jsonl"), tp_rows("tp_latency.jsonl")
-if tput and lat:
-    for model, tp in sorted(tput):
-        t, lat_row = tput[(model, tp)], lat.get((model, tp), {})
-        print(
-            f"{model} tp={tp} on {t['device']} ({t['date']}): {t['tokens_per_s']:8,.0f} tokens/s "
-            f"({t['tokens_per_s'] / tput[(model, 1)]['tokens_per_s']:.2f}x), batch 1: "
-            f"{lat_row.get('ms_per_token', float('nan')):.2f} ms per token"
-        )
+    found = tp_report.machine_rows()
+if found:
+    display(Markdown("\n".join(tp_report.table(found))))
+    tp_report.figure(found)
+    plt.show()
 else:
-    print(
-        "not measured yet: run `bash benchmarks/tensor_parallel.sh llama3-8b 1 2` on a machine with 2 GPUs"
-    )
+    print("not measured yet: run `OUT=DIR bash benchmarks/tp_session.sh` on a machine with 2 GPUs")
+
+# %% [markdown]
+# ## 8. When one machine is not enough
+#
+# Tensor parallelism puts two all-reduces in every layer of every step, so it lives on the fastest links
+# there are: NVLink between the GPUs of one machine, hundreds of GB/s, a few microseconds per message.
+# Between machines the links are the network's (InfiniBand or Ethernet, tens of GB/s per card, and
+# latencies ten times longer), and 65 round trips per token over them would cost more than the weights
+# they save reading. So a model too large for one machine (a 405B model in bf16 needs 810 GB for its
+# weights, more than eight 80 GB GPUs hold) is split the other way across machines:
+#
+# - **Pipeline parallelism across machines.** Each machine holds a contiguous range of layers (a *stage*).
+#   A batch's hidden states go from stage to stage, one point-to-point transfer per stage boundary and
+#   step, not one per layer. The cost is the *bubble*: while stage 2 works on a batch, stage 1 would idle,
+#   so the scheduler keeps several batches (micro-batches) in flight, one per stage.
+# - **Tensor parallelism within each machine**, over its NVLink, exactly as in this chapter.
+#
+# This is vLLM's rule as its documentation states it: `tensor_parallel_size` = the GPUs of one machine,
+# `pipeline_parallel_size` = the number of machines (16 GPUs on 2 machines: 8 and 2). To start processes on
+# other machines vLLM uses Ray: `ray start --head` on one machine, `ray start --address=HEAD` on the others,
+# then the engine on the head places one worker per GPU of the cluster (`distributed_executor_backend="ray"`).
+# It can also run under an external launcher such as `torchrun`, which starts one process per GPU on every
+# machine itself. A model that fits one machine is better served by *data parallelism* instead: one whole
+# engine per machine, behind a load balancer, with no traffic between them at all.
+#
+# What Mini-Infer would need for it:
+#
+# 1. **Processes on other machines.** `TensorParallelRunner` spawns its workers locally and meets them at a
+#    `TCPStore` on 127.0.0.1. Across machines, the ranks are started by a launcher (torchrun's
+#    `MASTER_ADDR`, `RANK`, `WORLD_SIZE`, or Ray actors) and meet at the head's address; the step messages
+#    already travel over a gloo group, which works over TCP between machines as well.
+# 2. **A pipeline runner.** A stage holds layers `[a, b)` (the `shard` hook of the loader generalises: build
+#    only those layers, read only their tensors), receives the previous stage's hidden states and residual,
+#    sends its own on, and keeps the KV cache of its layers only; the last stage computes the logits and
+#    samples. The engine keeps one batch in flight per stage, which Chapter 6's asynchronous scheduling (one
+#    step ahead) is the first step towards.
+# 3. **Failures without sentinels.** A process on another machine has no process sentinel for the monitor
+#    to wait on: the driver needs heartbeats and timeouts (NCCL's own, with asynchronous error handling),
+#    and the same rule as here: abort, name the rank that failed, leave nothing behind.
