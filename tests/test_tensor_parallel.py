@@ -433,6 +433,7 @@ QWEN3 = ROOT / "benchmarks" / "models" / "qwen3-0.6b"
 
 @pytest.fixture(scope="module")
 def gpu_reference() -> dict:
+    gc.collect()
     llm = LLM(TINY, device="cuda", **engine_args(gpu_memory_utilization=0.3))
     tokens = {"greedy": generate(llm, GREEDY), "seeded": generate(llm, SEEDED)}
     del llm
@@ -444,6 +445,7 @@ def gpu_reference() -> dict:
 @bounded
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(gpu_reference, async_scheduling):
+    gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
     args = engine_args(gpu_memory_utilization=0.3, async_scheduling=async_scheduling)
     llm = LLM(TINY, device="cuda", tensor_parallel_size=2, **args)
     # decode steps replay CUDA graphs that captured NCCL all-reduces
@@ -458,7 +460,7 @@ def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(gpu_reference, async_
 def test_tensor_parallel_on_two_gpus_in_bf16_stays_within_the_top_3():
     prompts = [[(7 * i + j) % 4000 for j in range(5 + 37 * i)] for i in range(8)]
     args = dict(load_format="dummy", max_model_len=512, gpu_memory_utilization=0.3)
-    gc.collect()
+    gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
     one = LLM(QWEN3, **args)
     top3 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
     reference = one.generate(prompts, top3, use_tqdm=False)
@@ -466,7 +468,7 @@ def test_tensor_parallel_on_two_gpus_in_bf16_stays_within_the_top_3():
     gc.collect()
     torch.cuda.empty_cache()
     llm = LLM(QWEN3, tensor_parallel_size=2, **args)
-    assert llm.engine.runner.dtype == torch.bfloat16
+    assert llm.engine.runner.runner.dtype == torch.bfloat16
     for ref, out in zip(reference, generate(llm, top3, prompts)):
         ref_ids = ref.outputs[0].token_ids
         i = next((i for i, (a, b) in enumerate(zip(out, ref_ids)) if a != b), None)
@@ -478,6 +480,7 @@ def test_tensor_parallel_on_two_gpus_in_bf16_stays_within_the_top_3():
 @two_gpus
 @bounded
 def test_close_on_two_gpus_gives_the_second_gpu_its_memory_back():
+    gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
     free_before, _ = torch.cuda.mem_get_info(1)  # (this opens a context on GPU 1 first)
     llm = LLM(
         TINY, device="cuda", tensor_parallel_size=2, **engine_args(gpu_memory_utilization=0.3)
