@@ -329,32 +329,59 @@ def test_a_killed_worker_fails_the_step_with_its_exit_code():
 
 RAISE_IN_WORKER = """
 import sys
-if "--multiprocessing-fork" in sys.argv:  # a worker process: its 3rd step raises
+if "--multiprocessing-fork" in sys.argv:  # a worker process
+    from mini_infer import loader
     from mini_infer.worker import model_runner
 
-    execute, steps = model_runner.ModelRunner.execute_model, []
+    load, execute, steps = loader.load_model, model_runner.ModelRunner.execute_model, []
 
-    def execute_and_raise(self, scheduler_output):
+    def load_and_raise(*args, **kwargs):
+        if "{where}" == "load":
+            raise ValueError("injected failure")
+        return load(*args, **kwargs)
+
+    def execute_and_raise(self, scheduler_output):  # its 3rd step raises
         steps.append(1)
         if len(steps) == 3:
             raise ValueError("injected failure")
         return execute(self, scheduler_output)
 
-    model_runner.ModelRunner.execute_model = execute_and_raise
+    loader.load_model, model_runner.ModelRunner.execute_model = load_and_raise, execute_and_raise
 """
+
+
+def raise_in_workers(where: str, tmp_path, monkeypatch) -> None:
+    """Spawned workers raise ValueError("injected failure") `where` ("load" or in their 3rd step)."""
+    (tmp_path / "sitecustomize.py").write_text(RAISE_IN_WORKER.format(where=where))
+    path = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
 
 
 @bounded
 def test_an_exception_in_a_worker_fails_the_step_with_its_error(tmp_path, monkeypatch):
     """The worker prints its traceback, leaves it for the driver and exits with code 1; the driver's error
     names the worker and the exception."""
-    (tmp_path / "sitecustomize.py").write_text(
-        RAISE_IN_WORKER
-    )  # imported by the spawned worker only
-    path = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+    raise_in_workers("step", tmp_path, monkeypatch)
     llm = LLM(TINY, device="cpu", tensor_parallel_size=2, **engine_args())
     failing_run(llm, r"worker 1 \(pid \d+\) exited with code 1: ValueError: injected failure")
+
+
+@bounded
+def test_a_failed_start_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A worker that fails to load its shard, and an error of the driver's while the workers wait for it
+    in a collective (a KV cache too small, here on every rank): LLM() raises, in bounded time, with no
+    process group or worker left."""
+    raise_in_workers("load", tmp_path, monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(
+        RuntimeError, match="worker 1 .* ValueError: injected failure before joining"
+    ):
+        LLM(TINY, device="cpu", tensor_parallel_size=2, **engine_args())
+    monkeypatch.delenv("PYTHONPATH")
+    with pytest.raises(ValueError, match="the KV cache fits"):
+        LLM(TINY, device="cpu", tensor_parallel_size=2, **{**engine_args(), "cpu_kv_bytes": 4096})
+    assert time.monotonic() - start < 60
+    assert not dist.is_initialized() and not mp.active_children()
 
 
 CHILD = """

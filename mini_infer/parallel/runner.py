@@ -249,6 +249,18 @@ def shutdown(group, workers: list, monitor: WorkerMonitor, runner, timeout=SHUTD
         abort_group()  # the teardown hangs: throw the group away
 
 
+def abandon(workers: list, monitor: WorkerMonitor) -> None:
+    """Setting up failed (an error of the driver's, or a worker that died): the workers, which may be
+    waiting in a collective for the driver, are of no use. Kill them and abort the group, in bounded time."""
+    monitor.stop()
+    stop_workers(workers, timeout=5)
+    aborting = monitor.aborting
+    if aborting is None:
+        aborting = threading.Thread(target=abort_group, name="tp-abort", daemon=True)
+        aborting.start()
+    aborting.join(SHUTDOWN_TIMEOUT)
+
+
 class TensorParallelRunner:
     """A ModelRunner over `world_size` processes, for `LLMEngine`: `execute_model(scheduler_output)`,
     `num_blocks`, `device`, `close()`.
@@ -312,10 +324,10 @@ class TensorParallelRunner:
             self.runner.sampler = BroadcastingSampler(self.runner.sampler)
             self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
         except BaseException as e:
-            shutdown(self.group, self.workers, self.monitor, self.runner)
+            abandon(self.workers, self.monitor)
             failure = self.monitor.failure
-            if isinstance(e, Exception) and failure is not None and failure not in str(e):
-                self.monitor.check(e)  # a dead worker is the cause: say which
+            if isinstance(e, RuntimeError) and failure is not None and failure not in str(e):
+                self.monitor.check(e)  # a collective failed because a worker died: say which
             raise
         self.device = self.runner.device
         self._finalizer = weakref.finalize(
