@@ -270,7 +270,9 @@ def _empty(*shape, like: torch.Tensor) -> nn.Parameter:
 
 class Sharded(nn.Module):
     """A layer that holds its rank's slice of each parameter: `shard(param_name, full)` cuts that slice out
-    of the whole tensor, and the model's `load_weight` calls `load_full` with each whole tensor."""
+    of the whole tensor, and the model's `load_weight` calls `load_full` with each whole tensor. The cuts
+    are plain indexing, so `full` may also be a lazy slice of a safetensors file, which then reads only
+    this rank's rows or columns."""
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -306,16 +308,18 @@ class ColumnParallelLinear(Sharded):
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the full weight (or bias): its slice of every part."""
-        return torch.cat(
-            [part.chunk(self.world_size)[self.rank] for part in full.split(self.full_sizes)]
-        )
+        rows, start = [], 0
+        for size, n in zip(self.full_sizes, self.sizes):
+            rows.append(full[start + self.rank * n : start + (self.rank + 1) * n])
+            start += size
+        return torch.cat(rows)
 
     def load_shard(self, param_name: str, part: int, full: torch.Tensor) -> None:
         """One whole part as a checkpoint stores it (q_proj, or gate_proj): this rank's slice of it."""
-        start = sum(self.sizes[:part])
+        start, n = sum(self.sizes[:part]), self.sizes[part]
         copy_checked(
-            getattr(self, param_name)[start : start + self.sizes[part]],
-            full.chunk(self.world_size)[self.rank],
+            getattr(self, param_name)[start : start + n],
+            full[self.rank * n : (self.rank + 1) * n],
             f"part {part}",
         )
 
@@ -349,7 +353,10 @@ class RowParallelLinear(Sharded):
         return y if self.bias is None else y + self.bias
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
-        return full.chunk(self.world_size, dim=1)[self.rank] if param_name == "weight" else full
+        if param_name != "weight":
+            return full[:]
+        n = self.weight.shape[1]
+        return full[:, self.rank * n : (self.rank + 1) * n]
 
 
 class VocabParallelEmbedding(Sharded):
@@ -381,7 +388,7 @@ class VocabParallelEmbedding(Sharded):
         return h
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
-        rows = full[self.start : self.start + self.shard_size]
+        rows = full[self.start : min(self.start + self.shard_size, self.num_embeddings)]
         return F.pad(rows, (0, 0, 0, self.shard_size - rows.shape[0]))
 
 

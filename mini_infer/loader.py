@@ -206,12 +206,14 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def safetensors_weights(files: list[Path]):
-    """Yield (name, tensor) from every file; a damaged file raises ValueError naming it."""
+    """Yield (name, lazy slice) from every file: indexing a slice reads only those rows or columns from
+    the file (`[:]` reads the whole tensor), so a process that holds part of a layer (Chapter 9) reads only
+    that part. A damaged file raises ValueError naming it."""
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
-                    yield name, st.get_tensor(name)
+                    yield name, st.get_slice(name)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read safetensors file {f}: {e}") from e
 

@@ -44,6 +44,10 @@ class MergedLinear(nn.Linear):
 
 
 def copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if not isinstance(
+        tensor, torch.Tensor
+    ):  # a lazy slice of a safetensors file (1.10): read it all
+        tensor = tensor[:]
     # copy_ would broadcast a wrong shape silently
     if param.shape != tensor.shape:
         raise ValueError(
