@@ -458,10 +458,16 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPU
 QWEN3 = ROOT / "benchmarks" / "models" / "qwen3-0.6b"
 
 
+def gpu_args(**more) -> dict:
+    """engine_args on the GPU: a third of each GPU's memory, CUDA graphs for batches up to 8 only (fewer
+    graphs to capture: device time is scarce)."""
+    return engine_args(gpu_memory_utilization=0.3, max_num_seqs=8, **more)
+
+
 @pytest.fixture(scope="module")
 def gpu_reference() -> dict:
     gc.collect()
-    llm = LLM(TINY, device="cuda", **engine_args(gpu_memory_utilization=0.3))
+    llm = LLM(TINY, device="cuda", **gpu_args())
     tokens = {"greedy": generate(llm, GREEDY), "seeded": generate(llm, SEEDED)}
     del llm
     gc.collect()
@@ -473,7 +479,7 @@ def gpu_reference() -> dict:
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(gpu_reference, async_scheduling):
     gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
-    args = engine_args(gpu_memory_utilization=0.3, async_scheduling=async_scheduling)
+    args = gpu_args(async_scheduling=async_scheduling)
     llm = LLM(TINY, device="cuda", tensor_parallel_size=2, **args)
     # decode steps replay CUDA graphs that captured NCCL all-reduces
     assert llm.engine.runner.runner.graphs
@@ -486,7 +492,7 @@ def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(gpu_reference, async_
 @bounded
 def test_tensor_parallel_on_two_gpus_in_bf16_stays_within_the_top_3():
     prompts = [[(7 * i + j) % 4000 for j in range(5 + 37 * i)] for i in range(8)]
-    args = dict(load_format="dummy", max_model_len=512, gpu_memory_utilization=0.3)
+    args = dict(load_format="dummy", max_model_len=512, gpu_memory_utilization=0.3, max_num_seqs=8)
     gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
     one = LLM(QWEN3, **args)
     top3 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
@@ -509,9 +515,7 @@ def test_tensor_parallel_on_two_gpus_in_bf16_stays_within_the_top_3():
 def test_close_on_two_gpus_gives_the_second_gpu_its_memory_back():
     gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
     free_before, _ = torch.cuda.mem_get_info(1)  # (this opens a context on GPU 1 first)
-    llm = LLM(
-        TINY, device="cuda", tensor_parallel_size=2, **engine_args(gpu_memory_utilization=0.3)
-    )
+    llm = LLM(TINY, device="cuda", tensor_parallel_size=2, **gpu_args())
     assert torch.cuda.mem_get_info(1)[0] < free_before - (1 << 30)  # the worker's KV cache
     generate(llm, GREEDY)
     closed_in_time(llm.engine.runner)
