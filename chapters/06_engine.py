@@ -1448,7 +1448,8 @@ class OutputProcessor:
 # launches the step on the runner, records the tokens of the step before it (with async scheduling) or of
 # this one, and returns the outputs that are due. `make_runner` chooses the runner: one `ModelRunner`, or,
 # with `tensor_parallel_size` above 1, Chapter 9's runner over one process per GPU, which the engine drives
-# through the same `execute_model`.
+# through the same `execute_model`; then this process loads only its own shard of the model
+# (`load_for_rank_0`), and each worker loads its own from the same loading arguments.
 
 # %%
 #| export mini_infer.engine.llm_engine
