@@ -533,7 +533,8 @@ except ValueError as e:
 # - *NCCL's teardown waits for every rank.* `destroy_process_group` flushes and frees the communicator
 #   that all ranks share, and each rank's call returns when the others have made theirs. The driver used
 #   to join its workers first and leave the group after: each worker sat in its own teardown waiting for
-#   the driver, the driver sat in `join` waiting for the worker, until a 60-second timeout killed it.
+#   the driver, the driver sat in `join` waiting for the worker, until after 60 seconds it gave up and
+#   killed the worker; then the driver's own teardown did not return (the next point).
 #   Now the driver tells the workers to stop and leaves the group *at the same time* as they do.
 # - *A CUDA graph that captured an all-reduce holds the communicator.* Chapter 6's decode graphs contain
 #   the all-reduces of every layer; NCCL counts each such graph as a user of the communicator and will not
