@@ -37,6 +37,16 @@ for _key, _value in (
     ("TOKENIZERS_PARALLELISM", "false"),
 ):
     os.environ.setdefault(_key, _value)
+# NVLink multicast stays off on a shared machine (it can take the host's GPUs out of service), in this
+# process and in every process it starts (Mini-Infer's and vLLM's tensor-parallel workers): NCCL's NVLS,
+# PyTorch's and NVSHMEM's multicast, and vLLM's all-reduce through symmetric memory.
+for _key, _value in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+    ("VLLM_ALLREDUCE_USE_SYMM_MEM", "0"),
+):
+    os.environ[_key] = _value
 
 
 def parser(doc: str, outputs: tuple[str, ...]) -> argparse.ArgumentParser:

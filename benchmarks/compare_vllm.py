@@ -2,6 +2,8 @@
 
     python benchmarks/compare_vllm.py --model qwen3-0.6b
     python benchmarks/compare_vllm.py --model qwen3-0.6b --attention-backend TRITON_ATTN
+    python benchmarks/compare_vllm.py --model llama3-8b --tensor-parallel-size 2 \
+        --throughput-out benchmarks/results/tp_throughput.jsonl --latency-out benchmarks/results/tp_latency.jsonl
 
 vLLM comes from this Python or from the offline kit's folder ($VLLM_SITE, default /tmp/site, which
 ../shared/tools/vllm-kit/install.sh fills); that folder goes on sys.path and on PYTHONPATH, since vLLM's
@@ -15,6 +17,12 @@ given as attention_config={"backend": NAME}. In the same engine: throughput (256
 prompt tokens, 512 greedy tokens), both as `common.py` measures every engine. VLLM_USE_FLASHINFER_SAMPLER=0
 as in the reference kit: temperature-only sampling never calls FlashInfer, so only an import is saved.
 One row each, "engine": "vllm" with its version and backend, to results/throughput.jsonl and latency.jsonl.
+
+--tensor-parallel-size N gives vLLM's LLM tensor_parallel_size=N: one worker process per GPU, started by
+its multiprocessing executor, which inherit this environment. NVLink multicast stays off in every one of
+them: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, and vLLM's own
+all-reduce through PyTorch's symmetric memory is not used (VLLM_ALLREDUCE_USE_SYMM_MEM=0); vLLM's custom
+all-reduce (peer-to-peer over NVLink) and NCCL remain (common.py sets these for every benchmark).
 """
 
 import os
@@ -51,6 +59,9 @@ def main() -> int:
     ap.add_argument(
         "--attention-backend", help="e.g. TRITON_ATTN or FLASH_ATTN (default: vLLM's choice)"
     )
+    ap.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vLLM's tensor_parallel_size"
+    )
     if not (args := common.parse_on_gpu(ap, __file__)):
         return 0
     try:
@@ -70,6 +81,7 @@ def main() -> int:
         gpu_memory_utilization=0.9,
         seed=0,
         attention_config={"backend": backend} if backend else None,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     generate = vllm_generate(llm)
     tag = {
@@ -78,6 +90,7 @@ def main() -> int:
         "vllm": vllm.__version__,
         "attention_backend": backend or "auto",
         "cuda_graphs": True,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
     rows = []
     if args.only != "latency":

@@ -891,6 +891,10 @@ class MergedLinear(nn.Linear):
 
 
 def copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if not isinstance(
+        tensor, torch.Tensor
+    ):  # a lazy slice of a safetensors file (1.10): read it all
+        tensor = tensor[:]
     # copy_ would broadcast a wrong shape silently
     if param.shape != tensor.shape:
         raise ValueError(
@@ -1032,8 +1036,14 @@ class LlamaForCausalLM(nn.Module):
             if leaf in self.packed_modules:
                 merged, shard = self.packed_modules[leaf]
                 self.get_submodule(f"{parent}.{merged}").load_shard(param_name, shard, tensor)
+                return
+            module = self.get_submodule(module_name)
+            if hasattr(
+                module, "load_full"
+            ):  # a layer holding a slice of the tensor cuts it (Ch. 9)
+                module.load_full(param_name, tensor)
             else:
-                copy_checked(self.get_parameter(name), tensor, name)
+                copy_checked(module.get_parameter(param_name), tensor, name)
         except AttributeError:
             raise ValueError(
                 f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
@@ -1128,7 +1138,9 @@ class ContiguousKVCache:
 # nothing, then materialises empty tensors). It fills every parameter with NaN first, so a weight the
 # checkpoint lacks cannot pass unnoticed; streams the checkpoint's tensors into the model by name; and
 # loads the tokenizer. With no argument it loads the embedded GGUF file. Section 1.10 covers the other
-# sources.
+# sources. (Chapter 9 adds one step, `shard`: a function that turns the empty model, still on the
+# `meta` device, into the part one GPU holds, before any memory is allocated; each checkpoint tensor
+# then goes into that part, and the model's layers keep only their slice of it.)
 #
 # The GGUF file holds the tokenizer too, as metadata: 49,152 tokens and 48,900 merges. `gguf`'s reader
 # turns every one of those strings into NumPy arrays, and that is most of its 4 s (median of 4 runs on
@@ -1159,10 +1171,14 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype, device) -> LlamaForCausalLM:
-    """The model in `dtype` on `device`, every parameter NaN until loaded (no random initialisation)."""
+def empty_model(config: ModelConfig, dtype: torch.dtype, device, shard=None) -> LlamaForCausalLM:
+    """The model in `dtype` on `device`, every parameter NaN until loaded (no random initialisation).
+    `shard(model)`, if given, turns the model on the meta device into the part of it this process holds
+    (Chapter 9: one GPU's shard), so that only that part is allocated."""
     with torch.device("meta"), _default_dtype(dtype):
         model = LlamaForCausalLM(config)
+    if shard is not None:
+        model = shard(model)
     model.to_empty(device=device).requires_grad_(False).eval()
     if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -1183,9 +1199,14 @@ def load_weights(model: LlamaForCausalLM, weights, source) -> LlamaForCausalLM:
     return model
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device, max_model_len: int | None) -> LoadedModel:
-    from transformers import PreTrainedTokenizerFast  # imported when needed: it takes seconds
-
+def load_gguf(
+    path: Path,
+    dtype: torch.dtype,
+    device,
+    max_model_len: int | None,
+    shard=None,
+    tokenizer: bool = True,
+) -> LoadedModel:
     try:
         reader = gguf.GGUFReader(path)
     except (
@@ -1193,13 +1214,20 @@ def load_gguf(path: Path, dtype: torch.dtype, device, max_model_len: int | None)
     ) as e:  # the reader fails in many ways on a damaged file; all mean "not a valid GGUF"
         raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
     config = ModelConfig.from_hf(gguf_hf_config(reader), max_model_len)
-    model = load_weights(empty_model(config, dtype, device), gguf_weights(reader, config), path)
+    model = load_weights(
+        empty_model(config, dtype, device, shard), gguf_weights(reader, config), path
+    )
+    if not tokenizer:
+        return LoadedModel(model, None, config)
+    from transformers import PreTrainedTokenizerFast  # imported when needed: it takes seconds
+
     # Not AutoTokenizer: to pick a tokenizer class it works out the model's config by parsing the whole
     # file again with GGUFReader, vocabulary included. The class it picks for the embedded file reads
     # only the tokenizer's entries, with transformers' fast reader: 0.4 s instead of 5 s on a busy
     # 2-core CPU (section 1.6).
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
-    return LoadedModel(model, tokenizer, config)
+    return LoadedModel(
+        model, PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name), config
+    )
 
 
 # %% [markdown]
@@ -1706,25 +1734,34 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def safetensors_weights(files: list[Path]):
-    """Yield (name, tensor) from every file; a damaged file raises ValueError naming it."""
+    """Yield (name, lazy slice) from every file: indexing a slice reads only those rows or columns from
+    the file (`[:]` reads the whole tensor), so a process that holds part of a layer (Chapter 9) reads only
+    that part. A damaged file raises ValueError naming it."""
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
-                    yield name, st.get_tensor(name)
+                    yield name, st.get_slice(name)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read safetensors file {f}: {e}") from e
 
 
 def load_safetensors_dir(
-    directory: Path, dtype: torch.dtype, device, max_model_len: int | None
+    directory: Path,
+    dtype: torch.dtype,
+    device,
+    max_model_len: int | None,
+    shard=None,
+    tokenizer: bool = True,
 ) -> LoadedModel:
     from transformers import AutoTokenizer
 
     config = ModelConfig.from_hf(json.loads(_config_file(directory).read_text()), max_model_len)
     files = safetensors_files(directory)
-    model = load_weights(empty_model(config, dtype, device), safetensors_weights(files), directory)
-    has_tokenizer = any(
+    model = load_weights(
+        empty_model(config, dtype, device, shard), safetensors_weights(files), directory
+    )
+    has_tokenizer = tokenizer and any(
         (directory / f).is_file()
         for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     )
@@ -1751,21 +1788,34 @@ def download(repo_id: str) -> Path:
         ) from e
 
 
+def dummy_weights(config: ModelConfig, dtype: torch.dtype, device, seed: int = 0):
+    """Yield (name, seeded random tensor) for every parameter of the whole model, one at a time, on
+    `device`: a checkpoint of random weights, the same for every process that asks (a shard keeps its
+    slice of each)."""
+    with torch.device("meta"):
+        shapes = [(n, p.shape) for n, p in LlamaForCausalLM(config).named_parameters()]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, shape in shapes:
+        w = torch.empty(shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            yield name, w.fill_(1.0)  # as trained norms start: unit gain
+        else:
+            yield name, w.normal_(0.0, 0.02, generator=generator)
+
+
 def load_dummy(
-    source, dtype: torch.dtype, device, max_model_len: int | None, seed: int = 0
+    source, dtype: torch.dtype, device, max_model_len: int | None, seed: int = 0, shard=None
 ) -> LoadedModel:
     """Random weights for a config (a dict, a config.json file or a directory holding one)."""
     hf_config = (
         source if isinstance(source, dict) else json.loads(_config_file(Path(source)).read_text())
     )
     config = ModelConfig.from_hf(hf_config, max_model_len)
-    model = empty_model(config, dtype, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)  # as trained norms start: unit gain
-        else:
-            p.normal_(0.0, 0.02, generator=generator)
+    model = load_weights(
+        empty_model(config, dtype, device, shard),
+        dummy_weights(config, dtype, device, seed),
+        "dummy weights",
+    )
     return LoadedModel(model, None, config)
 
 
@@ -1778,6 +1828,8 @@ def load_model(
     device=None,
     load_format: str = "auto",
     max_model_len: int | None = None,
+    shard=None,
+    tokenizer: bool = True,
 ) -> LoadedModel:
     """Load (model, tokenizer, config).
 
@@ -1786,24 +1838,30 @@ def load_model(
     filled with seeded random weights. `dtype`: "auto" (the device's default), "float32", "bfloat16",
     "float16" or a torch dtype. `device`: default_device() when None. `max_model_len`: the longest
     sequence that will run (max_position_embeddings when None); a model whose sliding attention
-    window is shorter is refused with a ValueError before any weight is read."""
+    window is shorter is refused with a ValueError before any weight is read.
+
+    `shard`: a function that turns the empty model (on the meta device) into the part this process
+    holds, e.g. one GPU's shard (Chapter 9); every checkpoint tensor is then streamed into that part,
+    which keeps its slice of it, so the whole model is never on the device. `tokenizer=False` skips the
+    tokenizer (LoadedModel.tokenizer is None)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     if load_format == "dummy":
-        return load_dummy(model, dtype, device, max_model_len)
+        return load_dummy(model, dtype, device, max_model_len, shard=shard)
     if load_format != "auto":
         raise ValueError(f"unknown load_format {load_format!r}: use 'auto' or 'dummy'")
+    rest = (dtype, device, max_model_len, shard, tokenizer)
     if model is None:
-        return load_gguf(embedded_gguf_path(), dtype, device, max_model_len)
+        return load_gguf(embedded_gguf_path(), *rest)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype, device, max_model_len)
+        return load_gguf(path, *rest)
     if path.is_dir():
-        return load_safetensors_dir(path, dtype, device, max_model_len)
+        return load_safetensors_dir(path, *rest)
     if path.exists():
         raise ValueError(f"{path} is neither a .gguf file nor a model directory")
     if HUB_ID.fullmatch(str(model)):
-        return load_safetensors_dir(download(str(model)), dtype, device, max_model_len)
+        return load_safetensors_dir(download(str(model)), *rest)
     raise FileNotFoundError(f"model path not found: {path}")
 
 

@@ -728,6 +728,16 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return self.kv_cache.num_blocks
 
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs (decode steps then run eagerly), once the GPU has finished with them. A
+        graph that captured an all-reduce holds NCCL's communicator: Chapter 9 calls this before its
+        processes leave their group, which NCCL cannot tear down while such a graph lives."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.graphs.clear()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def _warm_up(self, num_tokens: int, num_seqs: int) -> None:
         """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
@@ -1476,7 +1486,8 @@ class OutputProcessor:
 # launches the step on the runner, records the tokens of the step before it (with async scheduling) or of
 # this one, and returns the outputs that are due. `make_runner` chooses the runner: one `ModelRunner`, or,
 # with `tensor_parallel_size` above 1, Chapter 9's runner over one process per GPU, which the engine drives
-# through the same `execute_model`.
+# through the same `execute_model`; then this process loads only its own shard of the model
+# (`load_for_rank_0`), and each worker loads its own from the same loading arguments.
 
 # %%
 #| export mini_infer.engine.llm_engine
@@ -1496,12 +1507,25 @@ from mini_infer.sampling_params import SamplingParams
 from mini_infer.worker.model_runner import ModelRunner
 
 
-def make_runner(model, tensor_parallel_size: int, *runner_args, **runner_kwargs):
-    """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU."""
+def load_for_rank_0(load_args: dict, tensor_parallel_size: int):
+    """load_model(**load_args): the whole model, or with several GPUs only rank 0's shard of it (Chapter 9)."""
+    shard = None
+    if tensor_parallel_size > 1:
+        from mini_infer.parallel.layers import rank_shard  # Chapter 9
+
+        shard = rank_shard(0, tensor_parallel_size)
+    return load_model(**load_args, shard=shard)
+
+
+def make_runner(model, tensor_parallel_size: int, load_args: dict, *runner_args, **runner_kwargs):
+    """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU, whose
+    workers load their own shards with `load_args`."""
     if tensor_parallel_size > 1:
         from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
 
-        return TensorParallelRunner(model, tensor_parallel_size, *runner_args, **runner_kwargs)
+        return TensorParallelRunner(
+            model, tensor_parallel_size, load_args, *runner_args, **runner_kwargs
+        )
     return ModelRunner(model, *runner_args, **runner_kwargs)
 
 
@@ -1543,13 +1567,16 @@ class LLMEngine:
         device = torch.device(device) if device is not None else default_device()
         if device.type == "cpu":
             set_cpu_threads()  # a few threads, unless the user chose (Chapter 1 says why)
-        loaded = load_model(
-            model,
+        load_args = dict(
+            model=model,
             dtype=dtype,
             device=device,
             load_format=load_format,
             max_model_len=max_model_len,
         )
+        loaded = load_for_rank_0(load_args, tensor_parallel_size)
+        # the peak GPU memory of this process while it loaded the weights (Chapter 9 compares it)
+        self.load_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         self.model, self.tokenizer, self.config = loaded
         self.max_model_len = min(
             max_model_len or self.config.max_position_embeddings,
@@ -1563,6 +1590,7 @@ class LLMEngine:
         self.runner = make_runner(
             self.model,
             tensor_parallel_size,
+            load_args,
             block_size,
             self.max_model_len,
             max_num_seqs,

@@ -27,10 +27,13 @@
 # 1. how a matrix product splits, by columns and by rows, and why a decoder layer then needs exactly two
 #    all-reduces (one after attention, one after the MLP), with a picture;
 # 2. `mini_infer.parallel.layers`: column- and row-parallel linear layers, a vocabulary-parallel embedding
-#    and LM head, and `shard_model`, which turns a loaded model into one rank's shard;
+#    and LM head, and `shard_model`, which turns a model into one rank's shard, so that each GPU loads only
+#    its part of the checkpoint;
 # 3. `mini_infer.parallel.runner`: one process per GPU, started by the engine, the scheduler in one place,
-#    each step's batch sent to the workers; `LLM(..., tensor_parallel_size=N)`;
-# 4. checks (the same greedy tokens with 1 and 2 processes) and what we can measure of the scaling here.
+#    each step's batch sent to the workers; `LLM(..., tensor_parallel_size=N)`; and how the processes stop,
+#    which on GPUs takes more care than starting them;
+# 4. checks (the same greedy tokens with 1 and 2 processes), what we can measure of the scaling here, the
+#    run on two GPUs, and what to do when one machine is not enough.
 #
 # Everything below runs on the CPU, with PyTorch's `gloo` backend standing in for NCCL, the GPUs'
 # communication library: the processes, the collectives and the numbers are the same, only slower.
@@ -221,15 +224,26 @@ print(
 # embedding end in an all-reduce, the LM head in an all-gather. They use `torch.distributed`, whose
 # collectives run on NCCL between GPUs and on gloo between CPU processes.
 #
-# `shard_model(model, rank, world_size)` swaps these layers into a loaded model and tells each attention
+# `shard_model(model, rank, world_size)` swaps these layers into a model and tells each attention
 # module, and the model's config, its local numbers of heads. That is all Chapter 6's `ModelRunner`
 # needs to know: it sizes its KV cache from the config, so each rank's cache holds only its own heads,
 # and the memory per token of the cache is divided by the number of GPUs too.
+#
+# **Loading a shard.** Applied to an empty model on PyTorch's `meta` device (shapes, no memory),
+# `shard_model` gives the shape of one rank's part before a byte is allocated. That is the `shard` step of
+# Chapter 1's loader: `load_model(..., shard=rank_shard(rank, world_size))` shards the empty model,
+# allocates only the shard on the rank's GPU, then streams the checkpoint tensor by tensor (GGUF through
+# its memory map, safetensors file by file, dummy weights generated one tensor at a time); the model's
+# `load_weight` hands each whole tensor to the layer that holds it, and a parallel layer keeps its slice
+# (`load_full`, or `load_shard` for one part of a merged q/k/v or gate/up matrix). So no GPU ever holds more
+# than its shard and the one tensor being copied: a model that does not fit one GPU can still be loaded.
+# With one GPU there is no `shard` step, and the same loader fills the whole model.
 
 # %%
 #| export mini_infer.parallel.layers
 """Tensor-parallel layers: each rank holds a slice of a weight matrix, and the ranks combine their results
-with one collective. `shard_model` turns a loaded model into one rank's shard, in place.
+with one collective. `shard_model` turns a model into one rank's shard, in place: an empty one on the
+meta device before loading (`load_model(..., shard=rank_shard(rank, world_size))`), or a loaded one.
 
 Collectives run on the default process group, which the caller has set up (`TensorParallelRunner` does).
 """
@@ -237,6 +251,7 @@ Collectives run on the default process group, which the caller has set up (`Tens
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -253,7 +268,20 @@ def _empty(*shape, like: torch.Tensor) -> nn.Parameter:
     )
 
 
-class ColumnParallelLinear(nn.Module):
+class Sharded(nn.Module):
+    """A layer that holds its rank's slice of each parameter: `shard(param_name, full)` cuts that slice out
+    of the whole tensor, and the model's `load_weight` calls `load_full` with each whole tensor. The cuts
+    are plain indexing, so `full` may also be a lazy slice of a safetensors file, which then reads only
+    this rank's rows or columns."""
+
+    def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_full(self, param_name: str, full: torch.Tensor) -> None:
+        copy_checked(getattr(self, param_name), self.shard(param_name, full), param_name)
+
+
+class ColumnParallelLinear(Sharded):
     """`x @ W.T` with W's output rows split across ranks: each rank computes its slice of the output, and
     nothing is communicated. `sizes` are the output's parts (q, k, v or gate, up); each part is split on
     its own, so that a rank keeps whole heads of q, k and v, and the gate rows that match its up rows."""
@@ -280,12 +308,23 @@ class ColumnParallelLinear(nn.Module):
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the full weight (or bias): its slice of every part."""
-        return torch.cat(
-            [part.chunk(self.world_size)[self.rank] for part in full.split(self.full_sizes)]
+        rows, start = [], 0
+        for size, n in zip(self.full_sizes, self.sizes):
+            rows.append(full[start + self.rank * n : start + (self.rank + 1) * n])
+            start += size
+        return torch.cat(rows)
+
+    def load_shard(self, param_name: str, part: int, full: torch.Tensor) -> None:
+        """One whole part as a checkpoint stores it (q_proj, or gate_proj): this rank's slice of it."""
+        start, n = sum(self.sizes[:part]), self.sizes[part]
+        copy_checked(
+            getattr(self, param_name)[start : start + n],
+            full[self.rank * n : (self.rank + 1) * n],
+            f"part {part}",
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Sharded):
     """`x @ W.T` with W's input columns split: each rank multiplies its slice of x (the split output of a
     column-parallel layer) by its columns, which gives a partial sum of the whole output; an all-reduce
     adds the partial sums, and the bias is added once, after it."""
@@ -314,10 +353,13 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
-        return full.chunk(self.world_size, dim=1)[self.rank] if param_name == "weight" else full
+        if param_name != "weight":
+            return full[:]
+        n = self.weight.shape[1]
+        return full[:, self.rank * n : (self.rank + 1) * n]
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(Sharded):
     """The embedding table split by vocabulary: rank r holds rows [r * n, (r + 1) * n). A rank looks up
     the ids it holds, writes zeros for the others, and an all-reduce puts each token's row together.
     The last shard is padded with zero rows when the vocabulary does not divide evenly."""
@@ -346,7 +388,7 @@ class VocabParallelEmbedding(nn.Module):
         return h
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
-        rows = full[self.start : self.start + self.shard_size]
+        rows = full[self.start : min(self.start + self.shard_size, self.num_embeddings)]
         return F.pad(rows, (0, 0, 0, self.shard_size - rows.shape[0]))
 
 
@@ -359,15 +401,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local)
         return torch.cat(parts, dim=-1)[:, : self.num_embeddings]  # drop the padding rows' scores
-
-
-def load_full_weight(model: nn.Module, name: str, full: torch.Tensor) -> None:
-    """Copy one unsharded parameter, by its name in the unsharded model, into this rank's shard of it."""
-    module_name, _, param_name = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if hasattr(module, "shard"):
-        full = module.shard(param_name, full)
-    copy_checked(getattr(module, param_name), full, name)
 
 
 def check_shardable(config: ModelConfig, world_size: int) -> None:
@@ -386,9 +419,10 @@ def check_shardable(config: ModelConfig, world_size: int) -> None:
 
 
 def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaForCausalLM:
-    """Turn a loaded model into rank's shard of it, in place: q/k/v and gate/up column-parallel, o and down
+    """Turn a model into rank's shard of it, in place: q/k/v and gate/up column-parallel, o and down
     row-parallel, embedding and LM head split by vocabulary. The model's config then gives the local head
-    counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only."""
+    counts, so a ModelRunner on the shard sizes its KV cache for this rank's heads only. A loaded model
+    keeps its rank's slice of every weight; an empty one on the meta device is the shard to load into."""
     c = model.config
     check_shardable(c, world_size)
     # unsharded; a tied LM head appears once, as the embedding
@@ -424,10 +458,15 @@ def shard_model(model: LlamaForCausalLM, rank: int, world_size: int) -> LlamaFor
         num_key_value_heads=c.num_key_value_heads // world_size,
         intermediate_size=c.intermediate_size // world_size,
     )
-    with torch.no_grad():
+    if like.device.type != "meta":
         for name, tensor in full.items():
-            load_full_weight(model, name, tensor)
+            model.load_weight(name, tensor)
     return model
+
+
+def rank_shard(rank: int, world_size: int):
+    """What `load_model(..., shard=...)` takes to build and load only rank's shard of a model."""
+    return functools.partial(shard_model, rank=rank, world_size=world_size)
 
 
 # %% [markdown]
@@ -467,12 +506,13 @@ except ValueError as e:
 # and they must run the same forward in lockstep: every all-reduce waits for all ranks. vLLM's design,
 # which we follow:
 #
-# - The **driver** is the process that called `LLM(...)`. It is rank 0: it loads the model as in Chapter 6,
+# - The **driver** is the process that called `LLM(...)`. It is rank 0: it loads its shard of the model,
 #   starts ranks 1..N-1 with `torch.multiprocessing` (spawn: a fresh interpreter, since CUDA cannot be
 #   forked), and joins them in a process group (NCCL between GPUs, gloo on the CPU).
-# - **Weights.** Rank 0 broadcasts each whole tensor once; every rank keeps its slice (`load_full_weight`)
-#   and drops the rest, so no rank ever holds more than its shard and one tensor in flight. Rank 0 then
-#   shards its own copy in place.
+# - **Weights.** Every rank, the driver included, loads its own shard from the checkpoint, as section 3
+#   showed: the engine passes `load_model`'s arguments to the workers, not tensors. (A first version had
+#   rank 0 load the whole model on GPU 0 and broadcast every tensor: simple, but then the model had to fit
+#   one GPU, which is the very limit tensor parallelism exists to lift.)
 # - **The scheduler stays in one place.** Only the driver schedules, so there is one block manager. Each
 #   rank runs an ordinary `ModelRunner` on its shard, whose KV cache holds that rank's heads; the cache of
 #   every rank has the same blocks, indexed by the same block tables. The driver takes the smallest pool of
@@ -486,17 +526,53 @@ except ValueError as e:
 #
 # The runner offers what the engine uses of a `ModelRunner` (`execute_model`, `num_blocks`, `device`), so
 # `make_runner` needs two lines to choose it when `tensor_parallel_size > 1`.
+#
+# **Stopping.** On the CPU, ending the workers is a detail; on GPUs it is where the first run on two
+# H200s went wrong: the tokens were right, and `close()` never returned. Two things were in the way:
+#
+# - *NCCL's teardown waits for every rank.* `destroy_process_group` flushes and frees the communicator
+#   that all ranks share, and each rank's call returns when the others have made theirs. The driver used
+#   to join its workers first and leave the group after: each worker sat in its own teardown waiting for
+#   the driver, the driver sat in `join` waiting for the worker, until after 60 seconds it gave up and
+#   killed the worker; then the driver's own teardown did not return (the next point).
+#   Now the driver tells the workers to stop and leaves the group *at the same time* as they do.
+# - *A CUDA graph that captured an all-reduce holds the communicator.* Chapter 6's decode graphs contain
+#   the all-reduces of every layer; NCCL counts each such graph as a user of the communicator and will not
+#   free it while one lives, so the teardown (and even an abort) waits forever. So every rank first drops
+#   its graphs and lets the GPU finish (`ModelRunner.release_graphs`), then leaves the group.
+#
+# And a deadline over all of it: what has not ended after `SHUTDOWN_TIMEOUT` seconds is aborted (the group)
+# or killed (the workers). The same shutdown runs on `close()`, when the runner is garbage collected, and
+# at interpreter exit (registered so that it runs before `multiprocessing` terminates its children).
+#
+# **Failing.** A collective waits for every rank, so one rank that dies, killed or crashed, leaves the
+# others waiting, and on GPUs NCCL's kernels spin on the device, not in any call Python could interrupt.
+# vLLM's `MultiprocExecutor` answers with a monitor, and so do we: a thread of the driver waits on the
+# workers' process sentinels. A worker that exits while the engine runs is a failure: the monitor aborts
+# the process group (`ncclCommAbort` releases the spinning kernels), stops the other workers, and the step
+# raises a `RuntimeError` that names the worker, its exit code and, if it raised, its exception (a worker
+# prints its traceback and leaves it in the group's key-value store before it exits with code 1). The other
+# way round, each worker has a thread that watches its parent: when the driver dies, the workers exit
+# instead of waiting forever for the next step.
 
 # %%
 #| export mini_infer.parallel.runner
 """Tensor parallelism over processes: one process per GPU (rank). The driver (rank 0) keeps the scheduler
-and sends each step's batch to the workers; every rank runs Chapter 6's ModelRunner on its shard."""
+and sends each step's batch to the workers; every rank loads its own shard of the weights and runs
+Chapter 6's ModelRunner on it. A thread of the driver watches the workers, and each worker watches the
+driver, so that a process that dies ends the others' waiting with an error instead of a hang."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import os
+import sys
+import threading
 import time
+import traceback
 import weakref
+from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
@@ -504,12 +580,15 @@ import torch.multiprocessing as mp
 
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
-from mini_infer.loader import empty_model
-from mini_infer.parallel.layers import check_shardable, load_full_weight, shard_model
+from mini_infer.loader import load_model
+from mini_infer.parallel.layers import rank_shard
 from mini_infer.worker.model_runner import ModelRunner, SampledTokens
 
 # Idle workers wait for the next step in a gloo receive, which would otherwise time out after 30 minutes.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
+# How long close() waits for the ranks to leave the process group and the workers to exit, before it
+# aborts the group and kills them.
+SHUTDOWN_TIMEOUT = 30.0
 
 
 class BroadcastingSampler:
@@ -547,25 +626,40 @@ def init_group(device_type: str, store: dist.Store, rank: int, world_size: int):
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
-def wait_for_workers(store: dist.Store, workers: list) -> None:
-    """Wait until every worker has started; raise, instead of waiting forever, if one died first."""
-    while not store.check([f"started/{r}" for r in range(1, len(workers) + 1)]):
-        dead = [w for w in workers if w.exitcode is not None]
-        if dead:
-            for w in workers:
-                w.terminate()
-            raise RuntimeError(
-                f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode} "
-                "before starting (its error is printed above; a script must start the engine "
-                "under `if __name__ == '__main__':`)"
-            )
-        time.sleep(0.05)
-
-
 def min_over_ranks(value: int, group) -> int:
     t = torch.tensor([value])
     dist.all_reduce(t, dist.ReduceOp.MIN, group=group)
     return int(t)
+
+
+def leave_group(runner: ModelRunner | None, aborting: threading.Thread | None = None) -> None:
+    """Every rank's way out: drop the CUDA graphs, whose captured all-reduces hold NCCL's communicator, let
+    the GPU finish, then leave the process group; or, when the group is being aborted (`aborting`, after a
+    worker died), let that abort finish: it too waits until the graphs are gone."""
+    if runner is not None:
+        runner.release_graphs()
+    if aborting is not None:
+        aborting.join()
+    elif dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def abort_group() -> None:
+    """Abort every process group of this process: with NCCL, ncclCommAbort, which also ends a collective
+    that waits on the GPU for a rank that will never come."""
+    if dist.is_initialized():
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:  # noqa: BLE001 - best effort: the group is being thrown away
+            pass
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """A worker's watchdog thread: end the worker when the driver is gone (killed, or crashed), instead of
+    leaving it waiting forever for the next step."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 @torch.no_grad()
@@ -573,81 +667,182 @@ def worker_main(
     rank: int,
     world_size: int,
     port: int,
-    config,
-    dtype: torch.dtype,
-    device_type: str,
+    parent_pid: int,
+    load_args: dict,
     threads: int,
     runner_args: tuple,
     runner_kwargs: dict,
 ) -> None:
-    """A worker (rank >= 1): receive its shard, build its ModelRunner, then run steps until told to stop."""
+    """A worker (rank >= 1): load its shard, build its ModelRunner, then run steps until told to stop. An
+    error is printed, left in the store for the driver, and ends the process with exit code 1."""
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
     torch.set_num_threads(threads)
-    device = rank_device(device_type, rank)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
-    store.set(f"started/{rank}", "1")
-    group = init_group(device_type, store, rank, world_size)
-    # The unsharded model's parameter names and shapes, with no memory behind them; then this rank's shard.
-    model = empty_model(config, dtype, "meta")
-    full_shapes = [(name, p.shape) for name, p in model.named_parameters()]
-    shard_model(model, rank, world_size).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    for (
-        name,
-        shape,
-    ) in full_shapes:  # rank 0 broadcasts every unsharded tensor; each rank keeps its slice
-        full = torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(full, src=0)
-        load_full_weight(model, name, full)
-    runner = ModelRunner(model, *runner_args, **runner_kwargs)
-    runner.sampler = receive_sample
-    min_over_ranks(runner.num_blocks, group)
-    while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0, group=group)
-        if message[0] is None:
-            break
-        runner.execute_model(message[0])
-    dist.destroy_process_group()
-
-
-def shutdown(group, workers: list) -> None:
-    """Tell the workers to stop, wait for them, and leave the process group."""
     try:
-        dist.broadcast_object_list([None], src=0, group=group)
-    except RuntimeError:  # a worker that died cannot be told; the others are stopped below
-        pass
+        device = rank_device(torch.device(load_args["device"]).type, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before anything touches the GPU: no context on GPU 0
+        model = load_model(
+            **{**load_args, "device": device},
+            shard=rank_shard(rank, world_size),
+            tokenizer=False,
+        ).model
+        store.set(f"started/{rank}", "1")
+        group = init_group(device.type, store, rank, world_size)
+        runner = ModelRunner(model, *runner_args, **runner_kwargs)
+        runner.sampler = receive_sample
+        min_over_ranks(runner.num_blocks, group)
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=group)
+            if message[0] is None:
+                break
+            runner.execute_model(message[0])
+        leave_group(runner)
+    except BaseException:
+        report = traceback.format_exc()
+        print(f"tensor-parallel worker {rank} failed:\n{report}", file=sys.stderr, flush=True)
+        try:
+            store.set(f"error/{rank}", report)
+        except Exception:  # noqa: BLE001 - the driver may be gone
+            pass
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: nothing is left to tear down, and it cannot hang
+
+
+def stop_workers(workers: list, timeout: float) -> None:
+    """Terminate the workers still alive, then kill those that do not exit within `timeout` seconds."""
     for w in workers:
-        w.join(timeout=60)
         if w.is_alive():
             w.terminate()
-    dist.destroy_process_group()
+    for w in workers:
+        w.join(timeout)
+        if w.is_alive():
+            w.kill()
+            w.join(5)
+
+
+class WorkerMonitor:
+    """A thread of the driver that waits on the workers' process sentinels. A worker that exits while the
+    engine runs is a failure: the monitor records which one and how (its exit code, and its error when it
+    raised one), aborts the process group, so that a driver waiting in a collective for the dead worker
+    returns instead of waiting forever, and stops the other workers.
+
+    The abort runs in a thread of its own (`aborting`): NCCL's abort first releases the kernels that wait,
+    then returns only once every CUDA graph that captured one of its all-reduces is destroyed, which the
+    driver's shutdown does (vLLM's workers abort the same way, with a deadline)."""
+
+    def __init__(self, workers: list, store: dist.Store):
+        self.workers, self.store = workers, store
+        self.failure: str | None = None
+        self.aborting: threading.Thread | None = None
+        self.failed, self.stopping = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="tp-monitor", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            wait([w.sentinel for w in self.workers], timeout=0.2)
+            dead = [w for w in self.workers if w.exitcode is not None]
+            if dead and not self.stopping.is_set():
+                return self._fail(dead[0])
+
+    def _fail(self, worker) -> None:
+        rank = self.workers.index(worker) + 1
+        error = ""
+        try:
+            if self.store.check([f"error/{rank}"]):
+                error = ": " + self.store.get(f"error/{rank}").decode().strip().splitlines()[-1]
+        except Exception:  # noqa: BLE001 - the exit code alone still says what happened
+            pass
+        self.failure = (
+            f"tensor-parallel worker {rank} (pid {worker.pid}) exited with code "
+            f"{worker.exitcode}{error}"
+        )
+        self.aborting = threading.Thread(target=abort_group, name="tp-abort", daemon=True)
+        self.aborting.start()
+        stop_workers(self.workers, timeout=5)
+        self.failed.set()
+
+    def stop(self) -> None:
+        """From now on a worker's exit is expected (the driver is shutting down); returns once the monitor
+        is done (a failure it was handling included)."""
+        self.stopping.set()
+        self.thread.join()
+
+    def check(self, cause: BaseException | None = None) -> None:
+        """Raise a RuntimeError naming the dead worker, if one died. With a `cause` (an error of the driver
+        in a collective), first give the monitor a moment: the error often comes before the exit is seen."""
+        if cause is not None:
+            self.failed.wait(timeout=5)
+        if self.failure is not None:
+            raise RuntimeError(
+                f"{self.failure}; the tensor-parallel engine cannot go on (close it)"
+            ) from cause
+
+
+def shutdown(group, workers: list, monitor: WorkerMonitor, runner, timeout=SHUTDOWN_TIMEOUT):
+    """Stop the workers and leave the process group, in bounded time. NCCL's teardown waits for every
+    rank, so the driver leaves the group at the same time as the workers instead of waiting for them to
+    exit first; each rank drops its CUDA graphs before (see `leave_group`). What has not finished by the
+    deadline is aborted (the group) or killed (the workers)."""
+    deadline = time.monotonic() + timeout
+    monitor.stop()
+    if monitor.failure is None and group is not None:
+        try:
+            dist.broadcast_object_list([None], src=0, group=group)  # "stop"
+        except Exception:  # noqa: BLE001 - a worker that cannot be told is killed below
+            pass
+    leaving = threading.Thread(
+        target=leave_group, args=(runner, monitor.aborting), name="tp-leave", daemon=True
+    )
+    leaving.start()
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+    leaving.join(max(0.0, deadline - time.monotonic()))
+    stop_workers(workers, timeout=5)
+    if leaving.is_alive() and monitor.aborting is None:
+        abort_group()  # the teardown hangs: throw the group away
+
+
+def abandon(workers: list, monitor: WorkerMonitor) -> None:
+    """Setting up failed (an error of the driver's, or a worker that died): the workers, which may be
+    waiting in a collective for the driver, are of no use. Kill them and abort the group, in bounded time."""
+    monitor.stop()
+    stop_workers(workers, timeout=5)
+    aborting = monitor.aborting
+    if aborting is None:
+        aborting = threading.Thread(target=abort_group, name="tp-abort", daemon=True)
+        aborting.start()
+    aborting.join(SHUTDOWN_TIMEOUT)
 
 
 class TensorParallelRunner:
     """A ModelRunner over `world_size` processes, for `LLMEngine`: `execute_model(scheduler_output)`,
     `num_blocks`, `device`, `close()`.
 
-    The driver process is rank 0. It starts ranks 1..N-1 (one per GPU, cuda:rank, NCCL; or CPU processes
-    with gloo), broadcasts the loaded model's weights, from which each rank keeps its shard, and shards its
-    own model in place. Every step it sends the step's `SchedulerOutput` (new requests whole, running ones
-    only their new tokens and blocks) to the workers, whose runners keep the same request state as rank 0's;
-    all ranks run the forward together, meeting in the model's all-reduces, and rank 0's
-    sampler picks the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest
-    pool of any rank, so one scheduler's block tables are valid everywhere.
+    The driver process is rank 0, with its shard `model` already loaded. It starts ranks 1..N-1 (one per
+    GPU, cuda:rank, NCCL; or CPU processes with gloo), each of which loads its own shard with `load_args`
+    (load_model's). Every step it sends the step's `SchedulerOutput` (new requests whole, running ones only
+    their new tokens and blocks) to the workers, whose runners keep the same request state as rank 0's;
+    all ranks run the forward together, meeting in the model's all-reduces, and rank 0's sampler picks
+    the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest pool of any rank,
+    so one scheduler's block tables are valid everywhere.
 
     `args` and `kwargs` are ModelRunner's, after the model. One tensor-parallel runner per process at a
     time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
-    is garbage collected, or when the interpreter exits.
+    is garbage collected, or when the interpreter exits; a worker that dies makes the next step raise a
+    RuntimeError that names it, and a worker exits on its own when the driver dies.
     """
 
-    def __init__(self, model, world_size: int, *args, **kwargs):
+    def __init__(self, model, world_size: int, load_args: dict, *args, **kwargs):
         if dist.is_initialized():
             raise RuntimeError(
                 "a process group already exists in this process: close the other "
                 "tensor-parallel engine first"
             )
-        check_shardable(model.config, world_size)
         device = model.lm_head.weight.device
         if device.type == "cuda" and torch.cuda.device_count() < world_size:
             raise ValueError(
@@ -661,14 +856,14 @@ class TensorParallelRunner:
         self.workers = [
             ctx.Process(
                 target=worker_main,
+                name=f"tp-worker-{r}",
                 daemon=True,
                 args=(
                     r,
                     world_size,
                     store.port,
-                    model.config,
-                    model.lm_head.weight.dtype,
-                    device.type,
+                    os.getpid(),
+                    {**load_args, "device": device},
                     threads,
                     args,
                     kwargs,
@@ -678,23 +873,51 @@ class TensorParallelRunner:
         ]
         for w in self.workers:
             w.start()
-        wait_for_workers(store, self.workers)
-        self.group = init_group(device.type, store, 0, world_size)
-        self._finalizer = weakref.finalize(self, shutdown, self.group, self.workers)
-        with torch.no_grad():
-            for p in model.parameters():
-                dist.broadcast(p, src=0)
-        self.runner = ModelRunner(shard_model(model, 0, world_size), *args, **kwargs)
-        self.runner.sampler = BroadcastingSampler(self.runner.sampler)
-        self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
+        self.monitor = WorkerMonitor(self.workers, store)
+        self.group, self.runner = None, None
+        try:
+            self._wait_for_workers(store)
+            self.group = init_group(device.type, store, 0, world_size)
+            self.runner = ModelRunner(model, *args, **kwargs)
+            self.runner.sampler = BroadcastingSampler(self.runner.sampler)
+            self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
+        except BaseException as e:
+            abandon(self.workers, self.monitor)
+            failure = self.monitor.failure
+            if isinstance(e, RuntimeError) and failure is not None and failure not in str(e):
+                self.monitor.check(e)  # a collective failed because a worker died: say which
+            raise
         self.device = self.runner.device
+        self._finalizer = weakref.finalize(
+            self, shutdown, self.group, self.workers, self.monitor, self.runner
+        )
+        # Before multiprocessing's own exit handler, which would terminate the workers mid-teardown.
+        atexit.register(self._finalizer)
+
+    def _wait_for_workers(self, store: dist.Store) -> None:
+        """Wait until every worker has loaded its shard; raise, instead of waiting forever, if one died."""
+        while not store.check([f"started/{r}" for r in range(1, len(self.workers) + 1)]):
+            if self.monitor.failed.wait(timeout=0.05):
+                raise RuntimeError(
+                    f"{self.monitor.failure} before joining the group (its error is printed above; "
+                    "a script must start the engine under `if __name__ == '__main__':`)"
+                )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
         """Send the step to the workers, then run rank 0's part of it; the tokens are rank 0's samples."""
-        dist.broadcast_object_list([scheduler_output], src=0, group=self.group)
-        return self.runner.execute_model(scheduler_output)
+        self.monitor.check()
+        try:
+            dist.broadcast_object_list([scheduler_output], src=0, group=self.group)
+            tokens = self.runner.execute_model(scheduler_output)
+        except Exception as e:
+            self.monitor.check(e)
+            raise
+        self.monitor.check()
+        return tokens
 
     def close(self) -> None:
+        """Stop the workers and leave the process group (bounded by SHUTDOWN_TIMEOUT); idempotent."""
+        atexit.unregister(self._finalizer)
         self._finalizer()
 
 
@@ -761,11 +984,37 @@ print(three)
 print("same text with 3 processes as with 1:", three == one)
 
 # %% [markdown]
+# Each of the three processes read its own third of the GGUF file. And when a worker dies, here killed
+# between two calls as if it had crashed or run out of memory, the next call fails at once with an error
+# that says what happened, and `close()` still returns:
+
+# %%
+import os
+import signal
+
+llm_tp = LLM(tiny, tensor_parallel_size=2, **args)
+worker = llm_tp.engine.runner.workers[0]
+llm_tp.generate(prompts[:2], greedy, use_tqdm=False)
+os.kill(worker.pid, signal.SIGKILL)
+start = time.perf_counter()
+try:
+    llm_tp.generate(prompts[:2], greedy, use_tqdm=False)
+except RuntimeError as e:
+    print(f"RuntimeError after {time.perf_counter() - start:.2f} s: {e}")
+start = time.perf_counter()
+llm_tp.engine.runner.close()
+print(f"close() took {time.perf_counter() - start:.2f} s; the worker is alive: {worker.is_alive()}")
+
+# %% [markdown]
 # `tests/test_tensor_parallel.py` checks each parallel layer against its unsharded version (2 gloo
 # processes, fresh random inputs, several shapes, a vocabulary that does not divide evenly), a sharded model
-# against the whole one (tied and untied heads, attention biases, Qwen3's q/k norms), and the engine's
-# tokens with 2 processes against 1, with synchronous and asynchronous scheduling; with two GPUs it runs the
-# engine check on NCCL as well.
+# against the whole one (tied and untied heads, attention biases, Qwen3's q/k norms), each rank's shard
+# loaded from dummy weights, safetensors and the GGUF file against the same slice of the whole model, and
+# the engine's tokens with 2 processes against 1, with synchronous and asynchronous scheduling. It checks
+# every way the processes stop, each under a timeout so that a hang fails: `close()`, leaving the
+# interpreter with an engine open, a killed worker, a worker that raises, a killed driver; none may leave a
+# process behind. With two GPUs it runs the engine checks on NCCL as well (the same tokens in fp32, within
+# the top 3 in bf16, and the second GPU's memory given back by `close()`).
 #
 # ## 6. What it costs, and what it gains
 #
@@ -875,38 +1124,74 @@ for label, rate in rates.items():
 #
 # The target of this chapter is Llama-3-8B (dummy weights) on the nano-vllm protocol of Chapter 6, with
 # tensor_parallel_size 1 and 2 on one machine: at least 1.7 times the throughput on two GPUs, and a lower
-# batch-1 latency. That needs a machine with two GPUs, which this book's runs have not had yet. When one is
-# available, one command measures all four rows (NVLink multicast off, `NCCL_NVLS_ENABLE=0`):
+# batch-1 latency, next to vLLM with the same sizes. One script does the whole visit to a machine with two
+# GPUs, every step under a timeout (NVLink multicast stays off in every process: `NCCL_NVLS_ENABLE=0` and
+# its PyTorch and NVSHMEM counterparts):
 #
 # ```bash
-# bash benchmarks/tensor_parallel.sh llama3-8b 1 2
+# OUT=/tmp/out bash benchmarks/tp_session.sh setup tests allreduce mini   # then, in a second call:
+# OUT=/tmp/out bash benchmarks/tp_session.sh vllm
 # ```
 #
-# It runs `benchmarks/benchmark_throughput.py` and `benchmarks/benchmark_latency.py` with
-# `--tensor-parallel-size 1` and `2` and appends the rows to `benchmarks/results/tp_throughput.jsonl` and
-# `tp_latency.jsonl`; the cell below shows them side by side once they exist.
+# It runs the 2-GPU tests; measures what one all-reduce of a decode step costs between the two GPUs at batch
+# 1 and 256, alone and inside a CUDA graph (`benchmarks/allreduce_latency.py`); runs our engine at tp=1 and
+# tp=2 (`benchmarks/benchmark_tp.py`: throughput, batch-1 latency, and GPU 0's memory: the weights it holds
+# and its peak while loading, which per-rank loading halves at tp=2); then vLLM with
+# `tensor_parallel_size=1` and `2` (`benchmarks/compare_vllm.py`). The rows go to
+# `benchmarks/results/tp_throughput.jsonl`, `tp_latency.jsonl` and `tp_allreduce.jsonl`, and
+# `benchmarks/tp_report.py` turns them into the table and the plot below, which appear once the rows exist.
 
 # %%
-RESULTS = CONFIGS.parent / "results"
+from IPython.display import Markdown, display
 
+found = None
+if (CONFIGS.parent / "tp_report.py").exists():  # a checkout (an install from git has no benchmarks)
+    sys.path.insert(0, str(CONFIGS.parent))
+    import tp_report
 
-def tp_rows(name: str) -> dict:
-    """The last row of each (model, tensor_parallel_size) in a results file."""
-    path = RESULTS / name
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return {(r["model"], r["tensor_parallel_size"]): r for r in rows}
-
-
-tput, lat = tp_rows("tp_throughput.jsonl"), tp_rows("tp_latency.jsonl")
-if tput and lat:
-    for model, tp in sorted(tput):
-        t, lat_row = tput[(model, tp)], lat.get((model, tp), {})
-        print(
-            f"{model} tp={tp} on {t['device']} ({t['date']}): {t['tokens_per_s']:8,.0f} tokens/s "
-            f"({t['tokens_per_s'] / tput[(model, 1)]['tokens_per_s']:.2f}x), batch 1: "
-            f"{lat_row.get('ms_per_token', float('nan')):.2f} ms per token"
-        )
+    found = tp_report.machine_rows()
+if found:
+    display(Markdown("\n".join(tp_report.table(found))))
+    tp_report.figure(found)
+    plt.show()
 else:
-    print(
-        "not measured yet: run `bash benchmarks/tensor_parallel.sh llama3-8b 1 2` on a machine with 2 GPUs"
-    )
+    print("not measured yet: run `OUT=DIR bash benchmarks/tp_session.sh` on a machine with 2 GPUs")
+
+# %% [markdown]
+# ## 8. When one machine is not enough
+#
+# Tensor parallelism puts two all-reduces in every layer of every step, so it lives on the fastest links
+# there are: NVLink between the GPUs of one machine, hundreds of GB/s, a few microseconds per message.
+# Between machines the links are the network's (InfiniBand or Ethernet, tens of GB/s per card, and
+# latencies ten times longer), and 65 round trips per token over them would cost more than the weights
+# they save reading. So a model too large for one machine (a 405B model in bf16 needs 810 GB for its
+# weights, more than eight 80 GB GPUs hold) is split the other way across machines:
+#
+# - **Pipeline parallelism across machines.** Each machine holds a contiguous range of layers (a *stage*).
+#   A batch's hidden states go from stage to stage, one point-to-point transfer per stage boundary and
+#   step, not one per layer. The cost is the *bubble*: while stage 2 works on a batch, stage 1 would idle,
+#   so the scheduler keeps several batches (micro-batches) in flight, one per stage.
+# - **Tensor parallelism within each machine**, over its NVLink, exactly as in this chapter.
+#
+# This is vLLM's rule as its documentation states it: `tensor_parallel_size` = the GPUs of one machine,
+# `pipeline_parallel_size` = the number of machines (16 GPUs on 2 machines: 8 and 2). To start processes on
+# other machines vLLM uses Ray: `ray start --head` on one machine, `ray start --address=HEAD` on the others,
+# then the engine on the head places one worker per GPU of the cluster (`distributed_executor_backend="ray"`).
+# It can also run under an external launcher such as `torchrun`, which starts one process per GPU on every
+# machine itself. A model that fits one machine is better served by *data parallelism* instead: one whole
+# engine per machine, behind a load balancer, with no traffic between them at all.
+#
+# What Mini-Infer would need for it:
+#
+# 1. **Processes on other machines.** `TensorParallelRunner` spawns its workers locally and meets them at a
+#    `TCPStore` on 127.0.0.1. Across machines, the ranks are started by a launcher (torchrun's
+#    `MASTER_ADDR`, `RANK`, `WORLD_SIZE`, or Ray actors) and meet at the head's address; the step messages
+#    already travel over a gloo group, which works over TCP between machines as well.
+# 2. **A pipeline runner.** A stage holds layers `[a, b)` (the `shard` hook of the loader generalises: build
+#    only those layers, read only their tensors), receives the previous stage's hidden states and residual,
+#    sends its own on, and keeps the KV cache of its layers only; the last stage computes the logits and
+#    samples. The engine keeps one batch in flight per stage, which Chapter 6's asynchronous scheduling (one
+#    step ahead) is the first step towards.
+# 3. **Failures without sentinels.** A process on another machine has no process sentinel for the monitor
+#    to wait on: the driver needs heartbeats and timeouts (NCCL's own, with asynchronous error handling),
+#    and the same rule as here: abort, name the rank that failed, leave nothing behind.

@@ -22,6 +22,8 @@ SCRIPTS = [
     "benchmark_batching",
     "compare_hf",
     "compare_vllm",
+    "benchmark_tp",
+    "allreduce_latency",
 ]
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 
@@ -379,3 +381,57 @@ def test_run_all_without_a_gpu_prints_every_step_and_runs_none():
         "report.py",
     ]:
         assert step in result.stdout
+
+
+def test_allreduce_latency_runs_on_gloo():
+    """The script's processes and its rows, on the CPU (no CUDA graphs there)."""
+    result = run(
+        sys.executable, "benchmarks/allreduce_latency.py", "--device", "cpu", "--batch", "1", "4"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["batch"] for r in rows] == [1, 4] and rows[1]["bytes"] == 4 * 576 * 2
+    assert all(r["allreduces_per_step"] == 2 * 30 + 1 and r["allreduce_us"] > 0 for r in rows)
+
+
+def test_tp_report_compares_one_machine(tmp_path, monkeypatch):
+    import tp_report
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert tp_report.machine_rows() is None
+    here = {"device": "NVIDIA H200", "date": "2026-12-01", "machine": "abcd1234"}
+    old = {**here, "machine": "00000000"}
+    mem = {"gpu0_weights_gib": 7.5, "gpu0_load_peak_gib": 8.5}
+    tput = [
+        {**old, "engine": "mini_infer", "tensor_parallel_size": 2, "tokens_per_s": 1.0, **mem},
+        {**here, "engine": "mini_infer", "tensor_parallel_size": 1, "tokens_per_s": 9000.0, **mem},
+        {**here, "engine": "mini_infer", "tensor_parallel_size": 2, "tokens_per_s": 15300.0, **mem},
+        {**here, "engine": "vllm", "tensor_parallel_size": 1, "tokens_per_s": 9500.0},
+    ]
+    lat = [
+        {**here, "engine": "mini_infer", "tensor_parallel_size": 1, "ms_per_token": 4.8},
+        {**here, "engine": "mini_infer", "tensor_parallel_size": 2, "ms_per_token": 3.2},
+    ]
+    allreduce = [
+        {
+            **here,
+            "batch": 1,
+            "hidden_size": 4096,
+            "bytes": 8192,
+            "world_size": 2,
+            "allreduce_us": 20.0,
+            "graph_allreduce_us": 8.0,
+            "allreduces_per_step": 65,
+            "step_us_graph": 520.0,
+        },
+    ]
+    for name, rows in (("tp_throughput", tput), ("tp_latency", lat), ("tp_allreduce", allreduce)):
+        rows = [{"model": "llama3-8b", **r} for r in rows]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = tp_report.machine_rows()
+    text = "\n".join(tp_report.table(found))
+    assert "| Mini-Infer | 2 | 15,300 | 1.70x | 3.20 | 1.50x | 7.5 / 8.5 GiB |" in text
+    assert "| vLLM | 1 | 9,500 | 1.00x | - | - | - |" in text
+    assert "a decode step's 65: 0.52 ms" in text and "machine abcd1234" in text
+    tp_report.plot(found, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000

@@ -15,12 +15,25 @@ from mini_infer.sampling_params import SamplingParams
 from mini_infer.worker.model_runner import ModelRunner
 
 
-def make_runner(model, tensor_parallel_size: int, *runner_args, **runner_kwargs):
-    """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU."""
+def load_for_rank_0(load_args: dict, tensor_parallel_size: int):
+    """load_model(**load_args): the whole model, or with several GPUs only rank 0's shard of it (Chapter 9)."""
+    shard = None
+    if tensor_parallel_size > 1:
+        from mini_infer.parallel.layers import rank_shard  # Chapter 9
+
+        shard = rank_shard(0, tensor_parallel_size)
+    return load_model(**load_args, shard=shard)
+
+
+def make_runner(model, tensor_parallel_size: int, load_args: dict, *runner_args, **runner_kwargs):
+    """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU, whose
+    workers load their own shards with `load_args`."""
     if tensor_parallel_size > 1:
         from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
 
-        return TensorParallelRunner(model, tensor_parallel_size, *runner_args, **runner_kwargs)
+        return TensorParallelRunner(
+            model, tensor_parallel_size, load_args, *runner_args, **runner_kwargs
+        )
     return ModelRunner(model, *runner_args, **runner_kwargs)
 
 
@@ -62,13 +75,16 @@ class LLMEngine:
         device = torch.device(device) if device is not None else default_device()
         if device.type == "cpu":
             set_cpu_threads()  # a few threads, unless the user chose (Chapter 1 says why)
-        loaded = load_model(
-            model,
+        load_args = dict(
+            model=model,
             dtype=dtype,
             device=device,
             load_format=load_format,
             max_model_len=max_model_len,
         )
+        loaded = load_for_rank_0(load_args, tensor_parallel_size)
+        # the peak GPU memory of this process while it loaded the weights (Chapter 9 compares it)
+        self.load_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         self.model, self.tokenizer, self.config = loaded
         self.max_model_len = min(
             max_model_len or self.config.max_position_embeddings,
@@ -82,6 +98,7 @@ class LLMEngine:
         self.runner = make_runner(
             self.model,
             tensor_parallel_size,
+            load_args,
             block_size,
             self.max_model_len,
             max_num_seqs,

@@ -44,6 +44,10 @@ class MergedLinear(nn.Linear):
 
 
 def copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if not isinstance(
+        tensor, torch.Tensor
+    ):  # a lazy slice of a safetensors file (1.10): read it all
+        tensor = tensor[:]
     # copy_ would broadcast a wrong shape silently
     if param.shape != tensor.shape:
         raise ValueError(
@@ -181,8 +185,14 @@ class LlamaForCausalLM(nn.Module):
             if leaf in self.packed_modules:
                 merged, shard = self.packed_modules[leaf]
                 self.get_submodule(f"{parent}.{merged}").load_shard(param_name, shard, tensor)
+                return
+            module = self.get_submodule(module_name)
+            if hasattr(
+                module, "load_full"
+            ):  # a layer holding a slice of the tensor cuts it (Ch. 9)
+                module.load_full(param_name, tensor)
             else:
-                copy_checked(self.get_parameter(name), tensor, name)
+                copy_checked(module.get_parameter(param_name), tensor, name)
         except AttributeError:
             raise ValueError(
                 f"checkpoint tensor {name!r} has no place in {type(self).__name__}"

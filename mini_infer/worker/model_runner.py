@@ -196,6 +196,16 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return self.kv_cache.num_blocks
 
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs (decode steps then run eagerly), once the GPU has finished with them. A
+        graph that captured an all-reduce holds NCCL's communicator: Chapter 9 calls this before its
+        processes leave their group, which NCCL cannot tear down while such a graph lives."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.graphs.clear()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def _warm_up(self, num_tokens: int, num_seqs: int) -> None:
         """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
