@@ -729,12 +729,13 @@ class ModelRunner:
         return self.kv_cache.num_blocks
 
     def release_graphs(self) -> None:
-        """Drop the CUDA graphs (decode steps then run eagerly), once the GPU has finished with them. A
-        graph that captured an all-reduce holds NCCL's communicator: Chapter 9 calls this before its
-        processes leave their group, which NCCL cannot tear down while such a graph lives."""
+        """Drop the CUDA graphs (steps then run eagerly), once the GPU has finished with them. A graph that
+        captured an all-reduce holds NCCL's communicator: Chapter 9 calls this before its processes leave
+        their group, which NCCL cannot tear down while such a graph lives."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.graphs.clear()
+            self.mixed_graphs.clear()
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
