@@ -127,8 +127,8 @@ class SpeculativeConfig:
     """vLLM's n-gram speculation: `num_speculative_tokens` (k) tokens proposed per step by prompt lookup,
     matching the latest n tokens for n from `prompt_lookup_max` down to `prompt_lookup_min` (one given: both
     are it; neither: both 5, as in vLLM). `disable_by_batch_size`: no speculation in a step with more running
-    requests than this (None: always), since a large batch is compute-heavy already and its verification
-    steps leave the CUDA-graph decode path.
+    requests than this (None: at any batch size, vLLM's default). Ours is 16: a large batch is bound by
+    compute more than by the weights' bytes, and its verification steps leave the CUDA-graph decode path.
 
     Raises ValueError naming the problem for an unknown method or key, or a bad number.
     """
@@ -137,7 +137,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 0
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
-    disable_by_batch_size: int | None = None
+    disable_by_batch_size: int | None = 16
 
     @classmethod
     def from_dict(cls, config) -> "SpeculativeConfig | None":
@@ -622,25 +622,23 @@ print(spec_llm.llm_engine.spec_decode_metrics.as_dict())
 # benchmark's business.
 
 # %%
+from mini_infer.spec_decode.config import SpecDecodingMetrics
+
 ks = [1, 2, 4, 8]
 results = {}
+engine = spec_llm.llm_engine
 for name, prompt in (("rewrite code", REWRITE), ("open chat", CHAT)):
     for k in ks:
-        engine = LLM(
-            dtype="float32",
-            device="cpu",
-            max_model_len=1024,
-            cpu_kv_bytes=64 << 20,
-            speculative_config={**spec, "num_speculative_tokens": k},
-        )
+        # what an engine made with this k would hold: a proposer of k tokens, fresh counters
+        config = SpeculativeConfig(**{**spec, "num_speculative_tokens": k})
+        engine.proposer, engine.spec_decode_metrics = NgramProposer(config), SpecDecodingMetrics(k)
+        engine.add_request(f"{name}-{k}", prompt, GREEDY)
         steps = 0
-        engine.engine.add_request("r", prompt, GREEDY)
-        while engine.engine.has_unfinished_requests():
-            engine.engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
             steps += 1
-        m = engine.llm_engine.spec_decode_metrics
+        m = engine.spec_decode_metrics
         results[name, k] = (steps, m.mean_acceptance_length, m.num_drafts, m.draft_acceptance_rate)
-        del engine
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
 for name in ("rewrite code", "open chat"):
     ax1.plot(ks, [results[name, k][1] for k in ks], "o-", label=name)
@@ -704,7 +702,8 @@ print(
 #   one token. Acceptance, not k, decides: a long k with a low acceptance rate wastes compute.
 # - **Large batches.** A batch of 64 is no longer bound by the weights' bytes alone: its (k + 1) x 64 tokens
 #   add real compute, and steps that leave the decode graphs are slower. `disable_by_batch_size` switches
-#   speculation off for steps with more running requests (vLLM's setting of the same name).
+#   speculation off for steps with more running requests (vLLM's setting of the same name; our default is
+#   16, where vLLM's is None, and the engine counts the steps it was off in `num_steps_over_batch_size`).
 # - **Synchronous scheduling.** The host's work no longer overlaps the GPU's; at batch 1 on a small model
 #   that is a visible share of a step.
 #

@@ -452,6 +452,8 @@ def test_the_step_description_sends_only_what_changed():
         "mini_infer.sampling_params",
         "mini_infer.outputs",
         "mini_infer.testing.simulate",
+        "mini_infer.spec_decode.config",
+        "mini_infer.spec_decode.ngram_proposer",
     ],
 )
 def test_the_scheduling_side_imports_no_torch(module):

@@ -55,6 +55,7 @@ def spec_smol():
     )
 
 
+@pytest.mark.slow
 def test_greedy_speculation_on_the_embedded_model_gives_the_same_tokens_and_text(smol, spec_smol):
     # the rewrite copies much of its prompt, so drafts get accepted; stop strings and max_tokens may fall
     # in the middle of a step's accepted tokens
