@@ -361,7 +361,8 @@ class Sequence:
 # blocks; a request that left (finished, aborted or preempted) is named once so the runner can forget it.
 # Each request's budget, `num_scheduled_tokens`, is enough to find its tokens: they start at its
 # `num_computed_tokens`. The order of that dictionary is the batch's order, in which the model returns one
-# token per request.
+# token per request. (Chapter 10 adds speculative tokens: a decoding request may carry guesses of
+# its next tokens, `scheduled_spec_decode_tokens`, that the step verifies, and gets a list of tokens back.)
 
 # %%
 #| export mini_infer.core.scheduler_output

@@ -527,6 +527,10 @@ class PagedAttention:
 # at step N (an end-of-sequence token, or a stop string in its text) has then computed one token too
 # many; `record` drops it.
 #
+# Chapter 10's speculative tokens ride on the same path: the runner packs a request's drafts after its
+# newest token, runs them through the prefill/mixed forward, and verifies them against the logits at every
+# one of those positions.
+#
 # Before any of that, the runner sizes the KV pool: it runs one forward pass of the largest step to see
 # the activations' peak, then gives the KV cache `gpu_memory_utilization` of the GPU minus the weights
 # and that peak (on the CPU, a fixed byte budget).
@@ -1717,7 +1721,8 @@ class LLMEngine:
             new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
         outputs, stopped = self.output_processor.process(new_tokens)
         for seq_id in stopped:  # its text reached a stop string
-            self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
+            if seq_id in self.scheduler.requests:  # (a later token of the step may have ended it too)
+                self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
         return outputs
 
     def propose_drafts(self) -> None:
