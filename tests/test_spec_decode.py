@@ -88,13 +88,13 @@ def tiny_path(tmp_path_factory):
     return path
 
 
-def tiny_llm(path, num_blocks=None, **kwargs):
+def tiny_llm(path, num_blocks=None, max_model_len=128, **kwargs):
     block = kv_block_bytes(2, 2, 16, 16, torch.float32)
     return LLM(
         path,
         dtype="float32",
         device="cpu",
-        max_model_len=128,
+        max_model_len=max_model_len,
         cpu_kv_bytes=(num_blocks or 200) * block,
         **kwargs,
     )
@@ -261,3 +261,52 @@ def test_prompt_lookup_defaults_follow_vllm():
     assert (one.prompt_lookup_min, one.prompt_lookup_max) == (4, 4)
     none = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3})
     assert (none.prompt_lookup_min, none.prompt_lookup_max) == (5, 5)
+
+
+def test_sampled_tokens_after_verification_follow_the_tiny_models_distribution(tmp_path):
+    # The engine end to end: 1,600 samples of one prompt (top-k 4, temperature 1). The first token comes
+    # from the prefill; the second from a verification step, of a draft that a stand-in proposer makes a
+    # likely token (the second most likely after that first token), so that it is accepted about a quarter
+    # of the time and rejected otherwise. Among the samples whose first token is the most common one, the
+    # second must follow the model's probabilities there (Hugging Face's forward): Pearson's chi-square over
+    # 4 tokens (3 degrees of freedom) exceeds 16.27 with probability 0.001 when it does: a false-alarm rate
+    # of 0.1% over seeds (the engine's seed here is fixed). A sampler that drew the replacement of a rejected
+    # draft from p itself (the draft not removed) gives that draft 0.44 instead of 0.25: chi-square ~100.
+    hf = tiny_hf_model("llama", max_position_embeddings=512)
+    hf.save_pretrained(tmp_path)
+    llm = tiny_llm(
+        tmp_path,
+        num_blocks=800,
+        max_model_len=512,
+        seed=0,
+        max_num_seqs=256,
+        speculative_config={**NGRAM, "disable_by_batch_size": None},
+    )
+    prompt = np.random.default_rng(1).permutation(300)[:250].tolist()
+    with torch.no_grad():
+        firsts = hf(torch.tensor([prompt])).logits[0, -1].topk(4).indices.tolist()
+        after = {t: hf(torch.tensor([prompt + [t]])).logits[0, -1].topk(4) for t in firsts}
+
+    class SecondMostLikely:  # the proposer's stand-in: one draft, after the first token
+        def propose(self, seq):
+            return [int(after[seq.token_ids[-1]].indices[1])] if seq.num_output_tokens == 1 else []
+
+    llm.llm_engine.proposer = SecondMostLikely()
+    # max_tokens 3: room for one draft after the first token
+    params = SamplingParams(temperature=1.0, top_k=4, max_tokens=3, ignore_eos=True)
+    outs = token_ids(llm.generate([prompt] * 1600, params, use_tqdm=False))
+    metrics = llm.llm_engine.spec_decode_metrics
+    assert metrics.num_drafts == 1600 and 250 < metrics.num_accepted_tokens < 600
+    mode = int(torch.tensor([o[0] for o in outs]).mode().values)
+    seconds = [o[1] for o in outs if o[0] == mode]
+    top = after[mode]
+    index = {t: i for i, t in enumerate(top.indices.tolist())}
+    assert set(seconds) <= set(index)
+    counts = torch.bincount(torch.tensor([index[t] for t in seconds]), minlength=4)
+    expected = top.values.softmax(dim=-1) * len(seconds)
+    assert float(((counts - expected) ** 2 / expected).sum()) < 16.266
+
+
+def test_speculation_with_tensor_parallelism_is_refused_clearly():
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
+        LLM(speculative_config=NGRAM, tensor_parallel_size=2)
