@@ -270,25 +270,27 @@ def run_one_step_behind(scheduler: Scheduler, model: TokenPoolModel) -> list[Seq
     return finished
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.integers(0, 2**32), st.floats(0.05, 1.5), st.integers(1, 16), st.integers(8, 64))
-def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs, budget):
+def twin_schedulers(seed, memory, max_seqs, budget, shared=0, stop_rate=0.5):
+    """Two schedulers over the same pool size, each given its own copy of 12 seeded requests (with a
+    shared prefix of `shared` tokens; some stop at token 7): for runs whose outputs must agree."""
+
     def requests():
         rng = random.Random(seed)
+        prefix = [rng.randint(0, 50) for _ in range(shared)]
         return [
             Sequence(
-                [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
+                prefix + [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
                 SamplingParams(
                     max_tokens=rng.randint(1, 25),
                     ignore_eos=True,
-                    stop_token_ids=[7] if rng.random() < 0.5 else [],
+                    stop_token_ids=[7] if rng.random() < stop_rate else [],
                 ),
             )
             for _ in range(12)
         ]
 
-    synced, behind = requests(), requests()
-    pool = tight_pool(synced, memory)
+    twins = requests(), requests()
+    pool = tight_pool(twins[0], memory)
     schedulers = [
         Scheduler(
             BlockManager(pool, block_size=BLOCK),
@@ -297,9 +299,16 @@ def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs
         )
         for _ in range(2)
     ]
-    for scheduler, seqs in zip(schedulers, (synced, behind)):
+    for scheduler, seqs in zip(schedulers, twins):
         for seq in seqs:
             scheduler.add(seq)
+    return schedulers, twins
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32), st.floats(0.05, 1.5), st.integers(1, 16), st.integers(8, 64))
+def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs, budget):
+    schedulers, (synced, behind) = twin_schedulers(seed, memory, max_seqs, budget)
     # a small vocabulary, so that the stop token 7 comes up; the model checks every step's description
     run_to_completion(schedulers[0], TokenPoolModel(schedulers[0], vocab_size=50).step)
     finished = run_one_step_behind(schedulers[1], TokenPoolModel(schedulers[1], vocab_size=50))
@@ -326,34 +335,9 @@ def test_speculative_tokens_keep_outputs_under_preemption_and_give_back_blocks(
 ):
     # Chapter 10's verification with the model stand-in: guesses that are right, then maybe wrong; outputs
     # must equal a run without guesses, under preemption, chunked prefill, prefix hits and stop tokens.
-    def requests():
-        rng = random.Random(seed)
-        prefix = [rng.randint(0, 50) for _ in range(8 if shared else 0)]
-        return [
-            Sequence(
-                prefix + [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
-                SamplingParams(
-                    max_tokens=rng.randint(1, 25),
-                    ignore_eos=True,
-                    stop_token_ids=[7] if rng.random() < 0.3 else [],
-                ),
-            )
-            for _ in range(12)
-        ]
-
-    plain, spec = requests(), requests()
-    pool = tight_pool(plain, memory)
-    schedulers = [
-        Scheduler(
-            BlockManager(pool, block_size=BLOCK),
-            max_num_seqs=max_seqs,
-            max_num_batched_tokens=budget,
-        )
-        for _ in range(2)
-    ]
-    for scheduler, seqs in zip(schedulers, (plain, spec)):
-        for seq in seqs:
-            scheduler.add(seq)
+    schedulers, (plain, spec) = twin_schedulers(
+        seed, memory, max_seqs, budget, shared=8 if shared else 0, stop_rate=0.3
+    )
     run_to_completion(schedulers[0], TokenPoolModel(schedulers[0], vocab_size=50).step)
     model, rng, verified = TokenPoolModel(schedulers[1], vocab_size=50), random.Random(seed), []
 
