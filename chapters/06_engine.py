@@ -1721,7 +1721,9 @@ class LLMEngine:
             new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
         outputs, stopped = self.output_processor.process(new_tokens)
         for seq_id in stopped:  # its text reached a stop string
-            if seq_id in self.scheduler.requests:  # (a later token of the step may have ended it too)
+            if (
+                seq_id in self.scheduler.requests
+            ):  # (a later token of the step may have ended it too)
                 self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
         return outputs
 
