@@ -278,20 +278,22 @@ def run_vllm(args) -> list[str]:
     for label, config in (("plain", None), ("ngram", spec_config(args, limit=False))):
         if config:
             config = {k: v for k, v in config.items() if v is not None}
-        llm = vllm.LLM(
-            model=str(path),
-            tokenizer=str(path.parent),
-            max_model_len=2048,
-            gpu_memory_utilization=0.4,
-            seed=0,
-            speculative_config=config,
-        )
+        try:  # vLLM reads the tokenizer from the GGUF file itself
+            llm = vllm.LLM(
+                model=str(path),
+                max_model_len=2048,
+                gpu_memory_utilization=0.4,
+                seed=0,
+                speculative_config=config,
+            )
+        except Exception as e:  # noqa: BLE001 - say why, and keep mini_infer's rows
+            return summary + [f"vLLM could not load the GGUF ({type(e).__name__}: {e}); skipped"]
         params = vllm.SamplingParams(temperature=0, max_tokens=256)
         for workload, prompts in (("rewrite", rewrite_prompts()), ("chat", chat_prompts())):
             llm.chat(prompts[0], params, use_tqdm=False)
             seconds, produced = 0.0, 0
             for prompt in prompts:
-                out, t = common.timed(llm.chat, prompt, params)
+                out, t = common.timed(llm.chat, prompt, params, False)  # no progress bar
                 seconds += t
                 produced += len(out[0].outputs[0].token_ids)
             row = {
