@@ -435,6 +435,23 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+    def grow(self, seq: SequenceLike, num_tokens: int) -> bool:
+        """Give seq blocks for its first num_tokens tokens, when that is more than its own (the speculative
+        tokens of Chapter 10). Returns False, changing nothing, when the free blocks do not suffice."""
+        needed = self.num_blocks_for(num_tokens) - len(seq.block_table)
+        if needed > self.num_free_blocks:
+            return False
+        seq.block_table += [self.pool.take_free() for _ in range(needed)]
+        return True
+
+    def free_tail(self, seq: SequenceLike, num_tokens: int) -> None:
+        """Release seq's blocks past those its first num_tokens tokens need: slots taken for speculative
+        tokens that were rejected (Chapter 10). They were never full of known tokens, so none is cached."""
+        keep = self.num_blocks_for(num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            self.pool.release(block_id)
+        del seq.block_table[keep:]
+
 
 # %% [markdown]
 # Let us watch it work, with blocks of 4 tokens so the tables stay short. A sequence here is any object

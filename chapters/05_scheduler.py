@@ -261,7 +261,8 @@ class Sequence:
     the first `num_computed_tokens` of the sequence's `num_tokens`; this step it runs on the next
     `num_scheduled_tokens` (a prompt chunk, or the newest token when decoding). An engine that runs one
     step ahead (Chapter 6) has launched steps whose sampled tokens the host has not seen yet: they count
-    in `num_tokens` as `num_pending_tokens`, and join `token_ids` when they arrive.
+    in `num_tokens` as `num_pending_tokens`, and join `token_ids` when they arrive. `spec_token_ids` are
+    guesses of its next tokens (Chapter 10) that its next step verifies, after its newest token.
     """
 
     _ids = itertools.count()
@@ -282,6 +283,9 @@ class Sequence:
         # means the runner does not know it (never scheduled, or preempted since)
         self.num_sent_tokens = 0
         self.num_sent_blocks = 0
+        # speculative tokens proposed for its next step (Chapter 10), and how many tokens the last step gave it
+        self.spec_token_ids: list[int] = []
+        self.num_new_tokens = 0
 
     def __repr__(self) -> str:
         return (
@@ -357,7 +361,8 @@ class Sequence:
 # blocks; a request that left (finished, aborted or preempted) is named once so the runner can forget it.
 # Each request's budget, `num_scheduled_tokens`, is enough to find its tokens: they start at its
 # `num_computed_tokens`. The order of that dictionary is the batch's order, in which the model returns one
-# token per request.
+# token per request. (Chapter 10 adds speculative tokens: a decoding request may carry guesses of
+# its next tokens, `scheduled_spec_decode_tokens`, that the step verifies, and gets a list of tokens back.)
 
 # %%
 #| export mini_infer.core.scheduler_output
@@ -398,7 +403,8 @@ class SchedulerOutput:
     """One step: which requests run, on how many tokens each, and what the runner must learn first.
 
     `num_scheduled_tokens` maps each scheduled request to its token budget; its order is the batch's
-    order, in which the runner returns one sampled token per request. `finished_req_ids` are requests
+    order, in which the runner returns one sampled token per request (a list of them for a request with
+    speculative tokens: Chapter 10). `finished_req_ids` are requests
     that left since the last step (finished, aborted or preempted): the runner drops what it kept of
     them. A request's tokens this step are its tokens [num_computed_tokens, num_computed_tokens +
     budget); a sampled token the host has not seen yet (one step ahead) is the runner's own latest
@@ -409,6 +415,11 @@ class SchedulerOutput:
     scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
     num_scheduled_tokens: dict[int, int] = field(default_factory=dict)
     finished_req_ids: set[int] = field(default_factory=set)
+    # speculative decoding (Chapter 10): the proposed tokens each such request's step verifies (they follow
+    # its newest token and count in its budget), and requests that gave back the blocks of rejected ones:
+    # how many blocks they keep
+    scheduled_spec_decode_tokens: dict[int, list[int]] = field(default_factory=dict)
+    num_kept_blocks: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -477,6 +488,9 @@ class Scheduler:
         self.requests: dict[int, Sequence] = {}  # every unfinished request, by seq_id
         # the runner knew them, and they left since the last step
         self.finished_req_ids: set[int] = set()
+        self.num_kept_blocks: dict[
+            int, int
+        ] = {}  # gave back blocks since the runner last heard of it
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -523,6 +537,8 @@ class Scheduler:
             # a new block only when its last one is full (then maybe preempting someone, or seq itself)
             if num_tokens > len(seq.block_table) * block_size and not self._make_room(seq):
                 continue
+            if seq.spec_token_ids:
+                self._fit_drafts(seq, budget)
             budget -= self._schedule(seq, budget, output)
         # Static batching forms a whole batch at once (its prompts then run chunk by chunk), and only
         # when the last batch has finished.
@@ -548,16 +564,41 @@ class Scheduler:
                 budget -= self._schedule(seq, budget, output)
         if output.num_scheduled_tokens:  # the runner hears of finished requests with its next step
             output.finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+            output.num_kept_blocks, self.num_kept_blocks = self.num_kept_blocks, {}
         return output
+
+    def _fit_drafts(self, seq: Sequence, budget: int) -> None:
+        """Shorten seq's speculative tokens (Chapter 10) to what this step's budget, its max_tokens and
+        max_model_len leave room for, and take KV slots for them. A guess never costs anyone their place:
+        it takes blocks only while one stays free for each running request. Only a decoding request whose
+        newest token the host knows verifies."""
+        num_tokens, bm = seq.num_tokens, self.block_manager
+        k = min(
+            len(seq.spec_token_ids),
+            budget - 1,
+            self.max_model_len - num_tokens - 1,
+            (seq.params.max_tokens or self.max_model_len)
+            - (num_tokens - seq.num_prompt_tokens)
+            - 1,
+        )
+        decoding = seq.num_computed_tokens == num_tokens - 1 and not seq.num_pending_tokens
+        if k >= 1 and decoding:
+            needed = bm.num_blocks_for(num_tokens + k) - len(seq.block_table)
+            if needed and bm.num_free_blocks - needed < len(self.running):
+                k = 0
+            else:
+                bm.grow(seq, num_tokens + k)
+        del seq.spec_token_ids[max(k, 0) if decoding else 0 :]
 
     def _schedule(self, seq: Sequence, budget: int, output: SchedulerOutput) -> int:
         """Put seq in the step with a chunk of at most budget tokens, and what the runner does not know of it
         yet. Returns the chunk's size."""
         tokens, blocks = seq.token_ids, seq.block_table
-        n = seq.num_scheduled_tokens = min(
-            len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget
-        )
-        output.num_scheduled_tokens[seq.seq_id] = n
+        n = min(len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget)
+        if seq.spec_token_ids:  # verified after its newest token (Chapter 10)
+            output.scheduled_spec_decode_tokens[seq.seq_id] = seq.spec_token_ids
+            n += len(seq.spec_token_ids)
+        seq.num_scheduled_tokens = output.num_scheduled_tokens[seq.seq_id] = n
         if seq.num_sent_tokens == 0:
             output.scheduled_new_reqs.append(
                 NewRequestData(
@@ -593,6 +634,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.spec_token_ids = []
         self._forget(seq)  # it comes back to the runner as a new request
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -602,8 +644,11 @@ class Scheduler:
         if seq.num_sent_tokens:
             self.finished_req_ids.add(seq.seq_id)
         seq.num_sent_tokens = seq.num_sent_blocks = 0
+        self.num_kept_blocks.pop(seq.seq_id, None)
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+    def update(
+        self, output: SchedulerOutput, sampled_token_ids: list[int | list[int]]
+    ) -> list[Sequence]:
         """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
         return self.record(output, self.advance(output), sampled_token_ids)
 
@@ -616,16 +661,20 @@ class Scheduler:
             seq = self.requests[seq_id]
             seq.num_computed_tokens += n
             seq.num_scheduled_tokens = 0
-            samples.append(seq.num_computed_tokens == seq.num_tokens)
+            samples.append(seq.num_computed_tokens >= seq.num_tokens)  # > with speculative tokens
             seq.num_pending_tokens += samples[-1]
         return samples
 
     def record(
-        self, output: SchedulerOutput, samples: list[bool], sampled_token_ids: list[int]
+        self,
+        output: SchedulerOutput,
+        samples: list[bool],
+        sampled_token_ids: list[int | list[int]],
     ) -> list[Sequence]:
         """A launched step's tokens arrived: append each request's token, cache its computed full blocks, and
-        retire the requests that finished (freeing their blocks at once). Returns the requests that got a
-        token, in the batch's order (the finished ones among them have their finish_reason)."""
+        retire the requests that finished (freeing their blocks at once). A request that verified speculative
+        tokens gets a list of tokens (see `_record_verified`). Returns the requests that got tokens, in the
+        batch's order, each with its `num_new_tokens` (the finished ones have their finish_reason)."""
         got_token = []
         for seq_id, sampled, token in zip(
             output.num_scheduled_tokens, samples, sampled_token_ids, strict=True
@@ -635,18 +684,44 @@ class Scheduler:
                 seq is None
             ):  # finished (stopped or aborted) after this step was launched: the token is void
                 continue
-            if sampled:
+            reason = None
+            if type(token) is list:
+                reason = self._record_verified(
+                    seq, output.scheduled_spec_decode_tokens[seq_id], token
+                )
+                got_token.append(seq)
+            elif sampled:
                 seq.token_ids.append(token)
                 seq.num_pending_tokens -= 1
+                seq.num_new_tokens = 1
                 got_token.append(seq)
+                reason = self._finish_reason(seq, token)
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_computed(
                     seq, min(seq.num_computed_tokens, len(seq.token_ids))
                 )
-            reason = self._finish_reason(seq, token) if sampled else None
             if reason:
                 self.finish(seq, reason)
         return got_token
+
+    def _record_verified(self, seq: Sequence, drafts: list[int], tokens: list[int]) -> str | None:
+        """Chapter 10: the step computed K/V for seq's newest token and its drafts, and returned the accepted
+        drafts and one token more. Only the accepted ones count as computed; the blocks that only rejected
+        ones used go back. Tokens are appended one at a time, stopping at the first that ends seq."""
+        seq.num_pending_tokens -= 1
+        seq.num_computed_tokens -= len(drafts) + 1 - len(tokens)
+        seq.spec_token_ids = []
+        reason, n = None, 0
+        for n, token in enumerate(tokens, 1):
+            seq.token_ids.append(token)
+            if reason := self._finish_reason(seq, token):
+                break
+        seq.num_new_tokens = n
+        if not reason:
+            self.block_manager.free_tail(seq, len(seq.token_ids))
+            if seq.num_sent_blocks > len(seq.block_table):  # the runner must forget them too
+                seq.num_sent_blocks = self.num_kept_blocks[seq.seq_id] = len(seq.block_table)
+        return reason
 
     def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether num_tokens tokens of seq reach its max_tokens or max_model_len."""
@@ -736,7 +811,11 @@ class TokenPoolModel:
     It writes each scheduled token into its KV slot, then reads every request's whole context back through
     its block table, as the real model's attention does, and asserts it equals the request's tokens. The
     next token is a hash of that context, so outputs depend on everything before them. A token the host
-    has not seen yet (an engine that runs one step ahead) is, as in the real runner, its own last sample."""
+    has not seen yet (an engine that runs one step ahead) is, as in the real runner, its own last sample.
+    Speculative tokens (Chapter 10) are written and read after the request's newest token, and verified as
+    greedy decoding does: each is accepted while it equals the hash of the context before it, and the
+    request gets the accepted ones and one token more. `drafts(token_ids, k)` gives the k tokens that
+    would be accepted (a perfect proposer, for tests to corrupt)."""
 
     def __init__(self, scheduler: Scheduler, vocab_size: int = 50_000):
         bm = scheduler.block_manager
@@ -753,6 +832,8 @@ class TokenPoolModel:
     def step(self, output: SchedulerOutput) -> list[int]:
         for req_id in output.finished_req_ids:
             del self.requests[req_id]
+        for req_id, num_blocks in output.num_kept_blocks.items():
+            del self.requests[req_id][1][num_blocks:]
         for new in output.scheduled_new_reqs:
             self.requests[new.req_id] = (
                 new.prompt_token_ids + new.output_token_ids,
@@ -760,7 +841,7 @@ class TokenPoolModel:
             )
         cached = output.scheduled_cached_reqs
         for req_id, tokens, blocks in zip(
-            cached.req_ids, cached.new_token_ids, cached.new_block_ids
+            cached.req_ids, cached.new_token_ids, cached.new_block_ids, strict=True
         ):
             self.requests[req_id][0].extend(tokens)
             self.requests[req_id][1].extend(blocks)
@@ -777,9 +858,11 @@ class TokenPoolModel:
                 f"{seq}: the runner's copy went wrong"
             )
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            if end > len(
-                tokens
-            ):  # at most the newest token is still on its way: our last sample for it
+            drafts = output.scheduled_spec_decode_tokens.get(req_id, [])
+            if drafts:  # the newest token, then the guesses
+                assert end == len(tokens) + len(drafts), f"{seq}: drafts not after its newest token"
+                tokens = tokens + drafts
+            elif end > len(tokens):  # at most the newest token is still on its way: our last sample
                 assert end == len(tokens) + 1, f"{seq}: more than one token missing"
                 tokens = tokens + [self.last_sampled[req_id]]
             for pos in range(start, end):
@@ -793,18 +876,41 @@ class TokenPoolModel:
             block_ids = self.requests[req_id][1]
             context = [self.pool[self._slot(block_ids, pos)] for pos in range(len(expected))]
             assert context == expected, f"request {req_id} read K/V that is not its own"
-            digest = hashlib.sha256(array("q", context).tobytes()).digest()
-            sampled.append(int.from_bytes(digest[:8], "little") % self.vocab_size)
-            self.last_sampled[req_id] = sampled[-1]
+            drafts = output.scheduled_spec_decode_tokens.get(req_id)
+            if drafts:
+                tokens = [self.next_token(context[: len(context) - len(drafts)])]
+                while len(tokens) <= len(drafts) and tokens[-1] == drafts[len(tokens) - 1]:
+                    tokens.append(
+                        self.next_token(context[: len(context) - len(drafts) + len(tokens)])
+                    )
+                sampled.append(tokens)
+            else:
+                sampled.append(self.next_token(context))
+                self.last_sampled[req_id] = sampled[-1]
         return sampled
 
+    def next_token(self, context: list[int]) -> int:
+        digest = hashlib.sha256(array("q", context).tobytes()).digest()
+        return int.from_bytes(digest[:8], "little") % self.vocab_size
 
-def run_to_completion(scheduler: Scheduler, model_step, on_step=None) -> list[Sequence]:
+    def drafts(self, token_ids: list[int], k: int) -> list[int]:
+        context = list(token_ids)
+        for _ in range(k):
+            context.append(self.next_token(context))
+        return context[len(token_ids) :]
+
+
+def run_to_completion(
+    scheduler: Scheduler, model_step, on_step=None, propose=None
+) -> list[Sequence]:
     """Step until every request has finished; return them in the order they finished.
     `model_step(scheduler_output)` returns one sampled token per scheduled request; `on_step(scheduler_output)`
-    is called with each step, e.g. to record occupancy."""
+    is called with each step, e.g. to record occupancy; `propose(seq)`, before each step, gives a running
+    request's speculative tokens (Chapter 10)."""
     finished = []
     while scheduler.has_unfinished():
+        for seq in scheduler.running if propose else ():
+            seq.spec_token_ids = propose(seq)
         output = scheduler.schedule()
         if not output.num_scheduled_tokens:
             raise RuntimeError("the scheduler could run no request although some are unfinished")

@@ -241,7 +241,8 @@ class SamplingBatch:
 
 @dataclass
 class SamplerOutput:
-    """token_ids [B] int64. For the rows that asked for log-probabilities (`logprob_rows`, R of them):
+    """token_ids [B] int64 ([B, 1 + K] after verifying speculative tokens: Chapter 10). For the rows that
+    asked for log-probabilities (`logprob_rows`, R of them):
     logprobs [R, 1 + K] float32 and logprob_token_ids [R, 1 + K] int64, column 0 the sampled token and then
     the K most likely (K the most any row asked for), and ranks [R] int64, the sampled token's rank (1 =
     most likely). Log-probabilities are those of the model's logits, before penalties and temperature."""
@@ -251,6 +252,7 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None
     logprob_token_ids: torch.Tensor | None = None
     ranks: torch.Tensor | None = None
+    spec_rows: frozenset[int] = frozenset()  # rows that verified speculative tokens (Chapter 10)
 
 
 class Sampler:
@@ -525,6 +527,10 @@ class PagedAttention:
 # at step N (an end-of-sequence token, or a stop string in its text) has then computed one token too
 # many; `record` drops it.
 #
+# Chapter 10's speculative tokens ride on the same path: the runner packs a request's drafts after its
+# newest token, runs them through the prefill/mixed forward, and verifies them against the logits at every
+# one of those positions.
+#
 # Before any of that, the runner sizes the KV pool: it runs one forward pass of the largest step to see
 # the activations' peak, then gives the KV cache `gpu_memory_utilization` of the GPU minus the weights
 # and that peak (on the CPU, a fixed byte budget).
@@ -544,6 +550,7 @@ import torch
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
 from mini_infer.layers.attention import AttentionMetadata, PagedAttention
+from mini_infer.layers.rejection_sampler import RejectionSampler
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch, top_logprobs
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 from mini_infer.sampling_params import SamplingParams
@@ -571,12 +578,20 @@ class SampledTokens:
             self.ready.record()
         self.tokens, self._logprobs, self._logprob_ids, self._ranks = tensors
         self.logprob_rows = output.logprob_rows
+        self.spec_rows = output.spec_rows
         self._prompt_logprobs = prompt_logprobs
 
-    def tolist(self) -> list[int]:
+    def tolist(self) -> list[int | list[int]]:
+        """One token per request; a list of tokens for a request that verified speculative ones (Chapter 10:
+        then `tokens` is [B, 1 + K], -1 past each request's tokens)."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.tokens.tolist()
+        if self.tokens.ndim == 1:
+            return self.tokens.tolist()
+        return [
+            [t for t in row if t >= 0] if i in self.spec_rows else row[0]
+            for i, row in enumerate(self.tokens.tolist())
+        ]
 
     def logprobs(self) -> dict[int, tuple[list[int], list[float], int]]:
         """For each row that asked: (token ids, their logprobs, the sampled token's rank); the sampled token
@@ -688,6 +703,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler(eos_token_ids, seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)  # Chapter 10
         self.requests: dict[int, CachedRequestState] = {}
         # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
@@ -755,6 +771,8 @@ class ModelRunner:
         """Learn what changed since the last step: requests that left, new ones, new tokens and blocks."""
         for req_id in scheduler_output.finished_req_ids:
             self.free_rows.append(self.requests.pop(req_id).row)
+        for req_id, num_blocks in scheduler_output.num_kept_blocks.items():  # Chapter 10
+            self.requests[req_id].num_blocks = num_blocks
         for new in scheduler_output.scheduled_new_reqs:
             row, num_blocks = self.free_rows.pop(), len(new.block_ids)
             self.block_table[row, :num_blocks] = new.block_ids
@@ -801,14 +819,18 @@ class ModelRunner:
         row = np.repeat(np.arange(n), counts)
         positions = np.arange(cu_seqlens[-1]) - cu_seqlens[row] + starts[row]
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
-        known = positions < known_ends[row]
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        # speculative tokens (Chapter 10) follow a request's newest token
+        drafts = [spec.get(i, ()) for i in scheduler_output.num_scheduled_tokens] if spec else None
+        num_known = known_ends + np.fromiter(map(len, drafts), np.int64, n) if spec else known_ends
+        known = positions < num_known[row]
         ids = np.zeros(len(positions), np.int64)
-        ids[known] = np.fromiter(
-            itertools.chain.from_iterable(
-                r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())
-            ),
-            np.int64,
+        known_ids = (
+            r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())
         )
+        if spec:
+            known_ids = (ids + list(d) for ids, d in zip(known_ids, drafts))
+        ids[known] = np.fromiter(itertools.chain.from_iterable(known_ids), np.int64)
         decode = len(positions) == n
         metadata = AttentionMetadata(
             slot_mapping=to_device(slots, self.device),
@@ -843,7 +865,7 @@ class ModelRunner:
         size = None if decode else smallest_holding(self.mixed_graphs, num_tokens)
         if bs is not None:
             hidden = self._replay(self.graphs[bs], bs, bs, step)[: len(reqs)]
-        else:
+        else:  # a prompt, or speculative tokens to verify: the same forward (Chapter 10)
             if size is not None:
                 all_hidden = self._replay(
                     self.mixed_graphs[size], size, min(size, self.max_num_seqs), step
@@ -851,10 +873,17 @@ class ModelRunner:
             else:
                 self.attn.metadata = step.metadata
                 all_hidden = self.model(step.input_ids, step.positions, self.attn)
-            hidden = all_hidden[step.last_rows]
+            spec = scheduler_output.scheduled_spec_decode_tokens
+            req_ids = list(scheduler_output.num_scheduled_tokens)
+            hidden = all_hidden[self.verify_rows(step, spec, req_ids) if spec else step.last_rows]
         logits = self.model.compute_logits(hidden)
-        output = self.sampler(logits, self.sampling_batch(step))
-        self.last_sampled = output.token_ids
+        if scheduler_output.scheduled_spec_decode_tokens:
+            output = self.verify(logits, step, scheduler_output)
+        else:
+            output = self.sampler(logits, self.sampling_batch(step))
+        self.last_sampled = (
+            output.token_ids
+        )  # (a verifying engine is not one step ahead: Chapter 10)
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
@@ -865,6 +894,52 @@ class ModelRunner:
             k = reqs[i].params.prompt_logprobs
             prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
         return SampledTokens(output, prompt_logprobs)
+
+    def verify_rows(
+        self, step: StepInputs, spec: dict[int, list[int]], req_ids: list[int]
+    ) -> torch.Tensor:
+        """Chapter 10: the rows whose logits a step with speculative tokens needs: for each request its last
+        row, and before it one row per speculative token (its newest token's, then each draft's but the last)."""
+        k = np.fromiter((len(spec.get(r, ())) for r in req_ids), np.int64)
+        n_rows = k + 1
+        first = np.repeat(step.cu_seqlens[1:] - n_rows, n_rows)
+        offsets = np.arange(n_rows.sum()) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+        return to_device(first + offsets, self.device)
+
+    def verify(
+        self, logits: torch.Tensor, step: StepInputs, scheduler_output: SchedulerOutput
+    ) -> SamplerOutput:
+        """Chapter 10: the rejection sampler takes the requests with speculative tokens (their rows of
+        `verify_rows`) and the sampler the others. token_ids [B, 1 + K], -1 past a request's tokens."""
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        k = np.fromiter((len(spec.get(r, ())) for r in req_ids), np.int64)
+        first_row = np.cumsum(k + 1) - (k + 1)
+        is_spec = k > 0
+        plain, verified = np.flatnonzero(~is_spec), np.flatnonzero(is_spec)
+        out = torch.full((len(k), 1 + int(k.max())), -1, dtype=torch.long, device=self.device)
+        logprob_rows, logprobs = [], ()
+        if len(plain):
+            batch = self.sampling_batch(step)
+            sub = SamplingBatch(
+                *([getattr(batch, f)[i] for i in plain] for f in ("params", "positions")),
+                [batch.num_prompt_tokens[i] for i in plain],
+                [batch.histories[i] for i in plain],
+                None if batch.pending is None else batch.pending[to_device(plain, self.device)],
+            )
+            sampled = self.sampler(logits[to_device(first_row[plain], self.device)], sub)
+            out[to_device(plain, self.device), 0] = sampled.token_ids
+            logprob_rows = [int(plain[i]) for i in sampled.logprob_rows]
+            logprobs = (sampled.logprobs, sampled.logprob_token_ids, sampled.ranks)
+        rows = np.concatenate([first_row[i] + np.arange(k[i] + 1) for i in verified])
+        accepted = self.rejection_sampler(
+            logits[to_device(rows, self.device)],
+            [spec[req_ids[i]] for i in verified],
+            [step.reqs[i].params for i in verified],
+            (step.ends[verified] - k[verified]).tolist(),
+        )
+        out[to_device(verified, self.device), : accepted.shape[1]] = accepted
+        return SamplerOutput(out, logprob_rows, *logprobs, spec_rows=frozenset(verified.tolist()))
 
     def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
         """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
@@ -1360,12 +1435,17 @@ class OutputProcessor:
     def process(
         self, new_tokens: list[tuple[int, int, str | None, LogprobEntry | None]]
     ) -> tuple[list[RequestOutput], list[int]]:
-        """Take one step's (sequence id, new token, finish reason or None, logprobs or None) tuples. Returns
+        """Take one step's (sequence id, new token, finish reason or None, logprobs or None) tuples, a sequence's
+        tokens in order (a step gives several with speculative decoding, Chapter 10). Returns
         the outputs that are due, one per request, and the sequences whose text just reached a stop string
         (the engine must end them: their finish reason here is "stop")."""
         touched: dict[str, RequestState] = {}
         stopped = []
         for seq_id, token, finish_reason, logprobs in new_tokens:
+            if (
+                seq_id not in self.sample_of
+            ):  # it reached a stop string at an earlier token of this step
+                continue
             state, sample = self.sample_of[seq_id]
             params = state.request.sampling_params
             sample.token_ids.append(token)
@@ -1494,6 +1574,8 @@ class OutputProcessor:
 #| export mini_infer.engine.llm_engine
 """The engine loop: requests in, one scheduled step at a time through the model, outputs out."""
 
+import warnings
+
 import torch
 
 from mini_infer.core.scheduler import Scheduler
@@ -1505,6 +1587,8 @@ from mini_infer.loader import load_model
 from mini_infer.memory.block_manager import BlockManager
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import SamplingParams
+from mini_infer.spec_decode.config import SpecDecodingMetrics, SpeculativeConfig
+from mini_infer.spec_decode.ngram_proposer import NgramProposer
 from mini_infer.worker.model_runner import ModelRunner
 
 
@@ -1538,7 +1622,9 @@ class LLMEngine:
     `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
     `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9). `seed` seeds the
     sampling of requests that have no seed of their own, so that a run repeats (None: fresh each run).
-    Requests come in through `add_request` (checked once, by the `InputProcessor`), their outputs come out
+    `speculative_config` (vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}) switches on
+    speculative decoding (Chapter 10); it makes scheduling synchronous, and `spec_decode_metrics` counts
+    what was proposed and accepted. Requests come in through `add_request` (checked once, by the `InputProcessor`), their outputs come out
     of `step()` (made by the `OutputProcessor`) as their `SamplingParams.output_kind` asks.
     """
 
@@ -1560,11 +1646,15 @@ class LLMEngine:
         async_scheduling: bool | None = None,
         tensor_parallel_size: int = 1,
         seed: int | None = None,
+        speculative_config: dict | SpeculativeConfig | None = None,
     ):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
+        self.speculative_config = SpeculativeConfig.from_dict(speculative_config)  # Chapter 10
+        if self.speculative_config and tensor_parallel_size > 1:
+            raise ValueError("speculative_config does not work with tensor_parallel_size > 1 yet")
         device = torch.device(device) if device is not None else default_device()
         if device.type == "cpu":
             set_cpu_threads()  # a few threads, unless the user chose (Chapter 1 says why)
@@ -1605,6 +1695,18 @@ class LLMEngine:
         self.async_scheduling = (
             self.device.type == "cuda" if async_scheduling is None else async_scheduling
         )
+        self.proposer, self.spec_decode_metrics = None, None
+        if self.speculative_config:  # Chapter 10: drafts are proposed from tokens the host has seen
+            if async_scheduling:
+                warnings.warn(
+                    "speculative decoding runs with synchronous scheduling: async_scheduling is off",
+                    stacklevel=2,
+                )
+            self.async_scheduling = False
+            self.proposer = NgramProposer(self.speculative_config)
+            self.spec_decode_metrics = SpecDecodingMetrics(
+                self.speculative_config.num_speculative_tokens
+            )
         self.in_flight = None  # (scheduler output, which requests sample, their tokens-to-be) of the launched step
         self.scheduler = Scheduler(
             BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
@@ -1654,6 +1756,8 @@ class LLMEngine:
 
         With async scheduling the step is launched, then the previous step's tokens are recorded while
         the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
+        if self.proposer:  # Chapter 10
+            self.propose_drafts()
         scheduler_output, launched = self.scheduler.schedule(), None
         if scheduler_output.num_scheduled_tokens:
             tokens = self.runner.execute_model(scheduler_output)
@@ -1664,8 +1768,11 @@ class LLMEngine:
         if done is None:
             return []
         scheduler_output, samples, tokens = done
-        got_token = self.scheduler.record(scheduler_output, samples, tokens.tolist())
-        self.num_generated_tokens += len(got_token)
+        sampled = tokens.tolist()
+        if scheduler_output.scheduled_spec_decode_tokens:
+            self.spec_decode_metrics.observe(scheduler_output, sampled)
+        got_token = self.scheduler.record(scheduler_output, samples, sampled)
+        self.num_generated_tokens += sum(s.num_new_tokens for s in got_token)
         req_ids = list(scheduler_output.num_scheduled_tokens)
         for row, (
             first,
@@ -1674,12 +1781,36 @@ class LLMEngine:
             self.output_processor.add_prompt_logprobs(req_ids[row], first, entries)
         by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
         by_seq = {seq_id: by_row.get(i) for i, seq_id in enumerate(req_ids)} if by_row else {}
-        outputs, stopped = self.output_processor.process(
-            [(s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)) for s in got_token]
-        )
+        new_tokens = []
+        for s in got_token:
+            for token in s.token_ids[len(s.token_ids) - s.num_new_tokens : -1]:  # Chapter 10's
+                new_tokens.append((s.seq_id, token, None, None))
+            new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
+        outputs, stopped = self.output_processor.process(new_tokens)
         for seq_id in stopped:  # its text reached a stop string
-            self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
+            if (
+                seq_id in self.scheduler.requests
+            ):  # (a later token of the step may have ended it too)
+                self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
         return outputs
+
+    def propose_drafts(self) -> None:
+        """Chapter 10: speculative tokens for each decoding request, unless the batch is over the config's
+        `disable_by_batch_size`. Requests that ask for logprobs or penalties, or that have not reached their
+        min_tokens, do not speculate (their tokens would need the sampler's processing at every position)."""
+        running, limit = self.scheduler.running, self.speculative_config.disable_by_batch_size
+        if limit is not None and len(running) > limit:
+            self.spec_decode_metrics.num_steps_over_batch_size += 1
+            return
+        for seq in running:
+            p = seq.params
+            if (
+                seq.num_computed_tokens == len(seq.token_ids) - 1
+                and p.logprobs is None
+                and not p.penalized
+                and seq.num_output_tokens >= p.min_tokens
+            ):
+                seq.spec_token_ids = self.proposer.propose(seq)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -1766,6 +1897,11 @@ class LLM:
         self.request_counter = itertools.count()
         # streams' outputs, made while another caller stepped
         self.unread: dict[str, list[RequestOutput]] = {}
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine, under vLLM's name (e.g. `llm.llm_engine.spec_decode_metrics`, Chapter 10)."""
+        return self.engine
 
     def get_tokenizer(self):
         return self.engine.get_tokenizer()

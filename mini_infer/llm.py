@@ -49,6 +49,11 @@ class LLM:
         # streams' outputs, made while another caller stepped
         self.unread: dict[str, list[RequestOutput]] = {}
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine, under vLLM's name (e.g. `llm.llm_engine.spec_decode_metrics`, Chapter 10)."""
+        return self.engine
+
     def get_tokenizer(self):
         return self.engine.get_tokenizer()
 

@@ -32,6 +32,7 @@ CHAPTER_OF_TEST_FILE = {
     "test_benchmarks.py": 7,
     "test_serve.py": 8,
     "test_tensor_parallel.py": 9,
+    "test_spec_decode.py": 10,
 }
 CHAPTERS = 10  # the marks registered below: chapter1 ... chapter10
 

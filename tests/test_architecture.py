@@ -19,6 +19,7 @@ LAYERS = {
     "worker": 3,
     "testing": 3,
     "core": 2,
+    "spec_decode": 2,
     "layers": 2,
     "loader": 2,
     "memory": 1,

@@ -435,3 +435,32 @@ def test_tp_report_compares_one_machine(tmp_path, monkeypatch):
     assert "a decode step's 65: 0.52 ms" in text and "machine abcd1234" in text
     tp_report.plot(found, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_spec_decode_benchmark_exits_cleanly_without_a_gpu():
+    result = run(sys.executable, "benchmarks/benchmark_spec_decode.py")
+    assert result.returncode == 0, result.stderr
+    assert "benchmark_spec_decode.py measures a GPU; none is visible here." in result.stdout
+
+
+@pytest.mark.slow
+def test_spec_decode_benchmark_runs_on_the_cpu_at_tiny_sizes(tmp_path):
+    out = tmp_path / "spec_decode.jsonl"
+    result = run(
+        sys.executable,
+        "benchmarks/benchmark_spec_decode.py",
+        "--smoke",
+        "--only",
+        "rewrite",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["workload"], r["setting"]) for r in rows] == [
+        ("rewrite", "plain"),
+        ("rewrite", "ngram"),
+    ]
+    assert all(r["device"] and r["date"] and r["torch"] for r in rows)
+    assert rows[1]["spec_decode_metrics"]["num_accepted_tokens"] > 0
+    assert "speedup" in result.stdout and "same tokens: True" in result.stdout

@@ -513,22 +513,35 @@ class EagerGraph:
         EagerGraph.replayed.append(self.tokens)
 
 
+GRAPH_TEST_MODEL = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+)
+
+
+def stand_in_graphs(llm, monkeypatch, max_num_seqs: int = 4, max_num_batched_tokens: int = 48):
+    """Give a CPU engine's runner EagerGraph stand-ins for every graph a GPU would capture."""
+    from mini_infer.worker.model_runner import ModelRunner
+
+    monkeypatch.setattr(
+        ModelRunner, "_capture", lambda self, tokens, pool: EagerGraph(self, tokens)
+    )
+    runner = llm.engine.runner
+    runner._capture_graphs(max_num_seqs, max_num_batched_tokens)
+    return runner
+
+
 def test_graph_replays_with_padding_give_the_eager_tokens(monkeypatch):
     """What a GPU does with CUDA graphs, checked on the CPU: the runner's static buffers, the choice of a
     decode or a mixed graph, and the padding of tokens and sequences. Every step replays a graph (chunked
     prompts beside decoding requests, then pure decode), and the tokens equal the eager run's."""
-    from mini_infer.worker.model_runner import ModelRunner
-
-    config = dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-    )
+    config = GRAPH_TEST_MODEL
     generator = torch.Generator().manual_seed(5)
     prompts = [
         torch.randint(0, 256, (n,), generator=generator).tolist() for n in (5, 19, 40, 70, 3)
@@ -538,11 +551,7 @@ def test_graph_replays_with_padding_give_the_eager_tokens(monkeypatch):
     eager = LLM(config, max_num_seqs=4, max_num_batched_tokens=48, seed=0, **args)
     expected = token_ids(eager.generate(prompts, params, use_tqdm=False))
     graphed = LLM(config, max_num_seqs=4, max_num_batched_tokens=48, seed=0, **args)
-    monkeypatch.setattr(
-        ModelRunner, "_capture", lambda self, tokens, pool: EagerGraph(self, tokens)
-    )
-    runner = graphed.engine.runner
-    runner._capture_graphs(4, 48)
+    runner = stand_in_graphs(graphed, monkeypatch)
     assert sorted(runner.graphs) == [1, 2, 4] and sorted(runner.mixed_graphs) == [16, 32, 48]
     steps = []
     execute = runner.execute_model
@@ -558,3 +567,27 @@ def test_graph_replays_with_padding_give_the_eager_tokens(monkeypatch):
         else min(n for n in (1, 2, 4) if n >= len(s.num_scheduled_tokens))
         for s, is_mixed in zip(steps, mixed)
     ]
+
+
+def test_verification_steps_replay_the_mixed_graphs(monkeypatch):
+    """Chapter 10's verification steps (a request's newest token and its drafts) replay the graphs of mixed
+    steps, and give the eager run's greedy tokens."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    prompts = [list(range(10, 20)) * 3 + [10, 11], [5, 6, 7, 8] * 6, [40, 41, 42] * 5 + [40]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    args = dict(load_format="dummy", device="cpu", dtype="float32", max_model_len=192, seed=0)
+    args.update(max_num_seqs=4, max_num_batched_tokens=48, speculative_config=spec)
+    expected = token_ids(LLM(GRAPH_TEST_MODEL, **args).generate(prompts, params, use_tqdm=False))
+    graphed = LLM(GRAPH_TEST_MODEL, **args)
+    stand_in_graphs(graphed, monkeypatch)
+    EagerGraph.replayed = []
+    steps = []
+    execute = graphed.engine.runner.execute_model
+    monkeypatch.setattr(
+        graphed.engine.runner, "execute_model", lambda out: steps.append(out) or execute(out)
+    )
+    assert token_ids(graphed.generate(prompts, params, use_tqdm=False)) == expected
+    assert graphed.llm_engine.spec_decode_metrics.num_accepted_tokens > 0
+    assert len(EagerGraph.replayed) == len(
+        steps
+    )  # every step, verification included, replayed a graph

@@ -270,25 +270,27 @@ def run_one_step_behind(scheduler: Scheduler, model: TokenPoolModel) -> list[Seq
     return finished
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.integers(0, 2**32), st.floats(0.05, 1.5), st.integers(1, 16), st.integers(8, 64))
-def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs, budget):
+def twin_schedulers(seed, memory, max_seqs, budget, shared=0, stop_rate=0.5):
+    """Two schedulers over the same pool size, each given its own copy of 12 seeded requests (with a
+    shared prefix of `shared` tokens; some stop at token 7): for runs whose outputs must agree."""
+
     def requests():
         rng = random.Random(seed)
+        prefix = [rng.randint(0, 50) for _ in range(shared)]
         return [
             Sequence(
-                [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
+                prefix + [rng.randint(0, 50) for _ in range(rng.randint(1, 30))],
                 SamplingParams(
                     max_tokens=rng.randint(1, 25),
                     ignore_eos=True,
-                    stop_token_ids=[7] if rng.random() < 0.5 else [],
+                    stop_token_ids=[7] if rng.random() < stop_rate else [],
                 ),
             )
             for _ in range(12)
         ]
 
-    synced, behind = requests(), requests()
-    pool = tight_pool(synced, memory)
+    twins = requests(), requests()
+    pool = tight_pool(twins[0], memory)
     schedulers = [
         Scheduler(
             BlockManager(pool, block_size=BLOCK),
@@ -297,9 +299,16 @@ def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs
         )
         for _ in range(2)
     ]
-    for scheduler, seqs in zip(schedulers, (synced, behind)):
+    for scheduler, seqs in zip(schedulers, twins):
         for seq in seqs:
             scheduler.add(seq)
+    return schedulers, twins
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32), st.floats(0.05, 1.5), st.integers(1, 16), st.integers(8, 64))
+def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs, budget):
+    schedulers, (synced, behind) = twin_schedulers(seed, memory, max_seqs, budget)
     # a small vocabulary, so that the stop token 7 comes up; the model checks every step's description
     run_to_completion(schedulers[0], TokenPoolModel(schedulers[0], vocab_size=50).step)
     finished = run_one_step_behind(schedulers[1], TokenPoolModel(schedulers[1], vocab_size=50))
@@ -311,6 +320,72 @@ def test_recording_one_step_behind_gives_the_same_outputs(seed, memory, max_seqs
     assert all(s.num_pending_tokens == 0 for s in behind)
     bm = schedulers[1].block_manager
     assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.pool.blocks)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32),
+    st.floats(0.05, 1.5),
+    st.integers(1, 16),
+    st.integers(8, 64),
+    st.booleans(),
+)
+def test_speculative_tokens_keep_outputs_under_preemption_and_give_back_blocks(
+    seed, memory, max_seqs, budget, shared
+):
+    # Chapter 10's verification with the model stand-in: guesses that are right, then maybe wrong; outputs
+    # must equal a run without guesses, under preemption, chunked prefill, prefix hits and stop tokens.
+    schedulers, (plain, spec) = twin_schedulers(
+        seed, memory, max_seqs, budget, shared=8 if shared else 0, stop_rate=0.3
+    )
+    run_to_completion(schedulers[0], TokenPoolModel(schedulers[0], vocab_size=50).step)
+    model, rng, verified = TokenPoolModel(schedulers[1], vocab_size=50), random.Random(seed), []
+
+    def propose(seq):
+        drafts = model.drafts(seq.token_ids, rng.randint(0, 6))
+        if drafts and rng.random() < 0.5:  # one wrong guess
+            drafts[rng.randrange(len(drafts))] += 1
+        return drafts
+
+    finished = run_to_completion(
+        schedulers[1],
+        model.step,
+        propose=propose,
+        on_step=lambda out: verified.extend(map(len, out.scheduled_spec_decode_tokens.values())),
+    )
+    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in spec)
+    assert [(s.output_token_ids, s.finish_reason) for s in spec] == [
+        (s.output_token_ids, s.finish_reason) for s in plain
+    ]
+    assert sum(verified) > 0
+    assert all(s.num_output_tokens <= s.params.max_tokens for s in spec)
+    bm = schedulers[1].block_manager
+    assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.pool.blocks)
+
+
+def test_drafts_fit_the_budget_and_max_tokens_and_rejected_blocks_go_back():
+    scheduler = Scheduler(BlockManager(16, block_size=BLOCK), max_num_batched_tokens=4)
+    seq = Sequence([1, 2], SamplingParams(max_tokens=6, ignore_eos=True))
+    scheduler.add(seq)
+    model = TokenPoolModel(scheduler)
+    scheduler.update(out := scheduler.schedule(), model.step(out))  # the prompt, and a first token
+    seq.spec_token_ids = [9, 9, 9, 9, 9, 9]  # all wrong
+    out = scheduler.schedule()
+    # the budget of 4 leaves 3 guesses, at positions 3-5: a second block
+    assert out.scheduled_spec_decode_tokens[seq.seq_id] == [9, 9, 9]
+    assert out.num_scheduled_tokens[seq.seq_id] == 4 and len(seq.block_table) == 2
+    scheduler.update(out, model.step(out))
+    # none accepted: one new token, and the block only the guesses used went back
+    assert (seq.num_output_tokens, seq.num_new_tokens, len(seq.block_table)) == (2, 1, 1)
+    seq.spec_token_ids = model.drafts(
+        seq.token_ids, 6
+    )  # all right, but max_tokens leaves room for 3
+    out = scheduler.schedule()
+    assert out.num_kept_blocks == {seq.seq_id: 1}
+    assert len(out.scheduled_spec_decode_tokens[seq.seq_id]) == 3
+    scheduler.update(out, model.step(out))
+    assert (seq.num_output_tokens, seq.finish_reason, seq.num_new_tokens) == (6, "length", 4)
+    assert scheduler.block_manager.num_free_blocks == 16
 
 
 def test_the_step_description_sends_only_what_changed():
@@ -361,6 +436,8 @@ def test_the_step_description_sends_only_what_changed():
         "mini_infer.sampling_params",
         "mini_infer.outputs",
         "mini_infer.testing.simulate",
+        "mini_infer.spec_decode.config",
+        "mini_infer.spec_decode.ngram_proposer",
     ],
 )
 def test_the_scheduling_side_imports_no_torch(module):

@@ -544,6 +544,7 @@ def test_mini_infer_serve_takes_the_model_as_an_argument():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = ["serve", gguf, "--port", str(port), "--device", "cpu", "--max-model-len", "128"]
+    command += ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']
     server = subprocess.Popen(
         [sys.executable, "-m", "mini_infer", *command, "--log-level", "warning"],
         cwd=ROOT,

@@ -56,6 +56,9 @@ class Scheduler:
         self.requests: dict[int, Sequence] = {}  # every unfinished request, by seq_id
         # the runner knew them, and they left since the last step
         self.finished_req_ids: set[int] = set()
+        self.num_kept_blocks: dict[
+            int, int
+        ] = {}  # gave back blocks since the runner last heard of it
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -102,6 +105,8 @@ class Scheduler:
             # a new block only when its last one is full (then maybe preempting someone, or seq itself)
             if num_tokens > len(seq.block_table) * block_size and not self._make_room(seq):
                 continue
+            if seq.spec_token_ids:
+                self._fit_drafts(seq, budget)
             budget -= self._schedule(seq, budget, output)
         # Static batching forms a whole batch at once (its prompts then run chunk by chunk), and only
         # when the last batch has finished.
@@ -127,16 +132,41 @@ class Scheduler:
                 budget -= self._schedule(seq, budget, output)
         if output.num_scheduled_tokens:  # the runner hears of finished requests with its next step
             output.finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+            output.num_kept_blocks, self.num_kept_blocks = self.num_kept_blocks, {}
         return output
+
+    def _fit_drafts(self, seq: Sequence, budget: int) -> None:
+        """Shorten seq's speculative tokens (Chapter 10) to what this step's budget, its max_tokens and
+        max_model_len leave room for, and take KV slots for them. A guess never costs anyone their place:
+        it takes blocks only while one stays free for each running request. Only a decoding request whose
+        newest token the host knows verifies."""
+        num_tokens, bm = seq.num_tokens, self.block_manager
+        k = min(
+            len(seq.spec_token_ids),
+            budget - 1,
+            self.max_model_len - num_tokens - 1,
+            (seq.params.max_tokens or self.max_model_len)
+            - (num_tokens - seq.num_prompt_tokens)
+            - 1,
+        )
+        decoding = seq.num_computed_tokens == num_tokens - 1 and not seq.num_pending_tokens
+        if k >= 1 and decoding:
+            needed = bm.num_blocks_for(num_tokens + k) - len(seq.block_table)
+            if needed and bm.num_free_blocks - needed < len(self.running):
+                k = 0
+            else:
+                bm.grow(seq, num_tokens + k)
+        del seq.spec_token_ids[max(k, 0) if decoding else 0 :]
 
     def _schedule(self, seq: Sequence, budget: int, output: SchedulerOutput) -> int:
         """Put seq in the step with a chunk of at most budget tokens, and what the runner does not know of it
         yet. Returns the chunk's size."""
         tokens, blocks = seq.token_ids, seq.block_table
-        n = seq.num_scheduled_tokens = min(
-            len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget
-        )
-        output.num_scheduled_tokens[seq.seq_id] = n
+        n = min(len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget)
+        if seq.spec_token_ids:  # verified after its newest token (Chapter 10)
+            output.scheduled_spec_decode_tokens[seq.seq_id] = seq.spec_token_ids
+            n += len(seq.spec_token_ids)
+        seq.num_scheduled_tokens = output.num_scheduled_tokens[seq.seq_id] = n
         if seq.num_sent_tokens == 0:
             output.scheduled_new_reqs.append(
                 NewRequestData(
@@ -172,6 +202,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.spec_token_ids = []
         self._forget(seq)  # it comes back to the runner as a new request
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -181,8 +212,11 @@ class Scheduler:
         if seq.num_sent_tokens:
             self.finished_req_ids.add(seq.seq_id)
         seq.num_sent_tokens = seq.num_sent_blocks = 0
+        self.num_kept_blocks.pop(seq.seq_id, None)
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+    def update(
+        self, output: SchedulerOutput, sampled_token_ids: list[int | list[int]]
+    ) -> list[Sequence]:
         """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
         return self.record(output, self.advance(output), sampled_token_ids)
 
@@ -195,16 +229,20 @@ class Scheduler:
             seq = self.requests[seq_id]
             seq.num_computed_tokens += n
             seq.num_scheduled_tokens = 0
-            samples.append(seq.num_computed_tokens == seq.num_tokens)
+            samples.append(seq.num_computed_tokens >= seq.num_tokens)  # > with speculative tokens
             seq.num_pending_tokens += samples[-1]
         return samples
 
     def record(
-        self, output: SchedulerOutput, samples: list[bool], sampled_token_ids: list[int]
+        self,
+        output: SchedulerOutput,
+        samples: list[bool],
+        sampled_token_ids: list[int | list[int]],
     ) -> list[Sequence]:
         """A launched step's tokens arrived: append each request's token, cache its computed full blocks, and
-        retire the requests that finished (freeing their blocks at once). Returns the requests that got a
-        token, in the batch's order (the finished ones among them have their finish_reason)."""
+        retire the requests that finished (freeing their blocks at once). A request that verified speculative
+        tokens gets a list of tokens (see `_record_verified`). Returns the requests that got tokens, in the
+        batch's order, each with its `num_new_tokens` (the finished ones have their finish_reason)."""
         got_token = []
         for seq_id, sampled, token in zip(
             output.num_scheduled_tokens, samples, sampled_token_ids, strict=True
@@ -214,18 +252,44 @@ class Scheduler:
                 seq is None
             ):  # finished (stopped or aborted) after this step was launched: the token is void
                 continue
-            if sampled:
+            reason = None
+            if type(token) is list:
+                reason = self._record_verified(
+                    seq, output.scheduled_spec_decode_tokens[seq_id], token
+                )
+                got_token.append(seq)
+            elif sampled:
                 seq.token_ids.append(token)
                 seq.num_pending_tokens -= 1
+                seq.num_new_tokens = 1
                 got_token.append(seq)
+                reason = self._finish_reason(seq, token)
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_computed(
                     seq, min(seq.num_computed_tokens, len(seq.token_ids))
                 )
-            reason = self._finish_reason(seq, token) if sampled else None
             if reason:
                 self.finish(seq, reason)
         return got_token
+
+    def _record_verified(self, seq: Sequence, drafts: list[int], tokens: list[int]) -> str | None:
+        """Chapter 10: the step computed K/V for seq's newest token and its drafts, and returned the accepted
+        drafts and one token more. Only the accepted ones count as computed; the blocks that only rejected
+        ones used go back. Tokens are appended one at a time, stopping at the first that ends seq."""
+        seq.num_pending_tokens -= 1
+        seq.num_computed_tokens -= len(drafts) + 1 - len(tokens)
+        seq.spec_token_ids = []
+        reason, n = None, 0
+        for n, token in enumerate(tokens, 1):
+            seq.token_ids.append(token)
+            if reason := self._finish_reason(seq, token):
+                break
+        seq.num_new_tokens = n
+        if not reason:
+            self.block_manager.free_tail(seq, len(seq.token_ids))
+            if seq.num_sent_blocks > len(seq.block_table):  # the runner must forget them too
+                seq.num_sent_blocks = self.num_kept_blocks[seq.seq_id] = len(seq.block_table)
+        return reason
 
     def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether num_tokens tokens of seq reach its max_tokens or max_model_len."""

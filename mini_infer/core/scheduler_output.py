@@ -36,7 +36,8 @@ class SchedulerOutput:
     """One step: which requests run, on how many tokens each, and what the runner must learn first.
 
     `num_scheduled_tokens` maps each scheduled request to its token budget; its order is the batch's
-    order, in which the runner returns one sampled token per request. `finished_req_ids` are requests
+    order, in which the runner returns one sampled token per request (a list of them for a request with
+    speculative tokens: Chapter 10). `finished_req_ids` are requests
     that left since the last step (finished, aborted or preempted): the runner drops what it kept of
     them. A request's tokens this step are its tokens [num_computed_tokens, num_computed_tokens +
     budget); a sampled token the host has not seen yet (one step ahead) is the runner's own latest
@@ -47,6 +48,11 @@ class SchedulerOutput:
     scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
     num_scheduled_tokens: dict[int, int] = field(default_factory=dict)
     finished_req_ids: set[int] = field(default_factory=set)
+    # speculative decoding (Chapter 10): the proposed tokens each such request's step verifies (they follow
+    # its newest token and count in its budget), and requests that gave back the blocks of rejected ones:
+    # how many blocks they keep
+    scheduled_spec_decode_tokens: dict[int, list[int]] = field(default_factory=dict)
+    num_kept_blocks: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

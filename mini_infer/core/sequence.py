@@ -20,7 +20,8 @@ class Sequence:
     the first `num_computed_tokens` of the sequence's `num_tokens`; this step it runs on the next
     `num_scheduled_tokens` (a prompt chunk, or the newest token when decoding). An engine that runs one
     step ahead (Chapter 6) has launched steps whose sampled tokens the host has not seen yet: they count
-    in `num_tokens` as `num_pending_tokens`, and join `token_ids` when they arrive.
+    in `num_tokens` as `num_pending_tokens`, and join `token_ids` when they arrive. `spec_token_ids` are
+    guesses of its next tokens (Chapter 10) that its next step verifies, after its newest token.
     """
 
     _ids = itertools.count()
@@ -41,6 +42,9 @@ class Sequence:
         # means the runner does not know it (never scheduled, or preempted since)
         self.num_sent_tokens = 0
         self.num_sent_blocks = 0
+        # speculative tokens proposed for its next step (Chapter 10), and how many tokens the last step gave it
+        self.spec_token_ids: list[int] = []
+        self.num_new_tokens = 0
 
     def __repr__(self) -> str:
         return (

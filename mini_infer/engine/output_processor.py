@@ -90,12 +90,17 @@ class OutputProcessor:
     def process(
         self, new_tokens: list[tuple[int, int, str | None, LogprobEntry | None]]
     ) -> tuple[list[RequestOutput], list[int]]:
-        """Take one step's (sequence id, new token, finish reason or None, logprobs or None) tuples. Returns
+        """Take one step's (sequence id, new token, finish reason or None, logprobs or None) tuples, a sequence's
+        tokens in order (a step gives several with speculative decoding, Chapter 10). Returns
         the outputs that are due, one per request, and the sequences whose text just reached a stop string
         (the engine must end them: their finish reason here is "stop")."""
         touched: dict[str, RequestState] = {}
         stopped = []
         for seq_id, token, finish_reason, logprobs in new_tokens:
+            if (
+                seq_id not in self.sample_of
+            ):  # it reached a stop string at an earlier token of this step
+                continue
             state, sample = self.sample_of[seq_id]
             params = state.request.sampling_params
             sample.token_ids.append(token)

@@ -32,7 +32,8 @@ class SamplingBatch:
 
 @dataclass
 class SamplerOutput:
-    """token_ids [B] int64. For the rows that asked for log-probabilities (`logprob_rows`, R of them):
+    """token_ids [B] int64 ([B, 1 + K] after verifying speculative tokens: Chapter 10). For the rows that
+    asked for log-probabilities (`logprob_rows`, R of them):
     logprobs [R, 1 + K] float32 and logprob_token_ids [R, 1 + K] int64, column 0 the sampled token and then
     the K most likely (K the most any row asked for), and ranks [R] int64, the sampled token's rank (1 =
     most likely). Log-probabilities are those of the model's logits, before penalties and temperature."""
@@ -42,6 +43,7 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None
     logprob_token_ids: torch.Tensor | None = None
     ranks: torch.Tensor | None = None
+    spec_rows: frozenset[int] = frozenset()  # rows that verified speculative tokens (Chapter 10)
 
 
 class Sampler:

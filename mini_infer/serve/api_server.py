@@ -312,6 +312,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="the share of the GPU's memory for the model and its KV cache",
     )
     ap.add_argument(
+        "--speculative-config",
+        type=json.loads,
+        help='speculative decoding (Chapter 10), as JSON: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'',
+    )
+    ap.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -333,6 +339,7 @@ def run(args: argparse.Namespace) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        speculative_config=args.speculative_config,
     )
     name = args.served_model_name or model or EMBEDDED_MODEL_NAME
     uvicorn.run(build_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)

@@ -58,7 +58,11 @@ class TokenPoolModel:
     It writes each scheduled token into its KV slot, then reads every request's whole context back through
     its block table, as the real model's attention does, and asserts it equals the request's tokens. The
     next token is a hash of that context, so outputs depend on everything before them. A token the host
-    has not seen yet (an engine that runs one step ahead) is, as in the real runner, its own last sample."""
+    has not seen yet (an engine that runs one step ahead) is, as in the real runner, its own last sample.
+    Speculative tokens (Chapter 10) are written and read after the request's newest token, and verified as
+    greedy decoding does: each is accepted while it equals the hash of the context before it, and the
+    request gets the accepted ones and one token more. `drafts(token_ids, k)` gives the k tokens that
+    would be accepted (a perfect proposer, for tests to corrupt)."""
 
     def __init__(self, scheduler: Scheduler, vocab_size: int = 50_000):
         bm = scheduler.block_manager
@@ -75,6 +79,8 @@ class TokenPoolModel:
     def step(self, output: SchedulerOutput) -> list[int]:
         for req_id in output.finished_req_ids:
             del self.requests[req_id]
+        for req_id, num_blocks in output.num_kept_blocks.items():
+            del self.requests[req_id][1][num_blocks:]
         for new in output.scheduled_new_reqs:
             self.requests[new.req_id] = (
                 new.prompt_token_ids + new.output_token_ids,
@@ -82,7 +88,7 @@ class TokenPoolModel:
             )
         cached = output.scheduled_cached_reqs
         for req_id, tokens, blocks in zip(
-            cached.req_ids, cached.new_token_ids, cached.new_block_ids
+            cached.req_ids, cached.new_token_ids, cached.new_block_ids, strict=True
         ):
             self.requests[req_id][0].extend(tokens)
             self.requests[req_id][1].extend(blocks)
@@ -99,9 +105,11 @@ class TokenPoolModel:
                 f"{seq}: the runner's copy went wrong"
             )
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            if end > len(
-                tokens
-            ):  # at most the newest token is still on its way: our last sample for it
+            drafts = output.scheduled_spec_decode_tokens.get(req_id, [])
+            if drafts:  # the newest token, then the guesses
+                assert end == len(tokens) + len(drafts), f"{seq}: drafts not after its newest token"
+                tokens = tokens + drafts
+            elif end > len(tokens):  # at most the newest token is still on its way: our last sample
                 assert end == len(tokens) + 1, f"{seq}: more than one token missing"
                 tokens = tokens + [self.last_sampled[req_id]]
             for pos in range(start, end):
@@ -115,18 +123,41 @@ class TokenPoolModel:
             block_ids = self.requests[req_id][1]
             context = [self.pool[self._slot(block_ids, pos)] for pos in range(len(expected))]
             assert context == expected, f"request {req_id} read K/V that is not its own"
-            digest = hashlib.sha256(array("q", context).tobytes()).digest()
-            sampled.append(int.from_bytes(digest[:8], "little") % self.vocab_size)
-            self.last_sampled[req_id] = sampled[-1]
+            drafts = output.scheduled_spec_decode_tokens.get(req_id)
+            if drafts:
+                tokens = [self.next_token(context[: len(context) - len(drafts)])]
+                while len(tokens) <= len(drafts) and tokens[-1] == drafts[len(tokens) - 1]:
+                    tokens.append(
+                        self.next_token(context[: len(context) - len(drafts) + len(tokens)])
+                    )
+                sampled.append(tokens)
+            else:
+                sampled.append(self.next_token(context))
+                self.last_sampled[req_id] = sampled[-1]
         return sampled
 
+    def next_token(self, context: list[int]) -> int:
+        digest = hashlib.sha256(array("q", context).tobytes()).digest()
+        return int.from_bytes(digest[:8], "little") % self.vocab_size
 
-def run_to_completion(scheduler: Scheduler, model_step, on_step=None) -> list[Sequence]:
+    def drafts(self, token_ids: list[int], k: int) -> list[int]:
+        context = list(token_ids)
+        for _ in range(k):
+            context.append(self.next_token(context))
+        return context[len(token_ids) :]
+
+
+def run_to_completion(
+    scheduler: Scheduler, model_step, on_step=None, propose=None
+) -> list[Sequence]:
     """Step until every request has finished; return them in the order they finished.
     `model_step(scheduler_output)` returns one sampled token per scheduled request; `on_step(scheduler_output)`
-    is called with each step, e.g. to record occupancy."""
+    is called with each step, e.g. to record occupancy; `propose(seq)`, before each step, gives a running
+    request's speculative tokens (Chapter 10)."""
     finished = []
     while scheduler.has_unfinished():
+        for seq in scheduler.running if propose else ():
+            seq.spec_token_ids = propose(seq)
         output = scheduler.schedule()
         if not output.num_scheduled_tokens:
             raise RuntimeError("the scheduler could run no request although some are unfinished")

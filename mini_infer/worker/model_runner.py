@@ -12,6 +12,7 @@ import torch
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
 from mini_infer.layers.attention import AttentionMetadata, PagedAttention
+from mini_infer.layers.rejection_sampler import RejectionSampler
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch, top_logprobs
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 from mini_infer.sampling_params import SamplingParams
@@ -39,12 +40,20 @@ class SampledTokens:
             self.ready.record()
         self.tokens, self._logprobs, self._logprob_ids, self._ranks = tensors
         self.logprob_rows = output.logprob_rows
+        self.spec_rows = output.spec_rows
         self._prompt_logprobs = prompt_logprobs
 
-    def tolist(self) -> list[int]:
+    def tolist(self) -> list[int | list[int]]:
+        """One token per request; a list of tokens for a request that verified speculative ones (Chapter 10:
+        then `tokens` is [B, 1 + K], -1 past each request's tokens)."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.tokens.tolist()
+        if self.tokens.ndim == 1:
+            return self.tokens.tolist()
+        return [
+            [t for t in row if t >= 0] if i in self.spec_rows else row[0]
+            for i, row in enumerate(self.tokens.tolist())
+        ]
 
     def logprobs(self) -> dict[int, tuple[list[int], list[float], int]]:
         """For each row that asked: (token ids, their logprobs, the sampled token's rank); the sampled token
@@ -156,6 +165,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler(eos_token_ids, seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)  # Chapter 10
         self.requests: dict[int, CachedRequestState] = {}
         # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
         self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
@@ -223,6 +233,8 @@ class ModelRunner:
         """Learn what changed since the last step: requests that left, new ones, new tokens and blocks."""
         for req_id in scheduler_output.finished_req_ids:
             self.free_rows.append(self.requests.pop(req_id).row)
+        for req_id, num_blocks in scheduler_output.num_kept_blocks.items():  # Chapter 10
+            self.requests[req_id].num_blocks = num_blocks
         for new in scheduler_output.scheduled_new_reqs:
             row, num_blocks = self.free_rows.pop(), len(new.block_ids)
             self.block_table[row, :num_blocks] = new.block_ids
@@ -269,14 +281,18 @@ class ModelRunner:
         row = np.repeat(np.arange(n), counts)
         positions = np.arange(cu_seqlens[-1]) - cu_seqlens[row] + starts[row]
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
-        known = positions < known_ends[row]
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        # speculative tokens (Chapter 10) follow a request's newest token
+        drafts = [spec.get(i, ()) for i in scheduler_output.num_scheduled_tokens] if spec else None
+        num_known = known_ends + np.fromiter(map(len, drafts), np.int64, n) if spec else known_ends
+        known = positions < num_known[row]
         ids = np.zeros(len(positions), np.int64)
-        ids[known] = np.fromiter(
-            itertools.chain.from_iterable(
-                r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())
-            ),
-            np.int64,
+        known_ids = (
+            r.token_ids[a:b] for r, a, b in zip(reqs, starts.tolist(), known_ends.tolist())
         )
+        if spec:
+            known_ids = (ids + list(d) for ids, d in zip(known_ids, drafts))
+        ids[known] = np.fromiter(itertools.chain.from_iterable(known_ids), np.int64)
         decode = len(positions) == n
         metadata = AttentionMetadata(
             slot_mapping=to_device(slots, self.device),
@@ -311,7 +327,7 @@ class ModelRunner:
         size = None if decode else smallest_holding(self.mixed_graphs, num_tokens)
         if bs is not None:
             hidden = self._replay(self.graphs[bs], bs, bs, step)[: len(reqs)]
-        else:
+        else:  # a prompt, or speculative tokens to verify: the same forward (Chapter 10)
             if size is not None:
                 all_hidden = self._replay(
                     self.mixed_graphs[size], size, min(size, self.max_num_seqs), step
@@ -319,10 +335,17 @@ class ModelRunner:
             else:
                 self.attn.metadata = step.metadata
                 all_hidden = self.model(step.input_ids, step.positions, self.attn)
-            hidden = all_hidden[step.last_rows]
+            spec = scheduler_output.scheduled_spec_decode_tokens
+            req_ids = list(scheduler_output.num_scheduled_tokens)
+            hidden = all_hidden[self.verify_rows(step, spec, req_ids) if spec else step.last_rows]
         logits = self.model.compute_logits(hidden)
-        output = self.sampler(logits, self.sampling_batch(step))
-        self.last_sampled = output.token_ids
+        if scheduler_output.scheduled_spec_decode_tokens:
+            output = self.verify(logits, step, scheduler_output)
+        else:
+            output = self.sampler(logits, self.sampling_batch(step))
+        self.last_sampled = (
+            output.token_ids
+        )  # (a verifying engine is not one step ahead: Chapter 10)
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
@@ -333,6 +356,52 @@ class ModelRunner:
             k = reqs[i].params.prompt_logprobs
             prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
         return SampledTokens(output, prompt_logprobs)
+
+    def verify_rows(
+        self, step: StepInputs, spec: dict[int, list[int]], req_ids: list[int]
+    ) -> torch.Tensor:
+        """Chapter 10: the rows whose logits a step with speculative tokens needs: for each request its last
+        row, and before it one row per speculative token (its newest token's, then each draft's but the last)."""
+        k = np.fromiter((len(spec.get(r, ())) for r in req_ids), np.int64)
+        n_rows = k + 1
+        first = np.repeat(step.cu_seqlens[1:] - n_rows, n_rows)
+        offsets = np.arange(n_rows.sum()) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+        return to_device(first + offsets, self.device)
+
+    def verify(
+        self, logits: torch.Tensor, step: StepInputs, scheduler_output: SchedulerOutput
+    ) -> SamplerOutput:
+        """Chapter 10: the rejection sampler takes the requests with speculative tokens (their rows of
+        `verify_rows`) and the sampler the others. token_ids [B, 1 + K], -1 past a request's tokens."""
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        k = np.fromiter((len(spec.get(r, ())) for r in req_ids), np.int64)
+        first_row = np.cumsum(k + 1) - (k + 1)
+        is_spec = k > 0
+        plain, verified = np.flatnonzero(~is_spec), np.flatnonzero(is_spec)
+        out = torch.full((len(k), 1 + int(k.max())), -1, dtype=torch.long, device=self.device)
+        logprob_rows, logprobs = [], ()
+        if len(plain):
+            batch = self.sampling_batch(step)
+            sub = SamplingBatch(
+                *([getattr(batch, f)[i] for i in plain] for f in ("params", "positions")),
+                [batch.num_prompt_tokens[i] for i in plain],
+                [batch.histories[i] for i in plain],
+                None if batch.pending is None else batch.pending[to_device(plain, self.device)],
+            )
+            sampled = self.sampler(logits[to_device(first_row[plain], self.device)], sub)
+            out[to_device(plain, self.device), 0] = sampled.token_ids
+            logprob_rows = [int(plain[i]) for i in sampled.logprob_rows]
+            logprobs = (sampled.logprobs, sampled.logprob_token_ids, sampled.ranks)
+        rows = np.concatenate([first_row[i] + np.arange(k[i] + 1) for i in verified])
+        accepted = self.rejection_sampler(
+            logits[to_device(rows, self.device)],
+            [spec[req_ids[i]] for i in verified],
+            [step.reqs[i].params for i in verified],
+            (step.ends[verified] - k[verified]).tolist(),
+        )
+        out[to_device(verified, self.device), : accepted.shape[1]] = accepted
+        return SamplerOutput(out, logprob_rows, *logprobs, spec_rows=frozenset(verified.tolist()))
 
     def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
         """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
