@@ -6,6 +6,8 @@ What is shown, chosen by `summarize.newest_side_by_side`:
   the race      the newest machine on which Mini-Infer and vLLM both measured every model (throughput and
                 batch-1 latency), each engine's best row there
   HF            the newest machine on which HF transformers and Mini-Infer both measured a model
+  batching      the newest machine's static and continuous rows on the chat workload (benchmark_batching.py)
+  tensor par.   Chapter 9's table of the newest two-GPU machine (tp_report.py)
   kernels       the newest full run of kernel_benchmark.py (kernels_<gpu>.json, not a --quick one)
   the host      the decode-step profiles (profile_<model>.json)
 tests/test_readme.py checks that README.md holds exactly what this renders from the committed files.
@@ -15,6 +17,7 @@ import json
 
 import common
 import summarize
+import tp_report
 from kernel_benchmark import slug
 
 README = common.HERE.parent / "README.md"
@@ -154,6 +157,50 @@ def host_section(found: list[dict]) -> list[str]:
     ]
 
 
+def batching() -> list[dict] | None:
+    """The newest machine's chat-workload rows of benchmark_batching.py that pair a static and a continuous
+    run of one model at one number of slots: [{"model", "slots", "static", "continuous"}], or None."""
+    rows = [
+        r
+        for r in summarize.load(common.RESULTS / "throughput.jsonl")
+        if r["engine"] == "mini_infer" and r.get("workload") == "chat"
+    ]
+    if not rows:
+        return None
+    machine = rows[-1]["machine"]
+    runs: dict = {}
+    for r in rows:  # the last row of each kind on that machine
+        if r["machine"] == machine:
+            runs[r["model"], r["max_num_seqs"], r["policy"]] = r
+    pairs = [
+        {"model": m, "slots": n, "static": runs[m, n, "static"], "continuous": c}
+        for (m, n, policy), c in sorted(runs.items())
+        if policy == "continuous" and (m, n, "static") in runs
+    ]
+    return pairs or None
+
+
+def batching_section(pairs: list[dict]) -> list[str]:
+    first = pairs[0]["static"]
+    parts = "; ".join(
+        f"{name(p['model'])} with {p['slots']} slots: static {p['static']['tokens_per_s']:,.0f}, continuous "
+        f"{p['continuous']['tokens_per_s']:,.0f} tok/s "
+        f"({p['continuous']['tokens_per_s'] / p['static']['tokens_per_s']:.2f}x)"
+        for p in pairs
+    )
+    return [
+        f"**Continuous against static batching** (`benchmarks/benchmark_batching.py`, the same engine; chat "
+        f"workload: {first['num_seqs']:,} requests, log-normal prompt and output lengths, seed 0), on one "
+        f"{first['device']} (machine {first['machine']}, {first['date']}): {parts}."
+    ]
+
+
+def tensor_parallel_section(found: dict) -> list[str]:
+    """Chapter 9's two-GPU table (benchmarks/tp_report.py), under a heading."""
+    first, *rest = tp_report.table(found)
+    return [f"**Tensor parallelism** (`benchmarks/tp_session.sh`, Chapter 9): {first}", *rest]
+
+
 def kernel_cell(row: dict | None, label: str) -> str:
     if row is None:
         return "-"
@@ -196,6 +243,8 @@ def readme_section() -> str:
         section(found)
         for section, found in (
             (hf_section, hf()),
+            (batching_section, batching()),
+            (tensor_parallel_section, tp_report.machine_rows()),
             (host_section, profiles()),
             (kernel_section, kernels()),
         )

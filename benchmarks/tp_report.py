@@ -94,7 +94,9 @@ def figure(found: dict):
         for i, (engine, label) in enumerate(ENGINES.items()):
             xs = [j + (i - 0.5) * 0.38 for j, tp in enumerate(sizes) if (engine, tp) in rows]
             ys = [rows[(engine, tp)][key] for tp in sizes if (engine, tp) in rows]
-            bars = ax.bar(xs, ys, width=0.36, label=label)
+            if not ys:  # an engine this machine did not measure gets no legend entry
+                continue
+            bars = ax.bar(xs, ys, width=0.36, label=label, color=f"C{i}")
             ax.bar_label(bars, fmt="%.0f" if key == "tokens_per_s" else "%.2f", fontsize=8)
         ax.set_xticks(range(len(sizes)), [f"{tp} GPU{'s' if tp > 1 else ''}" for tp in sizes])
         ax.set_title(title, fontsize=10)

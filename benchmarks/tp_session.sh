@@ -41,6 +41,9 @@ run() {
     timeout -k 15 "$limit" "$@" >>"$OUT/logs/$log.txt" 2>&1
     rc=$?
     echo "== exit $rc after $((SECONDS - t)) s" | tee -a "$OUT/logs/$log.txt"
+    # timeout stops the command, not the processes it started (vLLM's engine core and workers, left
+    # holding 130 GB of each GPU after a timed-out start on the first visit): end whatever still uses a GPU
+    nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | xargs -r kill -9 2>/dev/null
     [ $rc -eq 0 ] || status=1
     cp "$RESULTS"/*.jsonl "$OUT/results/" 2>/dev/null
     return $rc

@@ -1158,6 +1158,26 @@ else:
     print("not measured yet: run `OUT=DIR bash benchmarks/tp_session.sh` on a machine with 2 GPUs")
 
 # %% [markdown]
+# What the first visit to two H200s measured (machine c1eed3e9, 2026-11-30; the table above reads the same
+# rows):
+#
+# - **Every rank loads only its own half.** GPU 0 held 15.0 GiB of weights at tp=1 and 7.5 GiB at tp=2,
+#   and its peak while loading fell from 16.4 to 8.9 GiB: one full tensor in flight beside the shard.
+# - **Two GPUs are not twice as fast.** Throughput rose 1.34x and batch-1 latency fell to 0.76x of one
+#   GPU's, short of the 1.7x and 0.65x we aimed for. The all-reduces explain most of it: Llama-3-8B makes 65
+#   of them per step (two per layer and one for the embedding), and NCCL took 20 us each for a batch-1
+#   step's 8 KiB inside a CUDA graph, 1.3 ms per token, against the 2.4 ms that half of one GPU's 4.8 ms
+#   would leave. At batch 256 each takes 39 us, 2.5 ms per step. With NVLink multicast off (as this machine
+#   requires), NCCL's small messages cost that much; vLLM replaces them with its own all-reduce kernel,
+#   which writes straight into the other GPU's memory through CUDA IPC, at a few microseconds per message.
+#   That kernel is this engine's next step for two GPUs.
+# - **vLLM at tp=2 did not run.** Its two workers loaded their halves (7.48 GiB each) and compiled, then
+#   stalled in their CUDA-graph capture for a minute and failed with a cuBLAS execution error (it had
+#   chosen its custom all-reduce and NCCL, with multicast off); the engine then hung until the step's
+#   7-minute timeout. So no vLLM row stands beside ours yet; the next visit should try it with
+#   `disable_custom_all_reduce=True`.
+
+# %% [markdown]
 # ## 8. When one machine is not enough
 #
 # Tensor parallelism puts two all-reduces in every layer of every step, so it lives on the fastest links

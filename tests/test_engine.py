@@ -121,7 +121,10 @@ def test_gpu_async_scheduling_gives_the_same_tokens_as_sync():
             dtype="float32",
             max_model_len=1024,
             max_num_seqs=64,
-            gpu_memory_utilization=0.3,
+            # A share of the whole card, minus what is in use: run after the test above, in pytest on two
+            # H200 machines this engine found about 40 GB still in use and no room at 0.3, though a plain
+            # script shows every engine giving its memory back (not explained yet).
+            gpu_memory_utilization=0.6,
             async_scheduling=async_scheduling,
         )
         runs.append(token_ids(llm.generate(prompts, params, use_tqdm=False)))

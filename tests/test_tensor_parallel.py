@@ -490,23 +490,30 @@ def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(gpu_reference, async_
 
 @two_gpus
 @bounded
-def test_tensor_parallel_on_two_gpus_in_bf16_stays_within_the_top_3():
+def test_tensor_parallel_on_two_gpus_in_bf16_stays_within_rounding_of_the_top():
+    """Random weights leave near-ties everywhere (on an H200 the top three logprobs of Qwen3-0.6B's shape
+    lay within 0.03 of each other), so bf16 on 2 GPUs, summing in another order, may pick another of them:
+    where the tokens first part, the one chosen on 2 GPUs must be among 1 GPU's 20 most likely, within
+    0.1 of the top logprob. A wrong shard would give tokens of a typical logprob, about 2.4 below it."""
     prompts = [[(7 * i + j) % 4000 for j in range(5 + 37 * i)] for i in range(8)]
     args = dict(load_format="dummy", max_model_len=512, gpu_memory_utilization=0.3, max_num_seqs=8)
     gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
     one = LLM(QWEN3, **args)
-    top3 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
-    reference = one.generate(prompts, top3, use_tqdm=False)
+    top = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=20)
+    reference = one.generate(prompts, top, use_tqdm=False)
     del one
     gc.collect()
     torch.cuda.empty_cache()
     llm = LLM(QWEN3, tensor_parallel_size=2, **args)
     assert llm.engine.runner.runner.dtype == torch.bfloat16
-    for ref, out in zip(reference, generate(llm, top3, prompts)):
+    for ref, out in zip(reference, generate(llm, top, prompts)):
         ref_ids = ref.outputs[0].token_ids
         i = next((i for i, (a, b) in enumerate(zip(out, ref_ids)) if a != b), None)
         if i is not None:
-            assert out[i] in ref.outputs[0].logprobs[i], f"token {i}: {out[i]} not in 1 GPU's top 3"
+            entries = ref.outputs[0].logprobs[i]
+            best = max(e.logprob for e in entries.values())
+            assert out[i] in entries, f"token {i}: {out[i]} not in 1 GPU's top 20"
+            assert entries[out[i]].logprob >= best - 0.1, f"token {i}: {entries[out[i]]} vs {best}"
     closed_in_time(llm.engine.runner)
 
 
