@@ -182,6 +182,7 @@ def batch1(llm, prompts, max_tokens: int, repeats: int) -> dict:
     return {
         "batch_size": 1,
         "requests": len(prompts),
+        "passes": repeats,  # the row's spec_decode_metrics count every pass; output_tokens, one
         "output_tokens": produced,
         "seconds": round(seconds, 4),
         "ms_per_token": round(seconds * 1000 / produced, 3),

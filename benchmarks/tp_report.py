@@ -53,7 +53,7 @@ def table(found: dict) -> list[str]:
         f"Llama-3-8B's shape (dummy weights, bf16) on {device} (machine {machine}, {date}); throughput: "
         "the nano-vllm protocol; batch 1: 128 prompt tokens, 512 greedy tokens.",
         "",
-        "| engine | GPUs | throughput, tok/s | vs 1 GPU | batch-1 ms/token | vs 1 GPU | GPU 0: weights / peak while loading |",
+        "| engine | GPUs | throughput, tok/s | speed-up | batch-1 ms/token | speed-up | GPU 0: weights / peak while loading |",
         "|---|---|---|---|---|---|---|",
     ]
     for engine, label in ENGINES.items():

@@ -42,8 +42,11 @@ run() {
     rc=$?
     echo "== exit $rc after $((SECONDS - t)) s" | tee -a "$OUT/logs/$log.txt"
     # timeout stops the command, not the processes it started (vLLM's engine core and workers, left
-    # holding 130 GB of each GPU after a timed-out start on the first visit): end whatever still uses a GPU
-    nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | xargs -r kill -9 2>/dev/null
+    # holding 130 GB of each GPU after a timed-out start on the first visit): after a timeout, end
+    # whatever still uses a GPU (this script assumes the lent machine is ours alone)
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | xargs -r kill -9 2>/dev/null
+    fi
     [ $rc -eq 0 ] || status=1
     cp "$RESULTS"/*.jsonl "$OUT/results/" 2>/dev/null
     return $rc

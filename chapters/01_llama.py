@@ -1038,9 +1038,8 @@ class LlamaForCausalLM(nn.Module):
                 self.get_submodule(f"{parent}.{merged}").load_shard(param_name, shard, tensor)
                 return
             module = self.get_submodule(module_name)
-            if hasattr(
-                module, "load_full"
-            ):  # a layer holding a slice of the tensor cuts it (Ch. 9)
+            # a layer holding a slice of the tensor cuts it (Ch. 9)
+            if hasattr(module, "load_full"):
                 module.load_full(param_name, tensor)
             else:
                 copy_checked(module.get_parameter(param_name), tensor, name)

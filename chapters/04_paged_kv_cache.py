@@ -1246,8 +1246,9 @@ def _prefill_kernel(
     # Row r of the tile is query r // HEADS and head r % HEADS, so the heads of a token are adjacent rows.
     QUERIES: tl.constexpr = BLOCK_M // HEADS
     pid, head0 = tl.program_id(0), tl.program_id(1) * HEADS
-    # Sequence s owns the tiles from cu_seqlens_q[s] // QUERIES + s on: find the last s that starts at or
-    # before this program's tile (a binary search over num_seqs, which grows by at least 1 per sequence).
+    # Sequence s owns the tiles from cu_seqlens_q[s] // QUERIES + s on, a start that grows by at least 1
+    # from one sequence to the next: a binary search over the num_seqs starts finds the last one at or
+    # before this program's tile.
     lo = pid * 0  # int32 scalars from the start: loop-carried values keep one type
     hi = lo + num_seqs - 1
     while lo < hi:

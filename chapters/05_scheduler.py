@@ -488,9 +488,8 @@ class Scheduler:
         self.requests: dict[int, Sequence] = {}  # every unfinished request, by seq_id
         # the runner knew them, and they left since the last step
         self.finished_req_ids: set[int] = set()
-        self.num_kept_blocks: dict[
-            int, int
-        ] = {}  # gave back blocks since the runner last heard of it
+        # requests that gave back blocks since the runner last heard of them: how many they keep
+        self.num_kept_blocks: dict[int, int] = {}
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -569,8 +568,9 @@ class Scheduler:
 
     def _fit_drafts(self, seq: Sequence, budget: int) -> None:
         """Shorten seq's speculative tokens (Chapter 10) to what this step's budget, its max_tokens and
-        max_model_len leave room for, and take KV slots for them. A guess never costs anyone their place:
-        it takes blocks only while one stays free for each running request. Only a decoding request whose
+        max_model_len leave room for, and take KV slots for them. A guess never preempts a running request:
+        it takes blocks only while one stays free for each of them (it can delay the admission of a waiting
+        one, until its blocks come back). Only a decoding request whose
         newest token the host knows verifies."""
         num_tokens, bm = seq.num_tokens, self.block_manager
         k = min(

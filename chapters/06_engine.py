@@ -550,7 +550,7 @@ import torch
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
 from mini_infer.layers.attention import AttentionMetadata, PagedAttention
-from mini_infer.layers.rejection_sampler import RejectionSampler
+from mini_infer.layers.rejection_sampler import RejectionSampler, row_offsets
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch, top_logprobs
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 from mini_infer.sampling_params import SamplingParams
@@ -660,8 +660,9 @@ def mixed_graph_sizes(max_num_batched_tokens: int, largest: int = 2048) -> list[
     """The token counts whose mixed steps (prompt chunks, alone or beside decoding requests) get a CUDA
     graph: every 16 up to 256, every 64 up to 1,024, every 256 up to `largest`, none above
     max_num_batched_tokens (which gets its own if it is smaller than `largest`). A step replays the
-    smallest graph that holds its tokens, so at most a quarter of a replay's tokens are padding; a larger
-    step runs eagerly, where the GPU's work, not the launches, sets the pace."""
+    smallest graph that holds its tokens, so at most 15, 63 or 255 of its tokens are padding (under a
+    quarter from 64 tokens up); a larger step runs eagerly, where the GPU's work, not the launches, sets
+    the pace."""
     ladder = [*range(16, 257, 16), *range(320, 1025, 64), *range(1280, largest + 1, 256)]
     top = min(max_num_batched_tokens, largest)
     return sorted({s for s in ladder if s <= top} | {top})
@@ -682,7 +683,9 @@ class ModelRunner:
     graph, one launch for the whole forward instead of hundreds: decode steps a graph per batch size of
     `cuda_graph_sizes` (decode attention), steps with prompt tokens a graph per token count of
     `mixed_graph_sizes` (prefill attention, which serves decoding requests of the same step too). A step
-    larger than those runs eagerly.
+    larger than those runs eagerly. `max_logit_rows` (default max_num_seqs, a row per request) is the most
+    rows of logits a step computes, which the warm-up reserves memory for (Chapter 10's verification
+    computes 1 + k rows per speculating request).
     """
 
     def __init__(
@@ -697,6 +700,7 @@ class ModelRunner:
         enforce_eager: bool = False,
         eos_token_ids: tuple[int, ...] = (),
         seed: int | None = None,
+        max_logit_rows: int | None = None,
     ):
         self.model, self.config = model, model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -714,7 +718,7 @@ class ModelRunner:
         self.last_rows: dict[int, int] = {}
         c = self.config
         if self.device.type == "cuda":
-            self._warm_up(max_num_batched_tokens, max_num_seqs)
+            self._warm_up(max_num_batched_tokens, max_logit_rows or max_num_seqs)
         block_bytes = kv_block_bytes(
             c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype
         )
@@ -756,15 +760,16 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def _warm_up(self, num_tokens: int, num_seqs: int) -> None:
+    def _warm_up(self, num_tokens: int, logit_rows: int) -> None:
         """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
-        computed for num_seqs rows only: a step needs them for each sequence's last token, never for all of
-        its tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
+        computed for `logit_rows` rows only, with one float32 copy as the samplers make: a step needs them
+        for each sequence's last token (and for the tokens it verifies, Chapter 10), never for all of its
+        tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(ids, ids, lambda layer, q, k, v: q)
-        self.model.compute_logits(hidden[: min(num_seqs, num_tokens)])
+        self.model.compute_logits(hidden[: min(logit_rows, num_tokens)]).float().softmax(-1)
         torch.cuda.empty_cache()
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -881,9 +886,8 @@ class ModelRunner:
             output = self.verify(logits, step, scheduler_output)
         else:
             output = self.sampler(logits, self.sampling_batch(step))
-        self.last_sampled = (
-            output.token_ids
-        )  # (a verifying engine is not one step ahead: Chapter 10)
+        # (a verifying engine is not one step ahead: Chapter 10)
+        self.last_sampled = output.token_ids
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
@@ -901,10 +905,8 @@ class ModelRunner:
         """Chapter 10: the rows whose logits a step with speculative tokens needs: for each request its last
         row, and before it one row per speculative token (its newest token's, then each draft's but the last)."""
         k = np.fromiter((len(spec.get(r, ())) for r in req_ids), np.int64)
-        n_rows = k + 1
-        first = np.repeat(step.cu_seqlens[1:] - n_rows, n_rows)
-        offsets = np.arange(n_rows.sum()) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
-        return to_device(first + offsets, self.device)
+        first = np.repeat(step.cu_seqlens[1:] - (k + 1), k + 1)
+        return to_device(first + row_offsets(k), self.device)
 
     def verify(
         self, logits: torch.Tensor, step: StepInputs, scheduler_output: SchedulerOutput
@@ -1441,10 +1443,9 @@ class OutputProcessor:
         (the engine must end them: their finish reason here is "stop")."""
         touched: dict[str, RequestState] = {}
         stopped = []
+        finished = set()  # sequences that finished at an earlier token of this step drop the rest
         for seq_id, token, finish_reason, logprobs in new_tokens:
-            if (
-                seq_id not in self.sample_of
-            ):  # it reached a stop string at an earlier token of this step
+            if seq_id in finished:
                 continue
             state, sample = self.sample_of[seq_id]
             params = state.request.sampling_params
@@ -1466,6 +1467,7 @@ class OutputProcessor:
                     finish_reason, sample.stop_reason = "stop", sample.stream.stop_reason
             if finish_reason is not None:
                 self._finish(state, seq_id, sample, finish_reason)
+                finished.add(seq_id)
             if state.streamed or finish_reason is not None:
                 touched[state.request.request_id] = state
         outputs = [out for state in touched.values() if (out := self._output(state)) is not None]
@@ -1675,6 +1677,11 @@ class LLMEngine:
         )
         # every running request can take its next token in every step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
+        spec = (
+            self.speculative_config
+        )  # verification needs logits at 1 + k rows per speculating request
+        speculating = min(max_num_seqs, (spec and spec.disable_by_batch_size) or max_num_seqs)
+        max_logit_rows = max_num_seqs + (speculating * spec.num_speculative_tokens if spec else 0)
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -1691,6 +1698,7 @@ class LLMEngine:
             enforce_eager,
             eos_token_ids=tuple(eos),
             seed=seed,
+            max_logit_rows=max_logit_rows,
         )
         self.async_scheduling = (
             self.device.type == "cuda" if async_scheduling is None else async_scheduling
@@ -1788,9 +1796,8 @@ class LLMEngine:
             new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
         outputs, stopped = self.output_processor.process(new_tokens)
         for seq_id in stopped:  # its text reached a stop string
-            if (
-                seq_id in self.scheduler.requests
-            ):  # (a later token of the step may have ended it too)
+            # (a later token of the step may have ended it too)
+            if seq_id in self.scheduler.requests:
                 self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
         return outputs
 
@@ -2400,11 +2407,11 @@ if profiles:
 #   models is GPU time: attention a little below the copy ceiling, and the steps that mix a new request's
 #   prefill with everyone else's decode, which run eagerly, outside the CUDA graphs.
 #
-# Static against continuous batching (`benchmarks/benchmark_batching.py`, same engine and kernels): with
-# 256 batch slots all 256 requests fit into one batch, so the two policies hold the same requests and
-# measured within 5% of each other. With 64 slots, continuous batching refills each freed slot at once,
-# but every refill is a mixed prefill-and-decode step that runs eagerly; static batching runs 4 batches of
-# pure, graph-replayed decode steps, and drops finished requests instead of padding them. On the H100 that
-# came out even: 0.89x for SmolLM2 (continuous slower) and 1.06x for Qwen3-0.6B, below the 1.33x of
-# Chapter 5's cost model and far from the 2.5x the plan hoped for. Capturing mixed steps in graphs too
-# (vLLM's piecewise graphs) is the next step for this engine.
+# Static against continuous batching (`benchmarks/benchmark_batching.py`, same engine and kernels). On the
+# nano-vllm workload with 64 slots, when steps that admit a request still ran eagerly, the two came out even
+# on an H100 (0.89x for SmolLM2, 1.06x for Qwen3-0.6B): each refill of a freed slot was a mixed step of
+# launches, while static batching ran pure, graph-replayed decode steps. With mixed steps in graphs, and on
+# the chat workload of Chapter 5 (1,024 requests whose output lengths vary as answers do), continuous
+# batching ran SmolLM2 3.14x faster than static batching with 64 slots and 1.71x with 256, on one H200
+# (machine c1eed3e9, 2026-11-30): 21,962 against 6,997 and 29,984 against 17,554 output tokens/s. Chapter
+# 5's cost model said 3.75x for 64 slots; the gap is the real cost of the steps that admit new requests.

@@ -318,12 +318,11 @@ for machine, model, workload, slots in sorted(pairs):
         )
 
 # %% [markdown]
-# With 256 batch slots every request of this workload fits into one batch, so both policies hold the same
-# requests and measure close to each other. With 64 slots continuous batching refills each freed slot at
-# once, but in this engine every refill is a step that mixes a prefill with the decodes and runs outside
-# the CUDA graphs, while static batching runs pure decode steps (and drops finished requests rather than
-# padding them): the two came out even on the H100, far from the 2.5x the plan hoped for (Chapter 6
-# discusses why).
+# On the nano-vllm workload with 256 slots every request fits into one batch, so both policies hold the
+# same requests and measure close to each other; with 64 slots they came out even on the H100, when the
+# steps that refill a slot ran outside the CUDA graphs. With those steps captured too (Chapter 6), on the
+# chat workload, continuous batching is the faster policy at every slot count, by the most where the
+# slots are few and the answers' lengths vary the most.
 #
 # ## Reproducing the results
 #

@@ -783,6 +783,18 @@ class WorkerMonitor:
             ) from cause
 
 
+def stop_and_leave(group, runner, aborting) -> None:
+    """Tell the workers to stop through `group` (unless None), then leave the process group (`leave_group`).
+    Run on a thread of its own, under shutdown's deadline: a worker that cannot take the message would
+    otherwise hold the driver here."""
+    if group is not None:
+        try:
+            dist.broadcast_object_list([None], src=0, group=group)  # "stop"
+        except Exception:  # noqa: BLE001 - a worker that cannot be told is killed by shutdown
+            pass
+    leave_group(runner, aborting)
+
+
 def shutdown(group, workers: list, monitor: WorkerMonitor, runner, timeout=SHUTDOWN_TIMEOUT):
     """Stop the workers and leave the process group, in bounded time. NCCL's teardown waits for every
     rank, so the driver leaves the group at the same time as the workers instead of waiting for them to
@@ -790,13 +802,9 @@ def shutdown(group, workers: list, monitor: WorkerMonitor, runner, timeout=SHUTD
     deadline is aborted (the group) or killed (the workers)."""
     deadline = time.monotonic() + timeout
     monitor.stop()
-    if monitor.failure is None and group is not None:
-        try:
-            dist.broadcast_object_list([None], src=0, group=group)  # "stop"
-        except Exception:  # noqa: BLE001 - a worker that cannot be told is killed below
-            pass
+    tell = group if monitor.failure is None else None  # a dead worker cannot be told
     leaving = threading.Thread(
-        target=leave_group, args=(runner, monitor.aborting), name="tp-leave", daemon=True
+        target=stop_and_leave, args=(tell, runner, monitor.aborting), name="tp-leave", daemon=True
     )
     leaving.start()
     for w in workers:

@@ -102,6 +102,11 @@ class LLMEngine:
         )
         # every running request can take its next token in every step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
+        spec = (
+            self.speculative_config
+        )  # verification needs logits at 1 + k rows per speculating request
+        speculating = min(max_num_seqs, (spec and spec.disable_by_batch_size) or max_num_seqs)
+        max_logit_rows = max_num_seqs + (speculating * spec.num_speculative_tokens if spec else 0)
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -118,6 +123,7 @@ class LLMEngine:
             enforce_eager,
             eos_token_ids=tuple(eos),
             seed=seed,
+            max_logit_rows=max_logit_rows,
         )
         self.async_scheduling = (
             self.device.type == "cuda" if async_scheduling is None else async_scheduling
@@ -215,9 +221,8 @@ class LLMEngine:
             new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
         outputs, stopped = self.output_processor.process(new_tokens)
         for seq_id in stopped:  # its text reached a stop string
-            if (
-                seq_id in self.scheduler.requests
-            ):  # (a later token of the step may have ended it too)
+            # (a later token of the step may have ended it too)
+            if seq_id in self.scheduler.requests:
                 self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
         return outputs
 

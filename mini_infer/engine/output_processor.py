@@ -96,10 +96,9 @@ class OutputProcessor:
         (the engine must end them: their finish reason here is "stop")."""
         touched: dict[str, RequestState] = {}
         stopped = []
+        finished = set()  # sequences that finished at an earlier token of this step drop the rest
         for seq_id, token, finish_reason, logprobs in new_tokens:
-            if (
-                seq_id not in self.sample_of
-            ):  # it reached a stop string at an earlier token of this step
+            if seq_id in finished:
                 continue
             state, sample = self.sample_of[seq_id]
             params = state.request.sampling_params
@@ -121,6 +120,7 @@ class OutputProcessor:
                     finish_reason, sample.stop_reason = "stop", sample.stream.stop_reason
             if finish_reason is not None:
                 self._finish(state, seq_id, sample, finish_reason)
+                finished.add(seq_id)
             if state.streamed or finish_reason is not None:
                 touched[state.request.request_id] = state
         outputs = [out for state in touched.values() if (out := self._output(state)) is not None]

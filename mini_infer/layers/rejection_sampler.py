@@ -55,12 +55,12 @@ class RejectionSampler:
             accept = torch.where(greedy, accept, u < p_draft)
             # each row's draw from p without its draft (the last row of a request keeps all of p)
             row_drafts = to_device(
-                draft_ids[np.repeat(np.arange(len(drafts)), k + 1), _row_j(k)], device
+                draft_ids[np.repeat(np.arange(len(drafts)), k + 1), row_offsets(k)], device
             )
             logp = probs.log()
             has = row_drafts >= 0
             logp[has.nonzero().flatten(), row_drafts[has]] = float("-inf")
-            drawn = self.draw(logp, row_params, np.repeat(positions, k + 1) + _row_j(k))
+            drawn = self.draw(logp, row_params, np.repeat(positions, k + 1) + row_offsets(k))
             target = torch.where(greedy, target, drawn[rows_t])
         valid = to_device(j[None, :K] < k[:, None], device)
         num_accepted = (accept & valid).int().cumprod(dim=1).sum(dim=1, keepdim=True)
@@ -103,7 +103,7 @@ class RejectionSampler:
         return sample(logp, to_device(ones, logp.device), to_device(seeds, logp.device))
 
 
-def _row_j(k: np.ndarray) -> np.ndarray:
+def row_offsets(k: np.ndarray) -> np.ndarray:
     """For requests with k drafts each, every row's index within its request: 0..k_0, 0..k_1, ..."""
     n = k + 1
     return np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)

@@ -267,6 +267,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def json_object(text: str) -> dict:
+    """A command-line value that must be a JSON object (argparse shows the error with the option's name)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f'not JSON ({e}): write it as \'{{"method": "ngram", "num_speculative_tokens": 4}}\''
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
+    return value
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `mini-infer serve` (and `python -m mini_infer.serve`), named as vLLM's."""
     model = ap.add_mutually_exclusive_group()  # argparse refuses MODEL and --model together
@@ -313,7 +326,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--speculative-config",
-        type=json.loads,
+        type=json_object,
         help='speculative decoding (Chapter 10), as JSON: \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'',
     )

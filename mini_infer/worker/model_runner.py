@@ -12,7 +12,7 @@ import torch
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.device import to_device
 from mini_infer.layers.attention import AttentionMetadata, PagedAttention
-from mini_infer.layers.rejection_sampler import RejectionSampler
+from mini_infer.layers.rejection_sampler import RejectionSampler, row_offsets
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch, top_logprobs
 from mini_infer.memory.kv_cache import KVCache, kv_block_bytes, num_kv_blocks
 from mini_infer.sampling_params import SamplingParams
@@ -122,8 +122,9 @@ def mixed_graph_sizes(max_num_batched_tokens: int, largest: int = 2048) -> list[
     """The token counts whose mixed steps (prompt chunks, alone or beside decoding requests) get a CUDA
     graph: every 16 up to 256, every 64 up to 1,024, every 256 up to `largest`, none above
     max_num_batched_tokens (which gets its own if it is smaller than `largest`). A step replays the
-    smallest graph that holds its tokens, so at most a quarter of a replay's tokens are padding; a larger
-    step runs eagerly, where the GPU's work, not the launches, sets the pace."""
+    smallest graph that holds its tokens, so at most 15, 63 or 255 of its tokens are padding (under a
+    quarter from 64 tokens up); a larger step runs eagerly, where the GPU's work, not the launches, sets
+    the pace."""
     ladder = [*range(16, 257, 16), *range(320, 1025, 64), *range(1280, largest + 1, 256)]
     top = min(max_num_batched_tokens, largest)
     return sorted({s for s in ladder if s <= top} | {top})
@@ -144,7 +145,9 @@ class ModelRunner:
     graph, one launch for the whole forward instead of hundreds: decode steps a graph per batch size of
     `cuda_graph_sizes` (decode attention), steps with prompt tokens a graph per token count of
     `mixed_graph_sizes` (prefill attention, which serves decoding requests of the same step too). A step
-    larger than those runs eagerly.
+    larger than those runs eagerly. `max_logit_rows` (default max_num_seqs, a row per request) is the most
+    rows of logits a step computes, which the warm-up reserves memory for (Chapter 10's verification
+    computes 1 + k rows per speculating request).
     """
 
     def __init__(
@@ -159,6 +162,7 @@ class ModelRunner:
         enforce_eager: bool = False,
         eos_token_ids: tuple[int, ...] = (),
         seed: int | None = None,
+        max_logit_rows: int | None = None,
     ):
         self.model, self.config = model, model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -176,7 +180,7 @@ class ModelRunner:
         self.last_rows: dict[int, int] = {}
         c = self.config
         if self.device.type == "cuda":
-            self._warm_up(max_num_batched_tokens, max_num_seqs)
+            self._warm_up(max_num_batched_tokens, max_logit_rows or max_num_seqs)
         block_bytes = kv_block_bytes(
             c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype
         )
@@ -218,15 +222,16 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def _warm_up(self, num_tokens: int, num_seqs: int) -> None:
+    def _warm_up(self, num_tokens: int, logit_rows: int) -> None:
         """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
-        computed for num_seqs rows only: a step needs them for each sequence's last token, never for all of
-        its tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
+        computed for `logit_rows` rows only, with one float32 copy as the samplers make: a step needs them
+        for each sequence's last token (and for the tokens it verifies, Chapter 10), never for all of its
+        tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(ids, ids, lambda layer, q, k, v: q)
-        self.model.compute_logits(hidden[: min(num_seqs, num_tokens)])
+        self.model.compute_logits(hidden[: min(logit_rows, num_tokens)]).float().softmax(-1)
         torch.cuda.empty_cache()
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -343,9 +348,8 @@ class ModelRunner:
             output = self.verify(logits, step, scheduler_output)
         else:
             output = self.sampler(logits, self.sampling_batch(step))
-        self.last_sampled = (
-            output.token_ids
-        )  # (a verifying engine is not one step ahead: Chapter 10)
+        # (a verifying engine is not one step ahead: Chapter 10)
+        self.last_sampled = output.token_ids
         self.last_rows = {
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
@@ -363,10 +367,8 @@ class ModelRunner:
         """Chapter 10: the rows whose logits a step with speculative tokens needs: for each request its last
         row, and before it one row per speculative token (its newest token's, then each draft's but the last)."""
         k = np.fromiter((len(spec.get(r, ())) for r in req_ids), np.int64)
-        n_rows = k + 1
-        first = np.repeat(step.cu_seqlens[1:] - n_rows, n_rows)
-        offsets = np.arange(n_rows.sum()) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
-        return to_device(first + offsets, self.device)
+        first = np.repeat(step.cu_seqlens[1:] - (k + 1), k + 1)
+        return to_device(first + row_offsets(k), self.device)
 
     def verify(
         self, logits: torch.Tensor, step: StepInputs, scheduler_output: SchedulerOutput
