@@ -891,9 +891,8 @@ class MergedLinear(nn.Linear):
 
 
 def copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if not isinstance(
-        tensor, torch.Tensor
-    ):  # a lazy slice of a safetensors file (1.10): read it all
+    # a lazy slice of a safetensors file (1.10): read it all
+    if not isinstance(tensor, torch.Tensor):
         tensor = tensor[:]
     # copy_ would broadcast a wrong shape silently
     if param.shape != tensor.shape:
@@ -1208,9 +1207,8 @@ def load_gguf(
 ) -> LoadedModel:
     try:
         reader = gguf.GGUFReader(path)
-    except (
-        Exception
-    ) as e:  # the reader fails in many ways on a damaged file; all mean "not a valid GGUF"
+    # the reader fails in many ways on a damaged file; all mean "not a valid GGUF"
+    except Exception as e:
         raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
     config = ModelConfig.from_hf(gguf_hf_config(reader), max_model_len)
     model = load_weights(

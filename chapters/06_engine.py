@@ -983,14 +983,14 @@ class ModelRunner:
         pool: captured largest first, the smaller ones reuse its memory."""
         mixed = mixed_graph_sizes(max_num_batched_tokens)
         max_tokens = max(max_num_seqs, *mixed)
-        zeros = dict(dtype=torch.int32, device=self.device)
+        int32 = dict(dtype=torch.int32, device=self.device)
         self.graph_inputs = i = {
             "input_ids": torch.zeros(max_tokens, dtype=torch.long, device=self.device),
             "positions": torch.zeros(max_tokens, dtype=torch.long, device=self.device),
             "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.long, device=self.device),
-            "block_tables": torch.zeros(max_num_seqs, self.max_blocks_per_seq, **zeros),
-            "context_lens": torch.zeros(max_num_seqs, **zeros),
-            "cu_seqlens_q": torch.zeros(max_num_seqs + 1, **zeros),
+            "block_tables": torch.zeros(max_num_seqs, self.max_blocks_per_seq, **int32),
+            "context_lens": torch.zeros(max_num_seqs, **int32),
+            "cu_seqlens_q": torch.zeros(max_num_seqs + 1, **int32),
         }
         self.graph_output = torch.zeros(
             max_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device
@@ -1677,11 +1677,11 @@ class LLMEngine:
         )
         # every running request can take its next token in every step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
-        spec = (
-            self.speculative_config
-        )  # verification needs logits at 1 + k rows per speculating request
-        speculating = min(max_num_seqs, (spec and spec.disable_by_batch_size) or max_num_seqs)
-        max_logit_rows = max_num_seqs + (speculating * spec.num_speculative_tokens if spec else 0)
+        # logits: a row per request, and k more per speculating request (verification, Chapter 10)
+        max_logit_rows = max_num_seqs
+        if spec := self.speculative_config:
+            speculating = min(max_num_seqs, spec.disable_by_batch_size or max_num_seqs)
+            max_logit_rows += speculating * spec.num_speculative_tokens
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -162,9 +162,8 @@ def load_gguf(
 ) -> LoadedModel:
     try:
         reader = gguf.GGUFReader(path)
-    except (
-        Exception
-    ) as e:  # the reader fails in many ways on a damaged file; all mean "not a valid GGUF"
+    # the reader fails in many ways on a damaged file; all mean "not a valid GGUF"
+    except Exception as e:
         raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from e
     config = ModelConfig.from_hf(gguf_hf_config(reader), max_model_len)
     model = load_weights(

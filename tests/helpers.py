@@ -30,6 +30,19 @@ TINY_HF = dict(
 )
 
 
+# A config.json of the same shape for Mini-Infer's dummy weights (load_format="dummy"), vocabulary 256
+TINY_DUMMY = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+)
+
+
 def tiny_hf_model(model_type: str, **config):
     """A tiny random Hugging Face model of one family (TINY_HF's shape, updated by `config`), in float32.
     Its norms and biases are drawn from [0.5, 1.5], so that a mistake with them shows in the logits."""

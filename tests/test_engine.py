@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_HF, assert_engine_quiet, tiny_hf_model
+from helpers import TINY_DUMMY, TINY_HF, assert_engine_quiet, tiny_hf_model
 from mini_infer.layers.sampler import Sampler, SamplingBatch
 from mini_infer.llm import LLM
 from mini_infer.memory.kv_cache import kv_block_bytes
@@ -384,17 +384,7 @@ def test_a_bad_prompt_in_a_batch_fails_alone(llm):
 
 
 def test_dummy_weights_generate_from_token_ids():
-    config = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 256,
-        "max_position_embeddings": 128,
-    }
-    llm = LLM(config, load_format="dummy", device="cpu", dtype="float32")
+    llm = LLM(TINY_DUMMY, load_format="dummy", device="cpu", dtype="float32")
     out = llm.generate(
         [[1, 2, 3], [4, 5, 6, 7, 8]],
         SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True),
@@ -516,20 +506,9 @@ class EagerGraph:
         EagerGraph.replayed.append(self.tokens)
 
 
-GRAPH_TEST_MODEL = dict(
-    model_type="llama",
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=256,
-)
-
-
 def stand_in_graphs(llm, monkeypatch, max_num_seqs: int = 4, max_num_batched_tokens: int = 48):
-    """Give a CPU engine's runner EagerGraph stand-ins for every graph a GPU would capture."""
+    """Give a CPU engine's runner EagerGraph stand-ins for every graph a GPU would capture; return the
+    runner and a list that collects the SchedulerOutput of every step it executes from now on."""
     from mini_infer.worker.model_runner import ModelRunner
 
     monkeypatch.setattr(
@@ -537,14 +516,18 @@ def stand_in_graphs(llm, monkeypatch, max_num_seqs: int = 4, max_num_batched_tok
     )
     runner = llm.engine.runner
     runner._capture_graphs(max_num_seqs, max_num_batched_tokens)
-    return runner
+    EagerGraph.replayed = []
+    steps = []
+    execute = runner.execute_model
+    monkeypatch.setattr(runner, "execute_model", lambda out: steps.append(out) or execute(out))
+    return runner, steps
 
 
 def test_graph_replays_with_padding_give_the_eager_tokens(monkeypatch):
     """What a GPU does with CUDA graphs, checked on the CPU: the runner's static buffers, the choice of a
     decode or a mixed graph, and the padding of tokens and sequences. Every step replays a graph (chunked
     prompts beside decoding requests, then pure decode), and the tokens equal the eager run's."""
-    config = GRAPH_TEST_MODEL
+    config = TINY_DUMMY
     generator = torch.Generator().manual_seed(5)
     prompts = [
         torch.randint(0, 256, (n,), generator=generator).tolist() for n in (5, 19, 40, 70, 3)
@@ -554,12 +537,8 @@ def test_graph_replays_with_padding_give_the_eager_tokens(monkeypatch):
     eager = LLM(config, max_num_seqs=4, max_num_batched_tokens=48, seed=0, **args)
     expected = token_ids(eager.generate(prompts, params, use_tqdm=False))
     graphed = LLM(config, max_num_seqs=4, max_num_batched_tokens=48, seed=0, **args)
-    runner = stand_in_graphs(graphed, monkeypatch)
+    runner, steps = stand_in_graphs(graphed, monkeypatch)
     assert sorted(runner.graphs) == [1, 2, 4] and sorted(runner.mixed_graphs) == [16, 32, 48]
-    steps = []
-    execute = runner.execute_model
-    monkeypatch.setattr(runner, "execute_model", lambda out: steps.append(out) or execute(out))
-    EagerGraph.replayed = []
     assert token_ids(graphed.generate(prompts, params, use_tqdm=False)) == expected
     # every step replayed the smallest graph that holds it: none ran eagerly
     mixed = [s.total_num_scheduled_tokens > len(s.num_scheduled_tokens) for s in steps]
@@ -580,17 +559,10 @@ def test_verification_steps_replay_the_mixed_graphs(monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     args = dict(load_format="dummy", device="cpu", dtype="float32", max_model_len=192, seed=0)
     args.update(max_num_seqs=4, max_num_batched_tokens=48, speculative_config=spec)
-    expected = token_ids(LLM(GRAPH_TEST_MODEL, **args).generate(prompts, params, use_tqdm=False))
-    graphed = LLM(GRAPH_TEST_MODEL, **args)
-    stand_in_graphs(graphed, monkeypatch)
-    EagerGraph.replayed = []
-    steps = []
-    execute = graphed.engine.runner.execute_model
-    monkeypatch.setattr(
-        graphed.engine.runner, "execute_model", lambda out: steps.append(out) or execute(out)
-    )
+    expected = token_ids(LLM(TINY_DUMMY, **args).generate(prompts, params, use_tqdm=False))
+    graphed = LLM(TINY_DUMMY, **args)
+    _, steps = stand_in_graphs(graphed, monkeypatch)
     assert token_ids(graphed.generate(prompts, params, use_tqdm=False)) == expected
     assert graphed.llm_engine.spec_decode_metrics.num_accepted_tokens > 0
-    assert len(EagerGraph.replayed) == len(
-        steps
-    )  # every step, verification included, replayed a graph
+    # every step, verification included, replayed a graph
+    assert len(EagerGraph.replayed) == len(steps)

@@ -14,23 +14,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_engine_quiet
+from helpers import TINY_DUMMY, assert_engine_quiet
 from mini_infer.core.sequence import Sequence
 from mini_infer.llm import LLM
 from mini_infer.memory.kv_cache import kv_block_bytes
 from mini_infer.sampling_params import SamplingParams
 
 VOCAB, BLOCK = 512, 16
-CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 128,
-}
+CONFIG = {**TINY_DUMMY, "vocab_size": VOCAB, "max_position_embeddings": 128}
 BLOCK_BYTES = kv_block_bytes(
     num_layers=2, num_kv_heads=2, head_dim=16, block_size=BLOCK, dtype=torch.float32
 )

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import assert_engine_quiet
+from helpers import TINY_DUMMY, assert_engine_quiet
 from mini_infer.llm import LLM
 from mini_infer.serve.api_server import build_app, serve_in_thread
 from mini_infer.serve.loadgen import run_load, summarize
@@ -686,17 +686,7 @@ def test_penalties_and_vllms_sampling_extensions_reach_the_engine(client, refere
 
 
 def test_logprobs_of_a_model_without_a_tokenizer_name_token_ids(tmp_path):
-    config = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 256,
-        "max_position_embeddings": 128,
-    }
-    tiny = LLM(config, load_format="dummy", device="cpu", dtype="float32", cpu_kv_bytes=1 << 20)
+    tiny = LLM(TINY_DUMMY, load_format="dummy", device="cpu", dtype="float32", cpu_kv_bytes=1 << 20)
     with serve_in_thread(build_app(tiny, "tiny")) as url:
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2, "logprobs": 1, "top_k": None}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)

@@ -102,11 +102,11 @@ class LLMEngine:
         )
         # every running request can take its next token in every step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
-        spec = (
-            self.speculative_config
-        )  # verification needs logits at 1 + k rows per speculating request
-        speculating = min(max_num_seqs, (spec and spec.disable_by_batch_size) or max_num_seqs)
-        max_logit_rows = max_num_seqs + (speculating * spec.num_speculative_tokens if spec else 0)
+        # logits: a row per request, and k more per speculating request (verification, Chapter 10)
+        max_logit_rows = max_num_seqs
+        if spec := self.speculative_config:
+            speculating = min(max_num_seqs, spec.disable_by_batch_size or max_num_seqs)
+            max_logit_rows += speculating * spec.num_speculative_tokens
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

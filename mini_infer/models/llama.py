@@ -44,9 +44,8 @@ class MergedLinear(nn.Linear):
 
 
 def copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if not isinstance(
-        tensor, torch.Tensor
-    ):  # a lazy slice of a safetensors file (1.10): read it all
+    # a lazy slice of a safetensors file (1.10): read it all
+    if not isinstance(tensor, torch.Tensor):
         tensor = tensor[:]
     # copy_ would broadcast a wrong shape silently
     if param.shape != tensor.shape:

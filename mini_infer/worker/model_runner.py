@@ -445,14 +445,14 @@ class ModelRunner:
         pool: captured largest first, the smaller ones reuse its memory."""
         mixed = mixed_graph_sizes(max_num_batched_tokens)
         max_tokens = max(max_num_seqs, *mixed)
-        zeros = dict(dtype=torch.int32, device=self.device)
+        int32 = dict(dtype=torch.int32, device=self.device)
         self.graph_inputs = i = {
             "input_ids": torch.zeros(max_tokens, dtype=torch.long, device=self.device),
             "positions": torch.zeros(max_tokens, dtype=torch.long, device=self.device),
             "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.long, device=self.device),
-            "block_tables": torch.zeros(max_num_seqs, self.max_blocks_per_seq, **zeros),
-            "context_lens": torch.zeros(max_num_seqs, **zeros),
-            "cu_seqlens_q": torch.zeros(max_num_seqs + 1, **zeros),
+            "block_tables": torch.zeros(max_num_seqs, self.max_blocks_per_seq, **int32),
+            "context_lens": torch.zeros(max_num_seqs, **int32),
+            "cu_seqlens_q": torch.zeros(max_num_seqs + 1, **int32),
         }
         self.graph_output = torch.zeros(
             max_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device
