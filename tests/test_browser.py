@@ -1,11 +1,13 @@
 """The built book in a real browser: headless Chromium opens the front page and every chapter page, the DOM
 it renders must hold the chapter's code cells, stored outputs, plots (real images of the book's _images/)
 and Colab link, and a screenshot of each page (saved under _build/screenshots/) must not be blank. Skipped
-where Chromium is not installed:
+where Chromium is not installed, except where MINI_INFER_REQUIRE_BROWSER=1 (CI's `.ci/run` installs
+Chromium from Debian's packages and sets it, so a broken install fails instead of skipping):
 
     apt-get install -y chromium && python -m pytest tests/test_browser.py
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -30,9 +32,16 @@ FLAGS = [
     "--hide-scrollbars",
 ]
 
+REQUIRED = os.environ.get("MINI_INFER_REQUIRE_BROWSER") == "1"
+
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)"
+    CHROMIUM is None and not REQUIRED,
+    reason="no chromium on PATH (Debian: apt-get install chromium)",
 )
+
+
+def test_chromium_is_installed_where_required():
+    assert CHROMIUM or not REQUIRED, "MINI_INFER_REQUIRE_BROWSER=1 but no chromium on PATH"
 
 
 def chromium(profile: Path, *args: str) -> str:
