@@ -5,10 +5,12 @@
 A tensor-parallel decoder layer all-reduces one hidden vector per token twice (after attention, after
 the MLP), and the embedding once more: 2 x layers + 1 all-reduces a step (65 for Llama-3-8B), of
 batch x hidden_size bf16 values each. One process per GPU (NCCL, --world-size of them) measures, for
-each --batch: one all-reduce launched from Python (eager, mean of 200 after 20 warm-up calls), and a
-step's all-reduces captured in one CUDA graph, as the engine's decode graphs hold them (mean of 50
-replays). Appends one row per batch size to results/tp_allreduce.jsonl. `--device cpu` runs the same on
-gloo (no graphs), to check the script without GPUs.
+each --batch and each method (NCCL's all-reduce, and on GPUs the engine's one-shot all-reduce over
+symmetric memory, `mini_infer.parallel.communicator`): one all-reduce launched from Python (eager, mean
+of 200 after 20 warm-up calls), and a step's all-reduces captured in one CUDA graph, as the engine's
+decode graphs hold them (mean of 50 replays). Appends one row per batch size and method to
+results/tp_allreduce.jsonl. `--device cpu` runs NCCL's path on gloo (no graphs), to check the script
+without GPUs.
 """
 
 import json
@@ -24,6 +26,8 @@ def measure(rank: int, world_size: int, port: int, args, hidden: int, per_step: 
     import torch
     import torch.distributed as dist
 
+    from mini_infer.parallel import communicator
+
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
@@ -35,40 +39,51 @@ def measure(rank: int, world_size: int, port: int, args, hidden: int, per_step: 
     )
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+
+    def nccl(x):
+        dist.all_reduce(x)
+        return x
+
+    methods = {"nccl": nccl}
+    if cuda and communicator.use_one_shot_all_reduce(device, dist.new_group(backend="gloo")):
+        methods["one-shot"] = communicator.all_reduce  # falls back to NCCL above MAX_BYTES
     rows = []
     for batch in args.batch:
-        # zeros: the sum stays finite however often it is taken, and NCCL's time does not depend on it
-        x = torch.zeros(batch, hidden, dtype=torch.bfloat16, device=device)
-        for _ in range(WARMUP):
-            dist.all_reduce(x)
-        sync()
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            dist.all_reduce(x)
-        sync()
-        row = {"batch": batch, "bytes": x.numel() * x.element_size()}
-        row["allreduce_us"] = round((time.perf_counter() - start) / CALLS * 1e6, 2)
-        if cuda:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(per_step):
-                    dist.all_reduce(x)
-            graph.replay()
+        for method, reduce in methods.items():
+            # zeros: the sum stays finite however often it is taken, and the time does not depend on it
+            x = torch.zeros(batch, hidden, dtype=torch.bfloat16, device=device)
+            for _ in range(WARMUP):
+                x = reduce(x)
             sync()
             dist.barrier()
             start = time.perf_counter()
-            for _ in range(REPLAYS):
+            for _ in range(CALLS):
+                x = reduce(x)
+            sync()
+            row = {"batch": batch, "bytes": x.numel() * x.element_size(), "method": method}
+            row["allreduce_us"] = round((time.perf_counter() - start) / CALLS * 1e6, 2)
+            if cuda:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    y = x
+                    for _ in range(per_step):
+                        y = reduce(y)
                 graph.replay()
-            sync()
-            step = (time.perf_counter() - start) / REPLAYS
-            row["step_us_graph"] = round(step * 1e6, 1)
-            row["graph_allreduce_us"] = round(step / per_step * 1e6, 2)
-            del graph
-            sync()
-        rows.append(row)
+                sync()
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(REPLAYS):
+                    graph.replay()
+                sync()
+                step = (time.perf_counter() - start) / REPLAYS
+                row["step_us_graph"] = round(step * 1e6, 1)
+                row["graph_allreduce_us"] = round(step / per_step * 1e6, 2)
+                del graph
+                sync()
+            rows.append(row)
     if rank == 0:
         queue.put(rows)
+    communicator.stop_one_shot_all_reduce()
     dist.barrier()
     dist.destroy_process_group()
 

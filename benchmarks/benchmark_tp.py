@@ -49,6 +49,7 @@ def main() -> None:
         "tensor_parallel_size": args.tensor_parallel_size,
         "cuda_graphs": not args.enforce_eager,
         "async_scheduling": llm.engine.async_scheduling,
+        "custom_all_reduce": not args.disable_custom_all_reduce,
     }
     rows = []
     if args.only != "latency":

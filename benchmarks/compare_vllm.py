@@ -62,6 +62,11 @@ def main() -> int:
     ap.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="vLLM's tensor_parallel_size"
     )
+    ap.add_argument(
+        "--disable-custom-all-reduce",
+        action="store_true",
+        help="vLLM's disable_custom_all_reduce: every all-reduce through NCCL",
+    )
     if not (args := common.parse_on_gpu(ap, __file__)):
         return 0
     try:
@@ -82,6 +87,7 @@ def main() -> int:
         seed=0,
         attention_config={"backend": backend} if backend else None,
         tensor_parallel_size=args.tensor_parallel_size,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
     )
     generate = vllm_generate(llm)
     tag = {
@@ -91,6 +97,7 @@ def main() -> int:
         "attention_backend": backend or "auto",
         "cuda_graphs": True,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "custom_all_reduce": not args.disable_custom_all_reduce,
     }
     rows = []
     if args.only != "latency":

@@ -4,7 +4,9 @@ results/tp_throughput.jsonl, tp_latency.jsonl and tp_allreduce.jsonl (benchmarks
     python benchmarks/tp_report.py            # print the table, write results/tp_scaling_<device>.png
 
 Only rows of one machine are compared (the same device, date and boot): the machine of the newest
-Mini-Infer throughput row at tensor_parallel_size 2. Per engine and size, the newest row of that machine.
+Mini-Infer throughput row at tensor_parallel_size 2. Per engine, all-reduce and size, the newest row of
+that machine; a row with "custom_all_reduce": false (every all-reduce through NCCL) is an engine of its
+own in the table and the plot.
 """
 
 import argparse
@@ -13,7 +15,12 @@ import json
 import common
 from kernel_benchmark import slug
 
-ENGINES = {"mini_infer": "Mini-Infer", "vllm": "vLLM"}
+ENGINES = {
+    ("mini_infer", True): "Mini-Infer",
+    ("mini_infer", False): "Mini-Infer, NCCL all-reduce",
+    ("vllm", True): "vLLM",
+    ("vllm", False): "vLLM, NCCL all-reduce",
+}
 
 
 def load(name: str) -> list[dict]:
@@ -21,8 +28,16 @@ def load(name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def series(row: dict) -> tuple[str, bool]:
+    """(engine, custom all-reduce): one GPU has no all-reduce, so its row serves both series."""
+    return row["engine"], row.get("custom_all_reduce", True) or row.get(
+        "tensor_parallel_size", 1
+    ) == 1
+
+
 def machine_rows(model: str = "llama3-8b") -> dict | None:
-    """{"where": (device, date, machine), "throughput"|"latency": {(engine, tp): row}, "allreduce": [rows]}
+    """{"where": (device, date, machine), "throughput"|"latency": {((engine, custom all-reduce), tp): row},
+    "allreduce": [rows]}
     for the newest machine with a Mini-Infer tp=2 throughput row of `model`; None without one."""
     tput = [r for r in load("tp_throughput.jsonl") if r["model"] == model]
     ours = [r for r in tput if r["engine"] == "mini_infer" and r["tensor_parallel_size"] == 2]
@@ -36,7 +51,7 @@ def machine_rows(model: str = "llama3-8b") -> dict | None:
     found = {"where": where}
     for kind, rows in (("throughput", tput), ("latency", load("tp_latency.jsonl"))):
         found[kind] = {
-            (r["engine"], r.get("tensor_parallel_size", 1)): r
+            (series(r), r.get("tensor_parallel_size", 1)): r
             for r in same_machine(rows)
             if r["model"] == model
         }
@@ -59,7 +74,9 @@ def table(found: dict) -> list[str]:
     for engine, label in ENGINES.items():
         for tp in sorted({tp for e, tp in tput | lat if e == engine}):
             t, la = tput.get((engine, tp)), lat.get((engine, tp))
-            t1, la1 = tput.get((engine, 1)), lat.get((engine, 1))
+            # the one-GPU row (no all-reduce) is listed once, under the engine's own name
+            one = ((engine[0], True), 1)
+            t1, la1 = tput.get(one), lat.get(one)
             cells = [
                 f"{t['tokens_per_s']:,.0f}" if t else "-",
                 f"{t['tokens_per_s'] / t1['tokens_per_s']:.2f}x" if t and t1 else "-",
@@ -73,7 +90,7 @@ def table(found: dict) -> list[str]:
     for r in found["allreduce"]:
         lines.append(
             f"\nAll-reduce of {r['batch']} x {r['hidden_size']} bf16 ({r['bytes'] / 1024:,.0f} KiB) over "
-            f"{r['world_size']} GPUs: {r['allreduce_us']:.1f} us launched alone, "
+            f"{r['world_size']} GPUs, {r.get('method', 'nccl')}: {r['allreduce_us']:.1f} us launched alone, "
             f"{r['graph_allreduce_us']:.1f} us each in a CUDA graph; a decode step's "
             f"{r['allreduces_per_step']}: {r['step_us_graph'] / 1000:.2f} ms."
         )
@@ -91,12 +108,13 @@ def figure(found: dict):
     ):
         rows = found[kind]
         sizes = sorted({tp for _, tp in rows})
-        for i, (engine, label) in enumerate(ENGINES.items()):
-            xs = [j + (i - 0.5) * 0.38 for j, tp in enumerate(sizes) if (engine, tp) in rows]
-            ys = [rows[(engine, tp)][key] for tp in sizes if (engine, tp) in rows]
-            if not ys:  # an engine this machine did not measure gets no legend entry
-                continue
-            bars = ax.bar(xs, ys, width=0.36, label=label, color=f"C{i}")
+        shown = [e for e in ENGINES if any((e, tp) in rows for tp in sizes if tp > 1)]
+        width = 0.8 / max(1, len(shown))
+        for i, engine in enumerate(shown):  # an engine this machine did not measure gets no bars
+            at = [(j, tp) for j, tp in enumerate(sizes) if (engine, tp) in rows]
+            xs = [j + (i - (len(shown) - 1) / 2) * width for j, _ in at]
+            ys = [rows[(engine, tp)][key] for _, tp in at]
+            bars = ax.bar(xs, ys, width=width * 0.95, label=ENGINES[engine], color=f"C{i}")
             ax.bar_label(bars, fmt="%.0f" if key == "tokens_per_s" else "%.2f", fontsize=8)
         ax.set_xticks(range(len(sizes)), [f"{tp} GPU{'s' if tp > 1 else ''}" for tp in sizes])
         ax.set_title(title, fontsize=10)

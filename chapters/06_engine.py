@@ -1604,14 +1604,27 @@ def load_for_rank_0(load_args: dict, tensor_parallel_size: int):
     return load_model(**load_args, shard=shard)
 
 
-def make_runner(model, tensor_parallel_size: int, load_args: dict, *runner_args, **runner_kwargs):
+def make_runner(
+    model,
+    tensor_parallel_size: int,
+    load_args: dict,
+    *runner_args,
+    disable_custom_all_reduce: bool = False,
+    **runner_kwargs,
+):
     """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU, whose
-    workers load their own shards with `load_args`."""
+    workers load their own shards with `load_args` (and sum small messages with a one-shot all-reduce
+    unless `disable_custom_all_reduce`)."""
     if tensor_parallel_size > 1:
         from mini_infer.parallel.runner import TensorParallelRunner  # Chapter 9
 
         return TensorParallelRunner(
-            model, tensor_parallel_size, load_args, *runner_args, **runner_kwargs
+            model,
+            tensor_parallel_size,
+            load_args,
+            *runner_args,
+            custom_all_reduce=not disable_custom_all_reduce,
+            **runner_kwargs,
         )
     return ModelRunner(model, *runner_args, **runner_kwargs)
 
@@ -1622,7 +1635,8 @@ class LLMEngine:
     `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
     `load_format="dummy"` a config.json (random weights, for benchmarks).
     `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
-    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9). `seed` seeds the
+    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9); with
+    `disable_custom_all_reduce`, their all-reduces all go through NCCL (vLLM's switch). `seed` seeds the
     sampling of requests that have no seed of their own, so that a run repeats (None: fresh each run).
     `speculative_config` (vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}) switches on
     speculative decoding (Chapter 10); it makes scheduling synchronous, and `spec_decode_metrics` counts
@@ -1647,6 +1661,7 @@ class LLMEngine:
         static_batching: bool = False,
         async_scheduling: bool | None = None,
         tensor_parallel_size: int = 1,
+        disable_custom_all_reduce: bool = False,
         seed: int | None = None,
         speculative_config: dict | SpeculativeConfig | None = None,
     ):
@@ -1696,6 +1711,7 @@ class LLMEngine:
             gpu_memory_utilization,
             cpu_kv_bytes,
             enforce_eager,
+            disable_custom_all_reduce=disable_custom_all_reduce,
             eos_token_ids=tuple(eos),
             seed=seed,
             max_logit_rows=max_logit_rows,

@@ -239,6 +239,40 @@ print(
 # than its shard and the one tensor being copied: a model that does not fit one GPU can still be loaded.
 # With one GPU there is no `shard` step, and the same loader fills the whole model.
 
+# %% [markdown]
+# The layers call one function for their all-reduces, `all_reduce`, rather than `torch.distributed`'s
+# directly: NCCL's (or gloo's) all-reduce is the one this section needs, and section 6 gives the same
+# function a faster path for the small messages of a decode step.
+
+# %%
+#| export mini_infer.parallel.communicator
+"""The all-reduce of the tensor-parallel layers: `all_reduce(x)` sums x over the ranks of the default
+process group, with NCCL (gloo on the CPU), or, once `use_one_shot_all_reduce` has set it up between GPUs,
+with a one-shot all-reduce over symmetric memory for messages of up to `MAX_BYTES` (section 6 of Chapter 9).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+# This process's one-shot all-reduce, set by `use_one_shot_all_reduce` (one tensor-parallel group per
+# process, as for the default group itself).
+_one_shot: OneShotAllReduce | None = None
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over the ranks: x itself, summed in place by NCCL or gloo, or a new tensor from the
+    one-shot all-reduce; use the returned tensor. Same shape and dtype as x."""
+    if _one_shot is not None and _one_shot.fits(x):
+        return _one_shot(x)
+    dist.all_reduce(x)
+    return x
+
+
 # %%
 #| export mini_infer.parallel.layers
 """Tensor-parallel layers: each rank holds a slice of a weight matrix, and the ranks combine their results
@@ -260,6 +294,7 @@ from torch import nn
 
 from mini_infer.config import ModelConfig
 from mini_infer.models.llama import LlamaForCausalLM, copy_checked
+from mini_infer.parallel.communicator import all_reduce
 
 
 def _empty(*shape, like: torch.Tensor) -> nn.Parameter:
@@ -348,8 +383,7 @@ class RowParallelLinear(Sharded):
         self.bias = _empty(out_features, like=like) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        dist.all_reduce(y)
+        y = all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
@@ -384,8 +418,7 @@ class VocabParallelEmbedding(Sharded):
         h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(
             outside[:, None], 0
         )
-        dist.all_reduce(h)
-        return h
+        return all_reduce(h)
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         rows = full[self.start : min(self.start + self.shard_size, self.num_embeddings)]
@@ -581,6 +614,7 @@ import torch.multiprocessing as mp
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.loader import load_model
+from mini_infer.parallel.communicator import stop_one_shot_all_reduce, use_one_shot_all_reduce
 from mini_infer.parallel.layers import rank_shard
 from mini_infer.worker.model_runner import ModelRunner, SampledTokens
 
@@ -616,14 +650,18 @@ def rank_device(device_type: str, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
 
-def init_group(device_type: str, store: dist.Store, rank: int, world_size: int):
-    """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives; return a gloo
-    group for the step messages, which are Python objects on the host."""
+def init_group(device_type: str, store: dist.Store, rank: int, world_size: int, one_shot: bool):
+    """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives, with the
+    one-shot all-reduce for small messages on GPUs if `one_shot` (section 6); return a gloo group for the
+    step messages, which are Python objects on the host."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
-    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    if device_type == "cuda" and one_shot:
+        use_one_shot_all_reduce(torch.device("cuda", rank), group)
+    return group
 
 
 def min_over_ranks(value: int, group) -> int:
@@ -638,6 +676,7 @@ def leave_group(runner: ModelRunner | None, aborting: threading.Thread | None = 
     worker died), let that abort finish: it too waits until the graphs are gone."""
     if runner is not None:
         runner.release_graphs()
+    stop_one_shot_all_reduce()
     if aborting is not None:
         aborting.join()
     elif dist.is_initialized():
@@ -670,6 +709,7 @@ def worker_main(
     parent_pid: int,
     load_args: dict,
     threads: int,
+    one_shot: bool,
     runner_args: tuple,
     runner_kwargs: dict,
 ) -> None:
@@ -688,7 +728,7 @@ def worker_main(
             tokenizer=False,
         ).model
         store.set(f"started/{rank}", "1")
-        group = init_group(device.type, store, rank, world_size)
+        group = init_group(device.type, store, rank, world_size, one_shot)
         runner = ModelRunner(model, *runner_args, **runner_kwargs)
         runner.sampler = receive_sample
         min_over_ranks(runner.num_blocks, group)
@@ -839,13 +879,16 @@ class TensorParallelRunner:
     the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest pool of any rank,
     so one scheduler's block tables are valid everywhere.
 
-    `args` and `kwargs` are ModelRunner's, after the model. One tensor-parallel runner per process at a
-    time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
+    `args` and `kwargs` are ModelRunner's, after the model. `custom_all_reduce=False` keeps every
+    all-reduce on NCCL (by default, GPUs use the one-shot all-reduce for small messages, section 6). One
+    tensor-parallel runner per process at a time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
     is garbage collected, or when the interpreter exits; a worker that dies makes the next step raise a
     RuntimeError that names it, and a worker exits on its own when the driver dies.
     """
 
-    def __init__(self, model, world_size: int, load_args: dict, *args, **kwargs):
+    def __init__(
+        self, model, world_size: int, load_args: dict, *args, custom_all_reduce=True, **kwargs
+    ):
         if dist.is_initialized():
             raise RuntimeError(
                 "a process group already exists in this process: close the other "
@@ -873,6 +916,7 @@ class TensorParallelRunner:
                     os.getpid(),
                     {**load_args, "device": device},
                     threads,
+                    custom_all_reduce,
                     args,
                     kwargs,
                 ),
@@ -885,7 +929,7 @@ class TensorParallelRunner:
         self.group, self.runner = None, None
         try:
             self._wait_for_workers(store)
-            self.group = init_group(device.type, store, 0, world_size)
+            self.group = init_group(device.type, store, 0, world_size, custom_all_reduce)
             self.runner = ModelRunner(model, *args, **kwargs)
             self.runner.sampler = BroadcastingSampler(self.runner.sampler)
             self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
@@ -1126,6 +1170,114 @@ for label, rate in rates.items():
 # the other. Those costs belong to this setting, and they decide the ratio above (the stored run is one
 # sample of a busy machine). What carries over to GPUs is the structure, and the tokens: the same as in
 # one process.
+
+# %% [markdown]
+# ### A one-shot all-reduce for small messages
+#
+# NCCL's all-reduce is built for bandwidth: rings or trees of chunks, a protocol that keeps the links busy
+# for megabytes. A decode step at batch 1 sends 8 kB per all-reduce, and there only the fixed cost counts;
+# between two H200s it was about 20 us per all-reduce inside a CUDA graph (section 7), 65 times per token.
+#
+# GPUs joined by NVLink can read each other's memory directly, and that allows the simplest all-reduce of
+# all, in one kernel: every rank copies its input into a buffer that all ranks have mapped, the ranks meet
+# at a barrier (a flag each writes into the others' memory), and then every rank reads all the buffers and
+# adds them itself. Each rank moves (N - 1) times the message over the links, which is wasteful for
+# megabytes and nothing for kilobytes: one kernel, no protocol. vLLM's custom all-reduce
+# (`vllm/distributed/device_communicators/custom_all_reduce.cuh`) does this over CUDA IPC handles; PyTorch
+# ships the same algorithm over its *symmetric memory* (`torch.distributed._symmetric_memory`: a buffer
+# allocated at the same offset on every rank and mapped by all of them, with signal pads for the barrier),
+# as `torch.ops.symm_mem.one_shot_all_reduce`, which works inside CUDA graphs. We use PyTorch's: a
+# well-kept kernel beats a copy of our own.
+#
+# `use_one_shot_all_reduce` sets it up on every rank of a GPU group, or on none: the ranks agree after
+# the buffer is mapped, then check one all-reduce against NCCL's and agree again, and any failure on any
+# rank leaves all of them on NCCL (a rank alone on the one-shot path would wait at its barrier forever).
+# Messages above `MAX_BYTES` (a prefill step's) keep going to NCCL, whose rings do better there.
+# `LLM(..., disable_custom_all_reduce=True)`, vLLM's switch, keeps every all-reduce on NCCL.
+
+# %%
+#| export mini_infer.parallel.communicator
+MAX_BYTES = 8 << 20  # the largest message for the one-shot path, as vLLM's limit for two GPUs
+
+
+class OneShotAllReduce:
+    """A one-shot all-reduce over PyTorch's symmetric memory: `__call__(x)` copies x (contiguous, float32
+    or bfloat16, up to `max_bytes`, a multiple of 16 bytes: see `fits`) into this rank's mapped buffer,
+    meets the other ranks, and returns a new tensor with the sum of every rank's x. Made on every rank of
+    the default (NCCL) group at once: the constructor maps the buffer collectively."""
+
+    def __init__(self, device: torch.device, max_bytes: int = MAX_BYTES):
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        # the one-shot kernel reads peers' memory directly; it never needs NVLink multicast, which
+        # some shared machines forbid
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        self.group_name = dist.group.WORLD.group_name
+        self.max_bytes = max_bytes
+        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        symm_mem.rendezvous(self.buffer, self.group_name)
+        self.op = torch.ops.symm_mem.one_shot_all_reduce_copy  # raises where PyTorch lacks it
+
+    def fits(self, x: torch.Tensor) -> bool:
+        nbytes = x.numel() * x.element_size()
+        return (
+            x.is_cuda
+            and x.is_contiguous()
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and nbytes <= self.max_bytes
+            and nbytes % 16 == 0  # the kernel's vector width
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        staging = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+        return self.op(staging, x, "sum", self.group_name)
+
+
+def _all_ranks_agree(ok: bool, group) -> bool:
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, dist.ReduceOp.MIN, group=group)
+    return bool(flag)
+
+
+def use_one_shot_all_reduce(device: torch.device, group) -> bool:
+    """Set up the one-shot all-reduce for `all_reduce` on every rank of the default group, or on none;
+    `group` is a gloo group of the same ranks, for agreeing. Returns whether it is in use; a rank where it
+    failed prints why to stderr. Undo with `stop_one_shot_all_reduce`."""
+    global _one_shot
+    candidate, why = None, ""
+    try:
+        candidate = OneShotAllReduce(device)
+    except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
+        why = f"setting up failed: {e!r}"
+    if _all_ranks_agree(candidate is not None, group):
+        # the same sum as NCCL's, for a message of a decode step's shape
+        x = torch.randn(3, 1000, device=device) + dist.get_rank()
+        want = x.clone()
+        dist.all_reduce(want)
+        try:
+            got = candidate(x)
+            if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                why = f"its sum differs from NCCL's by {(got - want).abs().max():.3g}"
+        except Exception as e:  # noqa: BLE001 - e.g. a message layout the kernel refuses
+            why = f"a test all-reduce failed: {e!r}"
+        if why:
+            candidate = None
+    if not _all_ranks_agree(candidate is not None, group):
+        if why:
+            print(
+                f"one-shot all-reduce not used ({why}); all-reduces go through NCCL",
+                file=sys.stderr,
+            )
+        return False
+    _one_shot = candidate
+    return True
+
+
+def stop_one_shot_all_reduce() -> None:
+    """Back to NCCL for every all-reduce of this process; frees the buffer (before the group is left)."""
+    global _one_shot
+    _one_shot = None
+
 
 # %% [markdown]
 # ## 7. On GPUs: Llama-3-8B on one and two GPUs

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from mini_infer.config import ModelConfig
 from mini_infer.llm import LLM
 from mini_infer.loader import embedded_gguf_path, empty_model, load_model
+from mini_infer.parallel import communicator
 from mini_infer.parallel.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -117,6 +118,49 @@ def _check_layers(rank: int) -> None:
 @bounded
 def test_parallel_layers_equal_unsharded(tmp_path):
     run_on_ranks(_check_layers, tmp_path)
+
+
+class WorkingOneShot:
+    """A stand-in that works on the CPU: sums like the real one."""
+
+    def __init__(self, device):
+        pass
+
+    def __call__(self, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+
+def _one_shot_where_one_rank_fails(rank: int, failing_rank: int) -> None:
+    def unavailable(device):  # as if this rank's PyTorch had no symmetric memory
+        raise RuntimeError("no symmetric memory here")
+
+    communicator.OneShotAllReduce = unavailable if rank == failing_rank else WorkingOneShot
+    assert communicator.use_one_shot_all_reduce(torch.device("cpu"), dist.group.WORLD) is False
+    assert communicator._one_shot is None
+    x = torch.full((3, 4), float(rank + 1))
+    torch.testing.assert_close(communicator.all_reduce(x), torch.full((3, 4), 3.0))
+
+
+@bounded
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_one_shot_all_reduce_is_used_by_every_rank_or_none(tmp_path, failing_rank):
+    """A rank alone on the one-shot path would wait at its barrier forever: the ranks agree, and where it
+    fails on one, all of them keep NCCL's (here gloo's) all-reduce, without hanging."""
+    run_on_ranks(_one_shot_where_one_rank_fails, tmp_path, failing_rank)
+
+
+def _one_shot_everywhere(rank: int) -> None:
+    communicator.OneShotAllReduce = WorkingOneShot
+    assert communicator.use_one_shot_all_reduce(torch.device("cpu"), dist.group.WORLD) is True
+    communicator.stop_one_shot_all_reduce()
+    assert communicator._one_shot is None
+
+
+@bounded
+def test_one_shot_all_reduce_is_used_where_every_rank_has_it(tmp_path):
+    run_on_ranks(_one_shot_everywhere, tmp_path)
 
 
 def causal_attention(layer_idx, q, k, v):
@@ -476,13 +520,20 @@ def gpu_reference() -> dict:
 
 @two_gpus
 @bounded
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(gpu_reference, async_scheduling):
+@pytest.mark.parametrize(
+    "async_scheduling, one_shot",
+    [(False, True), (True, True), (False, False)],
+    ids=["sync", "async", "sync-nccl-only"],
+)
+def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(
+    gpu_reference, async_scheduling, one_shot
+):
     gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
-    args = gpu_args(async_scheduling=async_scheduling)
+    args = gpu_args(async_scheduling=async_scheduling, disable_custom_all_reduce=not one_shot)
     llm = LLM(TINY, device="cuda", tensor_parallel_size=2, **args)
-    # decode steps replay CUDA graphs that captured NCCL all-reduces
+    # decode steps replay CUDA graphs that captured the all-reduces (one-shot, or NCCL's)
     assert llm.engine.runner.runner.graphs
+    assert (communicator._one_shot is not None) == one_shot
     assert generate(llm, GREEDY) == gpu_reference["greedy"]
     assert generate(llm, SEEDED) == gpu_reference["seeded"]
     closed_in_time(llm.engine.runner)

@@ -18,6 +18,7 @@ from torch import nn
 
 from mini_infer.config import ModelConfig
 from mini_infer.models.llama import LlamaForCausalLM, copy_checked
+from mini_infer.parallel.communicator import all_reduce
 
 
 def _empty(*shape, like: torch.Tensor) -> nn.Parameter:
@@ -106,8 +107,7 @@ class RowParallelLinear(Sharded):
         self.bias = _empty(out_features, like=like) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        dist.all_reduce(y)
+        y = all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
@@ -142,8 +142,7 @@ class VocabParallelEmbedding(Sharded):
         h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(
             outside[:, None], 0
         )
-        dist.all_reduce(h)
-        return h
+        return all_reduce(h)
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         rows = full[self.start : min(self.start + self.shard_size, self.num_embeddings)]

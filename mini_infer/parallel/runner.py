@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.loader import load_model
+from mini_infer.parallel.communicator import stop_one_shot_all_reduce, use_one_shot_all_reduce
 from mini_infer.parallel.layers import rank_shard
 from mini_infer.worker.model_runner import ModelRunner, SampledTokens
 
@@ -58,14 +59,18 @@ def rank_device(device_type: str, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
 
-def init_group(device_type: str, store: dist.Store, rank: int, world_size: int):
-    """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives; return a gloo
-    group for the step messages, which are Python objects on the host."""
+def init_group(device_type: str, store: dist.Store, rank: int, world_size: int, one_shot: bool):
+    """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives, with the
+    one-shot all-reduce for small messages on GPUs if `one_shot` (section 6); return a gloo group for the
+    step messages, which are Python objects on the host."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
-    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    if device_type == "cuda" and one_shot:
+        use_one_shot_all_reduce(torch.device("cuda", rank), group)
+    return group
 
 
 def min_over_ranks(value: int, group) -> int:
@@ -80,6 +85,7 @@ def leave_group(runner: ModelRunner | None, aborting: threading.Thread | None = 
     worker died), let that abort finish: it too waits until the graphs are gone."""
     if runner is not None:
         runner.release_graphs()
+    stop_one_shot_all_reduce()
     if aborting is not None:
         aborting.join()
     elif dist.is_initialized():
@@ -112,6 +118,7 @@ def worker_main(
     parent_pid: int,
     load_args: dict,
     threads: int,
+    one_shot: bool,
     runner_args: tuple,
     runner_kwargs: dict,
 ) -> None:
@@ -130,7 +137,7 @@ def worker_main(
             tokenizer=False,
         ).model
         store.set(f"started/{rank}", "1")
-        group = init_group(device.type, store, rank, world_size)
+        group = init_group(device.type, store, rank, world_size, one_shot)
         runner = ModelRunner(model, *runner_args, **runner_kwargs)
         runner.sampler = receive_sample
         min_over_ranks(runner.num_blocks, group)
@@ -281,13 +288,16 @@ class TensorParallelRunner:
     the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest pool of any rank,
     so one scheduler's block tables are valid everywhere.
 
-    `args` and `kwargs` are ModelRunner's, after the model. One tensor-parallel runner per process at a
-    time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
+    `args` and `kwargs` are ModelRunner's, after the model. `custom_all_reduce=False` keeps every
+    all-reduce on NCCL (by default, GPUs use the one-shot all-reduce for small messages, section 6). One
+    tensor-parallel runner per process at a time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
     is garbage collected, or when the interpreter exits; a worker that dies makes the next step raise a
     RuntimeError that names it, and a worker exits on its own when the driver dies.
     """
 
-    def __init__(self, model, world_size: int, load_args: dict, *args, **kwargs):
+    def __init__(
+        self, model, world_size: int, load_args: dict, *args, custom_all_reduce=True, **kwargs
+    ):
         if dist.is_initialized():
             raise RuntimeError(
                 "a process group already exists in this process: close the other "
@@ -315,6 +325,7 @@ class TensorParallelRunner:
                     os.getpid(),
                     {**load_args, "device": device},
                     threads,
+                    custom_all_reduce,
                     args,
                     kwargs,
                 ),
@@ -327,7 +338,7 @@ class TensorParallelRunner:
         self.group, self.runner = None, None
         try:
             self._wait_for_workers(store)
-            self.group = init_group(device.type, store, 0, world_size)
+            self.group = init_group(device.type, store, 0, world_size, custom_all_reduce)
             self.runner = ModelRunner(model, *args, **kwargs)
             self.runner.sampler = BroadcastingSampler(self.runner.sampler)
             self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
