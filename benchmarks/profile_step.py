@@ -33,6 +33,7 @@ CATEGORIES = [  # (category, substrings of kernel names), first match wins
     ("KV store", ("_store_kvcache",)),
     ("RMSNorm", ("_rms_norm",)),
     ("RoPE", ("_rope",)),
+    ("SiLU-and-mul", ("_silu_and_mul",)),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas")),
 ]
 
@@ -40,7 +41,7 @@ CATEGORIES = [  # (category, substrings of kernel names), first match wins
 def category(kernel: str) -> str:
     return next(
         (name for name, keys in CATEGORIES if any(k in kernel for k in keys)),
-        "other (sampling, SiLU, copies)",
+        "other (sampling, copies)",
     )
 
 

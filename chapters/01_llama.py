@@ -838,6 +838,8 @@ print("lm_head is the embedding table:", hf.lm_head.weight.data_ptr() == E.data_
 # * **Merged projections.** q, k and v are one matmul with the three weight matrices stacked
 #   (`qkv_proj`), and so are gate and up (`gate_up_proj`): fewer, larger matmuls. The loader copies each
 #   Hugging Face tensor into its slice.
+# * **Kernels where they pay.** RMSNorm, RoPE and the MLP's `silu(gate) * up` call functions that run a
+#   Triton kernel on the GPU and the plain PyTorch above elsewhere; Chapters 2 and 3 write those kernels.
 #
 # Parameter names follow Hugging Face's (`model.layers.0.self_attn.o_proj.weight`), so loading needs no
 # translation beyond the merged projections. Mistral is the same model; Qwen2 gives `qkv_proj` a bias
@@ -861,6 +863,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mini_infer.config import ModelConfig
+from mini_infer.kernels.activation import silu_and_mul
 from mini_infer.kernels.rmsnorm import rms_norm
 from mini_infer.kernels.rope import apply_rope, rope_cos_sin_cache
 
@@ -942,8 +945,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # silu(gate) * up, in one kernel on the GPU (Chapter 2)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -19,6 +19,7 @@ CHAPTER_OF_TEST_FILE = {
     "test_llama.py": 1,
     "test_loader.py": 1,
     "test_rmsnorm.py": 2,
+    "test_activation.py": 2,
     "test_rope.py": 3,
     "test_kv_cache.py": 4,
     "test_block_manager.py": 4,
