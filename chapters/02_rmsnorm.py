@@ -63,7 +63,7 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## The formula
+# ## 2.1 The formula
 #
 # RMSNorm rescales each token's hidden vector $x \in \mathbb{R}^H$ to unit root-mean-square, then
 # multiplies it elementwise by a learned weight $w$:
@@ -122,7 +122,7 @@ print(
 )
 
 # %% [markdown]
-# ## What eager PyTorch moves
+# ## 2.2 What eager PyTorch moves
 #
 # Each line of the reference is at least one GPU kernel, and each kernel reads its input from GPU memory
 # (HBM) and writes its output back. For a bf16 activation of T tokens × H, per element:
@@ -151,7 +151,7 @@ print(
 # bandwidth. So the target is clear: one kernel that reads each element of `x` once, keeps the row in
 # registers while it reduces, and writes `y` once, about ten times faster than eager on large inputs.
 #
-# ## The Triton kernel
+# ## 2.3 The Triton kernel
 #
 # Triton programs operate on blocks. One program instance takes `ROWS` whole rows: it loads a
 # `[ROWS, BLOCK_N]` tile (`BLOCK_N` is the hidden size rounded up to a power of two, because Triton
@@ -215,7 +215,7 @@ def _rms_norm_kernel(
 
 
 # %% [markdown]
-# ### How big a program?
+# ### 2.3.1 How big a program?
 #
 # Triton's `@triton.autotune` would time several configurations on first use, but it needs a GPU timer
 # (the interpreter cannot run it) and costs seconds at start-up, so the launch parameters come from a
@@ -307,7 +307,7 @@ def rms_norm(
 
 
 # %% [markdown]
-# ## Is it right?
+# ## 2.4 Is it right?
 #
 # Against the reference on fresh random inputs, in the three dtypes, at SmolLM2's and Llama's hidden
 # sizes and an odd token count (so the last program of two-row groups has a masked row). On the CPU
@@ -347,7 +347,7 @@ print("residual now holds residual + x:", torch.equal(residual, expected_sum))
 print("output is rms_norm(residual + x):", torch.allclose(out, expected_out, rtol=4e-3, atol=4e-3))
 
 # %% [markdown]
-# ## How fast?
+# ## 2.5 How fast?
 #
 # Speed needs a GPU. `benchmarks/kernel_benchmark.py` times eager PyTorch (the reference above),
 # `torch.compile` of the same function (one static-shape graph per shape) and the Triton kernel, with

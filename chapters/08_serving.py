@@ -85,7 +85,7 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## Streaming text: token by token, but whole characters
+# ## 8.1 Streaming text: token by token, but whole characters
 #
 # A client that streams wants text, not token ids, and wants it as each token comes. The OpenAI API also
 # lets a request name `stop` strings: the text must end just before the first one, and the client must
@@ -119,7 +119,7 @@ for n in range(1, len(ids) + 1):
 print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 
 # %% [markdown]
-# ## The asynchronous engine loop
+# ## 8.2 The asynchronous engine loop
 #
 # An HTTP server handles each request in a coroutine on one asyncio event loop; while a coroutine waits
 # for its next token, the loop serves the others. The engine, though, is blocking compute: a step takes
@@ -299,6 +299,13 @@ class AsyncLLMEngine:
             self._loop.call_soon_threadsafe(_deliver, batch)
 
 
+# %% [markdown]
+# Two helpers that the engine thread hands to the event loop with `call_soon_threadsafe`: one
+# delivers a step's outputs to their queues, one settles the future of a request being added.
+
+
+# %%
+#| export mini_infer.serve.async_engine
 def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
     for outputs, item in batch:
         outputs.put_nowait(item)
@@ -366,7 +373,7 @@ await two_requests_and_an_abort(engine)
 engine.shutdown()
 
 # %% [markdown]
-# ## The wire format
+# ## 8.3 The wire format
 #
 # OpenAI's API is JSON over HTTP. A request names the model, the prompt (`/v1/completions`) or the chat
 # messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the sampling fields
@@ -518,6 +525,13 @@ class SamplingFields(OpenAIRequest):
                 )
 
 
+# %% [markdown]
+# The two request bodies, for `/v1/completions` and `/v1/chat/completions`, on top of the shared
+# sampling fields:
+
+
+# %%
+#| export mini_infer.serve.protocol
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     best_of: int | None = None
@@ -593,6 +607,12 @@ class ChatCompletionRequest(SamplingFields):
         return super().sampling_params(default_max_tokens)
 
 
+# %% [markdown]
+# The response side: ids, usage, choices, and logprobs in each endpoint's shape, and error bodies:
+
+
+# %%
+#| export mini_infer.serve.protocol
 def request_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
@@ -708,7 +728,7 @@ def error(
 
 
 # %% [markdown]
-# ## The server
+# ## 8.4 The server
 #
 # `build_app` makes the FastAPI app: its lifespan starts and stops the engine thread; each endpoint turns
 # the body into a prompt and `SamplingParams`, queues the request through the engine's input processor
@@ -768,6 +788,13 @@ class APIError(Exception):
         self.status, self.body = status, protocol.error(message, kind, code=code)
 
 
+# %% [markdown]
+# The app: one function builds it around the engine, with every route (the routes are closures over
+# the engine, so this cell stays whole):
+
+
+# %%
+#| export mini_infer.serve.api_server
 def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
     """The server's app; its engine thread runs while the app does (uvicorn's lifespan)."""
     engine = AsyncLLMEngine(llm.engine)
@@ -949,6 +976,13 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
     return app
 
 
+# %% [markdown]
+# A request whose client hangs up is aborted, and a helper runs the app in a background thread (this
+# chapter uses it below):
+
+
+# %%
+#| export mini_infer.serve.api_server
 async def until_disconnected(request: Request, work):
     """Await `work`, cancelling it (which aborts its request) if the client hangs up first."""
     task = asyncio.ensure_future(work)
@@ -988,6 +1022,12 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
         thread.join()
 
 
+# %% [markdown]
+# The command line, `python -m mini_infer serve`, and its options:
+
+
+# %%
+#| export mini_infer.serve.api_server
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """`--help` shows each option's default, as vLLM's does; an option whose default is None says in its
     help what happens without it."""
@@ -1265,7 +1305,7 @@ r = httpx.post(f"{url}/v1/completions", json=fine)
 print(f"{'nulls and no-ops':16} {r.status_code} {r.json()['choices'][0]['text']!r}")
 
 # %% [markdown]
-# ## Latency under load
+# ## 8.5 Latency under load
 #
 # `mini_infer.serve.loadgen` is a small load generator: concurrent clients that each stream one completion
 # after another, timing when the first chunk arrives (TTFT, queueing and prefill included) and the gaps
@@ -1400,7 +1440,7 @@ fig.tight_layout()
 server.close()  # stop uvicorn and the engine thread
 
 # %% [markdown]
-# ## Run it yourself
+# ## 8.6 Run it yourself
 #
 # ```bash
 # mini-infer serve --port 8000                  # or: python -m mini_infer serve; --help lists the options

@@ -78,7 +78,7 @@ torch.manual_seed(0)
 print("torch", torch.__version__, "| this notebook runs on:", device_name("cpu"))
 
 # %% [markdown]
-# ## 1. Splitting a matrix product
+# ## 9.1 Splitting a matrix product
 #
 # A linear layer computes `y = x @ W.T`, with `W` of shape `[out, in]`. There are two ways to share it
 # between two GPUs:
@@ -112,7 +112,7 @@ print(
 )
 
 # %% [markdown]
-# ## 2. Two all-reduces per layer
+# ## 9.2 Two all-reduces per layer
 #
 # The trick of Megatron-LM is to pair the two splits so that the split output of the first layer is
 # exactly the split input of the second, with nothing exchanged in between:
@@ -216,7 +216,7 @@ print(
 )
 
 # %% [markdown]
-# ## 3. The parallel layers
+# ## 9.3 The parallel layers
 #
 # Each parallel layer holds only its rank's slice of the weight and knows how to cut that slice out of
 # the whole tensor (`shard`), so that loading a shard is "give me the full tensor, keep my part". The
@@ -359,6 +359,12 @@ class RowParallelLinear(Sharded):
         return full[:, self.rank * n : (self.rank + 1) * n]
 
 
+# %% [markdown]
+# The embedding and the LM head are split by vocabulary, not by hidden size:
+
+
+# %%
+#| export mini_infer.parallel.layers
 class VocabParallelEmbedding(Sharded):
     """The embedding table split by vocabulary: rank r holds rows [r * n, (r + 1) * n). A rank looks up
     the ids it holds, writes zeros for the others, and an all-reduce puts each token's row together.
@@ -403,6 +409,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         return torch.cat(parts, dim=-1)[:, : self.num_embeddings]  # drop the padding rows' scores
 
 
+# %% [markdown]
+# Then a whole model: check that it divides evenly among the ranks, and turn it into one rank's
+# shard in place:
+
+
+# %%
+#| export mini_infer.parallel.layers
 def check_shardable(config: ModelConfig, world_size: int) -> None:
     """Raise ValueError unless every rank can get whole heads and equal slices of the MLP."""
     c = config
@@ -500,7 +513,7 @@ except ValueError as e:
 # The norms stay whole on every rank: they are small, and each rank applies them to the whole hidden
 # vector it holds after an all-reduce. The tied LM head is not listed: it shares the embedding's shard.
 #
-# ## 4. One process per GPU
+# ## 9.4 One process per GPU
 #
 # A GPU is driven by a process (one CUDA context, one stream of launches), so N GPUs means N processes,
 # and they must run the same forward in lockstep: every all-reduce waits for all ranks. vLLM's design,
@@ -509,7 +522,7 @@ except ValueError as e:
 # - The **driver** is the process that called `LLM(...)`. It is rank 0: it loads its shard of the model,
 #   starts ranks 1..N-1 with `torch.multiprocessing` (spawn: a fresh interpreter, since CUDA cannot be
 #   forked), and joins them in a process group (NCCL between GPUs, gloo on the CPU).
-# - **Weights.** Every rank, the driver included, loads its own shard from the checkpoint, as section 3
+# - **Weights.** Every rank, the driver included, loads its own shard from the checkpoint, as section 9.3
 #   showed: the engine passes `load_model`'s arguments to the workers, not tensors. (A first version had
 #   rank 0 load the whole model on GPU 0 and broadcast every tensor: simple, but then the model had to fit
 #   one GPU, which is the very limit tensor parallelism exists to lift.)
@@ -662,6 +675,13 @@ def exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
+# %% [markdown]
+# The worker process (rank 1 and up): load its shard, build its `ModelRunner`, then run the steps
+# the driver sends until it is told to stop:
+
+
+# %%
+#| export mini_infer.parallel.runner
 @torch.no_grad()
 def worker_main(
     rank: int,
@@ -724,6 +744,13 @@ def stop_workers(workers: list, timeout: float) -> None:
             w.join(5)
 
 
+# %% [markdown]
+# The driver's side of failures: a monitor thread that notices a worker exiting, and the ways to
+# shut down:
+
+
+# %%
+#| export mini_infer.parallel.runner
 class WorkerMonitor:
     """A thread of the driver that waits on the workers' process sentinels. A worker that exits while the
     engine runs is a failure: the monitor records which one and how (its exit code, and its error when it
@@ -827,6 +854,12 @@ def abandon(workers: list, monitor: WorkerMonitor) -> None:
     aborting.join(SHUTDOWN_TIMEOUT)
 
 
+# %% [markdown]
+# And the runner the engine sees:
+
+
+# %%
+#| export mini_infer.parallel.runner
 class TensorParallelRunner:
     """A ModelRunner over `world_size` processes, for `LLMEngine`: `execute_model(scheduler_output)`,
     `num_blocks`, `device`, `close()`.
@@ -930,7 +963,7 @@ class TensorParallelRunner:
 
 
 # %% [markdown]
-# ## 5. Running it: the same tokens with 1 and 2 processes
+# ## 9.5 Running it: the same tokens with 1 and 2 processes
 #
 # A small Llama-shaped model with random weights (4 query heads, 2 key/value heads), five prompts of 1 to 90
 # tokens, greedy and seeded sampling, once in one process and once split over two. The processes talk
@@ -1024,7 +1057,7 @@ print(f"close() took {time.perf_counter() - start:.2f} s; the worker is alive: {
 # process behind. With two GPUs it runs the engine checks on NCCL as well (the same tokens in fp32, within
 # the top 3 in bf16, and the second GPU's memory given back by `close()`).
 #
-# ## 6. What it costs, and what it gains
+# ## 9.6 What it costs, and what it gains
 #
 # **Communication, from the shapes.** Per token, a decode step all-reduces one hidden vector twice per
 # layer, plus once after the embedding, and all-gathers one row of logits per request. Next to that, what
@@ -1128,7 +1161,7 @@ for label, rate in rates.items():
 # one process.
 
 # %% [markdown]
-# ## 7. On GPUs: Llama-3-8B on one and two GPUs
+# ## 9.7 On GPUs: Llama-3-8B on one and two GPUs
 #
 # The target of this chapter is Llama-3-8B (dummy weights) on the nano-vllm protocol of Chapter 6, with
 # tensor_parallel_size 1 and 2 on one machine: at least 1.7 times the throughput on two GPUs, and a lower
@@ -1186,7 +1219,7 @@ else:
 #   `disable_custom_all_reduce=True`.
 
 # %% [markdown]
-# ## 8. When one machine is not enough
+# ## 9.8 When one machine is not enough
 #
 # Tensor parallelism puts two all-reduces in every layer of every step, so it lives on the fastest links
 # there are: NVLink between the GPUs of one machine, hundreds of GB/s, a few microseconds per message.
