@@ -465,6 +465,6 @@ if results is not None:
 #   time is the launch and one round trip to memory, a few microseconds whatever the implementation,
 #   and eager's eight launches cost eight times that. The CPU side is larger still: a Python call that
 #   launches a Triton kernel spends tens of microseconds in the launcher, more than the GPU needs for
-#   the kernel, which is why a later chapter captures whole decode steps in CUDA graphs.
+#   the kernel, which is why Chapter 6 captures whole decode steps in CUDA graphs.
 # - **SmolLM2's 576 needs more tokens** before the GPU is busy: at 4096 tokens there are only 2,048
 #   programs of about 2 KiB each. At 65,536 tokens it reaches the large-input speed.

@@ -1571,14 +1571,15 @@ else:
 # version of the kernels (head_dim padding, whole-page tiles, and the prefill design described above).
 # There, with one program per (sequence, KV head), a single request read its cache at about 20 GB/s, under
 # 1% of the card's bandwidth, because only 3 programs run on 132 SMs. The split lifted a single
-# 8,192-token context to about 460 GB/s (22 times faster) and 16 requests to 770 GB/s; at 256 requests
+# 8,192-token context to about 470 GB/s (22 times faster) and 16 requests to 790 GB/s; at 256 requests
 # the batch alone fills the GPU, the heuristic picks one split, and the kernel read at about 2,150 GB/s,
 # some 70% of the copy ceiling. Paged prefill, then with one program per query head, 64 x 64 tiles and
-# the mask on every tile, ran at 60-75% of PyTorch's contiguous FlashAttention; that gap is what the
-# prefill design above goes after. How close it comes is for `benchmarks/attention_sweep.py` (every launch
-# variant on an H200, against SDPA's FlashAttention backend, with and without a cached prefix) and the
-# prefill rows of `benchmarks/kernel_benchmark.py` to say once they have run, and for this cell's next
-# run on a GPU.
+# the mask on every tile, ran at 60-75% of PyTorch's contiguous FlashAttention; the prefill design above
+# (query heads packed, the mask only on the diagonal tiles) is built to close that gap.
+# `benchmarks/attention_sweep.py` times every launch variant against SDPA's FlashAttention backend, with
+# and without a cached prefix (its H200 run is `benchmarks/results/attention_sweep_nvidia-h200.json`, and
+# the launch table of the prefill cell records what it chose); run this cell on a GPU to see the current
+# kernels beside the numbers above.
 #
 # ## 4.5 What we have
 #

@@ -133,7 +133,7 @@ print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 #  request A: generate() ─── inbox: add A ──────────────▶ posted calls: add_request(A)
 #                                                         step(): schedule → execute → record → outputs
 #  request B: generate() ─── inbox: add B ──────────────▶ posted calls: add_request(B)  (B joins the batch)
-#  A's queue ◀── call_soon_threadsafe(outputs) ────────── step(): A's new text, B's new text
+#  A's queue ◀── call_soon_threadsafe(_deliver) ───────── step(): A's new text, B's new text
 #  B's queue ◀──┘                                         ...
 #  A's client hangs up ───── inbox: abort A ────────────▶ posted calls: abort_request(A), blocks free
 #                                                         nothing unfinished: sleep on the inbox
@@ -1428,9 +1428,8 @@ fig.tight_layout()
 
 # %% [markdown]
 # In the run stored above (a 2-thread CPU that other jobs were loading at the same time), 8 clients got
-# about 35 output tokens/s in all, roughly what one request alone gets on a quiet machine, with a median
-# TTFT of 0.57 s and a median ITL of 0.21 s. Both histograms are
-# shaped by the step: a token arrives once per engine step, so the ITL is the time of one batched step
+# about 29 output tokens/s in all, roughly what one request alone gets on a quiet machine, with a median
+# TTFT of 0.46 s and a median ITL of 0.26 s. Both histograms are shaped by the step: a token arrives once per engine step, so the ITL is the time of one batched step
 # (prefill chunks of newly arrived requests make some steps longer, the right tail), and a new request
 # waits for the step in progress, then for its own prefill step, before its first token. On a GPU a step of
 # 8 requests takes about as long as a step of 1, so the same load is many times faster;
@@ -1457,5 +1456,6 @@ server.close()  # stop uvicorn and the engine thread
 #
 # `tests/test_serve.py` does all of this with the `openai` client against a real uvicorn server: both
 # endpoints, streamed and not, 16 concurrent clients, a client that hangs up mid-stream, malformed JSON,
-# bad parameters, null ones, fields refused by name, and the command line. `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the
-# server under load and, on a GPU, the offline throughput of the same workload beside it.
+# bad parameters, null ones, fields refused by name, and the command line.
+# `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the server under
+# load and, on a GPU, the offline throughput of the same workload beside it.

@@ -16,8 +16,8 @@
 # # 9. Tensor parallelism: one model on several GPUs
 #
 # A decode step reads every weight of the model once, whatever the batch: Llama-3-8B's 16 GB in bf16.
-# Chapter 6 measured what that costs on one H100: 6.8 ms per token for a single request, most of it the
-# time to stream those 16 GB through the GPU's memory system. Two GPUs have twice the memory bandwidth
+# Chapter 7's race measured what that costs on one H200: 4.85 ms per token for a single request, most of
+# it the time to stream those 16 GB through the GPU's memory system (3.3 ms at its 4.8 TB/s). Two GPUs have twice the memory bandwidth
 # and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al. 2019) uses both for every
 # step: each weight matrix is cut in two, each GPU holds and reads one half, and the GPUs exchange a
 # little data in the middle of every layer so that the result is exactly that of the whole matrix.
@@ -171,18 +171,18 @@ fig, ax = plt.subplots(figsize=(10, 5.6))
 draw_layer_half(
     ax,
     4.2,
-    "q, k, v",
+    "qkv_proj",
     "attention\nof its heads",
     "o_proj",
-    "Attention: q/k/v column-parallel by heads, o_proj row-parallel",
+    "Attention: qkv_proj column-parallel by heads, o_proj row-parallel",
 )
 draw_layer_half(
     ax,
     0,
-    "gate, up",
+    "gate_up_proj",
     "silu(gate)\n* up",
     "down_proj",
-    "MLP: gate/up column-parallel, down_proj row-parallel",
+    "MLP: gate_up_proj column-parallel, down_proj row-parallel",
 )
 ax.set(xlim=(-0.1, 12.5), ylim=(-0.2, 7.8))
 ax.axis("off")
@@ -523,9 +523,9 @@ except ValueError as e:
 #   starts ranks 1..N-1 with `torch.multiprocessing` (spawn: a fresh interpreter, since CUDA cannot be
 #   forked), and joins them in a process group (NCCL between GPUs, gloo on the CPU).
 # - **Weights.** Every rank, the driver included, loads its own shard from the checkpoint, as section 9.3
-#   showed: the engine passes `load_model`'s arguments to the workers, not tensors. (A first version had
-#   rank 0 load the whole model on GPU 0 and broadcast every tensor: simple, but then the model had to fit
-#   one GPU, which is the very limit tensor parallelism exists to lift.)
+#   showed: the engine passes `load_model`'s arguments to the workers, not tensors. (Rank 0 could load the
+#   whole model on GPU 0 and broadcast every tensor: simpler, but then the model would have to fit one GPU,
+#   which is the very limit tensor parallelism exists to lift.)
 # - **The scheduler stays in one place.** Only the driver schedules, so there is one block manager. Each
 #   rank runs an ordinary `ModelRunner` on its shard, whose KV cache holds that rank's heads; the cache of
 #   every rank has the same blocks, indexed by the same block tables. The driver takes the smallest pool of
@@ -1098,12 +1098,12 @@ for name in ("qwen3-0.6b", "llama3-8b"):
 # and ring all-reduce spreads it over the GPUs' links. At batch 1 it is the other way round: 65 all-reduces
 # of 8 kB each per token, each a round trip between the GPUs whose cost is latency, not bandwidth. So
 # throughput should scale well, and batch-1 latency gains only if those 65 round trips cost less than the
-# 8 GB of reading each GPU saves; only a measurement on two GPUs will tell.
+# 8 GB of reading each GPU saves; section 9.7 measures it on two GPUs.
 #
 # **Measured here, on the CPU.** This machine has no GPUs. What it can show is the mechanism, and one
 # limit of it: the same model (random weights, 59 million parameters, fp32) decoding a batch of 8 requests in
 # one process with one thread, and split over two processes of one thread each (`tensor_parallel_size=2`),
-# which then use both cores. A run on a 2-core CPU, not the GPU target.
+# which then use both cores. A run on a 2-core CPU, not on GPUs.
 
 # %%
 import os
@@ -1163,10 +1163,10 @@ for label, rate in rates.items():
 # %% [markdown]
 # ## 9.7 On GPUs: Llama-3-8B on one and two GPUs
 #
-# The target of this chapter is Llama-3-8B (dummy weights) on the nano-vllm protocol of Chapter 6, with
-# tensor_parallel_size 1 and 2 on one machine: at least 1.7 times the throughput on two GPUs, and a lower
-# batch-1 latency, next to vLLM with the same sizes. One script does the whole visit to a machine with two
-# GPUs, every step under a timeout (NVLink multicast stays off in every process: `NCCL_NVLS_ENABLE=0` and
+# The model that needs it is the large one: Llama-3-8B (dummy weights) on the nano-vllm protocol of
+# Chapter 6, with tensor_parallel_size 1 and 2 on one machine, measured for throughput and batch-1 latency,
+# next to vLLM with the same sizes. One script runs the whole measurement on a machine with two GPUs,
+# every step under a timeout (NVLink multicast stays off in every process: `NCCL_NVLS_ENABLE=0` and
 # its PyTorch and NVSHMEM counterparts):
 #
 # ```bash
@@ -1199,24 +1199,24 @@ else:
     print("not measured yet: run `OUT=DIR bash benchmarks/tp_session.sh` on a machine with 2 GPUs")
 
 # %% [markdown]
-# What the first visit to two H200s measured (machine c1eed3e9, 2026-11-30; the table above reads the same
-# rows):
+# What two H200s measured (machine c1eed3e9, 2026-11-30; the table above reads the same rows):
 #
 # - **Every rank loads only its own half.** GPU 0 held 15.0 GiB of weights at tp=1 and 7.5 GiB at tp=2,
 #   and its peak while loading fell from 16.4 to 8.9 GiB: one full tensor in flight beside the shard.
 # - **Two GPUs are not twice as fast.** Throughput rose 1.34x and batch-1 latency fell to 0.76x of one
-#   GPU's, short of the 1.7x and 0.65x we aimed for. The all-reduces explain most of it: Llama-3-8B makes 65
-#   of them per step (two per layer and one for the embedding), and NCCL took 20 us each for a batch-1
-#   step's 8 KiB inside a CUDA graph, 1.3 ms per token, against the 2.4 ms that half of one GPU's 4.8 ms
-#   would leave. At batch 256 each takes 39 us, 2.5 ms per step. With NVLink multicast off (as this machine
-#   requires), NCCL's small messages cost that much; vLLM replaces them with its own all-reduce kernel,
-#   which writes straight into the other GPU's memory through CUDA IPC, at a few microseconds per message.
-#   That kernel is this engine's next step for two GPUs.
+#   GPU's (3.7 against 4.8 ms per token), where a perfect split would give 2x and 0.5x. The all-reduces
+#   explain most of it: Llama-3-8B makes 65 of them per step (two per layer and one for the embedding),
+#   and NCCL took 20 us each for a batch-1 step's 8 KiB inside a CUDA graph, 1.3 ms per token, against
+#   the 2.4 ms that half of one GPU's 4.8 ms would leave. At batch 256 each takes 39 us, 2.5 ms per step.
+#   With NVLink multicast off (as this machine requires), NCCL's small messages cost that much; vLLM
+#   replaces them with its own all-reduce kernel, which writes straight into the other GPU's memory
+#   through CUDA IPC, at a few microseconds per message. Mini-Infer calls NCCL for every all-reduce, so on
+#   two GPUs this is the largest cost left to remove.
 # - **vLLM at tp=2 did not run.** Its two workers loaded their halves (7.48 GiB each) and compiled, then
 #   stalled in their CUDA-graph capture for a minute and failed with a cuBLAS execution error (it had
 #   chosen its custom all-reduce and NCCL, with multicast off); the engine then hung until the step's
-#   7-minute timeout. So no vLLM row stands beside ours yet; the next visit should try it with
-#   `disable_custom_all_reduce=True`.
+#   7-minute timeout. So no vLLM row stands beside ours; to reproduce it, `disable_custom_all_reduce=True`
+#   (NCCL for every all-reduce, as Mini-Infer does) is the vLLM setting to try first.
 
 # %% [markdown]
 # ## 9.8 When one machine is not enough
