@@ -98,7 +98,8 @@ for name, params in (("SmolLM2-135M", num_params), ("Llama-3-8B", 8.03e9)):
 # bound by memory: a 135M model at batch 1 does about 2 x 135M x 5 = 1.4 GFLOP for 5 tokens, a few
 # microseconds of an H200's ~990 dense bf16 TFLOP/s. (For a model this small the real floor is higher
 # still: the launch of its ~200 kernels. Chapter 6's CUDA graphs remove most of that for decode steps.)
-# So a verification step costs about one decode step, and every accepted draft is a token for free. The
+# So, counted in bytes, a verification step costs about one decode step, and every accepted draft is a
+# token for free (section 10.6 measures how far the host's work moves a small model from that). The
 # question is how to guess well and cheaply.
 #
 # ## 10.2 A proposer without a second model: prompt lookup
