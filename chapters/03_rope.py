@@ -259,8 +259,8 @@ print(
 #   values back where they were: no copy to make them contiguous, no output allocation, and v untouched.
 # - **fp32 math, int64 offsets** (`token * stride` and `position * D` could pass 2³¹ in long batches).
 # - **Warps** grow with the q tile: about 8 elements, one 16-byte bf16 vector, per thread and half.
-#   A sweep from 1 to 16 warps on an H100 while writing this chapter picked 8 for Llama-3-8B heads and
-#   2 for SmolLM2's; 16 warps halved SmolLM2's speed.
+#   A one-off sweep from 1 to 16 warps on an H100 (its numbers are not among the stored results) picked
+#   8 for Llama-3-8B heads and 2 for SmolLM2's; 16 warps halved SmolLM2's speed.
 
 
 # %%
