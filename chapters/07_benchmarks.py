@@ -31,6 +31,14 @@
 # | `profile_step.py` | one decode step: GPU time by kernel kind, and the host's share | `profile_<model>.json` |
 # | `benchmark_serving.py` | online: concurrent streaming clients against the server of Chapter 8 | `serving.jsonl` |
 # | `run_all.py` | all of the above, then `report.py`: the README's results and plot | `README.md`, `race_<gpu>.png` |
+#
+# These run on their own, not from `run_all.py`, and their chapters show what they measured:
+#
+# | script (in `benchmarks/`) | measures | writes (in `benchmarks/results/`) |
+# |---|---|---|
+# | `attention_sweep.py` | the paged attention kernels' launch variants against PyTorch's FlashAttention (Chapter 4) | `attention_sweep_<gpu>.json` |
+# | `benchmark_tp.py`, `allreduce_latency.py` | one model on 1 and 2 GPUs, and one all-reduce (Chapter 9) | `tp_throughput.jsonl`, `tp_latency.jsonl`, `tp_allreduce.jsonl` |
+# | `benchmark_spec_decode.py` | speculative decoding against plain decoding (Chapter 10) | `spec_decode.jsonl` |
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
