@@ -165,9 +165,10 @@ report.race_figure(race)
 plt.show()
 
 # %% [markdown]
-# Read the ratios, not the bars. At batch 1 the whole step of our engine is one CUDA graph and little
-# Python runs between two of them, which is where the small models gain; at batch 256 vLLM is ahead, and
-# the profile below shows why. Transformers' `generate`, measured beside Mini-Infer (on the machine named),
+# Read the ratios, not the bars. In the stored race Mini-Infer is ahead on the two small models, at batch 1
+# and at batch 256: the whole decode step of our engine is one CUDA graph, and little Python runs between
+# two of them. On Llama-3-8B, whose steps are almost all GPU work, the two engines come within 5% of each
+# other (0.95x throughput, 1.02x at batch 1); the profile below shows why. Transformers' `generate`, measured beside Mini-Infer (on the machine named),
 # shows what an engine adds to a model: the same forward pass without a paged cache, continuous batching
 # or CUDA graphs.
 
@@ -258,11 +259,12 @@ plt.show()
 
 # %% [markdown]
 # Decode attention for the larger models runs at over 80% of the copy ceiling: it cannot get much faster,
-# on any engine. The matrix products of Llama-3-8B at batch 256 run at hundreds of TFLOP/s, near what the
-# ceilings cell measures for a large matrix product on the same kind of card. SmolLM2 is the other
-# extreme: its GPU work is so small that the host's share, Python preparing the next step while the GPU
-# waits, is most of the step. That share is what vLLM hides, by preparing step N+1 while the GPU runs
-# step N.
+# on any engine. The matrix products of Llama-3-8B at batch 256 run at hundreds of TFLOP/s (the ceilings
+# cell, run on a GPU, measures a large matrix product's rate beside them). For both larger models the host
+# adds only half a millisecond to a step. SmolLM2 is the other extreme: its GPU work is so small that the
+# host's share, the part of Python's work for the next step that the GPU waits for, is the largest single
+# share of the step (1.6 of 3.9 ms), even though the engine prepares step N+1 while the GPU runs step N
+# (asynchronous scheduling, Chapter 6).
 #
 # ## 7.4 Kernels against the copy ceiling
 #
