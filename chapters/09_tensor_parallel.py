@@ -17,8 +17,8 @@
 #
 # A decode step reads every weight of the model once, whatever the batch: Llama-3-8B's 16 GB in bf16.
 # Chapter 7's race measured what that costs on one H200: 4.85 ms per token for a single request, most of
-# it the time to stream those 16 GB through the GPU's memory system (3.3 ms at its 4.8 TB/s). Two GPUs have twice the memory bandwidth
-# and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al. 2019) uses both for every
+# it the time to stream those 16 GB through the GPU's memory system (3.3 ms at its 4.8 TB/s). Two GPUs
+# have twice the memory bandwidth and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al. 2019) uses both for every
 # step: each weight matrix is cut in two, each GPU holds and reads one half, and the GPUs exchange a
 # little data in the middle of every layer so that the result is exactly that of the whole matrix.
 #
@@ -540,15 +540,15 @@ except ValueError as e:
 # The runner offers what the engine uses of a `ModelRunner` (`execute_model`, `num_blocks`, `device`), so
 # `make_runner` needs two lines to choose it when `tensor_parallel_size > 1`.
 #
-# **Stopping.** On the CPU, ending the workers is a detail; on GPUs it is where the first run on two
-# H200s went wrong: the tokens were right, and `close()` never returned. Two things were in the way:
+# **Stopping.** On the CPU, ending the workers is a detail; on GPUs it is where an engine that produced
+# the right tokens can still hang, with `close()` never returning. Two things stand in the way:
 #
 # - *NCCL's teardown waits for every rank.* `destroy_process_group` flushes and frees the communicator
-#   that all ranks share, and each rank's call returns when the others have made theirs. The driver used
-#   to join its workers first and leave the group after: each worker sat in its own teardown waiting for
-#   the driver, the driver sat in `join` waiting for the worker, until after 60 seconds it gave up and
-#   killed the worker; then the driver's own teardown did not return (the next point).
-#   Now the driver tells the workers to stop and leaves the group *at the same time* as they do.
+#   that all ranks share, and each rank's call returns when the others have made theirs. A driver that
+#   joins its workers first and leaves the group after deadlocks: each worker sits in its own teardown
+#   waiting for the driver, the driver in `join` waiting for the worker. (On two H200s such a driver gave
+#   up after 60 seconds and killed the worker; then its own teardown did not return, for the next
+#   reason.) So the driver tells the workers to stop and leaves the group *at the same time* as they do.
 # - *A CUDA graph that captured an all-reduce holds the communicator.* Chapter 6's decode graphs contain
 #   the all-reduces of every layer; NCCL counts each such graph as a user of the communicator and will not
 #   free it while one lives, so the teardown (and even an abort) waits forever. So every rank first drops
