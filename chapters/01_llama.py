@@ -1431,9 +1431,9 @@ plt.show()
 # Two things stand out. A cached decode step costs almost the same whatever the context length, while
 # the naive step has to grow with it (on the GPU of the stored run, up to 256 tokens both hide under the
 # cost of launching the step's kernels: 20 to 31 ms either way, see section 1.9). And a forward of $T$
-# tokens costs far less than $T$ decode steps: the per-token cost of the prefill drops as $T$ grows. A decode step does little arithmetic per weight it
-# reads, so the machine waits on memory (and, on a GPU, on launching hundreds of small kernels); the same
-# weights can serve many tokens almost for free. That is the case for **batching** many requests'
+# tokens costs far less than $T$ decode steps: the per-token cost of the prefill drops as $T$ grows. A
+# decode step does little arithmetic per weight it reads, so the machine waits on memory (and, on a GPU,
+# on launching hundreds of small kernels); the same weights can serve many tokens almost for free. That is the case for **batching** many requests'
 # decode steps into one forward, which Chapters 5 and 6 build.
 #
 # End to end, tokens per second for a short prompt and 32 new tokens, naive and cached, and Hugging

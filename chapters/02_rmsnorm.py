@@ -228,10 +228,10 @@ def _rms_norm_kernel(
 # - **Warps.** About 16 elements per thread: two 16-byte vector loads of bf16 per thread, enough
 #   loads in flight per thread to cover memory latency, without so many registers that occupancy drops.
 #
-# A one-off sweep over rows per program (1 to 16) and warps (1 to 32) on an H100 in bf16 (its numbers
-# are not among the stored results) found a broad plateau: at 16384 × 4096 and 65536 × 576 most settings came within 2% of
-# the best. Off the plateau speed falls quickly (32 warps on a 576-wide row ran at a fifth of the best),
-# and this rule stays on it.
+# A one-off sweep over rows per program (1 to 16) and warps (1 to 32) on an H100 in bf16 (its numbers are
+# not among the stored results) found a broad plateau: at 16384 × 4096 and 65536 × 576 most settings came
+# within 2% of the best. Off the plateau speed falls quickly (32 warps on a 576-wide row ran at a fifth
+# of the best), and this rule stays on it.
 
 # %%
 #| export mini_infer.kernels.rmsnorm
@@ -461,10 +461,10 @@ if results is not None:
 #   from the same reference. Writing it by hand buys control (the in-place residual, no compile step,
 #   no recompilation per shape) and the understanding to write the kernels that follow, where no
 #   compiler finds the fusion for us.
-# - **Small inputs are not about bandwidth.** With one token (decode) there are 16 KiB to move; the
-#   time is the launch and one round trip to memory, a few microseconds whatever the implementation,
-#   and eager's eight launches cost about four times that (26 us against 5 to 6). The CPU side is larger still: a Python call that
-#   launches a Triton kernel spends tens of microseconds in the launcher, more than the GPU needs for
-#   the kernel, which is why Chapter 6 captures whole decode steps in CUDA graphs.
+# - **Small inputs are not about bandwidth.** With one token (decode) there are 16 KiB to move; the time
+#   is the launch and one round trip to memory, a few microseconds whatever the implementation, and
+#   eager's eight launches cost about four times that (26 us against 5 to 6). The CPU side is larger
+#   still: a Python call that launches a Triton kernel spends tens of microseconds in the launcher, more
+#   than the GPU needs for the kernel, which is why Chapter 6 captures whole decode steps in CUDA graphs.
 # - **SmolLM2's 576 needs more tokens** before the GPU is busy: at 4096 tokens there are only 2,048
 #   programs of about 2 KiB each. At 65,536 tokens it reaches the large-input speed.

@@ -809,10 +809,10 @@ print(
 # $$ o = \frac{\sum_s e^{\,lse_s - m}\, o_s}{\sum_s e^{\,lse_s - m}}, \qquad m = \max_s lse_s. $$
 #
 # The split count comes from the batch and the longest possible context (about four programs per SM, no
-# split shorter than 64 keys: on an H100 that beat fewer, longer splits at every batch size we tried). It is taken from the block table's *width*, not from the context
-# lengths' values: that needs no copy from the GPU to the host, so a captured CUDA graph stays valid.
-# A split past a sequence's end is empty and gets weight zero; a sequence with no context at all (a
-# padding row of a CUDA-graph batch) gets zeros.
+# split shorter than 64 keys: on an H100 that beat fewer, longer splits at every batch size we tried). It
+# is taken from the block table's *width*, not from the context lengths' values: that needs no copy from
+# the GPU to the host, so a captured CUDA graph stays valid. A split past a sequence's end is empty and
+# gets weight zero; a sequence with no context at all (a padding row of a CUDA-graph batch) gets zeros.
 #
 # Inside a program, a tile of `BLOCK_N` keys spans several blocks (pages) of the pool. When `BLOCK_N` is a
 # multiple of the block size, the tile is whole pages and needs one block-table entry per page; otherwise

@@ -16,10 +16,10 @@
 # # 7. Benchmarks: how every number was measured
 #
 # The earlier chapters quote numbers: kernels in GB/s, the engine in tokens per second and milliseconds
-# per token. A number is only as good as the way it was measured, so this chapter collects the methods in one
-# place, shows every headline result from the files the benchmark scripts wrote, and says how to reproduce
-# them. It measures nothing new on a CPU: it reads `benchmarks/results/`. On a GPU it also measures that
-# card's two ceilings live.
+# per token. A number is only as good as the way it was measured, so this chapter collects the methods in
+# one place, shows every headline result from the files the benchmark scripts wrote, and says how to
+# reproduce them. It measures nothing new on a CPU: it reads `benchmarks/results/`. On a GPU it also
+# measures that card's two ceilings live.
 #
 # | script (in `benchmarks/`) | measures | writes (in `benchmarks/results/`) |
 # |---|---|---|
@@ -165,12 +165,12 @@ report.race_figure(race)
 plt.show()
 
 # %% [markdown]
-# Read the ratios, not the bars. In the stored race Mini-Infer is ahead on the two small models, at batch 1
-# and at batch 256: the whole decode step of our engine is one CUDA graph, and little Python runs between
-# two of them. On Llama-3-8B, whose steps are almost all GPU work, the two engines come within 5% of each
-# other (0.95x throughput, 1.02x at batch 1); the profile below shows why. Transformers' `generate`, measured beside Mini-Infer (on the machine named),
-# shows what an engine adds to a model: the same forward pass without a paged cache, continuous batching
-# or CUDA graphs.
+# Read the ratios, not the bars. In the stored race Mini-Infer is ahead on the two small models, at batch
+# 1 and at batch 256: the whole decode step of our engine is one CUDA graph, and little Python runs
+# between two of them. On Llama-3-8B, whose steps are almost all GPU work, the two engines come within 5%
+# of each other (0.95x throughput, 1.02x at batch 1); the profile below shows why. Transformers'
+# `generate`, measured beside Mini-Infer (on the machine named), shows what an engine adds to a model:
+# the same forward pass without a paged cache, continuous batching or CUDA graphs.
 
 # %%
 display(Markdown("\n".join(report.hf_section(report.hf()))))
@@ -361,13 +361,14 @@ print(
 )
 
 # %% [markdown]
-# `run_all.py` runs these steps one after the other and prints each before it runs. It takes roughly
-# half an hour on an H100 with vLLM and transformers (`race.sh`'s header estimates its share);
-# `--models`, `--skip-kernels`, `--skip-vllm` and `--skip-hf` run parts of it. New rows are appended with
-# the machine's boot id, and the last step rewrites the README's results from the files: the newest machine on which both engines measured every model. vLLM is optional: where it
-# does not import, `compare_vllm.py` says so and the rest goes on (`benchmarks/race.sh` installs it from an
-# offline kit when one is there; `VLLM_BACKENDS="auto TRITON_ATTN"` chooses the attention backends raced).
-# Then commit `benchmarks/results/` and `README.md` together; a test checks that they agree:
+# `run_all.py` runs these steps one after the other and prints each before it runs. It takes roughly half
+# an hour on an H100 with vLLM and transformers (`race.sh`'s header estimates its share); `--models`,
+# `--skip-kernels`, `--skip-vllm` and `--skip-hf` run parts of it. New rows are appended with the
+# machine's boot id, and the last step rewrites the README's results from the files: the newest machine
+# on which both engines measured every model. vLLM is optional: where it does not import,
+# `compare_vllm.py` says so and the rest goes on (`benchmarks/race.sh` installs it from an offline kit
+# when one is there; `VLLM_BACKENDS="auto TRITON_ATTN"` chooses the attention backends raced). Then
+# commit `benchmarks/results/` and `README.md` together; a test checks that they agree:
 
 # %% tags=["nbval-check-output"]
 readme = (ROOT / "README.md").read_text()

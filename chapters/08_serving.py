@@ -378,14 +378,15 @@ engine.shutdown()
 # OpenAI's API is JSON over HTTP. A request names the model, the prompt (`/v1/completions`) or the chat
 # messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the sampling fields
 # people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of the prompt, up to
-# 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's `top_logprobs`), plus
-# vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and `ignore_eos`. pydantic checks the types;
-# `SamplingParams` checks the values and names the field when one is not allowed. Where OpenAI's schema
-# lets a field be null (the sampling and streaming fields: the `openai` package's request types, generated
-# from that schema, mark them `Optional`), null means the default, as if the field were left out:
-# `temperature: null` samples at 1.0. The answer carries the text, why it ended (`finish_reason`: "stop"
-# for the end-of-sequence token or a stop string, "length" for `max_tokens`) and the `usage` counts; with
-# `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the tokens of all of them.
+# 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's `top_logprobs`),
+# plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and `ignore_eos`. pydantic
+# checks the types; `SamplingParams` checks the values and names the field when one is not allowed. Where
+# OpenAI's schema lets a field be null (the sampling and streaming fields: the `openai` package's request
+# types, generated from that schema, mark them `Optional`), null means the default, as if the field were
+# left out: `temperature: null` samples at 1.0. The answer carries the text, why it ended
+# (`finish_reason`: "stop" for the end-of-sequence token or a stop string, "length" for `max_tokens`) and
+# the `usage` counts; with `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the
+# tokens of all of them.
 #
 # OpenAI's API has more fields than this server implements, and ignoring one is the worst answer: a client
 # that asks for `logit_bias` or `response_format: {"type": "json_object"}` and gets plain text cannot tell.
@@ -399,13 +400,13 @@ engine.shutdown()
 #   that asks for nothing (`logit_bias: {}`, `echo: false`, `tool_choice: "none"`, ...) is accepted, so a
 #   client that spells out the defaults keeps working.
 #
-# A field of none of these kinds, a typo like `temprature` or a vLLM extension that this server lacks like
-# `length_penalty`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the same until late
-# 2024 ("OpenAI API does not allow extra fields", said its `protocol.py`); since its pull request #10463 it
-# accepts unknown fields and only logs them (now at debug level), because clients built against OpenAI
-# send fields of their own. This server keeps refusing them: it knows far fewer fields than vLLM, so a
-# client written for vLLM would often lose something that changes its output, without a word; and the
-# `openai` client sends only the fields that its caller sets (others through `extra_body`).
+# A field of none of these kinds, a typo like `temprature` or a vLLM extension that this server lacks
+# like `length_penalty`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the
+# same until late 2024 ("OpenAI API does not allow extra fields", said its `protocol.py`); since its pull
+# request #10463 it accepts unknown fields and only logs them (now at debug level), because clients built
+# against OpenAI send fields of their own. This server keeps refusing them: it knows far fewer fields
+# than vLLM, so a client written for vLLM would often lose something that changes its output, without a
+# word; and the `openai` client sends only the fields that its caller sets (others through `extra_body`).
 #
 # With `stream: true`, the answer is a stream of *server-sent events*: an HTTP response of type
 # `text/event-stream` that stays open, one `data: {json}` line (and a blank line) per event, here one per
@@ -419,8 +420,8 @@ engine.shutdown()
 # it teaches). Log-probabilities come in OpenAI's two shapes: a completion's `logprobs` holds `tokens`,
 # `token_logprobs`, `top_logprobs` (text to logprob) and `text_offset`; a chat's holds, per token, its
 # text, logprob and UTF-8 bytes and its `top_logprobs` most likely alternatives. Both are the engine's
-# (Chapter 6: the model's log-softmax, before penalties and temperature). Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status
-# for a bad request.
+# (Chapter 6: the model's log-softmax, before penalties and temperature). Errors are JSON too,
+# `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for a bad request.
 
 # %%
 #| export mini_infer.serve.protocol
@@ -1429,11 +1430,12 @@ fig.tight_layout()
 # %% [markdown]
 # In the run stored above (a 2-thread CPU that other jobs were loading at the same time), 8 clients got
 # about 29 output tokens/s in all, roughly what one request alone gets on a quiet machine, with a median
-# TTFT of 0.46 s and a median ITL of 0.26 s. Both histograms are shaped by the step: a token arrives once per engine step, so the ITL is the time of one batched step
-# (prefill chunks of newly arrived requests make some steps longer, the right tail), and a new request
-# waits for the step in progress, then for its own prefill step, before its first token. On a GPU a step of
-# 8 requests takes about as long as a step of 1, so the same load is many times faster;
-# `benchmarks/benchmark_serving.py` measures it there, beside the offline throughput of the same workload.
+# TTFT of 0.46 s and a median ITL of 0.26 s. Both histograms are shaped by the step: a token arrives once
+# per engine step, so the ITL is the time of one batched step (prefill chunks of newly arrived requests
+# make some steps longer, the right tail), and a new request waits for the step in progress, then for its
+# own prefill step, before its first token. On a GPU a step of 8 requests takes about as long as a step
+# of 1, so the same load is many times faster; `benchmarks/benchmark_serving.py` measures it there,
+# beside the offline throughput of the same workload.
 
 # %%
 server.close()  # stop uvicorn and the engine thread

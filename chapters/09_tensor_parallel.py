@@ -18,9 +18,10 @@
 # A decode step reads every weight of the model once, whatever the batch: Llama-3-8B's 16 GB in bf16.
 # Chapter 7's race measured what that costs on one H200: 4.85 ms per token for a single request, most of
 # it the time to stream those 16 GB through the GPU's memory system (3.3 ms at its 4.8 TB/s). Two GPUs
-# have twice the memory bandwidth and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al. 2019) uses both for every
-# step: each weight matrix is cut in two, each GPU holds and reads one half, and the GPUs exchange a
-# little data in the middle of every layer so that the result is exactly that of the whole matrix.
+# have twice the memory bandwidth and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al.
+# 2019) uses both for every step: each weight matrix is cut in two, each GPU holds and reads one half,
+# and the GPUs exchange a little data in the middle of every layer so that the result is exactly that of
+# the whole matrix.
 #
 # This chapter builds it:
 #
@@ -1101,9 +1102,9 @@ for name in ("qwen3-0.6b", "llama3-8b"):
 # 8 GB of reading each GPU saves; section 9.7 measures it on two GPUs.
 #
 # **Measured here, on the CPU.** This machine has no GPUs. What it can show is the mechanism, and one
-# limit of it: the same model (random weights, 59 million parameters, fp32) decoding a batch of 8 requests in
-# one process with one thread, and split over two processes of one thread each (`tensor_parallel_size=2`),
-# which then use both cores. A run on a 2-core CPU, not on GPUs.
+# limit of it: the same model (random weights, 59 million parameters, fp32) decoding a batch of 8
+# requests in one process with one thread, and split over two processes of one thread each
+# (`tensor_parallel_size=2`), which then use both cores. A run on a 2-core CPU, not on GPUs.
 
 # %%
 import os
@@ -1235,12 +1236,13 @@ else:
 # - **Tensor parallelism within each machine**, over its NVLink, exactly as in this chapter.
 #
 # This is vLLM's rule as its documentation states it: `tensor_parallel_size` = the GPUs of one machine,
-# `pipeline_parallel_size` = the number of machines (16 GPUs on 2 machines: 8 and 2). To start processes on
-# other machines vLLM uses Ray: `ray start --head` on one machine, `ray start --address=HEAD` on the others,
-# then the engine on the head places one worker per GPU of the cluster (`distributed_executor_backend="ray"`).
-# It can also run under an external launcher such as `torchrun`, which starts one process per GPU on every
-# machine itself. A model that fits one machine is better served by *data parallelism* instead: one whole
-# engine per machine, behind a load balancer, with no traffic between them at all.
+# `pipeline_parallel_size` = the number of machines (16 GPUs on 2 machines: 8 and 2). To start processes
+# on other machines vLLM uses Ray: `ray start --head` on one machine, `ray start --address=HEAD` on the
+# others, then the engine on the head places one worker per GPU of the cluster
+# (`distributed_executor_backend="ray"`). It can also run under an external launcher such as `torchrun`,
+# which starts one process per GPU on every machine itself. A model that fits one machine is better
+# served by *data parallelism* instead: one whole engine per machine, behind a load balancer, with no
+# traffic between them at all.
 #
 # What Mini-Infer would need for it:
 #

@@ -363,13 +363,13 @@ print("the incremental index agrees with a full search in 6,000 proposals:", agr
 # ## 10.3 Verification inside the continuous batch
 #
 # The proposer's drafts become a request's `Sequence.spec_token_ids` (Chapter 5). The scheduler gives a
-# decoding request with drafts a budget of 1 + k tokens (its newest token, then the drafts), after shortening
-# the drafts to what the step's token budget, the request's `max_tokens` and `max_model_len` leave room for,
-# and takes KV slots for them: a draft never preempts anyone, it takes free blocks only while one stays free
-# for every running request. The `SchedulerOutput` carries the drafts as vLLM names them,
-# `scheduled_spec_decode_tokens`, and the runner packs them after the newest token, like a short chunk of
-# prompt: the same forward pass as a prefill or mixed step, with paged attention over the request's
-# context, so verification works inside any batch, next to prompt chunks and plain decodes.
+# decoding request with drafts a budget of 1 + k tokens (its newest token, then the drafts), after
+# shortening the drafts to what the step's token budget, the request's `max_tokens` and `max_model_len`
+# leave room for, and takes KV slots for them: a draft never preempts anyone, it takes free blocks only
+# while one stays free for every running request. The `SchedulerOutput` carries the drafts as vLLM names
+# them, `scheduled_spec_decode_tokens`, and the runner packs them after the newest token, like a short
+# chunk of prompt: the same forward pass as a prefill or mixed step, with paged attention over the
+# request's context, so verification works inside any batch, next to prompt chunks and plain decodes.
 #
 # The runner computes logits at the k + 1 positions of each verifying request (and at the last position of
 # the others) and hands them to the rejection sampler of the next section, which returns the accepted drafts
@@ -381,8 +381,8 @@ print("the incremental index agrees with a full search in 6,000 proposals:", agr
 #
 # Two choices keep it simple, at a cost:
 #
-# - **Scheduling is synchronous.** Drafts are proposed from the tokens the host has seen, so a step can not be
-#   launched before the last one's tokens are back. With a speculative config the engine turns
+# - **Scheduling is synchronous.** Drafts are proposed from the tokens the host has seen, so a step can
+#   not be launched before the last one's tokens are back. With a speculative config the engine turns
 #   `async_scheduling` off (with a warning if it was asked for), as vLLM did for a long time.
 # - **Verification steps replay the mixed steps' CUDA graphs.** They carry several tokens per request, so
 #   they take the runner's prefill/mixed path, the same code as a prompt chunk, and Chapter 6 captures that
@@ -526,13 +526,14 @@ logits[torch.arange(4), torch.tensor([3, 1, 0, 4])] = 5.0
 print(rejection(logits, [[3, 1, 2]], [SamplingParams(temperature=0)], [10]).tolist())
 
 # %% [markdown]
-# Drafts 3 and 1 are kept, 2 is replaced by the model's 0, and the rest is padding (-1): 3 tokens from one
-# forward pass. For sampling, a statistical test. Take a 6-token vocabulary with a fixed target p at two
-# positions, a draft for each (at the first position an unlikely token, so that rejections are common), and
-# 40,000 requests in one call. The first output token must follow p at position 0; among the requests whose
-# first draft was accepted, the second must follow p at position 1. Pearson's chi-square statistic over the
-# 6 tokens has 5 degrees of freedom; it exceeds 20.52 with probability 0.001 when the distribution is right,
-# so each check raises a false alarm once in 1,000 seeds (with the fixed seed here, it is the same every run).
+# Drafts 3 and 1 are kept, 2 is replaced by the model's 0, and the rest is padding (-1): 3 tokens from
+# one forward pass. For sampling, a statistical test. Take a 6-token vocabulary with a fixed target p at
+# two positions, a draft for each (at the first position an unlikely token, so that rejections are
+# common), and 40,000 requests in one call. The first output token must follow p at position 0; among the
+# requests whose first draft was accepted, the second must follow p at position 1. Pearson's chi-square
+# statistic over the 6 tokens has 5 degrees of freedom; it exceeds 20.52 with probability 0.001 when the
+# distribution is right, so each check raises a false alarm once in 1,000 seeds (with the fixed seed
+# here, it is the same every run).
 
 # %% tags=["nbval-check-output"]
 CHI2_5DF_999 = 20.515  # the 99.9th percentile of chi-square with 5 degrees of freedom
@@ -705,9 +706,10 @@ print(
 #
 # ## 10.6 When speculation hurts
 #
-# - **Nothing to copy.** Open-ended text gives few matches; each wrong draft costs a verification step that is
-#   dearer than a decode step (k + 1 tokens of attention, the rejection sampler, no overlap with the host)
-#   and yields one token. Acceptance, not k, decides: a long k with a low acceptance rate wastes compute.
+# - **Nothing to copy.** Open-ended text gives few matches; each wrong draft costs a verification step
+#   that is dearer than a decode step (k + 1 tokens of attention, the rejection sampler, no overlap with
+#   the host) and yields one token. Acceptance, not k, decides: a long k with a low acceptance rate
+#   wastes compute.
 # - **Large batches.** A batch of 64 is no longer bound by the weights' bytes alone: its (k + 1) x 64 tokens
 #   add real compute, and steps that leave the decode graphs are slower. `disable_by_batch_size` switches
 #   speculation off for steps with more running requests (vLLM's setting of the same name; our default is
