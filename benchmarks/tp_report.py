@@ -22,6 +22,8 @@ ENGINES = {
     ("vllm", False): "vLLM, NCCL all-reduce",
 }
 
+METHODS = {"nccl": "NCCL", "one-shot": "one-shot over symmetric memory"}
+
 
 def load(name: str) -> list[dict]:
     path = common.RESULTS / name
@@ -90,7 +92,7 @@ def table(found: dict) -> list[str]:
     for r in found["allreduce"]:
         lines.append(
             f"\nAll-reduce of {r['batch']} x {r['hidden_size']} bf16 ({r['bytes'] / 1024:,.0f} KiB) over "
-            f"{r['world_size']} GPUs, {r.get('method', 'nccl')}: {r['allreduce_us']:.1f} us launched alone, "
+            f"{r['world_size']} GPUs, {METHODS[r.get('method', 'nccl')]}: {r['allreduce_us']:.1f} us launched alone, "
             f"{r['graph_allreduce_us']:.1f} us each in a CUDA graph; a decode step's "
             f"{r['allreduces_per_step']}: {r['step_us_graph'] / 1000:.2f} ms."
         )

@@ -455,7 +455,7 @@ config = ModelConfig.from_hf(gguf_hf_config(reader))
 config
 
 # %% [markdown]
-# ### Quantized weights
+# ### 1.2.1 Quantized weights
 #
 # Most tensors in the file are stored as **Q4_1**: blocks of 32 weights, each block holding a float16
 # scale $d$, a float16 minimum $m$ and 32 four-bit integers $q_i \in [0, 15]$, so that
@@ -618,7 +618,7 @@ def close(a, b, tol=1e-5):
 # Attention is the only place where tokens look at each other; everything else works on each token on
 # its own.
 #
-# ### Embedding
+# ### 1.4.1 Embedding
 #
 # The embedding is a lookup table $E$ of shape [vocab, hidden]: token $t$ becomes row $E_t$.
 
@@ -628,7 +628,7 @@ x = E[ids]
 print(x.shape, "matches HF:", torch.equal(x, seen["embed"][1]))
 
 # %% [markdown]
-# ### RMSNorm
+# ### 1.4.2 RMSNorm
 #
 # Each layer normalises its input before using it, so that the scale of the residual stream does not
 # run away over 30 layers. RMSNorm divides a vector by its root mean square and multiplies by a learned
@@ -669,7 +669,7 @@ print(
 )
 
 # %% [markdown]
-# ### Rotary position embedding (RoPE)
+# ### 1.4.3 Rotary position embedding (RoPE)
 #
 # Attention compares a query $q$ with keys $k$ through dot products, which on their own know nothing
 # about word order. RoPE rotates each query and key by an angle proportional to its position $p$: the
@@ -739,7 +739,7 @@ print(
 )
 
 # %% [markdown]
-# ### Attention, with grouped-query attention
+# ### 1.4.4 Attention, with grouped-query attention
 #
 # Each token's normalised vector is projected into queries, keys and values: 9 query heads of 64
 # numbers, but only **3 key/value heads**. In grouped-query attention (GQA) each key/value head serves a
@@ -794,7 +794,7 @@ sdpa = F.scaled_dot_product_attention(
 print("SDPA matches the hand-written attention:", close(sdpa, attention_by_hand(q, k, k)))
 
 # %% [markdown]
-# ### The MLP: SwiGLU
+# ### 1.4.5 The MLP: SwiGLU
 #
 # The feed-forward part widens each token from 576 to 1,536 numbers twice, gates one copy with the other
 # through the SiLU function $\mathrm{silu}(z) = z\,\sigma(z)$, and projects back:
@@ -814,7 +814,7 @@ def mlp_by_hand(x, mlp):
 print("MLP matches HF:", close(mlp_by_hand(seen["mlp"][0], layer0.mlp), seen["mlp"][1]))
 
 # %% [markdown]
-# ### The output head
+# ### 1.4.6 The output head
 #
 # After the last layer comes a final RMSNorm, then the **LM head**: a [vocab, hidden] matrix that scores
 # each vocabulary entry against the token's vector. SmolLM2 **ties** it to the embedding table ($E$ is
@@ -1052,7 +1052,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 # %% [markdown]
-# ### The first attention object: a contiguous KV cache
+# ### 1.5.1 The first attention object: a contiguous KV cache
 #
 # To run the model we need an attention object. During generation every new token attends to all the
 # tokens before it, whose keys and values do not change once computed. So we store them: a **KV cache**
@@ -1432,10 +1432,11 @@ plt.show()
 
 # %% [markdown]
 # Two things stand out. A cached decode step costs almost the same whatever the context length, while
-# the naive step grows with it. And a forward of $T$ tokens costs far less than $T$ decode steps: the
-# per-token cost of the prefill drops as $T$ grows. A decode step does little arithmetic per weight it
-# reads, so the machine waits on memory (and, on a GPU, on launching hundreds of small kernels); the same
-# weights can serve many tokens almost for free. That is the case for **batching** many requests'
+# the naive step has to grow with it (on the GPU of the stored run, up to 256 tokens both hide under the
+# cost of launching the step's kernels: 20 to 31 ms either way, see section 1.9). And a forward of $T$
+# tokens costs far less than $T$ decode steps: the per-token cost of the prefill drops as $T$ grows. A
+# decode step does little arithmetic per weight it reads, so the machine waits on memory (and, on a GPU,
+# on launching hundreds of small kernels); the same weights can serve many tokens almost for free. That is the case for **batching** many requests'
 # decode steps into one forward, which Chapters 5 and 6 build.
 #
 # End to end, tokens per second for a short prompt and 32 new tokens, naive and cached, and Hugging
@@ -1496,7 +1497,7 @@ else:
 # %% [markdown]
 # ## 1.9 Where the time and the memory go
 #
-# ### Time, operation by operation
+# ### 1.9.1 Time, operation by operation
 #
 # `torch.profiler` records every PyTorch operation of a few decode steps, with its own time (on a GPU,
 # the time of the kernels it launched). Grouped into the matmuls with the weights, attention, and
@@ -1562,7 +1563,7 @@ if device.type == "cuda":  # only kernels have a device time of their own
 print(prof.key_averages().table(sort_by=time_attr, row_limit=8, max_name_column_width=40))
 
 # %% [markdown]
-# ### Memory: weights and KV cache
+# ### 1.9.2 Memory: weights and KV cache
 #
 # A decode step reads **every weight once** to produce one token: at batch size 1, the speed limit is
 # memory bandwidth divided by the bytes of the weights. Where do the bytes sit? And what does the KV cache
@@ -1770,6 +1771,14 @@ def load_safetensors_dir(
     )
 
 
+# %% [markdown]
+# The other sources: a hub id is downloaded into the local Hugging Face cache and then loaded as a
+# directory; dummy weights are seeded random tensors, made one at a time; and `load_model` picks
+# among every source by what it is given:
+
+
+# %%
+#| export mini_infer.loader
 def download(repo_id: str) -> Path:
     """Fetch a hub repository's config, weights and tokenizer into the local Hugging Face cache."""
     try:
@@ -1895,7 +1904,7 @@ for bad in ["/no/such/model", {"model_type": "gpt2", "architectures": ["GPT2LMHe
         print(f"{type(e).__name__}: {e}")
 
 # %% [markdown]
-# ## Summary
+# ## 1.11 Summary
 #
 # * A Llama is an embedding, 30 identical layers of (RMSNorm, attention with RoPE and grouped-query
 #   heads, RMSNorm, SwiGLU MLP) around a residual stream, a final norm and an LM head, here tied to the

@@ -63,7 +63,7 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## The formula
+# ## 2.1 The formula
 #
 # RMSNorm rescales each token's hidden vector $x \in \mathbb{R}^H$ to unit root-mean-square, then
 # multiplies it elementwise by a learned weight $w$:
@@ -122,7 +122,7 @@ print(
 )
 
 # %% [markdown]
-# ## What eager PyTorch moves
+# ## 2.2 What eager PyTorch moves
 #
 # Each line of the reference is at least one GPU kernel, and each kernel reads its input from GPU memory
 # (HBM) and writes its output back. For a bf16 activation of T tokens × H, per element:
@@ -151,7 +151,7 @@ print(
 # bandwidth. So the target is clear: one kernel that reads each element of `x` once, keeps the row in
 # registers while it reduces, and writes `y` once, about ten times faster than eager on large inputs.
 #
-# ## The Triton kernel
+# ## 2.3 The Triton kernel
 #
 # Triton programs operate on blocks. One program instance takes `ROWS` whole rows: it loads a
 # `[ROWS, BLOCK_N]` tile (`BLOCK_N` is the hidden size rounded up to a power of two, because Triton
@@ -215,7 +215,7 @@ def _rms_norm_kernel(
 
 
 # %% [markdown]
-# ### How big a program?
+# ### 2.3.1 How big a program?
 #
 # Triton's `@triton.autotune` would time several configurations on first use, but it needs a GPU timer
 # (the interpreter cannot run it) and costs seconds at start-up, so the launch parameters come from a
@@ -228,10 +228,10 @@ def _rms_norm_kernel(
 # - **Warps.** About 16 elements per thread: two 16-byte vector loads of bf16 per thread, enough
 #   loads in flight per thread to cover memory latency, without so many registers that occupancy drops.
 #
-# A sweep over rows per program (1 to 16) and warps (1 to 32) on an H100 in bf16, run while writing
-# this chapter, found a broad plateau: at 16384 × 4096 and 65536 × 576 most settings came within 2% of
-# the best. Off the plateau speed falls quickly (32 warps on a 576-wide row ran at a fifth of the best),
-# and this rule stays on it.
+# A one-off sweep over rows per program (1 to 16) and warps (1 to 32) on an H100 in bf16 (its numbers are
+# not among the stored results) found a broad plateau: at 16384 × 4096 and 65536 × 576 most settings came
+# within 2% of the best. Off the plateau speed falls quickly (32 warps on a 576-wide row ran at a fifth
+# of the best), and this rule stays on it.
 
 # %%
 #| export mini_infer.kernels.rmsnorm
@@ -307,7 +307,7 @@ def rms_norm(
 
 
 # %% [markdown]
-# ## Is it right?
+# ## 2.4 Is it right?
 #
 # Against the reference on fresh random inputs, in the three dtypes, at SmolLM2's and Llama's hidden
 # sizes and an odd token count (so the last program of two-row groups has a masked row). On the CPU
@@ -347,7 +347,7 @@ print("residual now holds residual + x:", torch.equal(residual, expected_sum))
 print("output is rms_norm(residual + x):", torch.allclose(out, expected_out, rtol=4e-3, atol=4e-3))
 
 # %% [markdown]
-# ## How fast?
+# ## 2.5 How fast?
 #
 # Speed needs a GPU. `benchmarks/kernel_benchmark.py` times eager PyTorch (the reference above),
 # `torch.compile` of the same function (one static-shape graph per shape) and the Triton kernel, with
@@ -461,16 +461,16 @@ if results is not None:
 #   from the same reference. Writing it by hand buys control (the in-place residual, no compile step,
 #   no recompilation per shape) and the understanding to write the kernels that follow, where no
 #   compiler finds the fusion for us.
-# - **Small inputs are not about bandwidth.** With one token (decode) there are 16 KiB to move; the
-#   time is the launch and one round trip to memory, a few microseconds whatever the implementation,
-#   and eager's eight launches cost eight times that. The CPU side is larger still: a Python call that
-#   launches a Triton kernel spends tens of microseconds in the launcher, more than the GPU needs for
-#   the kernel, which is why a later chapter captures whole decode steps in CUDA graphs.
+# - **Small inputs are not about bandwidth.** With one token (decode) there are 16 KiB to move; the time
+#   is the launch and one round trip to memory, a few microseconds whatever the implementation, and
+#   eager's eight launches cost about four times that (26 us against 5 to 6). The CPU side is larger
+#   still: a Python call that launches a Triton kernel spends tens of microseconds in the launcher, more
+#   than the GPU needs for the kernel, which is why Chapter 6 captures whole decode steps in CUDA graphs.
 # - **SmolLM2's 576 needs more tokens** before the GPU is busy: at 4096 tokens there are only 2,048
 #   programs of about 2 KiB each. At 65,536 tokens it reaches the large-input speed.
 
 # %% [markdown]
-# ## The same lesson in the MLP: SiLU and multiply
+# ## 2.6 The same lesson in the MLP: SiLU and multiply
 #
 # RMSNorm is not the only step of a layer that does almost no arithmetic. Llama's MLP (SwiGLU, Chapter 1)
 # computes `down(silu(gate(x)) * up(x))`; the engine produces gate and up with one matrix product into a

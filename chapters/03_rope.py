@@ -66,7 +66,7 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## The rotation
+# ## 3.1 The rotation
 #
 # Split a head vector of dimension $D$ into $D/2$ pairs. Pair $i$ is treated as a point in the plane
 # and rotated by the angle $p\,\theta_i$, where $p$ is the token's position and
@@ -87,7 +87,7 @@ print("outputs from:", describe_run())
 #
 # with `cos` and `sin` holding each angle twice (once per half).
 #
-# ## The cos/sin cache
+# ## 3.2 The cos/sin cache
 #
 # The angles depend only on the position, so they are computed once for every position the model
 # supports and looked up per token: a float32 table of `[max_positions, D]`, each row the $D/2$
@@ -178,7 +178,7 @@ plt.title("RoPE frequencies, D = 128")
 plt.show()
 
 # %% [markdown]
-# ## The reference: Hugging Face's eager form
+# ## 3.3 The reference: Hugging Face's eager form
 #
 # It gathers each token's row of the cache, repeats cos and sin over both halves, and applies the
 # formula above in fp32. Tokens are packed: `q` is `[T, Hq, D]` and `k` is `[T, Hkv, D]` for the
@@ -241,7 +241,7 @@ print(
 # gather, two concatenations of the cache rows, the upcast, `rotate_half`'s slices, negation and
 # concatenation, two products, a sum and the downcast, for q and again for k.
 #
-# ## The Triton kernel
+# ## 3.4 The Triton kernel
 #
 # The operation itself needs each element of q and k read once and written once, plus one cos/sin
 # row per token. The kernel:
@@ -259,8 +259,8 @@ print(
 #   values back where they were: no copy to make them contiguous, no output allocation, and v untouched.
 # - **fp32 math, int64 offsets** (`token * stride` and `position * D` could pass 2³¹ in long batches).
 # - **Warps** grow with the q tile: about 8 elements, one 16-byte bf16 vector, per thread and half.
-#   A sweep from 1 to 16 warps on an H100 while writing this chapter picked 8 for Llama-3-8B heads and
-#   2 for SmolLM2's; 16 warps halved SmolLM2's speed.
+#   A one-off sweep from 1 to 16 warps on an H100 (its numbers are not among the stored results) picked
+#   8 for Llama-3-8B heads and 2 for SmolLM2's; 16 warps halved SmolLM2's speed.
 
 
 # %%
@@ -365,7 +365,7 @@ def apply_rope(
 
 
 # %% [markdown]
-# ## Is it right?
+# ## 3.5 Is it right?
 #
 # Against the reference on random inputs, with q and k as views into a fused qkv tensor and random
 # positions, for Llama-3-8B's heads (32/8, D = 128) and SmolLM2's (9/3, D = 64), in the three dtypes;
@@ -394,7 +394,7 @@ for dtype in [torch.float32, torch.float16, torch.bfloat16]:
     )
 
 # %% [markdown]
-# ## How fast?
+# ## 3.6 How fast?
 #
 # `benchmarks/kernel_benchmark.py` times eager (the reference), `torch.compile` of it and the kernel
 # with `triton.testing.do_bench` (median, L2 cleared before every call) and counts the bytes the op

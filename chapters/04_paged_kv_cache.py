@@ -74,7 +74,7 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## 1. What a contiguous cache wastes
+# ## 4.1 What a contiguous cache wastes
 #
 # The simplest cache gives each request one tensor long enough for the longest sequence the model
 # allows, `max_model_len`. That is what Hugging Face's static cache does, and what serving systems before
@@ -152,7 +152,7 @@ for name, series in [
 # With a fixed budget, that waste is the difference between a few dozen requests in flight and a few
 # hundred; `benchmarks/memory_test.py` simulates it with the block manager below.
 #
-# ## 2. The block manager
+# ## 4.2 The block manager
 #
 # The pool is `num_blocks` blocks of `block_size` token slots. A request owns a *block table*: the list
 # of its block ids, in order; token `p` lives in block `block_table[p // block_size]` at offset
@@ -170,7 +170,7 @@ for name, series in [
 # (no torch), so that the scheduler of the next chapter can ask it, before running a step, whether a
 # request fits.
 #
-# ### Prefix caching: a block is named by everything before it
+# ### 4.2.1 Prefix caching: a block is named by everything before it
 #
 # Many requests start with the same tokens: a system prompt, a chat history, a few-shot preamble. Their
 # keys and values for those tokens are identical, so they can share the blocks. But a block's K/V depends
@@ -528,7 +528,7 @@ print("C cached tokens:", bm.allocate(c), " table:", c.block_table)
 # succeeds. Prompts there are computed in chunks over several steps, so a block allocated but not yet
 # computed is around when other requests look for cached prefixes.
 #
-# ## 3. The pool
+# ## 4.3 The pool
 #
 # The blocks themselves are one tensor per engine: `kv[0]` holds keys and `kv[1]` values, each
 # `[num_layers, num_blocks, block_size, num_kv_heads, head_dim]`, so that `kv[0, layer]` is one layer's
@@ -646,7 +646,7 @@ print("one layer's key pool:", tuple(k_cache.shape), k_cache.dtype)
 # token and 16 GB of weights, so the same card holds about 430,000 tokens, which is 105 requests reserved
 # at 4,096 tokens, or all 256 of the benchmark paged.
 #
-# ## 4. Attention through block tables
+# ## 4.4 Attention through block tables
 #
 # The model (chapter 6) calls attention once per layer with this step's `q [T, Hq, D]`, `k`, `v
 # [T, Hkv, D]` (after RoPE) and per-step metadata built by the engine from the block tables. Three
@@ -660,7 +660,7 @@ print("one layer's key pool:", tuple(k_cache.shape), k_cache.dtype)
 # a dispatcher that runs Triton on a GPU and the reference elsewhere. Here every kernel runs through
 # Triton's interpreter on small shapes and is compared with its reference.
 #
-# ### Storing K/V: one program per token
+# ### 4.4.1 Storing K/V: one program per token
 #
 # The engine gives each new token a slot, `block_table[pos // block_size] * block_size + pos %
 # block_size`, and `-1` for padding tokens (CUDA graphs run fixed-size batches). Each program copies one
@@ -791,7 +791,7 @@ print(
 )
 
 # %% [markdown]
-# ### Decode: all the query heads of a KV head together, and flash-decoding
+# ### 4.4.2 Decode: all the query heads of a KV head together, and flash-decoding
 #
 # At decode, each sequence has one query token per head, and its whole context to read. The work is
 # reading K and V: there is almost no arithmetic per byte. Two choices follow.
@@ -809,10 +809,10 @@ print(
 # $$ o = \frac{\sum_s e^{\,lse_s - m}\, o_s}{\sum_s e^{\,lse_s - m}}, \qquad m = \max_s lse_s. $$
 #
 # The split count comes from the batch and the longest possible context (about four programs per SM, no
-# split shorter than 64 keys: on an H100 that beat fewer, longer splits at every batch size we tried). It is taken from the block table's *width*, not from the context
-# lengths' values: that needs no copy from the GPU to the host, so a captured CUDA graph stays valid.
-# A split past a sequence's end is empty and gets weight zero; a sequence with no context at all (a
-# padding row of a CUDA-graph batch) gets zeros.
+# split shorter than 64 keys: on an H100 that beat fewer, longer splits at every batch size we tried). It
+# is taken from the block table's *width*, not from the context lengths' values: that needs no copy from
+# the GPU to the host, so a captured CUDA graph stays valid. A split past a sequence's end is empty and
+# gets weight zero; a sequence with no context at all (a padding row of a CUDA-graph batch) gets zeros.
 #
 # Inside a program, a tile of `BLOCK_N` keys spans several blocks (pages) of the pool. When `BLOCK_N` is a
 # multiple of the block size, the tile is whole pages and needs one block-table entry per page; otherwise
@@ -885,6 +885,13 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
     return m_new, l_i, acc
 
 
+# %% [markdown]
+# The two kernels: one program per (sequence, KV head, split) computes its split's partial output
+# and the log of its softmax sum; the second kernel combines the splits with the formula above.
+
+
+# %%
+#| export mini_infer.kernels.attention
 @triton.jit
 def _decode_split_kernel(
     q_ptr,
@@ -999,6 +1006,13 @@ def _decode_reduce_kernel(
 LOG2E = 1.4426950408889634
 
 
+# %% [markdown]
+# The Python side pads the head size, chooses the split count from the block table's width, and
+# launches both kernels:
+
+
+# %%
+#| export mini_infer.kernels.attention
 def padded_head_dim(head_dim: int) -> int:
     """head_dim rounded up to the power of two the kernels' tiles use. Raises ValueError outside 16..256: tl.dot
     needs at least 16 along each side, and past 256 the tiles outgrow an SM's registers."""
@@ -1159,7 +1173,7 @@ for num_splits in [1, 3, None]:
     print(f"paged decode, num_splits={num_splits}: matches the reference")
 
 # %% [markdown]
-# ### Prefill: causal attention over packed prompts, through the pool
+# ### 4.4.3 Prefill: causal attention over packed prompts, through the pool
 #
 # A prefill step packs the new tokens of several sequences into one `[T, Hq, D]` batch; `cu_seqlens_q`
 # (`[B + 1]`, cumulative) says where each sequence's tokens start. With prefix caching a sequence's
@@ -1334,6 +1348,11 @@ def _prefill_kernel(
     )
 
 
+# %% [markdown]
+# The launch parameters per head size, and the functions the engine calls:
+
+# %%
+#| export mini_infer.kernels.attention
 # Launch parameters by head_dim padded to a power of two (64 also serves smaller ones), picked for Hopper before
 # measuring them: (BLOCK_M rows, BLOCK_N keys, num_warps, num_stages). With pack_gqa a row is one (query, head)
 # pair. The earlier kernel (a program per query head, 4 warps) ran fastest on an H100 with 64 x 64 tiles; on 8
@@ -1459,7 +1478,7 @@ print("prefill with a cached prefix: matches the reference")
 # 3 and 5, head_dim 64, 80 and 96, fp32 and fp16, and on a GPU bf16), every launch knob, and the padding
 # cases a CUDA-graph batch produces (slot -1, context length 0).
 #
-# ### How fast, on a GPU
+# ### 4.4.4 How fast, on a GPU
 #
 # Decode reads the whole context once per step, so its speed is a bandwidth: bytes of K/V read per
 # second, against the H100's copy ceiling of about 3,000 GB/s. The cell below measures the decode kernel
@@ -1552,16 +1571,17 @@ else:
 # version of the kernels (head_dim padding, whole-page tiles, and the prefill design described above).
 # There, with one program per (sequence, KV head), a single request read its cache at about 20 GB/s, under
 # 1% of the card's bandwidth, because only 3 programs run on 132 SMs. The split lifted a single
-# 8,192-token context to about 460 GB/s (22 times faster) and 16 requests to 770 GB/s; at 256 requests
+# 8,192-token context to about 470 GB/s (22 times faster) and 16 requests to 790 GB/s; at 256 requests
 # the batch alone fills the GPU, the heuristic picks one split, and the kernel read at about 2,150 GB/s,
 # some 70% of the copy ceiling. Paged prefill, then with one program per query head, 64 x 64 tiles and
-# the mask on every tile, ran at 60-75% of PyTorch's contiguous FlashAttention; that gap is what the
-# prefill design above goes after. How close it comes is for `benchmarks/attention_sweep.py` (every launch
-# variant on an H200, against SDPA's FlashAttention backend, with and without a cached prefix) and the
-# prefill rows of `benchmarks/kernel_benchmark.py` to say once they have run, and for this cell's next
-# run on a GPU.
+# the mask on every tile, ran at 60-75% of PyTorch's contiguous FlashAttention; the prefill design above
+# (query heads packed, the mask only on the diagonal tiles) is built to close that gap.
+# `benchmarks/attention_sweep.py` times every launch variant against SDPA's FlashAttention backend, with
+# and without a cached prefix (its H200 run is `benchmarks/results/attention_sweep_nvidia-h200.json`, and
+# the launch table of the prefill cell records what it chose); run this cell on a GPU to see the current
+# kernels beside the numbers above.
 #
-# ## What we have
+# ## 4.5 What we have
 #
 # - `BlockManager` (`mini_infer.memory.block_manager`): blocks per sequence, reference counts, prefix
 #   caching by chained hashes (blocks join once computed) with LRU eviction, and honest `can_allocate` /

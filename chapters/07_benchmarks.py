@@ -16,10 +16,10 @@
 # # 7. Benchmarks: how every number was measured
 #
 # The earlier chapters quote numbers: kernels in GB/s, the engine in tokens per second and milliseconds
-# per token. A number is only as good as the way it was measured, so this chapter collects the methods in one
-# place, shows every headline result from the files the benchmark scripts wrote, and says how to reproduce
-# them. It measures nothing new on a CPU: it reads `benchmarks/results/`. On a GPU it also measures that
-# card's two ceilings live.
+# per token. A number is only as good as the way it was measured, so this chapter collects the methods in
+# one place, shows every headline result from the files the benchmark scripts wrote, and says how to
+# reproduce them. It measures nothing new on a CPU: it reads `benchmarks/results/`. On a GPU it also
+# measures that card's two ceilings live.
 #
 # | script (in `benchmarks/`) | measures | writes (in `benchmarks/results/`) |
 # |---|---|---|
@@ -31,6 +31,14 @@
 # | `profile_step.py` | one decode step: GPU time by kernel kind, and the host's share | `profile_<model>.json` |
 # | `benchmark_serving.py` | online: concurrent streaming clients against the server of Chapter 8 | `serving.jsonl` |
 # | `run_all.py` | all of the above, then `report.py`: the README's results and plot | `README.md`, `race_<gpu>.png` |
+#
+# These run on their own, not from `run_all.py`, and their chapters show what they measured:
+#
+# | script (in `benchmarks/`) | measures | writes (in `benchmarks/results/`) |
+# |---|---|---|
+# | `attention_sweep.py` | the paged attention kernels' launch variants against PyTorch's FlashAttention (Chapter 4) | `attention_sweep_<gpu>.json` |
+# | `benchmark_tp.py`, `allreduce_latency.py` | one model on 1 and 2 GPUs, and one all-reduce (Chapter 9) | `tp_throughput.jsonl`, `tp_latency.jsonl`, `tp_allreduce.jsonl` |
+# | `benchmark_spec_decode.py` | speculative decoding against plain decoding (Chapter 10) | `spec_decode.jsonl` |
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
@@ -82,7 +90,7 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## Method
+# ## 7.1 Method
 #
 # **Warm up first.** The first call of anything on a GPU pays once for what later calls reuse: Triton
 # compiles its kernels, `torch.compile` traces, the engine captures its CUDA graphs, the allocator grows
@@ -139,7 +147,7 @@ else:
     print("no GPU here: the ceilings below are the ones stored with each measurement")
 
 # %% [markdown]
-# ## The race: Mini-Infer, vLLM and Hugging Face transformers
+# ## 7.2 The race: Mini-Infer, vLLM and Hugging Face transformers
 #
 # `benchmarks/race.sh MODEL` runs, on one machine, our throughput, then vLLM's throughput and batch-1
 # latency for each attention backend, then our batch-1 latency (and, with `ENGINES=hf`, transformers'
@@ -157,17 +165,18 @@ report.race_figure(race)
 plt.show()
 
 # %% [markdown]
-# Read the ratios, not the bars. At batch 1 the whole step of our engine is one CUDA graph and little
-# Python runs between two of them, which is where the small models gain; at batch 256 vLLM is ahead, and
-# the profile below shows why. Transformers' `generate`, measured beside Mini-Infer (on the machine named),
-# shows what an engine adds to a model: the same forward pass without a paged cache, continuous batching
-# or CUDA graphs.
+# Read the ratios, not the bars. In the stored race Mini-Infer is ahead on the two small models, at batch
+# 1 and at batch 256: the whole decode step of our engine is one CUDA graph, and little Python runs
+# between two of them. On Llama-3-8B, whose steps are almost all GPU work, the two engines come within 5%
+# of each other (0.95x throughput, 1.02x at batch 1); the profile below shows why. Transformers'
+# `generate`, measured beside Mini-Infer (on the machine named), shows what an engine adds to a model:
+# the same forward pass without a paged cache, continuous batching or CUDA graphs.
 
 # %%
 display(Markdown("\n".join(report.hf_section(report.hf()))))
 
 # %% [markdown]
-# ## Where a decode step goes, against the ceilings
+# ## 7.3 Where a decode step goes, against the ceilings
 #
 # `profile_step.py` profiles 20 decode steps at batch 256 (about 590 tokens of context each) and sorts the
 # GPU's kernels by kind; the rest of the step's wall time is the host's. Two kinds of work dominate, and
@@ -177,10 +186,20 @@ display(Markdown("\n".join(report.hf_section(report.hf()))))
 
 # %%
 profiles = report.profiles()
-ceiling = report.kernels()["copy_gbps"]
+# the copy ceiling of the profiled card: measured beside the kernels or the attention sweep on it
+runs = [
+    json.loads(path.read_text())
+    for pattern in ("kernels_*.json", "attention_sweep_*.json")
+    for path in common.RESULTS.glob(pattern)
+]
+ceiling_run = max(
+    (r for r in runs if r["device"] == profiles[0]["device"] and r.get("copy_gbps")),
+    key=lambda r: r["date"],
+)
+ceiling = ceiling_run["copy_gbps"]
 print(
-    f"{profiles[0]['device']}, {profiles[0]['date']}; copy ceiling {ceiling:,.0f} GB/s (kernels run of "
-    f"{report.kernels()['date'][:10]})"
+    f"{profiles[0]['device']}, {profiles[0]['date']}; copy ceiling {ceiling:,.0f} GB/s (measured on "
+    f"the same kind of card, {ceiling_run['date'][:10]})"
 )
 print(
     f"{'model':14} {'step':>7} {'host':>7} {'attention':>10} {'its GB/s':>9} {'of copy':>8} {'matmul':>8} "
@@ -239,14 +258,15 @@ ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.12))
 plt.show()
 
 # %% [markdown]
-# Decode attention for the larger models runs close to the copy ceiling: it cannot get much faster, on
-# any engine. The matrix products of Llama-3-8B at batch 256 run at hundreds of TFLOP/s, near what the
-# ceilings cell measures for a large matrix product on the same kind of card. SmolLM2 is the other
-# extreme: its GPU work is so small that the host's share, Python preparing the next step while the GPU
-# waits, is most of the step. That share is what vLLM hides, by preparing step N+1 while the GPU runs
-# step N.
+# Decode attention for the larger models runs at over 80% of the copy ceiling: it cannot get much faster,
+# on any engine. The matrix products of Llama-3-8B at batch 256 run at hundreds of TFLOP/s (the ceilings
+# cell, run on a GPU, measures a large matrix product's rate beside them). For both larger models the host
+# adds only half a millisecond to a step. SmolLM2 is the other extreme: its GPU work is so small that the
+# host's share, the part of Python's work for the next step that the GPU waits for, is the largest single
+# share of the step (1.6 of 3.9 ms), even though the engine prepares step N+1 while the GPU runs step N
+# (asynchronous scheduling, Chapter 6).
 #
-# ## Kernels against the copy ceiling
+# ## 7.4 Kernels against the copy ceiling
 #
 # Chapters 2 and 3 measured RMSNorm and RoPE this way: GB/s counted from the bytes each op must move,
 # beside the copy of the same run. Eager PyTorch runs each elementwise step as its own kernel and moves
@@ -263,7 +283,7 @@ plt.show()
 # and the time is the launch. That is why the engine captures whole steps as CUDA graphs (Chapter 6)
 # instead of chasing microseconds inside one kernel.
 #
-# ## Memory: what the paged KV cache saves
+# ## 7.5 Memory: what the paged KV cache saves
 #
 # `memory_test.py` counts, on the CPU, how much of the reserved KV memory holds real tokens while the
 # benchmark workload runs, for three ways of reserving it (Chapter 4):
@@ -283,7 +303,7 @@ plt.show()
 print(memory["published"])
 
 # %% [markdown]
-# ## Static against continuous batching
+# ## 7.6 Static against continuous batching
 #
 # `benchmark_batching.py` runs the same engine twice on the same workload, once with static batches (the
 # textbook policy: a new batch only when every request of the last one has finished). Its default workload
@@ -319,12 +339,13 @@ for machine, model, workload, slots in sorted(pairs):
 
 # %% [markdown]
 # On the nano-vllm workload with 256 slots every request fits into one batch, so both policies hold the
-# same requests and measure close to each other; with 64 slots they came out even on the H100, when the
-# steps that refill a slot ran outside the CUDA graphs. With those steps captured too (Chapter 6), on the
-# chat workload, continuous batching is the faster policy at every slot count, by the most where the
-# slots are few and the answers' lengths vary the most.
+# same requests and measure close to each other (1.04x); with 64 slots on the H100, when the steps that
+# refill a slot ran outside the CUDA graphs, neither policy won (1.06x for Qwen3-0.6B, 0.89x for
+# SmolLM2-135M). With those steps captured too (Chapter 6), on the chat workload, continuous batching is the
+# faster policy at both slot counts measured, by the most where the slots are few: 3.14x with 64 slots,
+# 1.71x with 256.
 #
-# ## Reproducing the results
+# ## 7.7 Reproducing the results
 #
 # On a GPU machine, from a clone with the README's test command's packages installed:
 
@@ -340,13 +361,14 @@ print(
 )
 
 # %% [markdown]
-# `run_all.py` runs these steps one after the other and prints each before it runs. It takes roughly
-# half an hour on an H100 with vLLM and transformers (`race.sh`'s header estimates its share);
-# `--models`, `--skip-kernels`, `--skip-vllm` and `--skip-hf` run parts of it. New rows are appended with the machine's boot id, and the last step rewrites the README's results
-# from the files: the newest machine on which both engines measured every model. vLLM is optional: where it
-# does not import, `compare_vllm.py` says so and the rest goes on (`benchmarks/race.sh` installs it from an
-# offline kit when one is there; `VLLM_BACKENDS="auto TRITON_ATTN"` chooses the attention backends raced).
-# Then commit `benchmarks/results/` and `README.md` together; a test checks that they agree:
+# `run_all.py` runs these steps one after the other and prints each before it runs. It takes roughly half
+# an hour on an H100 with vLLM and transformers (`race.sh`'s header estimates its share); `--models`,
+# `--skip-kernels`, `--skip-vllm` and `--skip-hf` run parts of it. New rows are appended with the
+# machine's boot id, and the last step rewrites the README's results from the files: the newest machine
+# on which both engines measured every model. vLLM is optional: where it does not import,
+# `compare_vllm.py` says so and the rest goes on (`benchmarks/race.sh` installs it from an offline kit
+# when one is there; `VLLM_BACKENDS="auto TRITON_ATTN"` chooses the attention backends raced). Then
+# commit `benchmarks/results/` and `README.md` together; a test checks that they agree:
 
 # %% tags=["nbval-check-output"]
 readme = (ROOT / "README.md").read_text()
@@ -359,7 +381,7 @@ print("README.md shows exactly what benchmarks/results/ holds")
 # cell measures the card you got (the free T4: 15 GB, fp16 tensor cores, no bf16 ones). From a cell,
 # `subprocess.run([sys.executable, "benchmarks/run_all.py", "--models", "smollm2-135m", "qwen3-0.6b",
 # "--skip-vllm"], cwd="mini-infer")` runs the rest for the two small models (Llama-3-8B's 16 GB of bf16
-# weights do not fit a T4). No T4 run is stored yet, and the scripts were written for cards with bf16 (the
-# kernel benchmark and the transformers baseline measure bf16, which a T4 only emulates), so treat a T4 run
-# as a first try: its rows join the H100's in `benchmarks/results/`, and
+# weights do not fit a T4). No T4 run is stored, and the scripts were written for cards with bf16 (the
+# kernel benchmark and the transformers baseline measure bf16, which a T4 only emulates), so read a T4 run
+# with care: its rows join the H100's and H200's in `benchmarks/results/`, and
 # `python benchmarks/summarize.py --device "Tesla T4"` compares them.

@@ -85,7 +85,7 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## Streaming text: token by token, but whole characters
+# ## 8.1 Streaming text: token by token, but whole characters
 #
 # A client that streams wants text, not token ids, and wants it as each token comes. The OpenAI API also
 # lets a request name `stop` strings: the text must end just before the first one, and the client must
@@ -119,7 +119,7 @@ for n in range(1, len(ids) + 1):
 print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 
 # %% [markdown]
-# ## The asynchronous engine loop
+# ## 8.2 The asynchronous engine loop
 #
 # An HTTP server handles each request in a coroutine on one asyncio event loop; while a coroutine waits
 # for its next token, the loop serves the others. The engine, though, is blocking compute: a step takes
@@ -133,7 +133,7 @@ print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 #  request A: generate() ─── inbox: add A ──────────────▶ posted calls: add_request(A)
 #                                                         step(): schedule → execute → record → outputs
 #  request B: generate() ─── inbox: add B ──────────────▶ posted calls: add_request(B)  (B joins the batch)
-#  A's queue ◀── call_soon_threadsafe(outputs) ────────── step(): A's new text, B's new text
+#  A's queue ◀── call_soon_threadsafe(_deliver) ───────── step(): A's new text, B's new text
 #  B's queue ◀──┘                                         ...
 #  A's client hangs up ───── inbox: abort A ────────────▶ posted calls: abort_request(A), blocks free
 #                                                         nothing unfinished: sleep on the inbox
@@ -299,6 +299,13 @@ class AsyncLLMEngine:
             self._loop.call_soon_threadsafe(_deliver, batch)
 
 
+# %% [markdown]
+# Two helpers that the engine thread hands to the event loop with `call_soon_threadsafe`: one
+# delivers a step's outputs to their queues, one settles the future of a request being added.
+
+
+# %%
+#| export mini_infer.serve.async_engine
 def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
     for outputs, item in batch:
         outputs.put_nowait(item)
@@ -366,19 +373,20 @@ await two_requests_and_an_abort(engine)
 engine.shutdown()
 
 # %% [markdown]
-# ## The wire format
+# ## 8.3 The wire format
 #
 # OpenAI's API is JSON over HTTP. A request names the model, the prompt (`/v1/completions`) or the chat
 # messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the sampling fields
 # people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of the prompt, up to
-# 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's `top_logprobs`), plus
-# vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and `ignore_eos`. pydantic checks the types;
-# `SamplingParams` checks the values and names the field when one is not allowed. Where OpenAI's schema
-# lets a field be null (the sampling and streaming fields: the `openai` package's request types, generated
-# from that schema, mark them `Optional`), null means the default, as if the field were left out:
-# `temperature: null` samples at 1.0. The answer carries the text, why it ended (`finish_reason`: "stop"
-# for the end-of-sequence token or a stop string, "length" for `max_tokens`) and the `usage` counts; with
-# `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the tokens of all of them.
+# 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's `top_logprobs`),
+# plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and `ignore_eos`. pydantic
+# checks the types; `SamplingParams` checks the values and names the field when one is not allowed. Where
+# OpenAI's schema lets a field be null (the sampling and streaming fields: the `openai` package's request
+# types, generated from that schema, mark them `Optional`), null means the default, as if the field were
+# left out: `temperature: null` samples at 1.0. The answer carries the text, why it ended
+# (`finish_reason`: "stop" for the end-of-sequence token or a stop string, "length" for `max_tokens`) and
+# the `usage` counts; with `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the
+# tokens of all of them.
 #
 # OpenAI's API has more fields than this server implements, and ignoring one is the worst answer: a client
 # that asks for `logit_bias` or `response_format: {"type": "json_object"}` and gets plain text cannot tell.
@@ -392,13 +400,13 @@ engine.shutdown()
 #   that asks for nothing (`logit_bias: {}`, `echo: false`, `tool_choice: "none"`, ...) is accepted, so a
 #   client that spells out the defaults keeps working.
 #
-# A field of none of these kinds, a typo like `temprature` or a vLLM extension that this server lacks like
-# `length_penalty`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the same until late
-# 2024 ("OpenAI API does not allow extra fields", said its `protocol.py`); since its pull request #10463 it
-# accepts unknown fields and only logs them (now at debug level), because clients built against OpenAI
-# send fields of their own. This server keeps refusing them: it knows far fewer fields than vLLM, so a
-# client written for vLLM would often lose something that changes its output, without a word; and the
-# `openai` client sends only the fields that its caller sets (others through `extra_body`).
+# A field of none of these kinds, a typo like `temprature` or a vLLM extension that this server lacks
+# like `length_penalty`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the
+# same until late 2024 ("OpenAI API does not allow extra fields", said its `protocol.py`); since its pull
+# request #10463 it accepts unknown fields and only logs them (now at debug level), because clients built
+# against OpenAI send fields of their own. This server keeps refusing them: it knows far fewer fields
+# than vLLM, so a client written for vLLM would often lose something that changes its output, without a
+# word; and the `openai` client sends only the fields that its caller sets (others through `extra_body`).
 #
 # With `stream: true`, the answer is a stream of *server-sent events*: an HTTP response of type
 # `text/event-stream` that stays open, one `data: {json}` line (and a blank line) per event, here one per
@@ -412,8 +420,8 @@ engine.shutdown()
 # it teaches). Log-probabilities come in OpenAI's two shapes: a completion's `logprobs` holds `tokens`,
 # `token_logprobs`, `top_logprobs` (text to logprob) and `text_offset`; a chat's holds, per token, its
 # text, logprob and UTF-8 bytes and its `top_logprobs` most likely alternatives. Both are the engine's
-# (Chapter 6: the model's log-softmax, before penalties and temperature). Errors are JSON too, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status
-# for a bad request.
+# (Chapter 6: the model's log-softmax, before penalties and temperature). Errors are JSON too,
+# `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for a bad request.
 
 # %%
 #| export mini_infer.serve.protocol
@@ -518,6 +526,13 @@ class SamplingFields(OpenAIRequest):
                 )
 
 
+# %% [markdown]
+# The two request bodies, for `/v1/completions` and `/v1/chat/completions`, on top of the shared
+# sampling fields:
+
+
+# %%
+#| export mini_infer.serve.protocol
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     best_of: int | None = None
@@ -593,6 +608,12 @@ class ChatCompletionRequest(SamplingFields):
         return super().sampling_params(default_max_tokens)
 
 
+# %% [markdown]
+# The response side: ids, usage, choices, and logprobs in each endpoint's shape, and error bodies:
+
+
+# %%
+#| export mini_infer.serve.protocol
 def request_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
@@ -708,7 +729,7 @@ def error(
 
 
 # %% [markdown]
-# ## The server
+# ## 8.4 The server
 #
 # `build_app` makes the FastAPI app: its lifespan starts and stops the engine thread; each endpoint turns
 # the body into a prompt and `SamplingParams`, queues the request through the engine's input processor
@@ -768,6 +789,13 @@ class APIError(Exception):
         self.status, self.body = status, protocol.error(message, kind, code=code)
 
 
+# %% [markdown]
+# The app: one function builds it around the engine, with every route (the routes are closures over
+# the engine, so this cell stays whole):
+
+
+# %%
+#| export mini_infer.serve.api_server
 def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
     """The server's app; its engine thread runs while the app does (uvicorn's lifespan)."""
     engine = AsyncLLMEngine(llm.engine)
@@ -949,6 +977,13 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
     return app
 
 
+# %% [markdown]
+# A request whose client hangs up is aborted, and a helper runs the app in a background thread (this
+# chapter uses it below):
+
+
+# %%
+#| export mini_infer.serve.api_server
 async def until_disconnected(request: Request, work):
     """Await `work`, cancelling it (which aborts its request) if the client hangs up first."""
     task = asyncio.ensure_future(work)
@@ -988,6 +1023,12 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
         thread.join()
 
 
+# %% [markdown]
+# The command line, `python -m mini_infer serve`, and its options:
+
+
+# %%
+#| export mini_infer.serve.api_server
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """`--help` shows each option's default, as vLLM's does; an option whose default is None says in its
     help what happens without it."""
@@ -1265,7 +1306,7 @@ r = httpx.post(f"{url}/v1/completions", json=fine)
 print(f"{'nulls and no-ops':16} {r.status_code} {r.json()['choices'][0]['text']!r}")
 
 # %% [markdown]
-# ## Latency under load
+# ## 8.5 Latency under load
 #
 # `mini_infer.serve.loadgen` is a small load generator: concurrent clients that each stream one completion
 # after another, timing when the first chunk arrives (TTFT, queueing and prefill included) and the gaps
@@ -1388,19 +1429,19 @@ fig.tight_layout()
 
 # %% [markdown]
 # In the run stored above (a 2-thread CPU that other jobs were loading at the same time), 8 clients got
-# about 35 output tokens/s in all, roughly what one request alone gets on a quiet machine, with a median
-# TTFT of 0.57 s and a median ITL of 0.21 s. Both histograms are
-# shaped by the step: a token arrives once per engine step, so the ITL is the time of one batched step
-# (prefill chunks of newly arrived requests make some steps longer, the right tail), and a new request
-# waits for the step in progress, then for its own prefill step, before its first token. On a GPU a step of
-# 8 requests takes about as long as a step of 1, so the same load is many times faster;
-# `benchmarks/benchmark_serving.py` measures it there, beside the offline throughput of the same workload.
+# about 29 output tokens/s in all, roughly what one request alone gets on a quiet machine, with a median
+# TTFT of 0.46 s and a median ITL of 0.26 s. Both histograms are shaped by the step: a token arrives once
+# per engine step, so the ITL is the time of one batched step (prefill chunks of newly arrived requests
+# make some steps longer, the right tail), and a new request waits for the step in progress, then for its
+# own prefill step, before its first token. On a GPU a step of 8 requests takes about as long as a step
+# of 1, so the same load is many times faster; `benchmarks/benchmark_serving.py` measures it there,
+# beside the offline throughput of the same workload.
 
 # %%
 server.close()  # stop uvicorn and the engine thread
 
 # %% [markdown]
-# ## Run it yourself
+# ## 8.6 Run it yourself
 #
 # ```bash
 # mini-infer serve --port 8000                  # or: python -m mini_infer serve; --help lists the options
@@ -1417,5 +1458,6 @@ server.close()  # stop uvicorn and the engine thread
 #
 # `tests/test_serve.py` does all of this with the `openai` client against a real uvicorn server: both
 # endpoints, streamed and not, 16 concurrent clients, a client that hangs up mid-stream, malformed JSON,
-# bad parameters, null ones, fields refused by name, and the command line. `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the
-# server under load and, on a GPU, the offline throughput of the same workload beside it.
+# bad parameters, null ones, fields refused by name, and the command line.
+# `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the server under
+# load and, on a GPU, the offline throughput of the same workload beside it.

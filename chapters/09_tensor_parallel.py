@@ -16,11 +16,12 @@
 # # 9. Tensor parallelism: one model on several GPUs
 #
 # A decode step reads every weight of the model once, whatever the batch: Llama-3-8B's 16 GB in bf16.
-# Chapter 6 measured what that costs on one H100: 6.8 ms per token for a single request, most of it the
-# time to stream those 16 GB through the GPU's memory system. Two GPUs have twice the memory bandwidth
-# and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al. 2019) uses both for every
-# step: each weight matrix is cut in two, each GPU holds and reads one half, and the GPUs exchange a
-# little data in the middle of every layer so that the result is exactly that of the whole matrix.
+# Chapter 7's race measured what that costs on one H200: 4.85 ms per token for a single request, most of
+# it the time to stream those 16 GB through the GPU's memory system (3.3 ms at its 4.8 TB/s). Two GPUs
+# have twice the memory bandwidth and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al.
+# 2019) uses both for every step: each weight matrix is cut in two, each GPU holds and reads one half,
+# and the GPUs exchange a little data in the middle of every layer so that the result is exactly that of
+# the whole matrix.
 #
 # This chapter builds it:
 #
@@ -78,7 +79,7 @@ torch.manual_seed(0)
 print("torch", torch.__version__, "| this notebook runs on:", device_name("cpu"))
 
 # %% [markdown]
-# ## 1. Splitting a matrix product
+# ## 9.1 Splitting a matrix product
 #
 # A linear layer computes `y = x @ W.T`, with `W` of shape `[out, in]`. There are two ways to share it
 # between two GPUs:
@@ -112,7 +113,7 @@ print(
 )
 
 # %% [markdown]
-# ## 2. Two all-reduces per layer
+# ## 9.2 Two all-reduces per layer
 #
 # The trick of Megatron-LM is to pair the two splits so that the split output of the first layer is
 # exactly the split input of the second, with nothing exchanged in between:
@@ -171,18 +172,18 @@ fig, ax = plt.subplots(figsize=(10, 5.6))
 draw_layer_half(
     ax,
     4.2,
-    "q, k, v",
+    "qkv_proj",
     "attention\nof its heads",
     "o_proj",
-    "Attention: q/k/v column-parallel by heads, o_proj row-parallel",
+    "Attention: qkv_proj column-parallel by heads, o_proj row-parallel",
 )
 draw_layer_half(
     ax,
     0,
-    "gate, up",
+    "gate_up_proj",
     "silu(gate)\n* up",
     "down_proj",
-    "MLP: gate/up column-parallel, down_proj row-parallel",
+    "MLP: gate_up_proj column-parallel, down_proj row-parallel",
 )
 ax.set(xlim=(-0.1, 12.5), ylim=(-0.2, 7.8))
 ax.axis("off")
@@ -216,7 +217,7 @@ print(
 )
 
 # %% [markdown]
-# ## 3. The parallel layers
+# ## 9.3 The parallel layers
 #
 # Each parallel layer holds only its rank's slice of the weight and knows how to cut that slice out of
 # the whole tensor (`shard`), so that loading a shard is "give me the full tensor, keep my part". The
@@ -241,14 +242,14 @@ print(
 
 # %% [markdown]
 # The layers call one function for their all-reduces, `all_reduce`, rather than `torch.distributed`'s
-# directly: NCCL's (or gloo's) all-reduce is the one this section needs, and section 6 gives the same
+# directly: NCCL's (or gloo's) all-reduce is the one this section needs, and section 9.6.1 gives the same
 # function a faster path for the small messages of a decode step.
 
 # %%
 #| export mini_infer.parallel.communicator
 """The all-reduce of the tensor-parallel layers: `all_reduce(x)` sums x over the ranks of the default
 process group, with NCCL (gloo on the CPU), or, once `use_one_shot_all_reduce` has set it up between GPUs,
-with a one-shot all-reduce over symmetric memory for messages of up to `MAX_BYTES` (section 6 of Chapter 9).
+with a one-shot all-reduce over symmetric memory for messages of up to `MAX_BYTES` (Chapter 9, section 9.6.1).
 """
 
 from __future__ import annotations
@@ -393,6 +394,12 @@ class RowParallelLinear(Sharded):
         return full[:, self.rank * n : (self.rank + 1) * n]
 
 
+# %% [markdown]
+# The embedding and the LM head are split by vocabulary, not by hidden size:
+
+
+# %%
+#| export mini_infer.parallel.layers
 class VocabParallelEmbedding(Sharded):
     """The embedding table split by vocabulary: rank r holds rows [r * n, (r + 1) * n). A rank looks up
     the ids it holds, writes zeros for the others, and an all-reduce puts each token's row together.
@@ -436,6 +443,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         return torch.cat(parts, dim=-1)[:, : self.num_embeddings]  # drop the padding rows' scores
 
 
+# %% [markdown]
+# Then a whole model: check that it divides evenly among the ranks, and turn it into one rank's
+# shard in place:
+
+
+# %%
+#| export mini_infer.parallel.layers
 def check_shardable(config: ModelConfig, world_size: int) -> None:
     """Raise ValueError unless every rank can get whole heads and equal slices of the MLP."""
     c = config
@@ -533,7 +547,7 @@ except ValueError as e:
 # The norms stay whole on every rank: they are small, and each rank applies them to the whole hidden
 # vector it holds after an all-reduce. The tied LM head is not listed: it shares the embedding's shard.
 #
-# ## 4. One process per GPU
+# ## 9.4 One process per GPU
 #
 # A GPU is driven by a process (one CUDA context, one stream of launches), so N GPUs means N processes,
 # and they must run the same forward in lockstep: every all-reduce waits for all ranks. vLLM's design,
@@ -542,10 +556,10 @@ except ValueError as e:
 # - The **driver** is the process that called `LLM(...)`. It is rank 0: it loads its shard of the model,
 #   starts ranks 1..N-1 with `torch.multiprocessing` (spawn: a fresh interpreter, since CUDA cannot be
 #   forked), and joins them in a process group (NCCL between GPUs, gloo on the CPU).
-# - **Weights.** Every rank, the driver included, loads its own shard from the checkpoint, as section 3
-#   showed: the engine passes `load_model`'s arguments to the workers, not tensors. (A first version had
-#   rank 0 load the whole model on GPU 0 and broadcast every tensor: simple, but then the model had to fit
-#   one GPU, which is the very limit tensor parallelism exists to lift.)
+# - **Weights.** Every rank, the driver included, loads its own shard from the checkpoint, as section 9.3
+#   showed: the engine passes `load_model`'s arguments to the workers, not tensors. (Rank 0 could load the
+#   whole model on GPU 0 and broadcast every tensor: simpler, but then the model would have to fit one GPU,
+#   which is the very limit tensor parallelism exists to lift.)
 # - **The scheduler stays in one place.** Only the driver schedules, so there is one block manager. Each
 #   rank runs an ordinary `ModelRunner` on its shard, whose KV cache holds that rank's heads; the cache of
 #   every rank has the same blocks, indexed by the same block tables. The driver takes the smallest pool of
@@ -560,15 +574,15 @@ except ValueError as e:
 # The runner offers what the engine uses of a `ModelRunner` (`execute_model`, `num_blocks`, `device`), so
 # `make_runner` needs two lines to choose it when `tensor_parallel_size > 1`.
 #
-# **Stopping.** On the CPU, ending the workers is a detail; on GPUs it is where the first run on two
-# H200s went wrong: the tokens were right, and `close()` never returned. Two things were in the way:
+# **Stopping.** On the CPU, ending the workers is a detail; on GPUs it is where an engine that produced
+# the right tokens can still hang, with `close()` never returning. Two things stand in the way:
 #
 # - *NCCL's teardown waits for every rank.* `destroy_process_group` flushes and frees the communicator
-#   that all ranks share, and each rank's call returns when the others have made theirs. The driver used
-#   to join its workers first and leave the group after: each worker sat in its own teardown waiting for
-#   the driver, the driver sat in `join` waiting for the worker, until after 60 seconds it gave up and
-#   killed the worker; then the driver's own teardown did not return (the next point).
-#   Now the driver tells the workers to stop and leaves the group *at the same time* as they do.
+#   that all ranks share, and each rank's call returns when the others have made theirs. A driver that
+#   joins its workers first and leaves the group after deadlocks: each worker sits in its own teardown
+#   waiting for the driver, the driver in `join` waiting for the worker. (On two H200s such a driver gave
+#   up after 60 seconds and killed the worker; then its own teardown did not return, for the next
+#   reason.) So the driver tells the workers to stop and leaves the group *at the same time* as they do.
 # - *A CUDA graph that captured an all-reduce holds the communicator.* Chapter 6's decode graphs contain
 #   the all-reduces of every layer; NCCL counts each such graph as a user of the communicator and will not
 #   free it while one lives, so the teardown (and even an abort) waits forever. So every rank first drops
@@ -652,7 +666,7 @@ def rank_device(device_type: str, rank: int) -> torch.device:
 
 def init_group(device_type: str, store: dist.Store, rank: int, world_size: int, one_shot: bool):
     """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives, with the
-    one-shot all-reduce for small messages on GPUs if `one_shot` (section 6); return a gloo group for the
+    one-shot all-reduce for small messages on GPUs if `one_shot` (section 9.6.1); return a gloo group for the
     step messages, which are Python objects on the host."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
@@ -701,6 +715,13 @@ def exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
+# %% [markdown]
+# The worker process (rank 1 and up): load its shard, build its `ModelRunner`, then run the steps
+# the driver sends until it is told to stop:
+
+
+# %%
+#| export mini_infer.parallel.runner
 @torch.no_grad()
 def worker_main(
     rank: int,
@@ -764,6 +785,13 @@ def stop_workers(workers: list, timeout: float) -> None:
             w.join(5)
 
 
+# %% [markdown]
+# The driver's side of failures: a monitor thread that notices a worker exiting, and the ways to
+# shut down:
+
+
+# %%
+#| export mini_infer.parallel.runner
 class WorkerMonitor:
     """A thread of the driver that waits on the workers' process sentinels. A worker that exits while the
     engine runs is a failure: the monitor records which one and how (its exit code, and its error when it
@@ -867,6 +895,12 @@ def abandon(workers: list, monitor: WorkerMonitor) -> None:
     aborting.join(SHUTDOWN_TIMEOUT)
 
 
+# %% [markdown]
+# And the runner the engine sees:
+
+
+# %%
+#| export mini_infer.parallel.runner
 class TensorParallelRunner:
     """A ModelRunner over `world_size` processes, for `LLMEngine`: `execute_model(scheduler_output)`,
     `num_blocks`, `device`, `close()`.
@@ -880,7 +914,7 @@ class TensorParallelRunner:
     so one scheduler's block tables are valid everywhere.
 
     `args` and `kwargs` are ModelRunner's, after the model. `custom_all_reduce=False` keeps every
-    all-reduce on NCCL (by default, GPUs use the one-shot all-reduce for small messages, section 6). One
+    all-reduce on NCCL (by default, GPUs use the one-shot all-reduce for small messages, section 9.6.1). One
     tensor-parallel runner per process at a time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
     is garbage collected, or when the interpreter exits; a worker that dies makes the next step raise a
     RuntimeError that names it, and a worker exits on its own when the driver dies.
@@ -974,7 +1008,7 @@ class TensorParallelRunner:
 
 
 # %% [markdown]
-# ## 5. Running it: the same tokens with 1 and 2 processes
+# ## 9.5 Running it: the same tokens with 1 and 2 processes
 #
 # A small Llama-shaped model with random weights (4 query heads, 2 key/value heads), five prompts of 1 to 90
 # tokens, greedy and seeded sampling, once in one process and once split over two. The processes talk
@@ -1068,7 +1102,7 @@ print(f"close() took {time.perf_counter() - start:.2f} s; the worker is alive: {
 # process behind. With two GPUs it runs the engine checks on NCCL as well (the same tokens in fp32, within
 # the top 3 in bf16, and the second GPU's memory given back by `close()`).
 #
-# ## 6. What it costs, and what it gains
+# ## 9.6 What it costs, and what it gains
 #
 # **Communication, from the shapes.** Per token, a decode step all-reduces one hidden vector twice per
 # layer, plus once after the embedding, and all-gathers one row of logits per request. Next to that, what
@@ -1109,12 +1143,12 @@ for name in ("qwen3-0.6b", "llama3-8b"):
 # and ring all-reduce spreads it over the GPUs' links. At batch 1 it is the other way round: 65 all-reduces
 # of 8 kB each per token, each a round trip between the GPUs whose cost is latency, not bandwidth. So
 # throughput should scale well, and batch-1 latency gains only if those 65 round trips cost less than the
-# 8 GB of reading each GPU saves; only a measurement on two GPUs will tell.
+# 8 GB of reading each GPU saves; section 9.7 measures it on two GPUs.
 #
 # **Measured here, on the CPU.** This machine has no GPUs. What it can show is the mechanism, and one
-# limit of it: the same model (random weights, 59 million parameters, fp32) decoding a batch of 8 requests in
-# one process with one thread, and split over two processes of one thread each (`tensor_parallel_size=2`),
-# which then use both cores. A run on a 2-core CPU, not the GPU target.
+# limit of it: the same model (random weights, 59 million parameters, fp32) decoding a batch of 8
+# requests in one process with one thread, and split over two processes of one thread each
+# (`tensor_parallel_size=2`), which then use both cores. A run on a 2-core CPU, not on GPUs.
 
 # %%
 import os
@@ -1172,11 +1206,11 @@ for label, rate in rates.items():
 # one process.
 
 # %% [markdown]
-# ### A one-shot all-reduce for small messages
+# ### 9.6.1 A one-shot all-reduce for small messages
 #
 # NCCL's all-reduce is built for bandwidth: rings or trees of chunks, a protocol that keeps the links busy
 # for megabytes. A decode step at batch 1 sends 8 kB per all-reduce, and there only the fixed cost counts;
-# between two H200s it was about 20 us per all-reduce inside a CUDA graph (section 7), 65 times per token.
+# between two H200s it was about 20 us per all-reduce inside a CUDA graph (section 9.7), 65 times per token.
 #
 # GPUs joined by NVLink can read each other's memory directly, and that allows the simplest all-reduce of
 # all, in one kernel: every rank copies its input into a buffer that all ranks have mapped, the ranks meet
@@ -1280,12 +1314,12 @@ def stop_one_shot_all_reduce() -> None:
 
 
 # %% [markdown]
-# ## 7. On GPUs: Llama-3-8B on one and two GPUs
+# ## 9.7 On GPUs: Llama-3-8B on one and two GPUs
 #
-# The target of this chapter is Llama-3-8B (dummy weights) on the nano-vllm protocol of Chapter 6, with
-# tensor_parallel_size 1 and 2 on one machine: at least 1.7 times the throughput on two GPUs, and a lower
-# batch-1 latency, next to vLLM with the same sizes. One script does the whole visit to a machine with two
-# GPUs, every step under a timeout (NVLink multicast stays off in every process: `NCCL_NVLS_ENABLE=0` and
+# The model that needs it is the large one: Llama-3-8B (dummy weights) on the nano-vllm protocol of
+# Chapter 6, with tensor_parallel_size 1 and 2 on one machine, measured for throughput and batch-1 latency,
+# next to vLLM with the same sizes. One script runs the whole measurement on a machine with two GPUs,
+# every step under a timeout (NVLink multicast stays off in every process: `NCCL_NVLS_ENABLE=0` and
 # its PyTorch and NVSHMEM counterparts):
 #
 # ```bash
@@ -1318,27 +1352,27 @@ else:
     print("not measured yet: run `OUT=DIR bash benchmarks/tp_session.sh` on a machine with 2 GPUs")
 
 # %% [markdown]
-# What the first visit to two H200s measured (machine c1eed3e9, 2026-11-30; the table above reads the same
-# rows):
+# What two H200s measured (machine c1eed3e9, 2026-11-30; the table above reads the same rows):
 #
 # - **Every rank loads only its own half.** GPU 0 held 15.0 GiB of weights at tp=1 and 7.5 GiB at tp=2,
 #   and its peak while loading fell from 16.4 to 8.9 GiB: one full tensor in flight beside the shard.
 # - **Two GPUs are not twice as fast.** Throughput rose 1.34x and batch-1 latency fell to 0.76x of one
-#   GPU's, short of the 1.7x and 0.65x we aimed for. The all-reduces explain most of it: Llama-3-8B makes 65
-#   of them per step (two per layer and one for the embedding), and NCCL took 20 us each for a batch-1
-#   step's 8 KiB inside a CUDA graph, 1.3 ms per token, against the 2.4 ms that half of one GPU's 4.8 ms
-#   would leave. At batch 256 each takes 39 us, 2.5 ms per step. With NVLink multicast off (as this machine
-#   requires), NCCL's small messages cost that much; vLLM replaces them with its own all-reduce kernel,
-#   which writes straight into the other GPU's memory through CUDA IPC, at a few microseconds per message.
-#   That kernel is this engine's next step for two GPUs.
+#   GPU's (3.7 against 4.8 ms per token), where a perfect split would give 2x and 0.5x. The all-reduces
+#   explain most of it: Llama-3-8B makes 65 of them per step (two per layer and one for the embedding),
+#   and NCCL took 20 us each for a batch-1 step's 8 KiB inside a CUDA graph, 1.3 ms per token, against
+#   the 2.4 ms that half of one GPU's 4.8 ms would leave. At batch 256 each takes 39 us, 2.5 ms per step.
+#   With NVLink multicast off (as this machine requires), NCCL's small messages cost that much; vLLM
+#   replaces them with its own all-reduce kernel, which writes straight into the other GPU's memory
+#   through CUDA IPC, at a few microseconds per message. Mini-Infer calls NCCL for every all-reduce, so on
+#   two GPUs this is the largest cost left to remove.
 # - **vLLM at tp=2 did not run.** Its two workers loaded their halves (7.48 GiB each) and compiled, then
 #   stalled in their CUDA-graph capture for a minute and failed with a cuBLAS execution error (it had
 #   chosen its custom all-reduce and NCCL, with multicast off); the engine then hung until the step's
-#   7-minute timeout. So no vLLM row stands beside ours yet; the next visit should try it with
-#   `disable_custom_all_reduce=True`.
+#   7-minute timeout. So no vLLM row stands beside ours; to reproduce it, `disable_custom_all_reduce=True`
+#   (NCCL for every all-reduce, as Mini-Infer does) is the vLLM setting to try first.
 
 # %% [markdown]
-# ## 8. When one machine is not enough
+# ## 9.8 When one machine is not enough
 #
 # Tensor parallelism puts two all-reduces in every layer of every step, so it lives on the fastest links
 # there are: NVLink between the GPUs of one machine, hundreds of GB/s, a few microseconds per message.
@@ -1354,12 +1388,13 @@ else:
 # - **Tensor parallelism within each machine**, over its NVLink, exactly as in this chapter.
 #
 # This is vLLM's rule as its documentation states it: `tensor_parallel_size` = the GPUs of one machine,
-# `pipeline_parallel_size` = the number of machines (16 GPUs on 2 machines: 8 and 2). To start processes on
-# other machines vLLM uses Ray: `ray start --head` on one machine, `ray start --address=HEAD` on the others,
-# then the engine on the head places one worker per GPU of the cluster (`distributed_executor_backend="ray"`).
-# It can also run under an external launcher such as `torchrun`, which starts one process per GPU on every
-# machine itself. A model that fits one machine is better served by *data parallelism* instead: one whole
-# engine per machine, behind a load balancer, with no traffic between them at all.
+# `pipeline_parallel_size` = the number of machines (16 GPUs on 2 machines: 8 and 2). To start processes
+# on other machines vLLM uses Ray: `ray start --head` on one machine, `ray start --address=HEAD` on the
+# others, then the engine on the head places one worker per GPU of the cluster
+# (`distributed_executor_backend="ray"`). It can also run under an external launcher such as `torchrun`,
+# which starts one process per GPU on every machine itself. A model that fits one machine is better
+# served by *data parallelism* instead: one whole engine per machine, behind a load balancer, with no
+# traffic between them at all.
 #
 # What Mini-Infer would need for it:
 #

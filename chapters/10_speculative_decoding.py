@@ -75,7 +75,7 @@ torch.manual_seed(0)
 print("outputs from:", describe_run())
 
 # %% [markdown]
-# ## 1. The floor: one weight read per token
+# ## 10.1 The floor: one weight read per token
 #
 # A decode step at batch 1 must stream every weight from memory to the compute units. Its time can not be
 # less than the weights' bytes over the memory bandwidth. For the embedded SmolLM2-135M in bf16 on an
@@ -98,10 +98,11 @@ for name, params in (("SmolLM2-135M", num_params), ("Llama-3-8B", 8.03e9)):
 # bound by memory: a 135M model at batch 1 does about 2 x 135M x 5 = 1.4 GFLOP for 5 tokens, a few
 # microseconds of an H200's ~990 dense bf16 TFLOP/s. (For a model this small the real floor is higher
 # still: the launch of its ~200 kernels. Chapter 6's CUDA graphs remove most of that for decode steps.)
-# So a verification step costs about one decode step, and every accepted draft is a token for free. The
+# So, counted in bytes, a verification step costs about one decode step, and every accepted draft is a
+# token for free (section 10.6 measures how far the host's work moves a small model from that). The
 # question is how to guess well and cheaply.
 #
-# ## 2. A proposer without a second model: prompt lookup
+# ## 10.2 A proposer without a second model: prompt lookup
 #
 # A lot of what a model writes is already in its context: code it is asked to edit, a document it
 # summarizes with quotes, names and numbers it repeats. **Prompt lookup** (Saxena 2023; vLLM's
@@ -359,16 +360,16 @@ print("the incremental index agrees with a full search in 6,000 proposals:", agr
 # EAGLE-style proposers go further and read the target's hidden states. Prompt lookup needs none of that:
 # its q is a point mass, and its cost is a dictionary look-up.
 #
-# ## 3. Verification inside the continuous batch
+# ## 10.3 Verification inside the continuous batch
 #
 # The proposer's drafts become a request's `Sequence.spec_token_ids` (Chapter 5). The scheduler gives a
-# decoding request with drafts a budget of 1 + k tokens (its newest token, then the drafts), after shortening
-# the drafts to what the step's token budget, the request's `max_tokens` and `max_model_len` leave room for,
-# and takes KV slots for them: a draft never preempts anyone, it takes free blocks only while one stays free
-# for every running request. The `SchedulerOutput` carries the drafts as vLLM names them,
-# `scheduled_spec_decode_tokens`, and the runner packs them after the newest token, like a short chunk of
-# prompt: the same forward pass as a prefill or mixed step, with paged attention over the request's
-# context, so verification works inside any batch, next to prompt chunks and plain decodes.
+# decoding request with drafts a budget of 1 + k tokens (its newest token, then the drafts), after
+# shortening the drafts to what the step's token budget, the request's `max_tokens` and `max_model_len`
+# leave room for, and takes KV slots for them: a draft never preempts anyone, it takes free blocks only
+# while one stays free for every running request. The `SchedulerOutput` carries the drafts as vLLM names
+# them, `scheduled_spec_decode_tokens`, and the runner packs them after the newest token, like a short
+# chunk of prompt: the same forward pass as a prefill or mixed step, with paged attention over the
+# request's context, so verification works inside any batch, next to prompt chunks and plain decodes.
 #
 # The runner computes logits at the k + 1 positions of each verifying request (and at the last position of
 # the others) and hands them to the rejection sampler of the next section, which returns the accepted drafts
@@ -380,8 +381,8 @@ print("the incremental index agrees with a full search in 6,000 proposals:", agr
 #
 # Two choices keep it simple, at a cost:
 #
-# - **Scheduling is synchronous.** Drafts are proposed from the tokens the host has seen, so a step can not be
-#   launched before the last one's tokens are back. With a speculative config the engine turns
+# - **Scheduling is synchronous.** Drafts are proposed from the tokens the host has seen, so a step can
+#   not be launched before the last one's tokens are back. With a speculative config the engine turns
 #   `async_scheduling` off (with a warning if it was asked for), as vLLM did for a long time.
 # - **Verification steps replay the mixed steps' CUDA graphs.** They carry several tokens per request, so
 #   they take the runner's prefill/mixed path, the same code as a prompt chunk, and Chapter 6 captures that
@@ -392,7 +393,7 @@ print("the incremental index agrees with a full search in 6,000 proposals:", agr
 # have not reached their `min_tokens`, do not speculate: their tokens need the sampler's processing at
 # every position, which verification does not repeat. They run in the same batches, as plain decodes.
 #
-# ## 4. The rejection sampler
+# ## 10.4 The rejection sampler
 #
 # For greedy requests verification is a comparison: keep a draft while it is the argmax of the logits
 # before it, then append the argmax at the first mismatch (or after the last draft). For sampled requests
@@ -525,13 +526,14 @@ logits[torch.arange(4), torch.tensor([3, 1, 0, 4])] = 5.0
 print(rejection(logits, [[3, 1, 2]], [SamplingParams(temperature=0)], [10]).tolist())
 
 # %% [markdown]
-# Drafts 3 and 1 are kept, 2 is replaced by the model's 0, and the rest is padding (-1): 3 tokens from one
-# forward pass. For sampling, a statistical test. Take a 6-token vocabulary with a fixed target p at two
-# positions, a draft for each (at the first position an unlikely token, so that rejections are common), and
-# 40,000 requests in one call. The first output token must follow p at position 0; among the requests whose
-# first draft was accepted, the second must follow p at position 1. Pearson's chi-square statistic over the
-# 6 tokens has 5 degrees of freedom; it exceeds 20.52 with probability 0.001 when the distribution is right,
-# so each check raises a false alarm once in 1,000 seeds (with the fixed seed here, it is the same every run).
+# Drafts 3 and 1 are kept, 2 is replaced by the model's 0, and the rest is padding (-1): 3 tokens from
+# one forward pass. For sampling, a statistical test. Take a 6-token vocabulary with a fixed target p at
+# two positions, a draft for each (at the first position an unlikely token, so that rejections are
+# common), and 40,000 requests in one call. The first output token must follow p at position 0; among the
+# requests whose first draft was accepted, the second must follow p at position 1. Pearson's chi-square
+# statistic over the 6 tokens has 5 degrees of freedom; it exceeds 20.52 with probability 0.001 when the
+# distribution is right, so each check raises a false alarm once in 1,000 seeds (with the fixed seed
+# here, it is the same every run).
 
 # %% tags=["nbval-check-output"]
 CHI2_5DF_999 = 20.515  # the 99.9th percentile of chi-square with 5 degrees of freedom
@@ -564,7 +566,7 @@ print(f"acceptance of the first draft: {(first == 5).float().mean():.4f}, p(5) =
 # sampler does, so it repeats alone or in any batch. With the same seed, speculation and plain decoding draw
 # different random numbers, so their sampled texts differ, each distributed as the model says.
 #
-# ## 5. The whole engine: same tokens, fewer steps
+# ## 10.5 The whole engine: same tokens, fewer steps
 #
 # Now the embedded model, greedy, on a prompt that invites copying: rewrite a piece of code with a variable
 # renamed. With and without speculation, the tokens must be identical; the engine's `spec_decode_metrics`
@@ -614,7 +616,7 @@ print("identical tokens with speculation:", spec_out.token_ids == plain_out.toke
 print(spec_llm.llm_engine.spec_decode_metrics.as_dict())
 
 # %% [markdown]
-# ### Acceptance against k
+# ### 10.5.1 Acceptance against k
 #
 # How many tokens does a verification step give, and how many steps does a request take, as k grows? We run
 # the rewriting prompt and an open-ended chat prompt (a story, where the context holds little to copy), with
@@ -665,7 +667,7 @@ for (name, k), (steps, length, drafts, rate) in results.items():
 # On the rewrite, most of the answer is in the prompt, and the steps drop by a large factor. On the open
 # chat, the proposer rarely finds a match, and the steps barely change: most steps are plain decodes.
 #
-# ### The proposer's cost on the host
+# ### 10.5.2 The proposer's cost on the host
 #
 # The proposer runs between steps for every decoding request. At batch 256 with 1,000-token contexts, what
 # does a step's proposing cost once the prompts are indexed? (Timed on this notebook's CPU.)
@@ -692,19 +694,22 @@ print(
 )
 
 # %% [markdown]
-# Under a millisecond per step at batch 256 on this CPU, a fraction of a step; indexing a 1,000-token
-# prompt costs under a millisecond, once, when its request first decodes. Above `disable_by_batch_size` the
+# About 1.4 ms per step at batch 256 on this CPU: as much as a whole batch-1 decode step of the small
+# model on a GPU (about 1 ms, below), a small share of a batch-256 step of a large one. Indexing costs about
+# 1.2 ms per 1,000-token prompt (308 ms for the 256), once, when its request first decodes. Above
+# `disable_by_batch_size` the
 # engine does not propose at all. (These random prompts hold no repeated pair of tokens, the common case at
 # large batch; a found match costs a slice more.)
 #
 # The story barely speculates: 8 verifications in 118 steps, each accepting little, so its step count does
 # not move with k. On the rewrite, k = 4 takes 37 steps where plain decoding takes one per token.
 #
-# ## When speculation hurts
+# ## 10.6 When speculation hurts
 #
-# - **Nothing to copy.** Open-ended text gives few matches; each wrong draft costs a verification step that is
-#   dearer than a decode step (k + 1 tokens of attention, the rejection sampler, no overlap with the host)
-#   and yields one token. Acceptance, not k, decides: a long k with a low acceptance rate wastes compute.
+# - **Nothing to copy.** Open-ended text gives few matches; each wrong draft costs a verification step
+#   that is dearer than a decode step (k + 1 tokens of attention, the rejection sampler, no overlap with
+#   the host) and yields one token. Acceptance, not k, decides: a long k with a low acceptance rate
+#   wastes compute.
 # - **Large batches.** A batch of 64 is no longer bound by the weights' bytes alone: its (k + 1) x 64 tokens
 #   add real compute, and steps that leave the decode graphs are slower. `disable_by_batch_size` switches
 #   speculation off for steps with more running requests (vLLM's setting of the same name; our default is
@@ -751,23 +756,23 @@ else:
     print("no GPU rows yet: run benchmarks/benchmark_spec_decode.py on a GPU")
 
 # %% [markdown]
-# On an H200 (machine c1eed3e9) prompt lookup was nowhere near the 2x we wanted: 1.09x on the rewrite and
-# 0.85x, a loss, on open chat. Its drafts were good (2.8 tokens per verification step on the rewrite), but a
-# verification step cost about 2.6 times a decode step (the estimate above, as if every step verified). A
-# decode step of this small model takes about 1 ms and is nearly all launch and
-# host time that asynchronous scheduling hides; a verification step adds the rejection sampler's dozen
-# small kernels, a wait for the accepted tokens before the next step can be scheduled (synchronous
-# scheduling), and the proposer. So for a 135M model the floor of section 1 is not the limit: the host is.
-# The next steps are a rejection sampler in one kernel and proposing on the GPU, so that speculation can
-# run one step ahead like plain decoding. On a large model, whose decode step is milliseconds of weight
-# reads, the same 2.8 tokens per step would be worth far more. At batch 64 speculation turned itself off
-# above 16 requests (714 steps ran without it) and the whole run came out at 1.11x plain decoding's
-# throughput, a gain made in the run's tail, when few requests were left; with no limit, verifying at batch
-# 64 throughout, it was 1.05x: no loss either way. In bf16 the rewrite's greedy tokens with and without speculation parted after a while: verification
-# computes a token with the prefill kernel, a decode step with the decode kernel, and a near-tie can round
-# either way (in float32, as in the tests, they are identical).
+# On an H200 (machine c1eed3e9) prompt lookup gained 1.09x on the rewrite and lost on open chat (0.85x).
+# Its drafts were good (2.8 tokens per verification step on the rewrite), but a verification step cost
+# about 2.6 times a decode step (the estimate above, as if every step verified). A decode step of this
+# small model takes about 1 ms and is nearly all launch and host time that asynchronous scheduling hides; a
+# verification step adds the rejection sampler's dozen small kernels, a wait for the accepted tokens before
+# the next step can be scheduled (synchronous scheduling), and the proposer. So for a 135M model the floor
+# of section 10.1 is not the limit: the host is. A rejection sampler in one kernel, and proposing on the
+# GPU, would let speculation run one step ahead like plain decoding. On a large model, whose decode step is
+# milliseconds of weight reads, the same 2.8 tokens per step are worth far more. At batch 64 speculation
+# turned itself off above 16 requests (714 steps ran without it) and the whole run came out at 1.11x plain
+# decoding's throughput, a gain made in the run's tail, when few requests were left; with no limit,
+# verifying at batch 64 throughout, it was 1.05x: no loss either way. In bf16 the rewrite's greedy tokens
+# with and without speculation parted after a while: verification computes a token with the prefill
+# kernel, a decode step with the decode kernel, and a near-tie can round either way (in float32, as in the
+# tests, they are identical).
 #
-# ## What we have
+# ## 10.7 What we have
 #
 # - `mini_infer.spec_decode.config`: `SpeculativeConfig` (vLLM's keys, checked) and `SpecDecodingMetrics`.
 # - `mini_infer.spec_decode.ngram_proposer`: prompt lookup with an incremental n-gram index, plain Python.

@@ -99,3 +99,34 @@ def test_every_test_file_names_its_chapter():
     assert files - PROJECT_WIDE - set(conftest.CHAPTER_OF_TEST_FILE) == set()
     assert set(conftest.CHAPTER_OF_TEST_FILE.values()) <= set(range(1, conftest.CHAPTERS + 1))
     assert len(CHAPTERS) <= conftest.CHAPTERS  # every chapter has a registered mark
+
+
+@pytest.mark.parametrize("py", CHAPTERS, ids=chapter_id)
+def test_section_numbers_follow_the_chapter(py: Path):
+    """Chapter N's title is `# N. Title`; once a chapter numbers its sections, every `## ` heading is
+    `## N.M Title` and every `### ` heading `### N.M.K Title`, counted in order (a chapter numbers all of
+    its sections or none)."""
+    number = int(py.stem.split("_")[0])
+    headings = [
+        cell.source.splitlines()[i]
+        for cell in jupytext.read(py).cells
+        if cell.cell_type == "markdown"
+        for i in range(len(cell.source.splitlines()))
+        if cell.source.splitlines()[i].startswith("#")
+    ]
+    assert headings[0].startswith(f"# {number}. "), f"{py.name}: title {headings[0]!r}"
+    sections = [h for h in headings if h.startswith(("## ", "### "))]
+    numbered = [h for h in sections if h.split()[1][0].isdigit()]
+    if not numbered:
+        return
+    expected, m, k = [], 0, 0
+    for h in sections:
+        level, title = h.split(" ", 1)
+        title = title.split(" ", 1)[1] if title[0].isdigit() else title
+        if level == "##":
+            m, k = m + 1, 0
+            expected.append(f"## {number}.{m} {title}")
+        else:
+            k += 1
+            expected.append(f"### {number}.{m}.{k} {title}")
+    assert sections == expected, f"{py.name}: number every section as N.M / N.M.K, in order"

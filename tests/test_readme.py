@@ -103,3 +103,52 @@ def test_readme_serving_snippet_talks_to_the_readme_server_command():
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def exported_modules() -> dict[str, set[str]]:
+    """Each chapter's stem and the modules its cells export, without the `mini_infer.` prefix."""
+    exports: dict[str, set[str]] = {}
+    for chapter in sorted((ROOT / "chapters").glob("[0-9]*.py")):
+        found = re.findall(r"^#\| export mini_infer\.([\w.]+)$", chapter.read_text(), flags=re.M)
+        exports[chapter.stem] = set(found)
+    return exports
+
+
+def test_readme_chapter_table_names_every_module_each_chapter_exports():
+    """The Module column of a chapter's row in README.md's "## The chapters" table names, in backticks,
+    every module the chapter exports (`#| export mini_infer.x.y` cells), without `mini_infer.`:
+
+    - precisely (`x.y`), or
+    - by a package (`x`) when the chapter exports every module of that package (every module any
+      chapter exports under `mini_infer.x`, however deep): `memory` stands for `memory.block_manager`
+      and `memory.kv_cache` only while no other chapter exports into `memory`.
+
+    A chapter that exports nothing (Chapter 7) may name what it uses instead. Only names in backticks
+    count; words in parentheses beside them are for the reader.
+    """
+    exports = exported_modules()
+    every_module = set().union(*exports.values())
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## The chapters") :]
+    table = table[: table.index("\n## ")]
+    missing = {}
+    for stem, modules in exports.items():
+        rows = [line for line in table.splitlines() if f"](chapters/{stem}.ipynb)" in line]
+        assert len(rows) == 1, f"README.md's chapter table needs one row for chapters/{stem}.ipynb"
+        named = set(re.findall(r"`([\w.]+)`", rows[0].split("|")[3]))
+
+        def covered(module: str) -> bool:
+            if module in named:
+                return True
+            parts = module.split(".")
+            packages = {".".join(parts[:i]) for i in range(1, len(parts))}
+            return any(
+                {m for m in every_module if m.startswith(p + ".")} <= modules
+                for p in packages & named
+            )
+
+        if not_named := sorted(m for m in modules if not covered(m)):
+            missing[stem] = not_named
+    assert missing == {}, (
+        f"README.md's chapter table does not name these exported modules: {missing}"
+    )

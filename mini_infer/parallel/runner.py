@@ -61,7 +61,7 @@ def rank_device(device_type: str, rank: int) -> torch.device:
 
 def init_group(device_type: str, store: dist.Store, rank: int, world_size: int, one_shot: bool):
     """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives, with the
-    one-shot all-reduce for small messages on GPUs if `one_shot` (section 6); return a gloo group for the
+    one-shot all-reduce for small messages on GPUs if `one_shot` (section 9.6.1); return a gloo group for the
     step messages, which are Python objects on the host."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
@@ -289,7 +289,7 @@ class TensorParallelRunner:
     so one scheduler's block tables are valid everywhere.
 
     `args` and `kwargs` are ModelRunner's, after the model. `custom_all_reduce=False` keeps every
-    all-reduce on NCCL (by default, GPUs use the one-shot all-reduce for small messages, section 6). One
+    all-reduce on NCCL (by default, GPUs use the one-shot all-reduce for small messages, section 9.6.1). One
     tensor-parallel runner per process at a time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
     is garbage collected, or when the interpreter exits; a worker that dies makes the next step raise a
     RuntimeError that names it, and a worker exits on its own when the driver dies.
