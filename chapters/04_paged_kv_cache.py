@@ -887,7 +887,10 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
 
 # %% [markdown]
 # The two kernels: one program per (sequence, KV head, split) computes its split's partial output
-# and the log of its softmax sum; the second kernel combines the splits with the formula above.
+# and the log of its softmax sum; the second kernel combines the splits with the formula above. With a
+# single split (a large batch already gives every SM several programs) the first kernel writes the output
+# itself and the second does not run: at batch 256 that saves a launch and a float32 round trip of the
+# whole output per layer.
 
 
 # %%
@@ -914,6 +917,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
@@ -961,10 +965,12 @@ def _decode_split_kernel(
     lse = m_i + tl.log2(l_i)
     out = acc / l_i[:, None]
     part = (seq * NUM_KV_HEADS * GROUP + heads) * num_splits + split
-    tl.store(lse_part_ptr + part, lse, mask=mask_h)
+    # Without splits there is nothing to combine: o_part is then the output itself, in q's dtype.
+    if STORE_LSE:
+        tl.store(lse_part_ptr + part, lse, mask=mask_h)
     tl.store(
         o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-        out,
+        out.to(o_part_ptr.dtype.element_ty),
         mask=mask_h[:, None] & mask_d[None, :],
     )
 
@@ -1008,7 +1014,7 @@ LOG2E = 1.4426950408889634
 
 # %% [markdown]
 # The Python side pads the head size, chooses the split count from the block table's width, and
-# launches both kernels:
+# launches the kernels:
 
 
 # %%
@@ -1044,7 +1050,7 @@ def paged_decode_attention_triton(
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
     A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
-    over the block table's width; block_n (keys per tile, a power of two, at least 16; default 64 for
+    over the block table's width (with one split, the reduce kernel is skipped); block_n (keys per tile, a power of two, at least 16; default 64 for
     head_dim up to 64, else 32, the best on an H200 in benchmarks/attention_sweep.py), num_warps and
     num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a head_dim
     outside 16..256.
@@ -1064,8 +1070,12 @@ def paged_decode_attention_triton(
         )
         num_splits = decode_num_splits(B, Hkv, max_context, num_sms)
     split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
-    o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if num_splits == 1:  # one program per (sequence, KV head) writes its output: no reduce
+        o_part, lse_part = o, None
+    else:
+        o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     block_d = padded_head_dim(D)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q,
@@ -1088,10 +1098,12 @@ def paged_decode_attention_triton(
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         BLOCK_N=block_n,
+        STORE_LSE=num_splits > 1,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if num_splits == 1:
+        return o
     _decode_reduce_kernel[(B, Hq)](
         o_part,
         lse_part,

@@ -149,6 +149,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
@@ -196,10 +197,12 @@ def _decode_split_kernel(
     lse = m_i + tl.log2(l_i)
     out = acc / l_i[:, None]
     part = (seq * NUM_KV_HEADS * GROUP + heads) * num_splits + split
-    tl.store(lse_part_ptr + part, lse, mask=mask_h)
+    # Without splits there is nothing to combine: o_part is then the output itself, in q's dtype.
+    if STORE_LSE:
+        tl.store(lse_part_ptr + part, lse, mask=mask_h)
     tl.store(
         o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-        out,
+        out.to(o_part_ptr.dtype.element_ty),
         mask=mask_h[:, None] & mask_d[None, :],
     )
 
@@ -272,7 +275,7 @@ def paged_decode_attention_triton(
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
     A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
-    over the block table's width; block_n (keys per tile, a power of two, at least 16; default 64 for
+    over the block table's width (with one split, the reduce kernel is skipped); block_n (keys per tile, a power of two, at least 16; default 64 for
     head_dim up to 64, else 32, the best on an H200 in benchmarks/attention_sweep.py), num_warps and
     num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a head_dim
     outside 16..256.
@@ -292,8 +295,12 @@ def paged_decode_attention_triton(
         )
         num_splits = decode_num_splits(B, Hkv, max_context, num_sms)
     split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
-    o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if num_splits == 1:  # one program per (sequence, KV head) writes its output: no reduce
+        o_part, lse_part = o, None
+    else:
+        o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     block_d = padded_head_dim(D)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q,
@@ -316,10 +323,12 @@ def paged_decode_attention_triton(
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         BLOCK_N=block_n,
+        STORE_LSE=num_splits > 1,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if num_splits == 1:
+        return o
     _decode_reduce_kernel[(B, Hq)](
         o_part,
         lse_part,

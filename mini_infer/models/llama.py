@@ -10,7 +10,6 @@ which tokens see which; the model knows nothing about sequences.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mini_infer.config import ModelConfig
