@@ -81,7 +81,7 @@ def profiles() -> list[dict]:
 
 
 def race_section(summary: dict) -> list[str]:
-    tput, lat = summary["tables"]["throughput"], summary["tables"]["latency"]
+    tput, lat, ttft = (summary["tables"][t] for t in ("throughput", "latency", "ttft"))
     first, first_lat = (
         tput[summary["models"][0]]["mini_infer"],
         lat[summary["models"][0]]["mini_infer"],
@@ -92,11 +92,13 @@ def race_section(summary: dict) -> list[str]:
         f"`bash benchmarks/race.sh MODEL`. Throughput: the nano-vllm protocol ({first['num_seqs']} requests, "
         f"{first['prompt_tokens']:,} prompt and {first['output_tokens']:,} output tokens, temperature "
         f"{common.TEMPERATURE}, random weights in each model's shape). Batch 1: {first_lat['prompt_tokens']} prompt "
-        f"tokens, {first_lat['output_tokens']} greedy output tokens. vLLM's best attention backend on that machine "
-        "in brackets (auto: vLLM's own choice). A ratio above 1 means Mini-Infer is faster.",
+        f"tokens, {first_lat['output_tokens']} greedy output tokens; time to first token (TTFT) of the same "
+        "request. vLLM's best attention backend on that machine in brackets (auto: vLLM's own choice). A ratio "
+        "above 1 means Mini-Infer is faster.",
         "",
-        "| model shape | throughput, Mini-Infer | vLLM | ratio | batch-1 ms/token, Mini-Infer | vLLM | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| model shape | throughput, Mini-Infer | vLLM | ratio | batch-1 ms/token, Mini-Infer | vLLM | ratio "
+        "| TTFT ms, Mini-Infer | vLLM | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in in_size_order(summary["models"]):
         ours, theirs, ours_ms, theirs_ms = (
@@ -109,9 +111,18 @@ def race_section(summary: dict) -> list[str]:
             f"| {name(m)} | {ours['tokens_per_s']:,.0f} tok/s | {theirs['tokens_per_s']:,.0f} tok/s "
             f"({theirs['attention_backend']}) | {summarize.speedup(ours, theirs, 'throughput'):.2f}x "
             f"| {ours_ms['ms_per_token']:.2f} | {theirs_ms['ms_per_token']:.2f} "
-            f"| {summarize.speedup(ours_ms, theirs_ms, 'latency'):.2f}x |"
+            f"| {summarize.speedup(ours_ms, theirs_ms, 'latency'):.2f}x "
+            f"| {ttft_cells(ttft[m].get('mini_infer'), ttft[m].get('vllm'))} |"
         )
     return lines
+
+
+def ttft_cells(ours: dict | None, theirs: dict | None) -> str:
+    """TTFT, ours | vLLM's | ratio; '-' where a row (an older one without TTFT) lacks it."""
+    if not (ours and theirs and "ttft_ms" in ours and "ttft_ms" in theirs):
+        return "- | - | -"
+    ratio = summarize.speedup(ours, theirs, "ttft")
+    return f"{ours['ttft_ms']:.1f} | {theirs['ttft_ms']:.1f} | {ratio:.2f}x"
 
 
 def hf_section(summary: dict) -> list[str]:
