@@ -34,9 +34,10 @@
 #
 # ```
 # LLM.generate -> InputProcessor.process -> LLMEngine.add_request (a Sequence per prompt, or per sample)
-# loop: Scheduler.schedule -> SchedulerOutput -> ModelRunner.execute_model [pack inputs -> model forward
-#       through the paged kernels -> sample] -> Scheduler.record (append tokens, retire finished requests,
-#       free their blocks) -> OutputProcessor.process (text, stop strings) -> RequestOutputs
+# loop: Scheduler.schedule -> SchedulerOutput -> ModelRunner.execute_model [learn what changed -> pack
+#       the step -> model forward through the paged kernels -> sample] -> Scheduler.advance, then
+#       Scheduler.record (append tokens, retire finished requests, free their blocks)
+#       -> OutputProcessor.process (text, stop strings) -> RequestOutputs
 # ```
 #
 # The scheduler decides, the runner executes, and the kernels know nothing of requests.
@@ -2095,6 +2096,26 @@ for o in outputs:
     print(f"{o.prompt!r:28} -> {o.outputs[0].text!r} ({o.outputs[0].finish_reason})")
 
 # %% [markdown]
+# Under `generate` is the engine's loop. Driven by hand with one request, it shows what a step is: the
+# first step computes the whole prompt and samples the first token, and each later step one more token.
+# (Synchronously, as drawn at the top of the chapter: each step's tokens are recorded before the next
+# step is scheduled. 6.2.4 changes that.)
+
+# %% tags=["nbval-check-output"]
+from mini_infer.sampling_params import RequestOutputKind
+
+loop = llm.engine
+loop.async_scheduling = False
+params = SamplingParams(temperature=0, max_tokens=4, output_kind=RequestOutputKind.DELTA)
+loop.add_request("by-hand", "The capital of France is", params)
+step = 0
+while loop.has_unfinished_requests():
+    step += 1
+    for out in loop.step():
+        print(f"step {step}: new text {out.outputs[0].text!r}, finished: {out.finished}")
+loop.async_scheduling = loop.device.type == "cuda"  # the engine's default again
+
+# %% [markdown]
 # Chat messages go through the tokenizer's chat template, and the reply stops at the model's
 # end-of-turn token:
 
@@ -2465,10 +2486,11 @@ for label, ms in sync_parts.items():
 # ### 6.2.2 Packing the step with numpy
 #
 # `prepare` turns the scheduled requests into flat arrays: a position and a pool slot for every token,
-# and the block tables of every request. Written as Python loops this costs a few microseconds per token
-# and per block-table entry, which at batch 256 and ~600 tokens of context adds up to milliseconds per
-# step. The runner instead keeps the block tables in one numpy array from step to step (a step writes only
-# new blocks) and does the per-token arithmetic on whole arrays. Here are both ways of packing the same
+# and the block tables of every request. Written as Python loops, every token and every block-table entry
+# costs the interpreter a little, and at batch 256 with ~600 tokens of context (some 10,000 block-table
+# entries) that adds up to a sizeable share of a decode step that a GPU finishes in a few milliseconds.
+# The runner instead keeps the block tables in one numpy array from step to step (a step writes only new
+# blocks) and does the per-token arithmetic on whole arrays. Here are both ways of packing the same
 # step (256 decoding requests and one prompt chunk of 256 tokens; pure host work, so the same sizes on
 # every device), checked to agree:
 
