@@ -61,7 +61,7 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## What a request asks for
+# ## 5.1 What a request asks for
 #
 # A request carries its prompt and its sampling parameters, named as in vLLM so that habits carry over.
 # Bad values are rejected when the object is made, with a message that names the field and the allowed
@@ -228,7 +228,7 @@ for bad in (
         print(f"{bad}: {e}")
 
 # %% [markdown]
-# ## A request inside the engine: `Sequence`
+# ## 5.2 A request inside the engine: `Sequence`
 #
 # The scheduler's view of a request is a `Sequence`: every token so far (prompt, then output), how many
 # of them already have K/V in the cache (`num_computed_tokens`), how many it runs this step
@@ -313,7 +313,7 @@ class Sequence:
 
 
 # %% [markdown]
-# ## The scheduler
+# ## 5.3 The scheduler
 #
 # Each step has two limits: at most `max_num_seqs` running requests (the batch the GPU kernels and CUDA
 # graphs are sized for) and at most `max_num_batched_tokens` tokens (what one forward pass may process,
@@ -335,23 +335,20 @@ class Sequence:
 # request that reached `max_tokens`, its end-of-sequence token or a stop token finishes and frees its
 # blocks at once. Full blocks whose K/V is now computed join the prefix cache.
 #
-# `update()` has two halves, because the engine of Chapter 6 on a GPU learns a step's tokens only one
-# step later (it prepares the next step while the GPU computes this one). `advance()` runs when the step
-# is launched: its tokens count as computed, and each request that samples counts one more *pending*
-# token, so the next `schedule()` sees the right lengths and block needs (`num_tokens` includes pending
-# tokens; `token_ids` holds only the tokens the host has seen). `record()` runs when the tokens arrive: it
-# appends them and retires finished requests. A request that hit its stop token meanwhile was already
-# scheduled once more; that step's token is dropped.
+# In the code, `update()` is two calls made back to back: `advance()` (the step ran: its tokens count as
+# computed) and `record()` (its sampled tokens: append them, retire finished requests). Everything in this
+# chapter calls `update()`, so between two steps every request's tokens are known and its
+# `num_pending_tokens` is 0. (Chapter 6 pulls the two halves apart, and explains the pending count there,
+# when its engine starts a step before the last one's tokens are back.)
 #
 # `finish()` ends a request from outside, wherever it is: `abort()` when its client has gone, or a stop
-# string that the engine found in its text (Chapter 6). Its blocks return at once, and a token still in
-# flight for it is dropped in the same way.
+# string that the engine found in its text (Chapter 6). Its blocks return at once.
 #
 # With `static=True` the same code behaves like static batching: a new batch is admitted only when every
 # request of the last one has finished. That lets us compare the two policies with everything else equal.
 
 # %% [markdown]
-# ### The step, as data
+# ### 5.3.1 The step, as data
 #
 # What does the model's side need to know about a step? Not the scheduler's `Sequence` objects: it needs
 # which requests run, on which of their tokens, with which KV blocks. `schedule()` says exactly that in a
@@ -427,7 +424,9 @@ class SchedulerOutput:
 
 
 # %% [markdown]
-# The scheduler itself:
+# The scheduler itself. It is one class, cut into three cells so that each reads on its own: how one
+# request is placed in a step (`_Placement`: its chunk, its blocks, preemption), how a step's results
+# are taken (`_Recording`), and `Scheduler`, which inherits both and holds the queues and `schedule()`.
 
 # %%
 #| export mini_infer.core.scheduler
@@ -440,7 +439,193 @@ from mini_infer.core.sequence import Sequence, SequenceStatus
 from mini_infer.memory.block_manager import BlockManager
 
 
-class Scheduler:
+class _Placement:
+    """How `Scheduler.schedule` places one request in a step: its chunk of tokens, its KV blocks, and the
+    preemptions that make room for them."""
+
+    def _fit_drafts(self, seq: Sequence, budget: int) -> None:
+        """Shorten seq's speculative tokens (Chapter 10) to what this step's budget, its max_tokens and
+        max_model_len leave room for, and take KV slots for them. A guess never preempts a running request:
+        it takes blocks only while one stays free for each of them (it can delay the admission of a waiting
+        one, until its blocks come back). Only a decoding request whose
+        newest token the host knows verifies."""
+        num_tokens, bm = seq.num_tokens, self.block_manager
+        k = min(
+            len(seq.spec_token_ids),
+            budget - 1,
+            self.max_model_len - num_tokens - 1,
+            (seq.params.max_tokens or self.max_model_len)
+            - (num_tokens - seq.num_prompt_tokens)
+            - 1,
+        )
+        decoding = seq.num_computed_tokens == num_tokens - 1 and not seq.num_pending_tokens
+        if k >= 1 and decoding:
+            needed = bm.num_blocks_for(num_tokens + k) - len(seq.block_table)
+            if needed and bm.num_free_blocks - needed < len(self.running):
+                k = 0
+            else:
+                bm.grow(seq, num_tokens + k)
+        del seq.spec_token_ids[max(k, 0) if decoding else 0 :]
+
+    def _schedule(self, seq: Sequence, budget: int, output: SchedulerOutput) -> int:
+        """Put seq in the step with a chunk of at most budget tokens, and what the runner does not know of it
+        yet. Returns the chunk's size."""
+        tokens, blocks = seq.token_ids, seq.block_table
+        n = min(len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget)
+        if seq.spec_token_ids:  # verified after its newest token (Chapter 10)
+            output.scheduled_spec_decode_tokens[seq.seq_id] = seq.spec_token_ids
+            n += len(seq.spec_token_ids)
+        seq.num_scheduled_tokens = output.num_scheduled_tokens[seq.seq_id] = n
+        if seq.num_sent_tokens == 0:
+            output.scheduled_new_reqs.append(
+                NewRequestData(
+                    seq.seq_id,
+                    tokens[: seq.num_prompt_tokens],
+                    seq.output_token_ids,
+                    list(blocks),
+                    seq.num_computed_tokens,
+                    seq.params,
+                )
+            )
+        else:
+            cached = output.scheduled_cached_reqs
+            cached.req_ids.append(seq.seq_id)
+            cached.new_token_ids.append(tokens[seq.num_sent_tokens :])
+            cached.new_block_ids.append(blocks[seq.num_sent_blocks :])
+            cached.num_computed_tokens.append(seq.num_computed_tokens)
+        seq.num_sent_tokens, seq.num_sent_blocks = len(tokens), len(blocks)
+        return n
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """Ensure seq has KV slots for its newest token, preempting newer requests if needed.
+        Returns False when seq itself had to be preempted."""
+        while not self.block_manager.can_append(seq):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.block_manager.append_slot(seq)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.spec_token_ids = []
+        self._forget(seq)  # it comes back to the runner as a new request
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        """The runner must drop what it holds of seq (if anything): tell it with the next step."""
+        if seq.num_sent_tokens:
+            self.finished_req_ids.add(seq.seq_id)
+        seq.num_sent_tokens = seq.num_sent_blocks = 0
+        self.num_kept_blocks.pop(seq.seq_id, None)
+
+
+# %%
+#| export mini_infer.core.scheduler
+class _Recording:
+    """How `Scheduler` takes a step's results: the step ran (`advance`), its sampled tokens (`record`),
+    and the requests they finish."""
+
+    def update(
+        self, output: SchedulerOutput, sampled_token_ids: list[int | list[int]]
+    ) -> list[Sequence]:
+        """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
+        return self.record(output, self.advance(output), sampled_token_ids)
+
+    def advance(self, output: SchedulerOutput) -> list[bool]:
+        """The step was launched: its tokens count as computed. A request whose step reached its newest token
+        samples its next one, pending until `record`. Returns, per request in the batch's order, whether it
+        samples a real output (a prompt chunk that is not the last does not)."""
+        samples = []
+        for seq_id, n in output.num_scheduled_tokens.items():
+            seq = self.requests[seq_id]
+            seq.num_computed_tokens += n
+            seq.num_scheduled_tokens = 0
+            samples.append(seq.num_computed_tokens >= seq.num_tokens)  # > with speculative tokens
+            seq.num_pending_tokens += samples[-1]
+        return samples
+
+    def record(
+        self,
+        output: SchedulerOutput,
+        samples: list[bool],
+        sampled_token_ids: list[int | list[int]],
+    ) -> list[Sequence]:
+        """A launched step's tokens arrived: append each request's token, cache its computed full blocks, and
+        retire the requests that finished (freeing their blocks at once). A request that verified speculative
+        tokens gets a list of tokens (see `_record_verified`). Returns the requests that got tokens, in the
+        batch's order, each with its `num_new_tokens` (the finished ones have their finish_reason)."""
+        got_token = []
+        for seq_id, sampled, token in zip(
+            output.num_scheduled_tokens, samples, sampled_token_ids, strict=True
+        ):
+            seq = self.requests.get(seq_id)
+            if (
+                seq is None
+            ):  # finished (stopped or aborted) after this step was launched: the token is void
+                continue
+            reason = None
+            if type(token) is list:
+                reason = self._record_verified(
+                    seq, output.scheduled_spec_decode_tokens[seq_id], token
+                )
+                got_token.append(seq)
+            elif sampled:
+                seq.token_ids.append(token)
+                seq.num_pending_tokens -= 1
+                seq.num_new_tokens = 1
+                got_token.append(seq)
+                reason = self._finish_reason(seq, token)
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_computed(
+                    seq, min(seq.num_computed_tokens, len(seq.token_ids))
+                )
+            if reason:
+                self.finish(seq, reason)
+        return got_token
+
+    def _record_verified(self, seq: Sequence, drafts: list[int], tokens: list[int]) -> str | None:
+        """Chapter 10: the step computed K/V for seq's newest token and its drafts, and returned the accepted
+        drafts and one token more. Only the accepted ones count as computed; the blocks that only rejected
+        ones used go back. Tokens are appended one at a time, stopping at the first that ends seq."""
+        seq.num_pending_tokens -= 1
+        seq.num_computed_tokens -= len(drafts) + 1 - len(tokens)
+        seq.spec_token_ids = []
+        reason, n = None, 0
+        for n, token in enumerate(tokens, 1):
+            seq.token_ids.append(token)
+            if reason := self._finish_reason(seq, token):
+                break
+        seq.num_new_tokens = n
+        if not reason:
+            self.block_manager.free_tail(seq, len(seq.token_ids))
+            if seq.num_sent_blocks > len(seq.block_table):  # the runner must forget them too
+                seq.num_sent_blocks = self.num_kept_blocks[seq.seq_id] = len(seq.block_table)
+        return reason
+
+    def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether num_tokens tokens of seq reach its max_tokens or max_model_len."""
+        return (
+            num_tokens - seq.num_prompt_tokens == seq.params.max_tokens
+            or num_tokens == self.max_model_len
+        )
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        ):
+            return "stop"
+        return "length" if self._at_limit(seq, len(seq.token_ids)) else None
+
+
+# %%
+#| export mini_infer.core.scheduler
+class Scheduler(_Placement, _Recording):
     """First come, first served continuous batching with chunked prefill and preemption by recompute.
 
     Each `schedule()` fills one step under two limits, `max_num_seqs` running requests and
@@ -566,181 +751,9 @@ class Scheduler:
             output.num_kept_blocks, self.num_kept_blocks = self.num_kept_blocks, {}
         return output
 
-    def _fit_drafts(self, seq: Sequence, budget: int) -> None:
-        """Shorten seq's speculative tokens (Chapter 10) to what this step's budget, its max_tokens and
-        max_model_len leave room for, and take KV slots for them. A guess never preempts a running request:
-        it takes blocks only while one stays free for each of them (it can delay the admission of a waiting
-        one, until its blocks come back). Only a decoding request whose
-        newest token the host knows verifies."""
-        num_tokens, bm = seq.num_tokens, self.block_manager
-        k = min(
-            len(seq.spec_token_ids),
-            budget - 1,
-            self.max_model_len - num_tokens - 1,
-            (seq.params.max_tokens or self.max_model_len)
-            - (num_tokens - seq.num_prompt_tokens)
-            - 1,
-        )
-        decoding = seq.num_computed_tokens == num_tokens - 1 and not seq.num_pending_tokens
-        if k >= 1 and decoding:
-            needed = bm.num_blocks_for(num_tokens + k) - len(seq.block_table)
-            if needed and bm.num_free_blocks - needed < len(self.running):
-                k = 0
-            else:
-                bm.grow(seq, num_tokens + k)
-        del seq.spec_token_ids[max(k, 0) if decoding else 0 :]
-
-    def _schedule(self, seq: Sequence, budget: int, output: SchedulerOutput) -> int:
-        """Put seq in the step with a chunk of at most budget tokens, and what the runner does not know of it
-        yet. Returns the chunk's size."""
-        tokens, blocks = seq.token_ids, seq.block_table
-        n = min(len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget)
-        if seq.spec_token_ids:  # verified after its newest token (Chapter 10)
-            output.scheduled_spec_decode_tokens[seq.seq_id] = seq.spec_token_ids
-            n += len(seq.spec_token_ids)
-        seq.num_scheduled_tokens = output.num_scheduled_tokens[seq.seq_id] = n
-        if seq.num_sent_tokens == 0:
-            output.scheduled_new_reqs.append(
-                NewRequestData(
-                    seq.seq_id,
-                    tokens[: seq.num_prompt_tokens],
-                    seq.output_token_ids,
-                    list(blocks),
-                    seq.num_computed_tokens,
-                    seq.params,
-                )
-            )
-        else:
-            cached = output.scheduled_cached_reqs
-            cached.req_ids.append(seq.seq_id)
-            cached.new_token_ids.append(tokens[seq.num_sent_tokens :])
-            cached.new_block_ids.append(blocks[seq.num_sent_blocks :])
-            cached.num_computed_tokens.append(seq.num_computed_tokens)
-        seq.num_sent_tokens, seq.num_sent_blocks = len(tokens), len(blocks)
-        return n
-
-    def _make_room(self, seq: Sequence) -> bool:
-        """Ensure seq has KV slots for its newest token, preempting newer requests if needed.
-        Returns False when seq itself had to be preempted."""
-        while not self.block_manager.can_append(seq):
-            victim = self.running[-1]
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        self.block_manager.append_slot(seq)
-        return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
-        seq.spec_token_ids = []
-        self._forget(seq)  # it comes back to the runner as a new request
-        self.num_preemptions += 1
-        self.waiting.appendleft(seq)
-
-    def _forget(self, seq: Sequence) -> None:
-        """The runner must drop what it holds of seq (if anything): tell it with the next step."""
-        if seq.num_sent_tokens:
-            self.finished_req_ids.add(seq.seq_id)
-        seq.num_sent_tokens = seq.num_sent_blocks = 0
-        self.num_kept_blocks.pop(seq.seq_id, None)
-
-    def update(
-        self, output: SchedulerOutput, sampled_token_ids: list[int | list[int]]
-    ) -> list[Sequence]:
-        """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
-        return self.record(output, self.advance(output), sampled_token_ids)
-
-    def advance(self, output: SchedulerOutput) -> list[bool]:
-        """The step was launched: its tokens count as computed. A request whose step reached its newest token
-        samples its next one, pending until `record`. Returns, per request in the batch's order, whether it
-        samples a real output (a prompt chunk that is not the last does not)."""
-        samples = []
-        for seq_id, n in output.num_scheduled_tokens.items():
-            seq = self.requests[seq_id]
-            seq.num_computed_tokens += n
-            seq.num_scheduled_tokens = 0
-            samples.append(seq.num_computed_tokens >= seq.num_tokens)  # > with speculative tokens
-            seq.num_pending_tokens += samples[-1]
-        return samples
-
-    def record(
-        self,
-        output: SchedulerOutput,
-        samples: list[bool],
-        sampled_token_ids: list[int | list[int]],
-    ) -> list[Sequence]:
-        """A launched step's tokens arrived: append each request's token, cache its computed full blocks, and
-        retire the requests that finished (freeing their blocks at once). A request that verified speculative
-        tokens gets a list of tokens (see `_record_verified`). Returns the requests that got tokens, in the
-        batch's order, each with its `num_new_tokens` (the finished ones have their finish_reason)."""
-        got_token = []
-        for seq_id, sampled, token in zip(
-            output.num_scheduled_tokens, samples, sampled_token_ids, strict=True
-        ):
-            seq = self.requests.get(seq_id)
-            if (
-                seq is None
-            ):  # finished (stopped or aborted) after this step was launched: the token is void
-                continue
-            reason = None
-            if type(token) is list:
-                reason = self._record_verified(
-                    seq, output.scheduled_spec_decode_tokens[seq_id], token
-                )
-                got_token.append(seq)
-            elif sampled:
-                seq.token_ids.append(token)
-                seq.num_pending_tokens -= 1
-                seq.num_new_tokens = 1
-                got_token.append(seq)
-                reason = self._finish_reason(seq, token)
-            if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_computed(
-                    seq, min(seq.num_computed_tokens, len(seq.token_ids))
-                )
-            if reason:
-                self.finish(seq, reason)
-        return got_token
-
-    def _record_verified(self, seq: Sequence, drafts: list[int], tokens: list[int]) -> str | None:
-        """Chapter 10: the step computed K/V for seq's newest token and its drafts, and returned the accepted
-        drafts and one token more. Only the accepted ones count as computed; the blocks that only rejected
-        ones used go back. Tokens are appended one at a time, stopping at the first that ends seq."""
-        seq.num_pending_tokens -= 1
-        seq.num_computed_tokens -= len(drafts) + 1 - len(tokens)
-        seq.spec_token_ids = []
-        reason, n = None, 0
-        for n, token in enumerate(tokens, 1):
-            seq.token_ids.append(token)
-            if reason := self._finish_reason(seq, token):
-                break
-        seq.num_new_tokens = n
-        if not reason:
-            self.block_manager.free_tail(seq, len(seq.token_ids))
-            if seq.num_sent_blocks > len(seq.block_table):  # the runner must forget them too
-                seq.num_sent_blocks = self.num_kept_blocks[seq.seq_id] = len(seq.block_table)
-        return reason
-
-    def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether num_tokens tokens of seq reach its max_tokens or max_model_len."""
-        return (
-            num_tokens - seq.num_prompt_tokens == seq.params.max_tokens
-            or num_tokens == self.max_model_len
-        )
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.params
-        if token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.eos_token_ids
-        ):
-            return "stop"
-        return "length" if self._at_limit(seq, len(seq.token_ids)) else None
-
 
 # %% [markdown]
-# ## Running the scheduler without a model
+# ## 5.4 Running the scheduler without a model
 #
 # To watch the scheduler work we need something that plays the model's part. `TokenPoolModel` keeps a
 # pool with one slot per KV position, writes each scheduled token into its slot through the request's
@@ -805,6 +818,8 @@ def chat_workload(
     return prompts, [m for _, m in shapes]
 
 
+# %%
+#| export mini_infer.testing.simulate
 class TokenPoolModel:
     """A model runner's stand-in. Like the real runner it sees only the `SchedulerOutput`s and keeps its own
     copy of each request's tokens and block table from them; it asserts that copy equals the scheduler's.
@@ -965,7 +980,7 @@ print(
 )
 
 # %% [markdown]
-# ## Static against continuous batching
+# ## 5.5 Static against continuous batching
 #
 # Now the benchmark workload of this book (the nano-vllm protocol: 256 requests, prompts of 100-1024
 # tokens, outputs of 100-1024 tokens, all known in advance), with a batch of at most 64 requests. We
@@ -1068,7 +1083,7 @@ print(f"continuous / static throughput under the cost model, 64 slots: {ratio:.2
 # Chapter 6 measures both policies on a GPU with this workload, where the steps that admit new requests
 # cost more than the cost model says.
 #
-# ## Preemption: a KV cache far too small
+# ## 5.6 Preemption: a KV cache far too small
 #
 # What if the KV cache cannot hold every running request? Here the pool is sized to 5% of what the
 # workload needs in total. Requests are admitted while blocks last; when a decoding request needs a
@@ -1111,7 +1126,7 @@ print(
 # context still there and only the rest is computed again. vLLM also offers swapping K/V out to CPU
 # memory instead; with fast GPUs and PCIe, recomputation is usually as fast and much simpler.
 #
-# ## Chunked prefill: long prompts do not stall decoding
+# ## 5.7 Chunked prefill: long prompts do not stall decoding
 #
 # Without a token budget, a 4,000-token prompt arriving while 8 requests decode would make one huge step
 # in which those 8 requests each wait for the whole prompt to be computed: a spike in their time between
@@ -1149,7 +1164,7 @@ print(
 )
 
 # %% [markdown]
-# ## What we have
+# ## 5.8 What we have
 #
 # - `SamplingParams` and `Sequence`: what a request asks for and where it stands.
 # - `Scheduler`: continuous batching under a batch-size limit and a token budget, with chunked prefill,

@@ -34,12 +34,19 @@
 #
 # ```
 # LLM.generate -> InputProcessor.process -> LLMEngine.add_request (a Sequence per prompt, or per sample)
-# loop: Scheduler.schedule -> SchedulerOutput -> ModelRunner.execute_model [pack inputs -> model forward
-#       through the paged kernels -> sample] -> Scheduler.record (append tokens, retire finished requests,
-#       free their blocks) -> OutputProcessor.process (text, stop strings) -> RequestOutputs
+# loop: Scheduler.schedule -> SchedulerOutput -> ModelRunner.execute_model [learn what changed -> pack
+#       the step -> model forward through the paged kernels -> sample] -> Scheduler.advance, then
+#       Scheduler.record (append tokens, retire finished requests, free their blocks)
+#       -> OutputProcessor.process (text, stop strings) -> RequestOutputs
 # ```
 #
 # The scheduler decides, the runner executes, and the kernels know nothing of requests.
+#
+# The chapter has two parts. **Part one, the engine loop** (6.1), builds that loop and checks it: its
+# tokens are Hugging Face's, whatever shares the batch. **Part two, hiding the host** (6.2), takes the
+# host's work out of the GPU's way, one device at a time (numpy packing, CUDA graphs, running one step
+# ahead, a one-pass sampler), and measures each with the engine's own switches, on whatever device runs
+# this notebook.
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
@@ -77,7 +84,13 @@ print("outputs from:", describe_run())
 
 
 # %% [markdown]
-# ## Sampling
+# ## 6.1 The engine loop
+#
+# Four pieces make a step: the sampler turns logits into tokens, the attention object reads and writes
+# the paged KV cache, the model runner turns a `SchedulerOutput` into a forward pass, and the engine
+# loops over schedule, execute and record. Around them, processors take prompts in and text out.
+#
+# ### 6.1.1 Sampling
 #
 # The model gives one row of logits per request; each request has its own `SamplingParams`. Greedy
 # requests take the argmax. The others divide by their temperature, drop what top-k and top-p exclude,
@@ -85,10 +98,9 @@ print("outputs from:", describe_run())
 # stream, we use the **Gumbel-max trick**: with independent uniform `U_i`, `argmax_i (x_i - log(-log U_i))`
 # is a sample from `softmax(x)`. No probabilities need computing: one pass over the logits, adding noise
 # and keeping the best, draws the token. On a GPU that pass is one Triton kernel whose random numbers come
-# from a per-row seed (Philox, `tl.rand`), instead of a handful of PyTorch kernels each reading and
-# writing a `[batch, vocab]` float32 array: with Qwen3's 151,936-token vocabulary at batch 256, that is
-# 155 MB per pass. A request with a `seed` seeds its row with (seed, position of the token), so its
-# tokens do not depend on which requests share its batch.
+# from a per-row seed (Philox, `tl.rand`); section 6.2.5 measures what the single pass saves. A request
+# with a `seed` seeds its row with (seed, position of the token), so its tokens do not depend on which
+# requests share its batch.
 
 # %%
 #| export mini_infer.kernels.sampling
@@ -255,35 +267,10 @@ class SamplerOutput:
     spec_rows: frozenset[int] = frozenset()  # rows that verified speculative tokens (Chapter 10)
 
 
-class Sampler:
-    """Samples one token per row of logits [B, vocab], row i following batch.params[i].
-
-    The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
-    one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
-    the token), so its tokens depend neither on which requests share the batch nor on the step; the others
-    draw from a generator seeded with `seed` (None: fresh each run). When some row needs more than a
-    temperature (min_tokens, penalties, top-k, top-p, min-p), the batch's logits are processed in float32
-    first; a batch of plain requests goes straight to the kernel. Log-probabilities are computed for the
-    rows that ask for them only. `eos_token_ids` are the model's, which min_tokens holds back.
-    """
-
-    def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int | None = None):
-        self.rng = np.random.default_rng(seed)
-        self.eos_token_ids = list(eos_token_ids)
-
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        params, processed = batch.params, logits
-        if any(
-            p.penalized or p.min_tokens for p in params
-        ):  # a float32 copy: logprobs need the raw logits
-            processed = logits.to(torch.float32, copy=True)
-            self.apply_min_tokens(processed, batch)
-            self.apply_penalties(processed, batch)
-        if all(p.greedy for p in params):
-            tokens = processed.argmax(dim=-1)
-        else:
-            tokens = self.draw(processed, batch)
-        return self.with_logprobs(logits, tokens, params)
+# %%
+#| export mini_infer.layers.sampler
+class _LogitProcessors:
+    """The `Sampler`'s float32 processing of the rows that ask for it: min_tokens and penalties."""
 
     def apply_min_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
         """In place: a request that has fewer than min_tokens outputs may not end: its stop tokens (and the
@@ -338,6 +325,39 @@ class Sampler:
         logits[index] = torch.nan_to_num(
             sub, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
         )
+
+
+# %%
+#| export mini_infer.layers.sampler
+class Sampler(_LogitProcessors):
+    """Samples one token per row of logits [B, vocab], row i following batch.params[i].
+
+    The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
+    one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
+    the token), so its tokens depend neither on which requests share the batch nor on the step; the others
+    draw from a generator seeded with `seed` (None: fresh each run). When some row needs more than a
+    temperature (min_tokens, penalties, top-k, top-p, min-p), the batch's logits are processed in float32
+    first; a batch of plain requests goes straight to the kernel. Log-probabilities are computed for the
+    rows that ask for them only. `eos_token_ids` are the model's, which min_tokens holds back.
+    """
+
+    def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        params, processed = batch.params, logits
+        if any(
+            p.penalized or p.min_tokens for p in params
+        ):  # a float32 copy: logprobs need the raw logits
+            processed = logits.to(torch.float32, copy=True)
+            self.apply_min_tokens(processed, batch)
+            self.apply_penalties(processed, batch)
+        if all(p.greedy for p in params):
+            tokens = processed.argmax(dim=-1)
+        else:
+            tokens = self.draw(processed, batch)
+        return self.with_logprobs(logits, tokens, params)
 
     def draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Greedy rows take the argmax; the others draw at their temperature, within top-k, top-p, min-p."""
@@ -423,7 +443,7 @@ kept = Sampler.filter_top_k_top_p_min_p(
 print(kept.tolist())
 
 # %% [markdown]
-# ## Attention over the paged cache
+# ### 6.1.2 Attention over the paged cache
 #
 # The model of Chapter 1 calls `attn(layer_idx, q, k, v)` and lets that object decide what each token
 # sees. In the engine that object is `PagedAttention`: it writes the step's new K/V into the pool
@@ -489,7 +509,7 @@ class PagedAttention:
 
 
 # %% [markdown]
-# ## The model runner
+# ### 6.1.3 The model runner
 #
 # `ModelRunner.execute_model(scheduler_output)` does four things per step.
 #
@@ -498,38 +518,16 @@ class PagedAttention:
 #    only the new tokens and blocks of the others, and names the requests to forget.
 # 2. **Pack the step.** The scheduled tokens of every request go into one flat batch: token ids,
 #    positions, the pool slot of each token, each request's block table and context length, and the row
-#    of its last token, the only one whose logits we need. numpy does the per-token arithmetic on whole
-#    arrays (a Python loop over 256 requests' tokens and block tables costs milliseconds), and the arrays
-#    go to the GPU through pinned memory, without making the host wait.
-# 3. **Run the model.** A decode step (one token per request) replays a **CUDA graph**: the whole forward
-#    pass, captured once per batch size (1, 2, 4, then every multiple of 8 up to `max_num_seqs`, as vLLM
-#    does), is launched as one unit, which removes the CPU launch overhead that dominated Chapter 1. A
-#    batch of 5 replays the graph of 8 with 3 padding rows that store nothing and see no keys. Steps that
-#    carry prompt tokens (a new request's prefill, alone or beside other requests' decode tokens) replay
-#    a graph too, one per token count (every 16 up to 256, every 64 up to 1,024, every 256 up to 2,048):
-#    Chapter 4's prefill kernel sizes its grid by the number of tokens and sequences only, never by their
-#    lengths, so one captured launch serves any mix of prompt chunks and decoding requests of that size,
-#    and padding rows belong to no sequence. Before that, such steps ran eagerly: on an H200 the time to
-#    first token of a 128-token prompt was 14 ms for SmolLM2 and 23 ms for Qwen3-0.6B, of which the GPU
-#    worked 1.0 and 1.6 ms (torch.profiler, 2026-11-30); the rest was Python launching about 300
-#    kernels. Steps above 2,048 tokens still run eagerly: there the GPU's work, not the launches, sets the
-#    pace.
-# 4. **Sample**, and queue the copy of the new tokens back to the CPU. `execute_model` returns before the
-#    GPU has finished: the host waits for the tokens (the one synchronisation per step) only when it
-#    needs them.
+#    of its last token, the only one whose logits we need.
+# 3. **Run the model** on the packed batch, through `PagedAttention`.
+# 4. **Sample** one token per request, and queue the copy of the tokens back to the host. The host waits
+#    for them (`SampledTokens.tolist()`) only when it needs them.
 #
-# That last point is what lets the engine run **one step ahead**. With `async_scheduling` (on by default
-# on a GPU) the engine schedules and launches step N+1 first and only then records step N's tokens, so
-# the host's bookkeeping (scheduling, packing, detokenising) overlaps the GPU's compute instead of
-# following it. A request decoding in step N+1 needs the token that step N sampled, which the host does
-# not know yet: the scheduler counts it as pending (Chapter 5), the runner's record of the request lacks
-# it, and `prepare` fills that row on the GPU from the last step's sampled tokens. A request that stopped
-# at step N (an end-of-sequence token, or a stop string in its text) has then computed one token too
-# many; `record` drops it.
-#
-# Chapter 10's speculative tokens ride on the same path: the runner packs a request's drafts after its
-# newest token, runs them through the prefill/mixed forward, and verifies them against the logits at every
-# one of those positions.
+# That is the whole loop. The code below also holds what part two measures: packing with numpy on whole
+# arrays (6.2.2), CUDA graph capture and replay (6.2.3), and reading a token the host has not seen yet from
+# the last step's output on the device (6.2.4). Chapter 10's speculative tokens ride on the same path: the
+# runner packs a request's drafts after its newest token, runs them through the prefill/mixed forward, and
+# verifies them against the logits at every one of those positions.
 #
 # Before any of that, the runner sizes the KV pool: it runs one forward pass of the largest step to see
 # the activations' peak, then gives the KV cache `gpu_memory_utilization` of the GPU minus the weights
@@ -647,130 +645,17 @@ class StepInputs:
     cu_seqlens: np.ndarray  # [B + 1] where each request's tokens start in the packed batch
 
 
-def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
-    """The decode batch sizes that get a CUDA graph, as in vLLM: 1, 2, 4, then every multiple of 8 up to
-    max_num_seqs (and max_num_seqs itself). A batch replays the smallest graph that holds it, so at most
-    7 rows are padding."""
-    return sorted(
-        {s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs}
-    )
+# %% [markdown]
+# The runner itself. A step's path is `execute_model` -> `update_states` (learn) -> `prepare` (pack) ->
+# the forward (a graph replay, or eager) -> the sampler. The class is long, so it comes in four cells:
+# three groups of its methods, each a small base class (`_StepPacking`, `_SamplingInputs`, `_CudaGraphs`),
+# then `ModelRunner` itself, which inherits them. The engine's other long classes are cut the same way.
 
 
-def mixed_graph_sizes(max_num_batched_tokens: int, largest: int = 2048) -> list[int]:
-    """The token counts whose mixed steps (prompt chunks, alone or beside decoding requests) get a CUDA
-    graph: every 16 up to 256, every 64 up to 1,024, every 256 up to `largest`, none above
-    max_num_batched_tokens (which gets its own if it is smaller than `largest`). A step replays the
-    smallest graph that holds its tokens, so at most 15, 63 or 255 of its tokens are padding (under a
-    quarter from 64 tokens up); a larger step runs eagerly, where the GPU's work, not the launches, sets
-    the pace."""
-    ladder = [*range(16, 257, 16), *range(320, 1025, 64), *range(1280, largest + 1, 256)]
-    top = min(max_num_batched_tokens, largest)
-    return sorted({s for s in ladder if s <= top} | {top})
-
-
-def smallest_holding(sizes, n: int) -> int | None:
-    """The smallest of `sizes` that is at least n, or None."""
-    return min((s for s in sizes if s >= n), default=None)
-
-
-class ModelRunner:
-    """Owns the model, the KV pool and the sampler; `execute_model(scheduler_output)` queues a step and
-    returns its tokens-to-be.
-
-    The KV pool takes what memory is left after the weights and a warm-up forward of the largest step
-    (`gpu_memory_utilization` of the GPU, or `cpu_kv_bytes` on the CPU); ValueError when it cannot hold
-    one sequence of `max_model_len` tokens. On a GPU, unless `enforce_eager`, every step replays a CUDA
-    graph, one launch for the whole forward instead of hundreds: decode steps a graph per batch size of
-    `cuda_graph_sizes` (decode attention), steps with prompt tokens a graph per token count of
-    `mixed_graph_sizes` (prefill attention, which serves decoding requests of the same step too). A step
-    larger than those runs eagerly. `max_logit_rows` (default max_num_seqs, a row per request) is the most
-    rows of logits a step computes, which the warm-up reserves memory for (Chapter 10's verification
-    computes 1 + k rows per speculating request).
-    """
-
-    def __init__(
-        self,
-        model,
-        block_size: int = 16,
-        max_model_len: int = 4096,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        gpu_memory_utilization: float = 0.9,
-        cpu_kv_bytes: int = 1 << 30,
-        enforce_eager: bool = False,
-        eos_token_ids: tuple[int, ...] = (),
-        seed: int | None = None,
-        max_logit_rows: int | None = None,
-    ):
-        self.model, self.config = model, model.config
-        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        self.block_size = block_size
-        self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.sampler = Sampler(eos_token_ids, seed)
-        self.rejection_sampler = RejectionSampler(self.sampler)  # Chapter 10
-        self.requests: dict[int, CachedRequestState] = {}
-        # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
-        self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
-        self.free_rows = list(range(max_num_seqs))
-        # the last step's sampled tokens, left on the device (a pending token is read from there), and the
-        # row of each of its requests in them
-        self.last_sampled: torch.Tensor | None = None
-        self.last_rows: dict[int, int] = {}
-        c = self.config
-        if self.device.type == "cuda":
-            self._warm_up(max_num_batched_tokens, max_logit_rows or max_num_seqs)
-        block_bytes = kv_block_bytes(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype
-        )
-        num_blocks = num_kv_blocks(block_bytes, self.device, gpu_memory_utilization, cpu_kv_bytes)
-        if num_blocks < self.max_blocks_per_seq:
-            raise ValueError(
-                f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
-                f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len"
-            )
-        self.kv_cache = KVCache(
-            c.num_hidden_layers,
-            num_blocks,
-            c.num_key_value_heads,
-            c.head_dim,
-            block_size,
-            self.dtype,
-            self.device,
-        )
-        self.attn = PagedAttention(self.kv_cache, c.head_dim)
-        self.max_num_seqs = max_num_seqs
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode steps, by batch size
-        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps, by token count
-        if self.device.type == "cuda" and not enforce_eager:
-            self._capture_graphs(max_num_seqs, max_num_batched_tokens)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kv_cache.num_blocks
-
-    def release_graphs(self) -> None:
-        """Drop the CUDA graphs (steps then run eagerly), once the GPU has finished with them. A graph that
-        captured an all-reduce holds NCCL's communicator: Chapter 9 calls this before its processes leave
-        their group, which NCCL cannot tear down while such a graph lives."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.graphs.clear()
-            self.mixed_graphs.clear()
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-
-    @torch.inference_mode()
-    def _warm_up(self, num_tokens: int, logit_rows: int) -> None:
-        """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
-        computed for `logit_rows` rows only, with one float32 copy as the samplers make: a step needs them
-        for each sequence's last token (and for the tokens it verifies, Chapter 10), never for all of its
-        tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, ids, lambda layer, q, k, v: q)
-        self.model.compute_logits(hidden[: min(logit_rows, num_tokens)]).float().softmax(-1)
-        torch.cuda.empty_cache()
+# %%
+#| export mini_infer.worker.model_runner
+class _StepPacking:
+    """`ModelRunner`'s bookkeeping and packing: what it keeps of each request, and the step as flat arrays."""
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         """Learn what changed since the last step: requests that left, new ones, new tokens and blocks."""
@@ -857,47 +742,46 @@ class ModelRunner:
             input_ids, positions, metadata, last_rows, reqs, starts, ends, known_ends, cu_seqlens
         )
 
-    @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
-        """Queue one step (forward and sampling) and return its tokens, one per request in the batch's order,
-        which arrive when the GPU is done."""
-        self.update_states(scheduler_output)
-        step = self.prepare(scheduler_output)
+
+# %%
+#| export mini_infer.worker.model_runner
+class _SamplingInputs:
+    """What `ModelRunner` gives the samplers: the sampler's view of the step, the rows of prompt
+    logprobs, and Chapter 10's verification."""
+
+    def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
+        """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
+        position, the rows of the packed batch whose logits score the next prompt token, those tokens).
+        Position p's logits score the token at p + 1, so the prompt's last position (which scores the first
+        output) is not among them."""
+        out = {}
+        for i, r in enumerate(step.reqs):
+            if r.params.prompt_logprobs is None:
+                continue
+            start, end = int(step.starts[i]), min(int(step.ends[i]), r.num_prompt_tokens - 1)
+            if start < end:
+                first_row = int(step.cu_seqlens[i])
+                rows = list(range(first_row, first_row + end - start))
+                out[i] = (start, rows, r.token_ids[start + 1 : end + 1])
+        return out
+
+    def sampling_batch(self, step: StepInputs) -> SamplingBatch:
+        """The sampler's view of the step. A sampled token stands at the request's length after this step;
+        penalties need each penalized request's tokens, the newest of which, when the host has not seen it,
+        is this step's last input token of the request (on the device)."""
         reqs = step.reqs
-        prompt_rows = self.prompt_logprob_rows(step)
-        num_tokens, decode = step.input_ids.shape[0], step.metadata.is_decode
-        bs = smallest_holding(self.graphs, len(reqs)) if decode and not prompt_rows else None
-        size = None if decode else smallest_holding(self.mixed_graphs, num_tokens)
-        if bs is not None:
-            hidden = self._replay(self.graphs[bs], bs, bs, step)[: len(reqs)]
-        else:  # a prompt, or speculative tokens to verify: the same forward (Chapter 10)
-            if size is not None:
-                all_hidden = self._replay(
-                    self.mixed_graphs[size], size, min(size, self.max_num_seqs), step
-                )
-            else:
-                self.attn.metadata = step.metadata
-                all_hidden = self.model(step.input_ids, step.positions, self.attn)
-            spec = scheduler_output.scheduled_spec_decode_tokens
-            req_ids = list(scheduler_output.num_scheduled_tokens)
-            hidden = all_hidden[self.verify_rows(step, spec, req_ids) if spec else step.last_rows]
-        logits = self.model.compute_logits(hidden)
-        if scheduler_output.scheduled_spec_decode_tokens:
-            output = self.verify(logits, step, scheduler_output)
-        else:
-            output = self.sampler(logits, self.sampling_batch(step))
-        # (a verifying engine is not one step ahead: Chapter 10)
-        self.last_sampled = output.token_ids
-        self.last_rows = {
-            req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
-        }
-        prompt_logprobs = {}
-        for i, (first, rows, targets) in prompt_rows.items():
-            index, chosen = (torch.tensor(x, device=self.device) for x in (rows, targets))
-            prompt_logits = self.model.compute_logits(all_hidden[index])
-            k = reqs[i].params.prompt_logprobs
-            prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
-        return SampledTokens(output, prompt_logprobs)
+        penalized = [r.params.penalized for r in reqs]
+        pending = None
+        if any(penalized):
+            unseen = to_device(step.known_ends < step.ends, self.device)
+            pending = torch.where(unseen, step.input_ids[step.last_rows], -1)
+        return SamplingBatch(
+            [r.params for r in reqs],
+            step.ends.tolist(),
+            [r.num_prompt_tokens for r in reqs],
+            [r.token_ids if p else None for r, p in zip(reqs, penalized)],
+            pending,
+        )
 
     def verify_rows(
         self, step: StepInputs, spec: dict[int, list[int]], req_ids: list[int]
@@ -943,39 +827,22 @@ class ModelRunner:
         out[to_device(verified, self.device), : accepted.shape[1]] = accepted
         return SamplerOutput(out, logprob_rows, *logprobs, spec_rows=frozenset(verified.tolist()))
 
-    def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
-        """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
-        position, the rows of the packed batch whose logits score the next prompt token, those tokens).
-        Position p's logits score the token at p + 1, so the prompt's last position (which scores the first
-        output) is not among them."""
-        out = {}
-        for i, r in enumerate(step.reqs):
-            if r.params.prompt_logprobs is None:
-                continue
-            start, end = int(step.starts[i]), min(int(step.ends[i]), r.num_prompt_tokens - 1)
-            if start < end:
-                first_row = int(step.cu_seqlens[i])
-                rows = list(range(first_row, first_row + end - start))
-                out[i] = (start, rows, r.token_ids[start + 1 : end + 1])
-        return out
 
-    def sampling_batch(self, step: StepInputs) -> SamplingBatch:
-        """The sampler's view of the step. A sampled token stands at the request's length after this step;
-        penalties need each penalized request's tokens, the newest of which, when the host has not seen it,
-        is this step's last input token of the request (on the device)."""
-        reqs = step.reqs
-        penalized = [r.params.penalized for r in reqs]
-        pending = None
-        if any(penalized):
-            unseen = to_device(step.known_ends < step.ends, self.device)
-            pending = torch.where(unseen, step.input_ids[step.last_rows], -1)
-        return SamplingBatch(
-            [r.params for r in reqs],
-            step.ends.tolist(),
-            [r.num_prompt_tokens for r in reqs],
-            [r.token_ids if p else None for r, p in zip(reqs, penalized)],
-            pending,
-        )
+# %%
+#| export mini_infer.worker.model_runner
+class _CudaGraphs:
+    """`ModelRunner`'s CUDA graphs (6.2.3): capture every step size once, then replay."""
+
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs (steps then run eagerly), once the GPU has finished with them. A graph that
+        captured an all-reduce holds NCCL's communicator: Chapter 9 calls this before its processes leave
+        their group, which NCCL cannot tear down while such a graph lives."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.graphs.clear()
+            self.mixed_graphs.clear()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def _capture_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         """Capture the forward for every decode batch size and every mixed step's token count. All graphs
@@ -1048,8 +915,141 @@ class ModelRunner:
         return self.graph_output[:tokens]
 
 
+# %%
+#| export mini_infer.worker.model_runner
+class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
+    """Owns the model, the KV pool and the sampler; `execute_model(scheduler_output)` queues a step and
+    returns its tokens-to-be.
+
+    The KV pool takes what memory is left after the weights and a warm-up forward of the largest step
+    (`gpu_memory_utilization` of the GPU, or `cpu_kv_bytes` on the CPU); ValueError when it cannot hold
+    one sequence of `max_model_len` tokens. On a GPU, unless `enforce_eager`, every step replays a CUDA
+    graph, one launch for the whole forward instead of hundreds: decode steps a graph per batch size of
+    `cuda_graph_sizes` (decode attention), steps with prompt tokens a graph per token count of
+    `mixed_graph_sizes` (prefill attention, which serves decoding requests of the same step too). A step
+    larger than those runs eagerly. `max_logit_rows` (default max_num_seqs, a row per request) is the most
+    rows of logits a step computes, which the warm-up reserves memory for (Chapter 10's verification
+    computes 1 + k rows per speculating request).
+    """
+
+    def __init__(
+        self,
+        model,
+        block_size: int = 16,
+        max_model_len: int = 4096,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_bytes: int = 1 << 30,
+        enforce_eager: bool = False,
+        eos_token_ids: tuple[int, ...] = (),
+        seed: int | None = None,
+        max_logit_rows: int | None = None,
+    ):
+        self.model, self.config = model, model.config
+        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.block_size = block_size
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.sampler = Sampler(eos_token_ids, seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)  # Chapter 10
+        self.requests: dict[int, CachedRequestState] = {}
+        # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
+        self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
+        self.free_rows = list(range(max_num_seqs))
+        # the last step's sampled tokens, left on the device (a pending token is read from there), and the
+        # row of each of its requests in them
+        self.last_sampled: torch.Tensor | None = None
+        self.last_rows: dict[int, int] = {}
+        c = self.config
+        if self.device.type == "cuda":
+            self._warm_up(max_num_batched_tokens, max_logit_rows or max_num_seqs)
+        block_bytes = kv_block_bytes(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype
+        )
+        num_blocks = num_kv_blocks(block_bytes, self.device, gpu_memory_utilization, cpu_kv_bytes)
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
+                f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len"
+            )
+        self.kv_cache = KVCache(
+            c.num_hidden_layers,
+            num_blocks,
+            c.num_key_value_heads,
+            c.head_dim,
+            block_size,
+            self.dtype,
+            self.device,
+        )
+        self.attn = PagedAttention(self.kv_cache, c.head_dim)
+        self.max_num_seqs = max_num_seqs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode steps, by batch size
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps, by token count
+        if self.device.type == "cuda" and not enforce_eager:
+            self._capture_graphs(max_num_seqs, max_num_batched_tokens)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @torch.inference_mode()
+    def _warm_up(self, num_tokens: int, logit_rows: int) -> None:
+        """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
+        computed for `logit_rows` rows only, with one float32 copy as the samplers make: a step needs them
+        for each sequence's last token (and for the tokens it verifies, Chapter 10), never for all of its
+        tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, ids, lambda layer, q, k, v: q)
+        self.model.compute_logits(hidden[: min(logit_rows, num_tokens)]).float().softmax(-1)
+        torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
+        """Queue one step (forward and sampling) and return its tokens, one per request in the batch's order,
+        which arrive when the GPU is done."""
+        self.update_states(scheduler_output)
+        step = self.prepare(scheduler_output)
+        reqs = step.reqs
+        prompt_rows = self.prompt_logprob_rows(step)
+        num_tokens, decode = step.input_ids.shape[0], step.metadata.is_decode
+        bs = smallest_holding(self.graphs, len(reqs)) if decode and not prompt_rows else None
+        size = None if decode else smallest_holding(self.mixed_graphs, num_tokens)
+        if bs is not None:
+            hidden = self._replay(self.graphs[bs], bs, bs, step)[: len(reqs)]
+        else:  # a prompt, or speculative tokens to verify: the same forward (Chapter 10)
+            if size is not None:
+                all_hidden = self._replay(
+                    self.mixed_graphs[size], size, min(size, self.max_num_seqs), step
+                )
+            else:
+                self.attn.metadata = step.metadata
+                all_hidden = self.model(step.input_ids, step.positions, self.attn)
+            spec = scheduler_output.scheduled_spec_decode_tokens
+            req_ids = list(scheduler_output.num_scheduled_tokens)
+            hidden = all_hidden[self.verify_rows(step, spec, req_ids) if spec else step.last_rows]
+        logits = self.model.compute_logits(hidden)
+        if scheduler_output.scheduled_spec_decode_tokens:
+            output = self.verify(logits, step, scheduler_output)
+        else:
+            output = self.sampler(logits, self.sampling_batch(step))
+        # (a verifying engine is not one step ahead: Chapter 10)
+        self.last_sampled = output.token_ids
+        self.last_rows = {
+            req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
+        }
+        prompt_logprobs = {}
+        for i, (first, rows, targets) in prompt_rows.items():
+            index, chosen = (torch.tensor(x, device=self.device) for x in (rows, targets))
+            prompt_logits = self.model.compute_logits(all_hidden[index])
+            k = reqs[i].params.prompt_logprobs
+            prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
+        return SampledTokens(output, prompt_logprobs)
+
+
 # %% [markdown]
-# ## From prompts to outputs
+# ### 6.1.4 From prompts to outputs
 #
 # The runner turns one scheduled step into tokens. Around it, three pieces take a request from what a
 # user typed to what they read, each in one place:
@@ -1067,8 +1067,7 @@ class ModelRunner:
 # stop strings, and gathers a request's samples into one `RequestOutput`. `LLM` (offline) and the server
 # of Chapter 8 are two front ends over the same three pieces.
 #
-# ### Prompts in: the input processor
-#
+# **Prompts in: the input processor.**
 # A prompt is a string, a list of token ids, a chat (a list of `{"role", "content"}` messages, rendered by
 # the tokenizer's chat template), or one of vLLM's prompt dicts, `{"prompt": text}` and
 # `{"prompt_token_ids": ids}`. `process()` tokenizes it and checks the request: an empty prompt, token
@@ -1216,7 +1215,7 @@ class InputProcessor:
 
 
 # %% [markdown]
-# ### Text as it comes, and stop strings
+# ### 6.1.5 Text as it comes, and stop strings
 #
 # A streamed request hands out text while it runs, and a request with `stop` strings must end as soon as
 # its text contains one, so both need the text of an unfinished request. Decoding all its output tokens
@@ -1284,7 +1283,7 @@ class TextStream:
 
 
 # %% [markdown]
-# ### Outputs out: the output processor
+# ### 6.1.6 Outputs out: the output processor
 #
 # A request's `SamplingParams.output_kind` says what it wants back, as in vLLM: `FINAL_ONLY` (one output
 # when it has finished: `LLM.generate`), `DELTA` (after every step, only what is new: streaming) or
@@ -1292,9 +1291,9 @@ class TextStream:
 # the samples whose text is needed while they run, those with stop strings and those of streamed
 # requests; the others cost nothing per step and are decoded once, at the end. When a stop string
 # appears, the engine finishes the sample at once: `finish_reason="stop"`, its KV blocks back in the pool.
-# Its `token_ids` end with the token that completed the stop string, as in vLLM. With async scheduling its
-# next step may already be running; as for a request that met its end-of-sequence token, that step's token
-# is dropped when it arrives.
+# Its `token_ids` end with the token that completed the stop string, as in vLLM. (When the engine runs
+# one step ahead, 6.2.4, its next step may already be running; that step's token is dropped when it
+# arrives.)
 
 # %%
 #| export mini_infer.outputs
@@ -1390,7 +1389,82 @@ class RequestState:
     prompt_logprobs_sent: bool = False  # a DELTA stream sends them once
 
 
-class OutputProcessor:
+# %%
+#| export mini_infer.engine.output_processor
+class _OutputMaking:
+    """How `OutputProcessor` turns a sample's tokens into text, logprobs and `RequestOutput`s."""
+
+    def _logprobs(self, entry: LogprobEntry, k: int) -> dict[int, Logprob]:
+        """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k)."""
+        (sampled, *top), (sampled_logprob, *top_logprobs), rank = entry
+        out = {sampled: Logprob(sampled_logprob, rank, self._token_text(sampled))}
+        for i, (token, logprob) in enumerate(zip(top[:k], top_logprobs[:k])):
+            out.setdefault(token, Logprob(logprob, i + 1, self._token_text(token)))
+        return out
+
+    def _token_text(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def _finish(self, state: RequestState, seq_id: int, sample: SampleState, reason: str) -> None:
+        sample.finish_reason = reason
+        state.num_finished += 1
+        del self.sample_of[seq_id]
+        if state.num_finished == len(state.samples):
+            del self.requests[state.request.request_id]
+
+    def _output(self, state: RequestState, force: bool = False) -> RequestOutput | None:
+        kind = state.request.sampling_params.output_kind
+        finished = state.num_finished == len(state.samples)
+        if kind is RequestOutputKind.FINAL_ONLY and not (finished or force):
+            return None
+        completions = []
+        for sample in sorted(state.samples.values(), key=lambda s: s.index):
+            start = sample.num_reported if kind is RequestOutputKind.DELTA else 0
+            if kind is RequestOutputKind.DELTA:
+                if start == len(sample.token_ids) and not force:
+                    continue  # nothing new for this sample in this step
+                text, sample.text, sample.num_reported = sample.text, "", len(sample.token_ids)
+            else:
+                text = self._final_text(sample) if finished else sample.text
+            logprobs = None if sample.logprobs is None else sample.logprobs[start:]
+            completions.append(
+                CompletionOutput(
+                    sample.index,
+                    text,
+                    sample.token_ids[start:],
+                    sample.finish_reason,
+                    sample.cumulative_logprob,
+                    logprobs,
+                    sample.stop_reason,
+                )
+            )
+        r, prompt_logprobs = state.request, state.prompt_logprobs
+        if prompt_logprobs is not None and kind is RequestOutputKind.DELTA:
+            # with the first output only: the whole prompt is computed before any token is sampled
+            prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
+            state.prompt_logprobs_sent = True
+        return RequestOutput(
+            r.request_id,
+            r.prompt,
+            r.prompt_token_ids,
+            completions,
+            finished,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _text_ids(self, sample: SampleState) -> list[int]:
+        return sample.token_ids[:-1] if sample.hide_last_token else sample.token_ids
+
+    def _final_text(self, sample: SampleState) -> str:
+        if sample.stream is None or not sample.stream.stopped:
+            # decoded in one go: an incremental decode may differ from it where a tokenizer looks at context
+            return self.decode(self._text_ids(sample))
+        return sample.text
+
+
+# %%
+#| export mini_infer.engine.output_processor
+class OutputProcessor(_OutputMaking):
     """Turns the engine's new tokens into each request's `RequestOutput`, as its `output_kind` asks.
 
     Only samples whose text is needed while they run are detokenized each step: those with stop strings
@@ -1493,81 +1567,14 @@ class OutputProcessor:
                 self._finish(state, seq_id, sample, "abort")
         return self._output(state, force=True)
 
-    def _logprobs(self, entry: LogprobEntry, k: int) -> dict[int, Logprob]:
-        """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k)."""
-        (sampled, *top), (sampled_logprob, *top_logprobs), rank = entry
-        out = {sampled: Logprob(sampled_logprob, rank, self._token_text(sampled))}
-        for i, (token, logprob) in enumerate(zip(top[:k], top_logprobs[:k])):
-            out.setdefault(token, Logprob(logprob, i + 1, self._token_text(token)))
-        return out
-
-    def _token_text(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
-
-    def _finish(self, state: RequestState, seq_id: int, sample: SampleState, reason: str) -> None:
-        sample.finish_reason = reason
-        state.num_finished += 1
-        del self.sample_of[seq_id]
-        if state.num_finished == len(state.samples):
-            del self.requests[state.request.request_id]
-
-    def _output(self, state: RequestState, force: bool = False) -> RequestOutput | None:
-        kind = state.request.sampling_params.output_kind
-        finished = state.num_finished == len(state.samples)
-        if kind is RequestOutputKind.FINAL_ONLY and not (finished or force):
-            return None
-        completions = []
-        for sample in sorted(state.samples.values(), key=lambda s: s.index):
-            start = sample.num_reported if kind is RequestOutputKind.DELTA else 0
-            if kind is RequestOutputKind.DELTA:
-                if start == len(sample.token_ids) and not force:
-                    continue  # nothing new for this sample in this step
-                text, sample.text, sample.num_reported = sample.text, "", len(sample.token_ids)
-            else:
-                text = self._final_text(sample) if finished else sample.text
-            logprobs = None if sample.logprobs is None else sample.logprobs[start:]
-            completions.append(
-                CompletionOutput(
-                    sample.index,
-                    text,
-                    sample.token_ids[start:],
-                    sample.finish_reason,
-                    sample.cumulative_logprob,
-                    logprobs,
-                    sample.stop_reason,
-                )
-            )
-        r, prompt_logprobs = state.request, state.prompt_logprobs
-        if prompt_logprobs is not None and kind is RequestOutputKind.DELTA:
-            # with the first output only: the whole prompt is computed before any token is sampled
-            prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
-            state.prompt_logprobs_sent = True
-        return RequestOutput(
-            r.request_id,
-            r.prompt,
-            r.prompt_token_ids,
-            completions,
-            finished,
-            prompt_logprobs=prompt_logprobs,
-        )
-
-    def _text_ids(self, sample: SampleState) -> list[int]:
-        return sample.token_ids[:-1] if sample.hide_last_token else sample.token_ids
-
-    def _final_text(self, sample: SampleState) -> str:
-        if sample.stream is None or not sample.stream.stopped:
-            # decoded in one go: an incremental decode may differ from it where a tokenizer looks at context
-            return self.decode(self._text_ids(sample))
-        return sample.text
-
 
 # %% [markdown]
-# ### The engine loop
+# ### 6.1.7 The engine loop
 #
 # `LLMEngine` loads the model (Chapter 1's loader), builds the runner, the block manager and the scheduler,
 # and the two processors. `add_request` queues a request as one sequence per sample; `step()` schedules,
-# launches the step on the runner, records the tokens of the step before it (with async scheduling) or of
-# this one, and returns the outputs that are due. `make_runner` chooses the runner: one `ModelRunner`, or,
+# launches the step on the runner, records its tokens, and returns the outputs that are due. (With
+# `async_scheduling`, 6.2.4, it records the tokens of the step before instead.) `make_runner` chooses the runner: one `ModelRunner`, or,
 # with `tensor_parallel_size` above 1, Chapter 9's runner over one process per GPU, which the engine drives
 # through the same `execute_model`; then this process loads only its own shard of the model
 # (`load_for_rank_0`), and each worker loads its own from the same loading arguments.
@@ -1629,7 +1636,117 @@ def make_runner(
     return ModelRunner(model, *runner_args, **runner_kwargs)
 
 
-class LLMEngine:
+# %%
+#| export mini_infer.engine.llm_engine
+class _EngineRequests:
+    """`LLMEngine`'s requests: adding, aborting, and what callers may ask of the engine."""
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
+        InputProcessor takes, or an `EngineRequest` it already made. Raises TypeError or ValueError (see
+        InputProcessor), and ValueError for a request id in use."""
+        request = (
+            prompt
+            if isinstance(prompt, EngineRequest)
+            else self.input_processor.process(request_id, prompt, params)
+        )
+        if request.request_id in self.output_processor.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        params = request.sampling_params
+        seqs = [Sequence(request.prompt_token_ids, params.for_sample(i)) for i in range(params.n)]
+        self.output_processor.add_request(request, [seq.seq_id for seq in seqs])
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request now, wherever it is (waiting or running); its blocks return at once. Returns its last
+        output (finish reason "abort"), or None for a request id that is unknown or already finished."""
+        state = self.output_processor.requests.get(request_id)
+        for seq_id in state.samples if state else ():
+            if seq_id in self.scheduler.requests:
+                self.scheduler.abort(self.scheduler.requests[seq_id])
+        return self.output_processor.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+
+# %%
+#| export mini_infer.engine.llm_engine
+class _EngineStep:
+    """`LLMEngine.step`: schedule, execute, record, outputs."""
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs it produced (per request, as its output_kind asks).
+
+        With async scheduling the step is launched, then the previous step's tokens are recorded while
+        the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
+        if self.proposer:  # Chapter 10
+            self.propose_drafts()
+        scheduler_output, launched = self.scheduler.schedule(), None
+        if scheduler_output.num_scheduled_tokens:
+            tokens = self.runner.execute_model(scheduler_output)
+            launched = (scheduler_output, self.scheduler.advance(scheduler_output), tokens)
+        done, self.in_flight = (
+            (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        )
+        if done is None:
+            return []
+        scheduler_output, samples, tokens = done
+        sampled = tokens.tolist()
+        if scheduler_output.scheduled_spec_decode_tokens:
+            self.spec_decode_metrics.observe(scheduler_output, sampled)
+        got_token = self.scheduler.record(scheduler_output, samples, sampled)
+        self.num_generated_tokens += sum(s.num_new_tokens for s in got_token)
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        for row, (
+            first,
+            entries,
+        ) in tokens.prompt_logprobs().items():  # before the tokens: a request may end
+            self.output_processor.add_prompt_logprobs(req_ids[row], first, entries)
+        by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
+        by_seq = {seq_id: by_row.get(i) for i, seq_id in enumerate(req_ids)} if by_row else {}
+        new_tokens = []
+        for s in got_token:
+            for token in s.token_ids[len(s.token_ids) - s.num_new_tokens : -1]:  # Chapter 10's
+                new_tokens.append((s.seq_id, token, None, None))
+            new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
+        outputs, stopped = self.output_processor.process(new_tokens)
+        for seq_id in stopped:  # its text reached a stop string
+            # (a later token of the step may have ended it too)
+            if seq_id in self.scheduler.requests:
+                self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
+        return outputs
+
+    def propose_drafts(self) -> None:
+        """Chapter 10: speculative tokens for each decoding request, unless the batch is over the config's
+        `disable_by_batch_size`. Requests that ask for logprobs or penalties, or that have not reached their
+        min_tokens, do not speculate (their tokens would need the sampler's processing at every position)."""
+        running, limit = self.scheduler.running, self.speculative_config.disable_by_batch_size
+        if limit is not None and len(running) > limit:
+            self.spec_decode_metrics.num_steps_over_batch_size += 1
+            return
+        for seq in running:
+            p = seq.params
+            if (
+                seq.num_computed_tokens == len(seq.token_ids) - 1
+                and p.logprobs is None
+                and not p.penalized
+                and seq.num_output_tokens >= p.min_tokens
+            ):
+                seq.spec_token_ids = self.proposer.propose(seq)
+
+
+# %%
+#| export mini_infer.engine.llm_engine
+class LLMEngine(_EngineRequests, _EngineStep):
     """Loads the model, sizes the KV cache, and runs `step()`: schedule -> execute -> record -> outputs.
 
     `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
@@ -1746,105 +1863,9 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_generated_tokens = 0  # of every request so far (for progress reports)
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
-        """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
-        InputProcessor takes, or an `EngineRequest` it already made. Raises TypeError or ValueError (see
-        InputProcessor), and ValueError for a request id in use."""
-        request = (
-            prompt
-            if isinstance(prompt, EngineRequest)
-            else self.input_processor.process(request_id, prompt, params)
-        )
-        if request.request_id in self.output_processor.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        params = request.sampling_params
-        seqs = [Sequence(request.prompt_token_ids, params.for_sample(i)) for i in range(params.n)]
-        self.output_processor.add_request(request, [seq.seq_id for seq in seqs])
-        for seq in seqs:
-            self.scheduler.add(seq)
-
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """End a request now, wherever it is (waiting or running); its blocks return at once. Returns its last
-        output (finish reason "abort"), or None for a request id that is unknown or already finished."""
-        state = self.output_processor.requests.get(request_id)
-        for seq_id in state.samples if state else ():
-            if seq_id in self.scheduler.requests:
-                self.scheduler.abort(self.scheduler.requests[seq_id])
-        return self.output_processor.abort_request(request_id)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    def step(self) -> list[RequestOutput]:
-        """Run one step; return the outputs it produced (per request, as its output_kind asks).
-
-        With async scheduling the step is launched, then the previous step's tokens are recorded while
-        the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
-        if self.proposer:  # Chapter 10
-            self.propose_drafts()
-        scheduler_output, launched = self.scheduler.schedule(), None
-        if scheduler_output.num_scheduled_tokens:
-            tokens = self.runner.execute_model(scheduler_output)
-            launched = (scheduler_output, self.scheduler.advance(scheduler_output), tokens)
-        done, self.in_flight = (
-            (self.in_flight, launched) if self.async_scheduling else (launched, None)
-        )
-        if done is None:
-            return []
-        scheduler_output, samples, tokens = done
-        sampled = tokens.tolist()
-        if scheduler_output.scheduled_spec_decode_tokens:
-            self.spec_decode_metrics.observe(scheduler_output, sampled)
-        got_token = self.scheduler.record(scheduler_output, samples, sampled)
-        self.num_generated_tokens += sum(s.num_new_tokens for s in got_token)
-        req_ids = list(scheduler_output.num_scheduled_tokens)
-        for row, (
-            first,
-            entries,
-        ) in tokens.prompt_logprobs().items():  # before the tokens: a request may end
-            self.output_processor.add_prompt_logprobs(req_ids[row], first, entries)
-        by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
-        by_seq = {seq_id: by_row.get(i) for i, seq_id in enumerate(req_ids)} if by_row else {}
-        new_tokens = []
-        for s in got_token:
-            for token in s.token_ids[len(s.token_ids) - s.num_new_tokens : -1]:  # Chapter 10's
-                new_tokens.append((s.seq_id, token, None, None))
-            new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
-        outputs, stopped = self.output_processor.process(new_tokens)
-        for seq_id in stopped:  # its text reached a stop string
-            # (a later token of the step may have ended it too)
-            if seq_id in self.scheduler.requests:
-                self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
-        return outputs
-
-    def propose_drafts(self) -> None:
-        """Chapter 10: speculative tokens for each decoding request, unless the batch is over the config's
-        `disable_by_batch_size`. Requests that ask for logprobs or penalties, or that have not reached their
-        min_tokens, do not speculate (their tokens would need the sampler's processing at every position)."""
-        running, limit = self.scheduler.running, self.speculative_config.disable_by_batch_size
-        if limit is not None and len(running) > limit:
-            self.spec_decode_metrics.num_steps_over_batch_size += 1
-            return
-        for seq in running:
-            p = seq.params
-            if (
-                seq.num_computed_tokens == len(seq.token_ids) - 1
-                and p.logprobs is None
-                and not p.penalized
-                and seq.num_output_tokens >= p.min_tokens
-            ):
-                seq.spec_token_ids = self.proposer.propose(seq)
-
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return self.runner.device
-
 
 # %% [markdown]
-# ### Several samples of one prompt
+# ### 6.1.8 Several samples of one prompt, and `LLM`
 #
 # `SamplingParams(n=4)` asks for four completions of one prompt, as in vLLM and OpenAI's API. The engine
 # queues them as four sequences of one sample each (the scheduler and the runner see only those), and the
@@ -1861,9 +1882,7 @@ class LLMEngine:
 # vLLM once shared the prompt's blocks from the start and copied a shared block on its first write
 # (copy-on-write); that saves the repeated prefill and its memory, and we leave it out.
 #
-# ### `LLM`, the public face
-#
-# `LLM` takes prompts one at a time or as a list, one `SamplingParams` for all or one per prompt, shows a
+# **`LLM`, the public face**, takes prompts one at a time or as a list, one `SamplingParams` for all or one per prompt, shows a
 # progress bar with live tokens/s, and returns outputs in the order of the prompts, shaped like vLLM's. A
 # bad request gets an output with finish reason "error" while the others run. `stream()` yields a
 # request's text as it is produced; while a stream is paused, another stream or a `generate` call may step
@@ -1887,7 +1906,71 @@ from mini_infer.outputs import CompletionOutput, RequestOutput
 from mini_infer.sampling_params import RequestOutputKind, SamplingParams
 
 
-class LLM:
+# %%
+#| export mini_infer.llm
+class _LLMSteps:
+    """How `LLM` drives the engine for `generate`, `chat` and `stream`."""
+
+    def _process(self, prompts, sampling_params) -> list[EngineRequest | RequestOutput]:
+        """Check every request before any is queued (a TypeError is the call's error and must leave nothing
+        queued); a bad request becomes its error output."""
+        if is_single_prompt(prompts):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(
+                f"a prompt is a string, a list of token ids, a list of chat messages or a prompt "
+                f"dict, not {type(prompts).__name__}"
+            )
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(prompts)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        requests = []
+        for prompt, sp in zip(prompts, params):
+            request_id = str(next(self.request_counter))
+            try:
+                request = self.engine.input_processor.process(request_id, prompt, sp)
+            except ValueError as e:
+                n = sp.n if isinstance(sp, SamplingParams) else 1
+                requests.append(
+                    RequestOutput(
+                        request_id,
+                        prompt if isinstance(prompt, str) else None,
+                        [],
+                        [CompletionOutput(i, "", [], "error") for i in range(n)],
+                        True,
+                        str(e),
+                    )
+                )
+                continue
+            request.sampling_params = replace(
+                request.sampling_params, output_kind=RequestOutputKind.FINAL_ONLY
+            )
+            requests.append(request)
+        return requests
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; the outputs of streams go to their unread lists, the rest are returned."""
+        if not self.engine.has_unfinished_requests():
+            raise RuntimeError(
+                "the engine has no unfinished request, but a caller still waits for one"
+            )
+        mine = []
+        for output in self.engine.step():
+            (
+                self.unread[output.request_id].append
+                if output.request_id in self.unread
+                else mine.append
+            )(output)
+        return mine
+
+
+# %%
+#| export mini_infer.llm
+class LLM(_LLMSteps):
     """An offline engine: `LLM(model=None, **engine_args).generate(prompts, sampling_params)`.
 
     A prompt is a string, a list of token ids, a chat (a list of {"role", "content"} messages, rendered
@@ -2004,65 +2087,9 @@ class LLM:
             if not finished:
                 self.engine.abort_request(request_id)
 
-    def _process(self, prompts, sampling_params) -> list[EngineRequest | RequestOutput]:
-        """Check every request before any is queued (a TypeError is the call's error and must leave nothing
-        queued); a bad request becomes its error output."""
-        if is_single_prompt(prompts):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(
-                f"a prompt is a string, a list of token ids, a list of chat messages or a prompt "
-                f"dict, not {type(prompts).__name__}"
-            )
-        params = (
-            sampling_params
-            if isinstance(sampling_params, list)
-            else [sampling_params] * len(prompts)
-        )
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        requests = []
-        for prompt, sp in zip(prompts, params):
-            request_id = str(next(self.request_counter))
-            try:
-                request = self.engine.input_processor.process(request_id, prompt, sp)
-            except ValueError as e:
-                n = sp.n if isinstance(sp, SamplingParams) else 1
-                requests.append(
-                    RequestOutput(
-                        request_id,
-                        prompt if isinstance(prompt, str) else None,
-                        [],
-                        [CompletionOutput(i, "", [], "error") for i in range(n)],
-                        True,
-                        str(e),
-                    )
-                )
-                continue
-            request.sampling_params = replace(
-                request.sampling_params, output_kind=RequestOutputKind.FINAL_ONLY
-            )
-            requests.append(request)
-        return requests
-
-    def _step(self) -> list[RequestOutput]:
-        """One engine step; the outputs of streams go to their unread lists, the rest are returned."""
-        if not self.engine.has_unfinished_requests():
-            raise RuntimeError(
-                "the engine has no unfinished request, but a caller still waits for one"
-            )
-        mine = []
-        for output in self.engine.step():
-            (
-                self.unread[output.request_id].append
-                if output.request_id in self.unread
-                else mine.append
-            )(output)
-        return mine
-
 
 # %% [markdown]
-# ## Running it
+# ### 6.1.9 Running it
 #
 # On the CPU the same engine runs with the PyTorch reference ops, so every cell below runs anywhere.
 # We ask for float32 so that the greedy text is the same on every device (bf16 on a GPU drifts after a
@@ -2083,6 +2110,26 @@ prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
 outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
 for o in outputs:
     print(f"{o.prompt!r:28} -> {o.outputs[0].text!r} ({o.outputs[0].finish_reason})")
+
+# %% [markdown]
+# Under `generate` is the engine's loop. Driven by hand with one request, it shows what a step is: the
+# first step computes the whole prompt and samples the first token, and each later step one more token.
+# (Synchronously, as drawn at the top of the chapter: each step's tokens are recorded before the next
+# step is scheduled. 6.2.4 changes that.)
+
+# %% tags=["nbval-check-output"]
+from mini_infer.sampling_params import RequestOutputKind
+
+loop = llm.engine
+loop.async_scheduling = False
+params = SamplingParams(temperature=0, max_tokens=4, output_kind=RequestOutputKind.DELTA)
+loop.add_request("by-hand", "The capital of France is", params)
+step = 0
+while loop.has_unfinished_requests():
+    step += 1
+    for out in loop.step():
+        print(f"step {step}: new text {out.outputs[0].text!r}, finished: {out.finished}")
+loop.async_scheduling = loop.device.type == "cuda"  # the engine's default again
 
 # %% [markdown]
 # Chat messages go through the tokenizer's chat template, and the reply stops at the model's
@@ -2168,7 +2215,7 @@ for penalty in (1.0, 1.3):
     print(f"repetition_penalty {penalty}: {text!r}")
 
 # %% [markdown]
-# ## Correct: the same tokens as Hugging Face
+# ### 6.1.10 Correct: the same tokens as Hugging Face
 #
 # `tests/test_engine.py` checks that 8 prompts of different lengths, generated together in one batch,
 # give token for token Hugging Face transformers' greedy output (32 tokens each, fp32), on the CPU and,
@@ -2204,7 +2251,7 @@ for prompt, out in zip(
 print("batched greedy output equals Hugging Face's:", all(same))
 
 # %% [markdown]
-# ## On a bad day
+# ### 6.1.11 On a bad day
 #
 # A server meets bad input, too little memory, clients that hang up, and runs that never stop. Nothing
 # should be lost. A bad request is rejected on its own: the others of the same `generate` call run, and
@@ -2334,7 +2381,365 @@ print(
 # queues are empty, and neither `Sequence` objects nor Python memory grow.
 
 # %% [markdown]
-# ## Fast? Measured against vLLM on an H100
+# ## 6.2 Hiding the host
+#
+# Chapter 1's decode step was mostly the host: the GPU sat idle while Python launched kernels one after
+# another. The loop of part one works on the host four times per step: `schedule()`, packing the step,
+# launching the forward and the sampler, and recording the tokens (with the detokenizer). Each section
+# below takes some of that out of the GPU's way, and measures it with a switch the engine already has.
+#
+# The cells pick their sizes by device: small on the CPU, so that they run in seconds, larger on a GPU.
+# On the CPU the same processor computes the model, so there is no idle accelerator to hide host work
+# behind: expect little difference there, and read the GPU's numbers for the gains.
+
+# %%
+import statistics
+import time
+
+import numpy as np
+
+from mini_infer.device import device_name
+
+device = llm.engine.device
+ON_GPU = device.type == "cuda"
+BATCH, STEPS = (64, 128) if ON_GPU else (4, 12)  # requests per run, output tokens per request
+print(f"measured on: {device_name(device)}; {BATCH} requests of {STEPS} greedy tokens per run")
+
+
+def sync():
+    if ON_GPU:  # a GPU works asynchronously: wait for it before reading the clock
+        torch.cuda.synchronize(device)
+
+
+def run_steps(llm, batch=BATCH, steps=STEPS):
+    """Run `batch` requests (32 prompt tokens each) of `steps` output tokens through llm's engine, one
+    step at a time; return each step's wall time in ms."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"run-{i}", [1 + (7 * i + j) % 500 for j in range(32)], params)
+    times = []
+    while engine.has_unfinished_requests():
+        sync()
+        start = time.perf_counter()
+        engine.step()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def decode_ms(times):
+    """The median step, past the first two (the prefill, and with async scheduling a step that records
+    nothing)."""
+    return statistics.median(times[2:])
+
+
+_ = run_steps(llm, 2, 4)  # warm-up: the first steps compile and allocate
+
+
+# %% [markdown]
+# ### 6.2.1 Where a step's time goes
+#
+# To see the host's share, we wrap the engine's calls with timers for one run (on this engine object
+# only) and split each step's wall time: scheduling, packing (`prepare`), launching the forward and the
+# sampler (the rest of `execute_model`), recording the tokens, making the outputs, and what is left,
+# which is mostly waiting for the device's result. Here the engine runs synchronously, as in part one.
+
+# %%
+HOST_PARTS = {  # label: (the engine's attribute, its method)
+    "schedule": ("scheduler", "schedule"),
+    "pack": ("runner", "prepare"),
+    "launch": ("runner", "execute_model"),
+    "record": ("scheduler", "record"),
+    "outputs": ("output_processor", "process"),
+}
+
+
+def host_breakdown(llm, **kwargs):
+    """ms per step (a mean over the run, its prefill step included) for each of HOST_PARTS, and "wait +
+    rest" for the remainder of the steps' time; and the median decode step."""
+    engine, totals = llm.engine, dict.fromkeys(HOST_PARTS, 0.0)
+
+    def timed(label, fn):
+        def wrapper(*args, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                totals[label] += (time.perf_counter() - start) * 1e3
+
+        return wrapper
+
+    objects = {label: getattr(engine, obj) for label, (obj, _) in HOST_PARTS.items()}
+    for label, (_, name) in HOST_PARTS.items():
+        setattr(objects[label], name, timed(label, getattr(objects[label], name)))
+    try:
+        times = run_steps(llm, **kwargs)
+    finally:
+        for label, (_, name) in HOST_PARTS.items():
+            delattr(objects[label], name)  # the class's method again
+    n = len(times)
+    per_step = {label: t / n for label, t in totals.items()}
+    per_step["launch"] -= per_step["pack"]  # execute_model calls prepare
+    per_step["wait + rest"] = sum(times) / n - sum(per_step.values())
+    return per_step, decode_ms(times)
+
+
+llm.engine.async_scheduling = False
+sync_parts, sync_step = host_breakdown(llm)
+print(
+    f"{device_name(device)}, batch {BATCH}, synchronous: {sync_step:.2f} ms per decode step (median)"
+)
+print("mean per step over the run:")
+for label, ms in sync_parts.items():
+    print(f"  {label:12} {ms:8.3f} ms")
+
+# %% [markdown]
+# On the CPU, "launch" is the whole forward: the CPU computes as it launches. On a GPU, launching returns
+# at once and the forward's time shows up as waiting; everything above it is host time during which, in
+# this synchronous loop, the GPU has nothing to do.
+#
+# ### 6.2.2 Packing the step with numpy
+#
+# `prepare` turns the scheduled requests into flat arrays: a position and a pool slot for every token,
+# and the block tables of every request. Written as Python loops, every token and every block-table entry
+# costs the interpreter a little, and at batch 256 with ~600 tokens of context (some 10,000 block-table
+# entries) that adds up to a sizeable share of a decode step that a GPU finishes in a few milliseconds.
+# The runner instead keeps the block tables in one numpy array from step to step (a step writes only new
+# blocks) and does the per-token arithmetic on whole arrays. Here are both ways of packing the same
+# step (256 decoding requests and one prompt chunk of 256 tokens; pure host work, so the same sizes on
+# every device), checked to agree:
+
+# %%
+bs, rng = 16, np.random.default_rng(0)
+starts = np.append(rng.integers(500, 700, 256), 0)  # 256 decoding requests, then a new prompt
+counts = np.append(np.ones(256, np.int64), 256)  # one token each; the prompt's first chunk
+max_blocks = -(-(starts + counts).max() // bs)
+block_table = rng.integers(1, 100_000, (len(starts), max_blocks)).astype(np.int32)
+for row, n in zip(block_table, -(-(starts + counts) // bs)):
+    row[n:] = 0  # past a request's blocks: never read, zero as in the loops' padding
+blocks = [row[row > 0].tolist() for row in block_table]
+
+
+def pack_loops(starts, counts, blocks):
+    positions, slots = [], []
+    for start, count, table in zip(starts.tolist(), counts.tolist(), blocks):
+        for pos in range(start, start + count):
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+    width = max(map(len, blocks))
+    tables = [table + [0] * (width - len(table)) for table in blocks]
+    return torch.tensor(positions), torch.tensor(slots), torch.tensor(tables, dtype=torch.int32)
+
+
+def pack_numpy(starts, counts, block_table):  # as ModelRunner.prepare does it
+    cu_seqlens = np.concatenate(([0], np.cumsum(counts)))
+    width = int((-(-(starts + counts) // bs)).max())
+    tables = block_table[np.arange(len(starts)), :width]
+    row = np.repeat(np.arange(len(starts)), counts)
+    positions = np.arange(cu_seqlens[-1]) - cu_seqlens[row] + starts[row]
+    slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+    return torch.from_numpy(positions), torch.from_numpy(slots), torch.from_numpy(tables)
+
+
+def best_ms(fn, *args, repeats=20):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, (time.perf_counter() - start) * 1e3)
+    return best
+
+
+same = all(
+    torch.equal(a, b)
+    for a, b in zip(pack_loops(starts, counts, blocks), pack_numpy(starts, counts, block_table))
+)
+loops_ms, numpy_ms = (
+    best_ms(pack_loops, starts, counts, blocks),
+    best_ms(pack_numpy, starts, counts, block_table),
+)
+print(f"same packing: {same}; measured on {device_name('cpu')} (the host)")
+print(
+    f"Python loops {loops_ms:.2f} ms, numpy {numpy_ms:.2f} ms per step: {loops_ms / numpy_ms:.0f}x"
+)
+
+# %% [markdown]
+# ### 6.2.3 CUDA graphs
+#
+# A forward pass of SmolLM2 is hundreds of kernel launches, each costing the host a few microseconds
+# whatever the batch. A **CUDA graph** records the whole forward once and replays it as one launch. The
+# runner captures one graph per decode batch size (1, 2, 4, then every multiple of 8 up to
+# `max_num_seqs`, as vLLM does); a batch of 5 replays the graph of 8 with 3 padding rows that store
+# nothing and see no keys. Steps that carry prompt tokens (a new request's prefill, alone or beside other
+# requests' decode tokens) replay a graph too, one per token count (every 16 up to 256, every 64 up to
+# 1,024, every 256 up to 2,048): Chapter 4's prefill kernel sizes its grid by the number of tokens and
+# sequences only, never by their lengths, so one captured launch serves any mix of prompt chunks and
+# decoding requests of that size, and padding rows belong to no sequence. Steps above 2,048 tokens run
+# eagerly: there the GPU's work, not the launches, sets the pace. `enforce_eager=True` captures nothing.
+
+
+# %%
+#| export mini_infer.worker.model_runner
+def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes that get a CUDA graph, as in vLLM: 1, 2, 4, then every multiple of 8 up to
+    max_num_seqs (and max_num_seqs itself). A batch replays the smallest graph that holds it, so at most
+    7 rows are padding."""
+    return sorted(
+        {s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs}
+    )
+
+
+def mixed_graph_sizes(max_num_batched_tokens: int, largest: int = 2048) -> list[int]:
+    """The token counts whose mixed steps (prompt chunks, alone or beside decoding requests) get a CUDA
+    graph: every 16 up to 256, every 64 up to 1,024, every 256 up to `largest`, none above
+    max_num_batched_tokens (which gets its own if it is smaller than `largest`). A step replays the
+    smallest graph that holds its tokens, so at most 15, 63 or 255 of its tokens are padding (under a
+    quarter from 64 tokens up); a larger step runs eagerly, where the GPU's work, not the launches, sets
+    the pace."""
+    ladder = [*range(16, 257, 16), *range(320, 1025, 64), *range(1280, largest + 1, 256)]
+    top = min(max_num_batched_tokens, largest)
+    return sorted({s for s in ladder if s <= top} | {top})
+
+
+def smallest_holding(sizes, n: int) -> int | None:
+    """The smallest of `sizes` that is at least n, or None."""
+    return min((s for s in sizes if s >= n), default=None)
+
+
+# %% tags=["nbval-check-output"]
+from mini_infer.worker.model_runner import cuda_graph_sizes, mixed_graph_sizes, smallest_holding
+
+print("decode graphs for max_num_seqs=64:", cuda_graph_sizes(64))
+print("mixed-step graphs for max_num_batched_tokens=512:", mixed_graph_sizes(512))
+print("a batch of 5 replays the graph of", smallest_holding(cuda_graph_sizes(64), 5))
+
+# %% [markdown]
+# A runner built with `enforce_eager=True` has empty graph tables; emptying this runner's tables for one
+# run does the same without loading the model twice. Decode step time by batch size, with and without
+# graphs (on the CPU there are no graphs: only the eager line):
+
+# %%
+runner = llm.engine.runner
+sizes, steps = ([1, 8, 64], 64) if ON_GPU else ([1, 4], 6)
+variants = {"eager": ({}, {})}
+if runner.graphs:
+    variants["CUDA graphs"] = (runner.graphs, runner.mixed_graphs)
+graph_ms = {}
+for name, (graphs, mixed) in variants.items():
+    saved, (runner.graphs, runner.mixed_graphs) = (
+        (runner.graphs, runner.mixed_graphs),
+        (graphs, mixed),
+    )
+    try:
+        graph_ms[name] = [decode_ms(run_steps(llm, b, steps)) for b in sizes]
+    finally:
+        runner.graphs, runner.mixed_graphs = saved
+print(f"decode step (ms), synchronous, {device_name(device)}:")
+for name, ms in graph_ms.items():
+    print(f"  {name:12}", "  ".join(f"batch {b}: {t:6.2f}" for b, t in zip(sizes, ms)))
+fig, ax = plt.subplots(figsize=(5, 3))
+for name, ms in graph_ms.items():
+    ax.plot(sizes, ms, "o-", label=name)
+ax.set(xscale="log", xlabel="batch size", ylabel="ms per decode step", title=device_name(device))
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ### 6.2.4 One step ahead
+#
+# `execute_model` returns before the GPU has finished: the copy of the sampled tokens to the host is
+# queued behind the step, and the host waits for it (the one synchronisation per step) only when it needs
+# the tokens. With `async_scheduling` (on by default on a GPU) the engine uses that gap: it schedules and
+# launches step N+1 first and only then records step N's tokens, so the host's bookkeeping (scheduling,
+# packing, recording, detokenising) overlaps the GPU's compute instead of following it:
+#
+# ```
+# synchronous:  host  [schedule N][pack N][launch N]......wait......[record N][schedule N+1]...
+#               GPU                                 [forward + sample N]                      [N+1 ...
+# one step ahead:
+#               host  [schedule N+1][pack N+1][launch N+1][record N][schedule N+2]...
+#               GPU   [forward + sample N    ][forward + sample N+1       ][N+2 ...
+# ```
+#
+# A request decoding in step N+1 needs the token that step N sampled, which the host does not know yet.
+# The scheduler splits Chapter 5's `update()`: `advance()` runs when the step is launched (its tokens
+# count as computed, and each request that samples counts one *pending* token, so that the next
+# `schedule()` sees the right lengths and block needs: `num_tokens` includes pending tokens, `token_ids`
+# holds only those the host has seen), and `record()` when the tokens arrive. The runner's record of the
+# request lacks the token, and `prepare` fills that row on the GPU from the last step's sampled tokens. A
+# request that stopped at step N (an end-of-sequence token, or a stop string in its text) has then computed
+# one token too many; `record` drops it, and `finish()` drops a pending token likewise.
+#
+# The engine's `async_scheduling` attribute switches between the two loops; here the same engine runs
+# both, with the timers of 6.2.1:
+
+# %%
+llm.engine.async_scheduling = True
+async_parts = {"synchronous": (sync_parts, sync_step), "one step ahead": host_breakdown(llm)}
+llm.engine.async_scheduling = ON_GPU  # the engine's default
+print(f"{device_name(device)}, batch {BATCH}:")
+for name, (parts, step) in async_parts.items():
+    print(f"  {name:15} {step:7.2f} ms per decode step (median)")
+fig, ax = plt.subplots(figsize=(8, 2.2))
+for name, (parts, _) in async_parts.items():
+    left = 0.0
+    for i, (label, ms) in enumerate(parts.items()):
+        ax.barh(name, ms, left=left, color=f"C{i}", label=label if name == "synchronous" else None)
+        left += ms
+ax.set(xlabel="ms per step (mean over the run)", title=f"batch {BATCH}, {device_name(device)}")
+ax.legend(fontsize=7, ncol=3, loc="lower right")
+plt.show()
+
+# %% [markdown]
+# One step ahead, the host's parts no longer add to the step: they run while the GPU computes, and the
+# step's time is the GPU's (the "wait" grows by what the rest shrinks). On the CPU the two are the same
+# work in a different order: the forward runs as it is launched, so nothing can overlap, and a difference
+# between the two lines there is the noise of a shared machine.
+#
+# ### 6.2.5 The one-pass sampler
+#
+# Sampling with PyTorch's own operations reads and writes the whole `[batch, vocab]` array several times:
+# divide by the temperature, softmax (a float32 copy), draw with `multinomial`. With Qwen3's
+# 151,936-token vocabulary at batch 256 that is 155 MB per pass. The Gumbel-max draw of 6.1.1 needs no
+# probabilities, and the Triton kernel does it in one read of the logits (`sample_triton`, on a GPU;
+# `sample_ref` is the same draw in PyTorch, a row at a time). Time per batch of 256 rows (8 on the CPU):
+
+# %%
+from mini_infer.kernels.sampling import sample_ref, sample_triton
+
+
+def softmax_multinomial(logits, temperature, seeds):
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
+rows, repeats = (256, 20) if ON_GPU else (8, 3)
+samplers = {
+    "softmax + multinomial": softmax_multinomial,
+    "Gumbel, PyTorch (sample_ref)": sample_ref,
+}
+if ON_GPU:  # the interpreter that runs Triton on the CPU is for checking, not timing
+    samplers["Gumbel, one-pass kernel"] = sample_triton
+sampler_ms = {}
+for vocab in (49_152, 151_936):
+    logits = torch.randn(rows, vocab, device=device, dtype=llm.engine.runner.dtype)
+    temperature = torch.full((rows,), 0.8, device=device)
+    seeds = torch.arange(rows, device=device)
+    for name, fn in samplers.items():
+        fn(logits, temperature, seeds)  # warm-up (compiles the kernel)
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(logits, temperature, seeds)
+        sync()
+        sampler_ms[name, vocab] = (time.perf_counter() - start) * 1e3 / repeats
+print(f"ms to sample {rows} rows, {device_name(device)}:")
+for (name, vocab), ms in sampler_ms.items():
+    print(f"  vocab {vocab:7,}  {name:30} {ms:8.3f}")
+
+# %% [markdown]
+# ### 6.2.6 Against vLLM on an H100
 #
 # `benchmarks/race.sh` runs, on one GPU machine, Mini-Infer and vLLM 0.26 on the benchmark workload of
 # this book (the nano-vllm protocol: 256 requests with 100-1024 prompt tokens and 100-1024 output tokens,
@@ -2411,12 +2816,10 @@ if profiles:
 # %% [markdown]
 # What the profile says:
 #
-# - **The host is hidden.** Before async scheduling, our Python took 4 to 6 ms per step at batch 256 while
-#   the GPU waited, as long as the GPU's own work for SmolLM2. Launching step N+1 before recording step N
-#   and packing the step with numpy brought the GPU's idle time to about half a millisecond per step, and
-#   SmolLM2's throughput from 23,450 to 26,970 tokens/s when we measured the two side by side on one H100
-#   (`--sync-scheduling` turns the overlap off). The race above ran on another H100 machine, with the
-#   one-pass sampling kernel as well.
+# - **The host is hidden.** What is left of the host per step is the "host" bar above, at batch 256; 6.2.1
+#   and 6.2.4 measured the same split on the device that ran this notebook. On a whole workload,
+#   `benchmarks/benchmark_throughput.py --sync-scheduling` turns the overlap off: side by side on one
+#   H100, SmolLM2 made 23,450 output tokens/s synchronously and 26,970 one step ahead.
 # - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 6.5 to 7.6 ms
 #   per step: 256 requests x 590 tokens x 115-131 kB of K and V per token is 17-20 GB, read at about
 #   2.7 TB/s, close to the copy bandwidth measured in Chapter 2. What is left between us and vLLM on those

@@ -15,7 +15,67 @@ from mini_infer.outputs import CompletionOutput, RequestOutput
 from mini_infer.sampling_params import RequestOutputKind, SamplingParams
 
 
-class LLM:
+class _LLMSteps:
+    """How `LLM` drives the engine for `generate`, `chat` and `stream`."""
+
+    def _process(self, prompts, sampling_params) -> list[EngineRequest | RequestOutput]:
+        """Check every request before any is queued (a TypeError is the call's error and must leave nothing
+        queued); a bad request becomes its error output."""
+        if is_single_prompt(prompts):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(
+                f"a prompt is a string, a list of token ids, a list of chat messages or a prompt "
+                f"dict, not {type(prompts).__name__}"
+            )
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(prompts)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        requests = []
+        for prompt, sp in zip(prompts, params):
+            request_id = str(next(self.request_counter))
+            try:
+                request = self.engine.input_processor.process(request_id, prompt, sp)
+            except ValueError as e:
+                n = sp.n if isinstance(sp, SamplingParams) else 1
+                requests.append(
+                    RequestOutput(
+                        request_id,
+                        prompt if isinstance(prompt, str) else None,
+                        [],
+                        [CompletionOutput(i, "", [], "error") for i in range(n)],
+                        True,
+                        str(e),
+                    )
+                )
+                continue
+            request.sampling_params = replace(
+                request.sampling_params, output_kind=RequestOutputKind.FINAL_ONLY
+            )
+            requests.append(request)
+        return requests
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; the outputs of streams go to their unread lists, the rest are returned."""
+        if not self.engine.has_unfinished_requests():
+            raise RuntimeError(
+                "the engine has no unfinished request, but a caller still waits for one"
+            )
+        mine = []
+        for output in self.engine.step():
+            (
+                self.unread[output.request_id].append
+                if output.request_id in self.unread
+                else mine.append
+            )(output)
+        return mine
+
+
+class LLM(_LLMSteps):
     """An offline engine: `LLM(model=None, **engine_args).generate(prompts, sampling_params)`.
 
     A prompt is a string, a list of token ids, a chat (a list of {"role", "content"} messages, rendered
@@ -131,59 +191,3 @@ class LLM:
             del self.unread[request_id]
             if not finished:
                 self.engine.abort_request(request_id)
-
-    def _process(self, prompts, sampling_params) -> list[EngineRequest | RequestOutput]:
-        """Check every request before any is queued (a TypeError is the call's error and must leave nothing
-        queued); a bad request becomes its error output."""
-        if is_single_prompt(prompts):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(
-                f"a prompt is a string, a list of token ids, a list of chat messages or a prompt "
-                f"dict, not {type(prompts).__name__}"
-            )
-        params = (
-            sampling_params
-            if isinstance(sampling_params, list)
-            else [sampling_params] * len(prompts)
-        )
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        requests = []
-        for prompt, sp in zip(prompts, params):
-            request_id = str(next(self.request_counter))
-            try:
-                request = self.engine.input_processor.process(request_id, prompt, sp)
-            except ValueError as e:
-                n = sp.n if isinstance(sp, SamplingParams) else 1
-                requests.append(
-                    RequestOutput(
-                        request_id,
-                        prompt if isinstance(prompt, str) else None,
-                        [],
-                        [CompletionOutput(i, "", [], "error") for i in range(n)],
-                        True,
-                        str(e),
-                    )
-                )
-                continue
-            request.sampling_params = replace(
-                request.sampling_params, output_kind=RequestOutputKind.FINAL_ONLY
-            )
-            requests.append(request)
-        return requests
-
-    def _step(self) -> list[RequestOutput]:
-        """One engine step; the outputs of streams go to their unread lists, the rest are returned."""
-        if not self.engine.has_unfinished_requests():
-            raise RuntimeError(
-                "the engine has no unfinished request, but a caller still waits for one"
-            )
-        mine = []
-        for output in self.engine.step():
-            (
-                self.unread[output.request_id].append
-                if output.request_id in self.unread
-                else mine.append
-            )(output)
-        return mine

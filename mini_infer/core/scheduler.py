@@ -8,7 +8,189 @@ from mini_infer.core.sequence import Sequence, SequenceStatus
 from mini_infer.memory.block_manager import BlockManager
 
 
-class Scheduler:
+class _Placement:
+    """How `Scheduler.schedule` places one request in a step: its chunk of tokens, its KV blocks, and the
+    preemptions that make room for them."""
+
+    def _fit_drafts(self, seq: Sequence, budget: int) -> None:
+        """Shorten seq's speculative tokens (Chapter 10) to what this step's budget, its max_tokens and
+        max_model_len leave room for, and take KV slots for them. A guess never preempts a running request:
+        it takes blocks only while one stays free for each of them (it can delay the admission of a waiting
+        one, until its blocks come back). Only a decoding request whose
+        newest token the host knows verifies."""
+        num_tokens, bm = seq.num_tokens, self.block_manager
+        k = min(
+            len(seq.spec_token_ids),
+            budget - 1,
+            self.max_model_len - num_tokens - 1,
+            (seq.params.max_tokens or self.max_model_len)
+            - (num_tokens - seq.num_prompt_tokens)
+            - 1,
+        )
+        decoding = seq.num_computed_tokens == num_tokens - 1 and not seq.num_pending_tokens
+        if k >= 1 and decoding:
+            needed = bm.num_blocks_for(num_tokens + k) - len(seq.block_table)
+            if needed and bm.num_free_blocks - needed < len(self.running):
+                k = 0
+            else:
+                bm.grow(seq, num_tokens + k)
+        del seq.spec_token_ids[max(k, 0) if decoding else 0 :]
+
+    def _schedule(self, seq: Sequence, budget: int, output: SchedulerOutput) -> int:
+        """Put seq in the step with a chunk of at most budget tokens, and what the runner does not know of it
+        yet. Returns the chunk's size."""
+        tokens, blocks = seq.token_ids, seq.block_table
+        n = min(len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget)
+        if seq.spec_token_ids:  # verified after its newest token (Chapter 10)
+            output.scheduled_spec_decode_tokens[seq.seq_id] = seq.spec_token_ids
+            n += len(seq.spec_token_ids)
+        seq.num_scheduled_tokens = output.num_scheduled_tokens[seq.seq_id] = n
+        if seq.num_sent_tokens == 0:
+            output.scheduled_new_reqs.append(
+                NewRequestData(
+                    seq.seq_id,
+                    tokens[: seq.num_prompt_tokens],
+                    seq.output_token_ids,
+                    list(blocks),
+                    seq.num_computed_tokens,
+                    seq.params,
+                )
+            )
+        else:
+            cached = output.scheduled_cached_reqs
+            cached.req_ids.append(seq.seq_id)
+            cached.new_token_ids.append(tokens[seq.num_sent_tokens :])
+            cached.new_block_ids.append(blocks[seq.num_sent_blocks :])
+            cached.num_computed_tokens.append(seq.num_computed_tokens)
+        seq.num_sent_tokens, seq.num_sent_blocks = len(tokens), len(blocks)
+        return n
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """Ensure seq has KV slots for its newest token, preempting newer requests if needed.
+        Returns False when seq itself had to be preempted."""
+        while not self.block_manager.can_append(seq):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.block_manager.append_slot(seq)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.spec_token_ids = []
+        self._forget(seq)  # it comes back to the runner as a new request
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        """The runner must drop what it holds of seq (if anything): tell it with the next step."""
+        if seq.num_sent_tokens:
+            self.finished_req_ids.add(seq.seq_id)
+        seq.num_sent_tokens = seq.num_sent_blocks = 0
+        self.num_kept_blocks.pop(seq.seq_id, None)
+
+
+class _Recording:
+    """How `Scheduler` takes a step's results: the step ran (`advance`), its sampled tokens (`record`),
+    and the requests they finish."""
+
+    def update(
+        self, output: SchedulerOutput, sampled_token_ids: list[int | list[int]]
+    ) -> list[Sequence]:
+        """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
+        return self.record(output, self.advance(output), sampled_token_ids)
+
+    def advance(self, output: SchedulerOutput) -> list[bool]:
+        """The step was launched: its tokens count as computed. A request whose step reached its newest token
+        samples its next one, pending until `record`. Returns, per request in the batch's order, whether it
+        samples a real output (a prompt chunk that is not the last does not)."""
+        samples = []
+        for seq_id, n in output.num_scheduled_tokens.items():
+            seq = self.requests[seq_id]
+            seq.num_computed_tokens += n
+            seq.num_scheduled_tokens = 0
+            samples.append(seq.num_computed_tokens >= seq.num_tokens)  # > with speculative tokens
+            seq.num_pending_tokens += samples[-1]
+        return samples
+
+    def record(
+        self,
+        output: SchedulerOutput,
+        samples: list[bool],
+        sampled_token_ids: list[int | list[int]],
+    ) -> list[Sequence]:
+        """A launched step's tokens arrived: append each request's token, cache its computed full blocks, and
+        retire the requests that finished (freeing their blocks at once). A request that verified speculative
+        tokens gets a list of tokens (see `_record_verified`). Returns the requests that got tokens, in the
+        batch's order, each with its `num_new_tokens` (the finished ones have their finish_reason)."""
+        got_token = []
+        for seq_id, sampled, token in zip(
+            output.num_scheduled_tokens, samples, sampled_token_ids, strict=True
+        ):
+            seq = self.requests.get(seq_id)
+            if (
+                seq is None
+            ):  # finished (stopped or aborted) after this step was launched: the token is void
+                continue
+            reason = None
+            if type(token) is list:
+                reason = self._record_verified(
+                    seq, output.scheduled_spec_decode_tokens[seq_id], token
+                )
+                got_token.append(seq)
+            elif sampled:
+                seq.token_ids.append(token)
+                seq.num_pending_tokens -= 1
+                seq.num_new_tokens = 1
+                got_token.append(seq)
+                reason = self._finish_reason(seq, token)
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_computed(
+                    seq, min(seq.num_computed_tokens, len(seq.token_ids))
+                )
+            if reason:
+                self.finish(seq, reason)
+        return got_token
+
+    def _record_verified(self, seq: Sequence, drafts: list[int], tokens: list[int]) -> str | None:
+        """Chapter 10: the step computed K/V for seq's newest token and its drafts, and returned the accepted
+        drafts and one token more. Only the accepted ones count as computed; the blocks that only rejected
+        ones used go back. Tokens are appended one at a time, stopping at the first that ends seq."""
+        seq.num_pending_tokens -= 1
+        seq.num_computed_tokens -= len(drafts) + 1 - len(tokens)
+        seq.spec_token_ids = []
+        reason, n = None, 0
+        for n, token in enumerate(tokens, 1):
+            seq.token_ids.append(token)
+            if reason := self._finish_reason(seq, token):
+                break
+        seq.num_new_tokens = n
+        if not reason:
+            self.block_manager.free_tail(seq, len(seq.token_ids))
+            if seq.num_sent_blocks > len(seq.block_table):  # the runner must forget them too
+                seq.num_sent_blocks = self.num_kept_blocks[seq.seq_id] = len(seq.block_table)
+        return reason
+
+    def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether num_tokens tokens of seq reach its max_tokens or max_model_len."""
+        return (
+            num_tokens - seq.num_prompt_tokens == seq.params.max_tokens
+            or num_tokens == self.max_model_len
+        )
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        ):
+            return "stop"
+        return "length" if self._at_limit(seq, len(seq.token_ids)) else None
+
+
+class Scheduler(_Placement, _Recording):
     """First come, first served continuous batching with chunked prefill and preemption by recompute.
 
     Each `schedule()` fills one step under two limits, `max_num_seqs` running requests and
@@ -133,175 +315,3 @@ class Scheduler:
             output.finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
             output.num_kept_blocks, self.num_kept_blocks = self.num_kept_blocks, {}
         return output
-
-    def _fit_drafts(self, seq: Sequence, budget: int) -> None:
-        """Shorten seq's speculative tokens (Chapter 10) to what this step's budget, its max_tokens and
-        max_model_len leave room for, and take KV slots for them. A guess never preempts a running request:
-        it takes blocks only while one stays free for each of them (it can delay the admission of a waiting
-        one, until its blocks come back). Only a decoding request whose
-        newest token the host knows verifies."""
-        num_tokens, bm = seq.num_tokens, self.block_manager
-        k = min(
-            len(seq.spec_token_ids),
-            budget - 1,
-            self.max_model_len - num_tokens - 1,
-            (seq.params.max_tokens or self.max_model_len)
-            - (num_tokens - seq.num_prompt_tokens)
-            - 1,
-        )
-        decoding = seq.num_computed_tokens == num_tokens - 1 and not seq.num_pending_tokens
-        if k >= 1 and decoding:
-            needed = bm.num_blocks_for(num_tokens + k) - len(seq.block_table)
-            if needed and bm.num_free_blocks - needed < len(self.running):
-                k = 0
-            else:
-                bm.grow(seq, num_tokens + k)
-        del seq.spec_token_ids[max(k, 0) if decoding else 0 :]
-
-    def _schedule(self, seq: Sequence, budget: int, output: SchedulerOutput) -> int:
-        """Put seq in the step with a chunk of at most budget tokens, and what the runner does not know of it
-        yet. Returns the chunk's size."""
-        tokens, blocks = seq.token_ids, seq.block_table
-        n = min(len(tokens) + seq.num_pending_tokens - seq.num_computed_tokens, budget)
-        if seq.spec_token_ids:  # verified after its newest token (Chapter 10)
-            output.scheduled_spec_decode_tokens[seq.seq_id] = seq.spec_token_ids
-            n += len(seq.spec_token_ids)
-        seq.num_scheduled_tokens = output.num_scheduled_tokens[seq.seq_id] = n
-        if seq.num_sent_tokens == 0:
-            output.scheduled_new_reqs.append(
-                NewRequestData(
-                    seq.seq_id,
-                    tokens[: seq.num_prompt_tokens],
-                    seq.output_token_ids,
-                    list(blocks),
-                    seq.num_computed_tokens,
-                    seq.params,
-                )
-            )
-        else:
-            cached = output.scheduled_cached_reqs
-            cached.req_ids.append(seq.seq_id)
-            cached.new_token_ids.append(tokens[seq.num_sent_tokens :])
-            cached.new_block_ids.append(blocks[seq.num_sent_blocks :])
-            cached.num_computed_tokens.append(seq.num_computed_tokens)
-        seq.num_sent_tokens, seq.num_sent_blocks = len(tokens), len(blocks)
-        return n
-
-    def _make_room(self, seq: Sequence) -> bool:
-        """Ensure seq has KV slots for its newest token, preempting newer requests if needed.
-        Returns False when seq itself had to be preempted."""
-        while not self.block_manager.can_append(seq):
-            victim = self.running[-1]
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        self.block_manager.append_slot(seq)
-        return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
-        seq.spec_token_ids = []
-        self._forget(seq)  # it comes back to the runner as a new request
-        self.num_preemptions += 1
-        self.waiting.appendleft(seq)
-
-    def _forget(self, seq: Sequence) -> None:
-        """The runner must drop what it holds of seq (if anything): tell it with the next step."""
-        if seq.num_sent_tokens:
-            self.finished_req_ids.add(seq.seq_id)
-        seq.num_sent_tokens = seq.num_sent_blocks = 0
-        self.num_kept_blocks.pop(seq.seq_id, None)
-
-    def update(
-        self, output: SchedulerOutput, sampled_token_ids: list[int | list[int]]
-    ) -> list[Sequence]:
-        """Record one step's results, for a model that returns them at once: `advance`, then `record`."""
-        return self.record(output, self.advance(output), sampled_token_ids)
-
-    def advance(self, output: SchedulerOutput) -> list[bool]:
-        """The step was launched: its tokens count as computed. A request whose step reached its newest token
-        samples its next one, pending until `record`. Returns, per request in the batch's order, whether it
-        samples a real output (a prompt chunk that is not the last does not)."""
-        samples = []
-        for seq_id, n in output.num_scheduled_tokens.items():
-            seq = self.requests[seq_id]
-            seq.num_computed_tokens += n
-            seq.num_scheduled_tokens = 0
-            samples.append(seq.num_computed_tokens >= seq.num_tokens)  # > with speculative tokens
-            seq.num_pending_tokens += samples[-1]
-        return samples
-
-    def record(
-        self,
-        output: SchedulerOutput,
-        samples: list[bool],
-        sampled_token_ids: list[int | list[int]],
-    ) -> list[Sequence]:
-        """A launched step's tokens arrived: append each request's token, cache its computed full blocks, and
-        retire the requests that finished (freeing their blocks at once). A request that verified speculative
-        tokens gets a list of tokens (see `_record_verified`). Returns the requests that got tokens, in the
-        batch's order, each with its `num_new_tokens` (the finished ones have their finish_reason)."""
-        got_token = []
-        for seq_id, sampled, token in zip(
-            output.num_scheduled_tokens, samples, sampled_token_ids, strict=True
-        ):
-            seq = self.requests.get(seq_id)
-            if (
-                seq is None
-            ):  # finished (stopped or aborted) after this step was launched: the token is void
-                continue
-            reason = None
-            if type(token) is list:
-                reason = self._record_verified(
-                    seq, output.scheduled_spec_decode_tokens[seq_id], token
-                )
-                got_token.append(seq)
-            elif sampled:
-                seq.token_ids.append(token)
-                seq.num_pending_tokens -= 1
-                seq.num_new_tokens = 1
-                got_token.append(seq)
-                reason = self._finish_reason(seq, token)
-            if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_computed(
-                    seq, min(seq.num_computed_tokens, len(seq.token_ids))
-                )
-            if reason:
-                self.finish(seq, reason)
-        return got_token
-
-    def _record_verified(self, seq: Sequence, drafts: list[int], tokens: list[int]) -> str | None:
-        """Chapter 10: the step computed K/V for seq's newest token and its drafts, and returned the accepted
-        drafts and one token more. Only the accepted ones count as computed; the blocks that only rejected
-        ones used go back. Tokens are appended one at a time, stopping at the first that ends seq."""
-        seq.num_pending_tokens -= 1
-        seq.num_computed_tokens -= len(drafts) + 1 - len(tokens)
-        seq.spec_token_ids = []
-        reason, n = None, 0
-        for n, token in enumerate(tokens, 1):
-            seq.token_ids.append(token)
-            if reason := self._finish_reason(seq, token):
-                break
-        seq.num_new_tokens = n
-        if not reason:
-            self.block_manager.free_tail(seq, len(seq.token_ids))
-            if seq.num_sent_blocks > len(seq.block_table):  # the runner must forget them too
-                seq.num_sent_blocks = self.num_kept_blocks[seq.seq_id] = len(seq.block_table)
-        return reason
-
-    def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether num_tokens tokens of seq reach its max_tokens or max_model_len."""
-        return (
-            num_tokens - seq.num_prompt_tokens == seq.params.max_tokens
-            or num_tokens == self.max_model_len
-        )
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.params
-        if token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.eos_token_ids
-        ):
-            return "stop"
-        return "length" if self._at_limit(seq, len(seq.token_ids)) else None

@@ -54,7 +54,111 @@ def make_runner(
     return ModelRunner(model, *runner_args, **runner_kwargs)
 
 
-class LLMEngine:
+class _EngineRequests:
+    """`LLMEngine`'s requests: adding, aborting, and what callers may ask of the engine."""
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
+        InputProcessor takes, or an `EngineRequest` it already made. Raises TypeError or ValueError (see
+        InputProcessor), and ValueError for a request id in use."""
+        request = (
+            prompt
+            if isinstance(prompt, EngineRequest)
+            else self.input_processor.process(request_id, prompt, params)
+        )
+        if request.request_id in self.output_processor.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        params = request.sampling_params
+        seqs = [Sequence(request.prompt_token_ids, params.for_sample(i)) for i in range(params.n)]
+        self.output_processor.add_request(request, [seq.seq_id for seq in seqs])
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request now, wherever it is (waiting or running); its blocks return at once. Returns its last
+        output (finish reason "abort"), or None for a request id that is unknown or already finished."""
+        state = self.output_processor.requests.get(request_id)
+        for seq_id in state.samples if state else ():
+            if seq_id in self.scheduler.requests:
+                self.scheduler.abort(self.scheduler.requests[seq_id])
+        return self.output_processor.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+
+class _EngineStep:
+    """`LLMEngine.step`: schedule, execute, record, outputs."""
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs it produced (per request, as its output_kind asks).
+
+        With async scheduling the step is launched, then the previous step's tokens are recorded while
+        the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
+        if self.proposer:  # Chapter 10
+            self.propose_drafts()
+        scheduler_output, launched = self.scheduler.schedule(), None
+        if scheduler_output.num_scheduled_tokens:
+            tokens = self.runner.execute_model(scheduler_output)
+            launched = (scheduler_output, self.scheduler.advance(scheduler_output), tokens)
+        done, self.in_flight = (
+            (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        )
+        if done is None:
+            return []
+        scheduler_output, samples, tokens = done
+        sampled = tokens.tolist()
+        if scheduler_output.scheduled_spec_decode_tokens:
+            self.spec_decode_metrics.observe(scheduler_output, sampled)
+        got_token = self.scheduler.record(scheduler_output, samples, sampled)
+        self.num_generated_tokens += sum(s.num_new_tokens for s in got_token)
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        for row, (
+            first,
+            entries,
+        ) in tokens.prompt_logprobs().items():  # before the tokens: a request may end
+            self.output_processor.add_prompt_logprobs(req_ids[row], first, entries)
+        by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
+        by_seq = {seq_id: by_row.get(i) for i, seq_id in enumerate(req_ids)} if by_row else {}
+        new_tokens = []
+        for s in got_token:
+            for token in s.token_ids[len(s.token_ids) - s.num_new_tokens : -1]:  # Chapter 10's
+                new_tokens.append((s.seq_id, token, None, None))
+            new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
+        outputs, stopped = self.output_processor.process(new_tokens)
+        for seq_id in stopped:  # its text reached a stop string
+            # (a later token of the step may have ended it too)
+            if seq_id in self.scheduler.requests:
+                self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
+        return outputs
+
+    def propose_drafts(self) -> None:
+        """Chapter 10: speculative tokens for each decoding request, unless the batch is over the config's
+        `disable_by_batch_size`. Requests that ask for logprobs or penalties, or that have not reached their
+        min_tokens, do not speculate (their tokens would need the sampler's processing at every position)."""
+        running, limit = self.scheduler.running, self.speculative_config.disable_by_batch_size
+        if limit is not None and len(running) > limit:
+            self.spec_decode_metrics.num_steps_over_batch_size += 1
+            return
+        for seq in running:
+            p = seq.params
+            if (
+                seq.num_computed_tokens == len(seq.token_ids) - 1
+                and p.logprobs is None
+                and not p.penalized
+                and seq.num_output_tokens >= p.min_tokens
+            ):
+                seq.spec_token_ids = self.proposer.propose(seq)
+
+
+class LLMEngine(_EngineRequests, _EngineStep):
     """Loads the model, sizes the KV cache, and runs `step()`: schedule -> execute -> record -> outputs.
 
     `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
@@ -170,99 +274,3 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_generated_tokens = 0  # of every request so far (for progress reports)
-
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
-        """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
-        InputProcessor takes, or an `EngineRequest` it already made. Raises TypeError or ValueError (see
-        InputProcessor), and ValueError for a request id in use."""
-        request = (
-            prompt
-            if isinstance(prompt, EngineRequest)
-            else self.input_processor.process(request_id, prompt, params)
-        )
-        if request.request_id in self.output_processor.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        params = request.sampling_params
-        seqs = [Sequence(request.prompt_token_ids, params.for_sample(i)) for i in range(params.n)]
-        self.output_processor.add_request(request, [seq.seq_id for seq in seqs])
-        for seq in seqs:
-            self.scheduler.add(seq)
-
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """End a request now, wherever it is (waiting or running); its blocks return at once. Returns its last
-        output (finish reason "abort"), or None for a request id that is unknown or already finished."""
-        state = self.output_processor.requests.get(request_id)
-        for seq_id in state.samples if state else ():
-            if seq_id in self.scheduler.requests:
-                self.scheduler.abort(self.scheduler.requests[seq_id])
-        return self.output_processor.abort_request(request_id)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    def step(self) -> list[RequestOutput]:
-        """Run one step; return the outputs it produced (per request, as its output_kind asks).
-
-        With async scheduling the step is launched, then the previous step's tokens are recorded while
-        the GPU works on this one: the host's bookkeeping hides behind the GPU's compute."""
-        if self.proposer:  # Chapter 10
-            self.propose_drafts()
-        scheduler_output, launched = self.scheduler.schedule(), None
-        if scheduler_output.num_scheduled_tokens:
-            tokens = self.runner.execute_model(scheduler_output)
-            launched = (scheduler_output, self.scheduler.advance(scheduler_output), tokens)
-        done, self.in_flight = (
-            (self.in_flight, launched) if self.async_scheduling else (launched, None)
-        )
-        if done is None:
-            return []
-        scheduler_output, samples, tokens = done
-        sampled = tokens.tolist()
-        if scheduler_output.scheduled_spec_decode_tokens:
-            self.spec_decode_metrics.observe(scheduler_output, sampled)
-        got_token = self.scheduler.record(scheduler_output, samples, sampled)
-        self.num_generated_tokens += sum(s.num_new_tokens for s in got_token)
-        req_ids = list(scheduler_output.num_scheduled_tokens)
-        for row, (
-            first,
-            entries,
-        ) in tokens.prompt_logprobs().items():  # before the tokens: a request may end
-            self.output_processor.add_prompt_logprobs(req_ids[row], first, entries)
-        by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
-        by_seq = {seq_id: by_row.get(i) for i, seq_id in enumerate(req_ids)} if by_row else {}
-        new_tokens = []
-        for s in got_token:
-            for token in s.token_ids[len(s.token_ids) - s.num_new_tokens : -1]:  # Chapter 10's
-                new_tokens.append((s.seq_id, token, None, None))
-            new_tokens.append((s.seq_id, s.token_ids[-1], s.finish_reason, by_seq.get(s.seq_id)))
-        outputs, stopped = self.output_processor.process(new_tokens)
-        for seq_id in stopped:  # its text reached a stop string
-            # (a later token of the step may have ended it too)
-            if seq_id in self.scheduler.requests:
-                self.scheduler.finish(self.scheduler.requests[seq_id], "stop")
-        return outputs
-
-    def propose_drafts(self) -> None:
-        """Chapter 10: speculative tokens for each decoding request, unless the batch is over the config's
-        `disable_by_batch_size`. Requests that ask for logprobs or penalties, or that have not reached their
-        min_tokens, do not speculate (their tokens would need the sampler's processing at every position)."""
-        running, limit = self.scheduler.running, self.speculative_config.disable_by_batch_size
-        if limit is not None and len(running) > limit:
-            self.spec_decode_metrics.num_steps_over_batch_size += 1
-            return
-        for seq in running:
-            p = seq.params
-            if (
-                seq.num_computed_tokens == len(seq.token_ids) - 1
-                and p.logprobs is None
-                and not p.penalized
-                and seq.num_output_tokens >= p.min_tokens
-            ):
-                seq.spec_token_ids = self.proposer.propose(seq)
-
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return self.runner.device

@@ -43,7 +43,78 @@ class RequestState:
     prompt_logprobs_sent: bool = False  # a DELTA stream sends them once
 
 
-class OutputProcessor:
+class _OutputMaking:
+    """How `OutputProcessor` turns a sample's tokens into text, logprobs and `RequestOutput`s."""
+
+    def _logprobs(self, entry: LogprobEntry, k: int) -> dict[int, Logprob]:
+        """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k)."""
+        (sampled, *top), (sampled_logprob, *top_logprobs), rank = entry
+        out = {sampled: Logprob(sampled_logprob, rank, self._token_text(sampled))}
+        for i, (token, logprob) in enumerate(zip(top[:k], top_logprobs[:k])):
+            out.setdefault(token, Logprob(logprob, i + 1, self._token_text(token)))
+        return out
+
+    def _token_text(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def _finish(self, state: RequestState, seq_id: int, sample: SampleState, reason: str) -> None:
+        sample.finish_reason = reason
+        state.num_finished += 1
+        del self.sample_of[seq_id]
+        if state.num_finished == len(state.samples):
+            del self.requests[state.request.request_id]
+
+    def _output(self, state: RequestState, force: bool = False) -> RequestOutput | None:
+        kind = state.request.sampling_params.output_kind
+        finished = state.num_finished == len(state.samples)
+        if kind is RequestOutputKind.FINAL_ONLY and not (finished or force):
+            return None
+        completions = []
+        for sample in sorted(state.samples.values(), key=lambda s: s.index):
+            start = sample.num_reported if kind is RequestOutputKind.DELTA else 0
+            if kind is RequestOutputKind.DELTA:
+                if start == len(sample.token_ids) and not force:
+                    continue  # nothing new for this sample in this step
+                text, sample.text, sample.num_reported = sample.text, "", len(sample.token_ids)
+            else:
+                text = self._final_text(sample) if finished else sample.text
+            logprobs = None if sample.logprobs is None else sample.logprobs[start:]
+            completions.append(
+                CompletionOutput(
+                    sample.index,
+                    text,
+                    sample.token_ids[start:],
+                    sample.finish_reason,
+                    sample.cumulative_logprob,
+                    logprobs,
+                    sample.stop_reason,
+                )
+            )
+        r, prompt_logprobs = state.request, state.prompt_logprobs
+        if prompt_logprobs is not None and kind is RequestOutputKind.DELTA:
+            # with the first output only: the whole prompt is computed before any token is sampled
+            prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
+            state.prompt_logprobs_sent = True
+        return RequestOutput(
+            r.request_id,
+            r.prompt,
+            r.prompt_token_ids,
+            completions,
+            finished,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _text_ids(self, sample: SampleState) -> list[int]:
+        return sample.token_ids[:-1] if sample.hide_last_token else sample.token_ids
+
+    def _final_text(self, sample: SampleState) -> str:
+        if sample.stream is None or not sample.stream.stopped:
+            # decoded in one go: an incremental decode may differ from it where a tokenizer looks at context
+            return self.decode(self._text_ids(sample))
+        return sample.text
+
+
+class OutputProcessor(_OutputMaking):
     """Turns the engine's new tokens into each request's `RequestOutput`, as its `output_kind` asks.
 
     Only samples whose text is needed while they run are detokenized each step: those with stop strings
@@ -145,70 +216,3 @@ class OutputProcessor:
             if sample.finish_reason is None:
                 self._finish(state, seq_id, sample, "abort")
         return self._output(state, force=True)
-
-    def _logprobs(self, entry: LogprobEntry, k: int) -> dict[int, Logprob]:
-        """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k)."""
-        (sampled, *top), (sampled_logprob, *top_logprobs), rank = entry
-        out = {sampled: Logprob(sampled_logprob, rank, self._token_text(sampled))}
-        for i, (token, logprob) in enumerate(zip(top[:k], top_logprobs[:k])):
-            out.setdefault(token, Logprob(logprob, i + 1, self._token_text(token)))
-        return out
-
-    def _token_text(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
-
-    def _finish(self, state: RequestState, seq_id: int, sample: SampleState, reason: str) -> None:
-        sample.finish_reason = reason
-        state.num_finished += 1
-        del self.sample_of[seq_id]
-        if state.num_finished == len(state.samples):
-            del self.requests[state.request.request_id]
-
-    def _output(self, state: RequestState, force: bool = False) -> RequestOutput | None:
-        kind = state.request.sampling_params.output_kind
-        finished = state.num_finished == len(state.samples)
-        if kind is RequestOutputKind.FINAL_ONLY and not (finished or force):
-            return None
-        completions = []
-        for sample in sorted(state.samples.values(), key=lambda s: s.index):
-            start = sample.num_reported if kind is RequestOutputKind.DELTA else 0
-            if kind is RequestOutputKind.DELTA:
-                if start == len(sample.token_ids) and not force:
-                    continue  # nothing new for this sample in this step
-                text, sample.text, sample.num_reported = sample.text, "", len(sample.token_ids)
-            else:
-                text = self._final_text(sample) if finished else sample.text
-            logprobs = None if sample.logprobs is None else sample.logprobs[start:]
-            completions.append(
-                CompletionOutput(
-                    sample.index,
-                    text,
-                    sample.token_ids[start:],
-                    sample.finish_reason,
-                    sample.cumulative_logprob,
-                    logprobs,
-                    sample.stop_reason,
-                )
-            )
-        r, prompt_logprobs = state.request, state.prompt_logprobs
-        if prompt_logprobs is not None and kind is RequestOutputKind.DELTA:
-            # with the first output only: the whole prompt is computed before any token is sampled
-            prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
-            state.prompt_logprobs_sent = True
-        return RequestOutput(
-            r.request_id,
-            r.prompt,
-            r.prompt_token_ids,
-            completions,
-            finished,
-            prompt_logprobs=prompt_logprobs,
-        )
-
-    def _text_ids(self, sample: SampleState) -> list[int]:
-        return sample.token_ids[:-1] if sample.hide_last_token else sample.token_ids
-
-    def _final_text(self, sample: SampleState) -> str:
-        if sample.stream is None or not sample.stream.stopped:
-            # decoded in one go: an incremental decode may differ from it where a tokenizer looks at context
-            return self.decode(self._text_ids(sample))
-        return sample.text

@@ -46,35 +46,8 @@ class SamplerOutput:
     spec_rows: frozenset[int] = frozenset()  # rows that verified speculative tokens (Chapter 10)
 
 
-class Sampler:
-    """Samples one token per row of logits [B, vocab], row i following batch.params[i].
-
-    The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
-    one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
-    the token), so its tokens depend neither on which requests share the batch nor on the step; the others
-    draw from a generator seeded with `seed` (None: fresh each run). When some row needs more than a
-    temperature (min_tokens, penalties, top-k, top-p, min-p), the batch's logits are processed in float32
-    first; a batch of plain requests goes straight to the kernel. Log-probabilities are computed for the
-    rows that ask for them only. `eos_token_ids` are the model's, which min_tokens holds back.
-    """
-
-    def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int | None = None):
-        self.rng = np.random.default_rng(seed)
-        self.eos_token_ids = list(eos_token_ids)
-
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        params, processed = batch.params, logits
-        if any(
-            p.penalized or p.min_tokens for p in params
-        ):  # a float32 copy: logprobs need the raw logits
-            processed = logits.to(torch.float32, copy=True)
-            self.apply_min_tokens(processed, batch)
-            self.apply_penalties(processed, batch)
-        if all(p.greedy for p in params):
-            tokens = processed.argmax(dim=-1)
-        else:
-            tokens = self.draw(processed, batch)
-        return self.with_logprobs(logits, tokens, params)
+class _LogitProcessors:
+    """The `Sampler`'s float32 processing of the rows that ask for it: min_tokens and penalties."""
 
     def apply_min_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
         """In place: a request that has fewer than min_tokens outputs may not end: its stop tokens (and the
@@ -129,6 +102,37 @@ class Sampler:
         logits[index] = torch.nan_to_num(
             sub, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
         )
+
+
+class Sampler(_LogitProcessors):
+    """Samples one token per row of logits [B, vocab], row i following batch.params[i].
+
+    The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
+    one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
+    the token), so its tokens depend neither on which requests share the batch nor on the step; the others
+    draw from a generator seeded with `seed` (None: fresh each run). When some row needs more than a
+    temperature (min_tokens, penalties, top-k, top-p, min-p), the batch's logits are processed in float32
+    first; a batch of plain requests goes straight to the kernel. Log-probabilities are computed for the
+    rows that ask for them only. `eos_token_ids` are the model's, which min_tokens holds back.
+    """
+
+    def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        params, processed = batch.params, logits
+        if any(
+            p.penalized or p.min_tokens for p in params
+        ):  # a float32 copy: logprobs need the raw logits
+            processed = logits.to(torch.float32, copy=True)
+            self.apply_min_tokens(processed, batch)
+            self.apply_penalties(processed, batch)
+        if all(p.greedy for p in params):
+            tokens = processed.argmax(dim=-1)
+        else:
+            tokens = self.draw(processed, batch)
+        return self.with_logprobs(logits, tokens, params)
 
     def draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Greedy rows take the argmax; the others draw at their temperature, within top-k, top-p, min-p."""

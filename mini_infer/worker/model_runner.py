@@ -109,130 +109,8 @@ class StepInputs:
     cu_seqlens: np.ndarray  # [B + 1] where each request's tokens start in the packed batch
 
 
-def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
-    """The decode batch sizes that get a CUDA graph, as in vLLM: 1, 2, 4, then every multiple of 8 up to
-    max_num_seqs (and max_num_seqs itself). A batch replays the smallest graph that holds it, so at most
-    7 rows are padding."""
-    return sorted(
-        {s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs}
-    )
-
-
-def mixed_graph_sizes(max_num_batched_tokens: int, largest: int = 2048) -> list[int]:
-    """The token counts whose mixed steps (prompt chunks, alone or beside decoding requests) get a CUDA
-    graph: every 16 up to 256, every 64 up to 1,024, every 256 up to `largest`, none above
-    max_num_batched_tokens (which gets its own if it is smaller than `largest`). A step replays the
-    smallest graph that holds its tokens, so at most 15, 63 or 255 of its tokens are padding (under a
-    quarter from 64 tokens up); a larger step runs eagerly, where the GPU's work, not the launches, sets
-    the pace."""
-    ladder = [*range(16, 257, 16), *range(320, 1025, 64), *range(1280, largest + 1, 256)]
-    top = min(max_num_batched_tokens, largest)
-    return sorted({s for s in ladder if s <= top} | {top})
-
-
-def smallest_holding(sizes, n: int) -> int | None:
-    """The smallest of `sizes` that is at least n, or None."""
-    return min((s for s in sizes if s >= n), default=None)
-
-
-class ModelRunner:
-    """Owns the model, the KV pool and the sampler; `execute_model(scheduler_output)` queues a step and
-    returns its tokens-to-be.
-
-    The KV pool takes what memory is left after the weights and a warm-up forward of the largest step
-    (`gpu_memory_utilization` of the GPU, or `cpu_kv_bytes` on the CPU); ValueError when it cannot hold
-    one sequence of `max_model_len` tokens. On a GPU, unless `enforce_eager`, every step replays a CUDA
-    graph, one launch for the whole forward instead of hundreds: decode steps a graph per batch size of
-    `cuda_graph_sizes` (decode attention), steps with prompt tokens a graph per token count of
-    `mixed_graph_sizes` (prefill attention, which serves decoding requests of the same step too). A step
-    larger than those runs eagerly. `max_logit_rows` (default max_num_seqs, a row per request) is the most
-    rows of logits a step computes, which the warm-up reserves memory for (Chapter 10's verification
-    computes 1 + k rows per speculating request).
-    """
-
-    def __init__(
-        self,
-        model,
-        block_size: int = 16,
-        max_model_len: int = 4096,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        gpu_memory_utilization: float = 0.9,
-        cpu_kv_bytes: int = 1 << 30,
-        enforce_eager: bool = False,
-        eos_token_ids: tuple[int, ...] = (),
-        seed: int | None = None,
-        max_logit_rows: int | None = None,
-    ):
-        self.model, self.config = model, model.config
-        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        self.block_size = block_size
-        self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.sampler = Sampler(eos_token_ids, seed)
-        self.rejection_sampler = RejectionSampler(self.sampler)  # Chapter 10
-        self.requests: dict[int, CachedRequestState] = {}
-        # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
-        self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
-        self.free_rows = list(range(max_num_seqs))
-        # the last step's sampled tokens, left on the device (a pending token is read from there), and the
-        # row of each of its requests in them
-        self.last_sampled: torch.Tensor | None = None
-        self.last_rows: dict[int, int] = {}
-        c = self.config
-        if self.device.type == "cuda":
-            self._warm_up(max_num_batched_tokens, max_logit_rows or max_num_seqs)
-        block_bytes = kv_block_bytes(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype
-        )
-        num_blocks = num_kv_blocks(block_bytes, self.device, gpu_memory_utilization, cpu_kv_bytes)
-        if num_blocks < self.max_blocks_per_seq:
-            raise ValueError(
-                f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
-                f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len"
-            )
-        self.kv_cache = KVCache(
-            c.num_hidden_layers,
-            num_blocks,
-            c.num_key_value_heads,
-            c.head_dim,
-            block_size,
-            self.dtype,
-            self.device,
-        )
-        self.attn = PagedAttention(self.kv_cache, c.head_dim)
-        self.max_num_seqs = max_num_seqs
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode steps, by batch size
-        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps, by token count
-        if self.device.type == "cuda" and not enforce_eager:
-            self._capture_graphs(max_num_seqs, max_num_batched_tokens)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kv_cache.num_blocks
-
-    def release_graphs(self) -> None:
-        """Drop the CUDA graphs (steps then run eagerly), once the GPU has finished with them. A graph that
-        captured an all-reduce holds NCCL's communicator: Chapter 9 calls this before its processes leave
-        their group, which NCCL cannot tear down while such a graph lives."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.graphs.clear()
-            self.mixed_graphs.clear()
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-
-    @torch.inference_mode()
-    def _warm_up(self, num_tokens: int, logit_rows: int) -> None:
-        """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
-        computed for `logit_rows` rows only, with one float32 copy as the samplers make: a step needs them
-        for each sequence's last token (and for the tokens it verifies, Chapter 10), never for all of its
-        tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, ids, lambda layer, q, k, v: q)
-        self.model.compute_logits(hidden[: min(logit_rows, num_tokens)]).float().softmax(-1)
-        torch.cuda.empty_cache()
+class _StepPacking:
+    """`ModelRunner`'s bookkeeping and packing: what it keeps of each request, and the step as flat arrays."""
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         """Learn what changed since the last step: requests that left, new ones, new tokens and blocks."""
@@ -319,47 +197,44 @@ class ModelRunner:
             input_ids, positions, metadata, last_rows, reqs, starts, ends, known_ends, cu_seqlens
         )
 
-    @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
-        """Queue one step (forward and sampling) and return its tokens, one per request in the batch's order,
-        which arrive when the GPU is done."""
-        self.update_states(scheduler_output)
-        step = self.prepare(scheduler_output)
+
+class _SamplingInputs:
+    """What `ModelRunner` gives the samplers: the sampler's view of the step, the rows of prompt
+    logprobs, and Chapter 10's verification."""
+
+    def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
+        """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
+        position, the rows of the packed batch whose logits score the next prompt token, those tokens).
+        Position p's logits score the token at p + 1, so the prompt's last position (which scores the first
+        output) is not among them."""
+        out = {}
+        for i, r in enumerate(step.reqs):
+            if r.params.prompt_logprobs is None:
+                continue
+            start, end = int(step.starts[i]), min(int(step.ends[i]), r.num_prompt_tokens - 1)
+            if start < end:
+                first_row = int(step.cu_seqlens[i])
+                rows = list(range(first_row, first_row + end - start))
+                out[i] = (start, rows, r.token_ids[start + 1 : end + 1])
+        return out
+
+    def sampling_batch(self, step: StepInputs) -> SamplingBatch:
+        """The sampler's view of the step. A sampled token stands at the request's length after this step;
+        penalties need each penalized request's tokens, the newest of which, when the host has not seen it,
+        is this step's last input token of the request (on the device)."""
         reqs = step.reqs
-        prompt_rows = self.prompt_logprob_rows(step)
-        num_tokens, decode = step.input_ids.shape[0], step.metadata.is_decode
-        bs = smallest_holding(self.graphs, len(reqs)) if decode and not prompt_rows else None
-        size = None if decode else smallest_holding(self.mixed_graphs, num_tokens)
-        if bs is not None:
-            hidden = self._replay(self.graphs[bs], bs, bs, step)[: len(reqs)]
-        else:  # a prompt, or speculative tokens to verify: the same forward (Chapter 10)
-            if size is not None:
-                all_hidden = self._replay(
-                    self.mixed_graphs[size], size, min(size, self.max_num_seqs), step
-                )
-            else:
-                self.attn.metadata = step.metadata
-                all_hidden = self.model(step.input_ids, step.positions, self.attn)
-            spec = scheduler_output.scheduled_spec_decode_tokens
-            req_ids = list(scheduler_output.num_scheduled_tokens)
-            hidden = all_hidden[self.verify_rows(step, spec, req_ids) if spec else step.last_rows]
-        logits = self.model.compute_logits(hidden)
-        if scheduler_output.scheduled_spec_decode_tokens:
-            output = self.verify(logits, step, scheduler_output)
-        else:
-            output = self.sampler(logits, self.sampling_batch(step))
-        # (a verifying engine is not one step ahead: Chapter 10)
-        self.last_sampled = output.token_ids
-        self.last_rows = {
-            req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
-        }
-        prompt_logprobs = {}
-        for i, (first, rows, targets) in prompt_rows.items():
-            index, chosen = (torch.tensor(x, device=self.device) for x in (rows, targets))
-            prompt_logits = self.model.compute_logits(all_hidden[index])
-            k = reqs[i].params.prompt_logprobs
-            prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
-        return SampledTokens(output, prompt_logprobs)
+        penalized = [r.params.penalized for r in reqs]
+        pending = None
+        if any(penalized):
+            unseen = to_device(step.known_ends < step.ends, self.device)
+            pending = torch.where(unseen, step.input_ids[step.last_rows], -1)
+        return SamplingBatch(
+            [r.params for r in reqs],
+            step.ends.tolist(),
+            [r.num_prompt_tokens for r in reqs],
+            [r.token_ids if p else None for r, p in zip(reqs, penalized)],
+            pending,
+        )
 
     def verify_rows(
         self, step: StepInputs, spec: dict[int, list[int]], req_ids: list[int]
@@ -405,39 +280,20 @@ class ModelRunner:
         out[to_device(verified, self.device), : accepted.shape[1]] = accepted
         return SamplerOutput(out, logprob_rows, *logprobs, spec_rows=frozenset(verified.tolist()))
 
-    def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
-        """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
-        position, the rows of the packed batch whose logits score the next prompt token, those tokens).
-        Position p's logits score the token at p + 1, so the prompt's last position (which scores the first
-        output) is not among them."""
-        out = {}
-        for i, r in enumerate(step.reqs):
-            if r.params.prompt_logprobs is None:
-                continue
-            start, end = int(step.starts[i]), min(int(step.ends[i]), r.num_prompt_tokens - 1)
-            if start < end:
-                first_row = int(step.cu_seqlens[i])
-                rows = list(range(first_row, first_row + end - start))
-                out[i] = (start, rows, r.token_ids[start + 1 : end + 1])
-        return out
 
-    def sampling_batch(self, step: StepInputs) -> SamplingBatch:
-        """The sampler's view of the step. A sampled token stands at the request's length after this step;
-        penalties need each penalized request's tokens, the newest of which, when the host has not seen it,
-        is this step's last input token of the request (on the device)."""
-        reqs = step.reqs
-        penalized = [r.params.penalized for r in reqs]
-        pending = None
-        if any(penalized):
-            unseen = to_device(step.known_ends < step.ends, self.device)
-            pending = torch.where(unseen, step.input_ids[step.last_rows], -1)
-        return SamplingBatch(
-            [r.params for r in reqs],
-            step.ends.tolist(),
-            [r.num_prompt_tokens for r in reqs],
-            [r.token_ids if p else None for r, p in zip(reqs, penalized)],
-            pending,
-        )
+class _CudaGraphs:
+    """`ModelRunner`'s CUDA graphs (6.2.3): capture every step size once, then replay."""
+
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs (steps then run eagerly), once the GPU has finished with them. A graph that
+        captured an all-reduce holds NCCL's communicator: Chapter 9 calls this before its processes leave
+        their group, which NCCL cannot tear down while such a graph lives."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.graphs.clear()
+            self.mixed_graphs.clear()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def _capture_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         """Capture the forward for every decode batch size and every mixed step's token count. All graphs
@@ -508,3 +364,160 @@ class ModelRunner:
             i["cu_seqlens_q"][b + 1 : seqs + 1].fill_(n)
         graph.replay()
         return self.graph_output[:tokens]
+
+
+class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
+    """Owns the model, the KV pool and the sampler; `execute_model(scheduler_output)` queues a step and
+    returns its tokens-to-be.
+
+    The KV pool takes what memory is left after the weights and a warm-up forward of the largest step
+    (`gpu_memory_utilization` of the GPU, or `cpu_kv_bytes` on the CPU); ValueError when it cannot hold
+    one sequence of `max_model_len` tokens. On a GPU, unless `enforce_eager`, every step replays a CUDA
+    graph, one launch for the whole forward instead of hundreds: decode steps a graph per batch size of
+    `cuda_graph_sizes` (decode attention), steps with prompt tokens a graph per token count of
+    `mixed_graph_sizes` (prefill attention, which serves decoding requests of the same step too). A step
+    larger than those runs eagerly. `max_logit_rows` (default max_num_seqs, a row per request) is the most
+    rows of logits a step computes, which the warm-up reserves memory for (Chapter 10's verification
+    computes 1 + k rows per speculating request).
+    """
+
+    def __init__(
+        self,
+        model,
+        block_size: int = 16,
+        max_model_len: int = 4096,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_bytes: int = 1 << 30,
+        enforce_eager: bool = False,
+        eos_token_ids: tuple[int, ...] = (),
+        seed: int | None = None,
+        max_logit_rows: int | None = None,
+    ):
+        self.model, self.config = model, model.config
+        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.block_size = block_size
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.sampler = Sampler(eos_token_ids, seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)  # Chapter 10
+        self.requests: dict[int, CachedRequestState] = {}
+        # the running requests' block tables, a row each, kept from step to step (a step writes only new blocks)
+        self.block_table = np.zeros((max_num_seqs, self.max_blocks_per_seq), np.int32)
+        self.free_rows = list(range(max_num_seqs))
+        # the last step's sampled tokens, left on the device (a pending token is read from there), and the
+        # row of each of its requests in them
+        self.last_sampled: torch.Tensor | None = None
+        self.last_rows: dict[int, int] = {}
+        c = self.config
+        if self.device.type == "cuda":
+            self._warm_up(max_num_batched_tokens, max_logit_rows or max_num_seqs)
+        block_bytes = kv_block_bytes(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size, self.dtype
+        )
+        num_blocks = num_kv_blocks(block_bytes, self.device, gpu_memory_utilization, cpu_kv_bytes)
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
+                f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len"
+            )
+        self.kv_cache = KVCache(
+            c.num_hidden_layers,
+            num_blocks,
+            c.num_key_value_heads,
+            c.head_dim,
+            block_size,
+            self.dtype,
+            self.device,
+        )
+        self.attn = PagedAttention(self.kv_cache, c.head_dim)
+        self.max_num_seqs = max_num_seqs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode steps, by batch size
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps, by token count
+        if self.device.type == "cuda" and not enforce_eager:
+            self._capture_graphs(max_num_seqs, max_num_batched_tokens)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @torch.inference_mode()
+    def _warm_up(self, num_tokens: int, logit_rows: int) -> None:
+        """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
+        computed for `logit_rows` rows only, with one float32 copy as the samplers make: a step needs them
+        for each sequence's last token (and for the tokens it verifies, Chapter 10), never for all of its
+        tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, ids, lambda layer, q, k, v: q)
+        self.model.compute_logits(hidden[: min(logit_rows, num_tokens)]).float().softmax(-1)
+        torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> SampledTokens:
+        """Queue one step (forward and sampling) and return its tokens, one per request in the batch's order,
+        which arrive when the GPU is done."""
+        self.update_states(scheduler_output)
+        step = self.prepare(scheduler_output)
+        reqs = step.reqs
+        prompt_rows = self.prompt_logprob_rows(step)
+        num_tokens, decode = step.input_ids.shape[0], step.metadata.is_decode
+        bs = smallest_holding(self.graphs, len(reqs)) if decode and not prompt_rows else None
+        size = None if decode else smallest_holding(self.mixed_graphs, num_tokens)
+        if bs is not None:
+            hidden = self._replay(self.graphs[bs], bs, bs, step)[: len(reqs)]
+        else:  # a prompt, or speculative tokens to verify: the same forward (Chapter 10)
+            if size is not None:
+                all_hidden = self._replay(
+                    self.mixed_graphs[size], size, min(size, self.max_num_seqs), step
+                )
+            else:
+                self.attn.metadata = step.metadata
+                all_hidden = self.model(step.input_ids, step.positions, self.attn)
+            spec = scheduler_output.scheduled_spec_decode_tokens
+            req_ids = list(scheduler_output.num_scheduled_tokens)
+            hidden = all_hidden[self.verify_rows(step, spec, req_ids) if spec else step.last_rows]
+        logits = self.model.compute_logits(hidden)
+        if scheduler_output.scheduled_spec_decode_tokens:
+            output = self.verify(logits, step, scheduler_output)
+        else:
+            output = self.sampler(logits, self.sampling_batch(step))
+        # (a verifying engine is not one step ahead: Chapter 10)
+        self.last_sampled = output.token_ids
+        self.last_rows = {
+            req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
+        }
+        prompt_logprobs = {}
+        for i, (first, rows, targets) in prompt_rows.items():
+            index, chosen = (torch.tensor(x, device=self.device) for x in (rows, targets))
+            prompt_logits = self.model.compute_logits(all_hidden[index])
+            k = reqs[i].params.prompt_logprobs
+            prompt_logprobs[i] = (first, top_logprobs(prompt_logits, chosen, k))
+        return SampledTokens(output, prompt_logprobs)
+
+
+def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes that get a CUDA graph, as in vLLM: 1, 2, 4, then every multiple of 8 up to
+    max_num_seqs (and max_num_seqs itself). A batch replays the smallest graph that holds it, so at most
+    7 rows are padding."""
+    return sorted(
+        {s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs] if s <= max_num_seqs}
+    )
+
+
+def mixed_graph_sizes(max_num_batched_tokens: int, largest: int = 2048) -> list[int]:
+    """The token counts whose mixed steps (prompt chunks, alone or beside decoding requests) get a CUDA
+    graph: every 16 up to 256, every 64 up to 1,024, every 256 up to `largest`, none above
+    max_num_batched_tokens (which gets its own if it is smaller than `largest`). A step replays the
+    smallest graph that holds its tokens, so at most 15, 63 or 255 of its tokens are padding (under a
+    quarter from 64 tokens up); a larger step runs eagerly, where the GPU's work, not the launches, sets
+    the pace."""
+    ladder = [*range(16, 257, 16), *range(320, 1025, 64), *range(1280, largest + 1, 256)]
+    top = min(max_num_batched_tokens, largest)
+    return sorted({s for s in ladder if s <= top} | {top})
+
+
+def smallest_holding(sizes, n: int) -> int | None:
+    """The smallest of `sizes` that is at least n, or None."""
+    return min((s for s in sizes if s >= n), default=None)
