@@ -263,6 +263,11 @@ import torch.distributed as dist
 # This process's one-shot all-reduce, set by `use_one_shot_all_reduce` (one tensor-parallel group per
 # process, as for the default group itself).
 _one_shot: OneShotAllReduce | None = None
+# Whether this process has set one up before: a second setup, for the group of a later engine in the same
+# process, hung in every such test on two H200s (PyTorch keys its symmetric-memory state by group name,
+# and a new default group reuses the old one's name), so the one-shot path serves a process's first
+# tensor-parallel engine only; later ones use NCCL.
+_set_up_before = False
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -1226,6 +1231,9 @@ for label, rate in rates.items():
 # `use_one_shot_all_reduce` sets it up on every rank of a GPU group, or on none: the ranks agree after
 # the buffer is mapped, then check one all-reduce against NCCL's and agree again, and any failure on any
 # rank leaves all of them on NCCL (a rank alone on the one-shot path would wait at its barrier forever).
+# It serves the first tensor-parallel engine of a process only: on two H200s, a second engine in the
+# same process (as a test suite makes them) hung in its one-shot all-reduces every time, so later
+# engines stay on NCCL.
 # Messages above `MAX_BYTES` (a prefill step's) keep going to NCCL, whose rings do better there.
 # `LLM(..., disable_custom_all_reduce=True)`, vLLM's switch, keeps every all-reduce on NCCL.
 
@@ -1276,13 +1284,18 @@ def _all_ranks_agree(ok: bool, group) -> bool:
 def use_one_shot_all_reduce(device: torch.device, group) -> bool:
     """Set up the one-shot all-reduce for `all_reduce` on every rank of the default group, or on none;
     `group` is a gloo group of the same ranks, for agreeing. Returns whether it is in use; a rank where it
-    failed prints why to stderr. Undo with `stop_one_shot_all_reduce`."""
-    global _one_shot
+    failed prints why to stderr. At most once per process (see `_set_up_before`). Undo with
+    `stop_one_shot_all_reduce`."""
+    global _one_shot, _set_up_before
     candidate, why = None, ""
-    try:
-        candidate = OneShotAllReduce(device)
-    except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
-        why = f"setting up failed: {e!r}"
+    if _set_up_before:
+        why = "this process set one up for an earlier engine"
+    else:
+        try:
+            candidate = OneShotAllReduce(device)
+            _set_up_before = True
+        except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
+            why = f"setting up failed: {e!r}"
     if _all_ranks_agree(candidate is not None, group):
         # the same sum as NCCL's, for a message of a decode step's shape
         x = torch.randn(3, 1000, device=device) + dist.get_rank()

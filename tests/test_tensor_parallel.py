@@ -531,12 +531,44 @@ def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(
     gc.collect()  # engines of earlier tests (held in reference cycles) give their GPU memory back
     args = gpu_args(async_scheduling=async_scheduling, disable_custom_all_reduce=not one_shot)
     llm = LLM(TINY, device="cuda", tensor_parallel_size=2, **args)
-    # decode steps replay CUDA graphs that captured the all-reduces (one-shot, or NCCL's)
+    # decode steps replay CUDA graphs that captured the all-reduces (one-shot, or NCCL's; a one-shot
+    # all-reduce serves only the first engine of a process: test_one_shot_all_reduce_on_two_gpus)
     assert llm.engine.runner.runner.graphs
-    assert (communicator._one_shot is not None) == one_shot
+    assert one_shot or communicator._one_shot is None
     assert generate(llm, GREEDY) == gpu_reference["greedy"]
     assert generate(llm, SEEDED) == gpu_reference["seeded"]
     closed_in_time(llm.engine.runner)
+
+
+ONE_SHOT_SCRIPT = """
+from mini_infer.llm import LLM
+from mini_infer.parallel import communicator
+from mini_infer.sampling_params import SamplingParams
+from tests.test_tensor_parallel import TINY, gpu_args
+
+if __name__ == "__main__":
+    for n in range(2):  # the first engine uses the one-shot all-reduce, a second one NCCL's
+        llm = LLM(TINY, device="cuda", tensor_parallel_size=2, **gpu_args())
+        used = communicator._one_shot is not None
+        llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        llm.engine.runner.close()
+        print("engine", n, "one-shot", used, flush=True)
+"""
+
+
+@two_gpus
+@bounded
+def test_one_shot_all_reduce_on_two_gpus():
+    """In a fresh process (the one-shot path serves a process's first tensor-parallel engine only)."""
+    run = subprocess.run(
+        [sys.executable, "-c", ONE_SHOT_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "engine 0 one-shot True" in run.stdout and "engine 1 one-shot False" in run.stdout
 
 
 @two_gpus

@@ -15,6 +15,11 @@ import torch.distributed as dist
 # This process's one-shot all-reduce, set by `use_one_shot_all_reduce` (one tensor-parallel group per
 # process, as for the default group itself).
 _one_shot: OneShotAllReduce | None = None
+# Whether this process has set one up before: a second setup, for the group of a later engine in the same
+# process, hung in every such test on two H200s (PyTorch keys its symmetric-memory state by group name,
+# and a new default group reuses the old one's name), so the one-shot path serves a process's first
+# tensor-parallel engine only; later ones use NCCL.
+_set_up_before = False
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +76,18 @@ def _all_ranks_agree(ok: bool, group) -> bool:
 def use_one_shot_all_reduce(device: torch.device, group) -> bool:
     """Set up the one-shot all-reduce for `all_reduce` on every rank of the default group, or on none;
     `group` is a gloo group of the same ranks, for agreeing. Returns whether it is in use; a rank where it
-    failed prints why to stderr. Undo with `stop_one_shot_all_reduce`."""
-    global _one_shot
+    failed prints why to stderr. At most once per process (see `_set_up_before`). Undo with
+    `stop_one_shot_all_reduce`."""
+    global _one_shot, _set_up_before
     candidate, why = None, ""
-    try:
-        candidate = OneShotAllReduce(device)
-    except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
-        why = f"setting up failed: {e!r}"
+    if _set_up_before:
+        why = "this process set one up for an earlier engine"
+    else:
+        try:
+            candidate = OneShotAllReduce(device)
+            _set_up_before = True
+        except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
+            why = f"setting up failed: {e!r}"
     if _all_ranks_agree(candidate is not None, group):
         # the same sum as NCCL's, for a message of a decode step's shape
         x = torch.randn(3, 1000, device=device) + dist.get_rank()
