@@ -2739,7 +2739,7 @@ for (name, vocab), ms in sampler_ms.items():
     print(f"  vocab {vocab:7,}  {name:30} {ms:8.3f}")
 
 # %% [markdown]
-# ### 6.2.6 Against vLLM on an H100
+# ### 6.2.6 Against vLLM on an H200
 #
 # `benchmarks/race.sh` runs, on one GPU machine, Mini-Infer and vLLM 0.26 on the benchmark workload of
 # this book (the nano-vllm protocol: 256 requests with 100-1024 prompt tokens and 100-1024 output tokens,
@@ -2775,10 +2775,12 @@ if (RESULTS / "latency.jsonl").exists():
     )
 
 # %% [markdown]
-# (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in about 1.1 ms,
-# twice as fast as vLLM and about 20 times faster than Chapter 1's loop on the same kind of card: the CUDA
-# graph turned 1,331 kernel launches into one, and little else runs between two steps. At batch 256,
-# Mini-Infer is ahead on SmolLM2 and behind on the two larger models (the table above has the ratios).
+# (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in about 1.0 ms,
+# twice as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the CUDA
+# graph turned some 1,300 kernel launches into one, and little else runs between two steps. The first
+# token comes sooner still, relative to vLLM (2.0 against 18.8 ms for SmolLM2, 7.0 against 10.4 ms for
+# Llama-3-8B): a 128-token prefill is a mixed step, and it replays a graph too (6.2.3). At batch 256
+# Mini-Infer is ahead on SmolLM2 (1.78x) and behind on the two larger models (0.94x and 0.89x).
 # Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
 # about 590 tokens of context each, sorts the GPU's kernels by kind, and counts the rest of each step's
 # wall time as time the GPU sat idle, waiting for the host (the profiler itself adds a little to it).
@@ -2816,15 +2818,22 @@ if profiles:
 # %% [markdown]
 # What the profile says:
 #
-# - **The host is hidden.** What is left of the host per step is the "host" bar above, at batch 256; 6.2.1
-#   and 6.2.4 measured the same split on the device that ran this notebook. On a whole workload,
+# (Llama-3-8B's profile comes from the race's machine; SmolLM2's and Qwen3's from an earlier H200 the same
+# day, before SiLU-and-multiply became one kernel (Chapter 2) and before decode attention at large batches
+# dropped its reduce kernel (Chapter 4). Profiles taken on the race's machine while its other GPU ran this
+# book measured the shared host instead: SmolLM2's step doubled.)
+#
+# - **The host is mostly hidden.** What is left of the host per step is the "host" bar above, at batch 256:
+#   about half a millisecond for the larger models, 1.6 ms of SmolLM2's 3.9 ms, whose GPU work is so small
+#   that the host's bookkeeping for 256 requests is longer than the step. 6.2.1 and 6.2.4 measured the same
+#   split on the device that ran this notebook. On a whole workload,
 #   `benchmarks/benchmark_throughput.py --sync-scheduling` turns the overlap off: side by side on one
 #   H100, SmolLM2 made 23,450 output tokens/s synchronously and 26,970 one step ahead.
-# - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 6.5 to 7.6 ms
+# - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 4.8 and 5.4 ms
 #   per step: 256 requests x 590 tokens x 115-131 kB of K and V per token is 17-20 GB, read at about
-#   2.7 TB/s, close to the copy bandwidth measured in Chapter 2. What is left between us and vLLM on those
-#   models is GPU time: attention a little below the copy ceiling, and the steps that mix a new request's
-#   prefill with everyone else's decode, which run eagerly, outside the CUDA graphs.
+#   3.6 TB/s, some 85% of the H200's copy bandwidth (4.27 TB/s in `benchmarks/attention_sweep.py`). The
+#   matrix products are the rest of Llama's step (6.3 ms, compute-bound at batch 256). What is left between
+#   us and vLLM on the larger models is GPU time, mostly attention's last 15%.
 #
 # Static against continuous batching (`benchmarks/benchmark_batching.py`, same engine and kernels). On the
 # nano-vllm workload with 64 slots, when steps that admit a request still ran eagerly, the two came out even

@@ -16,7 +16,7 @@
 # # 9. Tensor parallelism: one model on several GPUs
 #
 # A decode step reads every weight of the model once, whatever the batch: Llama-3-8B's 16 GB in bf16.
-# Chapter 7's race measured what that costs on one H200: 4.85 ms per token for a single request, most of
+# Chapter 7's race measured what that costs on one H200: 4.70 ms per token for a single request, most of
 # it the time to stream those 16 GB through the GPU's memory system (3.3 ms at its 4.8 TB/s). Two GPUs
 # have twice the memory bandwidth and twice the memory. *Tensor parallelism* (Megatron-LM, Shoeybi et al.
 # 2019) uses both for every step: each weight matrix is cut in two, each GPU holds and reads one half,
@@ -1215,7 +1215,7 @@ for label, rate in rates.items():
 #
 # NCCL's all-reduce is built for bandwidth: rings or trees of chunks, a protocol that keeps the links busy
 # for megabytes. A decode step at batch 1 sends 8 kB per all-reduce, and there only the fixed cost counts;
-# between two H200s it was about 20 us per all-reduce inside a CUDA graph (section 9.7), 65 times per token.
+# between two H200s it was 16 to 20 us per all-reduce inside a CUDA graph (section 9.7), 65 times per token.
 #
 # GPUs joined by NVLink can read each other's memory directly, and that allows the simplest all-reduce of
 # all, in one kernel: every rank copies its input into a buffer that all ranks have mapped, the ranks meet
@@ -1365,24 +1365,30 @@ else:
     print("not measured yet: run `OUT=DIR bash benchmarks/tp_session.sh` on a machine with 2 GPUs")
 
 # %% [markdown]
-# What two H200s measured (machine c1eed3e9, 2026-11-30; the table above reads the same rows):
+# What two H200s measured (machine 4c25c198, 2026-11-30; the table above reads the same rows; the one-GPU
+# rows are the race's, measured on GPU 0 of the same machine an hour earlier, see Chapter 7):
 #
-# - **Every rank loads only its own half.** GPU 0 held 15.0 GiB of weights at tp=1 and 7.5 GiB at tp=2,
-#   and its peak while loading fell from 16.4 to 8.9 GiB: one full tensor in flight beside the shard.
-# - **Two GPUs are not twice as fast.** Throughput rose 1.34x and batch-1 latency fell to 0.76x of one
-#   GPU's (3.7 against 4.8 ms per token), where a perfect split would give 2x and 0.5x. The all-reduces
-#   explain most of it: Llama-3-8B makes 65 of them per step (two per layer and one for the embedding),
-#   and NCCL took 20 us each for a batch-1 step's 8 KiB inside a CUDA graph, 1.3 ms per token, against
-#   the 2.4 ms that half of one GPU's 4.8 ms would leave. At batch 256 each takes 39 us, 2.5 ms per step.
-#   With NVLink multicast off (as this machine requires), NCCL's small messages cost that much; vLLM
-#   replaces them with its own all-reduce kernel, which writes straight into the other GPU's memory
-#   through CUDA IPC, at a few microseconds per message. Mini-Infer calls NCCL for every all-reduce, so on
-#   two GPUs this is the largest cost left to remove.
-# - **vLLM at tp=2 did not run.** Its two workers loaded their halves (7.48 GiB each) and compiled, then
-#   stalled in their CUDA-graph capture for a minute and failed with a cuBLAS execution error (it had
-#   chosen its custom all-reduce and NCCL, with multicast off); the engine then hung until the step's
-#   7-minute timeout. So no vLLM row stands beside ours; to reproduce it, `disable_custom_all_reduce=True`
-#   (NCCL for every all-reduce, as Mini-Infer does) is the vLLM setting to try first.
+# - **Every rank loads only its own half.** GPU 0 held 7.5 GiB of Llama-3-8B's weights at tp=2, and its
+#   peak while loading was 8.9 GiB: one full tensor in flight beside the shard. (An earlier two-GPU
+#   machine measured the whole model at tp=1: 15.0 GiB held, 16.4 GiB at the loading peak.)
+# - **Two GPUs are not twice as fast.** With the one-shot all-reduce, throughput rose 1.44x and batch-1
+#   latency fell to 0.75x of one GPU's (3.54 against 4.70 ms per token), where a perfect split would give
+#   2x and 0.5x. With NCCL for every all-reduce: 1.58x and 0.77x (3.60 ms). One run of each.
+# - **The one-shot all-reduce is 2.5 times faster, and it barely shows.** Inside a CUDA graph, an
+#   all-reduce of a batch-1 step's 8 KiB took 6.5 us one-shot against 16.2 us through NCCL (0.42 against
+#   1.06 ms for a step's 65), and 21 against 35 us at batch 256. So a batch-1 token should have become
+#   0.6 ms faster; it became 0.06 ms faster, and the throughput run was slower with it (12,472 against
+#   13,601 tokens/s, one run each, not explained yet). What limits two GPUs now is not the all-reduce's
+#   own time: a profile of a tp=2 step is what to look at next (the host's work per step, which the
+#   workers repeat, and the steps' other collectives, the logits' all-gather and the tokens' broadcast).
+# - **One engine per process.** In the 2-GPU tests, the first tensor-parallel engine of a pytest process
+#   gave the same tokens as one GPU, with either all-reduce; the second engine of the same process that
+#   set up the one-shot all-reduce hung in it, twice. The package now sets it up for a process's first
+#   engine only (`_set_up_before`), and a test checks that in a fresh process.
+# - **vLLM at tp=2 did not run on this machine** (the device time went to the hung tests); on an earlier
+#   machine its workers stalled in their CUDA-graph capture with its own custom all-reduce. Its one-GPU row
+#   stands in the table; `benchmarks/tp_session.sh vllm` runs its tp=2 row with
+#   `disable_custom_all_reduce=True`.
 
 # %% [markdown]
 # ## 9.8 When one machine is not enough
