@@ -375,7 +375,8 @@ else:
 
 
 # %% [markdown]
-# The stored results, from the last run of the benchmark script (the title names the GPU):
+# The stored results of the full benchmark come from a run of the script on an H100 (the title names
+# the GPU), not on the H200 that ran the cell above:
 
 
 # %%
@@ -453,19 +454,21 @@ if results is not None:
 # %% [markdown]
 # What the H100 results (`benchmarks/results/kernels_nvidia-h100-80gb-hbm3.json`) show:
 #
-# - **Large inputs reach the ceiling.** At 16384 × 4096 the kernel moves about 95% of the copy
-#   bandwidth, roughly eleven times eager PyTorch: the nine-fold byte count above, plus the launches.
-#   The fused residual form moves twice the bytes in about twice the time, so the residual add is
-#   almost free, instead of a separate kernel.
+# - **Large inputs reach the ceiling.** At 16384 × 4096 the kernel moves about 94% of the copy
+#   bandwidth, roughly eleven times eager PyTorch: the nine-fold byte count above, plus the
+#   launches. (On the H200 of the cell above, the same shape ran at 3,725 GB/s, twelve times eager's
+#   312.) The fused residual form moves twice the bytes in about twice the time, so the residual add
+#   is almost free, instead of a separate kernel.
 # - **`torch.compile` gets there too** on these shapes: it generates a similar one-pass Triton kernel
 #   from the same reference. Writing it by hand buys control (the in-place residual, no compile step,
 #   no recompilation per shape) and the understanding to write the kernels that follow, where no
 #   compiler finds the fusion for us.
-# - **Small inputs are not about bandwidth.** With one token (decode) there are 16 KiB to move; the time
-#   is the launch and one round trip to memory, a few microseconds whatever the implementation, and
-#   eager's eight launches cost about four times that (26 us against 5 to 6). The CPU side is larger
-#   still: a Python call that launches a Triton kernel spends tens of microseconds in the launcher, more
-#   than the GPU needs for the kernel, which is why Chapter 6 captures whole decode steps in CUDA graphs.
+# - **Small inputs are not about bandwidth.** With one token (decode) there are 16 KiB to move; the
+#   time is the launch and one round trip to memory, a few microseconds whatever the implementation,
+#   and eager's eight launches cost four to five times that (26 us against 5 to 6). The CPU side is
+#   larger still: a Python call that launches a Triton kernel spends tens of microseconds in the
+#   launcher, more than the GPU needs for the kernel, which is why Chapter 6 captures whole decode
+#   steps in CUDA graphs.
 # - **SmolLM2's 576 needs more tokens** before the GPU is busy: at 4096 tokens there are only 2,048
 #   programs of about 2 KiB each. At 65,536 tokens it reaches the large-input speed.
 

@@ -1493,11 +1493,12 @@ print("prefill with a cached prefix: matches the reference")
 # ### 4.4.4 How fast, on a GPU
 #
 # Decode reads the whole context once per step, so its speed is a bandwidth: bytes of K/V read per
-# second, against the H100's copy ceiling of about 3,000 GB/s. The cell below measures the decode kernel
-# at SmolLM2's head shape for a few batch sizes and context lengths, with one split and with the
-# heuristic's choice. Prefill is arithmetic: it is timed against PyTorch's fused causal attention
-# (`scaled_dot_product_attention`, FlashAttention-2 inside) on contiguous tensors, with the K/V heads
-# already repeated for it.
+# second, against the H200's copy ceiling of about 4,270 GB/s (a 2 GiB copy, measured by
+# `benchmarks/attention_sweep.py`). The cell below measures the decode kernel at SmolLM2's head
+# shape for a few batch sizes and context lengths, with one split and with the heuristic's choice.
+# Prefill is arithmetic: it is timed against PyTorch's fused causal attention
+# (`scaled_dot_product_attention`, with the backend PyTorch picks) on contiguous tensors, with the
+# K/V heads already repeated for it.
 #
 # Each call is captured in a CUDA graph and the graph is replayed, as the engine will run decode: at a
 # few microseconds of GPU work, launching two Triton kernels from Python costs more than the kernels
@@ -1579,19 +1580,17 @@ else:
     print("no GPU here: timings skipped")
 
 # %% [markdown]
-# The stored outputs above come from the H100 run named at the top of the chapter, which predates this
-# version of the kernels (head_dim padding, whole-page tiles, and the prefill design described above).
-# There, with one program per (sequence, KV head), a single request read its cache at about 20 GB/s, under
-# 1% of the card's bandwidth, because only 3 programs run on 132 SMs. The split lifted a single
-# 8,192-token context to about 470 GB/s (22 times faster) and 16 requests to 790 GB/s; at 256 requests
-# the batch alone fills the GPU, the heuristic picks one split, and the kernel read at about 2,150 GB/s,
-# some 70% of the copy ceiling. Paged prefill, then with one program per query head, 64 x 64 tiles and
-# the mask on every tile, ran at 60-75% of PyTorch's contiguous FlashAttention; the prefill design above
-# (query heads packed, the mask only on the diagonal tiles) is built to close that gap.
-# `benchmarks/attention_sweep.py` times every launch variant against SDPA's FlashAttention backend, with
-# and without a cached prefix (its H200 run is `benchmarks/results/attention_sweep_nvidia-h200.json`, and
-# the launch table of the prefill cell records what it chose); run this cell on a GPU to see the current
-# kernels beside the numbers above.
+# On the H200 of the stored run, with one program per (sequence, KV head), a single request read its
+# cache at about 30 GB/s, under 1% of the card's bandwidth, because only 3 programs run on 132 SMs.
+# The split lifted a single 8,192-token context to about 510 GB/s (14 times faster) and 16 requests
+# from 420 to 860 GB/s; at 256 requests the batch alone fills the GPU, the heuristic picks one split
+# (both lines show the same time), and the kernel read at about 3,180 GB/s, some 75% of the copy
+# ceiling. Paged prefill ran at 85% (4 x 1,024 tokens) and 75% (1 x 8,192 tokens) of the speed of
+# PyTorch's SDPA on contiguous tensors. `benchmarks/attention_sweep.py` times every launch variant
+# against SDPA pinned to its FlashAttention backend, with and without a cached prefix, over more
+# prompt shapes (its H200 run is `benchmarks/results/attention_sweep_nvidia-h200.json`; the prefill
+# launch table of 4.4.3 holds what it chose): there the paged kernel came out even with
+# FlashAttention at SmolLM2's head size (1.02x, the geometric mean quoted in 4.4.3).
 #
 # ## 4.5 What we have
 #

@@ -97,7 +97,8 @@ for name, params in (("SmolLM2-135M", num_params), ("Llama-3-8B", 8.03e9)):
 # Checking k drafts multiplies the arithmetic by k + 1 but not the bytes, until the step stops being
 # bound by memory: a 135M model at batch 1 does about 2 x 135M x 5 = 1.4 GFLOP for 5 tokens, a few
 # microseconds of an H200's ~990 dense bf16 TFLOP/s. (For a model this small the real floor is higher
-# still: the launch of its ~200 kernels. Chapter 6's CUDA graphs remove most of that for decode steps.)
+# still: the launches of its hundreds of kernels. Chapter 6's CUDA graphs remove most of that for
+# decode steps.)
 # So, counted in bytes, a verification step costs about one decode step, and every accepted draft is a
 # token for free (section 10.6 measures how far the host's work moves a small model from that). The
 # question is how to guess well and cheaply.
@@ -694,12 +695,12 @@ print(
 )
 
 # %% [markdown]
-# About 1.4 ms per step at batch 256 on this CPU: as much as a whole batch-1 decode step of the small
-# model on a GPU (about 1 ms, below), a small share of a batch-256 step of a large one. Indexing costs about
-# 1.2 ms per 1,000-token prompt (308 ms for the 256), once, when its request first decodes. Above
-# `disable_by_batch_size` the
-# engine does not propose at all. (These random prompts hold no repeated pair of tokens, the common case at
-# large batch; a found match costs a slice more.)
+# About 0.8 ms per step at batch 256 on the host CPU of the stored run (the H200's machine): almost
+# a whole batch-1 decode step of the small model on a GPU (about 1 ms, below), a small share of a
+# batch-256 step of a large one. Indexing costs about 1.2 ms per 1,000-token prompt (299 ms for the
+# 256), once, when its request first decodes. Above `disable_by_batch_size` the engine does not
+# propose at all. (These random prompts hold no repeated pair of tokens, the common case at large
+# batch; a found match costs a slice more.)
 #
 # The story barely speculates: 8 verifications in 118 steps, each accepting little, so its step count does
 # not move with k. On the rewrite, k = 4 takes 37 steps where plain decoding takes one per token.
