@@ -263,10 +263,11 @@ import torch.distributed as dist
 # This process's one-shot all-reduce, set by `use_one_shot_all_reduce` (one tensor-parallel group per
 # process, as for the default group itself).
 _one_shot: OneShotAllReduce | None = None
-# Whether this process has set one up before: a second setup, for the group of a later engine in the same
-# process, hung in every such test on two H200s (PyTorch keys its symmetric-memory state by group name,
-# and a new default group reuses the old one's name), so the one-shot path serves a process's first
-# tensor-parallel engine only; later ones use NCCL.
+# Whether this process has set one up before. PyTorch (2.11) numbers the key-value exchanges of its
+# symmetric-memory rendezvous per process, not per group (pytorch/pytorch#196082): a driver that already
+# made one, for an earlier engine, looks for its new workers' handles under another number than theirs,
+# and waits forever (seen on two H200s). So the one-shot path serves a process's first tensor-parallel
+# engine only; later ones use NCCL.
 _set_up_before = False
 
 
@@ -1232,8 +1233,9 @@ for label, rate in rates.items():
 # the buffer is mapped, then check one all-reduce against NCCL's and agree again, and any failure on any
 # rank leaves all of them on NCCL (a rank alone on the one-shot path would wait at its barrier forever).
 # It serves the first tensor-parallel engine of a process only: on two H200s, a second engine in the
-# same process (as a test suite makes them) hung in its one-shot all-reduces every time, so later
-# engines stay on NCCL.
+# same process (as a test suite makes them) hung setting it up every time. PyTorch numbers the exchanges
+# of a rendezvous per process (pytorch/pytorch#196082), so the driver, on its second rendezvous, and its
+# fresh workers, on their first, look for each other under different keys. Later engines stay on NCCL.
 # Messages above `MAX_BYTES` (a prefill step's) keep going to NCCL, whose rings do better there.
 # `LLM(..., disable_custom_all_reduce=True)`, vLLM's switch, keeps every all-reduce on NCCL.
 
@@ -1383,8 +1385,8 @@ else:
 #   workers repeat, and the steps' other collectives, the logits' all-gather and the tokens' broadcast).
 # - **One engine per process.** In the 2-GPU tests, the first tensor-parallel engine of a pytest process
 #   gave the same tokens as one GPU, with either all-reduce; the second engine of the same process that
-#   set up the one-shot all-reduce hung in it, twice. The package now sets it up for a process's first
-#   engine only (`_set_up_before`), and a test checks that in a fresh process.
+#   set up the one-shot all-reduce hung, twice (the rendezvous numbering of 9.6.1). The package now sets it
+#   up for a process's first engine only (`_set_up_before`), and a test checks that in a fresh process.
 # - **vLLM at tp=2 did not run on this machine** (the device time went to the hung tests); on an earlier
 #   machine its workers stalled in their CUDA-graph capture with its own custom all-reduce. Its one-GPU row
 #   stands in the table; `benchmarks/tp_session.sh vllm` runs its tp=2 row with

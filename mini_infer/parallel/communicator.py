@@ -15,10 +15,11 @@ import torch.distributed as dist
 # This process's one-shot all-reduce, set by `use_one_shot_all_reduce` (one tensor-parallel group per
 # process, as for the default group itself).
 _one_shot: OneShotAllReduce | None = None
-# Whether this process has set one up before: a second setup, for the group of a later engine in the same
-# process, hung in every such test on two H200s (PyTorch keys its symmetric-memory state by group name,
-# and a new default group reuses the old one's name), so the one-shot path serves a process's first
-# tensor-parallel engine only; later ones use NCCL.
+# Whether this process has set one up before. PyTorch (2.11) numbers the key-value exchanges of its
+# symmetric-memory rendezvous per process, not per group (pytorch/pytorch#196082): a driver that already
+# made one, for an earlier engine, looks for its new workers' handles under another number than theirs,
+# and waits forever (seen on two H200s). So the one-shot path serves a process's first tensor-parallel
+# engine only; later ones use NCCL.
 _set_up_before = False
 
 
