@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -114,9 +116,11 @@ def exported_modules() -> dict[str, set[str]]:
     return exports
 
 
-def test_readme_chapter_table_names_every_module_each_chapter_exports():
-    """The Module column of a chapter's row in README.md's "## The chapters" table names, in backticks,
-    every module the chapter exports (`#| export mini_infer.x.y` cells), without `mini_infer.`:
+@pytest.mark.parametrize("page", ["README.md", "book/intro.md"])
+def test_chapter_table_names_every_module_each_chapter_exports(page):
+    """The Module column of a chapter's row in the "## The chapters" table of README.md (and of the book's
+    front page) names, in backticks, every module the chapter exports (`#| export mini_infer.x.y`
+    cells), with or without `mini_infer.`:
 
     - precisely (`x.y`), or
     - by a package (`x`) when the chapter exports every module of that package (every module any
@@ -124,18 +128,27 @@ def test_readme_chapter_table_names_every_module_each_chapter_exports():
       and `memory.kv_cache` only while no other chapter exports into `memory`.
 
     A chapter that exports nothing (Chapter 7) may name what it uses instead. Only names in backticks
-    count; words in parentheses beside them are for the reader.
+    count; words in parentheses beside them are for the reader. A row is found by its link to the
+    notebook (README.md) or by its chapter number (the front page).
     """
     exports = exported_modules()
     every_module = set().union(*exports.values())
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## The chapters") :]
+    text = (ROOT / page).read_text()
+    table = text[text.index("## The chapters") :]
     table = table[: table.index("\n## ")]
     missing = {}
     for stem, modules in exports.items():
-        rows = [line for line in table.splitlines() if f"](chapters/{stem}.ipynb)" in line]
-        assert len(rows) == 1, f"README.md's chapter table needs one row for chapters/{stem}.ipynb"
-        named = set(re.findall(r"`([\w.]+)`", rows[0].split("|")[3]))
+        number = int(stem.split("_")[0])
+        rows = [
+            line
+            for line in table.splitlines()
+            if f"](chapters/{stem}.ipynb)" in line or line.startswith(f"| {number}. ")
+        ]
+        assert len(rows) == 1, f"{page}'s chapter table needs one row for chapters/{stem}.ipynb"
+        named = {
+            name.removeprefix("mini_infer.")
+            for name in re.findall(r"`([\w.]+)`", rows[0].split("|")[3])
+        }
 
         def covered(module: str) -> bool:
             if module in named:
@@ -149,6 +162,4 @@ def test_readme_chapter_table_names_every_module_each_chapter_exports():
 
         if not_named := sorted(m for m in modules if not covered(m)):
             missing[stem] = not_named
-    assert missing == {}, (
-        f"README.md's chapter table does not name these exported modules: {missing}"
-    )
+    assert missing == {}, f"{page}'s chapter table does not name these exported modules: {missing}"
