@@ -278,7 +278,8 @@ def race_plot_name(summary: dict) -> str:
 
 
 def race_figure(summary: dict):
-    """Throughput and batch-1 ms per token of every engine measured on the race's machine, per model."""
+    """Throughput, batch-1 ms per token and time to first token of every engine measured on the race's
+    machine, per model (the TTFT panel only where every engine's rows have it)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -288,14 +289,14 @@ def race_figure(summary: dict):
         for e in ENGINES
         if all(summary["tables"][t][m][e] for t in ("throughput", "latency") for m in models)
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, (table, key, label) in zip(
-        axes,
-        [
-            ("throughput", "tokens_per_s", "output tokens/s (higher is better)"),
-            ("latency", "ms_per_token", "batch-1 ms per token (lower is better)"),
-        ],
-    ):
+    panels = [
+        ("throughput", "tokens_per_s", "output tokens/s (higher is better)"),
+        ("latency", "ms_per_token", "batch-1 ms per token (lower is better)"),
+    ]
+    if all("ttft_ms" in (summary["tables"]["ttft"][m][e] or {}) for m in models for e in engines):
+        panels.append(("ttft", "ttft_ms", "time to first token, ms (lower is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (table, key, label) in zip(axes, panels):
         width = 0.8 / len(engines)
         for i, engine in enumerate(engines):
             values = [summary["tables"][table][m][engine][key] for m in models]
@@ -307,7 +308,11 @@ def race_figure(summary: dict):
                 width,
                 label=ENGINES[engine] + subset,
             )
-            ax.bar_label(bars, fmt="{:,.0f}" if table == "throughput" else "{:.2f}", fontsize=7)
+            ax.bar_label(
+                bars,
+                fmt={"throughput": "{:,.0f}", "latency": "{:.2f}"}.get(table, "{:.1f}"),
+                fontsize=7,
+            )
         ax.set_xticks(range(len(models)), [name(m) for m in models])
         ax.set(ylabel=label)
         ax.margins(y=0.2)  # room for the bar labels and the legend
