@@ -46,12 +46,14 @@ def measure(rank: int, world_size: int, port: int, args, hidden: int, per_step: 
 
     methods = {"nccl": nccl}
     if cuda and communicator.use_one_shot_all_reduce(device, dist.new_group(backend="gloo")):
-        methods["one-shot"] = communicator.all_reduce  # falls back to NCCL above MAX_BYTES
+        methods["one-shot"] = communicator.all_reduce
     rows = []
     for batch in args.batch:
         for method, reduce in methods.items():
             # zeros: the sum stays finite however often it is taken, and the time does not depend on it
             x = torch.zeros(batch, hidden, dtype=torch.bfloat16, device=device)
+            if method == "one-shot" and not communicator._one_shot.fits(x):
+                continue  # above MAX_BYTES all_reduce would take NCCL's path: no one-shot row
             for _ in range(WARMUP):
                 x = reduce(x)
             sync()

@@ -49,7 +49,8 @@ def main() -> None:
         "tensor_parallel_size": args.tensor_parallel_size,
         "cuda_graphs": not args.enforce_eager,
         "async_scheduling": llm.engine.async_scheduling,
-        "custom_all_reduce": not args.disable_custom_all_reduce,
+        # what ran: the one-shot all-reduce falls back to NCCL where it cannot be set up
+        "custom_all_reduce": getattr(llm.engine.runner, "custom_all_reduce", False),
     }
     rows = []
     if args.only != "latency":

@@ -184,9 +184,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
         help="split the model over this many GPUs (Chapter 9; set NCCL_NVLS_ENABLE=0)",
     )
     ap.add_argument(
-        "--disable-custom-all-reduce",
+        "--custom-all-reduce",
         action="store_true",
-        help="with several GPUs, every all-reduce through NCCL (no one-shot all-reduce)",
+        help="with several GPUs, small all-reduces through the one-shot all-reduce (default: NCCL)",
     )
 
 
@@ -205,7 +205,7 @@ def mini_infer_llm(args, static: bool = False):
         static_batching=static,
         async_scheduling=False if args.sync_scheduling else None,  # None: the engine's default
         tensor_parallel_size=args.tensor_parallel_size,
-        disable_custom_all_reduce=args.disable_custom_all_reduce,
+        disable_custom_all_reduce=not args.custom_all_reduce,
     )
 
 

@@ -68,7 +68,7 @@ for step in "${STEPS[@]}"; do
     allreduce)
         run 180 allreduce "$PY" benchmarks/allreduce_latency.py --model "$MODEL" \
             --out "$RESULTS/tp_allreduce.jsonl" ;;
-    mini)  # each size with the one-shot all-reduce, then each size > 1 with NCCL's alone
+    mini)  # each size with NCCL's all-reduce, then each size > 1 with the one-shot all-reduce
         for tp in $SIZES; do
             run 420 mini "$PY" benchmarks/benchmark_tp.py --model "$MODEL" --tensor-parallel-size "$tp" \
                 --quiet --throughput-out "$RESULTS/tp_throughput.jsonl" \
@@ -77,7 +77,7 @@ for step in "${STEPS[@]}"; do
         for tp in $SIZES; do
             [ "$tp" -gt 1 ] || continue
             run 420 mini "$PY" benchmarks/benchmark_tp.py --model "$MODEL" --tensor-parallel-size "$tp" \
-                --disable-custom-all-reduce --quiet --throughput-out "$RESULTS/tp_throughput.jsonl" \
+                --custom-all-reduce --quiet --throughput-out "$RESULTS/tp_throughput.jsonl" \
                 --latency-out "$RESULTS/tp_latency.jsonl"
         done ;;
     vllm)  # with several GPUs, NCCL's all-reduce: vLLM's own stalled in graph capture on the first visit

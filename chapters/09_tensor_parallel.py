@@ -263,11 +263,12 @@ import torch.distributed as dist
 # This process's one-shot all-reduce, set by `use_one_shot_all_reduce` (one tensor-parallel group per
 # process, as for the default group itself).
 _one_shot: OneShotAllReduce | None = None
-# Whether this process has set one up before. PyTorch (2.11) numbers the key-value exchanges of its
-# symmetric-memory rendezvous per process, not per group (pytorch/pytorch#196082): a driver that already
-# made one, for an earlier engine, looks for its new workers' handles under another number than theirs,
-# and waits forever (seen on two H200s). So the one-shot path serves a process's first tensor-parallel
-# engine only; later ones use NCCL.
+# Whether this process has set one up before. PyTorch (2.11, at least) numbers the key-value exchanges of
+# its symmetric-memory rendezvous per process, not per group (pytorch/pytorch#196082, fixed later by
+# keying them on the group): a driver that already made one, for an earlier engine, looks for its new
+# workers' handles under another number than theirs, and waits forever (seen on two H200s). So the
+# one-shot path serves a process's first tensor-parallel engine only; the ranks agree on it before any
+# rendezvous, and later engines use NCCL.
 _set_up_before = False
 
 
@@ -634,7 +635,11 @@ import torch.multiprocessing as mp
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.loader import load_model
-from mini_infer.parallel.communicator import stop_one_shot_all_reduce, use_one_shot_all_reduce
+from mini_infer.parallel.communicator import (
+    one_shot_in_use,
+    stop_one_shot_all_reduce,
+    use_one_shot_all_reduce,
+)
 from mini_infer.parallel.layers import rank_shard
 from mini_infer.worker.model_runner import ModelRunner, SampledTokens
 
@@ -670,16 +675,19 @@ def rank_device(device_type: str, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
 
-def init_group(device_type: str, store: dist.Store, rank: int, world_size: int, one_shot: bool):
+def init_group(
+    device_type: str, store: dist.Store, rank: int, world_size: int, custom_all_reduce: bool
+):
     """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives, with the
-    one-shot all-reduce for small messages on GPUs if `one_shot` (section 9.6.1); return a gloo group for the
+    one-shot all-reduce for small messages on GPUs if `custom_all_reduce` (section 9.6.1); return a gloo group for the
     step messages, which are Python objects on the host."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    if device_type == "cuda" and one_shot:
+    stop_one_shot_all_reduce()  # none left from an engine that failed to start
+    if device_type == "cuda" and custom_all_reduce:
         use_one_shot_all_reduce(torch.device("cuda", rank), group)
     return group
 
@@ -692,7 +700,7 @@ def min_over_ranks(value: int, group) -> int:
 
 def leave_group(runner: ModelRunner | None, aborting: threading.Thread | None = None) -> None:
     """Every rank's way out: drop the CUDA graphs, whose captured all-reduces hold NCCL's communicator, let
-    the GPU finish, then leave the process group; or, when the group is being aborted (`aborting`, after a
+    the GPU finish, free the one-shot all-reduce's buffer, then leave the process group; or, when the group is being aborted (`aborting`, after a
     worker died), let that abort finish: it too waits until the graphs are gone."""
     if runner is not None:
         runner.release_graphs()
@@ -736,7 +744,7 @@ def worker_main(
     parent_pid: int,
     load_args: dict,
     threads: int,
-    one_shot: bool,
+    custom_all_reduce: bool,
     runner_args: tuple,
     runner_kwargs: dict,
 ) -> None:
@@ -755,7 +763,7 @@ def worker_main(
             tokenizer=False,
         ).model
         store.set(f"started/{rank}", "1")
-        group = init_group(device.type, store, rank, world_size, one_shot)
+        group = init_group(device.type, store, rank, world_size, custom_all_reduce)
         runner = ModelRunner(model, *runner_args, **runner_kwargs)
         runner.sampler = receive_sample
         min_over_ranks(runner.num_blocks, group)
@@ -894,6 +902,7 @@ def abandon(workers: list, monitor: WorkerMonitor) -> None:
     waiting in a collective for the driver, are of no use. Kill them and abort the group, in bounded time."""
     monitor.stop()
     stop_workers(workers, timeout=5)
+    stop_one_shot_all_reduce()
     aborting = monitor.aborting
     if aborting is None:
         aborting = threading.Thread(target=abort_group, name="tp-abort", daemon=True)
@@ -919,15 +928,18 @@ class TensorParallelRunner:
     the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest pool of any rank,
     so one scheduler's block tables are valid everywhere.
 
-    `args` and `kwargs` are ModelRunner's, after the model. `custom_all_reduce=False` keeps every
-    all-reduce on NCCL (by default, GPUs use the one-shot all-reduce for small messages, section 9.6.1). One
-    tensor-parallel runner per process at a time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
-    is garbage collected, or when the interpreter exits; a worker that dies makes the next step raise a
-    RuntimeError that names it, and a worker exits on its own when the driver dies.
+    `args` and `kwargs` are ModelRunner's, after the model. With `custom_all_reduce`, GPUs sum small
+    messages with the one-shot all-reduce (section 9.6.1), if every rank can set it up and no earlier
+    engine of this process did; `self.custom_all_reduce` says whether it is in use. One tensor-parallel
+    runner per process at a time: the model's collectives use the default process group. Workers stop on
+    `close()`, when the runner is garbage collected, or when the interpreter exits; a worker that dies
+    makes the next step raise a RuntimeError that names it (except while the one-shot all-reduce waits for
+    it on the GPU: NCCL's abort does not release that kernel), and a worker exits on its own when the
+    driver dies.
     """
 
     def __init__(
-        self, model, world_size: int, load_args: dict, *args, custom_all_reduce=True, **kwargs
+        self, model, world_size: int, load_args: dict, *args, custom_all_reduce=False, **kwargs
     ):
         if dist.is_initialized():
             raise RuntimeError(
@@ -970,6 +982,7 @@ class TensorParallelRunner:
         try:
             self._wait_for_workers(store)
             self.group = init_group(device.type, store, 0, world_size, custom_all_reduce)
+            self.custom_all_reduce = one_shot_in_use()
             self.runner = ModelRunner(model, *args, **kwargs)
             self.runner.sampler = BroadcastingSampler(self.runner.sampler)
             self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
@@ -1229,52 +1242,68 @@ for label, rate in rates.items():
 # as `torch.ops.symm_mem.one_shot_all_reduce`, which works inside CUDA graphs. We use PyTorch's: a
 # well-kept kernel beats a copy of our own.
 #
-# `use_one_shot_all_reduce` sets it up on every rank of a GPU group, or on none: the ranks agree after
-# the buffer is mapped, then check one all-reduce against NCCL's and agree again, and any failure on any
-# rank leaves all of them on NCCL (a rank alone on the one-shot path would wait at its barrier forever).
+# `use_one_shot_all_reduce` sets it up on every rank of a GPU group, or on none. Mapping the buffers is
+# itself a collective, so the ranks agree (over the gloo group, on the host) before each step: that every
+# process may set one up, that every buffer was allocated, and, after mapping, that one all-reduce equals
+# NCCL's. Any failure on any rank leaves all of them on NCCL (a rank alone in a collective, or on the
+# one-shot path, would wait forever).
 # It serves the first tensor-parallel engine of a process only: on two H200s, a second engine in the
 # same process (as a test suite makes them) hung setting it up every time. PyTorch numbers the exchanges
 # of a rendezvous per process (pytorch/pytorch#196082), so the driver, on its second rendezvous, and its
 # fresh workers, on their first, look for each other under different keys. Later engines stay on NCCL.
 # Messages above `MAX_BYTES` (a prefill step's) keep going to NCCL, whose rings do better there.
-# `LLM(..., disable_custom_all_reduce=True)`, vLLM's switch, keeps every all-reduce on NCCL.
+#
+# It is off unless asked for: `LLM(..., tensor_parallel_size=2, disable_custom_all_reduce=False)` (vLLM's
+# switch; vLLM's default is on). Two reasons, both measured or seen in section 9.7: end to end it barely
+# pays yet, and a worker that dies mid-step leaves the other GPUs' one-shot kernels waiting at their
+# barrier, where NCCL's abort (which the worker monitor relies on) cannot release them.
 
 # %%
 #| export mini_infer.parallel.communicator
 MAX_BYTES = 8 << 20  # the largest message for the one-shot path, as vLLM's limit for two GPUs
 
 
-class OneShotAllReduce:
-    """A one-shot all-reduce over PyTorch's symmetric memory: `__call__(x)` copies x (contiguous, float32
-    or bfloat16, up to `max_bytes`, a multiple of 16 bytes: see `fits`) into this rank's mapped buffer,
-    meets the other ranks, and returns a new tensor with the sum of every rank's x. Made on every rank of
-    the default (NCCL) group at once: the constructor maps the buffer collectively."""
+def allocate_symmetric(device: torch.device, nbytes: int = MAX_BYTES) -> torch.Tensor:
+    """This rank's buffer of symmetric memory (uint8, `nbytes`), not yet mapped by the others: the local
+    half of setting up, which can fail on one rank alone (no memory; a PyTorch without the kernel)."""
+    from torch.distributed import _symmetric_memory as symm_mem
 
-    def __init__(self, device: torch.device, max_bytes: int = MAX_BYTES):
+    # the one-shot kernel reads peers' memory directly; it never needs NVLink multicast, which some
+    # shared machines forbid
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    torch.ops.symm_mem.one_shot_all_reduce_copy  # noqa: B018 - raises where PyTorch lacks the kernel
+    return symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+class OneShotAllReduce:
+    """A one-shot all-reduce over PyTorch's symmetric memory: `__call__(x)` copies x (see `fits`) into this
+    rank's mapped buffer, meets the other ranks, and returns a new tensor with the sum of every rank's x.
+    The constructor maps `buffer` (from `allocate_symmetric`) on every rank of the default (NCCL) group:
+    a collective, so every rank must make one."""
+
+    def __init__(self, buffer: torch.Tensor):
         from torch.distributed import _symmetric_memory as symm_mem
 
-        # the one-shot kernel reads peers' memory directly; it never needs NVLink multicast, which
-        # some shared machines forbid
-        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         self.group_name = dist.group.WORLD.group_name
-        self.max_bytes = max_bytes
-        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
-        self.op = torch.ops.symm_mem.one_shot_all_reduce_copy  # raises where PyTorch lacks it
+        self.buffer, self.max_bytes = buffer, buffer.numel()
+        symm_mem.rendezvous(buffer, self.group_name)
 
     def fits(self, x: torch.Tensor) -> bool:
+        """Whether the kernel takes x: on the GPU, contiguous, float32 or bfloat16, at most `max_bytes`,
+        its size and its start a multiple of the kernel's 16-byte vectors."""
         nbytes = x.numel() * x.element_size()
         return (
             x.is_cuda
             and x.is_contiguous()
             and x.dtype in (torch.float32, torch.bfloat16)
             and nbytes <= self.max_bytes
-            and nbytes % 16 == 0  # the kernel's vector width
+            and nbytes % 16 == 0
+            and x.storage_offset() * x.element_size() % 16 == 0
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         staging = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
-        return self.op(staging, x, "sum", self.group_name)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.group_name)
 
 
 def _all_ranks_agree(ok: bool, group) -> bool:
@@ -1283,43 +1312,54 @@ def _all_ranks_agree(ok: bool, group) -> bool:
     return bool(flag)
 
 
+def _not_used(why: str) -> bool:
+    if why:
+        print(f"one-shot all-reduce not used ({why}); all-reduces go through NCCL", file=sys.stderr)
+    return False
+
+
 def use_one_shot_all_reduce(device: torch.device, group) -> bool:
     """Set up the one-shot all-reduce for `all_reduce` on every rank of the default group, or on none;
-    `group` is a gloo group of the same ranks, for agreeing. Returns whether it is in use; a rank where it
-    failed prints why to stderr. At most once per process (see `_set_up_before`). Undo with
+    `group` is a gloo group of the same ranks, for agreeing. The ranks agree before each collective step
+    (whether every process may set one up: see `_set_up_before`; whether every buffer was allocated;
+    whether the mapping worked and one all-reduce equals NCCL's), so that no rank enters a collective
+    alone. Returns whether it is in use; a rank where it failed prints why to stderr. Undo with
     `stop_one_shot_all_reduce`."""
     global _one_shot, _set_up_before
-    candidate, why = None, ""
-    if _set_up_before:
-        why = "this process set one up for an earlier engine"
-    else:
-        try:
-            candidate = OneShotAllReduce(device)
-            _set_up_before = True
-        except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
-            why = f"setting up failed: {e!r}"
-    if _all_ranks_agree(candidate is not None, group):
-        # the same sum as NCCL's, for a message of a decode step's shape
-        x = torch.randn(3, 1000, device=device) + dist.get_rank()
+    stop_one_shot_all_reduce()
+    if not _all_ranks_agree(not _set_up_before, group):
+        return _not_used("set up for an earlier engine of this process" if _set_up_before else "")
+    _set_up_before = True
+    buffer, why = None, ""
+    try:
+        buffer = allocate_symmetric(device)
+    except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
+        why = f"allocating failed: {e!r}"
+    if not _all_ranks_agree(buffer is not None, group):
+        return _not_used(why)
+    candidate = None
+    try:
+        candidate = OneShotAllReduce(buffer)
+        # the same sum as NCCL's, for a message of a decode step's shape (no random numbers: the
+        # engine's generators stay where they were)
+        x = torch.arange(3000, device=device, dtype=torch.float32).view(3, 1000) / 1000
+        x += dist.get_rank()
         want = x.clone()
         dist.all_reduce(want)
-        try:
-            got = candidate(x)
-            if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
-                why = f"its sum differs from NCCL's by {(got - want).abs().max():.3g}"
-        except Exception as e:  # noqa: BLE001 - e.g. a message layout the kernel refuses
-            why = f"a test all-reduce failed: {e!r}"
-        if why:
-            candidate = None
-    if not _all_ranks_agree(candidate is not None, group):
-        if why:
-            print(
-                f"one-shot all-reduce not used ({why}); all-reduces go through NCCL",
-                file=sys.stderr,
-            )
-        return False
+        got = candidate(x)
+        if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+            why = f"its sum differs from NCCL's by {(got - want).abs().max():.3g}"
+    except Exception as e:  # noqa: BLE001 - e.g. no peer access between the GPUs
+        why = f"mapping or a test all-reduce failed: {e!r}"
+    if not _all_ranks_agree(candidate is not None and not why, group):
+        return _not_used(why)
     _one_shot = candidate
     return True
+
+
+def one_shot_in_use() -> bool:
+    """Whether this process's all-reduces of up to `MAX_BYTES` take the one-shot path."""
+    return _one_shot is not None
 
 
 def stop_one_shot_all_reduce() -> None:
@@ -1373,9 +1413,9 @@ else:
 # - **Every rank loads only its own half.** GPU 0 held 7.5 GiB of Llama-3-8B's weights at tp=2, and its
 #   peak while loading was 8.9 GiB: one full tensor in flight beside the shard. (An earlier two-GPU
 #   machine measured the whole model at tp=1: 15.0 GiB held, 16.4 GiB at the loading peak.)
-# - **Two GPUs are not twice as fast.** With the one-shot all-reduce, throughput rose 1.44x and batch-1
-#   latency fell to 0.75x of one GPU's (3.54 against 4.70 ms per token), where a perfect split would give
-#   2x and 0.5x. With NCCL for every all-reduce: 1.58x and 0.77x (3.60 ms). One run of each.
+# - **Two GPUs are not twice as fast.** With NCCL for every all-reduce (the default), throughput rose
+#   1.58x and batch-1 latency fell to 0.77x of one GPU's (3.60 against 4.70 ms per token), where a perfect
+#   split would give 2x and 0.5x. With the one-shot all-reduce: 1.44x and 0.75x (3.54 ms). One run of each.
 # - **The one-shot all-reduce is 2.5 times faster, and it barely shows.** Inside a CUDA graph, an
 #   all-reduce of a batch-1 step's 8 KiB took 6.5 us one-shot against 16.2 us through NCCL (0.42 against
 #   1.06 ms for a step's 65), and 21 against 35 us at batch 256. So a batch-1 token should have become

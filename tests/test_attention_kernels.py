@@ -156,11 +156,16 @@ def test_paged_decode_knobs(device, block_n, block_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_paged_decode_padding_rows(device):
+@pytest.mark.parametrize(
+    "num_splits", [1, 2]
+)  # 1: large batches, where the output is written directly
+def test_paged_decode_padding_rows(device, num_splits):
     """A CUDA-graph batch pads with rows of context length 0: they get zeros, the others are unaffected."""
     k_cache, v_cache, tables, lens, g = setup([33, 0, 7], 2, 64, torch.float32, device)
     q = torch.randn(3, 6, 64, generator=g).to(device)
-    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.125, num_splits=2)
+    out = paged_decode_attention_triton(
+        q, k_cache, v_cache, tables, lens, 0.125, num_splits=num_splits
+    )
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     keep = torch.tensor([0, 2], device=device)
     expected = paged_decode_attention_ref(

@@ -120,11 +120,13 @@ def test_parallel_layers_equal_unsharded(tmp_path):
     run_on_ranks(_check_layers, tmp_path)
 
 
-class WorkingOneShot:
-    """A stand-in that works on the CPU: sums like the real one."""
+class CollectiveStandIn:
+    """The one-shot all-reduce's stand-in on the CPU: its constructor is a collective, like the real one's
+    (which maps the buffers), so a rank that entered it alone would hang the test; it sums like the real
+    one."""
 
-    def __init__(self, device):
-        pass
+    def __init__(self, buffer):
+        dist.barrier()
 
     def __call__(self, x):
         y = x.clone()
@@ -132,13 +134,20 @@ class WorkingOneShot:
         return y
 
 
-def _one_shot_where_one_rank_fails(rank: int, failing_rank: int) -> None:
-    def unavailable(device):  # as if this rank's PyTorch had no symmetric memory
-        raise RuntimeError("no symmetric memory here")
+def _stand_ins(rank: int, failing_rank: int | None = None) -> None:
+    def allocate(device):
+        if rank == failing_rank:  # as if this rank's PyTorch had no symmetric memory
+            raise RuntimeError("no symmetric memory here")
+        return torch.empty(0)
 
-    communicator.OneShotAllReduce = unavailable if rank == failing_rank else WorkingOneShot
+    communicator.allocate_symmetric = allocate
+    communicator.OneShotAllReduce = CollectiveStandIn
+
+
+def _one_shot_where_one_rank_fails(rank: int, failing_rank: int) -> None:
+    _stand_ins(rank, failing_rank)
     assert communicator.use_one_shot_all_reduce(torch.device("cpu"), dist.group.WORLD) is False
-    assert communicator._one_shot is None
+    assert not communicator.one_shot_in_use()
     x = torch.full((3, 4), float(rank + 1))
     torch.testing.assert_close(communicator.all_reduce(x), torch.full((3, 4), 3.0))
 
@@ -146,21 +155,28 @@ def _one_shot_where_one_rank_fails(rank: int, failing_rank: int) -> None:
 @bounded
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_one_shot_all_reduce_is_used_by_every_rank_or_none(tmp_path, failing_rank):
-    """A rank alone on the one-shot path would wait at its barrier forever: the ranks agree, and where it
-    fails on one, all of them keep NCCL's (here gloo's) all-reduce, without hanging."""
+    """A rank alone in the buffers' mapping, or on the one-shot path, would wait forever: the ranks agree
+    before each collective step, and where it fails on one, all of them keep NCCL's (here gloo's)
+    all-reduce, without hanging."""
     run_on_ranks(_one_shot_where_one_rank_fails, tmp_path, failing_rank)
 
 
-def _one_shot_everywhere(rank: int) -> None:
-    communicator.OneShotAllReduce = WorkingOneShot
+def _one_shot_once_per_process(rank: int) -> None:
+    _stand_ins(rank)
     assert communicator.use_one_shot_all_reduce(torch.device("cpu"), dist.group.WORLD) is True
+    assert communicator.one_shot_in_use()
     communicator.stop_one_shot_all_reduce()
-    assert communicator._one_shot is None
+    assert not communicator.one_shot_in_use()
+    # A later engine: the driver (rank 0) set one up before, its new worker (rank 1) never did. Nobody
+    # may enter the mapping (the stand-in's barrier would hang the test).
+    if rank == 1:
+        communicator._set_up_before = False
+    assert communicator.use_one_shot_all_reduce(torch.device("cpu"), dist.group.WORLD) is False
 
 
 @bounded
-def test_one_shot_all_reduce_is_used_where_every_rank_has_it(tmp_path):
-    run_on_ranks(_one_shot_everywhere, tmp_path)
+def test_one_shot_all_reduce_serves_a_process_first_engine_only(tmp_path):
+    run_on_ranks(_one_shot_once_per_process, tmp_path)
 
 
 def causal_attention(layer_idx, q, k, v):
@@ -522,8 +538,8 @@ def gpu_reference() -> dict:
 @bounded
 @pytest.mark.parametrize(
     "async_scheduling, one_shot",
-    [(False, True), (True, True), (False, False)],
-    ids=["sync", "async", "sync-nccl-only"],
+    [(False, False), (True, False), (False, True)],
+    ids=["sync", "async", "sync-one-shot"],
 )
 def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(
     gpu_reference, async_scheduling, one_shot
@@ -534,7 +550,7 @@ def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(
     # decode steps replay CUDA graphs that captured the all-reduces (one-shot, or NCCL's; a one-shot
     # all-reduce serves only the first engine of a process: test_one_shot_all_reduce_on_two_gpus)
     assert llm.engine.runner.runner.graphs
-    assert one_shot or communicator._one_shot is None
+    assert one_shot or not llm.engine.runner.custom_all_reduce
     assert generate(llm, GREEDY) == gpu_reference["greedy"]
     assert generate(llm, SEEDED) == gpu_reference["seeded"]
     closed_in_time(llm.engine.runner)
@@ -542,14 +558,15 @@ def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(
 
 ONE_SHOT_SCRIPT = """
 from mini_infer.llm import LLM
-from mini_infer.parallel import communicator
 from mini_infer.sampling_params import SamplingParams
 from tests.test_tensor_parallel import TINY, gpu_args
 
 if __name__ == "__main__":
     for n in range(2):  # the first engine uses the one-shot all-reduce, a second one NCCL's
-        llm = LLM(TINY, device="cuda", tensor_parallel_size=2, **gpu_args())
-        used = communicator._one_shot is not None
+        llm = LLM(
+            TINY, device="cuda", tensor_parallel_size=2, **gpu_args(disable_custom_all_reduce=False)
+        )
+        used = llm.engine.runner.custom_all_reduce
         llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         llm.engine.runner.close()
         print("engine", n, "one-shot", used, flush=True)

@@ -34,7 +34,7 @@ def make_runner(
     tensor_parallel_size: int,
     load_args: dict,
     *runner_args,
-    disable_custom_all_reduce: bool = False,
+    disable_custom_all_reduce: bool = True,
     **runner_kwargs,
 ):
     """The runner for this many GPUs: one ModelRunner, or Chapter 9's over one process per GPU, whose
@@ -164,8 +164,9 @@ class LLMEngine(_EngineRequests, _EngineStep):
     `model`: None for the embedded SmolLM2, a .gguf file, a safetensors directory, a hub id, or with
     `load_format="dummy"` a config.json (random weights, for benchmarks).
     `async_scheduling` (default: on a GPU) prepares each step while the GPU computes the last one.
-    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9); with
-    `disable_custom_all_reduce`, their all-reduces all go through NCCL (vLLM's switch). `seed` seeds the
+    `tensor_parallel_size` > 1 splits the model across that many GPUs (Chapter 9); their all-reduces go
+    through NCCL unless `disable_custom_all_reduce=False` (vLLM's switch, whose default there is False)
+    sends small ones through Chapter 9's one-shot all-reduce. `seed` seeds the
     sampling of requests that have no seed of their own, so that a run repeats (None: fresh each run).
     `speculative_config` (vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}) switches on
     speculative decoding (Chapter 10); it makes scheduling synchronous, and `spec_decode_metrics` counts
@@ -190,7 +191,7 @@ class LLMEngine(_EngineRequests, _EngineStep):
         static_batching: bool = False,
         async_scheduling: bool | None = None,
         tensor_parallel_size: int = 1,
-        disable_custom_all_reduce: bool = False,
+        disable_custom_all_reduce: bool = True,
         seed: int | None = None,
         speculative_config: dict | SpeculativeConfig | None = None,
     ):

@@ -15,11 +15,12 @@ import torch.distributed as dist
 # This process's one-shot all-reduce, set by `use_one_shot_all_reduce` (one tensor-parallel group per
 # process, as for the default group itself).
 _one_shot: OneShotAllReduce | None = None
-# Whether this process has set one up before. PyTorch (2.11) numbers the key-value exchanges of its
-# symmetric-memory rendezvous per process, not per group (pytorch/pytorch#196082): a driver that already
-# made one, for an earlier engine, looks for its new workers' handles under another number than theirs,
-# and waits forever (seen on two H200s). So the one-shot path serves a process's first tensor-parallel
-# engine only; later ones use NCCL.
+# Whether this process has set one up before. PyTorch (2.11, at least) numbers the key-value exchanges of
+# its symmetric-memory rendezvous per process, not per group (pytorch/pytorch#196082, fixed later by
+# keying them on the group): a driver that already made one, for an earlier engine, looks for its new
+# workers' handles under another number than theirs, and waits forever (seen on two H200s). So the
+# one-shot path serves a process's first tensor-parallel engine only; the ranks agree on it before any
+# rendezvous, and later engines use NCCL.
 _set_up_before = False
 
 
@@ -35,37 +36,47 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 MAX_BYTES = 8 << 20  # the largest message for the one-shot path, as vLLM's limit for two GPUs
 
 
-class OneShotAllReduce:
-    """A one-shot all-reduce over PyTorch's symmetric memory: `__call__(x)` copies x (contiguous, float32
-    or bfloat16, up to `max_bytes`, a multiple of 16 bytes: see `fits`) into this rank's mapped buffer,
-    meets the other ranks, and returns a new tensor with the sum of every rank's x. Made on every rank of
-    the default (NCCL) group at once: the constructor maps the buffer collectively."""
+def allocate_symmetric(device: torch.device, nbytes: int = MAX_BYTES) -> torch.Tensor:
+    """This rank's buffer of symmetric memory (uint8, `nbytes`), not yet mapped by the others: the local
+    half of setting up, which can fail on one rank alone (no memory; a PyTorch without the kernel)."""
+    from torch.distributed import _symmetric_memory as symm_mem
 
-    def __init__(self, device: torch.device, max_bytes: int = MAX_BYTES):
+    # the one-shot kernel reads peers' memory directly; it never needs NVLink multicast, which some
+    # shared machines forbid
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    torch.ops.symm_mem.one_shot_all_reduce_copy  # noqa: B018 - raises where PyTorch lacks the kernel
+    return symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+class OneShotAllReduce:
+    """A one-shot all-reduce over PyTorch's symmetric memory: `__call__(x)` copies x (see `fits`) into this
+    rank's mapped buffer, meets the other ranks, and returns a new tensor with the sum of every rank's x.
+    The constructor maps `buffer` (from `allocate_symmetric`) on every rank of the default (NCCL) group:
+    a collective, so every rank must make one."""
+
+    def __init__(self, buffer: torch.Tensor):
         from torch.distributed import _symmetric_memory as symm_mem
 
-        # the one-shot kernel reads peers' memory directly; it never needs NVLink multicast, which
-        # some shared machines forbid
-        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         self.group_name = dist.group.WORLD.group_name
-        self.max_bytes = max_bytes
-        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
-        self.op = torch.ops.symm_mem.one_shot_all_reduce_copy  # raises where PyTorch lacks it
+        self.buffer, self.max_bytes = buffer, buffer.numel()
+        symm_mem.rendezvous(buffer, self.group_name)
 
     def fits(self, x: torch.Tensor) -> bool:
+        """Whether the kernel takes x: on the GPU, contiguous, float32 or bfloat16, at most `max_bytes`,
+        its size and its start a multiple of the kernel's 16-byte vectors."""
         nbytes = x.numel() * x.element_size()
         return (
             x.is_cuda
             and x.is_contiguous()
             and x.dtype in (torch.float32, torch.bfloat16)
             and nbytes <= self.max_bytes
-            and nbytes % 16 == 0  # the kernel's vector width
+            and nbytes % 16 == 0
+            and x.storage_offset() * x.element_size() % 16 == 0
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         staging = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
-        return self.op(staging, x, "sum", self.group_name)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.group_name)
 
 
 def _all_ranks_agree(ok: bool, group) -> bool:
@@ -74,43 +85,54 @@ def _all_ranks_agree(ok: bool, group) -> bool:
     return bool(flag)
 
 
+def _not_used(why: str) -> bool:
+    if why:
+        print(f"one-shot all-reduce not used ({why}); all-reduces go through NCCL", file=sys.stderr)
+    return False
+
+
 def use_one_shot_all_reduce(device: torch.device, group) -> bool:
     """Set up the one-shot all-reduce for `all_reduce` on every rank of the default group, or on none;
-    `group` is a gloo group of the same ranks, for agreeing. Returns whether it is in use; a rank where it
-    failed prints why to stderr. At most once per process (see `_set_up_before`). Undo with
+    `group` is a gloo group of the same ranks, for agreeing. The ranks agree before each collective step
+    (whether every process may set one up: see `_set_up_before`; whether every buffer was allocated;
+    whether the mapping worked and one all-reduce equals NCCL's), so that no rank enters a collective
+    alone. Returns whether it is in use; a rank where it failed prints why to stderr. Undo with
     `stop_one_shot_all_reduce`."""
     global _one_shot, _set_up_before
-    candidate, why = None, ""
-    if _set_up_before:
-        why = "this process set one up for an earlier engine"
-    else:
-        try:
-            candidate = OneShotAllReduce(device)
-            _set_up_before = True
-        except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
-            why = f"setting up failed: {e!r}"
-    if _all_ranks_agree(candidate is not None, group):
-        # the same sum as NCCL's, for a message of a decode step's shape
-        x = torch.randn(3, 1000, device=device) + dist.get_rank()
+    stop_one_shot_all_reduce()
+    if not _all_ranks_agree(not _set_up_before, group):
+        return _not_used("set up for an earlier engine of this process" if _set_up_before else "")
+    _set_up_before = True
+    buffer, why = None, ""
+    try:
+        buffer = allocate_symmetric(device)
+    except Exception as e:  # noqa: BLE001 - no symmetric memory here (an old PyTorch, no peer access)
+        why = f"allocating failed: {e!r}"
+    if not _all_ranks_agree(buffer is not None, group):
+        return _not_used(why)
+    candidate = None
+    try:
+        candidate = OneShotAllReduce(buffer)
+        # the same sum as NCCL's, for a message of a decode step's shape (no random numbers: the
+        # engine's generators stay where they were)
+        x = torch.arange(3000, device=device, dtype=torch.float32).view(3, 1000) / 1000
+        x += dist.get_rank()
         want = x.clone()
         dist.all_reduce(want)
-        try:
-            got = candidate(x)
-            if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
-                why = f"its sum differs from NCCL's by {(got - want).abs().max():.3g}"
-        except Exception as e:  # noqa: BLE001 - e.g. a message layout the kernel refuses
-            why = f"a test all-reduce failed: {e!r}"
-        if why:
-            candidate = None
-    if not _all_ranks_agree(candidate is not None, group):
-        if why:
-            print(
-                f"one-shot all-reduce not used ({why}); all-reduces go through NCCL",
-                file=sys.stderr,
-            )
-        return False
+        got = candidate(x)
+        if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+            why = f"its sum differs from NCCL's by {(got - want).abs().max():.3g}"
+    except Exception as e:  # noqa: BLE001 - e.g. no peer access between the GPUs
+        why = f"mapping or a test all-reduce failed: {e!r}"
+    if not _all_ranks_agree(candidate is not None and not why, group):
+        return _not_used(why)
     _one_shot = candidate
     return True
+
+
+def one_shot_in_use() -> bool:
+    """Whether this process's all-reduces of up to `MAX_BYTES` take the one-shot path."""
+    return _one_shot is not None
 
 
 def stop_one_shot_all_reduce() -> None:

@@ -23,7 +23,11 @@ import torch.multiprocessing as mp
 from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.loader import load_model
-from mini_infer.parallel.communicator import stop_one_shot_all_reduce, use_one_shot_all_reduce
+from mini_infer.parallel.communicator import (
+    one_shot_in_use,
+    stop_one_shot_all_reduce,
+    use_one_shot_all_reduce,
+)
 from mini_infer.parallel.layers import rank_shard
 from mini_infer.worker.model_runner import ModelRunner, SampledTokens
 
@@ -59,16 +63,19 @@ def rank_device(device_type: str, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
 
-def init_group(device_type: str, store: dist.Store, rank: int, world_size: int, one_shot: bool):
+def init_group(
+    device_type: str, store: dist.Store, rank: int, world_size: int, custom_all_reduce: bool
+):
     """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives, with the
-    one-shot all-reduce for small messages on GPUs if `one_shot` (section 9.6.1); return a gloo group for the
+    one-shot all-reduce for small messages on GPUs if `custom_all_reduce` (section 9.6.1); return a gloo group for the
     step messages, which are Python objects on the host."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    if device_type == "cuda" and one_shot:
+    stop_one_shot_all_reduce()  # none left from an engine that failed to start
+    if device_type == "cuda" and custom_all_reduce:
         use_one_shot_all_reduce(torch.device("cuda", rank), group)
     return group
 
@@ -81,7 +88,7 @@ def min_over_ranks(value: int, group) -> int:
 
 def leave_group(runner: ModelRunner | None, aborting: threading.Thread | None = None) -> None:
     """Every rank's way out: drop the CUDA graphs, whose captured all-reduces hold NCCL's communicator, let
-    the GPU finish, then leave the process group; or, when the group is being aborted (`aborting`, after a
+    the GPU finish, free the one-shot all-reduce's buffer, then leave the process group; or, when the group is being aborted (`aborting`, after a
     worker died), let that abort finish: it too waits until the graphs are gone."""
     if runner is not None:
         runner.release_graphs()
@@ -118,7 +125,7 @@ def worker_main(
     parent_pid: int,
     load_args: dict,
     threads: int,
-    one_shot: bool,
+    custom_all_reduce: bool,
     runner_args: tuple,
     runner_kwargs: dict,
 ) -> None:
@@ -137,7 +144,7 @@ def worker_main(
             tokenizer=False,
         ).model
         store.set(f"started/{rank}", "1")
-        group = init_group(device.type, store, rank, world_size, one_shot)
+        group = init_group(device.type, store, rank, world_size, custom_all_reduce)
         runner = ModelRunner(model, *runner_args, **runner_kwargs)
         runner.sampler = receive_sample
         min_over_ranks(runner.num_blocks, group)
@@ -269,6 +276,7 @@ def abandon(workers: list, monitor: WorkerMonitor) -> None:
     waiting in a collective for the driver, are of no use. Kill them and abort the group, in bounded time."""
     monitor.stop()
     stop_workers(workers, timeout=5)
+    stop_one_shot_all_reduce()
     aborting = monitor.aborting
     if aborting is None:
         aborting = threading.Thread(target=abort_group, name="tp-abort", daemon=True)
@@ -288,15 +296,18 @@ class TensorParallelRunner:
     the tokens. Every rank's KV cache holds its own heads; `num_blocks` is the smallest pool of any rank,
     so one scheduler's block tables are valid everywhere.
 
-    `args` and `kwargs` are ModelRunner's, after the model. `custom_all_reduce=False` keeps every
-    all-reduce on NCCL (by default, GPUs use the one-shot all-reduce for small messages, section 9.6.1). One
-    tensor-parallel runner per process at a time: the model's collectives use the default process group. Workers stop on `close()`, when the runner
-    is garbage collected, or when the interpreter exits; a worker that dies makes the next step raise a
-    RuntimeError that names it, and a worker exits on its own when the driver dies.
+    `args` and `kwargs` are ModelRunner's, after the model. With `custom_all_reduce`, GPUs sum small
+    messages with the one-shot all-reduce (section 9.6.1), if every rank can set it up and no earlier
+    engine of this process did; `self.custom_all_reduce` says whether it is in use. One tensor-parallel
+    runner per process at a time: the model's collectives use the default process group. Workers stop on
+    `close()`, when the runner is garbage collected, or when the interpreter exits; a worker that dies
+    makes the next step raise a RuntimeError that names it (except while the one-shot all-reduce waits for
+    it on the GPU: NCCL's abort does not release that kernel), and a worker exits on its own when the
+    driver dies.
     """
 
     def __init__(
-        self, model, world_size: int, load_args: dict, *args, custom_all_reduce=True, **kwargs
+        self, model, world_size: int, load_args: dict, *args, custom_all_reduce=False, **kwargs
     ):
         if dist.is_initialized():
             raise RuntimeError(
@@ -339,6 +350,7 @@ class TensorParallelRunner:
         try:
             self._wait_for_workers(store)
             self.group = init_group(device.type, store, 0, world_size, custom_all_reduce)
+            self.custom_all_reduce = one_shot_in_use()
             self.runner = ModelRunner(model, *args, **kwargs)
             self.runner.sampler = BroadcastingSampler(self.runner.sampler)
             self.num_blocks = min_over_ranks(self.runner.num_blocks, self.group)
