@@ -2204,7 +2204,7 @@ print("the same samples again:", [c.token_ids for c in samples] == [c.token_ids 
 # point (`prompt_logprobs=k` does the same for the prompt's tokens). A `repetition_penalty` above 1 steers
 # greedy decoding away from every token the text already holds, and the same story takes another turn:
 
-# %% tags=["nbval-check-output"]
+# %%
 params = SamplingParams(temperature=0, max_tokens=3, logprobs=2)
 out = llm.generate("The capital of France is", params, use_tqdm=False)[0].outputs[0]
 for token, entry in zip(out.token_ids, out.logprobs):

@@ -1219,7 +1219,7 @@ print(reply.usage)
 # Log-probabilities in OpenAI's chat shape: each token of the reply with its log-probability and the most
 # likely alternatives at that point, here the 2 best (greedy picks the first):
 
-# %% tags=["nbval-check-output"]
+# %%
 reply = client.chat.completions.create(
     model=model, messages=question, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
 )
