@@ -1,5 +1,6 @@
 """Every chapter is a synced .py/.ipynb pair, in the table of contents, with its outputs stored."""
 
+import re
 from pathlib import Path
 
 import jupytext
@@ -107,13 +108,16 @@ def test_section_numbers_follow_the_chapter(py: Path):
     `## N.M Title` and every `### ` heading `### N.M.K Title`, counted in order (a chapter numbers all of
     its sections or none)."""
     number = int(py.stem.split("_")[0])
-    headings = [
-        cell.source.splitlines()[i]
-        for cell in jupytext.read(py).cells
-        if cell.cell_type == "markdown"
-        for i in range(len(cell.source.splitlines()))
-        if cell.source.splitlines()[i].startswith("#")
-    ]
+    headings = []
+    for cell in jupytext.read(py).cells:
+        if cell.cell_type != "markdown":
+            continue
+        fenced = False  # a line starting with # inside a ``` block is code, not a heading
+        for line in cell.source.splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+            elif not fenced and re.match(r"#+ \S", line):
+                headings.append(line)
     assert headings[0].startswith(f"# {number}. "), f"{py.name}: title {headings[0]!r}"
     sections = [h for h in headings if h.startswith(("## ", "### "))]
     numbered = [h for h in sections if h.split()[1][0].isdigit()]
