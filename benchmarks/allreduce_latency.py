@@ -52,8 +52,8 @@ def measure(rank: int, world_size: int, port: int, args, hidden: int, per_step: 
         for method, reduce in methods.items():
             # zeros: the sum stays finite however often it is taken, and the time does not depend on it
             x = torch.zeros(batch, hidden, dtype=torch.bfloat16, device=device)
-            if method == "one-shot" and not communicator._one_shot.fits(x):
-                continue  # above MAX_BYTES all_reduce would take NCCL's path: no one-shot row
+            if method == "one-shot" and x.numel() * x.element_size() > communicator.MAX_BYTES:
+                continue  # all_reduce takes NCCL's path there: no one-shot row
             for _ in range(WARMUP):
                 x = reduce(x)
             sync()

@@ -1706,10 +1706,8 @@ class _EngineStep:
         got_token = self.scheduler.record(scheduler_output, samples, sampled)
         self.num_generated_tokens += sum(s.num_new_tokens for s in got_token)
         req_ids = list(scheduler_output.num_scheduled_tokens)
-        for row, (
-            first,
-            entries,
-        ) in tokens.prompt_logprobs().items():  # before the tokens: a request may end
+        # prompt logprobs before the tokens: a request may end
+        for row, (first, entries) in tokens.prompt_logprobs().items():
             self.output_processor.add_prompt_logprobs(req_ids[row], first, entries)
         by_row = tokens.logprobs()  # for the requests that asked, by row of the batch
         by_seq = {seq_id: by_row.get(i) for i, seq_id in enumerate(req_ids)} if by_row else {}

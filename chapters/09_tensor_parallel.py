@@ -281,6 +281,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def min_over_ranks(value: int, group) -> int:
+    """The smallest of every rank's `value`, over `group` (a gloo group: the value lives on the host)."""
+    t = torch.tensor([value])
+    dist.all_reduce(t, dist.ReduceOp.MIN, group=group)
+    return int(t)
+
+
 # %%
 #| export mini_infer.parallel.layers
 """Tensor-parallel layers: each rank holds a slice of a weight matrix, and the ranks combine their results
@@ -636,6 +643,7 @@ from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.loader import load_model
 from mini_infer.parallel.communicator import (
+    min_over_ranks,
     one_shot_in_use,
     stop_one_shot_all_reduce,
     use_one_shot_all_reduce,
@@ -679,8 +687,8 @@ def init_group(
     device_type: str, store: dist.Store, rank: int, world_size: int, custom_all_reduce: bool
 ):
     """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives, with the
-    one-shot all-reduce for small messages on GPUs if `custom_all_reduce` (section 9.6.1); return a gloo group for the
-    step messages, which are Python objects on the host."""
+    one-shot all-reduce for small messages on GPUs if `custom_all_reduce` (section 9.6.1); return a gloo
+    group for the step messages, which are Python objects on the host."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -692,16 +700,11 @@ def init_group(
     return group
 
 
-def min_over_ranks(value: int, group) -> int:
-    t = torch.tensor([value])
-    dist.all_reduce(t, dist.ReduceOp.MIN, group=group)
-    return int(t)
-
-
 def leave_group(runner: ModelRunner | None, aborting: threading.Thread | None = None) -> None:
     """Every rank's way out: drop the CUDA graphs, whose captured all-reduces hold NCCL's communicator, let
-    the GPU finish, free the one-shot all-reduce's buffer, then leave the process group; or, when the group is being aborted (`aborting`, after a
-    worker died), let that abort finish: it too waits until the graphs are gone."""
+    the GPU finish, free the one-shot all-reduce's buffer, then leave the process group; or, when the
+    group is being aborted (`aborting`, after a worker died), let that abort finish: it too waits until
+    the graphs are gone."""
     if runner is not None:
         runner.release_graphs()
     stop_one_shot_all_reduce()
@@ -1307,9 +1310,7 @@ class OneShotAllReduce:
 
 
 def _all_ranks_agree(ok: bool, group) -> bool:
-    flag = torch.tensor([int(ok)])
-    dist.all_reduce(flag, dist.ReduceOp.MIN, group=group)
-    return bool(flag)
+    return min_over_ranks(int(ok), group) == 1
 
 
 def _not_used(why: str) -> bool:

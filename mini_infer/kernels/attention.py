@@ -275,9 +275,9 @@ def paged_decode_attention_triton(
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
     A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
-    over the block table's width (with one split, the reduce kernel is skipped); block_n (keys per tile, a power of two, at least 16; default 64 for
-    head_dim up to 64, else 32, the best on an H200 in benchmarks/attention_sweep.py), num_warps and
-    num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a head_dim
+    over the block table's width (with one split, the reduce kernel is skipped); block_n (keys per tile, a
+    power of two, at least 16; default 64 for head_dim up to 64, else 32, the best on an H200 in
+    benchmarks/attention_sweep.py), num_warps and num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a head_dim
     outside 16..256.
     """
     B, Hq, D = q.shape

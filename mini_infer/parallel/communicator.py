@@ -33,6 +33,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def min_over_ranks(value: int, group) -> int:
+    """The smallest of every rank's `value`, over `group` (a gloo group: the value lives on the host)."""
+    t = torch.tensor([value])
+    dist.all_reduce(t, dist.ReduceOp.MIN, group=group)
+    return int(t)
+
+
 MAX_BYTES = 8 << 20  # the largest message for the one-shot path, as vLLM's limit for two GPUs
 
 
@@ -80,9 +87,7 @@ class OneShotAllReduce:
 
 
 def _all_ranks_agree(ok: bool, group) -> bool:
-    flag = torch.tensor([int(ok)])
-    dist.all_reduce(flag, dist.ReduceOp.MIN, group=group)
-    return bool(flag)
+    return min_over_ranks(int(ok), group) == 1
 
 
 def _not_used(why: str) -> bool:

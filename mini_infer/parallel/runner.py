@@ -24,6 +24,7 @@ from mini_infer.core.scheduler_output import SchedulerOutput
 from mini_infer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from mini_infer.loader import load_model
 from mini_infer.parallel.communicator import (
+    min_over_ranks,
     one_shot_in_use,
     stop_one_shot_all_reduce,
     use_one_shot_all_reduce,
@@ -67,8 +68,8 @@ def init_group(
     device_type: str, store: dist.Store, rank: int, world_size: int, custom_all_reduce: bool
 ):
     """Join the default group (NCCL on GPUs, gloo on the CPU) for the model's collectives, with the
-    one-shot all-reduce for small messages on GPUs if `custom_all_reduce` (section 9.6.1); return a gloo group for the
-    step messages, which are Python objects on the host."""
+    one-shot all-reduce for small messages on GPUs if `custom_all_reduce` (section 9.6.1); return a gloo
+    group for the step messages, which are Python objects on the host."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -80,16 +81,11 @@ def init_group(
     return group
 
 
-def min_over_ranks(value: int, group) -> int:
-    t = torch.tensor([value])
-    dist.all_reduce(t, dist.ReduceOp.MIN, group=group)
-    return int(t)
-
-
 def leave_group(runner: ModelRunner | None, aborting: threading.Thread | None = None) -> None:
     """Every rank's way out: drop the CUDA graphs, whose captured all-reduces hold NCCL's communicator, let
-    the GPU finish, free the one-shot all-reduce's buffer, then leave the process group; or, when the group is being aborted (`aborting`, after a
-    worker died), let that abort finish: it too waits until the graphs are gone."""
+    the GPU finish, free the one-shot all-reduce's buffer, then leave the process group; or, when the
+    group is being aborted (`aborting`, after a worker died), let that abort finish: it too waits until
+    the graphs are gone."""
     if runner is not None:
         runner.release_graphs()
     stop_one_shot_all_reduce()
