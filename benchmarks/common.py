@@ -7,7 +7,8 @@ which returns only when every request has finished, so a host clock around it is
 
 Throughput: one warm-up request (16 prompt and 16 output tokens), then one timed call over the workload
 of `mini_infer.testing.simulate.benchmark_workload` at temperature 0.6 (ignore_eos, each request its own
-max_tokens). Batch-1 latency: a warm-up run, then one request of 128 random prompt token ids and 512
+max_tokens); then, to tell prefill from decode, the same prompts again with one output token each
+(`prefill_seconds`; token ids moved by one so that the prefix cache does not serve them). Batch-1 latency: a warm-up run, then one request of 128 random prompt token ids and 512
 greedy output tokens: ms per token = its wall time / 512 (prefill included, as in the reference
 numbers); time to first token = median of 5 runs with max_tokens=1, each on a fresh prompt so that no
 prefix cache serves it; decode ms per token = (wall time - time to first token) / 511.
@@ -136,12 +137,17 @@ def measure_throughput(generate, prompts: list[list[int]], lengths: list[int]) -
     generate([list(range(1, 17))], [16], TEMPERATURE)  # warm-up
     produced, seconds = timed(generate, prompts, lengths, TEMPERATURE)
     assert produced == sum(lengths), f"{produced} output tokens, expected {sum(lengths)}"
+    # The prefill's share of that time: the same prompts with one output token each, every token id moved
+    # by one so that no prefix the timed call cached serves them.
+    fresh = [[t + 1 for t in p] for p in prompts]
+    _, prefill_seconds = timed(generate, fresh, [1] * len(prompts), TEMPERATURE)
     return {
         "num_seqs": len(prompts),
         "prompt_tokens": sum(map(len, prompts)),
         "output_tokens": produced,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(produced / seconds, 1),
+        "prefill_seconds": round(prefill_seconds, 3),
     }
 
 

@@ -1,12 +1,25 @@
 """Where a decode step's time goes: GPU time by kind of kernel, and the host's share of the step.
 
     python benchmarks/profile_step.py --model smollm2-135m
+    python benchmarks/profile_step.py --model llama3-8b --engine vllm          # vLLM's step, the same way
+    python benchmarks/profile_step.py --model llama3-8b --tensor-parallel-size 2 --batch 1
 
 Admits the benchmark workload's first `--batch` requests (dummy weights), runs until every one of them
 is decoding, then profiles `--steps` engine steps with torch.profiler: each kernel's GPU time is put
 in a category by its name, and the step's wall time minus the GPU's busy time is the time the GPU sat
-idle waiting for the host (`host_ms`: host work that async scheduling did not hide). `--cprofile` also
-prints where the host's time goes, by Python function. Writes `benchmarks/results/profile_<model>.json`.
+idle waiting for the host (`host_ms`: host work that async scheduling did not hide, and the gaps between
+kernels). `--cprofile` also prints where the host's time goes, by Python function.
+
+`--engine vllm` steps vLLM 0.26's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so that the
+profiler sees its kernels; vLLM from $VLLM_SITE as in compare_vllm.py) with compare_vllm.py's settings:
+the same requests, so the two engines' steps can be compared kernel by kernel. Its host share is that of
+vLLM's in-process engine, which does not overlap output processing with the GPU as its default
+multi-process engine does: compare GPU times, not host times. With `--tensor-parallel-size N` (Mini-Infer)
+the profile is rank 0's: GPU 0's kernels, the all-reduce's included (a rank that waits for another in a
+collective waits inside the collective's kernel).
+
+Writes `benchmarks/results/profile_<model>.json`, with `_vllm`, `_tp<N>` and `_bs<batch>` added to the
+name for anything but Mini-Infer on one GPU at batch 256 (the profile the README and the chapters show).
 """
 
 import argparse
@@ -14,28 +27,36 @@ import collections
 import cProfile
 import datetime
 import json
+import os
 import pstats
+import sys
 import time
 from pathlib import Path
 
+import common  # noqa: F401 - its environment: offline, NVLink multicast off
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mini_infer.device import device_name
-from mini_infer.llm import LLM
-from mini_infer.sampling_params import SamplingParams
 from mini_infer.testing.simulate import benchmark_workload
 
 HERE = Path(__file__).resolve().parent
-CATEGORIES = [  # (category, substrings of kernel names), first match wins
-    ("decode attention", ("_decode_split_kernel", "_decode_reduce_kernel")),
+CATEGORIES = [  # (category, substrings of kernel names), first match wins; vLLM's kernels too
+    ("all-reduce", ("AllReduce", "one_shot", "cross_device_reduce", "allreduce")),
+    ("all-gather, broadcast", ("AllGather", "Broadcast")),
+    ("KV store", ("_store_kvcache", "reshape_and_cache")),
+    (
+        "decode attention",
+        ("_decode_split_kernel", "_decode_reduce_kernel", "flash", "Flash", "unified_attention"),
+    ),
     ("prefill attention", ("_prefill_kernel",)),
-    ("KV store", ("_store_kvcache",)),
-    ("RMSNorm", ("_rms_norm",)),
-    ("RoPE", ("_rope",)),
-    ("SiLU-and-mul", ("_silu_and_mul",)),
+    ("RMSNorm", ("_rms_norm", "rms_norm")),
+    ("RoPE", ("_rope", "rotary")),
+    ("SiLU-and-mul", ("_silu_and_mul", "act_and_mul")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas")),
+    ("fused by torch.compile", ("triton_poi", "triton_red", "triton_per")),
 ]
+DEFAULT_BATCH = 256
 
 
 def category(kernel: str) -> str:
@@ -45,44 +66,124 @@ def category(kernel: str) -> str:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument(
-        "--cprofile", action="store_true", help="also print the host's time by Python function"
-    )
-    ap.add_argument("--sync-scheduling", action="store_true", help="no host/GPU overlap")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("profile_step.py profiles a GPU; none is visible here.")
-        return
+def mini_infer_engine(args):
+    """Mini-Infer's engine as the benchmarks build it, and a function that adds one request."""
+    from mini_infer.llm import LLM
+    from mini_infer.sampling_params import SamplingParams
+
     llm = LLM(
         HERE / "models" / args.model,
         load_format="dummy",
         max_model_len=4096,
         max_num_seqs=args.batch,
         async_scheduling=not args.sync_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size,
+        disable_custom_all_reduce=not args.custom_all_reduce,
     )
     engine = llm.engine
+
+    def add(i: int, prompt: list[int]) -> None:
+        params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1536 - len(prompt))
+        engine.add_request(str(i), prompt, params)
+
+    return llm, engine, add
+
+
+def vllm_engine(args):
+    """vLLM's engine in this process, as compare_vllm.py builds its LLM, and a function that adds one
+    request."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    site = os.environ.get("VLLM_SITE", "/tmp/site")
+    if os.path.isdir(site) and site not in sys.path:
+        sys.path.insert(0, site)
+    import vllm
+
+    llm = vllm.LLM(
+        model=str(HERE / "models" / args.model),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        gpu_memory_utilization=0.9,
+        seed=0,
+    )
+    engine = llm.llm_engine
+
+    def add(i: int, prompt: list[int]) -> None:
+        params = vllm.SamplingParams(
+            temperature=0.6, ignore_eos=True, max_tokens=1536 - len(prompt)
+        )
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+
+    return llm, engine, add
+
+
+def all_decoding(engine, vllm: bool, started: set, outputs) -> bool:
+    """Whether every admitted request is past its prompt (has produced a token)."""
+    if not vllm:
+        return not engine.scheduler.waiting and all(
+            s.num_tokens - s.num_computed_tokens <= 1 for s in engine.scheduler.running
+        )
+    started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
+    return len(started) == engine.get_num_unfinished_requests()
+
+
+def mean_context(engine, vllm: bool, prompts: list[list[int]], outputs) -> int:
+    """The requests' mean number of tokens (prompt and output) after the profiled steps."""
+    if not vllm:
+        return round(sum(s.num_tokens for s in engine.scheduler.running) / len(prompts))
+    lengths = [len(prompts[int(o.request_id)]) + len(o.outputs[0].token_ids) for o in outputs]
+    return round(sum(lengths) / max(len(lengths), 1))
+
+
+def output_path(args) -> Path:
+    tags = [
+        *(["vllm"] if args.engine == "vllm" else []),
+        *([f"tp{args.tensor_parallel_size}"] if args.tensor_parallel_size > 1 else []),
+        *([f"bs{args.batch}"] if args.batch != DEFAULT_BATCH else []),
+    ]
+    return HERE / "results" / f"profile_{'_'.join([args.model, *tags])}.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--engine", choices=("mini_infer", "vllm"), default="mini_infer")
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument(
+        "--cprofile", action="store_true", help="also print the host's time by Python function"
+    )
+    ap.add_argument("--sync-scheduling", action="store_true", help="no host/GPU overlap")
+    ap.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="Mini-Infer's, rank 0's GPU"
+    )
+    ap.add_argument(
+        "--custom-all-reduce",
+        action="store_true",
+        help="with several GPUs, the one-shot all-reduce for small messages (default: NCCL)",
+    )
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_step.py profiles a GPU; none is visible here.")
+        return
+    vllm = args.engine == "vllm"
+    if vllm and args.tensor_parallel_size > 1:
+        ap.error("--engine vllm profiles one GPU: its tensor-parallel workers are other processes")
+    llm, engine, add = (vllm_engine if vllm else mini_infer_engine)(args)
     prompts, _ = benchmark_workload(args.batch)
     for i, p in enumerate(prompts):
-        engine.add_request(
-            str(i), p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1536 - len(p))
-        )
-    while engine.scheduler.waiting or any(
-        s.num_tokens - s.num_computed_tokens > 1 for s in engine.scheduler.running
-    ):
-        engine.step()
+        add(i, p)
+    started: set = set()
+    while not all_decoding(engine, vllm, started, engine.step()):
+        pass
     engine.step()  # the first all-decode step
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
-            engine.step()
+            outputs = engine.step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1000 / args.steps
     gpu_ms = collections.Counter()
@@ -92,24 +193,33 @@ def main() -> None:
     busy = sum(gpu_ms.values())
     result = {
         "model": args.model,
+        "engine": args.engine,
         "batch": args.batch,
         "steps": args.steps,
         "step_ms": round(wall_ms, 3),
-        "async_scheduling": engine.async_scheduling,
+        "async_scheduling": not args.sync_scheduling if not vllm else None,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "custom_all_reduce": getattr(engine.runner, "custom_all_reduce", False)
+        if not vllm
+        else None,
         "gpu_ms": {k: round(v, 3) for k, v in gpu_ms.most_common()},
         "host_ms": round(max(wall_ms - busy, 0.0), 3),
-        "mean_context": round(sum(s.num_tokens for s in engine.scheduler.running) / args.batch),
+        "mean_context": mean_context(engine, vllm, prompts, outputs),
         "device": device_name("cuda"),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
     }
-    out = HERE / "results" / f"profile_{args.model}.json"
+    if vllm:
+        result["vllm"] = sys.modules["vllm"].__version__
+    out = output_path(args)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     if args.cprofile:
         host = cProfile.Profile()
         host.runcall(lambda: [engine.step() for _ in range(args.steps)])
         pstats.Stats(host).sort_stats("tottime").print_stats(25)
+    if args.tensor_parallel_size > 1:
+        engine.runner.close()
 
 
 if __name__ == "__main__":

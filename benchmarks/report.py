@@ -76,7 +76,10 @@ def kernels() -> dict | None:
 
 
 def profiles() -> list[dict]:
-    found = {p.stem.removeprefix("profile_"): p for p in common.RESULTS.glob("profile_*.json")}
+    """Mini-Infer's decode-step profiles at batch 256 on one GPU (profile_<model>.json), by model size;
+    the others (vLLM's, other batches, tensor parallelism) carry a suffix and are not in the README."""
+    candidates = {p.stem.removeprefix("profile_"): p for p in common.RESULTS.glob("profile_*.json")}
+    found = {m: p for m, p in candidates.items() if m in common.MODELS}
     return [json.loads(found[m].read_text()) for m in in_size_order(list(found))]
 
 

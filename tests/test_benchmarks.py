@@ -1,6 +1,7 @@
 """The benchmark scripts, as far as they run without a GPU: the command lines, the no-GPU exits, the shared
 measurements on a stand-in engine, HF's static-batch accounting on a tiny model, and summarize.py's table."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -91,12 +92,19 @@ def fake_engine(calls):
     return generate
 
 
-def test_measure_throughput_warms_up_then_times_one_call():
-    calls = []
-    row = common.measure_throughput(fake_engine(calls), [[1, 2], [3]], [5, 7])
-    assert calls == [(1, [16], 0.6), (2, [5, 7], 0.6)]
+def test_measure_throughput_warms_up_then_times_one_call_then_the_prefill():
+    calls, seen = [], []
+    engine = fake_engine(calls)
+
+    def generate(prompts, max_tokens, temperature):
+        seen.append(prompts)
+        return engine(prompts, max_tokens, temperature)
+
+    row = common.measure_throughput(generate, [[1, 2], [3]], [5, 7])
+    assert seen[2] == [[2, 3], [4]]  # the same lengths, no prefix the timed call cached
+    assert calls == [(1, [16], 0.6), (2, [5, 7], 0.6), (2, [1, 1], 0.6)]
     assert row["num_seqs"] == 2 and row["prompt_tokens"] == 3 and row["output_tokens"] == 12
-    assert row["tokens_per_s"] > 0
+    assert row["tokens_per_s"] > 0 and row["prefill_seconds"] >= 0
 
 
 def test_measure_latency_uses_fresh_greedy_prompts():
@@ -464,3 +472,24 @@ def test_spec_decode_benchmark_runs_on_the_cpu_at_tiny_sizes(tmp_path):
     assert all(r["device"] and r["date"] and r["torch"] for r in rows)
     assert rows[1]["spec_decode_metrics"]["num_accepted_tokens"] > 0
     assert "speedup" in result.stdout and "same tokens: True" in result.stdout
+
+
+def test_profiles_other_than_the_default_have_their_own_files_and_stay_out_of_the_readme(
+    tmp_path, monkeypatch
+):
+    import profile_step
+    import report
+
+    def path(**kw):
+        defaults = dict(model="llama3-8b", engine="mini_infer", tensor_parallel_size=1, batch=256)
+        return profile_step.output_path(argparse.Namespace(**{**defaults, **kw})).name
+
+    assert path() == "profile_llama3-8b.json"
+    assert path(engine="vllm") == "profile_llama3-8b_vllm.json"
+    assert path(tensor_parallel_size=2, batch=1) == "profile_llama3-8b_tp2_bs1.json"
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    for name in ("profile_llama3-8b.json", "profile_llama3-8b_vllm.json"):
+        (tmp_path / name).write_text(json.dumps({"model": "llama3-8b", "name": name}))
+    assert [p["name"] for p in report.profiles()] == ["profile_llama3-8b.json"]
+    assert profile_step.category("reshape_and_cache_flash_kernel") == "KV store"
+    assert profile_step.category("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "all-reduce"
