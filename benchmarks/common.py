@@ -40,12 +40,14 @@ for _key, _value in (
     os.environ.setdefault(_key, _value)
 # NVLink multicast stays off on a shared machine (it can take the host's GPUs out of service), in this
 # process and in every process it starts (Mini-Infer's and vLLM's tensor-parallel workers): NCCL's NVLS,
-# PyTorch's and NVSHMEM's multicast, and vLLM's all-reduce through symmetric memory.
+# PyTorch's and NVSHMEM's multicast, vLLM's all-reduce through symmetric memory, and FlashInfer's "mnnvl"
+# all-reduce, which vLLM would pick for its all-reduce + RMSNorm fusion (compare_vllm.py turns that off).
 for _key, _value in (
     ("NCCL_NVLS_ENABLE", "0"),
     ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
     ("NVSHMEM_DISABLE_NVLS", "1"),
     ("VLLM_ALLREDUCE_USE_SYMM_MEM", "0"),
+    ("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "trtllm"),
 ):
     os.environ[_key] = _value
 

@@ -88,6 +88,12 @@ def main() -> int:
         attention_config={"backend": backend} if backend else None,
         tensor_parallel_size=args.tensor_parallel_size,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
+        # with several GPUs on a Hopper, vLLM 0.26 fuses each all-reduce with the next RMSNorm through
+        # FlashInfer's all-reduce, whose default ("mnnvl") maps NVLink multicast memory: not allowed on
+        # a shared machine, and on the one we used it failed in graph capture with an illegal address
+        compilation_config={"pass_config": {"fuse_allreduce_rms": False}}
+        if args.tensor_parallel_size > 1
+        else None,
     )
     generate = vllm_generate(llm)
     tag = {

@@ -18,8 +18,8 @@ multi-process engine does: compare GPU times, not host times. With `--tensor-par
 the profile is rank 0's: GPU 0's kernels, the all-reduce's included (a rank that waits for another in a
 collective waits inside the collective's kernel).
 
-Writes `benchmarks/results/profile_<model>.json`, with `_vllm`, `_tp<N>` and `_bs<batch>` added to the
-name for anything but Mini-Infer on one GPU at batch 256 (the profile the README and the chapters show).
+Writes `benchmarks/results/profile_<model>.json`, with `_vllm`, `_tp<N>`, `_bs<batch>` and `_oneshot` added
+to the name for anything but Mini-Infer on one GPU at batch 256 (the profile the README and the chapters show).
 """
 
 import argparse
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-import common  # noqa: F401 - its environment: offline, NVLink multicast off
+import common  # its environment too: offline, NVLink multicast off
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -140,6 +140,7 @@ def output_path(args) -> Path:
         *(["vllm"] if args.engine == "vllm" else []),
         *([f"tp{args.tensor_parallel_size}"] if args.tensor_parallel_size > 1 else []),
         *([f"bs{args.batch}"] if args.batch != DEFAULT_BATCH else []),
+        *(["oneshot"] if args.custom_all_reduce and args.tensor_parallel_size > 1 else []),
     ]
     return HERE / "results" / f"profile_{'_'.join([args.model, *tags])}.json"
 
@@ -206,6 +207,7 @@ def main() -> None:
         "host_ms": round(max(wall_ms - busy, 0.0), 3),
         "mean_context": mean_context(engine, vllm, prompts, outputs),
         "device": device_name("cuda"),
+        "machine": common.machine_id(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
     }

@@ -2817,10 +2817,10 @@ if profiles:
 # %% [markdown]
 # What the profile says:
 #
-# (Llama-3-8B's profile comes from the race's machine; SmolLM2's and Qwen3's from an earlier H200 the same
-# day, before SiLU-and-multiply became one kernel (Chapter 2) and before decode attention at large batches
-# dropped its reduce kernel (Chapter 4). Profiles taken on the race's machine while its other GPU ran this
-# book measured the shared host instead: SmolLM2's step doubled.)
+# (Qwen3-0.6B's and Llama-3-8B's profiles come from a later H200 than the race, machine 212bab10, the same
+# day; SmolLM2's from an earlier one, before SiLU-and-multiply became one kernel (Chapter 2) and before
+# decode attention at large batches dropped its reduce kernel (Chapter 4). Profiles taken on the race's
+# machine while its other GPU ran this book measured the shared host instead: SmolLM2's step doubled.)
 #
 # - **The host is mostly hidden.** What is left of the host per step is the "host" bar above, at batch 256:
 #   about half a millisecond for the larger models, 1.6 ms of SmolLM2's 3.9 ms, whose GPU work is so small
@@ -2828,11 +2828,14 @@ if profiles:
 #   split on the device that ran this notebook. On a whole workload,
 #   `benchmarks/benchmark_throughput.py --sync-scheduling` turns the overlap off: side by side on one
 #   H100, SmolLM2 made 23,450 output tokens/s synchronously and 26,970 one step ahead.
-# - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 4.8 and 5.4 ms
+# - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 4.7 and 5.5 ms
 #   per step: 256 requests x 590 tokens x 115-131 kB of K and V per token is 17-20 GB, read at about
 #   3.6 TB/s, some 85% of the H200's copy bandwidth (4.27 TB/s in `benchmarks/attention_sweep.py`). The
-#   matrix products are the rest of Llama's step (6.3 ms, compute-bound at batch 256). What is left between
-#   us and vLLM on the larger models is GPU time, mostly attention's last 15%.
+#   matrix products are the rest of Llama's step (6.5 ms, compute-bound at batch 256).
+# - **vLLM's step is no faster.** Profiled the same way on the same machine (Chapter 7.3.1), vLLM's decode
+#   step at batch 256 takes 13.6 ms for Llama-3-8B (ours 13.4) and 6.8 ms for Qwen3-0.6B (ours 6.8), and
+#   prefilling the workload takes as long as ours. What is left between us and vLLM on the larger models
+#   lies in the run's tail, where the batch shrinks.
 #
 # Static against continuous batching (`benchmarks/benchmark_batching.py`, same engine and kernels). On the
 # nano-vllm workload with 64 slots, when steps that admit a request still ran eagerly, the two came out even

@@ -1257,9 +1257,10 @@ for label, rate in rates.items():
 # Messages above `MAX_BYTES` (a prefill step's) keep going to NCCL, whose rings do better there.
 #
 # It is off unless asked for: `LLM(..., tensor_parallel_size=2, disable_custom_all_reduce=False)` (vLLM's
-# switch; vLLM's default is on). Two reasons, both measured or seen in section 9.7: end to end it barely
-# pays yet, and a worker that dies mid-step leaves the other GPUs' one-shot kernels waiting at their
-# barrier, where NCCL's abort (which the worker monitor relies on) cannot release them.
+# switch; vLLM's default is on). Two reasons, both measured or seen in section 9.7: end to end it has
+# paid on one machine and not on another (one run each: within what one run can tell), and a worker that
+# dies mid-step leaves the other GPUs' one-shot kernels waiting at their barrier, where NCCL's abort
+# (which the worker monitor relies on) cannot release them.
 
 # %%
 #| export mini_infer.parallel.communicator
@@ -1408,30 +1409,43 @@ else:
     print("not measured yet: run `OUT=DIR bash benchmarks/tp_session.sh` on a machine with 2 GPUs")
 
 # %% [markdown]
-# What two H200s measured (machine 4c25c198, 2026-11-30; the table above reads the same rows; the one-GPU
-# rows are the race's, measured on GPU 0 of the same machine an hour earlier, see Chapter 7):
+# What two H200s measured (machine 212bab10, 2026-11-30; the table above reads the same rows; the one-GPU
+# rows were measured on GPU 0 of the same machine in the same hour, Mini-Infer's alone on the machine,
+# vLLM's while its Qwen3 run used GPU 1):
 #
 # - **Every rank loads only its own half.** GPU 0 held 7.5 GiB of Llama-3-8B's weights at tp=2, and its
 #   peak while loading was 8.9 GiB: one full tensor in flight beside the shard. (An earlier two-GPU
 #   machine measured the whole model at tp=1: 15.0 GiB held, 16.4 GiB at the loading peak.)
-# - **Two GPUs are not twice as fast.** With NCCL for every all-reduce (the default), throughput rose
-#   1.58x and batch-1 latency fell to 0.77x of one GPU's (3.60 against 4.70 ms per token), where a perfect
-#   split would give 2x and 0.5x. With the one-shot all-reduce: 1.44x and 0.75x (3.54 ms). One run of each.
-# - **The one-shot all-reduce is 2.5 times faster, and it barely shows.** Inside a CUDA graph, an
-#   all-reduce of a batch-1 step's 8 KiB took 6.5 us one-shot against 16.2 us through NCCL (0.42 against
-#   1.06 ms for a step's 65), and 21 against 35 us at batch 256. So a batch-1 token should have become
-#   0.6 ms faster; it became 0.06 ms faster, and the throughput run was slower with it (12,472 against
-#   13,601 tokens/s, one run each, not explained yet). What limits two GPUs now is not the all-reduce's
-#   own time: a profile of a tp=2 step is what to look at next (the host's work per step, which the
-#   workers repeat, and the steps' other collectives, the logits' all-gather and the tokens' broadcast).
-# - **One engine per process.** In the 2-GPU tests, the first tensor-parallel engine of a pytest process
-#   gave the same tokens as one GPU, with either all-reduce; the second engine of the same process that
-#   set up the one-shot all-reduce hung, twice (the rendezvous numbering of 9.6.1). The package now sets it
-#   up for a process's first engine only (`_set_up_before`), and a test checks that in a fresh process.
-# - **vLLM at tp=2 did not run on this machine** (the device time went to the hung tests); on an earlier
-#   machine its workers stalled in their CUDA-graph capture with its own custom all-reduce. Its one-GPU row
-#   stands in the table; `benchmarks/tp_session.sh vllm` runs its tp=2 row with
-#   `disable_custom_all_reduce=True`.
+# - **Two GPUs are not twice as fast, for either engine.** With the one-shot all-reduce, throughput rose
+#   1.47x and a batch-1 token took 0.74x of one GPU's time (3.54 against 4.77 ms); with NCCL for every
+#   all-reduce (the default), 1.34x and 0.76x (3.62 ms). vLLM, with NCCL as well (its own all-reduce and
+#   its fusion of the all-reduce with the next RMSNorm are off: see below), rose 1.47x and took 0.78x
+#   (3.78 against 4.83 ms). A perfect split would give 2x and 0.5x. One run of each; on the machine of
+#   the first visit the two all-reduces came out the other way round (NCCL 1.58x, one-shot 1.44x), so
+#   the difference between them is within what one run can tell.
+# - **Where a batch-1 step goes** (`benchmarks/profile_step.py --tensor-parallel-size 2 --batch 1`, GPU 0,
+#   NCCL): 3.4 ms of GPU work, of which the matrix products 2.30 ms, the all-reduces 0.42 ms, and 0.6 ms
+#   of attention, norms, RoPE, the KV store and sampling; 0.5 ms of gaps between kernels. The matrix
+#   products read GPU 0's 8 GB at 3.5 TB/s, 82% of the copy bandwidth, where one GPU reads the whole
+#   model's 16 GB at 4.0 TB/s (94%): a shard's matrices are half as wide, and a matrix-vector product
+#   over a narrower matrix keeps fewer bytes in flight. The small kernels do not halve: a layer still
+#   launches each of them once, on each GPU. So the GPU's own work, not the host, sets the pace: with
+#   synchronous scheduling the same step takes 5.39 ms, so the step ahead already hides 1.8 ms of host
+#   work per token (the step message to the worker, its preparation, the logits' all-gather).
+# - **Where a batch-256 step goes** (same script, batch 256): 9.9 ms, of which matrix products 3.2 ms
+#   (half of one GPU's 6.5), decode attention 3.1 ms (over half the KV heads: 5.5 on one GPU), and the
+#   all-reduces 2.0 ms with NCCL: 65 of them, 2 MiB each, a fifth of the step. That is the cost tensor
+#   parallelism adds, and the one-shot all-reduce takes it to about 1.4 ms (21 against 35 us each,
+#   inside a CUDA graph, in the table's microbenchmark).
+# - **vLLM at tp=2 needed one switch.** On a Hopper with two GPUs, vLLM 0.26 fuses each all-reduce with
+#   the RMSNorm after it through FlashInfer, whose default all-reduce ("mnnvl") maps NVLink multicast
+#   memory, which this machine keeps switched off: its CUDA-graph capture failed with an illegal memory
+#   access. `benchmarks/compare_vllm.py` turns the fusion off for tp > 1 (and tells FlashInfer to use its
+#   peer-to-peer all-reduce), so the vLLM row is vLLM with NCCL, as ours is by default.
+# - **The 2-GPU tests pass**: the engine's tokens at tp=2 equal tp=1's with NCCL (synchronous and one
+#   step ahead) and with the one-shot all-reduce, bf16 stays within rounding of the top tokens, close()
+#   gives GPU 1 its memory back, and a fresh process's first engine uses the one-shot all-reduce while
+#   its second one falls back to NCCL (each test under a timeout).
 
 # %% [markdown]
 # ## 9.8 When one machine is not enough

@@ -481,12 +481,21 @@ def test_profiles_other_than_the_default_have_their_own_files_and_stay_out_of_th
     import report
 
     def path(**kw):
-        defaults = dict(model="llama3-8b", engine="mini_infer", tensor_parallel_size=1, batch=256)
+        defaults = dict(
+            model="llama3-8b",
+            engine="mini_infer",
+            tensor_parallel_size=1,
+            batch=256,
+            custom_all_reduce=False,
+        )
         return profile_step.output_path(argparse.Namespace(**{**defaults, **kw})).name
 
     assert path() == "profile_llama3-8b.json"
     assert path(engine="vllm") == "profile_llama3-8b_vllm.json"
     assert path(tensor_parallel_size=2, batch=1) == "profile_llama3-8b_tp2_bs1.json"
+    assert (
+        path(tensor_parallel_size=2, custom_all_reduce=True) == "profile_llama3-8b_tp2_oneshot.json"
+    )
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     for name in ("profile_llama3-8b.json", "profile_llama3-8b_vllm.json"):
         (tmp_path / name).write_text(json.dumps({"model": "llama3-8b", "name": name}))

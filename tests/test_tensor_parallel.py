@@ -557,6 +557,10 @@ def test_tensor_parallel_on_two_gpus_gives_the_same_tokens(
 
 
 ONE_SHOT_SCRIPT = """
+import gc
+
+import torch
+
 from mini_infer.llm import LLM
 from mini_infer.sampling_params import SamplingParams
 from tests.test_tensor_parallel import TINY, gpu_args
@@ -570,6 +574,9 @@ if __name__ == "__main__":
         llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         llm.engine.runner.close()
         print("engine", n, "one-shot", used, flush=True)
+        del llm  # its KV cache, a third of GPU 0, before the next engine sizes its own
+        gc.collect()
+        torch.cuda.empty_cache()
 """
 
 
@@ -577,6 +584,8 @@ if __name__ == "__main__":
 @bounded
 def test_one_shot_all_reduce_on_two_gpus():
     """In a fresh process (the one-shot path serves a process's first tensor-parallel engine only)."""
+    gc.collect()  # this process's engines give their memory back to the GPU, where the other process
+    torch.cuda.empty_cache()  # sizes its KV cache by what is free
     run = subprocess.run(
         [sys.executable, "-c", ONE_SHOT_SCRIPT],
         cwd=ROOT,
