@@ -8,10 +8,11 @@ which returns only when every request has finished, so a host clock around it is
 Throughput: one warm-up request (16 prompt and 16 output tokens), then one timed call over the workload
 of `mini_infer.testing.simulate.benchmark_workload` at temperature 0.6 (ignore_eos, each request its own
 max_tokens); then, to tell prefill from decode, the same prompts again with one output token each
-(`prefill_seconds`; token ids moved by one so that the prefix cache does not serve them). Batch-1 latency: a warm-up run, then one request of 128 random prompt token ids and 512
-greedy output tokens: ms per token = its wall time / 512 (prefill included, as in the reference
-numbers); time to first token = median of 5 runs with max_tokens=1, each on a fresh prompt so that no
-prefix cache serves it; decode ms per token = (wall time - time to first token) / 511.
+(`prefill_seconds`; token ids moved by one so that the prefix cache does not serve them). Batch-1
+latency: a warm-up run, then one request of 128 random prompt token ids and 512 greedy output tokens: ms
+per token = its wall time / 512 (prefill included, as in the reference numbers); time to first token =
+median of 5 runs with max_tokens=1, each on a fresh prompt so that no prefix cache serves it; decode ms
+per token = (wall time - time to first token) / 511.
 """
 
 import argparse
@@ -40,8 +41,9 @@ for _key, _value in (
     os.environ.setdefault(_key, _value)
 # NVLink multicast stays off on a shared machine (it can take the host's GPUs out of service), in this
 # process and in every process it starts (Mini-Infer's and vLLM's tensor-parallel workers): NCCL's NVLS,
-# PyTorch's and NVSHMEM's multicast, vLLM's all-reduce through symmetric memory, and FlashInfer's "mnnvl"
-# all-reduce, which vLLM would pick for its all-reduce + RMSNorm fusion (compare_vllm.py turns that off).
+# PyTorch's and NVSHMEM's multicast, vLLM's all-reduce through symmetric memory; and, as a guard, FlashInfer's
+# all-reduce on its peer-to-peer backend rather than "mnnvl" (multicast), should vLLM use it anywhere
+# (compare_vllm.py turns off vLLM's all-reduce + RMSNorm fusion, the one place it would by default).
 for _key, _value in (
     ("NCCL_NVLS_ENABLE", "0"),
     ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
@@ -139,8 +141,9 @@ def measure_throughput(generate, prompts: list[list[int]], lengths: list[int]) -
     generate([list(range(1, 17))], [16], TEMPERATURE)  # warm-up
     produced, seconds = timed(generate, prompts, lengths, TEMPERATURE)
     assert produced == sum(lengths), f"{produced} output tokens, expected {sum(lengths)}"
-    # The prefill's share of that time: the same prompts with one output token each, every token id moved
-    # by one so that no prefix the timed call cached serves them.
+    # An estimate of the prefill's share of that time (the timed call interleaves it with decoding): the
+    # same prompts with one output token each, every token id moved by one so that no prefix the timed
+    # call cached serves them.
     fresh = [[t + 1 for t in p] for p in prompts]
     _, prefill_seconds = timed(generate, fresh, [1] * len(prompts), TEMPERATURE)
     return {

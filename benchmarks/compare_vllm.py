@@ -1,4 +1,4 @@
-"""vLLM on exactly the workload and settings of benchmark_throughput.py and benchmark_latency.py, on one GPU.
+"""vLLM on exactly the workload and settings of benchmark_throughput.py and benchmark_latency.py.
 
     python benchmarks/compare_vllm.py --model qwen3-0.6b
     python benchmarks/compare_vllm.py --model qwen3-0.6b --attention-backend TRITON_ATTN
@@ -22,7 +22,9 @@ One row each, "engine": "vllm" with its version and backend, to results/throughp
 its multiprocessing executor, which inherit this environment. NVLink multicast stays off in every one of
 them: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, and vLLM's own
 all-reduce through PyTorch's symmetric memory is not used (VLLM_ALLREDUCE_USE_SYMM_MEM=0); vLLM's custom
-all-reduce (peer-to-peer over NVLink) and NCCL remain (common.py sets these for every benchmark).
+all-reduce (peer-to-peer over NVLink) and NCCL remain (common.py sets these for every benchmark). Its fusion
+of each all-reduce with the next RMSNorm (FlashInfer's all-reduce, on by default with several Hopper GPUs)
+is turned off: FlashInfer's default backend for it maps NVLink multicast memory.
 """
 
 import os
@@ -54,6 +56,36 @@ def vllm_generate(llm):
     return generate
 
 
+def vllm_llm(
+    model: str,
+    attention_backend: str | None = None,
+    tensor_parallel_size: int = 1,
+    disable_custom_all_reduce: bool = False,
+):
+    """vLLM's `LLM` with this protocol's settings (the module docstring), for a config under
+    benchmarks/models. Raises ImportError where vLLM does not import."""
+    import vllm
+
+    return vllm.LLM(
+        model=str(common.model_dir(model)),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        gpu_memory_utilization=0.9,
+        seed=0,
+        attention_config={"backend": attention_backend} if attention_backend else None,
+        tensor_parallel_size=tensor_parallel_size,
+        disable_custom_all_reduce=disable_custom_all_reduce,
+        # with several GPUs on a Hopper, vLLM 0.26 fuses each all-reduce with the next RMSNorm through
+        # FlashInfer's all-reduce, whose backend "auto" picks "mnnvl", which maps NVLink multicast memory:
+        # not allowed on a shared machine, and on the one we used its CUDA-graph capture failed with an
+        # illegal memory access
+        compilation_config={"pass_config": {"fuse_allreduce_rms": False}}
+        if tensor_parallel_size > 1
+        else None,
+    )
+
+
 def main() -> int:
     ap = common.parser(__doc__, ("throughput", "latency"))
     ap.add_argument(
@@ -78,23 +110,7 @@ def main() -> int:
         )
         return 0
     backend = args.attention_backend
-    llm = vllm.LLM(
-        model=str(common.model_dir(args.model)),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        max_model_len=4096,
-        gpu_memory_utilization=0.9,
-        seed=0,
-        attention_config={"backend": backend} if backend else None,
-        tensor_parallel_size=args.tensor_parallel_size,
-        disable_custom_all_reduce=args.disable_custom_all_reduce,
-        # with several GPUs on a Hopper, vLLM 0.26 fuses each all-reduce with the next RMSNorm through
-        # FlashInfer's all-reduce, whose default ("mnnvl") maps NVLink multicast memory: not allowed on
-        # a shared machine, and on the one we used it failed in graph capture with an illegal address
-        compilation_config={"pass_config": {"fuse_allreduce_rms": False}}
-        if args.tensor_parallel_size > 1
-        else None,
-    )
+    llm = vllm_llm(args.model, backend, args.tensor_parallel_size, args.disable_custom_all_reduce)
     generate = vllm_generate(llm)
     tag = {
         "engine": "vllm",

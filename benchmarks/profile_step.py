@@ -13,8 +13,8 @@ kernels). `--cprofile` also prints where the host's time goes, by Python functio
 `--engine vllm` steps vLLM 0.26's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so that the
 profiler sees its kernels; vLLM from $VLLM_SITE as in compare_vllm.py) with compare_vllm.py's settings:
 the same requests, so the two engines' steps can be compared kernel by kernel. Its host share is that of
-vLLM's in-process engine, which does not overlap output processing with the GPU as its default
-multi-process engine does: compare GPU times, not host times. With `--tensor-parallel-size N` (Mini-Infer)
+vLLM's in-process engine, whose output processing runs in the thread that schedules (its default engine
+core runs in a process of its own): compare GPU times, not host times. With `--tensor-parallel-size N` (Mini-Infer)
 the profile is rank 0's: GPU 0's kernels, the all-reduce's included (a rank that waits for another in a
 collective waits inside the collective's kernel).
 
@@ -90,46 +90,35 @@ def mini_infer_engine(args):
 
 
 def vllm_engine(args):
-    """vLLM's engine in this process, as compare_vllm.py builds its LLM, and a function that adds one
-    request."""
+    """vLLM's engine in this process, built as compare_vllm.py builds its LLM, and a function that adds
+    one request. Raises ImportError where vLLM does not import."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
-    site = os.environ.get("VLLM_SITE", "/tmp/site")
-    if os.path.isdir(site) and site not in sys.path:
-        sys.path.insert(0, site)
-    import vllm
+    import compare_vllm  # vLLM's folder on sys.path, and the race's settings
 
-    llm = vllm.LLM(
-        model=str(HERE / "models" / args.model),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        max_model_len=4096,
-        gpu_memory_utilization=0.9,
-        seed=0,
-    )
+    llm = compare_vllm.vllm_llm(args.model)
     engine = llm.llm_engine
+    from vllm import SamplingParams
 
     def add(i: int, prompt: list[int]) -> None:
-        params = vllm.SamplingParams(
-            temperature=0.6, ignore_eos=True, max_tokens=1536 - len(prompt)
-        )
+        params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1536 - len(prompt))
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
 
     return llm, engine, add
 
 
-def all_decoding(engine, vllm: bool, started: set, outputs) -> bool:
+def all_decoding(engine, use_vllm: bool, started: set, outputs) -> bool:
     """Whether every admitted request is past its prompt (has produced a token)."""
-    if not vllm:
+    if not use_vllm:
         return not engine.scheduler.waiting and all(
             s.num_tokens - s.num_computed_tokens <= 1 for s in engine.scheduler.running
         )
     started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
-    return len(started) == engine.get_num_unfinished_requests()
+    return len(started) >= engine.get_num_unfinished_requests()
 
 
-def mean_context(engine, vllm: bool, prompts: list[list[int]], outputs) -> int:
+def mean_context(engine, use_vllm: bool, prompts: list[list[int]], outputs) -> int:
     """The requests' mean number of tokens (prompt and output) after the profiled steps."""
-    if not vllm:
+    if not use_vllm:
         return round(sum(s.num_tokens for s in engine.scheduler.running) / len(prompts))
     lengths = [len(prompts[int(o.request_id)]) + len(o.outputs[0].token_ids) for o in outputs]
     return round(sum(lengths) / max(len(lengths), 1))
@@ -140,44 +129,71 @@ def output_path(args) -> Path:
         *(["vllm"] if args.engine == "vllm" else []),
         *([f"tp{args.tensor_parallel_size}"] if args.tensor_parallel_size > 1 else []),
         *([f"bs{args.batch}"] if args.batch != DEFAULT_BATCH else []),
-        *(["oneshot"] if args.custom_all_reduce and args.tensor_parallel_size > 1 else []),
+        *(["oneshot"] if args.custom_all_reduce else []),
+        *(["sync"] if args.sync_scheduling else []),
     ]
     return HERE / "results" / f"profile_{'_'.join([args.model, *tags])}.json"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m",
+        choices=common.MODELS,
+        help="a config under benchmarks/models",
+    )
     ap.add_argument("--engine", choices=("mini_infer", "vllm"), default="mini_infer")
-    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="requests decoding together")
+    ap.add_argument("--steps", type=int, default=20, help="engine steps profiled")
     ap.add_argument(
         "--cprofile", action="store_true", help="also print the host's time by Python function"
     )
-    ap.add_argument("--sync-scheduling", action="store_true", help="no host/GPU overlap")
     ap.add_argument(
-        "--tensor-parallel-size", type=int, default=1, help="Mini-Infer's, rank 0's GPU"
+        "--sync-scheduling", action="store_true", help="Mini-Infer only: no host/GPU overlap"
+    )
+    ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="Mini-Infer only: split the model over this many GPUs; the profile is rank 0's (GPU 0)",
     )
     ap.add_argument(
         "--custom-all-reduce",
         action="store_true",
-        help="with several GPUs, the one-shot all-reduce for small messages (default: NCCL)",
+        help="with --tensor-parallel-size > 1: the one-shot all-reduce for small messages (default: NCCL)",
     )
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
+    use_vllm = args.engine == "vllm"
+    if use_vllm and (args.tensor_parallel_size > 1 or args.sync_scheduling):
+        ap.error(
+            "--engine vllm profiles vLLM's default engine on one GPU (its tensor-parallel workers "
+            "are other processes)"
+        )
+    if args.custom_all_reduce and args.tensor_parallel_size == 1:
+        ap.error("--custom-all-reduce needs --tensor-parallel-size > 1")
     if not torch.cuda.is_available():
         print("profile_step.py profiles a GPU; none is visible here.")
         return
-    vllm = args.engine == "vllm"
-    if vllm and args.tensor_parallel_size > 1:
-        ap.error("--engine vllm profiles one GPU: its tensor-parallel workers are other processes")
-    llm, engine, add = (vllm_engine if vllm else mini_infer_engine)(args)
+    try:
+        llm, engine, add = (vllm_engine if use_vllm else mini_infer_engine)(args)
+    except ImportError as e:
+        if not use_vllm:
+            raise
+        print(f"profile_step.py: vLLM does not import here ({e}); see compare_vllm.py")
+        return
     prompts, _ = benchmark_workload(args.batch)
     for i, p in enumerate(prompts):
         add(i, p)
     started: set = set()
-    while not all_decoding(engine, vllm, started, engine.step()):
+    while not all_decoding(engine, use_vllm, started, engine.step()):
         pass
     engine.step()  # the first all-decode step
     torch.cuda.synchronize()
@@ -198,21 +214,23 @@ def main() -> None:
         "batch": args.batch,
         "steps": args.steps,
         "step_ms": round(wall_ms, 3),
-        "async_scheduling": not args.sync_scheduling if not vllm else None,
+        "async_scheduling": engine.vllm_config.scheduler_config.async_scheduling
+        if use_vllm
+        else engine.async_scheduling,
         "tensor_parallel_size": args.tensor_parallel_size,
-        "custom_all_reduce": getattr(engine.runner, "custom_all_reduce", False)
-        if not vllm
-        else None,
+        "custom_all_reduce": None
+        if use_vllm
+        else getattr(engine.runner, "custom_all_reduce", False),
         "gpu_ms": {k: round(v, 3) for k, v in gpu_ms.most_common()},
         "host_ms": round(max(wall_ms - busy, 0.0), 3),
-        "mean_context": mean_context(engine, vllm, prompts, outputs),
+        "mean_context": mean_context(engine, use_vllm, prompts, outputs),
         "device": device_name("cuda"),
         "machine": common.machine_id(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
     }
-    if vllm:
-        result["vllm"] = sys.modules["vllm"].__version__
+    if use_vllm:
+        result["vllm"] = sys.modules["vllm"].__version__  # imported by compare_vllm.vllm_llm
     out = output_path(args)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -52,10 +52,10 @@ def machine_rows(model: str = "llama3-8b") -> dict | None:
 
     found = {"where": where}
     for kind, rows in (("throughput", tput), ("latency", load("tp_latency.jsonl"))):
-        found[kind] = {
+        found[kind] = {  # (a row with synchronous scheduling is a diagnosis, not the engine)
             (series(r), r.get("tensor_parallel_size", 1)): r
             for r in same_machine(rows)
-            if r["model"] == model
+            if r["model"] == model and r.get("async_scheduling", True)
         }
     found["allreduce"] = [
         r for r in same_machine(load("tp_allreduce.jsonl")) if r["model"] == model

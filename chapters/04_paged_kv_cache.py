@@ -811,8 +811,17 @@ print(
 # The split count comes from the batch and the longest possible context (about four programs per SM, no
 # split shorter than 64 keys: on an H100 that beat fewer, longer splits at every batch size we tried). It
 # is taken from the block table's *width*, not from the context lengths' values: that needs no copy from
-# the GPU to the host, so a captured CUDA graph stays valid. A split past a sequence's end is empty and
-# gets weight zero; a sequence with no context at all (a padding row of a CUDA-graph batch) gets zeros.
+# the GPU to the host, so a captured CUDA graph stays valid. Each split's *length*, though, comes from its
+# own sequence's context, which the program reads on the GPU: `num_splits` parts of whole tiles. Taking
+# the length from the width as well (as this kernel first did) costs nothing where the table is as wide
+# as the contexts, but a CUDA graph's table is as wide as the longest sequence the engine allows (4,096
+# tokens): a graph's batch of 32 requests of about 1,200 keys would run each on one split of 1,376 keys
+# instead of three of 400. (Measured on an H200, `benchmarks/results/decode_splits_ab.jsonl`, one run
+# each: the nano-vllm workload's first 64 requests on Qwen3-0.6B, whose batch shrinks from 64 as they
+# finish, made 12,110 output tokens/s with split lengths from each context against 9,987 from the width,
+# 1.21x; Llama-3-8B's whole workload 9,017 against 8,642, 1.04x.) A split past a short sequence's end is
+# empty and gets weight zero; a sequence with no context at all (a padding row of a CUDA-graph batch)
+# gets zeros.
 #
 # Inside a program, a tile of `BLOCK_N` keys spans several blocks (pages) of the pool. When `BLOCK_N` is a
 # multiple of the block size, the tile is whole pages and needs one block-table entry per page; otherwise
@@ -908,7 +917,6 @@ def _decode_split_kernel(
     stride_qh,
     stride_bt,
     qk_scale,
-    split_len,
     num_splits,
     GROUP: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -917,10 +925,14 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     STORE_LSE: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    # this sequence's own context in num_splits parts of whole tiles, none shorter than MIN_SPLIT (a short
+    # context leaves the last splits empty)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
     lo = split * split_len
     hi = tl.minimum(context_len, lo + split_len)
 
@@ -1027,10 +1039,21 @@ def padded_head_dim(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
+MIN_SPLIT_KEYS = (
+    64  # no flash-decoding split shorter than this (on an H100, shorter ones never won)
+)
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Splits per sequence for flash-decoding: about four programs per SM (each one's loop waits on
-    dependent loads, block table then K/V, so many programs hide that latency), no split under 64 keys."""
-    return max(1, min(triton.cdiv(4 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, 64)))
+    dependent loads, block table then K/V, so many programs hide that latency), no split under
+    MIN_SPLIT_KEYS keys of the longest possible context."""
+    return max(
+        1,
+        min(
+            triton.cdiv(4 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, MIN_SPLIT_KEYS)
+        ),
+    )
 
 
 def paged_decode_attention_triton(
@@ -1069,7 +1092,6 @@ def paged_decode_attention_triton(
             torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         )
         num_splits = decode_num_splits(B, Hkv, max_context, num_sms)
-    split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     if num_splits == 1:  # one program per (sequence, KV head) writes its output: no reduce
         o_part, lse_part = o, None
@@ -1089,7 +1111,6 @@ def paged_decode_attention_triton(
         q.stride(1),
         block_tables.stride(0),
         scale * LOG2E,
-        split_len,
         num_splits,
         GROUP=Hq // Hkv,
         NUM_KV_HEADS=Hkv,
@@ -1098,6 +1119,7 @@ def paged_decode_attention_triton(
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         BLOCK_N=block_n,
+        MIN_SPLIT=triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n,
         STORE_LSE=num_splits > 1,
         num_warps=num_warps,
         num_stages=num_stages,

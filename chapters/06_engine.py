@@ -2833,9 +2833,11 @@ if profiles:
 #   3.6 TB/s, some 85% of the H200's copy bandwidth (4.27 TB/s in `benchmarks/attention_sweep.py`). The
 #   matrix products are the rest of Llama's step (6.5 ms, compute-bound at batch 256).
 # - **vLLM's step is no faster.** Profiled the same way on the same machine (Chapter 7.3.1), vLLM's decode
-#   step at batch 256 takes 13.6 ms for Llama-3-8B (ours 13.4) and 6.8 ms for Qwen3-0.6B (ours 6.8), and
-#   prefilling the workload takes as long as ours. What is left between us and vLLM on the larger models
-#   lies in the run's tail, where the batch shrinks.
+#   step at batch 256 has 12.9 ms of GPU work for Llama-3-8B (ours 12.8) and 6.2 ms for Qwen3-0.6B (ours
+#   6.3), and prefilling the workload takes as long as ours. What was left between us and vLLM on the
+#   larger models lay in the run's tail, where the batch shrinks: there our decode attention, inside a
+#   CUDA graph, split each sequence by the graph's table width instead of its context (fixed in Chapter
+#   4.4.2; Chapter 7.3.1 has the measurements).
 #
 # Static against continuous batching (`benchmarks/benchmark_batching.py`, same engine and kernels). On the
 # nano-vllm workload with 64 slots, when steps that admit a request still ran eagerly, the two came out even

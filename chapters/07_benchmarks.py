@@ -279,12 +279,10 @@ plt.show()
 # on the same prompts with one output token each, every token id moved by one so that no cached prefix
 # serves it. The cell puts the two side by side, from rows of one machine.
 
+
 # %%
-rows = summarize.load(common.RESULTS / "throughput.jsonl")
-
-
-def newest(engine: str, model: str, machine: str) -> dict | None:
-    """The newest nano-vllm row of an engine and model on a machine that timed its prefill."""
+def newest(rows: list[dict], engine: str, model: str, machine: str) -> dict | None:
+    """The newest one-GPU throughput row of an engine and model on a machine that timed its prefill."""
     found = [
         r
         for r in rows
@@ -297,36 +295,48 @@ def newest(engine: str, model: str, machine: str) -> dict | None:
 
 print(
     f"{'model':14} {'engine':10} {'tok/s':>7} {'run s':>6} {'prefill s':>9} | decode step at batch 256: "
-    f"{'step':>5} {'matmul':>6} {'attention':>9} {'other':>5} {'host':>5}"
+    f"{'step':>5} {'GPU':>5} {'matmul':>6} {'attention':>9} {'other':>5} {'host':>5}"
 )
-for ours in profiles:
-    path = common.RESULTS / f"profile_{ours['model']}_vllm.json"
-    if not path.exists():
-        continue
-    theirs = json.loads(path.read_text())
+throughput_rows = summarize.load(common.RESULTS / "throughput.jsonl")
+pairs = [
+    (ours, json.loads(path.read_text()))
+    for ours in profiles
+    if (path := common.RESULTS / f"profile_{ours['model']}_vllm.json").exists()
+]
+if not pairs:
+    print(
+        "no vLLM profile yet: `python benchmarks/profile_step.py --model MODEL --engine vllm` on a GPU"
+    )
+for ours, theirs in pairs:
     for engine, p in (("mini_infer", ours), ("vllm", theirs)):
-        run = newest(engine, p["model"], p.get("machine")) or {}
-        other = sum(p["gpu_ms"].values()) - p["gpu_ms"]["matmul"] - p["gpu_ms"]["decode attention"]
+        run = newest(throughput_rows, engine, p["model"], p.get("machine")) or {}
+        gpu = sum(p["gpu_ms"].values())
+        other = gpu - p["gpu_ms"]["matmul"] - p["gpu_ms"]["decode attention"]
         print(
             f"{report.name(p['model']):14} {engine:10} {run.get('tokens_per_s', float('nan')):7,.0f} "
             f"{run.get('seconds', float('nan')):6.2f} {run.get('prefill_seconds', float('nan')):9.2f} | "
-            f"{'':26}{p['step_ms']:5.1f} {p['gpu_ms']['matmul']:6.2f} "
+            f"{'':26}{p['step_ms']:5.1f} {gpu:5.1f} {p['gpu_ms']['matmul']:6.2f} "
             f"{p['gpu_ms']['decode attention']:9.2f} {other:5.2f} {p['host_ms']:5.2f}"
         )
     print(f"{'':14} (machine {ours.get('machine')}, {ours['device']}, {ours['date']})")
 
 # %% [markdown]
-# On the machine that measured both (212bab10, an H200, each engine alone on it for the throughput rows
-# except vLLM's Llama-3-8B, whose run shared the host with a run on the other GPU), vLLM's decode step at
-# batch 256 is no faster than ours: 13.6 against 13.4 ms for Llama-3-8B, with the same matrix products
-# (cuBLAS in both; vLLM's torch.compile fuses the small kernels around them, which are small either way) and
-# decode attention within 1% (FlashAttention 3 against our Triton kernel), and 6.8 ms for both on
+# On the machine that measured both (212bab10, an H200; each engine alone on it for the throughput rows,
+# except vLLM's Llama-3-8B run, which shared the host with a run on the other GPU), vLLM's decode step at
+# batch 256 is no faster than ours: 12.9 against 12.8 ms of GPU work for Llama-3-8B (13.6 against 13.4 ms
+# per step), with the same matrix products (cuBLAS in both; vLLM's torch.compile fuses the small kernels
+# around them, which are small either way) and decode attention 5.55 against 5.50 ms (FlashAttention 3
+# against our Triton kernel, at 584 and 589 tokens of context), and 6.2 against 6.3 ms of GPU work for
 # Qwen3-0.6B. Prefilling the workload takes as long in both (3.3 s for Llama-3-8B, 0.37 against 0.38 s for
-# Qwen3-0.6B). Yet vLLM's whole run is 0.8% shorter for Llama-3-8B and 4% shorter for Qwen3-0.6B. What
-# differs is neither the full batch nor the prompts but the run's tail: as requests finish, the batch
-# shrinks from 256 towards 1, each step's GPU work shrinks with it, and the fixed costs of a step (the
-# host's work, the small kernels, sampling over Qwen's 151,936-word vocabulary) weigh more. That is where
-# the next profile looks (`--batch 64`).
+# Qwen3-0.6B). Yet vLLM's whole run is 0.8% shorter for Llama-3-8B and 4% shorter for Qwen3-0.6B. So the
+# difference had to lie elsewhere, and the likeliest place was the run's tail: as requests finish, the batch
+# shrinks from 256 towards 1, and our decode attention splits each sequence's context over several programs
+# only when the batch is too small to fill the GPU. Reading the kernel with that in mind found the bug
+# that section 4.4.2 now describes: inside a CUDA graph, whose block table is 4,096 tokens wide, the splits
+# were cut by that width instead of each sequence's context, so at batches of 16 to 128 most sequences ran
+# on one split. With the fix, the workload's first 64 requests ran 1.21x faster on Qwen3-0.6B and the whole
+# workload 1.04x faster on Llama-3-8B, on another H200 (one run each, before and after). The race against
+# vLLM on one machine, and profiles at batch 64, are next.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling

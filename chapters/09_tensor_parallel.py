@@ -1424,24 +1424,29 @@ else:
 #   the first visit the two all-reduces came out the other way round (NCCL 1.58x, one-shot 1.44x), so
 #   the difference between them is within what one run can tell.
 # - **Where a batch-1 step goes** (`benchmarks/profile_step.py --tensor-parallel-size 2 --batch 1`, GPU 0,
-#   NCCL): 3.4 ms of GPU work, of which the matrix products 2.30 ms, the all-reduces 0.42 ms, and 0.6 ms
-#   of attention, norms, RoPE, the KV store and sampling; 0.5 ms of gaps between kernels. The matrix
-#   products read GPU 0's 8 GB at 3.5 TB/s, 82% of the copy bandwidth, where one GPU reads the whole
-#   model's 16 GB at 4.0 TB/s (94%): a shard's matrices are half as wide, and a matrix-vector product
-#   over a narrower matrix keeps fewer bytes in flight. The small kernels do not halve: a layer still
-#   launches each of them once, on each GPU. So the GPU's own work, not the host, sets the pace: with
-#   synchronous scheduling the same step takes 5.39 ms, so the step ahead already hides 1.8 ms of host
-#   work per token (the step message to the worker, its preparation, the logits' all-gather).
+#   NCCL; 3.98 ms per step under the profiler): 3.37 ms of GPU work, of which the matrix products
+#   2.30 ms, the all-reduces' kernels 0.42 ms, and 0.65 ms for the rest (attention, norms, RoPE, the KV
+#   store, sampling, the logits' all-gather); 0.6 ms of gaps between kernels. The matrix products read GPU 0's 7.5 GB of matrices at
+#   3.3 TB/s, 76% of the copy bandwidth, where one GPU reads the whole model's 15.0 GB at 3.75 TB/s (88%,
+#   `profile_llama3-8b_bs1.json`): a shard's matrices are half as wide, and a matrix-vector product over a
+#   narrower matrix keeps fewer bytes in flight. The small kernels do not halve: a layer still launches
+#   each of them once, on each GPU. With the one-shot all-reduce the profile is the same (its kernels
+#   0.44 ms, the step 3.93 ms), although the microbenchmark in the table, which times whole graph
+#   replays, puts NCCL's 65 all-reduces at 1.15 ms against 0.42. So the GPU's own work sets the pace, not
+#   the host: with synchronous scheduling a batch-1 token takes 5.39 ms instead of 3.62 (NCCL, in
+#   `tp_latency.jsonl`), so the step ahead already hides 1.8 ms of host work per token (the step message
+#   to the worker, its preparation, the logits' all-gather).
 # - **Where a batch-256 step goes** (same script, batch 256): 9.9 ms, of which matrix products 3.2 ms
 #   (half of one GPU's 6.5), decode attention 3.1 ms (over half the KV heads: 5.5 on one GPU), and the
 #   all-reduces 2.0 ms with NCCL: 65 of them, 2 MiB each, a fifth of the step. That is the cost tensor
 #   parallelism adds, and the one-shot all-reduce takes it to about 1.4 ms (21 against 35 us each,
 #   inside a CUDA graph, in the table's microbenchmark).
 # - **vLLM at tp=2 needed one switch.** On a Hopper with two GPUs, vLLM 0.26 fuses each all-reduce with
-#   the RMSNorm after it through FlashInfer, whose default all-reduce ("mnnvl") maps NVLink multicast
-#   memory, which this machine keeps switched off: its CUDA-graph capture failed with an illegal memory
-#   access. `benchmarks/compare_vllm.py` turns the fusion off for tp > 1 (and tells FlashInfer to use its
-#   peer-to-peer all-reduce), so the vLLM row is vLLM with NCCL, as ours is by default.
+#   the RMSNorm after it through FlashInfer, whose all-reduce backend "auto" picks "mnnvl", which maps
+#   NVLink multicast memory, and this machine keeps multicast switched off: its CUDA-graph capture failed
+#   with an illegal memory access. `benchmarks/compare_vllm.py` turns the fusion off for tp > 1 (and
+#   `benchmarks/common.py` points FlashInfer's all-reduce at its peer-to-peer backend, as a guard), so the
+#   vLLM row is vLLM with NCCL, as ours is by default.
 # - **The 2-GPU tests pass**: the engine's tokens at tp=2 equal tp=1's with NCCL (synchronous and one
 #   step ahead) and with the one-shot all-reduce, bf16 stays within rounding of the top tokens, close()
 #   gives GPU 1 its memory back, and a fresh process's first engine uses the one-shot all-reduce while

@@ -126,6 +126,25 @@ def test_paged_decode_splits(device, dtype, num_splits):
     check_decode(device, dtype, HEADS[2], seed=3, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [2, 5, None])
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_decode_in_a_table_as_wide_as_a_cuda_graph(device, num_splits):
+    """A CUDA graph's block table is as wide as the longest sequence the engine allows (here 1,024
+    tokens, most columns never read): each sequence splits its own context, short ones into fewer
+    splits, and every key is still counted once."""
+    hq, hkv, d = HEADS[1]
+    context_lens = [1, 40, 130, 257]
+    k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, d, torch.float32, device, seed=5)
+    unread = torch.randint(0, NUM_BLOCKS, (len(context_lens), 64 - tables.shape[1]), generator=g)
+    wide = torch.cat([tables, unread.to(device, torch.int32)], dim=1)
+    q = torch.randn(len(context_lens), hq, d, generator=g).to(device)
+    out = paged_decode_attention_triton(
+        q, k_cache, v_cache, wide, lens, d**-0.5, num_splits=num_splits
+    )
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, d**-0.5)
+    torch.testing.assert_close(out, expected, **tolerance(device, torch.float32))
+
+
 # block_n 16 and 64 read whole pages of 16; over pages of 32, block_n 16 looks up each key's page
 @pytest.mark.parametrize("block_n, block_size", [(16, 16), (64, 16), (16, 32)])
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,7 +1,6 @@
 """The benchmark scripts, as far as they run without a GPU: the command lines, the no-GPU exits, the shared
 measurements on a stand-in engine, HF's static-batch accounting on a tiny model, and summarize.py's table."""
 
-import argparse
 import json
 import os
 import subprocess
@@ -480,21 +479,19 @@ def test_profiles_other_than_the_default_have_their_own_files_and_stay_out_of_th
     import profile_step
     import report
 
-    def path(**kw):
-        defaults = dict(
-            model="llama3-8b",
-            engine="mini_infer",
-            tensor_parallel_size=1,
-            batch=256,
-            custom_all_reduce=False,
-        )
-        return profile_step.output_path(argparse.Namespace(**{**defaults, **kw})).name
+    def path(*flags):
+        return profile_step.output_path(profile_step.parser().parse_args(flags)).name
 
-    assert path() == "profile_llama3-8b.json"
-    assert path(engine="vllm") == "profile_llama3-8b_vllm.json"
-    assert path(tensor_parallel_size=2, batch=1) == "profile_llama3-8b_tp2_bs1.json"
+    llama = ("--model", "llama3-8b")
+    assert path(*llama) == "profile_llama3-8b.json"
+    assert path(*llama, "--engine", "vllm") == "profile_llama3-8b_vllm.json"
     assert (
-        path(tensor_parallel_size=2, custom_all_reduce=True) == "profile_llama3-8b_tp2_oneshot.json"
+        path(*llama, "--tensor-parallel-size", "2", "--batch", "1")
+        == "profile_llama3-8b_tp2_bs1.json"
+    )
+    assert (
+        path(*llama, "--tensor-parallel-size", "2", "--custom-all-reduce", "--sync-scheduling")
+        == "profile_llama3-8b_tp2_oneshot_sync.json"
     )
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     for name in ("profile_llama3-8b.json", "profile_llama3-8b_vllm.json"):

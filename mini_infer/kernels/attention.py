@@ -140,7 +140,6 @@ def _decode_split_kernel(
     stride_qh,
     stride_bt,
     qk_scale,
-    split_len,
     num_splits,
     GROUP: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -149,10 +148,14 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     STORE_LSE: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    # this sequence's own context in num_splits parts of whole tiles, none shorter than MIN_SPLIT (a short
+    # context leaves the last splits empty)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
     lo = split * split_len
     hi = tl.minimum(context_len, lo + split_len)
 
@@ -252,10 +255,21 @@ def padded_head_dim(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
+MIN_SPLIT_KEYS = (
+    64  # no flash-decoding split shorter than this (on an H100, shorter ones never won)
+)
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Splits per sequence for flash-decoding: about four programs per SM (each one's loop waits on
-    dependent loads, block table then K/V, so many programs hide that latency), no split under 64 keys."""
-    return max(1, min(triton.cdiv(4 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, 64)))
+    dependent loads, block table then K/V, so many programs hide that latency), no split under
+    MIN_SPLIT_KEYS keys of the longest possible context."""
+    return max(
+        1,
+        min(
+            triton.cdiv(4 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, MIN_SPLIT_KEYS)
+        ),
+    )
 
 
 def paged_decode_attention_triton(
@@ -294,7 +308,6 @@ def paged_decode_attention_triton(
             torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         )
         num_splits = decode_num_splits(B, Hkv, max_context, num_sms)
-    split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     if num_splits == 1:  # one program per (sequence, KV head) writes its output: no reduce
         o_part, lse_part = o, None
@@ -314,7 +327,6 @@ def paged_decode_attention_triton(
         q.stride(1),
         block_tables.stride(0),
         scale * LOG2E,
-        split_len,
         num_splits,
         GROUP=Hq // Hkv,
         NUM_KV_HEADS=Hkv,
@@ -323,6 +335,7 @@ def paged_decode_attention_triton(
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         BLOCK_N=block_n,
+        MIN_SPLIT=triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n,
         STORE_LSE=num_splits > 1,
         num_warps=num_warps,
         num_stages=num_stages,
