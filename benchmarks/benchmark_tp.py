@@ -54,8 +54,8 @@ def main() -> None:
     }
     rows = []
     if args.only != "latency":
-        measured = common.measure_throughput(generate, *common.workload(args))
-        rows.append(({**tag, "policy": "continuous", **measured}, args.throughput_out))
+        for measured in common.throughput_runs(generate, args):
+            rows.append(({**tag, "policy": "continuous", **measured}, args.throughput_out))
     if args.only != "throughput":
         rows.append(({**tag, **common.measure_latency(generate)}, args.latency_out))
     memory = gpu0_memory(llm)

@@ -79,6 +79,13 @@ def parser(doc: str, outputs: tuple[str, ...]) -> argparse.ArgumentParser:
         )
         ap.add_argument("--max-input", type=int, default=1024)
         ap.add_argument("--max-output", type=int, default=1024)
+        ap.add_argument(
+            "--repeat",
+            type=int,
+            default=1,
+            help="timed throughput runs in one engine, a row each (a run's token ids are moved by 2 per "
+            "earlier run, so that no prefix an earlier run cached serves it)",
+        )
     for kind in outputs:
         flags = [f"--{kind}-out"] + (["--out"] if len(outputs) == 1 else [])
         ap.add_argument(
@@ -109,6 +116,12 @@ def workload(args) -> tuple[list[list[int]], list[int]]:
     return prompts[: args.num_seqs], lengths[: args.num_seqs]
 
 
+def throughput_runs(generate, args):
+    """`args.repeat` measurements of the workload (measure_throughput's) in one engine, one at a time."""
+    prompts, lengths = workload(args)
+    return (measure_throughput(generate, prompts, lengths, run) for run in range(args.repeat))
+
+
 def gpu_missing(script: str) -> bool:
     """True (after saying so) when PyTorch sees no CUDA GPU."""
     import torch
@@ -137,14 +150,23 @@ def timed(fn, *args):
     return result, time.perf_counter() - start
 
 
-def measure_throughput(generate, prompts: list[list[int]], lengths: list[int]) -> dict:
+def moved(prompts: list[list[int]], by: int) -> list[list[int]]:
+    """The prompts with every token id moved by `by`: the same lengths, and no prefix in common with them."""
+    return [[t + by for t in p] for p in prompts] if by else prompts
+
+
+def measure_throughput(
+    generate, prompts: list[list[int]], lengths: list[int], run: int = 0
+) -> dict:
+    """The throughput protocol (the module docstring) on `prompts`, or with run > 0, a later run in the same
+    engine, on the prompts moved by 2 x run."""
     generate([list(range(1, 17))], [16], TEMPERATURE)  # warm-up
-    produced, seconds = timed(generate, prompts, lengths, TEMPERATURE)
+    produced, seconds = timed(generate, moved(prompts, 2 * run), lengths, TEMPERATURE)
     assert produced == sum(lengths), f"{produced} output tokens, expected {sum(lengths)}"
     # An estimate of the prefill's share of that time (the timed call interleaves it with decoding): the
-    # same prompts with one output token each, every token id moved by one so that no prefix the timed
-    # call cached serves them.
-    fresh = [[t + 1 for t in p] for p in prompts]
+    # same prompts with one output token each, every token id moved by one more, so that no prefix the
+    # timed call cached serves them.
+    fresh = moved(prompts, 2 * run + 1)
     _, prefill_seconds = timed(generate, fresh, [1] * len(prompts), TEMPERATURE)
     return {
         "num_seqs": len(prompts),

@@ -123,16 +123,8 @@ def main() -> int:
     }
     rows = []
     if args.only != "latency":
-        rows.append(
-            (
-                {
-                    **tag,
-                    "policy": "continuous",
-                    **common.measure_throughput(generate, *common.workload(args)),
-                },
-                args.throughput_out,
-            )
-        )
+        for measured in common.throughput_runs(generate, args):
+            rows.append(({**tag, "policy": "continuous", **measured}, args.throughput_out))
     if args.only != "throughput":
         rows.append(({**tag, **common.measure_latency(generate)}, args.latency_out))
     for row, out in rows:  # only now: naming the device opens a CUDA context in this process

@@ -15,13 +15,15 @@
 # Wall time on an H100, estimated from the reference start-up times: SmolLM2 ~4 min, Qwen3 ~4.5 min,
 # Llama-3-8B ~5.5 min with both vLLM backends (about 1.5 min less each with one); HF with HF_SEQS=32
 # about 5 min for the three. So give one model per command where a command may run 10 minutes.
-# Environment: PYTHON (python3), ENGINES ("mini_infer vllm"; add or give "hf"), VLLM_BACKENDS, HF_SEQS (32).
+# Environment: PYTHON (python3), ENGINES ("mini_infer vllm"; add or give "hf"), VLLM_BACKENDS, HF_SEQS (32),
+# REPEAT (1): timed throughput runs per engine start, a row each (summarize.py compares each engine's best).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 ENGINES=${ENGINES:-mini_infer vllm}
 VLLM_BACKENDS=${VLLM_BACKENDS:-auto TRITON_ATTN}
 HF_SEQS=${HF_SEQS:-32}
+REPEAT=${REPEAT:-1}
 KIT=${KIT:-/tmp/kit}
 export VLLM_SITE=${VLLM_SITE:-/tmp/site}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # mini_infer from this tree
@@ -41,10 +43,12 @@ if racing vllm && [ ! -d "$VLLM_SITE/vllm" ] && [ -f "$KIT/.vk7/install.sh" ]; t
 fi
 
 for model in "${MODELS[@]}"; do
-    if racing mini_infer; then step "$PY" benchmarks/benchmark_throughput.py --model "$model" --quiet; fi
+    if racing mini_infer; then
+        step "$PY" benchmarks/benchmark_throughput.py --model "$model" --quiet --repeat "$REPEAT"
+    fi
     if racing vllm; then
         for backend in $VLLM_BACKENDS; do
-            optional "$PY" benchmarks/compare_vllm.py --model "$model" \
+            optional "$PY" benchmarks/compare_vllm.py --model "$model" --repeat "$REPEAT" \
                 $([ "$backend" = auto ] || echo --attention-backend "$backend")
         done
     fi

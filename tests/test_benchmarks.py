@@ -106,6 +106,24 @@ def test_measure_throughput_warms_up_then_times_one_call_then_the_prefill():
     assert row["tokens_per_s"] > 0 and row["prefill_seconds"] >= 0
 
 
+def test_repeated_runs_in_one_engine_never_meet_a_cached_prefix():
+    seen = []
+
+    def generate(prompts, max_tokens, temperature):
+        seen.append(prompts)
+        return sum(max_tokens)
+
+    args = common.parser("", ("throughput",)).parse_args(["--num-seqs", "2", "--repeat", "2"])
+    rows = list(common.throughput_runs(generate, args))
+    prompts, _ = common.workload(args)
+    assert len(rows) == 2 and len(seen) == 6  # a warm-up, a timed call and a prefill call per run
+    timed_and_prefill = [seen[i] for i in (1, 2, 4, 5)]
+    assert timed_and_prefill[0] == prompts  # the first run is the workload itself
+    assert timed_and_prefill[3] == common.moved(prompts, 3)
+    firsts = [tuple(p[0] for p in call) for call in timed_and_prefill]
+    assert len(set(firsts)) == 4  # no call's prompts begin as another's do
+
+
 def test_measure_latency_uses_fresh_greedy_prompts():
     calls, prompts = [], []
     engine = fake_engine(calls)
