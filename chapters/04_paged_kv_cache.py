@@ -904,7 +904,9 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
 
 # %%
 #| export mini_infer.kernels.attention
-@triton.jit
+# the block table's row stride and the split count change with the step outside CUDA graphs: not
+# specialized, as in the prefill kernel below
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -987,7 +989,7 @@ def _decode_split_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     o_part_ptr,
     lse_part_ptr,
@@ -1262,9 +1264,10 @@ for num_splits in [1, 3, None]:
 
 # %%
 #| export mini_infer.kernels.attention
-# num_seqs changes from step to step: not specialized (Triton would compile a variant for 1 and for multiples
-# of 16 the first time a step has such a count, in the middle of a run)
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs changes from step to step, and so does the block table's row stride outside CUDA graphs (the
+# step's longest request sets it): neither is specialized (Triton would compile a variant for 1 and for
+# multiples of 16 the first time a step has such a value, in the middle of a run)
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

@@ -127,7 +127,9 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
     return m_new, l_i, acc
 
 
-@triton.jit
+# the block table's row stride and the split count change with the step outside CUDA graphs: not
+# specialized, as in the prefill kernel below
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -210,7 +212,7 @@ def _decode_split_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     o_part_ptr,
     lse_part_ptr,
@@ -389,9 +391,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-# num_seqs changes from step to step: not specialized (Triton would compile a variant for 1 and for multiples
-# of 16 the first time a step has such a count, in the middle of a run)
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs changes from step to step, and so does the block table's row stride outside CUDA graphs (the
+# step's longest request sets it): neither is specialized (Triton would compile a variant for 1 and for
+# multiples of 16 the first time a step has such a value, in the middle of a run)
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
