@@ -18,25 +18,35 @@ def run(args) -> list[dict]:
     """One engine, --repeat rows."""
     llm = common.mini_infer_llm(args, static=args.static)
     generate = common.mini_infer_generate(llm, progress=not args.quiet)
-    rows, before = [], 0  # preemptions so far: the scheduler counts them for the engine's life
-    for measured in common.throughput_runs(generate, args):
-        preemptions = llm.engine.scheduler.num_preemptions - before
-        before += preemptions
-        rows.append(
-            {
-                "engine": "mini_infer",
-                "model": args.model,
-                "policy": "static" if args.static else "continuous",
-                "workload": args.workload,
-                **measured,
-                "kv_blocks": llm.engine.runner.num_blocks,
-                "preemptions": preemptions,
-                "max_num_seqs": args.max_num_seqs,
-                "cuda_graphs": not args.enforce_eager,
-                "async_scheduling": llm.engine.async_scheduling,
-                "tensor_parallel_size": args.tensor_parallel_size,
-            }
-        )
+    rows, preempted, built = (
+        [],
+        0,
+        0,
+    )  # the engine's counts before this run (they add up over its life)
+    with common.jit_variants() as variants:
+        for measured in common.throughput_runs(generate, args):
+            preemptions, new_variants = (
+                llm.engine.scheduler.num_preemptions - preempted,
+                len(variants) - built,
+            )
+            preempted, built = llm.engine.scheduler.num_preemptions, len(variants)
+            rows.append(
+                {
+                    "engine": "mini_infer",
+                    "model": args.model,
+                    "policy": "static" if args.static else "continuous",
+                    "workload": args.workload,
+                    **measured,
+                    "kv_blocks": llm.engine.runner.num_blocks,
+                    "preemptions": preemptions,
+                    # Triton kernels built during this run (its warm-up included): each may cost a compile
+                    "jit_variants": new_variants,
+                    "max_num_seqs": args.max_num_seqs,
+                    "cuda_graphs": not args.enforce_eager,
+                    "async_scheduling": llm.engine.async_scheduling,
+                    "tensor_parallel_size": args.tensor_parallel_size,
+                }
+            )
     return rows
 
 

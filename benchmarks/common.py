@@ -16,6 +16,7 @@ per token = (wall time - time to first token) / 511.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -114,6 +115,33 @@ def workload(args) -> tuple[list[list[int]], list[int]]:
 
     prompts, lengths = benchmark_workload(max(args.num_seqs, 256), args.max_input, args.max_output)
     return prompts[: args.num_seqs], lengths[: args.num_seqs]
+
+
+@contextlib.contextmanager
+def jit_variants():
+    """The names of the Triton kernel variants this process builds (or loads from Triton's disk cache)
+    inside the block, in a list that fills as they come: a variant first needed in the middle of a timed
+    run costs its compile time there, on a machine whose cache is cold. Stays empty where Triton has no
+    such hook, or runs its interpreter (which compiles nothing)."""
+    names: list[str] = []
+    try:
+        import triton
+
+        runtime = triton.knobs.runtime
+    except (ImportError, AttributeError):
+        yield names
+        return
+    previous = runtime.jit_post_compile_hook
+
+    def hook(**kwargs):
+        names.append(getattr(kwargs.get("fn"), "name", "?"))
+        return previous(**kwargs) if previous else None
+
+    runtime.jit_post_compile_hook = hook
+    try:
+        yield names
+    finally:
+        runtime.jit_post_compile_hook = previous
 
 
 def throughput_runs(generate, args):

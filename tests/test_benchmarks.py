@@ -124,6 +124,18 @@ def test_repeated_runs_in_one_engine_never_meet_a_cached_prefix():
     assert len(set(firsts)) == 4  # no call's prompts begin as another's do
 
 
+def test_jit_variants_lists_the_kernels_triton_builds_inside_the_block():
+    from types import SimpleNamespace
+
+    import triton
+
+    runtime = triton.knobs.runtime
+    before = runtime.jit_post_compile_hook
+    with common.jit_variants() as names:
+        runtime.jit_post_compile_hook(key=None, fn=SimpleNamespace(name="_rope_kernel"))
+    assert names == ["_rope_kernel"] and runtime.jit_post_compile_hook is before
+
+
 def test_measure_latency_uses_fresh_greedy_prompts():
     calls, prompts = [], []
     engine = fake_engine(calls)
