@@ -18,6 +18,10 @@
 # Environment: PYTHON (python3), ENGINES ("mini_infer vllm"; add or give "hf"), VLLM_BACKENDS, HF_SEQS (32),
 # REPEAT (1): timed throughput runs per engine start, a row each (summarize.py compares each engine's best).
 set -euo pipefail
+if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then  # the comment above is the usage
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 ENGINES=${ENGINES:-mini_infer vllm}

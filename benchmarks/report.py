@@ -13,6 +13,7 @@ What is shown, chosen by `summarize.newest_side_by_side`:
 tests/test_readme.py checks that README.md holds exactly what this renders from the committed files.
 """
 
+import argparse
 import json
 
 import common
@@ -328,6 +329,9 @@ def race_figure(summary: dict):
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()  # --help, and a clear error for anything else, before any file is written
     README.write_text(readme_with_section(README.read_text()))
     print(f"rewrote the results section of {README.name}")
     if summary := race():

@@ -128,6 +128,20 @@ def default_device() -> torch.device:
     return torch.device(forced or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def as_device(device) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:N" or such a torch.device), or default_device() when None. Raises
+    ValueError for anything else: the engine's kernels and references run on those two."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):  # not a device at all
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    return resolved
+
+
 def default_dtype(device) -> torch.dtype:
     """bf16 on GPUs with native bf16 (compute capability 8.0+), fp16 on older GPUs (a T4), fp32 on the CPU."""
     device = torch.device(device)
@@ -393,6 +407,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -403,7 +418,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from mini_infer.config import ModelConfig
-from mini_infer.device import default_device, resolve_dtype
+from mini_infer.device import as_device, resolve_dtype
 from mini_infer.models.llama import LlamaForCausalLM
 
 
@@ -1854,8 +1869,14 @@ def load_model(
     `shard`: a function that turns the empty model (on the meta device) into the part this process
     holds, e.g. one GPU's shard (Chapter 9); every checkpoint tensor is then streamed into that part,
     which keeps its slice of it, so the whole model is never on the device. `tokenizer=False` skips the
-    tokenizer (LoadedModel.tokenizer is None)."""
-    device = torch.device(device) if device is not None else default_device()
+    tokenizer (LoadedModel.tokenizer is None). Raises TypeError for a `model` of another type, ValueError
+    for an unknown device."""
+    if model is not None and not isinstance(model, (str, os.PathLike, dict)):
+        raise TypeError(
+            "model must be a path, a Hugging Face id, a config dict (load_format='dummy') or None (the "
+            f"embedded SmolLM2), got {type(model).__name__}"
+        )
+    device = as_device(device)
     dtype = resolve_dtype(dtype, device)
     if load_format == "dummy":
         return load_dummy(model, dtype, device, max_model_len, shard=shard)

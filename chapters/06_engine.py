@@ -1589,7 +1589,7 @@ import torch
 
 from mini_infer.core.scheduler import Scheduler
 from mini_infer.core.sequence import Sequence
-from mini_infer.device import default_device, set_cpu_threads
+from mini_infer.device import as_device, set_cpu_threads
 from mini_infer.engine.input_processor import EngineRequest, InputProcessor
 from mini_infer.engine.output_processor import OutputProcessor
 from mini_infer.loader import load_model
@@ -1788,7 +1788,7 @@ class LLMEngine(_EngineRequests, _EngineStep):
         self.speculative_config = SpeculativeConfig.from_dict(speculative_config)  # Chapter 10
         if self.speculative_config and tensor_parallel_size > 1:
             raise ValueError("speculative_config does not work with tensor_parallel_size > 1 yet")
-        device = torch.device(device) if device is not None else default_device()
+        device = as_device(device)
         if device.type == "cpu":
             set_cpu_threads()  # a few threads, unless the user chose (Chapter 1 says why)
         load_args = dict(
@@ -1899,7 +1899,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from mini_infer.engine.input_processor import EngineRequest, is_single_prompt
+from mini_infer.engine.input_processor import EngineRequest, is_chat, is_single_prompt
 from mini_infer.engine.llm_engine import LLMEngine
 from mini_infer.outputs import CompletionOutput, RequestOutput
 from mini_infer.sampling_params import RequestOutputKind, SamplingParams
@@ -2052,8 +2052,18 @@ class LLM(_LLMSteps):
         return [results[r.request_id] for r in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate replies to one chat (a list of messages) or to several."""
-        return self.generate(messages, sampling_params, use_tqdm)
+        """Generate replies to one chat (a list of {"role", "content"} messages) or to several (a list of
+        chats), each through the model's chat template. Raises TypeError for anything else (a plain prompt
+        goes to `generate`), ValueError for a conversation without messages."""
+        chats = [messages] if is_chat(messages) else messages
+        if isinstance(chats, (list, tuple)) and chats and all(is_chat(c) for c in chats):
+            return self.generate(messages, sampling_params, use_tqdm)
+        if isinstance(chats, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in chats):
+            raise ValueError("chat() needs a conversation with at least one message")
+        raise TypeError(
+            "chat() takes a conversation (a list of {'role': ..., 'content': ...} messages) or a list "
+            f"of them, got {type(messages).__name__}: use generate() for a plain prompt"
+        )
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the new text of one request as it is produced, up to its first stop string. Other queued

@@ -23,6 +23,20 @@ def default_device() -> torch.device:
     return torch.device(forced or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def as_device(device) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:N" or such a torch.device), or default_device() when None. Raises
+    ValueError for anything else: the engine's kernels and references run on those two."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):  # not a device at all
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    return resolved
+
+
 def default_dtype(device) -> torch.dtype:
     """bf16 on GPUs with native bf16 (compute capability 8.0+), fp16 on older GPUs (a T4), fp32 on the CPU."""
     device = torch.device(device)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from mini_infer.engine.input_processor import EngineRequest, is_single_prompt
+from mini_infer.engine.input_processor import EngineRequest, is_chat, is_single_prompt
 from mini_infer.engine.llm_engine import LLMEngine
 from mini_infer.outputs import CompletionOutput, RequestOutput
 from mini_infer.sampling_params import RequestOutputKind, SamplingParams
@@ -158,8 +158,18 @@ class LLM(_LLMSteps):
         return [results[r.request_id] for r in requests]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate replies to one chat (a list of messages) or to several."""
-        return self.generate(messages, sampling_params, use_tqdm)
+        """Generate replies to one chat (a list of {"role", "content"} messages) or to several (a list of
+        chats), each through the model's chat template. Raises TypeError for anything else (a plain prompt
+        goes to `generate`), ValueError for a conversation without messages."""
+        chats = [messages] if is_chat(messages) else messages
+        if isinstance(chats, (list, tuple)) and chats and all(is_chat(c) for c in chats):
+            return self.generate(messages, sampling_params, use_tqdm)
+        if isinstance(chats, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in chats):
+            raise ValueError("chat() needs a conversation with at least one message")
+        raise TypeError(
+            "chat() takes a conversation (a list of {'role': ..., 'content': ...} messages) or a list "
+            f"of them, got {type(messages).__name__}: use generate() for a plain prompt"
+        )
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the new text of one request as it is produced, up to its first stop string. Other queued

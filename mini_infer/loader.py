@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -17,7 +18,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from mini_infer.config import ModelConfig
-from mini_infer.device import default_device, resolve_dtype
+from mini_infer.device import as_device, resolve_dtype
 from mini_infer.models.llama import LlamaForCausalLM
 
 
@@ -314,8 +315,14 @@ def load_model(
     `shard`: a function that turns the empty model (on the meta device) into the part this process
     holds, e.g. one GPU's shard (Chapter 9); every checkpoint tensor is then streamed into that part,
     which keeps its slice of it, so the whole model is never on the device. `tokenizer=False` skips the
-    tokenizer (LoadedModel.tokenizer is None)."""
-    device = torch.device(device) if device is not None else default_device()
+    tokenizer (LoadedModel.tokenizer is None). Raises TypeError for a `model` of another type, ValueError
+    for an unknown device."""
+    if model is not None and not isinstance(model, (str, os.PathLike, dict)):
+        raise TypeError(
+            "model must be a path, a Hugging Face id, a config dict (load_format='dummy') or None (the "
+            f"embedded SmolLM2), got {type(model).__name__}"
+        )
+    device = as_device(device)
     dtype = resolve_dtype(dtype, device)
     if load_format == "dummy":
         return load_dummy(model, dtype, device, max_model_len, shard=shard)

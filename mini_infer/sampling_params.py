@@ -60,6 +60,12 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
+        for (
+            name
+        ) in FLOAT_FIELDS:  # before comparing them: "0.7" < 1 would be a TypeError naming nothing
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(
                 f"n (the number of samples) must be a positive integer, got {self.n!r}"
@@ -84,7 +90,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(
-                f"max_tokens must be a positive integer or None, got {self.max_tokens}"
+                f"max_tokens must be a positive integer or None, got {self.max_tokens!r}"
             )
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
@@ -137,3 +143,13 @@ class SamplingParams:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)

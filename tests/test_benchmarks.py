@@ -54,6 +54,19 @@ def test_cpu_quickstart_help():
     assert "--threads" in result.stdout and "--code" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["bash", "benchmarks/race.sh", "--help"], [sys.executable, "benchmarks/report.py", "--help"]],
+    ids=["race.sh", "report.py"],
+)
+def test_help_of_the_scripts_that_write_files_writes_nothing(command):
+    readme = (ROOT / "README.md").stat().st_mtime_ns
+    result = run(*command)
+    assert result.returncode == 0, result.stderr
+    assert "README" in result.stdout or "REPEAT" in result.stdout
+    assert (ROOT / "README.md").stat().st_mtime_ns == readme
+
+
 def test_race_exits_cleanly_without_a_gpu():
     result = run("bash", "benchmarks/race.sh", PYTHON=sys.executable)
     assert result.returncode == 0, result.stderr

@@ -245,11 +245,18 @@ def test_missing_embedded_model_says_how_to_install(monkeypatch):
         load_model()
 
 
-def test_bad_load_format_and_dtype():
+def test_bad_load_format_dtype_device_and_model():
     with pytest.raises(ValueError, match="load_format"):
         load_model(TINY, load_format="pickle")
     with pytest.raises(ValueError, match="float64"):
         load_model(TINY, dtype="float64", load_format="dummy")
+    for device in ("tpu", 3.5, "mps"):
+        with pytest.raises(
+            ValueError, match=r"device must be 'cpu' or 'cuda' \(or 'cuda:N'\), got"
+        ):
+            load_model(TINY, device=device, load_format="dummy")
+    with pytest.raises(TypeError, match="model must be a path, .* got int"):
+        load_model(123)
 
 
 # --- config ----------------------------------------------------------------------------------------------

@@ -159,6 +159,9 @@ def test_min_p_top_k_zero_and_tiny_temperatures(smol):
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
         ({"logprobs": 21}, "logprobs"),
+        ({"temperature": "hot"}, "temperature must be a number, got 'hot' \\(str\\)"),
+        ({"top_p": None}, "top_p must be a number"),
+        ({"max_tokens": "8"}, "max_tokens must be a positive integer or None, got '8'"),
     ):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**bad)
@@ -206,6 +209,20 @@ def test_the_engines_seed_repeats_unseeded_sampling():
         ]
 
     assert run(7) == run(7) != run(8)
+
+
+@pytest.mark.parametrize(
+    "messages, error, match",
+    [
+        ("What is the capital of France?", TypeError, "use generate\\(\\) for a plain prompt"),
+        ([], ValueError, "at least one message"),
+        ([[]], ValueError, "at least one message"),
+        ([1, 2, 3], TypeError, "takes a conversation"),
+    ],
+)
+def test_chat_takes_conversations_only(smol, messages, error, match):
+    with pytest.raises(error, match=match):
+        smol.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
 
 
 def test_an_unknown_engine_argument_names_llm():

@@ -7,7 +7,7 @@ import torch
 
 from mini_infer.core.scheduler import Scheduler
 from mini_infer.core.sequence import Sequence
-from mini_infer.device import default_device, set_cpu_threads
+from mini_infer.device import as_device, set_cpu_threads
 from mini_infer.engine.input_processor import EngineRequest, InputProcessor
 from mini_infer.engine.output_processor import OutputProcessor
 from mini_infer.loader import load_model
@@ -200,7 +200,7 @@ class LLMEngine(_EngineRequests, _EngineStep):
         self.speculative_config = SpeculativeConfig.from_dict(speculative_config)  # Chapter 10
         if self.speculative_config and tensor_parallel_size > 1:
             raise ValueError("speculative_config does not work with tensor_parallel_size > 1 yet")
-        device = torch.device(device) if device is not None else default_device()
+        device = as_device(device)
         if device.type == "cpu":
             set_cpu_threads()  # a few threads, unless the user chose (Chapter 1 says why)
         load_args = dict(
