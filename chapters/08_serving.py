@@ -141,8 +141,9 @@ print(stop_pieces, "stopped:", stopped.stopped, repr(stopped.text))
 #
 # Between two steps the thread runs the calls that the event loop posted (add a request, abort one), so a
 # request joins the running batch at the next step: continuous batching across clients. The engine thread
-# also owns the tokenizer: `add_request` runs the input processor there (the chat template, the checks),
-# and a bad request's error travels back to the waiting coroutine, which answers 400. After each step it
+# also owns the tokenizer: the input processor runs there (the chat template, the checks), then any check
+# of the caller's own on the prompt's token ids (a server's limits, which need the prompt's length), and a
+# bad request's error travels back to the waiting coroutine, which answers 400. After each step it
 # hands the step's `RequestOutput`s to the event loop in one `call_soon_threadsafe`, which puts them in the
 # per-request `asyncio.Queue`s that the request coroutines await. With nothing to run, the thread sleeps on
 # its inbox instead of spinning. Cancellation is the same road back: when a client hangs up, its coroutine
@@ -157,7 +158,7 @@ import asyncio
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from mini_infer.engine.llm_engine import LLMEngine
 from mini_infer.outputs import RequestOutput
@@ -196,10 +197,16 @@ class AsyncLLMEngine:
         self._inbox.put(None)
         self._thread.join()
 
-    async def generate(self, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Queue a request, raising TypeError or ValueError (the InputProcessor's) if it is invalid; return
-        its outputs as they come, as `params.output_kind` asks (DELTA to stream). Leaving the iteration
-        early (a client that hung up, a task cancelled) aborts the request."""
+    async def generate(
+        self,
+        prompt,
+        params: SamplingParams,
+        check: Callable[[list[int]], None] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request, raising TypeError or ValueError (the InputProcessor's, or `check`'s: the
+        caller's own test of the prompt's token ids, run on the engine thread once they are known) if it
+        is invalid; return its outputs as they come, as `params.output_kind` asks (DELTA to stream).
+        Leaving the iteration early (a client that hung up, a task cancelled) aborts the request."""
         request_id, outputs, added = (
             str(next(self._ids)),
             asyncio.Queue(),
@@ -208,7 +215,7 @@ class AsyncLLMEngine:
         with self._lock:  # so that the engine thread cannot close between the check and the post
             if self.error is not None or self._closed:
                 raise RuntimeError(f"the engine is not running: {self.error or 'shut down'}")
-            self._inbox.put(lambda: self._add(request_id, prompt, params, outputs, added))
+            self._inbox.put(lambda: self._add(request_id, prompt, params, check, outputs, added))
         try:
             await added
         except asyncio.CancelledError:
@@ -271,13 +278,18 @@ class AsyncLLMEngine:
         request_id: str,
         prompt,
         params: SamplingParams,
+        check: Callable[[list[int]], None] | None,
         outputs: asyncio.Queue,
         added: asyncio.Future,
     ) -> None:
         error = RuntimeError("the engine shut down") if self._closed else None
         if error is None:
             try:
-                self.engine.add_request(request_id, prompt, params)
+                # tokenized here, where the tokenizer lives; the engine takes the request as made
+                request = self.engine.input_processor.process(request_id, prompt, params)
+                if check is not None:
+                    check(request.prompt_token_ids)
+                self.engine.add_request(request_id, request)
                 self._queues[request_id] = outputs
             except (TypeError, ValueError) as e:  # a bad prompt or params: the caller answers 400
                 error = e
@@ -375,18 +387,29 @@ engine.shutdown()
 # %% [markdown]
 # ## 8.3 The wire format
 #
-# OpenAI's API is JSON over HTTP. A request names the model, the prompt (`/v1/completions`) or the chat
-# messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the sampling fields
-# people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of the prompt, up to
-# 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's `top_logprobs`),
-# plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and `ignore_eos`. pydantic
-# checks the types; `SamplingParams` checks the values and names the field when one is not allowed. Where
-# OpenAI's schema lets a field be null (the sampling and streaming fields: the `openai` package's request
-# types, generated from that schema, mark them `Optional`), null means the default, as if the field were
-# left out: `temperature: null` samples at 1.0. The answer carries the text, why it ended
-# (`finish_reason`: "stop" for the end-of-sequence token or a stop string, "length" for `max_tokens`) and
-# the `usage` counts; with `n` > 1, one choice per completion (`index` 0 to n-1), the usage counting the
-# tokens of all of them.
+# OpenAI's API is JSON over HTTP. A request names the model (optional here, as in vLLM: the server has
+# one, and another name gets a 404, "The model `gpt-4` does not exist."), the prompt (`/v1/completions`)
+# or the chat messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the
+# sampling fields people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of
+# the prompt, up to 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's
+# `top_logprobs`), plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and
+# `ignore_eos`. pydantic checks the types; `SamplingParams` checks the values and names the field when one
+# is not allowed. Where OpenAI's schema lets a field be null (the sampling and streaming fields: the
+# `openai` package's request types, generated from that schema, mark them `Optional`), null means the
+# default, as if the field were left out: `temperature: null` samples at 1.0. The answer carries the text,
+# why it ended (`finish_reason`: "stop" for the end-of-sequence token or a stop string, "length" for
+# `max_tokens`) and the `usage` counts; with `n` > 1, one choice per completion (`index` 0 to n-1), the
+# usage counting the tokens of all of them.
+#
+# A request must fit in the model's context, `max_model_len` tokens. One that asks for more `max_tokens`
+# (a chat's `max_completion_tokens`) than its prompt leaves room for is refused with a 400 before it
+# runs, in vLLM's words: "This model's maximum context length is 512 tokens. However, you requested 701
+# tokens (301 in the messages, 400 in the completion)...", with `param` "max_tokens" (a chat's prompt is
+# counted after the chat template). Run, it would be cut short at the end of the context, after what may
+# be minutes, and the client would learn only from `finish_reason` that it did not get what it asked
+# for. A request that does not say `max_tokens` asks for nothing precise, so it keeps running until the
+# context is full (a chat) or for 16 tokens (a completion, OpenAI's default), cut short if the context
+# ends first.
 #
 # OpenAI's API has more fields than this server implements, and ignoring one is the worst answer: a client
 # that asks for `logit_bias` or `response_format: {"type": "json_object"}` and gets plain text cannot tell.
@@ -438,6 +461,14 @@ from mini_infer.outputs import CompletionOutput, Logprob
 from mini_infer.sampling_params import SamplingParams
 
 
+class ParamError(ValueError):
+    """A bad request that names the field to blame (an error body's "param")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class OpenAIRequest(BaseModel):
     """A request body, or an object in one, that refuses fields it does not declare."""
 
@@ -458,7 +489,7 @@ class SamplingFields(OpenAIRequest):
     the output, is accepted and ignored.
     """
 
-    model: str
+    model: str | None = None  # null, or left out: the served model (as in vLLM)
     max_tokens: int | None = None  # null: the endpoint's default
     temperature: float | None = None  # null: 1.0
     top_p: float | None = None  # null: 1.0
@@ -516,6 +547,24 @@ class SamplingFields(OpenAIRequest):
     def num_logprobs(self) -> int | None:
         """How many of the most likely tokens to report beside each sampled one; None: no logprobs."""
         return None
+
+    def requested_max_tokens(self) -> int | None:
+        """The max_tokens that the client asked for; None when it left the endpoint's default."""
+        return self.max_tokens
+
+    def check_context_length(self, num_prompt_tokens: int, max_model_len: int) -> None:
+        """Refuse, as vLLM does, a request whose prompt and max_tokens do not fit in the context (run, it
+        would be cut short there, after a long wait). A request without max_tokens stops at the end of the
+        context instead."""
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+            raise ParamError(
+                f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                f"messages, {max_tokens} in the completion). Please reduce the length of the "
+                "messages or completion.",
+                param="max_tokens",
+            )
 
     def _refuse_unsupported(self) -> None:
         for name, nothing in self.NOT_SUPPORTED.items():
@@ -601,6 +650,9 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs true")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -745,7 +797,11 @@ def error(
 #
 # The command line is vLLM's: `mini-infer serve [MODEL] [options]` (also `python -m mini_infer serve`, and
 # `python -m mini_infer.serve [MODEL] [options]`), the model as an optional argument, `--model` as its
-# older spelling, and `--help` showing every default.
+# older spelling, `--help` showing every default and `mini-infer --version` the package's version. A
+# mistake on the command line costs one line, not a traceback: argparse refuses a number out of range
+# (`--port -5`, `--max-num-seqs 0`) before the model loads, and an error in what the user named, found
+# while loading (a model path that is not there, a hub id that cannot be fetched, a value the engine
+# refuses), ends the command the same way, `mini-infer serve: error: ...` and exit code 2.
 
 # %%
 #| export mini_infer.serve.api_server
@@ -767,6 +823,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from mini_infer import __version__
 from mini_infer.device import DTYPES
 from mini_infer.llm import LLM
 from mini_infer.outputs import RequestOutput
@@ -784,9 +841,10 @@ class APIError(Exception):
         message: str,
         kind: str = "invalid_request_error",
         code: str | None = None,
+        param: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.body = status, protocol.error(message, kind, code=code)
+        self.status, self.body = status, protocol.error(message, kind, param, code)
 
 
 # %% [markdown]
@@ -879,19 +937,19 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         chat: bool,
     ):
         """Run one request (of n completions); `prompt()` gives its prompt (raising ValueError for a bad one)."""
-        if body.model != model_name:
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist: this server has {model_name!r}",
-                code="model_not_found",
-            )
+        if body.model is not None and body.model != model_name:  # no model: the served one
+            raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
+
+        def fits(prompt_token_ids: list[int]) -> None:  # on the engine thread, which tokenizes
+            body.check_context_length(len(prompt_token_ids), llm.engine.max_model_len)
+
         try:
             # a chat's default: as long as the context allows
             params = body.sampling_params(default_max_tokens)
             kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
-            outputs = await engine.generate(prompt(), replace(params, output_kind=kind))
+            outputs = await engine.generate(prompt(), replace(params, output_kind=kind), fits)
         except (ValueError, TypeError) as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
         rid, created = protocol.request_id(chat), int(time.time())
         if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -1037,6 +1095,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def checked(convert, ok, requirement: str):
+    """An argparse type: the text as `convert` (int or float) reads it, refused with `requirement` where
+    `ok` says no. Bad numbers are refused with the option's name before the model loads, not after."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"{kind} is needed, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "must be at least 1")
+port = checked(int, lambda v: 0 <= v <= 65535, "a port is 0 (any free one) to 65535")
+memory_share = checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
 def json_object(text: str) -> dict:
     """A command-line value that must be a JSON object (argparse shows the error with the option's name)."""
     try:
@@ -1063,7 +1143,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--model", help="the same as MODEL (vLLM's older spelling)")
     ap.add_argument("--served-model-name", help="the model's id in the API; without it, MODEL")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    ap.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    ap.add_argument("--port", type=port, default=8000, help="the port to listen on")
     ap.add_argument(
         "--load-format",
         default="auto",
@@ -1080,17 +1160,22 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--device", help="cpu or cuda; without it, the GPU when there is one")
     ap.add_argument(
         "--max-model-len",
-        type=int,
+        type=positive_int,
         help="the most tokens of a request, prompt and output; without it, the model's",
     )
-    ap.add_argument("--max-num-seqs", type=int, default=256, help="the most requests in a batch")
     ap.add_argument(
-        "--max-num-batched-tokens", type=int, default=8192, help="the most tokens in a step"
+        "--max-num-seqs", type=positive_int, default=256, help="the most requests in a batch"
+    )
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        type=positive_int,
+        default=8192,
+        help="the most tokens in a step",
     )
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument(
         "--gpu-memory-utilization",
-        type=float,
+        type=memory_share,
         default=0.9,
         help="the share of the GPU's memory for the model and its KV cache",
     )
@@ -1109,21 +1194,26 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
-def run(args: argparse.Namespace) -> None:
-    """Load the model and serve it until interrupted."""
+def run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """Load the model and serve it until interrupted. An error in what the user gave (a model path that
+    is not there, a hub id that cannot be fetched, a value the engine refuses) ends it with one line in
+    `ap`'s name and exit code 2, as argparse's own errors do; a traceback would only hide the message."""
     model = args.model_tag or args.model
-    llm = LLM(
-        model,
-        dtype=args.dtype,
-        device=args.device,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        speculative_config=args.speculative_config,
-    )
+    try:
+        llm = LLM(
+            model,
+            dtype=args.dtype,
+            device=args.device,
+            load_format=args.load_format,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
+            speculative_config=args.speculative_config,
+        )
+    except (OSError, ValueError, TypeError) as e:  # OSError: FileNotFoundError, a failed download
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     name = args.served_model_name or model or EMBEDDED_MODEL_NAME
     uvicorn.run(build_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)
 
@@ -1133,12 +1223,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m mini_infer.serve", description=__doc__, formatter_class=HelpFormatter
     )
-    run(add_arguments(ap).parse_args(argv))
+    ap.add_argument("--version", action="version", version=__version__)
+    run(add_arguments(ap).parse_args(argv), ap)
 
 
 def cli(argv: list[str] | None = None) -> None:
     """The `mini-infer` command, as vLLM's `vllm`: `mini-infer serve [MODEL] [options]`."""
-    ap = argparse.ArgumentParser(prog="mini-infer", formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="mini-infer",
+        description="Mini-Infer, a small LLM inference engine, with an OpenAI-compatible server.",
+        formatter_class=HelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=__version__)  # as `vllm --version`
     commands = ap.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -1147,7 +1243,7 @@ def cli(argv: list[str] | None = None) -> None:
         formatter_class=HelpFormatter,
     )
     add_arguments(serve)
-    run(ap.parse_args(argv))
+    run(ap.parse_args(argv), serve)  # its errors say "mini-infer serve: error: ..."
 
 
 # %%
@@ -1268,8 +1364,8 @@ while llm.engine.has_unfinished_requests():
 print(f"blocks in use after 3 chunks: {in_use}; after hanging up: {free - blocks.num_free_blocks}")
 
 # %% [markdown]
-# Bad requests get a clear 4xx answer in OpenAI's error shape, and the server keeps serving. Nulls, and
-# refused fields at the value that asks for nothing, pass:
+# Bad requests get a clear 4xx answer in OpenAI's error shape, and the server keeps serving. Nulls (a null
+# model is the served one), and refused fields at the value that asks for nothing, pass:
 
 # %% tags=["nbval-check-output"]
 bad = {
@@ -1283,6 +1379,7 @@ bad = {
     "suffix": {"model": model, "prompt": "Hi", "suffix": " and so on."},
     "misspelt field": {"model": model, "prompt": "Hi", "temprature": 0},
     "prompt too long": {"model": model, "prompt": "Hi " * 600},
+    "context overflow": {"model": model, "prompt": "Hi " * 300, "max_tokens": 400},
     "unknown model": {"model": "gpt-4", "prompt": "Hi"},
 }
 for name, body in bad.items():
@@ -1298,7 +1395,7 @@ r = httpx.post(
 print(f"{'unknown role':16} {r.status_code} {r.json()['error']['message']}")
 print("health:", httpx.get(f"{url}/health").json())
 fine = {
-    **{"model": model, "prompt": "Hi", "max_tokens": 2, "temperature": 0},
+    **{"model": None, "prompt": "Hi", "max_tokens": 2, "temperature": 0},  # null: the served model
     **{"top_p": None, "n": None, "stream": None, "stop": None, "stream_options": None},
     **{"logit_bias": {}, "echo": False, "presence_penalty": 0, "user": "a reader"},
 }
@@ -1460,6 +1557,7 @@ server.close()  # stop uvicorn and the engine thread
 #
 # `tests/test_serve.py` does all of this with the `openai` client against a real uvicorn server: both
 # endpoints, streamed and not, 16 concurrent clients, a client that hangs up mid-stream, malformed JSON,
-# bad parameters, null ones, fields refused by name, and the command line.
+# bad parameters, null ones, fields refused by name, requests too long for the context, and the command
+# line, its one-line errors included.
 # `python benchmarks/benchmark_serving.py --num-clients 64 --num-requests 512` measures the server under
 # load and, on a GPU, the offline throughput of the same workload beside it.

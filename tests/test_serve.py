@@ -15,9 +15,10 @@ import httpx
 import openai
 import pytest
 
+import mini_infer
 from helpers import TINY_DUMMY, assert_engine_quiet
 from mini_infer.llm import LLM
-from mini_infer.serve.api_server import build_app, serve_in_thread
+from mini_infer.serve.api_server import build_app, cli, serve_in_thread
 from mini_infer.serve.loadgen import run_load, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ BAD = [  # (body, status, words of the message)
     ({"model": MODEL, "prompt": ""}, 400, "the prompt is empty"),
     ({"model": MODEL, "prompt": [1, 10**9]}, 400, "token ids must be integers"),
     ({"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt"),
-    ({"model": "gpt-4", "prompt": "Hi"}, 404, "does not exist"),
+    ({"model": "gpt-4", "prompt": "Hi"}, 404, "The model `gpt-4` does not exist."),
 ]
 
 
@@ -333,6 +334,59 @@ def test_bad_chat_requests_and_unknown_paths(url, client):
     r = httpx.get(f"{url}/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
     assert httpx.post(f"{url}/v1/models").status_code == 405
+
+
+def context_error(num_prompt_tokens: int, max_tokens: int) -> str:
+    """vLLM's words for a request that does not fit in the context (max_model_len 512 here)."""
+    return (
+        f"This model's maximum context length is 512 tokens. However, you requested "
+        f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} "
+        "in the completion). Please reduce the length of the messages or completion."
+    )
+
+
+def test_a_request_longer_than_the_context_is_refused_before_it_runs(url, client, llm):
+    tokenizer = llm.get_tokenizer()
+    prompt = "Hi " * 500
+    num_prompt = len(tokenizer.encode(prompt))
+    room = 512 - num_prompt  # a few tokens: the accepted requests below stay short
+    assert 0 < room < 16
+    for stream in (False, True):  # refused before a stream starts, with a status that says so
+        body = {"prompt": prompt, "max_tokens": room + 1, "stream": stream}
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "max_tokens"
+        assert error["message"] == context_error(num_prompt, room + 1)
+    # prompt and max_tokens that fill the context exactly: accepted
+    full = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=room, extra_body={"ignore_eos": True}
+    )
+    assert full.usage.completion_tokens == room and full.choices[0].finish_reason == "length"
+    # no max_tokens: today's behaviour, the completion's default 16 cut short where the context ends
+    cut = client.completions.create(model=MODEL, prompt=prompt, extra_body={"ignore_eos": True})
+    assert cut.usage.completion_tokens == room and cut.choices[0].finish_reason == "length"
+    # a chat counts its prompt after the template
+    messages = [{"role": "user", "content": "Hi " * 200}]
+    num_chat = len(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    )
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=messages, **{field: 600})
+        assert refused.value.body["message"] == context_error(num_chat, 600)
+        assert refused.value.body["param"] == "max_tokens"
+    assert_engine_quiet(llm, within=10)
+
+
+def test_the_model_field_is_optional(url):
+    # as in vLLM: without "model" (or with null), the served model answers; another name is a 404 above
+    for path, body in (
+        ("completions", {"prompt": PROMPT}),
+        ("chat/completions", {"messages": CHAT, "model": None}),
+    ):
+        r = httpx.post(f"{url}/v1/{path}", json={**body, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == MODEL and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_still_healthy_after_bad_requests(url, client):
@@ -534,6 +588,63 @@ def test_mini_infer_command_shows_its_defaults():
         timeout=120,
     )
     assert twice.returncode == 2 and "--model: not allowed with argument MODEL" in twice.stderr
+
+
+def test_mini_infer_version_and_description(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == mini_infer.__version__ + "\n"
+    with pytest.raises(SystemExit) as done:
+        cli(["--help"])
+    assert done.value.code == 0
+    assert "Mini-Infer, a small LLM inference engine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "option,value,words",
+    [
+        ("--port", "-5", "argument --port: a port is 0 (any free one) to 65535, got -5"),
+        ("--port", "65536", "argument --port: a port is 0 (any free one) to 65535, got 65536"),
+        ("--max-num-seqs", "0", "argument --max-num-seqs: must be at least 1, got 0"),
+        (
+            "--max-num-batched-tokens",
+            "-1",
+            "argument --max-num-batched-tokens: must be at least 1, got -1",
+        ),
+        ("--max-model-len", "many", "argument --max-model-len: an integer is needed, got 'many'"),
+        (
+            "--gpu-memory-utilization",
+            "1.5",
+            "argument --gpu-memory-utilization: must be in (0, 1], got 1.5",
+        ),
+    ],
+)
+def test_bad_numbers_are_refused_before_the_model_loads(capsys, option, value, words):
+    with pytest.raises(SystemExit) as refused:  # from argparse: the model is never loaded
+        cli(["serve", option, value])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.splitlines()[-1] == f"mini-infer serve: error: {words}"
+
+
+def test_errors_in_what_the_user_named_are_one_line_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as refused:  # a ValueError from building the engine
+        cli(["serve", "--device", "tpu"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (
+        "mini-infer serve: error: device must be 'cpu' or 'cuda' (or 'cuda:N'), got 'tpu'\n"
+    )
+    result = subprocess.run(  # the whole command, as a user runs it
+        [sys.executable, "-m", "mini_infer", "serve", "/no/such/model"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.startswith("mini-infer serve: error: ") and "/no/such/model" in result.stderr
+    )
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_mini_infer_serve_takes_the_model_as_an_argument():

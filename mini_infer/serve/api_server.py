@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from mini_infer import __version__
 from mini_infer.device import DTYPES
 from mini_infer.llm import LLM
 from mini_infer.outputs import RequestOutput
@@ -34,9 +35,10 @@ class APIError(Exception):
         message: str,
         kind: str = "invalid_request_error",
         code: str | None = None,
+        param: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.body = status, protocol.error(message, kind, code=code)
+        self.status, self.body = status, protocol.error(message, kind, param, code)
 
 
 def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
@@ -122,19 +124,19 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
         chat: bool,
     ):
         """Run one request (of n completions); `prompt()` gives its prompt (raising ValueError for a bad one)."""
-        if body.model != model_name:
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist: this server has {model_name!r}",
-                code="model_not_found",
-            )
+        if body.model is not None and body.model != model_name:  # no model: the served one
+            raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
+
+        def fits(prompt_token_ids: list[int]) -> None:  # on the engine thread, which tokenizes
+            body.check_context_length(len(prompt_token_ids), llm.engine.max_model_len)
+
         try:
             # a chat's default: as long as the context allows
             params = body.sampling_params(default_max_tokens)
             kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
-            outputs = await engine.generate(prompt(), replace(params, output_kind=kind))
+            outputs = await engine.generate(prompt(), replace(params, output_kind=kind), fits)
         except (ValueError, TypeError) as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
         rid, created = protocol.request_id(chat), int(time.time())
         if body.stream:  # of one sample: the body refuses n > 1 with stream
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -267,6 +269,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def checked(convert, ok, requirement: str):
+    """An argparse type: the text as `convert` (int or float) reads it, refused with `requirement` where
+    `ok` says no. Bad numbers are refused with the option's name before the model loads, not after."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"{kind} is needed, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "must be at least 1")
+port = checked(int, lambda v: 0 <= v <= 65535, "a port is 0 (any free one) to 65535")
+memory_share = checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
 def json_object(text: str) -> dict:
     """A command-line value that must be a JSON object (argparse shows the error with the option's name)."""
     try:
@@ -293,7 +317,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--model", help="the same as MODEL (vLLM's older spelling)")
     ap.add_argument("--served-model-name", help="the model's id in the API; without it, MODEL")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    ap.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    ap.add_argument("--port", type=port, default=8000, help="the port to listen on")
     ap.add_argument(
         "--load-format",
         default="auto",
@@ -310,17 +334,22 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--device", help="cpu or cuda; without it, the GPU when there is one")
     ap.add_argument(
         "--max-model-len",
-        type=int,
+        type=positive_int,
         help="the most tokens of a request, prompt and output; without it, the model's",
     )
-    ap.add_argument("--max-num-seqs", type=int, default=256, help="the most requests in a batch")
     ap.add_argument(
-        "--max-num-batched-tokens", type=int, default=8192, help="the most tokens in a step"
+        "--max-num-seqs", type=positive_int, default=256, help="the most requests in a batch"
+    )
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        type=positive_int,
+        default=8192,
+        help="the most tokens in a step",
     )
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument(
         "--gpu-memory-utilization",
-        type=float,
+        type=memory_share,
         default=0.9,
         help="the share of the GPU's memory for the model and its KV cache",
     )
@@ -339,21 +368,26 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
-def run(args: argparse.Namespace) -> None:
-    """Load the model and serve it until interrupted."""
+def run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """Load the model and serve it until interrupted. An error in what the user gave (a model path that
+    is not there, a hub id that cannot be fetched, a value the engine refuses) ends it with one line in
+    `ap`'s name and exit code 2, as argparse's own errors do; a traceback would only hide the message."""
     model = args.model_tag or args.model
-    llm = LLM(
-        model,
-        dtype=args.dtype,
-        device=args.device,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        speculative_config=args.speculative_config,
-    )
+    try:
+        llm = LLM(
+            model,
+            dtype=args.dtype,
+            device=args.device,
+            load_format=args.load_format,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
+            speculative_config=args.speculative_config,
+        )
+    except (OSError, ValueError, TypeError) as e:  # OSError: FileNotFoundError, a failed download
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     name = args.served_model_name or model or EMBEDDED_MODEL_NAME
     uvicorn.run(build_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)
 
@@ -363,12 +397,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m mini_infer.serve", description=__doc__, formatter_class=HelpFormatter
     )
-    run(add_arguments(ap).parse_args(argv))
+    ap.add_argument("--version", action="version", version=__version__)
+    run(add_arguments(ap).parse_args(argv), ap)
 
 
 def cli(argv: list[str] | None = None) -> None:
     """The `mini-infer` command, as vLLM's `vllm`: `mini-infer serve [MODEL] [options]`."""
-    ap = argparse.ArgumentParser(prog="mini-infer", formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="mini-infer",
+        description="Mini-Infer, a small LLM inference engine, with an OpenAI-compatible server.",
+        formatter_class=HelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=__version__)  # as `vllm --version`
     commands = ap.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -377,4 +417,4 @@ def cli(argv: list[str] | None = None) -> None:
         formatter_class=HelpFormatter,
     )
     add_arguments(serve)
-    run(ap.parse_args(argv))
+    run(ap.parse_args(argv), serve)  # its errors say "mini-infer serve: error: ..."

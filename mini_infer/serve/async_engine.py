@@ -5,7 +5,7 @@ import asyncio
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from mini_infer.engine.llm_engine import LLMEngine
 from mini_infer.outputs import RequestOutput
@@ -44,10 +44,16 @@ class AsyncLLMEngine:
         self._inbox.put(None)
         self._thread.join()
 
-    async def generate(self, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Queue a request, raising TypeError or ValueError (the InputProcessor's) if it is invalid; return
-        its outputs as they come, as `params.output_kind` asks (DELTA to stream). Leaving the iteration
-        early (a client that hung up, a task cancelled) aborts the request."""
+    async def generate(
+        self,
+        prompt,
+        params: SamplingParams,
+        check: Callable[[list[int]], None] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request, raising TypeError or ValueError (the InputProcessor's, or `check`'s: the
+        caller's own test of the prompt's token ids, run on the engine thread once they are known) if it
+        is invalid; return its outputs as they come, as `params.output_kind` asks (DELTA to stream).
+        Leaving the iteration early (a client that hung up, a task cancelled) aborts the request."""
         request_id, outputs, added = (
             str(next(self._ids)),
             asyncio.Queue(),
@@ -56,7 +62,7 @@ class AsyncLLMEngine:
         with self._lock:  # so that the engine thread cannot close between the check and the post
             if self.error is not None or self._closed:
                 raise RuntimeError(f"the engine is not running: {self.error or 'shut down'}")
-            self._inbox.put(lambda: self._add(request_id, prompt, params, outputs, added))
+            self._inbox.put(lambda: self._add(request_id, prompt, params, check, outputs, added))
         try:
             await added
         except asyncio.CancelledError:
@@ -119,13 +125,18 @@ class AsyncLLMEngine:
         request_id: str,
         prompt,
         params: SamplingParams,
+        check: Callable[[list[int]], None] | None,
         outputs: asyncio.Queue,
         added: asyncio.Future,
     ) -> None:
         error = RuntimeError("the engine shut down") if self._closed else None
         if error is None:
             try:
-                self.engine.add_request(request_id, prompt, params)
+                # tokenized here, where the tokenizer lives; the engine takes the request as made
+                request = self.engine.input_processor.process(request_id, prompt, params)
+                if check is not None:
+                    check(request.prompt_token_ids)
+                self.engine.add_request(request_id, request)
                 self._queues[request_id] = outputs
             except (TypeError, ValueError) as e:  # a bad prompt or params: the caller answers 400
                 error = e

@@ -12,6 +12,14 @@ from mini_infer.outputs import CompletionOutput, Logprob
 from mini_infer.sampling_params import SamplingParams
 
 
+class ParamError(ValueError):
+    """A bad request that names the field to blame (an error body's "param")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class OpenAIRequest(BaseModel):
     """A request body, or an object in one, that refuses fields it does not declare."""
 
@@ -32,7 +40,7 @@ class SamplingFields(OpenAIRequest):
     the output, is accepted and ignored.
     """
 
-    model: str
+    model: str | None = None  # null, or left out: the served model (as in vLLM)
     max_tokens: int | None = None  # null: the endpoint's default
     temperature: float | None = None  # null: 1.0
     top_p: float | None = None  # null: 1.0
@@ -90,6 +98,24 @@ class SamplingFields(OpenAIRequest):
     def num_logprobs(self) -> int | None:
         """How many of the most likely tokens to report beside each sampled one; None: no logprobs."""
         return None
+
+    def requested_max_tokens(self) -> int | None:
+        """The max_tokens that the client asked for; None when it left the endpoint's default."""
+        return self.max_tokens
+
+    def check_context_length(self, num_prompt_tokens: int, max_model_len: int) -> None:
+        """Refuse, as vLLM does, a request whose prompt and max_tokens do not fit in the context (run, it
+        would be cut short there, after a long wait). A request without max_tokens stops at the end of the
+        context instead."""
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+            raise ParamError(
+                f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                f"messages, {max_tokens} in the completion). Please reduce the length of the "
+                "messages or completion.",
+                param="max_tokens",
+            )
 
     def _refuse_unsupported(self) -> None:
         for name, nothing in self.NOT_SUPPORTED.items():
@@ -168,6 +194,9 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs true")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
