@@ -270,7 +270,8 @@ class SamplerOutput:
 # %%
 #| export mini_infer.layers.sampler
 class _LogitProcessors:
-    """The `Sampler`'s float32 processing of the rows that ask for it: min_tokens and penalties."""
+    """The `Sampler`'s float32 processing of the rows that ask for it: min_tokens and penalties. Uses the
+    sampler's `eos_token_ids`."""
 
     def apply_min_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
         """In place: a request that has fewer than min_tokens outputs may not end: its stop tokens (and the
@@ -655,7 +656,9 @@ class StepInputs:
 # %%
 #| export mini_infer.worker.model_runner
 class _StepPacking:
-    """`ModelRunner`'s bookkeeping and packing: what it keeps of each request, and the step as flat arrays."""
+    """`ModelRunner`'s bookkeeping and packing: what it keeps of each request, and the step as flat arrays.
+    Uses the runner's `requests`, `free_rows`, `block_table`, `block_size`, `last_sampled`, `last_rows` and
+    `device`."""
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         """Learn what changed since the last step: requests that left, new ones, new tokens and blocks."""
@@ -747,7 +750,8 @@ class _StepPacking:
 #| export mini_infer.worker.model_runner
 class _SamplingInputs:
     """What `ModelRunner` gives the samplers: the sampler's view of the step, the rows of prompt
-    logprobs, and Chapter 10's verification."""
+    logprobs, and Chapter 10's verification. Uses the runner's `sampler`, `rejection_sampler` and
+    `device`."""
 
     def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
         """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
@@ -831,7 +835,9 @@ class _SamplingInputs:
 # %%
 #| export mini_infer.worker.model_runner
 class _CudaGraphs:
-    """`ModelRunner`'s CUDA graphs (6.2.3): capture every step size once, then replay."""
+    """`ModelRunner`'s CUDA graphs (6.2.3): capture every step size once, then replay. Uses the runner's
+    `model`, `config`, `attn`, `device`, `dtype` and `max_blocks_per_seq`; keeps the graphs in `graphs` and
+    `mixed_graphs`, their static buffers in `graph_inputs` and `graph_output`."""
 
     def release_graphs(self) -> None:
         """Drop the CUDA graphs (steps then run eagerly), once the GPU has finished with them. A graph that
@@ -1392,7 +1398,8 @@ class RequestState:
 # %%
 #| export mini_infer.engine.output_processor
 class _OutputMaking:
-    """How `OutputProcessor` turns a sample's tokens into text, logprobs and `RequestOutput`s."""
+    """How `OutputProcessor` turns a sample's tokens into text, logprobs and `RequestOutput`s. Uses the
+    processor's `tokenizer`, `requests`, `sample_of` and `decode`."""
 
     def _logprobs(self, entry: LogprobEntry, k: int) -> dict[int, Logprob]:
         """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k)."""
@@ -1639,7 +1646,8 @@ def make_runner(
 # %%
 #| export mini_infer.engine.llm_engine
 class _EngineRequests:
-    """`LLMEngine`'s requests: adding, aborting, and what callers may ask of the engine."""
+    """`LLMEngine`'s requests: adding, aborting, and what callers may ask of the engine. Uses the engine's
+    `input_processor`, `output_processor`, `scheduler`, `runner` and `tokenizer`."""
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
         """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
@@ -1681,7 +1689,9 @@ class _EngineRequests:
 # %%
 #| export mini_infer.engine.llm_engine
 class _EngineStep:
-    """`LLMEngine.step`: schedule, execute, record, outputs."""
+    """`LLMEngine.step`: schedule, execute, record, outputs. Uses the engine's `scheduler`, `runner`,
+    `output_processor`, `async_scheduling`, `in_flight` and `num_generated_tokens`, and Chapter 10's
+    `speculative_config`, `proposer` and `spec_decode_metrics`."""
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs it produced (per request, as its output_kind asks).
@@ -1908,7 +1918,8 @@ from mini_infer.sampling_params import RequestOutputKind, SamplingParams
 # %%
 #| export mini_infer.llm
 class _LLMSteps:
-    """How `LLM` drives the engine for `generate`, `chat` and `stream`."""
+    """How `LLM` drives the engine for `generate`, `chat` and `stream`. Uses the LLM's `engine`,
+    `request_counter` and `unread`."""
 
     def _process(self, prompts, sampling_params) -> list[EngineRequest | RequestOutput]:
         """Check every request before any is queued (a TypeError is the call's error and must leave nothing

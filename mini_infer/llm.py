@@ -16,7 +16,8 @@ from mini_infer.sampling_params import RequestOutputKind, SamplingParams
 
 
 class _LLMSteps:
-    """How `LLM` drives the engine for `generate`, `chat` and `stream`."""
+    """How `LLM` drives the engine for `generate`, `chat` and `stream`. Uses the LLM's `engine`,
+    `request_counter` and `unread`."""
 
     def _process(self, prompts, sampling_params) -> list[EngineRequest | RequestOutput]:
         """Check every request before any is queued (a TypeError is the call's error and must leave nothing

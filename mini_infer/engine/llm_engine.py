@@ -55,7 +55,8 @@ def make_runner(
 
 
 class _EngineRequests:
-    """`LLMEngine`'s requests: adding, aborting, and what callers may ask of the engine."""
+    """`LLMEngine`'s requests: adding, aborting, and what callers may ask of the engine. Uses the engine's
+    `input_processor`, `output_processor`, `scheduler`, `runner` and `tokenizer`."""
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
         """Check and queue a request (its n samples as n sequences). `prompt` is any prompt the
@@ -95,7 +96,9 @@ class _EngineRequests:
 
 
 class _EngineStep:
-    """`LLMEngine.step`: schedule, execute, record, outputs."""
+    """`LLMEngine.step`: schedule, execute, record, outputs. Uses the engine's `scheduler`, `runner`,
+    `output_processor`, `async_scheduling`, `in_flight` and `num_generated_tokens`, and Chapter 10's
+    `speculative_config`, `proposer` and `spec_decode_metrics`."""
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs it produced (per request, as its output_kind asks).

@@ -44,7 +44,8 @@ class RequestState:
 
 
 class _OutputMaking:
-    """How `OutputProcessor` turns a sample's tokens into text, logprobs and `RequestOutput`s."""
+    """How `OutputProcessor` turns a sample's tokens into text, logprobs and `RequestOutput`s. Uses the
+    processor's `tokenizer`, `requests`, `sample_of` and `decode`."""
 
     def _logprobs(self, entry: LogprobEntry, k: int) -> dict[int, Logprob]:
         """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k)."""

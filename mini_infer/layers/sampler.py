@@ -47,7 +47,8 @@ class SamplerOutput:
 
 
 class _LogitProcessors:
-    """The `Sampler`'s float32 processing of the rows that ask for it: min_tokens and penalties."""
+    """The `Sampler`'s float32 processing of the rows that ask for it: min_tokens and penalties. Uses the
+    sampler's `eos_token_ids`."""
 
     def apply_min_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
         """In place: a request that has fewer than min_tokens outputs may not end: its stop tokens (and the

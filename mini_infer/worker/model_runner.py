@@ -110,7 +110,9 @@ class StepInputs:
 
 
 class _StepPacking:
-    """`ModelRunner`'s bookkeeping and packing: what it keeps of each request, and the step as flat arrays."""
+    """`ModelRunner`'s bookkeeping and packing: what it keeps of each request, and the step as flat arrays.
+    Uses the runner's `requests`, `free_rows`, `block_table`, `block_size`, `last_sampled`, `last_rows` and
+    `device`."""
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         """Learn what changed since the last step: requests that left, new ones, new tokens and blocks."""
@@ -200,7 +202,8 @@ class _StepPacking:
 
 class _SamplingInputs:
     """What `ModelRunner` gives the samplers: the sampler's view of the step, the rows of prompt
-    logprobs, and Chapter 10's verification."""
+    logprobs, and Chapter 10's verification. Uses the runner's `sampler`, `rejection_sampler` and
+    `device`."""
 
     def prompt_logprob_rows(self, step: StepInputs) -> dict[int, tuple[int, list[int], list[int]]]:
         """For each request that wants its prompt's logprobs and runs prompt tokens in this step: (the first
@@ -282,7 +285,9 @@ class _SamplingInputs:
 
 
 class _CudaGraphs:
-    """`ModelRunner`'s CUDA graphs (6.2.3): capture every step size once, then replay."""
+    """`ModelRunner`'s CUDA graphs (6.2.3): capture every step size once, then replay. Uses the runner's
+    `model`, `config`, `attn`, `device`, `dtype` and `max_blocks_per_seq`; keeps the graphs in `graphs` and
+    `mixed_graphs`, their static buffers in `graph_inputs` and `graph_output`."""
 
     def release_graphs(self) -> None:
         """Drop the CUDA graphs (steps then run eagerly), once the GPU has finished with them. A graph that
