@@ -131,9 +131,8 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
-        for (
-            name
-        ) in FLOAT_FIELDS:  # before comparing them: "0.7" < 1 would be a TypeError naming nothing
+        # the float fields' types first: comparing "0.7" with 1 would be a TypeError that names nothing
+        for name in FLOAT_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")

@@ -257,21 +257,16 @@ def padded_head_dim(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-MIN_SPLIT_KEYS = (
-    64  # no flash-decoding split shorter than this (on an H100, shorter ones never won)
-)
+# no flash-decoding split shorter than this (on an H100, shorter ones never won)
+MIN_SPLIT_KEYS = 64
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Splits per sequence for flash-decoding: about four programs per SM (each one's loop waits on
     dependent loads, block table then K/V, so many programs hide that latency), no split under
     MIN_SPLIT_KEYS keys of the longest possible context."""
-    return max(
-        1,
-        min(
-            triton.cdiv(4 * num_sms, batch * num_kv_heads), triton.cdiv(max_context, MIN_SPLIT_KEYS)
-        ),
-    )
+    programs = triton.cdiv(4 * num_sms, batch * num_kv_heads)
+    return max(1, min(programs, triton.cdiv(max_context, MIN_SPLIT_KEYS)))
 
 
 def paged_decode_attention_triton(
@@ -291,10 +286,11 @@ def paged_decode_attention_triton(
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
     A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
-    over the block table's width (with one split, the reduce kernel is skipped); block_n (keys per tile, a
-    power of two, at least 16; default 64 for head_dim up to 64, else 32, the best on an H200 in
-    benchmarks/attention_sweep.py), num_warps and num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a head_dim
-    outside 16..256.
+    over the block table's width (each sequence's own context is cut into that many parts; with one split,
+    the reduce kernel is skipped); block_n (keys per tile, a power of two, at least 16; default 64 for
+    head_dim up to 64, else 32, the best on an H200 in benchmarks/attention_sweep.py), num_warps and
+    num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a
+    head_dim outside 16..256.
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
