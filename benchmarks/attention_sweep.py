@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import common
 import torch
 import torch.nn.functional as F
 import triton
@@ -416,15 +417,6 @@ def time_graph(fn, quick: bool) -> float:
         graph.reset()  # give the graph's memory back before the next one
 
 
-def copy_gbps() -> float:
-    from triton.testing import do_bench
-
-    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * 2**31 / (ms * 1e-3) / 1e9
-
-
 class Timer:
     """Times one call at a time until the deadline; leaves out what the checks failed or PyTorch refused."""
 
@@ -655,7 +647,7 @@ def sweep(device, dtype, budget_s: float, quick: bool, out_dir: Path) -> int:
     )
     save()
 
-    result["copy_gbps"] = round(copy_gbps(), 1)
+    result["copy_gbps"] = round(common.copy_gbps(), 1)
     deadline = start + budget_s
     prefill, decode = [], []
     result["prefill"], result["decode"] = prefill, decode

@@ -6,7 +6,8 @@ Protocol (the reference numbers' "bs1"): dummy weights of `benchmarks/models/<mo
 engine built as `benchmark_throughput.py` builds it; after a warm-up run, one request of 128 seeded
 random prompt token ids and 512 greedy output tokens (ignore_eos): ms per output token = its wall time
 / 512. Also the time to first token (median of 5 runs with max_tokens=1, fresh prompts) and the decode
-time per token; `common.py` has the details. Appends one JSON line to `benchmarks/results/latency.jsonl`.
+time per token, and the weight-read floor measured in the same run (`common.weight_floor`: weight
+bytes over this GPU's copy bandwidth); `common.py` has the details. Appends one JSON line to `benchmarks/results/latency.jsonl`.
 """
 
 import common
@@ -25,6 +26,7 @@ def main() -> None:
         "cuda_graphs": not args.enforce_eager,
         "async_scheduling": llm.engine.async_scheduling,
         "tensor_parallel_size": args.tensor_parallel_size,
+        **common.weight_floor(args.model),
     }
     common.append_row(row, args.latency_out)
 

@@ -228,6 +228,42 @@ def measure_latency(generate) -> dict:
     }
 
 
+def weight_floor(model: str) -> dict:
+    """The batch-1 decode floor of `model`'s shape: a decode step reads every weight once, so it takes at
+    least (weight bytes) / (copy bandwidth). `weight_bytes`: every bf16 parameter of the model but the
+    embedding table, of which a step reads one row per token (a table tied to the LM head counts once, as
+    the LM head); `copy_gbps`: this GPU's device-to-device copy of 2 GiB now (bytes read and written over
+    the median time of `triton.testing.do_bench`, as in kernel_benchmark.py); `floor_ms` their quotient."""
+    import torch
+
+    from mini_infer.config import ModelConfig
+    from mini_infer.models.llama import LlamaForCausalLM
+
+    config = ModelConfig.from_hf(json.loads((model_dir(model) / "config.json").read_text()))
+    with torch.device("meta"):  # shapes only
+        net = LlamaForCausalLM(config)
+    embedding = 0 if config.tie_word_embeddings else net.model.embed_tokens.weight.numel()
+    weight_bytes = 2 * (sum(p.numel() for p in net.parameters()) - embedding)
+    bandwidth = copy_gbps()
+    return {
+        "weight_bytes": weight_bytes,
+        "copy_gbps": round(bandwidth),
+        "floor_ms": round(weight_bytes / bandwidth / 1e6, 3),
+    }
+
+
+def copy_gbps() -> float:
+    """This GPU's device-to-device copy bandwidth now, GB/s: 2 GiB copied, bytes read and written over the
+    median time of `triton.testing.do_bench`. The ceiling the benchmarks hold memory-bound work against."""
+    import torch
+    from triton.testing import do_bench
+
+    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * 2**31 / (ms * 1e-3) / 1e9  # the 4 GiB are freed on return
+
+
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
     """Mini-Infer's engine options."""
     ap.add_argument("--max-num-seqs", type=int, default=256)

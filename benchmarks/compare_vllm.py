@@ -126,7 +126,8 @@ def main() -> int:
         for measured in common.throughput_runs(generate, args):
             rows.append(({**tag, "policy": "continuous", **measured}, args.throughput_out))
     if args.only != "throughput":
-        rows.append(({**tag, **common.measure_latency(generate)}, args.latency_out))
+        measured = common.measure_latency(generate)
+        rows.append(({**tag, **measured, **common.weight_floor(args.model)}, args.latency_out))
     for row, out in rows:  # only now: naming the device opens a CUDA context in this process
         common.append_row(row, out)
     return 0

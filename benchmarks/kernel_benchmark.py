@@ -28,6 +28,7 @@ import re
 import sys
 from pathlib import Path
 
+import common
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -253,13 +254,6 @@ def bench_prefill(bench: Bench, cases, models) -> None:
             )
 
 
-def copy_bandwidth(bench: Bench) -> float:
-    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * 2**31 / (ms * 1e-3) / 1e9  # the 4 GiB are freed on return
-
-
 def figure(result: dict, op: str):
     """GB/s against tokens of each implementation of `op`, one panel per row size, below the copy ceiling."""
     import matplotlib.pyplot as plt
@@ -338,7 +332,7 @@ def main(argv=None) -> int:
         PREFILL_CASES[::3] if args.quick else PREFILL_CASES,
         [SMOL] if args.quick else [SMOL, LLAMA],
     )
-    copy_gbps = copy_bandwidth(bench)
+    copy_gbps = common.copy_gbps()
 
     device = torch.cuda.get_device_name()
     result = {

@@ -57,6 +57,7 @@ CATEGORIES = [  # (category, substrings of kernel names), first match wins; vLLM
     ("fused by torch.compile", ("triton_poi", "triton_red", "triton_per")),
 ]
 DEFAULT_BATCH = 256
+TOP_KERNELS = 15  # the longest kernels of a step, by name, in the result
 
 
 def category(kernel: str) -> str:
@@ -203,10 +204,12 @@ def main() -> None:
             outputs = engine.step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1000 / args.steps
-    gpu_ms = collections.Counter()
+    gpu_ms, kernels = collections.Counter(), collections.Counter()
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            gpu_ms[category(event.key)] += event.device_time_total / 1000 / args.steps
+            kernels[event.key] += event.device_time_total / 1000 / args.steps
+    for kernel, ms in kernels.items():
+        gpu_ms[category(kernel)] += ms
     busy = sum(gpu_ms.values())
     result = {
         "model": args.model,
@@ -222,6 +225,8 @@ def main() -> None:
         if use_vllm
         else getattr(engine.runner, "custom_all_reduce", False),
         "gpu_ms": {k: round(v, 3) for k, v in gpu_ms.most_common()},
+        # the kernels behind the categories: names cut to 80 characters (C++ templates run long)
+        "top_kernels": {k[:80]: round(v, 3) for k, v in kernels.most_common(TOP_KERNELS)},
         "host_ms": round(max(wall_ms - busy, 0.0), 3),
         "mean_context": mean_context(engine, use_vllm, prompts, outputs),
         "device": device_name("cuda"),

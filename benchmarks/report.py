@@ -118,7 +118,30 @@ def race_section(summary: dict) -> list[str]:
             f"| {summarize.speedup(ours_ms, theirs_ms, 'latency'):.2f}x "
             f"| {ttft_cells(ttft[m].get('mini_infer'), ttft[m].get('vllm'))} |"
         )
+    floors = [m for m in in_size_order(summary["models"]) if "floor_ms" in lat[m]["mini_infer"]]
+    if floors:
+        lines += ["", floor_sentence(floors, lat)]
     return lines
+
+
+def floor_sentence(models: list[str], lat: dict) -> str:
+    """How close batch-1 decoding comes to reading every weight once per token at the copy bandwidth."""
+    parts = []
+    for m in models:
+        ours, theirs = lat[m]["mini_infer"], lat[m].get("vllm") or {}
+        share = ", ".join(
+            f"{who} {row['floor_ms'] / row['ms_per_token']:.0%}"
+            for who, row in (("Mini-Infer", ours), ("vLLM", theirs))
+            if "floor_ms" in row
+        )
+        parts.append(
+            f"{name(m)} {ours['weight_bytes'] / 1e9:.2f} GB, {ours['floor_ms']:.2f} ms ({share})"
+        )
+    return (
+        "Batch 1 against its floor (`common.weight_floor`: the bytes of the weights a decode step reads over "
+        f"the GPU's copy bandwidth, {lat[models[0]]['mini_infer']['copy_gbps']:,} GB/s in the same run; the "
+        "floor as a share of the measured ms/token): " + "; ".join(parts) + "."
+    )
 
 
 def ttft_cells(ours: dict | None, theirs: dict | None) -> str:

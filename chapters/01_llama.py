@@ -859,7 +859,8 @@ print("lm_head is the embedding table:", hf.lm_head.weight.data_ptr() == E.data_
 # Parameter names follow Hugging Face's (`model.layers.0.self_attn.o_proj.weight`), so loading needs no
 # translation beyond the merged projections. Mistral is the same model; Qwen2 gives `qkv_proj` a bias
 # (and `o_proj` none); Qwen3 adds `q_norm` and `k_norm`, an RMSNorm over each query and key head
-# before the rotation.
+# before the rotation (their weights live in `RMSNorm` modules, under Hugging Face's names; the norm
+# itself runs in the rotation's kernel, Chapter 3.4.1).
 
 # %%
 #| export mini_infer.models.llama
@@ -944,9 +945,9 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, positions, cos_sin)
+        # Qwen3's norm of each head runs inside the rotation's kernel (Chapter 3.4.1)
+        norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+        q, k = apply_rope(q, k, positions, cos_sin, norm)
         return self.o_proj(attn(self.layer_idx, q, k, v).flatten(1))
 
 

@@ -99,7 +99,8 @@ print("outputs from:", describe_run())
 # %%
 #| export mini_infer.kernels.rope
 """Rotary position embeddings (half-split layout, as in Llama and Qwen): the cos/sin cache, a PyTorch
-reference and a Triton kernel that rotates q and k in place."""
+reference and a Triton kernel that rotates q and k in place, after Qwen3's RMSNorm of each head when
+asked (`norm`)."""
 
 import functools
 import math
@@ -107,6 +108,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from mini_infer.kernels.rmsnorm import rms_norm_ref
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -195,9 +198,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope_ref(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ):
-    """Hugging Face's eager form in fp32: `x * cos + rotate_half(x) * sin`. q [T, Hq, D], k [T, Hkv, D]."""
+    """Hugging Face's eager form in fp32: `x * cos + rotate_half(x) * sin`. q [T, Hq, D], k [T, Hkv, D].
+    With `norm` = (q_weight [D], k_weight [D], eps), each head of q and k is RMS-normed first (Qwen3's
+    q_norm and k_norm, section 3.4.1), as Chapter 2's reference does it."""
+    if norm is not None:
+        q, k = rms_norm_ref(q, norm[0], norm[2]), rms_norm_ref(k, norm[1], norm[2])
     cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
     cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
@@ -267,7 +278,17 @@ print(
 #| export mini_infer.kernels.rope
 @triton.jit
 def _rotate_heads(
-    base, head_stride, cos, sin, d, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr
+    base,
+    head_stride,
+    cos,
+    sin,
+    d,
+    w_ptr,
+    eps,
+    N_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     # Rotate every head of one token: x1 = x[:HALF], x2 = x[HALF:] -> (x1 cos - x2 sin, x2 cos + x1 sin).
     h = tl.arange(0, BLOCK_H)
@@ -276,6 +297,12 @@ def _rotate_heads(
     x1 = tl.load(ptrs, mask=mask, other=0.0)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    if NORM:  # RMSNorm of each head first, rounded as Chapter 2's kernel rounds it (section 3.4.1)
+        rstd = tl.rsqrt((tl.sum(x1f * x1f, 1) + tl.sum(x2f * x2f, 1)) / (2 * HALF) + eps)
+        w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+        x1f = ((x1f * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
+        x2f = ((x2f * rstd[:, None]).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
     tl.store(ptrs, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
     tl.store(ptrs + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
 
@@ -286,6 +313,9 @@ def _rope_kernel(
     k_ptr,
     pos_ptr,
     cache_ptr,
+    q_w_ptr,
+    k_w_ptr,
+    eps,
     q_token_stride,
     q_head_stride,
     k_token_stride,
@@ -296,6 +326,7 @@ def _rope_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     # One program per token: its cos/sin row is loaded once and used for all its q and k heads.
     t = tl.program_id(0).to(tl.int64)
@@ -303,8 +334,9 @@ def _rope_kernel(
     d = tl.arange(0, BLOCK_D)
     cos = tl.load(cache_ptr + pos * (2 * HALF) + d, mask=d < HALF, other=0.0)[None, :]
     sin = tl.load(cache_ptr + pos * (2 * HALF) + HALF + d, mask=d < HALF, other=0.0)[None, :]
-    _rotate_heads(q_ptr + t * q_token_stride, q_head_stride, cos, sin, d, N_Q, HALF, BLOCK_HQ)
-    _rotate_heads(k_ptr + t * k_token_stride, k_head_stride, cos, sin, d, N_KV, HALF, BLOCK_HKV)
+    q_base, k_base = q_ptr + t * q_token_stride, k_ptr + t * k_token_stride
+    _rotate_heads(q_base, q_head_stride, cos, sin, d, q_w_ptr, eps, N_Q, HALF, BLOCK_HQ, NORM)
+    _rotate_heads(k_base, k_head_stride, cos, sin, d, k_w_ptr, eps, N_KV, HALF, BLOCK_HKV, NORM)
 
 
 # %%
@@ -326,22 +358,33 @@ def rope_launch_params(n_q_heads: int, n_kv_heads: int, head_dim: int) -> dict:
 
 
 def apply_rope_triton(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ):
     """The Triton kernel: rotates q [T, Hq, D] and k [T, Hkv, D] in place (views with unit last stride are
-    fine) and returns them. Also runs on CPU tensors under the interpreter."""
+    fine) and returns them; with `norm` = (q_weight [D], k_weight [D], eps) it RMS-norms each head first,
+    in the same pass. Also runs on CPU tensors under the interpreter. ValueError for another last stride."""
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("apply_rope_triton needs q and k with a last-dim stride of 1")
+    # without a norm the kernel reads no weights: any pointer will do for them
+    q_weight, k_weight, eps = norm if norm is not None else (q, k, 0.0)
     if q.shape[0]:
         _rope_kernel[(q.shape[0],)](
             q,
             k,
             positions,
             cos_sin_cache,
+            q_weight,
+            k_weight,
+            eps,
             q.stride(0),
             q.stride(1),
             k.stride(0),
             k.stride(1),
+            NORM=norm is not None,
             **rope_launch_params(q.shape[1], k.shape[1], q.shape[2]),
         )
     return q, k
@@ -355,14 +398,56 @@ def apply_rope_triton(
 # %%
 #| export mini_infer.kernels.rope
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ):
-    """Rotate q and k in place and return them: Triton on the GPU, the reference (copied back) elsewhere."""
+    """Rotate q and k in place (after the RMSNorm of each head that `norm` asks for) and return them:
+    Triton on the GPU, the reference (copied back) elsewhere."""
     if q.is_cuda:
-        return apply_rope_triton(q, k, positions, cos_sin_cache)
-    q_rot, k_rot = apply_rope_ref(q, k, positions, cos_sin_cache)
+        return apply_rope_triton(q, k, positions, cos_sin_cache, norm)
+    q_rot, k_rot = apply_rope_ref(q, k, positions, cos_sin_cache, norm)
     return q.copy_(q_rot), k.copy_(k_rot)
 
+
+# %% [markdown]
+# ### 3.4.1 Qwen3's head norm in the same pass
+#
+# Qwen3 normalises each query and key head with an RMSNorm of its own (`q_norm`, `k_norm`: a weight of
+# `D` each) just before rotating them. Done as separate operations that costs five kernels per layer:
+# Chapter 2's norm wants each head as a contiguous row, so `reshape` first copies q and k out of the
+# fused qkv output (two copies), then the two norms, then the rotation, each reading and writing q and k
+# again; in a decode step every one of them is a launch of a few microseconds that moves a few KiB.
+# The rotation kernel already holds all of a token's heads in registers, and an RMSNorm of a head is a
+# sum of squares along a row of that tile and a multiply, so `norm=(q_weight, k_weight, eps)` does it
+# there: one kernel instead of five, q and k read and written once, in place in the qkv output. `NORM`
+# is a compile-time flag, so Llama's kernel is the one of the section above. vLLM fuses the same pair
+# for Qwen3 (`fused_qk_norm_rope`, a CUDA kernel its torch.compile pass puts in). The normed head is
+# rounded as Chapter 2's kernel rounds it (to the dtype, times the weight, to the dtype again) before
+# it is rotated, so the result is that of the two operations one after the other, but for the order in
+# which the squares are summed.
+
+# %% tags=["nbval-check-output"]
+from mini_infer.kernels.rmsnorm import rms_norm
+from mini_infer.kernels.rope import apply_rope_triton
+
+torch.manual_seed(0)
+n_q, n_kv, head_dim, tokens = 16, 8, 128, 5  # Qwen3-0.6B's heads
+cos_sin = rope_cos_sin_cache(head_dim, 8192, 1_000_000.0, device=DEVICE)
+qkv = torch.randn(tokens, (n_q + 2 * n_kv) * head_dim, device=DEVICE)
+q = qkv[:, : n_q * head_dim].view(tokens, n_q, head_dim)
+k = qkv[:, n_q * head_dim : (n_q + n_kv) * head_dim].view(tokens, n_kv, head_dim)
+q_weight, k_weight = torch.rand(head_dim, device=DEVICE), torch.rand(head_dim, device=DEVICE)
+positions = torch.randint(0, 8192, (tokens,), device=DEVICE)
+# the five kernels: copies, the two norms (Chapter 2), the rotation
+q_two, k_two = rms_norm(q, q_weight, 1e-6), rms_norm(k, k_weight, 1e-6)
+apply_rope_triton(q_two, k_two, positions, cos_sin)
+apply_rope_triton(q, k, positions, cos_sin, norm=(q_weight, k_weight, 1e-6))  # one kernel
+torch.testing.assert_close(q, q_two)
+torch.testing.assert_close(k, k_two)
+print("norm and rotation in one kernel = Chapter 2's norm, then the rotation (16/8 heads, D 128)")
 
 # %% [markdown]
 # ## 3.5 Is it right?

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mini_infer.kernels  # noqa: F401  (switches on Triton's interpreter when there is no GPU)
+from mini_infer.kernels.rmsnorm import rms_norm_ref, rms_norm_triton
 from mini_infer.kernels.rope import (
     apply_rope,
     apply_rope_ref,
@@ -30,6 +31,9 @@ SHAPES = [
     (6, 15, 5, 96),
 ]
 MAX_POS = 8192
+# normed heads against the PyTorch reference: a bf16 head normed and weighted holds values up to ~5,
+# where one rounding step is 1/32 and the two paths may round differently twice
+NORM_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1e-1}
 
 
 def fused_qkv(tokens, n_q, n_kv, head_dim, dtype, device, seed):
@@ -57,6 +61,41 @@ def test_triton_matches_reference(tokens, n_q, n_kv, head_dim, dtype, device):
     torch.testing.assert_close(q, q_ref)
     torch.testing.assert_close(k, k_ref)
     assert torch.equal(qkv[:, (n_q + n_kv) * head_dim :], v_before)  # v, beside them, untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,n_q,n_kv,head_dim", SHAPES)
+def test_norm_in_the_kernel_matches_reference(tokens, n_q, n_kv, head_dim, dtype, device):
+    # Qwen3's q_norm/k_norm in the rotation's kernel: against the reference's norm-then-rotate, and
+    # against the two kernels one after the other (Chapter 2's norm, then the rotation)
+    cache = rope_cos_sin_cache(head_dim, MAX_POS, 1_000_000.0, device=device)
+    qkv, q, k, positions = fused_qkv(tokens, n_q, n_kv, head_dim, dtype, device, seed=tokens + 7)
+    g = torch.Generator().manual_seed(head_dim)
+    weights = [(torch.rand(head_dim, generator=g) + 0.5).to(dtype).to(device) for _ in "qk"]
+    norm = (*weights, 1e-6)
+    v_before = qkv[:, (n_q + n_kv) * head_dim :].clone()
+    q_ref, k_ref = apply_rope_ref(q, k, positions, cache, norm)
+    q_two, k_two = apply_rope_triton(
+        rms_norm_triton(q, weights[0], 1e-6), rms_norm_triton(k, weights[1], 1e-6), positions, cache
+    )
+    q_out, k_out = apply_rope_triton(q, k, positions, cache, norm)
+    assert q_out is q and k_out is k
+    for got, ref, two in ((q, q_ref, q_two), (k, k_ref, k_two)):
+        torch.testing.assert_close(
+            got, two
+        )  # the same roundings; only the sum of squares' order differs
+        torch.testing.assert_close(got, ref, rtol=NORM_TOL[dtype], atol=NORM_TOL[dtype])
+    assert torch.equal(qkv[:, (n_q + n_kv) * head_dim :], v_before)
+
+
+def test_norm_reference_is_rms_norm_then_rotation():
+    cache = rope_cos_sin_cache(64, MAX_POS, 100_000.0)
+    _, q, k, positions = fused_qkv(4, 9, 3, 64, torch.float32, "cpu", seed=3)
+    qw, kw = torch.rand(64), torch.rand(64)
+    want = apply_rope_ref(rms_norm_ref(q, qw, 1e-5), rms_norm_ref(k, kw, 1e-5), positions, cache)
+    got = apply_rope(q, k, positions, cache, (qw, kw, 1e-5))  # the CPU dispatch, in place
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -78,9 +78,9 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, positions, cos_sin)
+        # Qwen3's norm of each head runs inside the rotation's kernel (Chapter 3.4.1)
+        norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+        q, k = apply_rope(q, k, positions, cos_sin, norm)
         return self.o_proj(attn(self.layer_idx, q, k, v).flatten(1))
 
 
