@@ -450,6 +450,14 @@ torch.testing.assert_close(k, k_two)
 print("norm and rotation in one kernel = Chapter 2's norm, then the rotation (16/8 heads, D 128)")
 
 # %% [markdown]
+# What it saves in the engine (`benchmarks/profile_step.py`, a Qwen3-0.6B decode step at batch 256 on an
+# H200, before on machine 212bab10 and after on f01e36c0): RMSNorm kernels 0.21 ms per step before, 0.11
+# after (only the layers' own norms are left); copies and other small kernels 0.40 ms before, 0.26 after;
+# the rotation 0.06 ms before, 0.08 after, the norm now inside it. Of 6.3 ms of GPU work per step, 0.17 ms
+# went, about 3%; together with Chapter 4.4.2's fix of decode attention's splits it moved Qwen3-0.6B from
+# 0.94x vLLM's throughput to 1.09x (Chapter 7).
+
+# %% [markdown]
 # ## 3.5 Is it right?
 #
 # Against the reference on random inputs, with q and k as views into a fused qkv tensor and random

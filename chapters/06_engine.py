@@ -2796,11 +2796,13 @@ if (RESULTS / "latency.jsonl").exists():
 
 # %% [markdown]
 # (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in about 1.0 ms,
-# twice as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the CUDA
-# graph turned some 1,300 kernel launches into one, and little else runs between two steps. The first
-# token comes sooner still, relative to vLLM (2.0 against 18.8 ms for SmolLM2, 7.0 against 10.4 ms for
+# 1.6 times as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the
+# CUDA graph turned some 1,300 kernel launches into one, and little else runs between two steps. The first
+# token comes sooner still, relative to vLLM (1.8 against 12.1 ms for SmolLM2, 6.2 against 9.9 ms for
 # Llama-3-8B): a 128-token prefill is a mixed step, and it replays a graph too (6.2.3). At batch 256
-# Mini-Infer is ahead on SmolLM2 (1.78x) and behind on the two larger models (0.94x and 0.89x).
+# Mini-Infer is ahead on SmolLM2 (1.82x) and Qwen3-0.6B (1.09x) and level on Llama-3-8B (0.996x, within
+# the spread of vLLM's own two runs, 1.4%); in the race before this one, before the fixes of Chapters
+# 4.4.2 and 3.4.1, it was behind on the two larger models (0.94x and 0.89x).
 # Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
 # about 590 tokens of context each, sorts the GPU's kernels by kind, and counts the rest of each step's
 # wall time as time the GPU sat idle, waiting for the host (the profiler itself adds a little to it).
@@ -2838,10 +2840,11 @@ if profiles:
 # %% [markdown]
 # What the profile says:
 #
-# (Qwen3-0.6B's and Llama-3-8B's profiles come from a later H200 than the race, machine 212bab10, the same
-# day; SmolLM2's from an earlier one, before SiLU-and-multiply became one kernel (Chapter 2) and before
-# decode attention at large batches dropped its reduce kernel (Chapter 4). Profiles taken on the race's
-# machine while its other GPU ran this book measured the shared host instead: SmolLM2's step doubled.)
+# (Qwen3-0.6B's profile comes from the race's machine, f01e36c0, after its head norm moved into the RoPE
+# kernel (Chapter 3.4.1); Llama-3-8B's from an earlier H200 the same day, machine 212bab10; SmolLM2's from an
+# earlier one, before SiLU-and-multiply became one kernel (Chapter 2) and before decode attention at large
+# batches dropped its reduce kernel (Chapter 4). Profiles taken on a machine while its other GPU ran this
+# book measured the shared host instead: SmolLM2's step doubled.)
 #
 # - **The host is mostly hidden.** What is left of the host per step is the "host" bar above, at batch 256:
 #   about half a millisecond for the larger models, 1.6 ms of SmolLM2's 3.9 ms, whose GPU work is so small
@@ -2853,12 +2856,13 @@ if profiles:
 #   per step: 256 requests x 590 tokens x 115-131 kB of K and V per token is 17-20 GB, read at about
 #   3.6 TB/s, some 85% of the H200's copy bandwidth (4.27 TB/s in `benchmarks/attention_sweep.py`). The
 #   matrix products are the rest of Llama's step (6.5 ms, compute-bound at batch 256).
-# - **vLLM's step is no faster.** Profiled the same way on the same machine (Chapter 7.3.1), vLLM's decode
-#   step at batch 256 has 12.9 ms of GPU work for Llama-3-8B (ours 12.8) and 6.2 ms for Qwen3-0.6B (ours
-#   6.3), and prefilling the workload takes as long as ours. What was left between us and vLLM on the
-#   larger models lay in the run's tail, where the batch shrinks: there our decode attention, inside a
-#   CUDA graph, split each sequence by the graph's table width instead of its context (fixed in Chapter
-#   4.4.2; Chapter 7.3.1 has the measurements).
+# - **vLLM's step is no faster.** Profiled the same way (Chapter 7.3.1), vLLM's decode step at batch 256
+#   has 12.9 ms of GPU work for Llama-3-8B (ours 12.8) and 6.2 ms for Qwen3-0.6B (ours 6.2 since its head
+#   norm joined the RoPE kernel, 6.3 before), and prefilling the workload takes as long as ours. At batch
+#   64, the middle of the run's tail, ours has less: 2.51 against 2.66 ms for Qwen3-0.6B. The tail is
+#   where the earlier races were lost: there our decode attention, inside a CUDA graph, split each
+#   sequence by the graph's table width instead of its context (fixed in Chapter 4.4.2; Chapter 7.3.1 has
+#   the measurements).
 #
 # Static against continuous batching (`benchmarks/benchmark_batching.py`, same engine and kernels). On the
 # nano-vllm workload with 64 slots, when steps that admit a request still ran eagerly, the two came out even

@@ -167,11 +167,14 @@ plt.show()
 
 # %% [markdown]
 # Read the ratios, not the bars. In the stored race, on an H200, Mini-Infer is ahead at batch 1 on
-# all three models (2.16x, 1.28x and 1.03x per output token, 1.48x to 9.35x on time to first token)
-# and at batch 256 on SmolLM2 (1.78x): the whole decode step of our engine is one CUDA graph, and
-# little Python runs between two of them. At batch 256 vLLM makes more tokens per second on the two
-# larger models (0.94x for Qwen3-0.6B, 0.89x for Llama-3-8B), whose steps are almost all GPU work;
-# the profile below shows where that work goes. Transformers' `generate`, measured beside Mini-Infer
+# all three models (1.60x, 1.16x and 1.03x per output token, 1.60x to 6.89x on time to first token):
+# the whole decode step of our engine is one CUDA graph, and little Python runs between two of them. At
+# batch 256 it is ahead on SmolLM2 (1.82x) and Qwen3-0.6B (1.09x) and level with vLLM on Llama-3-8B
+# (0.996x; vLLM's own two runs differed by 1.4%), whose steps are almost all GPU work; the profile below
+# shows where that work goes. Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
+# first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
+# decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
+# can come; the small models are far from it because their steps are launches, not reads. Transformers' `generate`, measured beside Mini-Infer
 # (on the machine named, an H100), shows what an engine adds to a model: the same forward pass
 # without a paged cache, continuous batching or CUDA graphs.
 
@@ -277,7 +280,7 @@ plt.show()
 # (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so that the profiler sees its kernels. And every throughput row
 # carries `prefill_seconds`, the time either engine takes to prefill the workload's prompts: a second call
 # on the same prompts with one output token each, every token id moved by one so that no cached prefix
-# serves it. The cell puts the two side by side, from rows of one machine.
+# serves it. The cell puts the two side by side at each batch profiled, every row with its machine.
 
 
 # %%
@@ -294,14 +297,16 @@ def newest(rows: list[dict], engine: str, model: str, machine: str) -> dict | No
 
 
 print(
-    f"{'model':14} {'engine':10} {'tok/s':>7} {'run s':>6} {'prefill s':>9} | decode step at batch 256: "
-    f"{'step':>5} {'GPU':>5} {'matmul':>6} {'attention':>9} {'other':>5} {'host':>5}"
+    f"{'model':14} {'engine':10} {'machine':8} {'tok/s':>7} {'run s':>6} {'prefill s':>9} | decode step: "
+    f"{'batch':>5} {'step':>5} {'GPU':>5} {'matmul':>6} {'attention':>9} {'other':>5} {'host':>5}"
 )
 throughput_rows = summarize.load(common.RESULTS / "throughput.jsonl")
+# each vLLM profile beside ours at the same batch: profile_<model>_vllm[_bs<batch>].json and
+# profile_<model>[_bs<batch>].json
 pairs = [
-    (ours, json.loads(path.read_text()))
-    for ours in profiles
-    if (path := common.RESULTS / f"profile_{ours['model']}_vllm.json").exists()
+    (json.loads(ours.read_text()), json.loads(path.read_text()))
+    for path in sorted(common.RESULTS.glob("profile_*_vllm*.json"))
+    if (ours := common.RESULTS / path.name.replace("_vllm", "")).exists()
 ]
 if not pairs:
     print(
@@ -313,30 +318,35 @@ for ours, theirs in pairs:
         gpu = sum(p["gpu_ms"].values())
         other = gpu - p["gpu_ms"]["matmul"] - p["gpu_ms"]["decode attention"]
         print(
-            f"{report.name(p['model']):14} {engine:10} {run.get('tokens_per_s', float('nan')):7,.0f} "
-            f"{run.get('seconds', float('nan')):6.2f} {run.get('prefill_seconds', float('nan')):9.2f} | "
-            f"{'':26}{p['step_ms']:5.1f} {gpu:5.1f} {p['gpu_ms']['matmul']:6.2f} "
-            f"{p['gpu_ms']['decode attention']:9.2f} {other:5.2f} {p['host_ms']:5.2f}"
+            f"{report.name(p['model']):14} {engine:10} {p.get('machine', '?'):8} "
+            f"{run.get('tokens_per_s', float('nan')):7,.0f} {run.get('seconds', float('nan')):6.2f} "
+            f"{run.get('prefill_seconds', float('nan')):9.2f} | {'':13}{p['batch']:5} {p['step_ms']:5.1f} "
+            f"{gpu:5.2f} {p['gpu_ms']['matmul']:6.2f} {p['gpu_ms']['decode attention']:9.2f} {other:5.2f} "
+            f"{p['host_ms']:5.2f}"
         )
-    print(f"{'':14} (machine {ours.get('machine')}, {ours['device']}, {ours['date']})")
+print(f"(all on an {pairs[0][0]['device']}, {pairs[0][0]['date']})" if pairs else "")
 
 # %% [markdown]
-# On the machine that measured both (212bab10, an H200; each engine alone on it for the throughput rows,
-# except vLLM's Llama-3-8B run, which shared the host with a run on the other GPU), vLLM's decode step at
-# batch 256 is no faster than ours: 12.9 against 12.8 ms of GPU work for Llama-3-8B (13.6 against 13.4 ms
-# per step), with the same matrix products (cuBLAS in both; vLLM's torch.compile fuses the small kernels
-# around them, which are small either way) and decode attention 5.55 against 5.50 ms (FlashAttention 3
-# against our Triton kernel, at 584 and 589 tokens of context), and 6.2 against 6.3 ms of GPU work for
-# Qwen3-0.6B. Prefilling the workload takes as long in both (3.3 s for Llama-3-8B, 0.37 against 0.38 s for
-# Qwen3-0.6B). Yet vLLM's whole run is 0.8% shorter for Llama-3-8B and 4% shorter for Qwen3-0.6B. So the
-# difference had to lie elsewhere, and the likeliest place was the run's tail: as requests finish, the batch
-# shrinks from 256 towards 1, and our decode attention splits each sequence's context over several programs
-# only when the batch is too small to fill the GPU. Reading the kernel with that in mind found the bug
-# that section 4.4.2 now describes: inside a CUDA graph, whose block table is 4,096 tokens wide, the splits
-# were cut by that width instead of each sequence's context, so at batches of 16 to 128 most sequences ran
-# on one split. With the fix, the workload's first 64 requests ran 1.21x faster on Qwen3-0.6B and the whole
-# workload 1.04x faster on Llama-3-8B, on another H200 (one run each, before and after). The race against
-# vLLM on one machine, and profiles at batch 64, are next.
+# Compare the GPU columns: vLLM's host time here is that of its in-process engine, which processes outputs
+# in the thread that schedules (its default engine core runs in a process of its own). On the machine that
+# measured both engines at batch 256 (212bab10, an H200), vLLM's decode step is no faster than ours: 12.9
+# against 12.8 ms of GPU work for Llama-3-8B, with the same matrix products (cuBLAS in both; vLLM's
+# torch.compile fuses the small kernels around them, which are small either way) and decode attention 5.55
+# against 5.50 ms (FlashAttention 3 against our Triton kernel, at 584 and 589 tokens of context), and 6.2
+# against 6.3 ms for Qwen3-0.6B. Prefilling the workload takes as long in both (3.3 s for Llama-3-8B, 0.37
+# against 0.38 s for Qwen3-0.6B). Yet on that machine vLLM's whole run was 0.8% shorter for Llama-3-8B and
+# 4% shorter for Qwen3-0.6B. So the difference had to lie elsewhere, and the likeliest place was the run's
+# tail: as requests finish, the batch shrinks from 256 towards 1, and our decode attention splits each
+# sequence's context over several programs only when the batch is too small to fill the GPU. Reading the
+# kernel with that in mind found the bug that section 4.4.2 now describes: inside a CUDA graph, whose block
+# table is 4,096 tokens wide, the splits were cut by that width instead of each sequence's context, so at
+# batches of 16 to 128 most sequences ran on one split. With the fix, the workload's first 64 requests ran
+# 1.21x faster on Qwen3-0.6B and the whole workload 1.04x faster on Llama-3-8B, on another H200 (one run
+# each, before and after). Then Qwen3's head norm moved into the RoPE kernel (Chapter 3.4.1), which took
+# 0.17 ms of small kernels out of its step at batch 256 (the Qwen3-0.6B row above is after it, on the
+# race's machine f01e36c0; vLLM's is from 212bab10). At batch 64, both on f01e36c0, our step has less GPU
+# work than vLLM's: 2.51 against 2.66 ms, decode attention 1.33 against 1.47 ms. The race above, on that
+# machine, has the result: 1.09x on Qwen3-0.6B, 0.996x on Llama-3-8B.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling
