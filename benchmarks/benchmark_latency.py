@@ -26,7 +26,7 @@ def main() -> None:
         "cuda_graphs": not args.enforce_eager,
         "async_scheduling": llm.engine.async_scheduling,
         "tensor_parallel_size": args.tensor_parallel_size,
-        **common.weight_floor(args.model),
+        **common.weight_floor(args.model, args.tensor_parallel_size),
     }
     common.append_row(row, args.latency_out)
 

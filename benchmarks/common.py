@@ -228,12 +228,29 @@ def measure_latency(generate) -> dict:
     }
 
 
-def weight_floor(model: str) -> dict:
+def weight_floor(model: str, tensor_parallel_size: int = 1) -> dict:
     """The batch-1 decode floor of `model`'s shape: a decode step reads every weight once, so it takes at
-    least (weight bytes) / (copy bandwidth). `weight_bytes`: every bf16 parameter of the model but the
-    embedding table, of which a step reads one row per token (a table tied to the LM head counts once, as
-    the LM head); `copy_gbps`: this GPU's device-to-device copy of 2 GiB now (bytes read and written over
-    the median time of `triton.testing.do_bench`, as in kernel_benchmark.py); `floor_ms` their quotient."""
+    least (weight bytes) / (copy bandwidth): `weight_bytes(model, tensor_parallel_size)`; `copy_gbps`:
+    `copy_gbps()` now, on a buffer that fits beside an engine holding most of the GPU; `floor_ms` their
+    quotient, ms per token. The KV cache's reads are left out (at batch 1 a few percent of a small model's
+    bytes)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    bandwidth = copy_gbps(min(2**30, free // 4))
+    nbytes = weight_bytes(model, tensor_parallel_size)
+    return {
+        "weight_bytes": nbytes,
+        "copy_gbps": round(bandwidth),
+        "floor_ms": round(nbytes / bandwidth / 1e6, 3),
+    }
+
+
+def weight_bytes(model: str, tensor_parallel_size: int = 1) -> int:
+    """The bytes of bf16 weights one decode step of `model`'s shape reads on each GPU: every parameter but
+    the embedding table, of which a step reads one row per token (a table tied to the LM head counts once,
+    as the LM head), divided among `tensor_parallel_size` GPUs (each reads its shard; the few replicated
+    norm weights are counted as split too). From the config alone: the model is built on the meta device."""
     import torch
 
     from mini_infer.config import ModelConfig
@@ -243,25 +260,20 @@ def weight_floor(model: str) -> dict:
     with torch.device("meta"):  # shapes only
         net = LlamaForCausalLM(config)
     embedding = 0 if config.tie_word_embeddings else net.model.embed_tokens.weight.numel()
-    weight_bytes = 2 * (sum(p.numel() for p in net.parameters()) - embedding)
-    bandwidth = copy_gbps()
-    return {
-        "weight_bytes": weight_bytes,
-        "copy_gbps": round(bandwidth),
-        "floor_ms": round(weight_bytes / bandwidth / 1e6, 3),
-    }
+    return 2 * (sum(p.numel() for p in net.parameters()) - embedding) // tensor_parallel_size
 
 
-def copy_gbps() -> float:
-    """This GPU's device-to-device copy bandwidth now, GB/s: 2 GiB copied, bytes read and written over the
-    median time of `triton.testing.do_bench`. The ceiling the benchmarks hold memory-bound work against."""
+def copy_gbps(nbytes: int = 2**31) -> float:
+    """This GPU's device-to-device copy bandwidth now, GB/s: `nbytes` copied (2 GiB; far more than any L2
+    cache either way), bytes read and written over the median time of `triton.testing.do_bench`. The
+    ceiling the benchmarks hold memory-bound work against."""
     import torch
     from triton.testing import do_bench
 
-    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * 2**31 / (ms * 1e-3) / 1e9  # the 4 GiB are freed on return
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # both buffers are freed on return
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:

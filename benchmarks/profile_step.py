@@ -18,8 +18,10 @@ core runs in a process of its own): compare GPU times, not host times. With `--t
 the profile is rank 0's: GPU 0's kernels, the all-reduce's included (a rank that waits for another in a
 collective waits inside the collective's kernel).
 
-Writes `benchmarks/results/profile_<model>.json`, with `_vllm`, `_tp<N>`, `_bs<batch>` and `_oneshot` added
-to the name for anything but Mini-Infer on one GPU at batch 256 (the profile the README and the chapters show).
+Writes `benchmarks/results/profile_<model>.json`, with `_vllm`, `_tp<N>`, `_bs<batch>`, `_oneshot`, `_sync`,
+`_eager`, `_seqs<N>` and `_tokens<N>` added to the name for anything but Mini-Infer's default engine on one
+GPU at batch 256 (the profile the README and the chapters show). Mini-Infer's engine options are those of
+the other benchmarks (`common.add_engine_args`); vLLM's engine is compare_vllm.py's.
 """
 
 import argparse
@@ -68,19 +70,12 @@ def category(kernel: str) -> str:
 
 
 def mini_infer_engine(args):
-    """Mini-Infer's engine as the benchmarks build it, and a function that adds one request."""
-    from mini_infer.llm import LLM
+    """Mini-Infer's engine as the other benchmarks build it (`common.mini_infer_llm`, with the engine options
+    of the command line: the race's engine by default, whatever --batch admits), and a function that adds
+    one request."""
     from mini_infer.sampling_params import SamplingParams
 
-    llm = LLM(
-        HERE / "models" / args.model,
-        load_format="dummy",
-        max_model_len=4096,
-        max_num_seqs=args.batch,
-        async_scheduling=not args.sync_scheduling,
-        tensor_parallel_size=args.tensor_parallel_size,
-        disable_custom_all_reduce=not args.custom_all_reduce,
-    )
+    llm = common.mini_infer_llm(args)
     engine = llm.engine
 
     def add(i: int, prompt: list[int]) -> None:
@@ -126,12 +121,20 @@ def mean_context(engine, use_vllm: bool, prompts: list[list[int]], outputs) -> i
 
 
 def output_path(args) -> Path:
+    default = parser().get_default
     tags = [
         *(["vllm"] if args.engine == "vllm" else []),
         *([f"tp{args.tensor_parallel_size}"] if args.tensor_parallel_size > 1 else []),
         *([f"bs{args.batch}"] if args.batch != DEFAULT_BATCH else []),
         *(["oneshot"] if args.custom_all_reduce else []),
         *(["sync"] if args.sync_scheduling else []),
+        *(["eager"] if args.enforce_eager else []),
+        *([f"seqs{args.max_num_seqs}"] if args.max_num_seqs != default("max_num_seqs") else []),
+        *(
+            [f"tokens{args.max_num_batched_tokens}"]
+            if args.max_num_batched_tokens != default("max_num_batched_tokens")
+            else []
+        ),
     ]
     return HERE / "results" / f"profile_{'_'.join([args.model, *tags])}.json"
 
@@ -152,20 +155,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--cprofile", action="store_true", help="also print the host's time by Python function"
     )
-    ap.add_argument(
-        "--sync-scheduling", action="store_true", help="Mini-Infer only: no host/GPU overlap"
-    )
-    ap.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=1,
-        help="Mini-Infer only: split the model over this many GPUs; the profile is rank 0's (GPU 0)",
-    )
-    ap.add_argument(
-        "--custom-all-reduce",
-        action="store_true",
-        help="with --tensor-parallel-size > 1: the one-shot all-reduce for small messages (default: NCCL)",
-    )
+    common.add_engine_args(ap)  # Mini-Infer's engine options (vLLM's engine is compare_vllm.py's)
     return ap
 
 
@@ -173,6 +163,8 @@ def main() -> None:
     ap = parser()
     args = ap.parse_args()
     use_vllm = args.engine == "vllm"
+    if args.batch > args.max_num_seqs:
+        ap.error(f"--batch {args.batch} needs --max-num-seqs of at least as many")
     if use_vllm and (args.tensor_parallel_size > 1 or args.sync_scheduling):
         ap.error(
             "--engine vllm profiles vLLM's default engine on one GPU (its tensor-parallel workers "
@@ -208,8 +200,12 @@ def main() -> None:
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.key] += event.device_time_total / 1000 / args.steps
+    top = (
+        collections.Counter()
+    )  # names cut to 80 characters (C++ templates run long), summed when they meet
     for kernel, ms in kernels.items():
         gpu_ms[category(kernel)] += ms
+        top[kernel[:80]] += ms
     busy = sum(gpu_ms.values())
     result = {
         "model": args.model,
@@ -225,8 +221,7 @@ def main() -> None:
         if use_vllm
         else getattr(engine.runner, "custom_all_reduce", False),
         "gpu_ms": {k: round(v, 3) for k, v in gpu_ms.most_common()},
-        # the kernels behind the categories: names cut to 80 characters (C++ templates run long)
-        "top_kernels": {k[:80]: round(v, 3) for k, v in kernels.most_common(TOP_KERNELS)},
+        "top_kernels": {k: round(v, 3) for k, v in top.most_common(TOP_KERNELS)},
         "host_ms": round(max(wall_ms - busy, 0.0), 3),
         "mean_context": mean_context(engine, use_vllm, prompts, outputs),
         "device": device_name("cuda"),

@@ -137,9 +137,12 @@ def floor_sentence(models: list[str], lat: dict) -> str:
         parts.append(
             f"{name(m)} {ours['weight_bytes'] / 1e9:.2f} GB, {ours['floor_ms']:.2f} ms ({share})"
         )
+    bandwidths = sorted(
+        lat[m][e]["copy_gbps"] for m in models for e in lat[m] if "copy_gbps" in (lat[m][e] or {})
+    )
     return (
         "Batch 1 against its floor (`common.weight_floor`: the bytes of the weights a decode step reads over "
-        f"the GPU's copy bandwidth, {lat[models[0]]['mini_infer']['copy_gbps']:,} GB/s in the same run; the "
+        f"the GPU's copy bandwidth, {bandwidths[0]:,} to {bandwidths[-1]:,} GB/s, measured in each run; the "
         "floor as a share of the measured ms/token): " + "; ".join(parts) + "."
     )
 

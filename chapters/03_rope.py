@@ -366,9 +366,14 @@ def apply_rope_triton(
 ):
     """The Triton kernel: rotates q [T, Hq, D] and k [T, Hkv, D] in place (views with unit last stride are
     fine) and returns them; with `norm` = (q_weight [D], k_weight [D], eps) it RMS-norms each head first,
-    in the same pass. Also runs on CPU tensors under the interpreter. ValueError for another last stride."""
+    in the same pass. Also runs on CPU tensors under the interpreter. ValueError for another last stride,
+    or norm weights that are not head_dim long."""
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("apply_rope_triton needs q and k with a last-dim stride of 1")
+    if norm is not None and not norm[0].numel() == norm[1].numel() == q.shape[-1]:
+        raise ValueError(
+            f"norm weights of {norm[0].numel()} and {norm[1].numel()} elements for heads of {q.shape[-1]}"
+        )
     # without a norm the kernel reads no weights: any pointer will do for them
     q_weight, k_weight, eps = norm if norm is not None else (q, k, 0.0)
     if q.shape[0]:
@@ -423,8 +428,10 @@ def apply_rope(
 # The rotation kernel already holds all of a token's heads in registers, and an RMSNorm of a head is a
 # sum of squares along a row of that tile and a multiply, so `norm=(q_weight, k_weight, eps)` does it
 # there: one kernel instead of five, q and k read and written once, in place in the qkv output. `NORM`
-# is a compile-time flag, so Llama's kernel is the one of the section above. vLLM fuses the same pair
-# for Qwen3 (`fused_qk_norm_rope`, a CUDA kernel its torch.compile pass puts in). The normed head is
+# is a compile-time flag, so Llama's kernel is the one of the section above. vLLM fuses them too: in its
+# profiled Qwen3 step (Chapter 7.3.1) torch.compile's generated kernels do the norms and the rotation
+# together, and it has a CUDA kernel for the pair (`fused_qk_norm_rope`) behind a compilation option. The
+# normed head is
 # rounded as Chapter 2's kernel rounds it (to the dtype, times the weight, to the dtype again) before
 # it is rotated, so the result is that of the two operations one after the other, but for the order in
 # which the squares are summed.
@@ -451,11 +458,13 @@ print("norm and rotation in one kernel = Chapter 2's norm, then the rotation (16
 
 # %% [markdown]
 # What it saves in the engine (`benchmarks/profile_step.py`, a Qwen3-0.6B decode step at batch 256 on an
-# H200, before on machine 212bab10 and after on f01e36c0): RMSNorm kernels 0.21 ms per step before, 0.11
-# after (only the layers' own norms are left); copies and other small kernels 0.40 ms before, 0.26 after;
-# the rotation 0.06 ms before, 0.08 after, the norm now inside it. Of 6.3 ms of GPU work per step, 0.17 ms
-# went, about 3%; together with Chapter 4.4.2's fix of decode attention's splits it moved Qwen3-0.6B from
-# 0.94x vLLM's throughput to 1.09x (Chapter 7).
+# H200; before on machine 212bab10, `profile_qwen3-0.6b_212bab10.json`, after on f01e36c0,
+# `profile_qwen3-0.6b.json`): RMSNorm kernels 0.21 ms per step before, 0.11 after (only the layers' own
+# norms are left); copies and other small kernels 0.40 ms before, 0.26 after; the rotation 0.06 ms before,
+# 0.08 after, the norm now inside it. Those kernels lost 0.22 ms together; the step's GPU work went from
+# 6.33 to 6.18 ms (decode attention took 0.07 ms longer on the second machine) and its wall time from 6.8
+# to 6.6 ms. With Chapter 4.4.2's fix of decode attention's splits it moved Qwen3-0.6B from 0.94x vLLM's
+# throughput to 1.09x (Chapter 7).
 
 # %% [markdown]
 # ## 3.5 Is it right?

@@ -2857,8 +2857,9 @@ if profiles:
 #   3.6 TB/s, some 85% of the H200's copy bandwidth (4.27 TB/s in `benchmarks/attention_sweep.py`). The
 #   matrix products are the rest of Llama's step (6.5 ms, compute-bound at batch 256).
 # - **vLLM's step is no faster.** Profiled the same way (Chapter 7.3.1), vLLM's decode step at batch 256
-#   has 12.9 ms of GPU work for Llama-3-8B (ours 12.8) and 6.2 ms for Qwen3-0.6B (ours 6.2 since its head
-#   norm joined the RoPE kernel, 6.3 before), and prefilling the workload takes as long as ours. At batch
+#   has 12.9 ms of GPU work for Llama-3-8B (ours 12.8) and 6.2 ms for Qwen3-0.6B (ours 6.3 on the same
+#   machine; 6.2 on the race's machine since its head norm joined the RoPE kernel), and prefilling the
+#   workload takes as long as ours. At batch
 #   64, the middle of the run's tail, ours has less: 2.51 against 2.66 ms for Qwen3-0.6B. The tail is
 #   where the earlier races were lost: there our decode attention, inside a CUDA graph, split each
 #   sequence by the graph's table width instead of its context (fixed in Chapter 4.4.2; Chapter 7.3.1 has

@@ -164,6 +164,16 @@ def test_measure_latency_uses_fresh_greedy_prompts():
     assert row["prompt_tokens"] == 128 and row["output_tokens"] == 512 and row["ms_per_token"] >= 0
 
 
+def test_weight_bytes_are_what_a_decode_step_reads():
+    import common
+
+    # Llama-3-8B: 8.03 B parameters less the 128,256 x 4,096 embedding table (untied), in bf16
+    assert common.weight_bytes("llama3-8b") == 2 * (8_030_261_248 - 128_256 * 4_096)
+    assert common.weight_bytes("llama3-8b", tensor_parallel_size=2) == 15_009_849_344 // 2
+    # SmolLM2-135M ties its table to the LM head: counted once
+    assert common.weight_bytes("smollm2-135m") == 2 * 134_515_008
+
+
 @pytest.mark.parametrize("temperature", [0.6, 0.0])
 def test_hf_static_batches_count_only_each_requests_own_tokens(temperature):
     import torch
@@ -535,6 +545,12 @@ def test_profiles_other_than_the_default_have_their_own_files_and_stay_out_of_th
     assert (
         path(*llama, "--tensor-parallel-size", "2", "--custom-all-reduce", "--sync-scheduling")
         == "profile_llama3-8b_tp2_oneshot_sync.json"
+    )
+    # the other engine options of the benchmarks, away from their defaults
+    assert path(*llama, "--enforce-eager") == "profile_llama3-8b_eager.json"
+    assert (
+        path(*llama, "--max-num-seqs", "512", "--max-num-batched-tokens", "16384")
+        == "profile_llama3-8b_seqs512_tokens16384.json"
     )
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     for name in ("profile_llama3-8b.json", "profile_llama3-8b_vllm.json"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mini_infer.kernels  # noqa: F401  (switches on Triton's interpreter when there is no GPU)
-from mini_infer.kernels.rmsnorm import rms_norm_ref, rms_norm_triton
+from mini_infer.kernels.rmsnorm import rms_norm_triton
 from mini_infer.kernels.rope import (
     apply_rope,
     apply_rope_ref,
@@ -66,13 +66,18 @@ def test_triton_matches_reference(tokens, n_q, n_kv, head_dim, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens,n_q,n_kv,head_dim", SHAPES)
-def test_norm_in_the_kernel_matches_reference(tokens, n_q, n_kv, head_dim, dtype, device):
+@pytest.mark.parametrize("weight_dtype", ["same", torch.float32], ids=str)
+def test_norm_in_the_kernel_matches_reference(
+    tokens, n_q, n_kv, head_dim, dtype, device, weight_dtype
+):
     # Qwen3's q_norm/k_norm in the rotation's kernel: against the reference's norm-then-rotate, and
     # against the two kernels one after the other (Chapter 2's norm, then the rotation)
     cache = rope_cos_sin_cache(head_dim, MAX_POS, 1_000_000.0, device=device)
     qkv, q, k, positions = fused_qkv(tokens, n_q, n_kv, head_dim, dtype, device, seed=tokens + 7)
     g = torch.Generator().manual_seed(head_dim)
-    weights = [(torch.rand(head_dim, generator=g) + 0.5).to(dtype).to(device) for _ in "qk"]
+    # the model's dtype, or float32 norm weights beside half-precision activations
+    w_dtype = dtype if weight_dtype == "same" else weight_dtype
+    weights = [(torch.rand(head_dim, generator=g) + 0.5).to(w_dtype).to(device) for _ in "qk"]
     norm = (*weights, 1e-6)
     v_before = qkv[:, (n_q + n_kv) * head_dim :].clone()
     q_ref, k_ref = apply_rope_ref(q, k, positions, cache, norm)
@@ -82,20 +87,48 @@ def test_norm_in_the_kernel_matches_reference(tokens, n_q, n_kv, head_dim, dtype
     q_out, k_out = apply_rope_triton(q, k, positions, cache, norm)
     assert q_out is q and k_out is k
     for got, ref, two in ((q, q_ref, q_two), (k, k_ref, k_two)):
-        torch.testing.assert_close(
-            got, two
-        )  # the same roundings; only the sum of squares' order differs
+        # the same roundings; only the order of the sum of squares differs
+        torch.testing.assert_close(got, two)
         torch.testing.assert_close(got, ref, rtol=NORM_TOL[dtype], atol=NORM_TOL[dtype])
     assert torch.equal(qkv[:, (n_q + n_kv) * head_dim :], v_before)
 
 
-def test_norm_reference_is_rms_norm_then_rotation():
-    cache = rope_cos_sin_cache(64, MAX_POS, 100_000.0)
-    _, q, k, positions = fused_qkv(4, 9, 3, 64, torch.float32, "cpu", seed=3)
-    qw, kw = torch.rand(64), torch.rand(64)
-    want = apply_rope_ref(rms_norm_ref(q, qw, 1e-5), rms_norm_ref(k, kw, 1e-5), positions, cache)
-    got = apply_rope(q, k, positions, cache, (qw, kw, 1e-5))  # the CPU dispatch, in place
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+def test_norm_reference_matches_hugging_face_qwen3():
+    # Qwen3's attention: q_norm / k_norm (Qwen3RMSNorm over each head), then apply_rotary_pos_emb
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    head_dim, theta, eps = 64, 1_000_000.0, 1e-6
+    cache = rope_cos_sin_cache(head_dim, MAX_POS, theta)
+    _, q, k, positions = fused_qkv(4, 9, 3, head_dim, torch.float32, "cpu", seed=3)
+    norms = [Qwen3RMSNorm(head_dim, eps) for _ in "qk"]
+    with torch.no_grad():
+        for n in norms:
+            n.weight.uniform_(0.5, 1.5)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.cat([positions[:, None].float() * inv_freq] * 2, dim=-1)
+    with torch.no_grad():
+        q_hf, k_hf = apply_rotary_pos_emb(
+            norms[0](q).transpose(0, 1)[None],
+            norms[1](k).transpose(0, 1)[None],
+            angles.cos()[None],
+            angles.sin()[None],
+        )
+    norm = (norms[0].weight.detach(), norms[1].weight.detach(), eps)
+    q_ref, k_ref = apply_rope_ref(q, k, positions, cache, norm)
+    torch.testing.assert_close(q_ref, q_hf[0].transpose(0, 1))
+    torch.testing.assert_close(k_ref, k_hf[0].transpose(0, 1))
+
+
+def test_norm_weights_must_match_the_head():
+    _, q, k, positions = fused_qkv(2, 4, 2, 64, torch.float32, "cpu", seed=4)
+    with pytest.raises(ValueError, match="norm weights of 32 and 64 elements for heads of 64"):
+        apply_rope_triton(
+            q,
+            k,
+            positions,
+            rope_cos_sin_cache(64, MAX_POS, 1e4),
+            (torch.ones(32), torch.ones(64), 1e-6),
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

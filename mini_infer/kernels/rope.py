@@ -155,9 +155,14 @@ def apply_rope_triton(
 ):
     """The Triton kernel: rotates q [T, Hq, D] and k [T, Hkv, D] in place (views with unit last stride are
     fine) and returns them; with `norm` = (q_weight [D], k_weight [D], eps) it RMS-norms each head first,
-    in the same pass. Also runs on CPU tensors under the interpreter. ValueError for another last stride."""
+    in the same pass. Also runs on CPU tensors under the interpreter. ValueError for another last stride,
+    or norm weights that are not head_dim long."""
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("apply_rope_triton needs q and k with a last-dim stride of 1")
+    if norm is not None and not norm[0].numel() == norm[1].numel() == q.shape[-1]:
+        raise ValueError(
+            f"norm weights of {norm[0].numel()} and {norm[1].numel()} elements for heads of {q.shape[-1]}"
+        )
     # without a norm the kernel reads no weights: any pointer will do for them
     q_weight, k_weight, eps = norm if norm is not None else (q, k, 0.0)
     if q.shape[0]:
