@@ -39,8 +39,10 @@ def run(args) -> list[dict]:
                     **measured,
                     "kv_blocks": llm.engine.runner.num_blocks,
                     "preemptions": preemptions,
-                    # Triton kernels built during this run (its warm-up included): each may cost a compile
+                    # Triton kernels built during this run (its warm-up request and its prefill call
+                    # included): each may cost a compile; their names say where
                     "jit_variants": new_variants,
+                    "jit_kernels": variants[len(variants) - new_variants :],
                     "max_num_seqs": args.max_num_seqs,
                     "cuda_graphs": not args.enforce_eager,
                     "async_scheduling": llm.engine.async_scheduling,

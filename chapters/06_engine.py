@@ -269,68 +269,65 @@ class SamplerOutput:
 
 # %%
 #| export mini_infer.layers.sampler
-class _LogitProcessors:
-    """The `Sampler`'s float32 processing of the rows that ask for it: min_tokens and penalties. Uses the
-    sampler's `eos_token_ids`."""
+# The Sampler's float32 processing of the rows that ask for it, min_tokens and the penalties: functions of
+# the logits and the batch, as vLLM's penalties are (vllm/v1/sample/ops/penalties.py).
+def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int]) -> None:
+    """In place: a request that has fewer than min_tokens outputs may not end: its stop tokens (and the
+    model's end-of-sequence tokens, unless ignore_eos) get -inf."""
+    rows, cols = [], []
+    for i, (p, position, num_prompt) in enumerate(
+        zip(batch.params, batch.positions, batch.num_prompt_tokens)
+    ):
+        if position - num_prompt < p.min_tokens:
+            stops = p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)
+            rows += [i] * len(stops)
+            cols += stops
+    if rows:
+        logits[
+            to_device(np.array(rows), logits.device), to_device(np.array(cols), logits.device)
+        ] = float("-inf")
 
-    def apply_min_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
-        """In place: a request that has fewer than min_tokens outputs may not end: its stop tokens (and the
-        model's end-of-sequence tokens, unless ignore_eos) get -inf."""
-        rows, cols = [], []
-        for i, (p, position, num_prompt) in enumerate(
-            zip(batch.params, batch.positions, batch.num_prompt_tokens)
-        ):
-            if position - num_prompt < p.min_tokens:
-                stops = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
-                rows += [i] * len(stops)
-                cols += stops
-        if rows:
-            logits[
-                to_device(np.array(rows), logits.device), to_device(np.array(cols), logits.device)
-            ] = float("-inf")
 
-    def apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
-        """In place: repetition penalty over prompt and output (Hugging Face's: a positive logit divided by
-        it, a negative one multiplied), presence and frequency penalties over the output (OpenAI's). A huge
-        penalty (repetition_penalty 1e-30, say) can push a logit past float32: it becomes the largest float."""
-        rows = [i for i, p in enumerate(batch.params) if p.penalized]
-        if not rows:
-            return
-        device, vocab = logits.device, logits.shape[-1]
-        outputs = [batch.histories[i][batch.num_prompt_tokens[i] :] for i in rows]
-        width = max(1, max(map(len, outputs)))
-        padded = np.full((len(rows), width + 1), vocab, np.int64)  # vocab: a column that is dropped
-        for r, out in enumerate(outputs):
-            padded[r, : len(out)] = out
-        index = to_device(np.array(rows), device)
-        ids = to_device(padded, device)
-        # the newest, if pending
-        ids[:, -1] = torch.where(batch.pending[index] >= 0, batch.pending[index], vocab)
-        counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
-            1, ids, torch.ones_like(ids, dtype=torch.float32)
-        )
-        counts = counts[:, :vocab]
-        prompts = [batch.histories[i][: batch.num_prompt_tokens[i]] for i in rows]
-        seen = counts > 0
-        prompt_rows = np.repeat(np.arange(len(rows)), [len(x) for x in prompts])
-        seen[to_device(prompt_rows, device), to_device(np.concatenate(prompts), device)] = True
-        p = [batch.params[i] for i in rows]
-        rep = to_device(np.array([x.repetition_penalty for x in p], np.float32), device)[:, None]
-        presence = to_device(np.array([x.presence_penalty for x in p], np.float32), device)[:, None]
-        frequency = to_device(np.array([x.frequency_penalty for x in p], np.float32), device)[
-            :, None
-        ]
-        sub = logits[index]
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        sub = sub - presence * (counts > 0) - frequency * counts
-        logits[index] = torch.nan_to_num(
-            sub, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
-        )
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """In place: repetition penalty over prompt and output (Hugging Face's: a positive logit divided by
+    it, a negative one multiplied), presence and frequency penalties over the output (OpenAI's). A huge
+    penalty (repetition_penalty 1e-30, say) can push a logit past float32: it becomes the largest float."""
+    rows = [i for i, p in enumerate(batch.params) if p.penalized]
+    if not rows:
+        return
+    device, vocab = logits.device, logits.shape[-1]
+    outputs = [batch.histories[i][batch.num_prompt_tokens[i] :] for i in rows]
+    width = max(1, max(map(len, outputs)))
+    padded = np.full((len(rows), width + 1), vocab, np.int64)  # vocab: a column that is dropped
+    for r, out in enumerate(outputs):
+        padded[r, : len(out)] = out
+    index = to_device(np.array(rows), device)
+    ids = to_device(padded, device)
+    # the newest, if pending
+    ids[:, -1] = torch.where(batch.pending[index] >= 0, batch.pending[index], vocab)
+    counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
+        1, ids, torch.ones_like(ids, dtype=torch.float32)
+    )
+    counts = counts[:, :vocab]
+    prompts = [batch.histories[i][: batch.num_prompt_tokens[i]] for i in rows]
+    seen = counts > 0
+    prompt_rows = np.repeat(np.arange(len(rows)), [len(x) for x in prompts])
+    seen[to_device(prompt_rows, device), to_device(np.concatenate(prompts), device)] = True
+    p = [batch.params[i] for i in rows]
+    rep = to_device(np.array([x.repetition_penalty for x in p], np.float32), device)[:, None]
+    presence = to_device(np.array([x.presence_penalty for x in p], np.float32), device)[:, None]
+    frequency = to_device(np.array([x.frequency_penalty for x in p], np.float32), device)[:, None]
+    sub = logits[index]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - presence * (counts > 0) - frequency * counts
+    logits[index] = torch.nan_to_num(
+        sub, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
+    )
 
 
 # %%
 #| export mini_infer.layers.sampler
-class Sampler(_LogitProcessors):
+class Sampler:
     """Samples one token per row of logits [B, vocab], row i following batch.params[i].
 
     The Gumbel-max trick, argmax(logits / T + G) with G = -log(-log U), draws from softmax(logits / T) in
@@ -352,8 +349,8 @@ class Sampler(_LogitProcessors):
             p.penalized or p.min_tokens for p in params
         ):  # a float32 copy: logprobs need the raw logits
             processed = logits.to(torch.float32, copy=True)
-            self.apply_min_tokens(processed, batch)
-            self.apply_penalties(processed, batch)
+            apply_min_tokens(processed, batch, self.eos_token_ids)
+            apply_penalties(processed, batch)
         if all(p.greedy for p in params):
             tokens = processed.argmax(dim=-1)
         else:
