@@ -7,6 +7,7 @@ import torch
 
 import mini_infer.kernels  # noqa: F401  (switches on the Triton interpreter when there is no GPU)
 from mini_infer.kernels.sampling import sample_ref, sample_triton
+from mini_infer.layers.sampler import Sampler
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLEMENTATIONS = [sample_ref, sample_triton]
@@ -62,3 +63,11 @@ def test_filtered_tokens_are_never_drawn():
     logits[:, 100:] = float("-inf")  # what top-k / top-p leave behind
     draws = sample_triton(logits, torch.ones(64, device=DEVICE), torch.arange(64, device=DEVICE))
     assert draws.max() < 100
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_warm_up_draws_from_logits_of_either_dtype(device):
+    # the engine's start-up: the model's dtype and float32 (on the GPU, the kernel built for each)
+    logits = torch.randn(3, 50, device=device)
+    for x in (logits.to(torch.bfloat16 if device == "cuda" else torch.float32), logits.softmax(-1)):
+        assert Sampler.warm_up(x) is None

@@ -118,6 +118,18 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
         self.eos_token_ids = list(eos_token_ids)
 
+    @staticmethod
+    def warm_up(logits: torch.Tensor) -> None:
+        """Draw once from each row of logits [rows, vocab] at temperature 1 and drop the tokens: on the GPU
+        this builds the sampling kernel for logits' dtype (the model's, or float32 after penalties and
+        top-k/top-p), so that the first request to sample does not wait for Triton's compiler."""
+        rows, device = logits.shape[0], logits.device
+        sample(
+            logits,
+            torch.ones(rows, device=device),
+            torch.zeros(rows, dtype=torch.long, device=device),
+        )
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         params, processed = batch.params, logits
         if any(

@@ -451,12 +451,16 @@ class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
         """One forward of the largest step without a KV cache, to size the activations' peak. Logits are
         computed for `logit_rows` rows only, with one float32 copy as the samplers make: a step needs them
         for each sequence's last token (and for the tokens it verifies, Chapter 10), never for all of its
-        tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB)."""
+        tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB). The sampler
+        draws from both, which builds its kernel for the two dtypes it meets before a request waits for
+        that (vLLM samples once at start-up too)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(ids, ids, lambda layer, q, k, v: q)
-        self.model.compute_logits(hidden[: min(logit_rows, num_tokens)]).float().softmax(-1)
+        logits = self.model.compute_logits(hidden[: min(logit_rows, num_tokens)])
+        for x in (logits, logits.float().softmax(-1)):
+            self.sampler.warm_up(x)
         torch.cuda.empty_cache()
 
     @torch.inference_mode()
