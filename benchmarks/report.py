@@ -113,9 +113,10 @@ def race_section(summary: dict) -> list[str]:
         )
         lines.append(
             f"| {name(m)} | {ours['tokens_per_s']:,.0f} tok/s | {theirs['tokens_per_s']:,.0f} tok/s "
-            f"({theirs['attention_backend']}) | {summarize.speedup(ours, theirs, 'throughput'):.2f}x "
+            f"({theirs['attention_backend']}) "
+            f"| {summarize.ratio_text(summarize.speedup(ours, theirs, 'throughput'))}x "
             f"| {ours_ms['ms_per_token']:.2f} | {theirs_ms['ms_per_token']:.2f} "
-            f"| {summarize.speedup(ours_ms, theirs_ms, 'latency'):.2f}x "
+            f"| {summarize.ratio_text(summarize.speedup(ours_ms, theirs_ms, 'latency'))}x "
             f"| {ttft_cells(ttft[m].get('mini_infer'), ttft[m].get('vllm'))} |"
         )
     floors = [m for m in in_size_order(summary["models"]) if "floor_ms" in lat[m]["mini_infer"]]
@@ -152,7 +153,7 @@ def ttft_cells(ours: dict | None, theirs: dict | None) -> str:
     if not (ours and theirs and "ttft_ms" in ours and "ttft_ms" in theirs):
         return "- | - | -"
     ratio = summarize.speedup(ours, theirs, "ttft")
-    return f"{ours['ttft_ms']:.1f} | {theirs['ttft_ms']:.1f} | {ratio:.2f}x"
+    return f"{ours['ttft_ms']:.1f} | {theirs['ttft_ms']:.1f} | {summarize.ratio_text(ratio)}x"
 
 
 def hf_section(summary: dict) -> list[str]:

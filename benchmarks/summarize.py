@@ -147,6 +147,11 @@ def speedup(ours: dict | None, theirs: dict | None, table: str) -> float | None:
     return theirs[key] / ours[key] if lower else ours[key] / theirs[key]
 
 
+def ratio_text(x: float) -> str:
+    """A ratio to two decimals, or three where two would round it to 1.00 (0.996 is a loss, not a tie)."""
+    return f"{x:.3f}" if f"{x:.2f}" == "1.00" and round(x, 3) != 1 else f"{x:.2f}"
+
+
 def cell(row: dict | None, key: str) -> str:
     return f"{row[key]:>10,}" if row else f"{'-':>10}"
 
@@ -175,8 +180,8 @@ def render(summary: dict) -> str:
             x_vllm, x_hf = (speedup(best["mini_infer"], best[e], name) for e in OTHERS)
             lines.append(
                 f"{model:14} {cell(best['mini_infer'], key)} {cell(vllm, key)} {backend:13} "
-                f"{f'{x_vllm:.2f}' if x_vllm else '-':>6} {cell(hf, key)} {requests:11} "
-                f"{f'{x_hf:.2f}' if x_hf else '-':>6}"
+                f"{ratio_text(x_vllm) if x_vllm else '-':>6} {cell(hf, key)} {requests:11} "
+                f"{ratio_text(x_hf) if x_hf else '-':>6}"
             )
     return "\n".join(lines)
 

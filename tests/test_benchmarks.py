@@ -164,6 +164,18 @@ def test_measure_latency_uses_fresh_greedy_prompts():
     assert row["prompt_tokens"] == 128 and row["output_tokens"] == 512 and row["ms_per_token"] >= 0
 
 
+def test_a_ratio_just_under_one_is_not_shown_as_a_tie():
+    import summarize
+
+    assert [summarize.ratio_text(x) for x in (0.996, 1.004, 1.0, 0.9999, 1.82)] == [
+        "0.996",
+        "1.004",
+        "1.00",
+        "1.00",
+        "1.82",
+    ]
+
+
 def test_weight_bytes_are_what_a_decode_step_reads():
     import common
 
