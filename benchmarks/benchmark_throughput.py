@@ -18,18 +18,13 @@ def run(args) -> list[dict]:
     """One engine, --repeat rows."""
     llm = common.mini_infer_llm(args, static=args.static)
     generate = common.mini_infer_generate(llm, progress=not args.quiet)
-    rows, preempted, built = (
-        [],
-        0,
-        0,
-    )  # the engine's counts before this run (they add up over its life)
+    rows = []
+    preempted = built = 0  # the engine's counts before this run (they add up over its life)
     with common.jit_variants() as variants:
         for measured in common.throughput_runs(generate, args):
-            preemptions, new_variants = (
-                llm.engine.scheduler.num_preemptions - preempted,
-                len(variants) - built,
-            )
-            preempted, built = llm.engine.scheduler.num_preemptions, len(variants)
+            preemptions = llm.engine.scheduler.num_preemptions - preempted
+            preempted += preemptions
+            new_variants, built = variants[built:], len(variants)
             rows.append(
                 {
                     "engine": "mini_infer",
@@ -41,8 +36,8 @@ def run(args) -> list[dict]:
                     "preemptions": preemptions,
                     # Triton kernels built during this run (its warm-up request and its prefill call
                     # included): each may cost a compile; their names say where
-                    "jit_variants": new_variants,
-                    "jit_kernels": variants[len(variants) - new_variants :],
+                    "jit_variants": len(new_variants),
+                    "jit_kernels": new_variants,
                     "max_num_seqs": args.max_num_seqs,
                     "cuda_graphs": not args.enforce_eager,
                     "async_scheduling": llm.engine.async_scheduling,

@@ -200,9 +200,8 @@ def main() -> None:
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.key] += event.device_time_total / 1000 / args.steps
-    top = (
-        collections.Counter()
-    )  # names cut to 80 characters (C++ templates run long), summed when they meet
+    # names cut to 80 characters (C++ templates run long), summed when they meet
+    top = collections.Counter()
     for kernel, ms in kernels.items():
         gpu_ms[category(kernel)] += ms
         top[kernel[:80]] += ms
