@@ -127,6 +127,7 @@ def decode_variants(splits: int) -> dict[str, dict]:
         "bn16": dict(block_n=16),
         "bn64": dict(block_n=64),
         "w2": dict(num_warps=2),
+        "w4": dict(num_warps=4),
         "w8": dict(num_warps=8),
         "s2": dict(num_stages=2),
         "splits*2": dict(num_splits=2 * splits),

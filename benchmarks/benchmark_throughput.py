@@ -39,6 +39,7 @@ def run(args) -> list[dict]:
                     "jit_variants": len(new_variants),
                     "jit_kernels": new_variants,
                     "max_num_seqs": args.max_num_seqs,
+                    "max_num_batched_tokens": args.max_num_batched_tokens,
                     "cuda_graphs": not args.enforce_eager,
                     "async_scheduling": llm.engine.async_scheduling,
                     "tensor_parallel_size": args.tensor_parallel_size,

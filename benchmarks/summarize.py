@@ -48,9 +48,11 @@ def comparable(row: dict, table: str, num_seqs: int) -> bool:
     """A row measured on the agreed workload, our engine at its best settings."""
     if row["engine"] != "hf-transformers" and not row.get("cuda_graphs", True):
         return False
-    if (
-        row.get("max_num_seqs", 256) != 256 or row.get("tensor_parallel_size", 1) != 1
-    ):  # other experiments
+    if (  # other experiments
+        row.get("max_num_seqs", 256) != 256
+        or row.get("max_num_batched_tokens", 8192) != 8192
+        or row.get("tensor_parallel_size", 1) != 1
+    ):
         return False
     if table == "throughput":
         return row["engine"] == "hf-transformers" or (

@@ -915,8 +915,13 @@ def _decode_split_kernel(
     context_lens_ptr,
     o_part_ptr,
     lse_part_ptr,
+    k_new_ptr,
+    v_new_ptr,
+    slot_mapping_ptr,
     stride_qb,
     stride_qh,
+    stride_kn,
+    stride_vn,
     stride_bt,
     qk_scale,
     num_splits,
@@ -929,6 +934,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    STORE_NEW: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
@@ -944,6 +950,17 @@ def _decode_split_kernel(
     # head_dim padded to a power of two; the padding columns are masked
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    if STORE_NEW:
+        # This step's key is the context's last; only the split that reads it writes it (store_kvcache's
+        # work, without its launch), and the barrier makes the write visible to this program's own loads.
+        slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+        if (slot >= 0) & (lo < context_len) & (context_len <= hi):
+            dst = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + offs_d
+            k_new = tl.load(k_new_ptr + seq * stride_kn + kv_head * HEAD_DIM + offs_d, mask=mask_d)
+            v_new = tl.load(v_new_ptr + seq * stride_vn + kv_head * HEAD_DIM + offs_d, mask=mask_d)
+            tl.store(k_cache_ptr + dst, k_new, mask=mask_d)
+            tl.store(v_cache_ptr + dst, v_new, mask=mask_d)
+        tl.debug_barrier()
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=mask_h[:, None] & mask_d[None, :],
@@ -1060,20 +1077,24 @@ def paged_decode_attention_triton(
     block_tables,
     context_lens,
     scale,
+    new_kv=None,
     num_splits=None,
     block_n=None,
-    num_warps=4,
+    num_warps=None,
     num_stages=3,
 ):
     """One query token per sequence, q [B, Hq, D], attends to its context_lens [B] (int32) keys in the pools
     k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype); Hq a multiple of Hkv, D from 16 to 256.
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
-    A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
-    over the block table's width (each sequence's own context is cut into that many parts; with one split,
-    the reduce kernel is skipped); block_n (keys per tile, a power of two, at least 16; default 64 for
-    head_dim up to 64, else 32, the best on an H200 in benchmarks/attention_sweep.py), num_warps and
-    num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a
+    A sequence with context length 0 gets zeros. new_kv = (k, v, slot_mapping), this step's keys and values
+    [B, Hkv, D] with contiguous [Hkv, D] rows and their slots [B] (-1: none), are written into the pools at
+    the start of the kernel, as `store_kvcache` would (each is the last key of its sequence's context). The
+    launch knobs: num_splits defaults to decode_num_splits over the block table's width (each sequence's
+    own context is cut into that many parts; with one split, the reduce kernel is skipped); block_n (keys
+    per tile, a power of two, at least 16) defaults to 64 for head_dim up to 64, else 32, and num_warps to
+    4, else 2 (at head_dim 128, 0.3-2.2% faster than 4 at all 12 such shapes of
+    benchmarks/results/attention_sweep_nvidia-h200.json); num_stages is Triton's default. Raises ValueError for strided heads or pools, or a
     head_dim outside 16..256.
     """
     B, Hq, D = q.shape
@@ -1082,9 +1103,16 @@ def paged_decode_attention_triton(
         raise ValueError(
             "paged_decode_attention_triton needs q with unit last stride and contiguous pools"
         )
+    k_new, v_new, slot_mapping = new_kv if new_kv is not None else (None, None, None)
+    if new_kv is not None and any(x.stride(2) != 1 or x.stride(1) != D for x in (k_new, v_new)):
+        raise ValueError(
+            "paged_decode_attention_triton needs new_kv's k and v with contiguous [Hkv, D] rows"
+        )
     max_context = block_tables.shape[1] * block_size  # from the shape: no host sync, graph-safe
     if block_n is None:
         block_n = 64 if D <= 64 else 32
+    if num_warps is None:
+        num_warps = 4 if D <= 64 else 2
     if num_splits is None:
         num_sms = (
             torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
@@ -1105,8 +1133,13 @@ def paged_decode_attention_triton(
         context_lens,
         o_part,
         lse_part,
+        k_new,
+        v_new,
+        slot_mapping,
         q.stride(0),
         q.stride(1),
+        k_new.stride(0) if new_kv is not None else 0,
+        v_new.stride(0) if new_kv is not None else 0,
         block_tables.stride(0),
         scale * LOG2E,
         num_splits,
@@ -1119,6 +1152,7 @@ def paged_decode_attention_triton(
         BLOCK_N=block_n,
         MIN_SPLIT=triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n,
         STORE_LSE=num_splits > 1,
+        STORE_NEW=new_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -1175,9 +1209,16 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     )
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
-    fn = paged_decode_attention_triton if q.is_cuda else paged_decode_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, new_kv=None):
+    """Store this step's new_kv = (k, v, slot_mapping), if given, then attend: in one kernel on CUDA
+    tensors, store_kvcache_ref then the reference elsewhere."""
+    if q.is_cuda:
+        return paged_decode_attention_triton(
+            q, k_cache, v_cache, block_tables, context_lens, scale, new_kv
+        )
+    if new_kv is not None:
+        store_kvcache_ref(*new_kv[:2], k_cache, v_cache, new_kv[2])
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 # %% [markdown]
@@ -1203,6 +1244,36 @@ for num_splits in [1, 3, None]:
     )
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-2)
     print(f"paged decode, num_splits={num_splits}: matches the reference")
+
+# %% [markdown]
+# **The store, inside the decode kernel.** In a decode step each sequence's new key and value are the last
+# of its context, and exactly one program per (sequence, KV head) reads that position: the one whose
+# split holds it. So that program can write them into the pool itself before its loop (a barrier makes its
+# own loads see the write), and `store_kvcache`'s kernel need not run: `new_kv=(k, v, slot_mapping)`. A
+# launch is small, but a decode step has one per layer per kernel: at batch 1 on Llama-3-8B the store
+# kernel was 32 launches of about a microsecond each, plus the gap before each (Chapter 7.3's profiles).
+# Prefill steps keep the separate store: there, many programs read each new key.
+
+# %% tags=["nbval-check-output"]
+from mini_infer.kernels.attention import store_kvcache_ref
+
+last = lens.cpu() - 1
+slots = (
+    block_tables.cpu()[torch.arange(len(lens)), last // BLOCK_SIZE] * BLOCK_SIZE
+) + last % BLOCK_SIZE
+k_new, v_new = (
+    torch.randn(len(lens), NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device) for _ in range(2)
+)
+want = (k_cache.clone(), v_cache.clone())
+store_kvcache_ref(k_new, v_new, *want, slots.to(device))
+expected = paged_decode_attention_ref(q, *want, block_tables, lens, scale)
+new_kv = (k_new, v_new, slots.to(device))
+out = paged_decode_attention_triton(q, k_cache, v_cache, block_tables, lens, scale, new_kv)
+torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-2)
+print(
+    "decode with new_kv: pools as store_kvcache leaves them:",
+    torch.equal(k_cache, want[0]) and torch.equal(v_cache, want[1]),
+)
 
 # %% [markdown]
 # ### 4.4.3 Prefill: causal attention over packed prompts, through the pool

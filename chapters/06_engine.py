@@ -458,8 +458,10 @@ print(kept.tolist())
 # The model of Chapter 1 calls `attn(layer_idx, q, k, v)` and lets that object decide what each token
 # sees. In the engine that object is `PagedAttention`: it writes the step's new K/V into the pool
 # through the slot mapping, then runs Chapter 4's decode kernel when every request brings exactly one
-# token, or its prefill kernel otherwise (prompts, prompt chunks and decodes can share a step). The
-# runner describes each step in an `AttentionMetadata`, built once per step and read by all 30 layers.
+# token, or its prefill kernel otherwise (prompts, prompt chunks and decodes can share a step). In a
+# decode step the decode kernel does the writing itself (Chapter 4.4.2's `new_kv`): one kernel launch per
+# layer fewer where launches are most of the cost. The runner describes each step in an
+# `AttentionMetadata`, built once per step and read by all 30 layers.
 
 # %%
 #| export mini_infer.layers.attention
@@ -508,11 +510,17 @@ class PagedAttention:
     ) -> torch.Tensor:
         m = self.metadata
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        store_kvcache(k, v, k_cache, v_cache, m.slot_mapping)
-        if m.is_decode:
+        if m.is_decode:  # the decode kernel stores the step's K/V itself
             return paged_decode_attention(
-                q, k_cache, v_cache, m.block_tables, m.context_lens, self.scale
+                q,
+                k_cache,
+                v_cache,
+                m.block_tables,
+                m.context_lens,
+                self.scale,
+                new_kv=(k, v, m.slot_mapping),
             )
+        store_kvcache(k, v, k_cache, v_cache, m.slot_mapping)
         return prefill_attention(
             q, k_cache, v_cache, m.block_tables, m.context_lens, m.cu_seqlens_q, self.scale
         )

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import mini_infer.kernels  # noqa: F401  (switches on the interpreter before the kernels are defined)
 from mini_infer.kernels.attention import (
+    paged_decode_attention,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
     prefill_attention_ref,
@@ -191,6 +192,52 @@ def test_paged_decode_padding_rows(device, num_splits):
         q[keep], k_cache, v_cache, tables[keep], lens[keep], 0.125
     )
     torch.testing.assert_close(out[keep], expected, **tolerance(device, torch.float32))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("heads", HEADS[1:], ids=HEAD_IDS[1:])
+@pytest.mark.parametrize("device, dtype", cases())
+def test_paged_decode_stores_the_new_kv(device, dtype, heads, num_splits):
+    """With new_kv, the decode kernel writes this step's K/V (each sequence's last key) into the pools and
+    attends over them: the pools equal store_kvcache_ref's, the output the reference's after that store.
+    k and v are strided slices of one fused projection; a padding row (slot -1, no context) stores nothing."""
+    hq, hkv, d = heads
+    context_lens = [1, 16, 17, 0, 70, 129]
+    k_cache, v_cache, tables, lens, g = setup(context_lens, hkv, d, dtype, device, seed=7)
+    last = (lens - 1).clamp(min=0).cpu()
+    slots = (
+        tables.cpu()[torch.arange(len(lens)), last // BLOCK_SIZE] * BLOCK_SIZE + last % BLOCK_SIZE
+    )
+    slots[lens.cpu() == 0] = -1
+    kv = torch.randn(len(lens), 3 * hkv * d, generator=g).to(device, dtype)
+    k, v = kv[:, : hkv * d].view(-1, hkv, d), kv[:, 2 * hkv * d :].view(-1, hkv, d)
+    q = torch.randn(len(lens), hq, d, generator=g).to(device, dtype)
+    slots = slots.to(device, torch.int32)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    store_kvcache_ref(k, v, want_k, want_v, slots)
+    expected = paged_decode_attention_ref(q, want_k, want_v, tables, lens, d**-0.5)
+    out = paged_decode_attention_triton(
+        q, k_cache, v_cache, tables, lens, d**-0.5, (k, v, slots), num_splits=num_splits
+    )
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    torch.testing.assert_close(out, expected, **tolerance(device, dtype))
+    with pytest.raises(ValueError, match="new_kv's k and v"):
+        paged_decode_attention_triton(
+            q, k_cache, v_cache, tables, lens, d**-0.5, (k.transpose(1, 2), v, slots)
+        )
+
+
+def test_paged_decode_dispatcher_stores_the_new_kv_on_the_cpu():
+    """Off the GPU, paged_decode_attention(new_kv=...) is store_kvcache_ref then the reference."""
+    k_cache, v_cache, tables, lens, g = setup([5, 33], 2, 64, torch.float32, "cpu", seed=2)
+    slots = torch.tensor([int(tables[0, 0]) * BLOCK_SIZE + 4, int(tables[1, 2]) * BLOCK_SIZE])
+    k, v, q = (torch.randn(2, h, 64, generator=g) for h in (2, 2, 6))
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    store_kvcache_ref(k, v, want_k, want_v, slots)
+    expected = paged_decode_attention_ref(q, want_k, want_v, tables, lens, 0.125)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125, new_kv=(k, v, slots))
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)

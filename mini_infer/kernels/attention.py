@@ -138,8 +138,13 @@ def _decode_split_kernel(
     context_lens_ptr,
     o_part_ptr,
     lse_part_ptr,
+    k_new_ptr,
+    v_new_ptr,
+    slot_mapping_ptr,
     stride_qb,
     stride_qh,
+    stride_kn,
+    stride_vn,
     stride_bt,
     qk_scale,
     num_splits,
@@ -152,6 +157,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    STORE_NEW: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
@@ -167,6 +173,17 @@ def _decode_split_kernel(
     # head_dim padded to a power of two; the padding columns are masked
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    if STORE_NEW:
+        # This step's key is the context's last; only the split that reads it writes it (store_kvcache's
+        # work, without its launch), and the barrier makes the write visible to this program's own loads.
+        slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+        if (slot >= 0) & (lo < context_len) & (context_len <= hi):
+            dst = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + offs_d
+            k_new = tl.load(k_new_ptr + seq * stride_kn + kv_head * HEAD_DIM + offs_d, mask=mask_d)
+            v_new = tl.load(v_new_ptr + seq * stride_vn + kv_head * HEAD_DIM + offs_d, mask=mask_d)
+            tl.store(k_cache_ptr + dst, k_new, mask=mask_d)
+            tl.store(v_cache_ptr + dst, v_new, mask=mask_d)
+        tl.debug_barrier()
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=mask_h[:, None] & mask_d[None, :],
@@ -276,20 +293,24 @@ def paged_decode_attention_triton(
     block_tables,
     context_lens,
     scale,
+    new_kv=None,
     num_splits=None,
     block_n=None,
-    num_warps=4,
+    num_warps=None,
     num_stages=3,
 ):
     """One query token per sequence, q [B, Hq, D], attends to its context_lens [B] (int32) keys in the pools
     k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype); Hq a multiple of Hkv, D from 16 to 256.
 
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
-    A sequence with context length 0 gets zeros. The launch knobs: num_splits defaults to decode_num_splits
-    over the block table's width (each sequence's own context is cut into that many parts; with one split,
-    the reduce kernel is skipped); block_n (keys per tile, a power of two, at least 16; default 64 for
-    head_dim up to 64, else 32, the best on an H200 in benchmarks/attention_sweep.py), num_warps and
-    num_stages (Triton's defaults) are for tuning. Raises ValueError for strided heads or pools, or a
+    A sequence with context length 0 gets zeros. new_kv = (k, v, slot_mapping), this step's keys and values
+    [B, Hkv, D] with contiguous [Hkv, D] rows and their slots [B] (-1: none), are written into the pools at
+    the start of the kernel, as `store_kvcache` would (each is the last key of its sequence's context). The
+    launch knobs: num_splits defaults to decode_num_splits over the block table's width (each sequence's
+    own context is cut into that many parts; with one split, the reduce kernel is skipped); block_n (keys
+    per tile, a power of two, at least 16) defaults to 64 for head_dim up to 64, else 32, and num_warps to
+    4, else 2 (at head_dim 128, 0.3-2.2% faster than 4 at all 12 such shapes of
+    benchmarks/results/attention_sweep_nvidia-h200.json); num_stages is Triton's default. Raises ValueError for strided heads or pools, or a
     head_dim outside 16..256.
     """
     B, Hq, D = q.shape
@@ -298,9 +319,16 @@ def paged_decode_attention_triton(
         raise ValueError(
             "paged_decode_attention_triton needs q with unit last stride and contiguous pools"
         )
+    k_new, v_new, slot_mapping = new_kv if new_kv is not None else (None, None, None)
+    if new_kv is not None and any(x.stride(2) != 1 or x.stride(1) != D for x in (k_new, v_new)):
+        raise ValueError(
+            "paged_decode_attention_triton needs new_kv's k and v with contiguous [Hkv, D] rows"
+        )
     max_context = block_tables.shape[1] * block_size  # from the shape: no host sync, graph-safe
     if block_n is None:
         block_n = 64 if D <= 64 else 32
+    if num_warps is None:
+        num_warps = 4 if D <= 64 else 2
     if num_splits is None:
         num_sms = (
             torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
@@ -321,8 +349,13 @@ def paged_decode_attention_triton(
         context_lens,
         o_part,
         lse_part,
+        k_new,
+        v_new,
+        slot_mapping,
         q.stride(0),
         q.stride(1),
+        k_new.stride(0) if new_kv is not None else 0,
+        v_new.stride(0) if new_kv is not None else 0,
         block_tables.stride(0),
         scale * LOG2E,
         num_splits,
@@ -335,6 +368,7 @@ def paged_decode_attention_triton(
         BLOCK_N=block_n,
         MIN_SPLIT=triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n,
         STORE_LSE=num_splits > 1,
+        STORE_NEW=new_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -382,9 +416,16 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     )
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
-    fn = paged_decode_attention_triton if q.is_cuda else paged_decode_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, new_kv=None):
+    """Store this step's new_kv = (k, v, slot_mapping), if given, then attend: in one kernel on CUDA
+    tensors, store_kvcache_ref then the reference elsewhere."""
+    if q.is_cuda:
+        return paged_decode_attention_triton(
+            q, k_cache, v_cache, block_tables, context_lens, scale, new_kv
+        )
+    if new_kv is not None:
+        store_kvcache_ref(*new_kv[:2], k_cache, v_cache, new_kv[2])
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 # num_seqs changes from step to step, and so does the block table's row stride outside CUDA graphs (the

@@ -44,11 +44,17 @@ class PagedAttention:
     ) -> torch.Tensor:
         m = self.metadata
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        store_kvcache(k, v, k_cache, v_cache, m.slot_mapping)
-        if m.is_decode:
+        if m.is_decode:  # the decode kernel stores the step's K/V itself
             return paged_decode_attention(
-                q, k_cache, v_cache, m.block_tables, m.context_lens, self.scale
+                q,
+                k_cache,
+                v_cache,
+                m.block_tables,
+                m.context_lens,
+                self.scale,
+                new_kv=(k, v, m.slot_mapping),
             )
+        store_kvcache(k, v, k_cache, v_cache, m.slot_mapping)
         return prefill_attention(
             q, k_cache, v_cache, m.block_tables, m.context_lens, m.cu_seqlens_q, self.scale
         )
