@@ -459,7 +459,7 @@ print("norm and rotation in one kernel = Chapter 2's norm, then the rotation (16
 # %% [markdown]
 # What it saves in the engine (`benchmarks/profile_step.py`, a Qwen3-0.6B decode step at batch 256 on an
 # H200; before on machine 212bab10, `profile_qwen3-0.6b_212bab10.json`, after on f01e36c0,
-# `profile_qwen3-0.6b.json`): RMSNorm kernels 0.21 ms per step before, 0.11 after (only the layers' own
+# `profile_qwen3-0.6b_f01e36c0.json`): RMSNorm kernels 0.21 ms per step before, 0.11 after (only the layers' own
 # norms are left); copies and other small kernels 0.40 ms before, 0.26 after; the rotation 0.06 ms before,
 # 0.08 after, the norm now inside it. Those kernels lost 0.22 ms together; the step's GPU work went from
 # 6.33 to 6.18 ms (decode attention took 0.07 ms longer on the second machine) and its wall time from 6.8

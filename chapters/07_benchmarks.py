@@ -163,11 +163,11 @@ plt.show()
 
 # %% [markdown]
 # Read the ratios, not the bars. In the stored race, on an H200, Mini-Infer is ahead at batch 1 on
-# all three models (1.60x, 1.16x and 1.03x per output token, 1.60x to 6.89x on time to first token):
+# all three models (1.66x, 1.20x and 1.05x per output token, 1.58x to 8.20x on time to first token):
 # the whole decode step of our engine is one CUDA graph, and little Python runs between two of them. At
-# batch 256 it is ahead on SmolLM2 (1.82x) and Qwen3-0.6B (1.09x) and level with vLLM on Llama-3-8B
-# (0.996x; vLLM's own two runs differed by 1.4%), whose steps are almost all GPU work; the profile below
-# shows where that work goes. Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
+# batch 256 it is ahead on all three, by 2.08x on SmolLM2 and narrowly on Qwen3-0.6B (1.03x) and
+# Llama-3-8B (1.02x, as on the session's first machine, bb201784: 9,954 against 9,745 tokens/s), whose
+# steps are almost all GPU work; the profile below shows where that work goes. Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
 # first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
 # decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
 # can come; the small models are far from it because their steps are launches, not reads. Transformers' `generate`, measured beside Mini-Infer
@@ -347,10 +347,15 @@ print(f"(all on an {pairs[0][0]['device']}, {pairs[0][0]['date']})" if pairs els
 # batches of 16 to 128 most sequences ran on one split. With the fix, the workload's first 64 requests ran
 # 1.21x faster on Qwen3-0.6B and the whole workload 1.04x faster on Llama-3-8B, on another H200 (one run
 # each, before and after). Then Qwen3's head norm moved into the RoPE kernel (Chapter 3.4.1), which took
-# 0.22 ms of small kernels out of its step at batch 256 (the Qwen3-0.6B row above is after it, on the
-# race's machine f01e36c0; vLLM's is from 212bab10). At batch 64, both on f01e36c0, our step has less GPU
-# work than vLLM's: 2.51 against 2.66 ms, decode attention 1.33 against 1.47 ms. The race above, on that
-# machine, has the result: 1.09x on Qwen3-0.6B, 0.996x on Llama-3-8B.
+# 0.22 ms of small kernels out of its step at batch 256. At batch 64, both on f01e36c0, our step has less
+# GPU work than vLLM's: 2.51 against 2.66 ms, decode attention 1.33 against 1.47 ms. The race on that
+# machine gave 1.09x on Qwen3-0.6B and 0.996x on Llama-3-8B. Last, the decode kernel took over the store of
+# each step's K/V (4.4.2: one kernel launch per layer fewer), and runs on 2 warps at head dim 128 (the
+# attention sweep's faster setting). Llama-3-8B's step at batch 256 then had 12.35 ms of GPU work
+# (machine bb201784) against 12.77 on 212bab10: decode attention 5.30 against 5.50 ms, no store kernel,
+# the matrix products 6.34 against 6.50 (the same cuBLAS kernels; machines differ by that much). The rows
+# above are those profiles (our Llama-3-8B row from bb201784, Qwen3-0.6B from 68198230, vLLM's from
+# 212bab10), and the race above, on 68198230, has the result: 1.03x on Qwen3-0.6B, 1.02x on Llama-3-8B.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling
