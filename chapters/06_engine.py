@@ -98,7 +98,10 @@ print("outputs from:", describe_run())
 # stream, we use the **Gumbel-max trick**: with independent uniform `U_i`, `argmax_i (x_i - log(-log U_i))`
 # is a sample from `softmax(x)`. No probabilities need computing: one pass over the logits, adding noise
 # and keeping the best, draws the token. On a GPU that pass is one Triton kernel whose random numbers come
-# from a per-row seed (Philox, `tl.rand`); section 6.2.5 measures what the single pass saves. A request
+# from a per-row seed (Philox, `tl.rand`); section 6.2.5 measures what the single pass saves. A program
+# walks a row; when the batch is too small to give every SM a few rows (batch 1 above all: one program
+# alone walked Llama-3's 128,256 logits in 0.12 ms of a 4.7 ms step), several programs share each row and
+# a second small kernel picks the best of their bests, the same token a single pass picks. A request
 # with a `seed` seeds its row with (seed, position of the token), so its tokens do not depend on which
 # requests share its batch.
 
@@ -130,47 +133,113 @@ def sample_ref(
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr, temperature_ptr, seed_ptr, out_ptr, stride, vocab, BLOCK: tl.constexpr
+    logits_ptr,
+    temperature_ptr,
+    seed_ptr,
+    out_ptr,
+    part_top_ptr,
+    part_idx_ptr,
+    stride,
+    vocab,
+    chunk,
+    BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    # program (row, part) scans the row's columns [part * chunk, part * chunk + chunk)
+    row, part = tl.program_id(0), tl.program_id(1)
     t = tl.load(temperature_ptr + row)
     seed = tl.load(seed_ptr + row)
+    lo = part * chunk
+    hi = tl.minimum(lo + chunk, vocab)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
     for start in range(
-        0, vocab, BLOCK
+        lo, hi, BLOCK
     ):  # each lane keeps the best it has seen, the first one on ties
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(
-            logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab, other=float("-inf")
+            logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < hi, other=float("-inf")
         )
         x = x.to(tl.float32)
-        if t > 0:
+        if t > 0:  # noise from the column's own number: the same draw however the row is split
             x = x / t - tl.log(-tl.log(tl.rand(seed, cols)))
         better = x > best
         best = tl.where(better, x, best)
         best_idx = tl.where(better, cols, best_idx)
     top = tl.max(best, 0)
-    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_idx, vocab), 0))
+    idx = tl.min(tl.where(best == top, best_idx, vocab), 0)
+    if SPLIT:  # the part's best, for _pick_kernel
+        tl.store(part_top_ptr + row * tl.num_programs(1) + part, top)
+        tl.store(part_idx_ptr + row * tl.num_programs(1) + part, idx)
+    else:
+        tl.store(out_ptr + row, idx)
+
+
+@triton.jit
+def _pick_kernel(part_top_ptr, part_idx_ptr, out_ptr, num_parts, PARTS: tl.constexpr):
+    """Row r's token: the best of its parts' bests, the lowest column on ties (as one pass would pick)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, PARTS)
+    mask = offs < num_parts
+    top = tl.load(part_top_ptr + row * num_parts + offs, mask=mask, other=float("-inf"))
+    idx = tl.load(part_idx_ptr + row * num_parts + offs, mask=mask, other=2**31 - 1)
+    best = tl.max(top, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(top == best, idx, 2**31 - 1), 0))
+
+
+def sample_parts(rows: int, vocab: int, block: int, num_sms: int) -> int:
+    """How many programs share a row: one per row when the rows alone give every SM a few programs; else
+    the row's columns in parts of whole blocks, about four programs per SM (as decode attention splits a
+    context, Chapter 4.4.2). At batch 1 a single program would walk Llama-3's 128,256 logits alone."""
+    return max(1, min(triton.cdiv(vocab, block), triton.cdiv(4 * num_sms, rows)))
 
 
 def sample_triton(
-    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    num_parts: int | None = None,
+    block: int = 2048,
 ) -> torch.Tensor:
     """The kernel: the logits are read once, in their own dtype, and no probabilities are written. Its
-    random numbers (Philox) differ from `sample_ref`'s, so the two agree in distribution, not draw by draw."""
+    random numbers (Philox) differ from `sample_ref`'s, so the two agree in distribution, not draw by draw.
+    num_parts (default `sample_parts`) programs share each row, and a second small kernel picks the best of
+    their bests; the draw is the same for any num_parts. block: columns per step of a program's loop."""
+    rows, vocab = logits.shape
     # the store widens the index
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    if logits.shape[0]:
-        _sample_kernel[(logits.shape[0],)](
-            logits,
-            temperature,
-            seeds,
-            out,
-            logits.stride(0),
-            logits.shape[-1],
-            BLOCK=2048,
-            num_warps=8,
+    out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    if not rows:
+        return out
+    if num_parts is None:
+        num_sms = (
+            torch.cuda.get_device_properties(logits.device).multi_processor_count
+            if logits.is_cuda
+            else 4
+        )
+        num_parts = sample_parts(rows, vocab, block, num_sms)
+    chunk = triton.cdiv(triton.cdiv(vocab, num_parts), block) * block  # whole blocks per part
+    num_parts = triton.cdiv(vocab, chunk)
+    part_top = part_idx = None
+    if num_parts > 1:
+        part_top = torch.empty(rows, num_parts, dtype=torch.float32, device=logits.device)
+        part_idx = torch.empty(rows, num_parts, dtype=torch.int32, device=logits.device)
+    _sample_kernel[(rows, num_parts)](
+        logits,
+        temperature,
+        seeds,
+        out,
+        part_top,
+        part_idx,
+        logits.stride(0),
+        vocab,
+        chunk,
+        BLOCK=block,
+        SPLIT=num_parts > 1,
+        num_warps=8,
+    )
+    if num_parts > 1:
+        _pick_kernel[(rows,)](
+            part_top, part_idx, out, num_parts, PARTS=triton.next_power_of_2(num_parts)
         )
     return out
 
@@ -345,15 +414,15 @@ class Sampler:
 
     @staticmethod
     def warm_up(logits: torch.Tensor) -> None:
-        """Draw once from each row of logits [rows, vocab] at temperature 1 and drop the tokens: on the GPU
-        this builds the sampling kernel for logits' dtype (the model's, or float32 after penalties and
-        top-k/top-p), so that the first request to sample does not wait for Triton's compiler."""
-        rows, device = logits.shape[0], logits.device
-        sample(
-            logits,
-            torch.ones(rows, device=device),
-            torch.zeros(rows, dtype=torch.long, device=device),
-        )
+        """Draw once from each row of logits [rows, vocab] at temperature 1, then from its first row alone,
+        and drop the tokens: on the GPU this builds the sampling kernels for logits' dtype (the model's, or
+        float32 after penalties and top-k/top-p), a batch's and a lone row's (which several programs
+        share: `sample_parts`), so that the first request to sample does not wait for Triton's compiler."""
+        for rows in (logits[:1], logits) if logits.shape[0] > 1 else (logits,):
+            n, device = rows.shape[0], rows.device
+            sample(
+                rows, torch.ones(n, device=device), torch.zeros(n, dtype=torch.long, device=device)
+            )
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         params, processed = batch.params, logits
@@ -2817,13 +2886,14 @@ if (RESULTS / "latency.jsonl").exists():
 
 # %% [markdown]
 # (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in about 1.0 ms,
-# 1.6 times as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the
+# 1.7 times as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the
 # CUDA graph turned some 1,300 kernel launches into one, and little else runs between two steps. The first
-# token comes sooner still, relative to vLLM (1.8 against 12.1 ms for SmolLM2, 6.2 against 9.9 ms for
+# token comes sooner still, relative to vLLM (1.7 against 14.0 ms for SmolLM2, 6.2 against 9.8 ms for
 # Llama-3-8B): a 128-token prefill is a mixed step, and it replays a graph too (6.2.3). At batch 256
-# Mini-Infer is ahead on SmolLM2 (1.82x) and Qwen3-0.6B (1.09x) and level on Llama-3-8B (0.996x, within
-# the spread of vLLM's own two runs, 1.4%); in the race before this one, before the fixes of Chapters
-# 4.4.2 and 3.4.1, it was behind on the two larger models (0.94x and 0.89x).
+# Mini-Infer is ahead on all three: SmolLM2 2.08x, Qwen3-0.6B 1.03x, Llama-3-8B 1.02x. Two races earlier,
+# before the fixes of Chapters 4.4.2 and 3.4.1, it was behind on the two larger models (0.94x and 0.89x);
+# in the race before this one, before the decode kernel stored the new K/V itself (4.4.2), Llama-3-8B was
+# level (0.996x).
 # Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
 # about 590 tokens of context each, sorts the GPU's kernels by kind, and counts the rest of each step's
 # wall time as time the GPU sat idle, waiting for the host (the profiler itself adds a little to it).

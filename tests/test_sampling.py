@@ -6,11 +6,18 @@ import pytest
 import torch
 
 import mini_infer.kernels  # noqa: F401  (switches on the Triton interpreter when there is no GPU)
-from mini_infer.kernels.sampling import sample_ref, sample_triton
+from mini_infer.kernels.sampling import sample_parts, sample_ref, sample_triton
 from mini_infer.layers.sampler import Sampler
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLEMENTATIONS = [sample_ref, sample_triton]
+
+
+def sample_split(logits, temperature, seeds):
+    """The kernel with every row shared by three programs (and small blocks, so that short rows split)."""
+    return sample_triton(logits, temperature, seeds, num_parts=3, block=256)
+
+
+IMPLEMENTATIONS = [sample_ref, sample_triton, sample_split]
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -71,3 +78,31 @@ def test_warm_up_draws_from_logits_of_either_dtype(device):
     logits = torch.randn(3, 50, device=device)
     for x in (logits.to(torch.bfloat16 if device == "cuda" else torch.float32), logits.softmax(-1)):
         assert Sampler.warm_up(x) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_split_row_draws_what_one_pass_draws(dtype):
+    """Each column's noise comes from its own number, and the parts' bests are combined lowest column first on
+    ties: any split gives the one-pass draw, sampled or greedy, ties and -inf columns included."""
+    logits = (torch.randn(4, 3001, device=DEVICE) * 3).to(dtype)
+    logits[2, :] = 1.0  # all tied: the first column
+    logits[3, :2000] = float("-inf")  # filtered
+    t = torch.tensor([1.0, 0.0, 0.0, 2.0], device=DEVICE)  # row 2 greedy
+    seeds = torch.tensor([5, 6, 7, 8], device=DEVICE)
+    one = sample_triton(logits, t, seeds, num_parts=1)
+    for parts, block in [(2, 2048), (5, 256), (12, 256)]:
+        assert (
+            sample_triton(logits, t, seeds, num_parts=parts, block=block).tolist() == one.tolist()
+        )
+    assert one[2] == 0 and one[3] >= 2000
+
+
+def test_sample_parts_splits_rows_only_when_the_batch_is_small():
+    assert (
+        sample_parts(rows=1, vocab=128_256, block=2048, num_sms=132) == 63
+    )  # every block its program
+    assert sample_parts(rows=4, vocab=128_256, block=2048, num_sms=132) == 63
+    assert sample_parts(rows=64, vocab=151_936, block=2048, num_sms=132) == 9
+    assert sample_parts(rows=256, vocab=151_936, block=2048, num_sms=132) == 3
+    assert sample_parts(rows=600, vocab=151_936, block=2048, num_sms=132) == 1
+    assert sample_parts(rows=1, vocab=7, block=2048, num_sms=132) == 1

@@ -120,15 +120,15 @@ class Sampler:
 
     @staticmethod
     def warm_up(logits: torch.Tensor) -> None:
-        """Draw once from each row of logits [rows, vocab] at temperature 1 and drop the tokens: on the GPU
-        this builds the sampling kernel for logits' dtype (the model's, or float32 after penalties and
-        top-k/top-p), so that the first request to sample does not wait for Triton's compiler."""
-        rows, device = logits.shape[0], logits.device
-        sample(
-            logits,
-            torch.ones(rows, device=device),
-            torch.zeros(rows, dtype=torch.long, device=device),
-        )
+        """Draw once from each row of logits [rows, vocab] at temperature 1, then from its first row alone,
+        and drop the tokens: on the GPU this builds the sampling kernels for logits' dtype (the model's, or
+        float32 after penalties and top-k/top-p), a batch's and a lone row's (which several programs
+        share: `sample_parts`), so that the first request to sample does not wait for Triton's compiler."""
+        for rows in (logits[:1], logits) if logits.shape[0] > 1 else (logits,):
+            n, device = rows.shape[0], rows.device
+            sample(
+                rows, torch.ones(n, device=device), torch.zeros(n, dtype=torch.long, device=device)
+            )
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         params, processed = batch.params, logits
