@@ -55,7 +55,7 @@ CATEGORIES = [  # (category, substrings of kernel names), first match wins; vLLM
     ("RMSNorm", ("_rms_norm", "rms_norm")),
     ("RoPE", ("_rope", "rotary")),
     ("SiLU-and-mul", ("_silu_and_mul", "act_and_mul")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "_gemv_kernel")),
     ("fused by torch.compile", ("triton_poi", "triton_red", "triton_per")),
 ]
 DEFAULT_BATCH = 256

@@ -39,6 +39,7 @@
 # | `attention_sweep.py` | the paged attention kernels' launch variants against PyTorch's FlashAttention (Chapter 4) | `attention_sweep_<gpu>.json` |
 # | `benchmark_tp.py`, `allreduce_latency.py` | one model on 1 and 2 GPUs, and one all-reduce (Chapter 9) | `tp_throughput.jsonl`, `tp_latency.jsonl`, `tp_allreduce.jsonl` |
 # | `benchmark_spec_decode.py` | speculative decoding against plain decoding (Chapter 10) | `spec_decode.jsonl` |
+# | `gemv_probe.py` | batch 1's matrix-vector kernel against cuBLAS, and batch-1 latency with and without it (7.3.2) | `gemv_latency.jsonl` (and a JSON of the run) |
 
 # %%
 # On Colab, install mini_infer and the embedded model first (elsewhere, see the README).
@@ -75,6 +76,7 @@ import torch
 from IPython.display import Markdown, display
 
 import mini_infer
+import mini_infer.kernels  # noqa: F401  (before the @triton.jit of 7.3.2: Triton's interpreter when there is no GPU)
 from mini_infer.device import describe_run
 
 ROOT = Path(mini_infer.__file__).resolve().parents[1]
@@ -356,6 +358,272 @@ print(f"(all on an {pairs[0][0]['device']}, {pairs[0][0]['date']})" if pairs els
 # the matrix products 6.34 against 6.50 (the same cuBLAS kernels; machines differ by that much). The rows
 # above are those profiles (our Llama-3-8B row from bb201784, Qwen3-0.6B from 68198230, vLLM's from
 # 212bab10), and the race above, on 68198230, has the result: 1.03x on Qwen3-0.6B, 1.02x on Llama-3-8B.
+
+# %% [markdown]
+# ### 7.3.2 Batch 1: a matrix-vector product that reads faster
+#
+# At batch 1 a decode step multiplies one row of activations by every weight matrix: a matrix-vector
+# product (GEMV), with 2 FLOPs per 2-byte weight, far below the ridge point. Its floor is the weights'
+# bytes over the copy bandwidth, and the profile of Llama-3-8B's batch-1 step
+# (`profile_step.py --batch 1`) shows where the step goes: almost all of it is matrix products, each one
+# cuBLAS kernel at M = 1, and for the o and down projections cuBLAS splits K over several programs and
+# adds a second kernel that sums their partial results (`splitKreduce`):
+
+# %%
+bs1 = json.loads((common.RESULTS / "profile_llama3-8b_bs1.json").read_text())
+print(
+    f"{report.name(bs1['model'])} batch 1, {bs1['device']} (machine {bs1['machine']}): step "
+    f"{bs1['step_ms']:.2f} ms, matrix products {bs1['gpu_ms']['matmul']:.2f} ms; its matmul kernels:"
+)
+for kernel, ms in bs1["top_kernels"].items():
+    if "nvjet" in kernel or "splitK" in kernel:
+        print(f"  {ms:6.3f} ms  {kernel}")
+
+# %% [markdown]
+# A GEMV needs no tensor cores and no split of K. The classic kernel gives each program a few rows of the
+# weight and walks all of K: it multiplies a [BLOCK_N, BLOCK_K] tile of the weight by the matching piece
+# of x, broadcast down the rows, and adds the products into an fp32 accumulator of the tile's shape, so
+# each thread keeps its own partial sums and the loop has no reduction across threads; the sum over K
+# comes once, after the loop. No program shares a row with another, so there is nothing to add up
+# afterwards. The loop's `tl.range(..., num_stages=...)` asks Triton to pipeline the loads through shared
+# memory (Triton does that by itself only for loops with a `tl.dot`); one stage leaves plain loads,
+# overlapped by the many programs an SM holds.
+
+# %%
+#| export mini_infer.kernels.gemv
+"""Batch 1's matrix-vector product: `linear(x, weight, bias)` is `F.linear`, except that for one row of x
+on a GPU it runs the faster of cuBLAS and a Triton GEMV (`gemv_triton`) at a few launch knob sets,
+measured once per weight shape at first use (Chapter 7.3.2)."""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    # one program per BLOCK_N rows of the weight, over all of K: no split of K, so nothing to reduce later
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: N * K can pass 2**31 (lm_head)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    # tl.range's num_stages, not the launch's: Triton pipelines (cp.async) only loops with a tl.dot unless
+    # the loop itself asks; NUM_STAGES = 1 leaves plain loads, overlapped by occupancy alone
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask_k = ks < K
+        w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
+        # elementwise multiply-add into the 2-D accumulator: each thread keeps its own partial sums, and
+        # the sum over K (across threads) is paid once, after the loop
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+def gemv_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    """x [1, K] @ weight [N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32, with the given
+    launch knobs: BLOCK_N rows of the weight per program, BLOCK_K columns per step of its loop (both
+    powers of two), the warps per program and the loop's pipeline stages. ValueError for more or fewer
+    than one row, a K that does not match, a last dimension with a stride other than 1, or a block size
+    that is not a power of two. Runs on CPU tensors under Triton's interpreter."""
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"gemv_triton takes one row of x, shape [1, K], got {tuple(x.shape)}")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns, weight {k}")
+    if x.stride(1) != 1 or weight.stride(1) != 1 or (bias is not None and bias.stride(0) != 1):
+        raise ValueError(
+            "gemv_triton needs x, weight and bias with unit stride in the last dimension"
+        )
+    for name, b in (("block_n", block_n), ("block_k", block_k)):
+        if b < 1 or b & (b - 1):
+            raise ValueError(f"gemv_triton's {name} must be a power of two, got {b}")
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x,
+        weight,
+        y if bias is None else bias,  # an unused pointer when there is no bias
+        y,
+        n,
+        k,
+        weight.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        NUM_STAGES=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return y
+
+
+# %% [markdown]
+# The kernel against its reference, on a shape that is no power of two (N = 70 rows, K = 100 columns: the
+# masks cut the last tile of each), with and without a bias, at two knob sets. On the CPU it runs under
+# Triton's interpreter:
+
+# %% tags=["nbval-check-output"]
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+x, w, b = (torch.randn(*shape, device=device) for shape in ((1, 100), (70, 100), (70,)))
+print(
+    "gemv_triton matches x @ weight.T (+ bias) at N = 70, K = 100:",
+    all(
+        torch.allclose(gemv_triton(x, w, bias, *knobs), want, atol=1e-4, rtol=1e-4)
+        for bias, want in ((None, x @ w.T), (b, x @ w.T + b))
+        for knobs in ((2, 64, 4, 1), (8, 32, 4, 3))
+    ),
+)
+
+# %% [markdown]
+# Which is faster, this kernel or cuBLAS, and at which knobs, depends on the shape and the card, so the
+# engine does not guess: `linear`, which every linear layer of the model calls (Chapter 1's `Linear`,
+# Chapter 9's parallel layers), is `F.linear` except for one row on a GPU. There, the first time it meets
+# a weight shape it times `F.linear` and `gemv_triton` at a few knob sets on the real operands
+# (`triton.testing.do_bench`, about 25 ms each) and keeps the fastest for that shape for the rest of the
+# process. At batch 1 the engine meets every layer's shape when it captures the batch-1 decode graph
+# (the capture runs each graph's forward once before recording it), and the LM head's in its warm-up
+# (Chapter 6), so no request waits for a measurement; while a graph is being recorded nothing is timed.
+# Any other call (more rows, the CPU, autograd) goes straight to `F.linear`.
+
+# %%
+#| export mini_infer.kernels.gemv
+# Launch knobs (block_n, block_k, num_warps, num_stages) of gemv_triton that `linear` races against
+# cuBLAS: the fastest at each of Llama-3-8B's shapes where the kernel beat cuBLAS in
+# benchmarks/gemv_probe.py's sweep on an H200 (qkv, gate_up, down, lm_head), and one for short rows.
+GEMV_KNOBS = ((2, 1024, 4, 3), (2, 1024, 4, 1), (8, 512, 8, 3), (4, 1024, 8, 3), (8, 256, 4, 3))
+# the device types where `linear` measures (the tests add "cpu", where gemv_triton runs interpreted)
+MEASURED_ON = ("cuda",)
+# (N, K, dtype, has bias, device) -> the knobs measured fastest there, or None for F.linear
+_choices: dict[tuple, tuple[int, int, int, int] | None] = {}
+_enabled = True
+
+
+def use_gemv(enabled: bool) -> None:
+    """Let `linear` race gemv_triton against cuBLAS (True, the default), or send every call to F.linear
+    (False: the A/B of benchmarks/gemv_probe.py). Either way, forget the choices measured so far."""
+    global _enabled
+    _enabled = enabled
+    _choices.clear()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`: x [..., K], weight [N, K], bias [N] or None -> [..., N], with its
+    semantics, dtypes and errors. For one row of x on a GPU (x [1, K]; weight and bias of x's dtype and
+    device; unit stride in every last dimension; no gradient to record) it runs the fastest of F.linear
+    (cuBLAS) and `gemv_triton` at each of GEMV_KNOBS: measured with `triton.testing.do_bench` (median) the
+    first time a key (N, K, dtype, bias or not, device) is met, and cached for the process. While the
+    current CUDA stream is capturing a graph nothing is measured: a key not yet measured runs F.linear.
+    Why: at batch 1 a decode step is bound by reading the weights, and at some shapes cuBLAS splits K and
+    adds a reduce kernel where a GEMV reads faster (the batch-1 profile and benchmarks/gemv_probe.py,
+    Chapter 7.3.2)."""
+    if not (_enabled and x.device.type in MEASURED_ON and _one_row(x, weight, bias)):
+        return F.linear(x, weight, bias)
+    key = (*weight.shape, x.dtype, bias is not None, x.device)
+    if key not in _choices:
+        if torch.cuda.is_current_stream_capturing():
+            return F.linear(x, weight, bias)
+        _choices[key] = _fastest(x, weight, bias)
+    knobs = _choices[key]
+    return F.linear(x, weight, bias) if knobs is None else gemv_triton(x, weight, bias, *knobs)
+
+
+def _one_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether gemv_triton computes what F.linear would: one row of x, matching shapes, dtypes and devices,
+    unit last strides, and nothing for autograd to record (the kernel has no backward)."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and weight.dim() == 2
+        and x.shape[1] == weight.shape[1]
+        and (bias is None or bias.shape == weight.shape[:1])
+        and all(t.dtype == x.dtype and t.device == x.device and t.stride(-1) == 1 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
+def _fastest(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[int, int, int, int] | None:
+    """The knobs at which gemv_triton is fastest on these operands, or None where F.linear is faster. A
+    knob set whose BLOCK_K passes K's next power of two would mostly load masked zeros: it runs only when
+    no other is left."""
+    k = triton.next_power_of_2(x.shape[1])
+    knobs = [kn for kn in GEMV_KNOBS if kn[1] <= k] or GEMV_KNOBS
+    runs = {None: functools.partial(F.linear, x, weight, bias)}
+    runs |= {kn: functools.partial(gemv_triton, x, weight, bias, *kn) for kn in knobs}
+    # short runs: a few shapes per model are measured, once, at start-up; a tie keeps F.linear (first)
+    times = {c: do_bench(run, warmup=5, rep=20, return_mode="median") for c, run in runs.items()}
+    return min(times, key=times.get)
+
+
+# %% [markdown]
+# An earlier `benchmarks/gemv_probe.py`, whose kernel also had a path through `tl.dot`, measured the
+# kernel beside cuBLAS on one H200 at each of Llama-3-8B's weight shapes (`triton.testing.do_bench`, L2
+# flushed before every call), sweeping its knobs, and then the engine's batch-1 latency with cuBLAS and
+# with the Triton kernel at every M = 1 product. The M = 1 rows (Triton: the faster of its two paths, at
+# its best knobs), and the latency pair:
+
+# %%
+probe = json.loads((common.RESULTS / "gemv_probe_nvidia-h200.json").read_text())
+print(f"{probe['device']}, bf16, one row of x; microseconds (median)")
+print(
+    f"{'shape':8} {'N':>7} {'K':>6} {'cuBLAS':>7} {'Triton':>7} {'path':>5} {'knobs':>17} "
+    f"{'cuBLAS/Triton':>13}  faster"
+)
+for r in probe["rows"]:
+    if r["m"] == 1:
+        ratio = r["cublas"] / r["triton_us"]
+        print(
+            f"{r['shape']:8} {r['n']:7,} {r['k']:6,} {r['cublas']:7.1f} {r['triton_us']:7.1f} "
+            f"{r['triton_path']:>5} {str(r['triton_knobs']):>17} {summarize.ratio_text(ratio):>13}  "
+            f"{'Triton' if ratio > 1 else 'cuBLAS'}"
+        )
+cublas, triton_run = probe["latency"]["cublas"], probe["latency"]["small_m_linear"]
+floor = cublas["floor_ms"]
+closed = (cublas["ms_per_token"] - triton_run["ms_per_token"]) / (cublas["ms_per_token"] - floor)
+print(
+    f"Llama-3-8B at batch 1: {cublas['ms_per_token']} ms/token with cuBLAS, {triton_run['ms_per_token']} "
+    f"with the Triton kernel ({cublas['ms_per_token'] / triton_run['ms_per_token']:.2f}x); the weights' "
+    f"floor {floor} ms (the kernel took {closed:.0%} off the time above it)"
+)
+
+# %% [markdown]
+# The FMA path won at every shape but o's, by a few percent each: it reads the weights closer to the copy
+# bandwidth than cuBLAS, most clearly at down, whose cuBLAS kernel splits K. At o's 4096 x 4096 neither
+# Triton path caught cuBLAS, so there `linear` should measure cuBLAS faster and keep it; the package
+# carries only the FMA path. In that run every M = 1 product went through the experiment's kernel, o's too (on its
+# slower dot path), and a token came sooner by the ratio printed. `gemv_probe.py --latency` measures the
+# engine as it is now, `linear` choosing per shape, against `use_gemv(False)` (cuBLAS only), for each
+# model it is given.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling

@@ -223,7 +223,9 @@ print(
 # the whole tensor (`shard`), so that loading a shard is "give me the full tensor, keep my part". The
 # communication lives in the layers that need it: the row-parallel linear and the vocabulary-parallel
 # embedding end in an all-reduce, the LM head in an all-gather. They use `torch.distributed`, whose
-# collectives run on NCCL between GPUs and on gloo between CPU processes.
+# collectives run on NCCL between GPUs and on gloo between CPU processes. Their products call `linear`,
+# as the whole model's layers do (Chapter 7.3.2: `F.linear`, or for one token on a GPU the faster of
+# cuBLAS and a Triton GEMV), and each rank measures the shapes of its own slices.
 #
 # `shard_model(model, rank, world_size)` swaps these layers into a model and tells each attention
 # module, and the model's config, its local numbers of heads. That is all Chapter 6's `ModelRunner`
@@ -308,6 +310,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mini_infer.config import ModelConfig
+from mini_infer.kernels.gemv import linear
 from mini_infer.models.llama import LlamaForCausalLM, copy_checked
 from mini_infer.parallel.communicator import all_reduce
 
@@ -354,7 +357,7 @@ class ColumnParallelLinear(Sharded):
         self.bias = _empty(sum(self.sizes), like=like) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the full weight (or bias): its slice of every part."""
@@ -398,7 +401,7 @@ class RowParallelLinear(Sharded):
         self.bias = _empty(out_features, like=like) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
@@ -451,7 +454,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     each rank scores its slice of the vocabulary, and an all-gather joins the slices into whole rows."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight)
+        local = linear(hidden, self.weight)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local)
         return torch.cat(parts, dim=-1)[:, : self.num_embeddings]  # drop the padding rows' scores

@@ -31,6 +31,7 @@ CHAPTER_OF_TEST_FILE = {
     "test_detokenizer.py": 6,
     "test_reliability.py": 6,
     "test_benchmarks.py": 7,
+    "test_gemv.py": 7,
     "test_serve.py": 8,
     "test_tensor_parallel.py": 9,
     "test_spec_decode.py": 10,

@@ -24,6 +24,7 @@ SCRIPTS = [
     "compare_vllm",
     "benchmark_tp",
     "allreduce_latency",
+    "gemv_probe",
 ]
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 
@@ -46,6 +47,14 @@ def test_exits_cleanly_without_a_gpu(script):
     result = run(sys.executable, f"benchmarks/{script}.py", "--model", "llama3-8b")
     assert result.returncode == 0, result.stderr
     assert f"{script}.py measures a GPU; none is visible here." in result.stdout
+
+
+def test_gemv_probe_shapes_are_the_ones_measured():
+    import gemv_probe
+
+    stored = json.loads((common.RESULTS / "gemv_probe_nvidia-h200.json").read_text())
+    measured = {r["shape"]: (r["n"], r["k"]) for r in stored["rows"]}
+    assert gemv_probe.shapes("llama3-8b") == measured
 
 
 def test_cpu_quickstart_help():

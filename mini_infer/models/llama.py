@@ -14,6 +14,7 @@ from torch import nn
 
 from mini_infer.config import ModelConfig
 from mini_infer.kernels.activation import silu_and_mul
+from mini_infer.kernels.gemv import linear
 from mini_infer.kernels.rmsnorm import rms_norm
 from mini_infer.kernels.rope import apply_rope, rope_cos_sin_cache
 
@@ -29,7 +30,15 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """`nn.Linear` whose product is `linear`: F.linear, or at batch 1 on a GPU the faster of cuBLAS and a
+    Triton matrix-vector kernel for this weight's shape (Chapter 7.3.2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """Several projections of the same input stacked into one matmul (q/k/v, or gate/up)."""
 
     def __init__(self, in_features: int, sizes: list[int], bias: bool):
@@ -65,7 +74,7 @@ class Attention(nn.Module):
         self.qkv_proj = MergedLinear(
             config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias
         )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -90,7 +99,7 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias=False
         )
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # silu(gate) * up, in one kernel on the GPU (Chapter 2)
@@ -159,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mini_infer.config import ModelConfig
+from mini_infer.kernels.gemv import linear
 from mini_infer.models.llama import LlamaForCausalLM, copy_checked
 from mini_infer.parallel.communicator import all_reduce
 
@@ -63,7 +64,7 @@ class ColumnParallelLinear(Sharded):
         self.bias = _empty(sum(self.sizes), like=like) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the full weight (or bias): its slice of every part."""
@@ -107,7 +108,7 @@ class RowParallelLinear(Sharded):
         self.bias = _empty(out_features, like=like) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     each rank scores its slice of the vocabulary, and an all-gather joins the slices into whole rows."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight)
+        local = linear(hidden, self.weight)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local)
         return torch.cat(parts, dim=-1)[:, : self.num_embeddings]  # drop the padding rows' scores
