@@ -5,6 +5,7 @@
 What is shown, chosen by `summarize.newest_side_by_side`:
   the race      the newest machine on which Mini-Infer and vLLM both measured every model (throughput and
                 batch-1 latency), each engine's best row there
+  batch 1 GEMV  the newest gemv_probe.py --latency run (gemv_probe_<gpu>.json): cuBLAS only against `linear`
   HF            the newest machine on which HF transformers and Mini-Infer both measured a model
   batching      the newest machine's static and continuous rows on the chat workload (benchmark_batching.py)
   tensor par.   Chapter 9's table of the newest two-GPU machine (tp_report.py)
@@ -74,6 +75,38 @@ def kernels() -> dict | None:
     """The newest full kernel_benchmark.py run."""
     runs = [json.loads(p.read_text()) for p in common.RESULTS.glob("kernels_*.json")]
     return max((r for r in runs if not r["quick"]), key=lambda r: r["date"], default=None)
+
+
+def gemv() -> dict | None:
+    """The newest `gemv_probe.py --latency` run (gemv_probe_<gpu>.json)."""
+    runs = [json.loads(p.read_text()) for p in common.RESULTS.glob("gemv_probe_*.json")]
+    return max(
+        (r for r in runs if r.get("latency")), key=lambda r: r["latency"][0]["date"], default=None
+    )
+
+
+def gemv_section(run: dict) -> list[str]:
+    """Batch 1 with cuBLAS only against `linear`'s choice of cuBLAS or the GEMV per shape (Chapter 7.3.2),
+    one run each in one process, and the share of the weights' floor at the copy bandwidth of the run's
+    start."""
+    lat, first = run["latency"], run["latency"][0]
+    models = list(dict.fromkeys(r["model"] for r in lat))
+    parts = []
+    for m in in_size_order(models):
+        off, on = (next(r for r in lat if (r["model"], r["gemv"]) == (m, g)) for g in (False, True))
+        floor = on["weight_bytes"] / run["copy_gbps"] / 1e6
+        parts.append(
+            f"{name(m)} {off['ms_per_token']:.3f} -> {on['ms_per_token']:.3f} ms "
+            f"({summarize.ratio_text(off['ms_per_token'] / on['ms_per_token'])}x; floor "
+            f"{floor / on['ms_per_token']:.0%})"
+        )
+    return [
+        f"**Batch 1 with the GEMV of Chapter 7.3.2**, measured after the race: "
+        f"`python benchmarks/gemv_probe.py --models {' '.join(models)} --latency` on one {first['device']} (machine {first['machine']}, "
+        f"{first['date']}), ms per output token with cuBLAS only -> with `linear` choosing cuBLAS or the GEMV "
+        f"per weight shape, one run each in one process (floor: the weights at that run's copy bandwidth, "
+        f"{run['copy_gbps']:,.0f} GB/s): " + "; ".join(parts) + "."
+    ]
 
 
 def profiles() -> list[dict]:
@@ -284,6 +317,7 @@ def readme_section() -> str:
     parts += [
         section(found)
         for section, found in (
+            (gemv_section, gemv()),
             (hf_section, hf()),
             (batching_section, batching()),
             (tensor_parallel_section, tp_report.machine_rows()),

@@ -1431,7 +1431,7 @@ else:
 #   2.30 ms, the all-reduces' kernels 0.42 ms, and 0.65 ms for the rest (attention, norms, RoPE, the KV
 #   store, sampling, the logits' all-gather); 0.6 ms of gaps between kernels. The matrix products read GPU 0's 7.5 GB of matrices at
 #   3.3 TB/s, 76% of the copy bandwidth, where one GPU reads the whole model's 15.0 GB at 3.75 TB/s (88%,
-#   `profile_llama3-8b_bs1.json`): a shard's matrices are half as wide, and a matrix-vector product over a
+#   `profile_llama3-8b_bs1_bb201784.json`; both with cuBLAS, before Chapter 7.3.2's GEMV): a shard's matrices are half as wide, and a matrix-vector product over a
 #   narrower matrix keeps fewer bytes in flight. The small kernels do not halve: a layer still launches
 #   each of them once, on each GPU. With the one-shot all-reduce the profile is the same (its kernels
 #   0.44 ms, the step 3.93 ms), although the microbenchmark in the table, which times whole graph
