@@ -1091,18 +1091,21 @@ class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
         for each sequence's last token (and for the tokens it verifies, Chapter 10), never for all of its
         tokens (for a 151,936-word vocabulary and 8,192 tokens, that would hold back 2.5 GB). The sampler
         draws from both, which builds its kernel for the two dtypes it meets before a request waits for
-        that (vLLM samples once at start-up too). Last, logits for one row, as a batch-1 step computes
-        them: the LM head runs outside the CUDA graphs, so `linear` measures its one-row product here
-        (Chapter 7.3.2), not in the first request (the layers' are measured when the batch-1 graph is
-        captured)."""
+        that (vLLM samples once at start-up too). First, though, one token's forward and logits, as a
+        batch-1 step computes them: `linear` measures each one-row product there (Chapter 7.3.2), not in
+        the first request, and before the peak is counted (its timing buffers are no activations)."""
+
+        def no_cache(layer_idx, q, k, v):  # attention's stand-in: there is no KV cache yet
+            return q
+
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        self.model.compute_logits(self.model(ids[:1], ids[:1], no_cache))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, ids, lambda layer, q, k, v: q)
+        hidden = self.model(ids, ids, no_cache)
         logits = self.model.compute_logits(hidden[: min(logit_rows, num_tokens)])
         for x in (logits, logits.float().softmax(-1)):
             self.sampler.warm_up(x)
-        self.model.compute_logits(hidden[:1])
         torch.cuda.empty_cache()
 
     @torch.inference_mode()

@@ -508,9 +508,9 @@ print(
 # Chapter 9's parallel layers), is `F.linear` except for one row on a GPU. There, the first time it meets
 # a weight shape it times `F.linear` and `gemv_triton` at a few knob sets on the real operands
 # (`triton.testing.do_bench`, about 25 ms each) and keeps the fastest for that shape for the rest of the
-# process. At batch 1 the engine meets every layer's shape when it captures the batch-1 decode graph
-# (the capture runs each graph's forward once before recording it), and the LM head's in its warm-up
-# (Chapter 6), so no request waits for a measurement; while a graph is being recorded nothing is timed.
+# process. The engine's warm-up (Chapter 6) runs one token's forward and logits first, which meets every
+# shape at batch 1, so no request waits for a measurement; while a graph is being recorded nothing is
+# timed.
 # Any other call (more rows, the CPU, autograd) goes straight to `F.linear`.
 
 # %%

@@ -3,6 +3,7 @@
 the choice (exercised on the CPU with a fake timer)."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -174,3 +175,30 @@ def test_linear_does_not_measure_what_the_kernel_cannot_compute(fake_gpu):
     with torch.no_grad():
         linear(x, w, b)
     assert timed
+
+
+def test_the_engine_warm_up_measures_every_batch_1_shape_first(fake_gpu, monkeypatch):
+    """ModelRunner._warm_up runs one token's forward and logits before it counts the activations' peak, so
+    `linear` has measured every one-row product of the model (the q/k/v, o, gate/up, down and LM-head
+    shapes) before any request and before the peak (its timing is no activation)."""
+    from helpers import TINY_DUMMY
+    from mini_infer.config import ModelConfig
+    from mini_infer.layers.sampler import Sampler
+    from mini_infer.models.llama import LlamaForCausalLM
+    from mini_infer.worker.model_runner import ModelRunner
+
+    config = ModelConfig.from_hf(TINY_DUMMY)
+    runner = SimpleNamespace(
+        model=LlamaForCausalLM(config), sampler=Sampler(), device=torch.device("cpu")
+    )
+    events = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device: events.append(len(gemv._choices))
+    )
+    ModelRunner._warm_up(runner, num_tokens=6, logit_rows=2)
+    h, q, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    d, i = config.head_dim, config.intermediate_size
+    shapes = {((q + 2 * kv) * d, h), (h, q * d), (2 * i, h), (h, i), (config.vocab_size, h)}
+    assert {key[:2] for key in gemv._choices} == shapes
+    assert events == [len(shapes)]  # all measured before the peak was reset
