@@ -13,7 +13,8 @@ GEMV_KNOBS it measures fastest, or "cublas") and each time's share of the copy b
 --latency: for each model, benchmark_latency.py's batch-1 row (`common.measure_latency`) in a fresh engine
 with `use_gemv(False)` (cuBLAS only: gemv false) and then the engine's default (`linear` choosing per
 shape: gemv true, with the choices it made), beside the weights' floor; each row is appended to
---latency-out. One JSON with the rows and the latency rows to --out.
+--latency-out. One JSON with the rows and the latency rows to --out (default
+benchmarks/results/gemv_probe_<gpu>.json, which report.py and Chapter 7.3.2 read).
 """
 
 import argparse
@@ -26,6 +27,7 @@ from pathlib import Path
 import common
 import torch
 import torch.nn.functional as F
+from kernel_benchmark import slug
 from triton.testing import do_bench
 
 from mini_infer.config import ModelConfig
@@ -59,7 +61,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--models", nargs="+", choices=common.MODELS, default=["llama3-8b"])
-    ap.add_argument("--out", default="gemv_probe.json", help="the JSON of the whole run")
+    ap.add_argument("--out", type=Path, help="the JSON of the whole run")
     ap.add_argument("--latency", action="store_true", help="then each model's batch-1 latency A/B")
     ap.add_argument(
         "--latency-out",
@@ -83,7 +85,8 @@ def main() -> int:
             for model in args.models
             for enabled in (False, True)
         ]
-    with open(args.out, "w") as f:
+    out = args.out or common.RESULTS / f"gemv_probe_{slug(result['device'])}.json"
+    with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
 
