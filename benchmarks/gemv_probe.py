@@ -13,8 +13,9 @@ GEMV_KNOBS it measures fastest, or "cublas") and each time's share of the copy b
 --latency: for each model, benchmark_latency.py's batch-1 row (`common.measure_latency`) in a fresh engine
 with `use_gemv(False)` (cuBLAS only: gemv false) and then the engine's default (`linear` choosing per
 shape: gemv true, with the choices it made), beside the weights' floor; each row is appended to
---latency-out. One JSON with the rows and the latency rows to --out (default
-benchmarks/results/gemv_probe_<gpu>.json, which report.py and Chapter 7.3.2 read).
+--latency-out. One JSON with the rows and the latency rows to --out: by default, with --latency,
+benchmarks/results/gemv_probe_<gpu>.json (which report.py and Chapter 7.3.2 read), else gemv_probe.json
+here (a sweep alone does not replace the stored A/B).
 """
 
 import argparse
@@ -85,7 +86,8 @@ def main() -> int:
             for model in args.models
             for enabled in (False, True)
         ]
-    out = args.out or common.RESULTS / f"gemv_probe_{slug(result['device'])}.json"
+    stored = common.RESULTS / f"gemv_probe_{slug(result['device'])}.json"
+    out = args.out or (stored if args.latency else Path("gemv_probe.json"))
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return 0

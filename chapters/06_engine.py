@@ -100,7 +100,7 @@ print("outputs from:", describe_run())
 # and keeping the best, draws the token. On a GPU that pass is one Triton kernel whose random numbers come
 # from a per-row seed (Philox, `tl.rand`); section 6.2.5 measures what the single pass saves. A program
 # walks a row; when the batch is too small to give every SM a few rows (batch 1 above all: one program
-# alone walked Llama-3's 128,256 logits in 0.12 ms of a 4.7 ms step), several programs share each row and
+# alone walked Llama-3's 128,256 logits in 0.12 ms of a 5.1 ms step), several programs share each row and
 # a second small kernel picks the best of their bests, the same token a single pass picks. A request
 # with a `seed` seeds its row with (seed, position of the token), so its tokens do not depend on which
 # requests share its batch.
@@ -239,7 +239,12 @@ def sample_triton(
     )
     if num_parts > 1:
         _pick_kernel[(rows,)](
-            part_top, part_idx, out, num_parts, PARTS=triton.next_power_of_2(num_parts)
+            part_top,
+            part_idx,
+            out,
+            num_parts,
+            # from the vocabulary alone, not the batch: one build per model, which the warm-up makes
+            PARTS=triton.next_power_of_2(triton.cdiv(vocab, block)),
         )
     return out
 
@@ -414,7 +419,7 @@ class Sampler:
 
     @staticmethod
     def warm_up(logits: torch.Tensor) -> None:
-        """Draw once from each row of logits [rows, vocab] at temperature 1, then from its first row alone,
+        """Draw once from the first row of logits [rows, vocab] alone, then from each row, at temperature 1,
         and drop the tokens: on the GPU this builds the sampling kernels for logits' dtype (the model's, or
         float32 after penalties and top-k/top-p), a batch's and a lone row's (which several programs
         share: `sample_parts`), so that the first request to sample does not wait for Triton's compiler."""

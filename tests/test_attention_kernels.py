@@ -221,10 +221,18 @@ def test_paged_decode_stores_the_new_kv(device, dtype, heads, num_splits):
     )
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     torch.testing.assert_close(out, expected, **tolerance(device, dtype))
-    with pytest.raises(ValueError, match="new_kv's k and v"):
+    with pytest.raises(ValueError, match="contiguous"):  # [Hkv, D] rows strided
+        strided = kv[:, : 2 * hkv * d].view(-1, hkv, 2 * d)[..., :d]
         paged_decode_attention_triton(
-            q, k_cache, v_cache, tables, lens, d**-0.5, (k.transpose(1, 2), v, slots)
+            q, k_cache, v_cache, tables, lens, d**-0.5, (strided, v, slots)
         )
+    for wrong in (
+        (k[:3], v, slots),
+        (k, v.float() if dtype != torch.float32 else v.half(), slots),
+        (k, v, slots[:2]),
+    ):
+        with pytest.raises(ValueError, match="new_kv's k and v of shape"):
+            paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, d**-0.5, wrong)
 
 
 def test_paged_decode_dispatcher_stores_the_new_kv_on_the_cpu():

@@ -63,8 +63,22 @@ ONE = (1, 8, 4, 1)  # knobs that are fine
         (torch.zeros(1, 8), torch.zeros(4, 8), None, (3, 8, 4, 1), "block_n must be a power"),
         (torch.zeros(1, 8), torch.zeros(4, 8), None, (0, 8, 4, 1), "block_n must be a power"),
         (torch.zeros(1, 8), torch.zeros(4, 8), None, (1, 48, 4, 1), "block_k must be a power"),
+        (torch.zeros(1, 8), torch.zeros(4, 8).half(), None, ONE, "x's dtype"),
+        (torch.zeros(1, 8), torch.zeros(4, 8), torch.zeros(4).double(), ONE, "x's dtype"),
     ],
-    ids=["two_rows", "1d", "k", "strided_x", "strided_w", "strided_bias", "bn3", "bn0", "bk48"],
+    ids=[
+        "two_rows",
+        "1d",
+        "k",
+        "strided_x",
+        "strided_w",
+        "strided_bias",
+        "bn3",
+        "bn0",
+        "bk48",
+        "weight_dtype",
+        "bias_dtype",
+    ],
 )
 def test_gemv_refuses(x, w, b, knobs, match):
     with pytest.raises(ValueError, match=match):
@@ -202,3 +216,14 @@ def test_the_engine_warm_up_measures_every_batch_1_shape_first(fake_gpu, monkeyp
     shapes = {((q + 2 * kv) * d, h), (h, q * d), (2 * i, h), (h, i), (config.vocab_size, h)}
     assert {key[:2] for key in gemv._choices} == shapes
     assert events == [len(shapes)]  # all measured before the peak was reset
+
+
+def test_gemv_reads_a_weight_with_strided_rows():
+    """Rows of the weight further apart than K (a slice of a wider matrix): stride(0) is the kernel's."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("runs Triton: a GPU or the interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    wide = torch.randn(33, 150, device=device)
+    x, w = torch.randn(1, 100, device=device), wide[:, :100]
+    assert w.stride(0) == 150
+    torch.testing.assert_close(gemv_triton(x, w, None, 8, 64, 4, 2), x @ w.T, atol=1e-4, rtol=1e-4)

@@ -294,6 +294,7 @@ def paged_decode_attention_triton(
     context_lens,
     scale,
     new_kv=None,
+    *,
     num_splits=None,
     block_n=None,
     num_warps=None,
@@ -305,13 +306,15 @@ def paged_decode_attention_triton(
     block_tables [B, max_blocks] int32 (entries past a sequence's blocks are never read); returns [B, Hq, D].
     A sequence with context length 0 gets zeros. new_kv = (k, v, slot_mapping), this step's keys and values
     [B, Hkv, D] with contiguous [Hkv, D] rows and their slots [B] (-1: none), are written into the pools at
-    the start of the kernel, as `store_kvcache` would (each is the last key of its sequence's context). The
+    the start of the kernel, as `store_kvcache` would (each is the last key of its sequence's context; a
+    sequence with no context stores nothing). The
     launch knobs: num_splits defaults to decode_num_splits over the block table's width (each sequence's
     own context is cut into that many parts; with one split, the reduce kernel is skipped); block_n (keys
     per tile, a power of two, at least 16) defaults to 64 for head_dim up to 64, else 32, and num_warps to
     4, else 2 (at head_dim 128, 0.3-2.2% faster than 4 at all 12 such shapes of
-    benchmarks/results/attention_sweep_nvidia-h200.json); num_stages is Triton's default. Raises ValueError for strided heads or pools, or a
-    head_dim outside 16..256.
+    benchmarks/results/attention_sweep_nvidia-h200.json); num_stages is Triton's default. Raises
+    ValueError for strided heads or pools, a head_dim outside 16..256, or new_kv's k and v not
+    [B, Hkv, D] in the pools' dtype with contiguous [Hkv, D] rows, or its slots not [B].
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -320,6 +323,15 @@ def paged_decode_attention_triton(
             "paged_decode_attention_triton needs q with unit last stride and contiguous pools"
         )
     k_new, v_new, slot_mapping = new_kv if new_kv is not None else (None, None, None)
+    if new_kv is not None and (
+        any(x.shape != (B, Hkv, D) or x.dtype != k_cache.dtype for x in (k_new, v_new))
+        or slot_mapping.shape != (B,)
+    ):
+        raise ValueError(
+            f"paged_decode_attention_triton needs new_kv's k and v of shape {(B, Hkv, D)} in the pools' "
+            f"dtype and one slot per sequence, got {tuple(k_new.shape)}, {tuple(v_new.shape)} and "
+            f"{tuple(slot_mapping.shape)}"
+        )
     if new_kv is not None and any(x.stride(2) != 1 or x.stride(1) != D for x in (k_new, v_new)):
         raise ValueError(
             "paged_decode_attention_triton needs new_kv's k and v with contiguous [Hkv, D] rows"

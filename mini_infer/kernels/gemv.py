@@ -59,13 +59,15 @@ def gemv_triton(
     """x [1, K] @ weight [N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32, with the given
     launch knobs: BLOCK_N rows of the weight per program, BLOCK_K columns per step of its loop (both
     powers of two), the warps per program and the loop's pipeline stages. ValueError for more or fewer
-    than one row, a K that does not match, a last dimension with a stride other than 1, or a block size
+    than one row, a K that does not match, a weight or bias of another dtype or device, a last dimension with a stride other than 1, or a block size
     that is not a power of two. Runs on CPU tensors under Triton's interpreter."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"gemv_triton takes one row of x, shape [1, K], got {tuple(x.shape)}")
     n, k = weight.shape
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} columns, weight {k}")
+    if any(t.dtype != x.dtype or t.device != x.device for t in (weight, bias) if t is not None):
+        raise ValueError("gemv_triton needs weight and bias of x's dtype, on x's device")
     if x.stride(1) != 1 or weight.stride(1) != 1 or (bias is not None and bias.stride(0) != 1):
         raise ValueError(
             "gemv_triton needs x, weight and bias with unit stride in the last dimension"
@@ -93,8 +95,9 @@ def gemv_triton(
 
 
 # Launch knobs (block_n, block_k, num_warps, num_stages) of gemv_triton that `linear` races against
-# cuBLAS: the fastest at each of Llama-3-8B's shapes where the kernel beat cuBLAS in
-# benchmarks/gemv_probe.py's sweep on an H200 (qkv, gate_up, down, lm_head), and one for short rows.
+# cuBLAS, chosen from a first sweep on an H200 (branch next/gemv, Llama-3-8B's shapes): the fastest at qkv,
+# gate_up, down and lm_head, and a 256-column tile for short rows. In the stored sweep of all three models
+# (benchmarks/results/gemv_probe_nvidia-h200.json) the fastest knobs of 13 of the 15 shapes are among them.
 GEMV_KNOBS = ((2, 1024, 4, 3), (2, 1024, 4, 1), (8, 512, 8, 3), (4, 1024, 8, 3), (8, 256, 4, 3))
 # the device types where `linear` measures (the tests add "cpu", where gemv_triton runs interpreted)
 MEASURED_ON = ("cuda",)
@@ -105,7 +108,8 @@ _enabled = True
 
 def use_gemv(enabled: bool) -> None:
     """Let `linear` race gemv_triton against cuBLAS (True, the default), or send every call to F.linear
-    (False: the A/B of benchmarks/gemv_probe.py). Either way, forget the choices measured so far."""
+    (False: the A/B of benchmarks/gemv_probe.py). Either way, forget the choices measured so far. CUDA
+    graphs captured before keep the products they recorded: call it before building an engine."""
     global _enabled
     _enabled = enabled
     _choices.clear()

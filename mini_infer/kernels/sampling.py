@@ -131,7 +131,12 @@ def sample_triton(
     )
     if num_parts > 1:
         _pick_kernel[(rows,)](
-            part_top, part_idx, out, num_parts, PARTS=triton.next_power_of_2(num_parts)
+            part_top,
+            part_idx,
+            out,
+            num_parts,
+            # from the vocabulary alone, not the batch: one build per model, which the warm-up makes
+            PARTS=triton.next_power_of_2(triton.cdiv(vocab, block)),
         )
     return out
 

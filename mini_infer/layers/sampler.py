@@ -120,7 +120,7 @@ class Sampler:
 
     @staticmethod
     def warm_up(logits: torch.Tensor) -> None:
-        """Draw once from each row of logits [rows, vocab] at temperature 1, then from its first row alone,
+        """Draw once from the first row of logits [rows, vocab] alone, then from each row, at temperature 1,
         and drop the tokens: on the GPU this builds the sampling kernels for logits' dtype (the model's, or
         float32 after penalties and top-k/top-p), a batch's and a lone row's (which several programs
         share: `sample_parts`), so that the first request to sample does not wait for Triton's compiler."""
