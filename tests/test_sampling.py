@@ -37,7 +37,8 @@ def test_temperature_zero_is_the_exact_argmax(impl, rows, vocab, dtype):
     assert out.tolist() == logits.float().argmax(dim=-1).tolist()
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+# (the split kernel draws what one pass draws: test_a_split_row_draws_what_one_pass_draws)
+@pytest.mark.parametrize("impl", [sample_ref, sample_triton])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_draws_follow_softmax_of_logits_over_temperature(impl, temperature):
     n = 20_000 if DEVICE == "cuda" else 500  # the interpreter takes milliseconds per row
