@@ -2943,8 +2943,8 @@ if profiles:
 # %% [markdown]
 # What the profile says:
 #
-# (Qwen3-0.6B's profile comes from the race's machine, f01e36c0, after its head norm moved into the RoPE
-# kernel (Chapter 3.4.1); Llama-3-8B's from an earlier H200 the same day, machine 212bab10; SmolLM2's from an
+# (Qwen3-0.6B's profile comes from the race's machine, 68198230, and Llama-3-8B's from another H200 the same
+# day, bb201784, both after the decode kernel took over the K/V store (Chapter 4.4.2); SmolLM2's from an
 # earlier one, before SiLU-and-multiply became one kernel (Chapter 2) and before decode attention at large
 # batches dropped its reduce kernel (Chapter 4). Profiles taken on a machine while its other GPU ran this
 # book measured the shared host instead: SmolLM2's step doubled.)
@@ -2955,14 +2955,15 @@ if profiles:
 #   split on the device that ran this notebook. On a whole workload,
 #   `benchmarks/benchmark_throughput.py --sync-scheduling` turns the overlap off: side by side on one
 #   H100, SmolLM2 made 23,450 output tokens/s synchronously and 26,970 one step ahead.
-# - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 4.7 and 5.5 ms
+# - **Attention reads the KV cache.** For Qwen3-0.6B and Llama-3-8B, decode attention takes 4.6 and 5.3 ms
 #   per step: 256 requests x 590 tokens x 115-131 kB of K and V per token is 17-20 GB, read at about
-#   3.6 TB/s, some 85% of the H200's copy bandwidth (4.27 TB/s in `benchmarks/attention_sweep.py`). The
-#   matrix products are the rest of Llama's step (6.5 ms, compute-bound at batch 256).
+#   3.7 TB/s, some 87% of the H200's copy bandwidth (4.27 TB/s in `benchmarks/attention_sweep.py`). The
+#   matrix products are the rest of Llama's step (6.3 ms, compute-bound at batch 256).
 # - **vLLM's step is no faster.** Profiled the same way (Chapter 7.3.1), vLLM's decode step at batch 256
-#   has 12.9 ms of GPU work for Llama-3-8B (ours 12.8) and 6.2 ms for Qwen3-0.6B (ours 6.3 on the same
-#   machine; 6.2 on the race's machine since its head norm joined the RoPE kernel), and prefilling the
-#   workload takes as long as ours. At batch
+#   has 12.9 ms of GPU work for Llama-3-8B (ours 12.8 on the same machine, 212bab10; 12.35 on bb201784
+#   since the decode kernel stores the K/V) and 6.2 ms for Qwen3-0.6B (ours 6.3 on the same machine; 6.0
+#   on the race's machine since the head norm joined the RoPE kernel and the store the decode kernel), and
+#   prefilling the workload takes as long as ours. At batch
 #   64, the middle of the run's tail, ours has less: 2.51 against 2.66 ms for Qwen3-0.6B. The tail is
 #   where the earlier races were lost: there our decode attention, inside a CUDA graph, split each
 #   sequence by the graph's table width instead of its context (fixed in Chapter 4.4.2; Chapter 7.3.1 has
