@@ -51,6 +51,7 @@ from mini_infer.kernels.attention import (
     PREFILL_LAUNCH,
     decode_num_splits,
     gather_kv_ref,
+    num_sms,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
     prefill_attention_ref,
@@ -136,12 +137,7 @@ def decode_variants(splits: int) -> dict[str, dict]:
 
 
 def auto_splits(batch: int, hkv: int, table_width: int, device) -> int:
-    num_sms = (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 4
-    )
-    return decode_num_splits(batch, hkv, table_width * BLOCK_SIZE, num_sms)
+    return decode_num_splits(batch, hkv, table_width * BLOCK_SIZE, num_sms(device))
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -85,16 +85,25 @@ def gemv() -> dict | None:
     )
 
 
+def gemv_pairs(run: dict) -> dict[str, tuple[dict, dict, float]]:
+    """Per model of a gemv_probe.py --latency run, by size: its latency rows with cuBLAS only and with
+    `linear` choosing, and the weights' floor in ms at the copy bandwidth measured at the run's start."""
+    lat = run["latency"]
+    pairs = {}
+    for m in in_size_order(list(dict.fromkeys(r["model"] for r in lat))):
+        off, on = (next(r for r in lat if (r["model"], r["gemv"]) == (m, g)) for g in (False, True))
+        pairs[m] = (off, on, on["weight_bytes"] / run["copy_gbps"] / 1e6)
+    return pairs
+
+
 def gemv_section(run: dict) -> list[str]:
     """Batch 1 with cuBLAS only against `linear`'s choice of cuBLAS or the GEMV per shape (Chapter 7.3.2),
     one run each in one process, and the share of the weights' floor at the copy bandwidth of the run's
     start."""
-    lat, first = run["latency"], run["latency"][0]
-    models = list(dict.fromkeys(r["model"] for r in lat))
+    first, pairs = run["latency"][0], gemv_pairs(run)
+    models = list(dict.fromkeys(r["model"] for r in run["latency"]))
     parts = []
-    for m in in_size_order(models):
-        off, on = (next(r for r in lat if (r["model"], r["gemv"]) == (m, g)) for g in (False, True))
-        floor = on["weight_bytes"] / run["copy_gbps"] / 1e6
+    for m, (off, on, floor) in pairs.items():
         parts.append(
             f"{name(m)} {off['ms_per_token']:.3f} -> {on['ms_per_token']:.3f} ms "
             f"({summarize.ratio_text(off['ms_per_token'] / on['ms_per_token'])}x; floor "
@@ -102,8 +111,8 @@ def gemv_section(run: dict) -> list[str]:
         )
     return [
         f"**Batch 1 with the GEMV of Chapter 7.3.2**, measured after the race: "
-        f"`python benchmarks/gemv_probe.py --models {' '.join(models)} --latency` on one {first['device']} (machine {first['machine']}, "
-        f"{first['date']}), ms per output token with cuBLAS only -> with `linear` choosing cuBLAS or the GEMV "
+        f"`python benchmarks/gemv_probe.py --models {' '.join(models)} --latency` on one "
+        f"{first['device']} (machine {first['machine']}, {first['date']}), ms per output token with cuBLAS only -> with `linear` choosing cuBLAS or the GEMV "
         f"per weight shape, one run each in one process (floor: the weights at that run's copy bandwidth, "
         f"{run['copy_gbps']:,.0f} GB/s): " + "; ".join(parts) + "."
     ]

@@ -451,8 +451,9 @@ def gemv_triton(
     """x [1, K] @ weight [N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32, with the given
     launch knobs: BLOCK_N rows of the weight per program, BLOCK_K columns per step of its loop (both
     powers of two), the warps per program and the loop's pipeline stages. ValueError for more or fewer
-    than one row, a K that does not match, a weight or bias of another dtype or device, a last dimension with a stride other than 1, or a block size
-    that is not a power of two. Runs on CPU tensors under Triton's interpreter."""
+    than one row, a K that does not match, a weight or bias of another dtype or device, a last dimension
+    with a stride other than 1, or a block size that is not a power of two. Runs on CPU tensors under
+    Triton's interpreter."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"gemv_triton takes one row of x, shape [1, K], got {tuple(x.shape)}")
     n, k = weight.shape
@@ -616,14 +617,8 @@ print(
     f"\nbatch 1, ms per output token (machine {probe['latency'][0]['machine']}, {probe['latency'][0]['date']}):"
 )
 print(f"{'model':13} {'cuBLAS':>7} {'linear':>7} {'ratio':>6} {'floor':>6} {'of it':>6}")
-for model in dict.fromkeys(r["model"] for r in probe["latency"]):
-    off, on = (
-        next(r for r in probe["latency"] if (r["model"], r["gemv"]) == (model, g))
-        for g in (False, True)
-    )
-    floor = (
-        on["weight_bytes"] / copy / 1e6
-    )  # ms: the weights over the copy bandwidth of the run's start
+# report.gemv_pairs: each model's rows, and the weights over the copy bandwidth of the run's start
+for model, (off, on, floor) in report.gemv_pairs(probe).items():
     print(
         f"{model:13} {off['ms_per_token']:7.3f} {on['ms_per_token']:7.3f} "
         f"{summarize.ratio_text(off['ms_per_token'] / on['ms_per_token']):>6} {floor:6.2f} "

@@ -278,6 +278,17 @@ def padded_head_dim(head_dim: int) -> int:
 MIN_SPLIT_KEYS = 64
 
 
+def num_sms(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device; 4 elsewhere (Triton's interpreter on the CPU, where
+    the count only shapes the grid)."""
+    device = torch.device(device)
+    return (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 4
+    )
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Splits per sequence for flash-decoding: about four programs per SM (each one's loop waits on
     dependent loads, block table then K/V, so many programs hide that latency), no split under
@@ -342,10 +353,7 @@ def paged_decode_attention_triton(
     if num_warps is None:
         num_warps = 4 if D <= 64 else 2
     if num_splits is None:
-        num_sms = (
-            torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        )
-        num_splits = decode_num_splits(B, Hkv, max_context, num_sms)
+        num_splits = decode_num_splits(B, Hkv, max_context, num_sms(q.device))
     o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     if num_splits == 1:  # one program per (sequence, KV head) writes its output: no reduce
         o_part, lse_part = o, None

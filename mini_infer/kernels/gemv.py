@@ -59,8 +59,9 @@ def gemv_triton(
     """x [1, K] @ weight [N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32, with the given
     launch knobs: BLOCK_N rows of the weight per program, BLOCK_K columns per step of its loop (both
     powers of two), the warps per program and the loop's pipeline stages. ValueError for more or fewer
-    than one row, a K that does not match, a weight or bias of another dtype or device, a last dimension with a stride other than 1, or a block size
-    that is not a power of two. Runs on CPU tensors under Triton's interpreter."""
+    than one row, a K that does not match, a weight or bias of another dtype or device, a last dimension
+    with a stride other than 1, or a block size that is not a power of two. Runs on CPU tensors under
+    Triton's interpreter."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"gemv_triton takes one row of x, shape [1, K], got {tuple(x.shape)}")
     n, k = weight.shape

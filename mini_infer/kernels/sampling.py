@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mini_infer.kernels.attention import num_sms
+
 
 def sample_ref(
     logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
@@ -103,12 +105,7 @@ def sample_triton(
     if not rows:
         return out
     if num_parts is None:
-        num_sms = (
-            torch.cuda.get_device_properties(logits.device).multi_processor_count
-            if logits.is_cuda
-            else 4
-        )
-        num_parts = sample_parts(rows, vocab, block, num_sms)
+        num_parts = sample_parts(rows, vocab, block, num_sms(logits.device))
     chunk = triton.cdiv(triton.cdiv(vocab, num_parts), block) * block  # whole blocks per part
     num_parts = triton.cdiv(vocab, chunk)
     part_top = part_idx = None
