@@ -393,7 +393,9 @@ for kernel, ms in bs1["top_kernels"].items():
 #| export mini_infer.kernels.gemv
 """Batch 1's matrix-vector product: `linear(x, weight, bias)` is `F.linear`, except that for one row of x
 on a GPU it runs the faster of cuBLAS and a Triton GEMV (`gemv_triton`) at a few launch knob sets,
-measured once per weight shape at first use (Chapter 7.3.2)."""
+measured once per weight shape at first use (Chapter 7.3.2). The GEMV can also compute the small op that
+produces its input, as it reads it (Chapter 7.3.3): `linear(x, w, act="silu_and_mul")` and
+`rms_norm_linear`, one kernel each at batch 1 where that is faster."""
 
 import functools
 
@@ -403,6 +405,20 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
+from mini_infer.kernels.activation import silu_and_mul
+from mini_infer.kernels.rmsnorm import rms_norm
+
+
+@triton.jit
+def _stream(x_ptr, res_ptr, ks, mask_k, HAS_RESIDUAL: tl.constexpr):
+    # the residual stream at columns ks: x + residual rounded to the residual's dtype, as Chapter 2's fused
+    # add-and-norm stores it (x alone before layer 0's norm)
+    x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + ks, mask=mask_k, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
+    return x
+
 
 @triton.jit
 def _gemv_kernel(
@@ -410,18 +426,33 @@ def _gemv_kernel(
     w_ptr,
     b_ptr,
     y_ptr,
+    res_ptr,
+    res_out_ptr,
+    norm_w_ptr,
     N,
     K,
     stride_wn,
+    eps,
+    PROLOGUE: tl.constexpr,  # "" (x as it is), "silu_and_mul" or "rms_norm" (7.3.3)
+    HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     # one program per BLOCK_N rows of the weight, over all of K: no split of K, so nothing to reduce later
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: N * K can pass 2**31 (lm_head)
+    if PROLOGUE == "rms_norm":
+        # the norm's statistic first: every program sums the squares of all of x (a few KB, read from L2)
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            h = _stream(x_ptr, res_ptr, ks, ks < K, HAS_RESIDUAL).to(tl.float32)
+            squares += h * h
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     # tl.range's num_stages, not the launch's: Triton pipelines (cp.async) only loops with a tl.dot unless
     # the loop itself asks; NUM_STAGES = 1 leaves plain loads, overlapped by occupancy alone
@@ -429,7 +460,23 @@ def _gemv_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         mask_k = ks < K
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
+        # x's tile, rounded where the separate kernels round (Chapter 2's), so that the product is theirs
+        if PROLOGUE == "silu_and_mul":
+            gate = tl.load(x_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + ks, mask=mask_k, other=0.0).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(y_ptr.dtype.element_ty).to(tl.float32)
+            x = (silu * up).to(y_ptr.dtype.element_ty)
+        elif PROLOGUE == "rms_norm":
+            h = _stream(x_ptr, res_ptr, ks, mask_k, HAS_RESIDUAL)
+            if (
+                HAS_RESIDUAL and pid == 0
+            ):  # the stream goes on from x + residual: program 0 writes it
+                tl.store(res_out_ptr + ks, h, mask=mask_k)
+            g = tl.load(norm_w_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
+            normed = (h.to(tl.float32) * rstd).to(h.dtype)
+            x = (normed.to(tl.float32) * g).to(y_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
         # elementwise multiply-add into the 2-D accumulator: each thread keeps its own partial sums, and
         # the sum over K (across threads) is paid once, after the loop
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
@@ -447,36 +494,46 @@ def gemv_triton(
     block_k: int,
     num_warps: int,
     num_stages: int,
-) -> torch.Tensor:
+    *,
+    act: str | None = None,
+    norm: tuple | None = None,
+):
     """x [1, K] @ weight [N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32, with the given
     launch knobs: BLOCK_N rows of the weight per program, BLOCK_K columns per step of its loop (both
-    powers of two), the warps per program and the loop's pipeline stages. ValueError for more or fewer
-    than one row, a K that does not match, a weight or bias of another dtype or device, a last dimension
-    with a stride other than 1, or a block size that is not a power of two. Runs on CPU tensors under
-    Triton's interpreter."""
-    if x.dim() != 2 or x.shape[0] != 1:
-        raise ValueError(f"gemv_triton takes one row of x, shape [1, K], got {tuple(x.shape)}")
-    n, k = weight.shape
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} columns, weight {k}")
-    if any(t.dtype != x.dtype or t.device != x.device for t in (weight, bias) if t is not None):
-        raise ValueError("gemv_triton needs weight and bias of x's dtype, on x's device")
-    if x.stride(1) != 1 or weight.stride(1) != 1 or (bias is not None and bias.stride(0) != 1):
-        raise ValueError(
-            "gemv_triton needs x, weight and bias with unit stride in the last dimension"
-        )
+    powers of two), the warps per program and the loop's pipeline stages. Runs on CPU tensors under
+    Triton's interpreter.
+
+    With a prologue (Chapter 7.3.3) the product reads what a separate kernel would have written first:
+    `act="silu_and_mul"`: x is [1, 2K] = [gate | up] and the product is `silu_and_mul(x) @ weight.T`.
+    `norm=(norm_weight [K], eps, residual [1, K] or None)`: the product is `rms_norm(h) @ weight.T` with h
+    = x + residual (x without one), and the result is the pair (y, h), h a new tensor (x itself without
+    a residual), where `rms_norm` would have updated the residual in place.
+
+    ValueError for more or fewer than one row, a K that does not match, any operand of another dtype or
+    device, a last dimension with a stride other than 1, a block size that is not a power of two, an
+    unknown act, or act and norm together."""
+    _check_operands(x, weight, bias, act, norm)
     for name, b in (("block_n", block_n), ("block_k", block_k)):
         if b < 1 or b & (b - 1):
             raise ValueError(f"gemv_triton's {name} must be a power of two, got {b}")
+    n, k = weight.shape
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    norm_weight, eps, residual = norm if norm is not None else (None, 0.0, None)
+    residual_out = None if residual is None else torch.empty_like(residual)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
-        y if bias is None else bias,  # an unused pointer when there is no bias
+        y if bias is None else bias,  # y stands for the operands a launch does not use
         y,
+        y if residual is None else residual,
+        y if residual_out is None else residual_out,
+        y if norm_weight is None else norm_weight,
         n,
         k,
         weight.stride(0),
+        eps,
+        PROLOGUE="rms_norm" if norm is not None else act or "",
+        HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -484,7 +541,48 @@ def gemv_triton(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    return y
+    if norm is None:
+        return y
+    return y, (x if residual is None else residual_out)
+
+
+ACTS = ("silu_and_mul",)  # the activations a GEMV can apply to its input
+
+
+def _check_operands(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None, norm
+) -> None:
+    """Raise ValueError, naming the problem, unless gemv_triton can compute this product."""
+    if act is not None and act not in ACTS:
+        raise ValueError(f"unknown act {act!r}: one of {ACTS} or None")
+    if act is not None and norm is not None:
+        raise ValueError("gemv_triton takes an act or a norm, not both")
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"gemv_triton takes one row of x, shape [1, K], got {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[1] != (2 * k if act else k):
+        raise ValueError(
+            f"x has {x.shape[1]} columns, weight {k}" + (" (x is [gate | up])" if act else "")
+        )
+    tensors = {"x": x, "weight": weight, "bias": bias}
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    if norm is not None:
+        norm_weight, _, residual = norm
+        tensors |= {"norm weight": norm_weight, "residual": residual}
+        if norm_weight.shape != (k,):
+            raise ValueError(f"norm weight must be [{k}], got {tuple(norm_weight.shape)}")
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(
+                f"residual must be x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
+    for name, t in tensors.items():
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"gemv_triton needs {name} of x's dtype, on x's device")
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"gemv_triton needs {name} with unit stride in the last dimension")
 
 
 # %% [markdown]
@@ -526,67 +624,131 @@ print(
 GEMV_KNOBS = ((2, 1024, 4, 3), (2, 1024, 4, 1), (8, 512, 8, 3), (4, 1024, 8, 3), (8, 256, 4, 3))
 # the device types where `linear` measures (the tests add "cpu", where gemv_triton runs interpreted)
 MEASURED_ON = ("cuda",)
-# (N, K, dtype, has bias, device) -> the knobs measured fastest there, or None for F.linear
+# (prologue, N, K, dtype, has bias, device) -> the knobs measured fastest there, or None for the separate
+# kernels and F.linear; prologue: None, an act, or "rms_norm"
 _choices: dict[tuple, tuple[int, int, int, int] | None] = {}
 _enabled = True
 
 
 def use_gemv(enabled: bool) -> None:
-    """Let `linear` race gemv_triton against cuBLAS (True, the default), or send every call to F.linear
-    (False: the A/B of benchmarks/gemv_probe.py). Either way, forget the choices measured so far. CUDA
-    graphs captured before keep the products they recorded: call it before building an engine."""
+    """Let `linear` and `rms_norm_linear` race gemv_triton against cuBLAS (True, the default), or send
+    every call to the separate kernels and F.linear (False: the A/B of benchmarks/gemv_probe.py). Either
+    way, forget the choices measured so far. CUDA graphs captured before keep the products they recorded:
+    call it before building an engine."""
     global _enabled
     _enabled = enabled
     _choices.clear()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    act: str | None = None,
+) -> torch.Tensor:
     """`F.linear(x, weight, bias)`: x [..., K], weight [N, K], bias [N] or None -> [..., N], with its
-    semantics, dtypes and errors. For one row of x on a GPU (x [1, K]; weight and bias of x's dtype and
-    device; unit stride in every last dimension; no gradient to record) it runs the fastest of F.linear
-    (cuBLAS) and `gemv_triton` at each of GEMV_KNOBS: measured with `triton.testing.do_bench` (median) the
-    first time a key (N, K, dtype, bias or not, device) is met, and cached for the process. While the
-    current CUDA stream is capturing a graph nothing is measured: a key not yet measured runs F.linear.
-    Why: at batch 1 a decode step is bound by reading the weights, and at some shapes cuBLAS splits K and
-    adds a reduce kernel where a GEMV reads faster (the batch-1 profile and benchmarks/gemv_probe.py,
-    Chapter 7.3.2)."""
-    if not (_enabled and x.device.type in MEASURED_ON and _one_row(x, weight, bias)):
-        return F.linear(x, weight, bias)
-    key = (*weight.shape, x.dtype, bias is not None, x.device)
+    semantics, dtypes and errors; with `act="silu_and_mul"`, `F.linear(silu_and_mul(x), weight, bias)` for
+    x [..., 2K] = [gate | up] (ValueError for another act). For one row of x on a GPU (x [1, K]; every
+    operand of x's dtype and device with unit stride in its last dimension; no gradient to record) it runs
+    the fastest of that and `gemv_triton` at each of GEMV_KNOBS (the act inside the kernel): measured with
+    `triton.testing.do_bench` (median) the first time a key (act, N, K, dtype, bias or not, device) is
+    met, and cached for the process. While the current CUDA stream is capturing a graph nothing is
+    measured: a key not yet measured runs the separate kernels. Why: at batch 1 a decode step is bound by
+    reading the weights; at some shapes cuBLAS splits K and adds a reduce kernel where a GEMV reads faster
+    (Chapter 7.3.2), and a kernel saved is a launch and a gap saved (7.3.3)."""
+    if act is not None and act not in ACTS:
+        raise ValueError(f"unknown act {act!r}: one of {ACTS} or None")
+    return _product(x, weight, bias, act, None)
+
+
+def rms_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm, then the product: `(linear(rms_norm(h, norm_weight, eps), weight, bias), h)` with h = x +
+    residual, the residual stream after this sublayer (x itself when residual is None, before layer 0).
+    x [T, K], norm_weight [K], residual [T, K] -> ([T, N], [T, K]). Like `rms_norm`, the separate kernels
+    update the residual in place and return it; a one-row product on a GPU measured faster as one
+    kernel (gemv_triton's norm prologue, Chapter 7.3.3; chosen as `linear` chooses) returns a new tensor
+    and leaves the residual as it was: use the returned one."""
+    return _product(x, weight, bias, None, (norm_weight, eps, residual))
+
+
+def _product(x, weight, bias, act, norm):
+    """The product `linear` and `rms_norm_linear` describe: the separate kernels, or where they are measured
+    slower, one gemv_triton at the measured knobs."""
+    if not (
+        _enabled and x.device.type in MEASURED_ON and _gemv_computes(x, weight, bias, act, norm)
+    ):
+        return _separate(x, weight, bias, act, norm)
+    key = (
+        "rms_norm" if norm is not None else act,
+        *weight.shape,
+        x.dtype,
+        bias is not None,
+        x.device,
+    )
     if key not in _choices:
         if torch.cuda.is_current_stream_capturing():
-            return F.linear(x, weight, bias)
-        _choices[key] = _fastest(x, weight, bias)
+            return _separate(x, weight, bias, act, norm)
+        _choices[key] = _fastest(x, weight, bias, act, norm)
     knobs = _choices[key]
-    return F.linear(x, weight, bias) if knobs is None else gemv_triton(x, weight, bias, *knobs)
+    if knobs is None:
+        return _separate(x, weight, bias, act, norm)
+    return gemv_triton(x, weight, bias, *knobs, act=act, norm=norm)
 
 
-def _one_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether gemv_triton computes what F.linear would: one row of x, matching shapes, dtypes and devices,
-    unit last strides, and nothing for autograd to record (the kernel has no backward)."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (
-        x.dim() == 2
-        and x.shape[0] == 1
-        and weight.dim() == 2
-        and x.shape[1] == weight.shape[1]
-        and (bias is None or bias.shape == weight.shape[:1])
-        and all(t.dtype == x.dtype and t.device == x.device and t.stride(-1) == 1 for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    )
+def _separate(x, weight, bias, act, norm):
+    # the reference composition: Chapter 2's kernels (or their PyTorch references off the GPU), then F.linear
+    if norm is None:
+        return F.linear(x if act is None else silu_and_mul(x), weight, bias)
+    norm_weight, eps, residual = norm
+    if residual is None:
+        return F.linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    normed, residual = rms_norm(x, norm_weight, eps, residual)
+    return F.linear(normed, weight, bias), residual
+
+
+def _gemv_computes(x, weight, bias, act, norm) -> bool:
+    """Whether gemv_triton computes what the separate kernels would: one row of x (checked first: every
+    prefill's product passes here), operands it takes, and nothing for autograd to record (the kernel has
+    no backward)."""
+    if x.dim() != 2 or x.shape[0] != 1:
+        return False
+    tensors = [x, weight, bias] + ([] if norm is None else [norm[0], norm[2]])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    try:
+        _check_operands(x, weight, bias, act, norm)
+    except ValueError:
+        return False
+    return True
 
 
 def _fastest(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str | None = None,
+    norm: tuple | None = None,
 ) -> tuple[int, int, int, int] | None:
-    """The knobs at which gemv_triton is fastest on these operands, or None where F.linear is faster. A
-    knob set whose BLOCK_K passes K's next power of two would mostly load masked zeros: it runs only when
-    no other is left."""
-    k = triton.next_power_of_2(x.shape[1])
+    """The knobs at which gemv_triton is fastest on these operands, or None where the separate kernels are
+    faster. A knob set whose BLOCK_K passes K's next power of two would mostly load masked zeros: it runs
+    only when no other is left. The norm's residual is timed on a copy (the separate kernels add x to it)."""
+    if norm is not None and norm[2] is not None:
+        norm = (norm[0], norm[1], norm[2].clone())
+    k = triton.next_power_of_2(weight.shape[1])
     knobs = [kn for kn in GEMV_KNOBS if kn[1] <= k] or GEMV_KNOBS
-    runs = {None: functools.partial(F.linear, x, weight, bias)}
-    runs |= {kn: functools.partial(gemv_triton, x, weight, bias, *kn) for kn in knobs}
-    # short runs: a few shapes per model are measured, once, at start-up; a tie keeps F.linear (first)
+    runs = {None: functools.partial(_separate, x, weight, bias, act, norm)}
+    runs |= {
+        kn: functools.partial(gemv_triton, x, weight, bias, *kn, act=act, norm=norm) for kn in knobs
+    }
+    # short runs: a few shapes per model are measured, once, at start-up; a tie keeps the separate kernels
     times = {c: do_bench(run, warmup=5, rep=20, return_mode="median") for c, run in runs.items()}
     return min(times, key=times.get)
 

@@ -201,15 +201,20 @@ llm = LLM(**smol_args)  # the embedded SmolLM2, in one process
 smol_config = llm.engine.config
 
 # %% tags=["nbval-check-output"]
-mlp = llm.engine.model.model.layers[0].mlp
-h = torch.randn(7, smol_config.hidden_size)
+layer = llm.engine.model.model.layers[0]
+mlp, h = layer.mlp, torch.randn(7, smol_config.hidden_size)
+normed = layer.post_attention_layernorm(
+    h
+)  # the MLP's input (the layer hands it the norm, Chapter 1)
 gate_w, up_w = mlp.gate_up_proj.weight.split(mlp.gate_up_proj.sizes)
 partial_outputs = []
 for gate_r, up_r, down_r in zip(
     gate_w.chunk(2), up_w.chunk(2), mlp.down_proj.weight.chunk(2, dim=1)
 ):
-    partial_outputs.append(F.linear(F.silu(F.linear(h, gate_r)) * F.linear(h, up_r), down_r))
-whole_mlp = mlp(h)
+    partial_outputs.append(
+        F.linear(F.silu(F.linear(normed, gate_r)) * F.linear(normed, up_r), down_r)
+    )
+whole_mlp, _ = mlp(layer.post_attention_layernorm, h, None)
 error = ((sum(partial_outputs) - whole_mlp).abs().max() / whole_mlp.abs().max()).item()
 print(
     "MLP of layer 0 split over 2 'GPUs', partial outputs added == whole MLP (to 1e-6):",
@@ -400,8 +405,9 @@ class RowParallelLinear(Sharded):
         self.weight = _empty(out_features, in_features // world_size, like=like)
         self.bias = _empty(out_features, like=like) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(linear(x, self.weight))
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        # act: the MLP's silu(gate) * up, on this rank's slices of gate and up (Chapter 1's Linear)
+        y = all_reduce(linear(x, self.weight, act=act))
         return y if self.bias is None else y + self.bias
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:

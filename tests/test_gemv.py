@@ -1,6 +1,8 @@
-"""Batch 1's GEMV (Chapter 7.3.2): the Triton kernel against x @ weight.T on fresh inputs, its refusals, and
-`linear`: F.linear everywhere but one row on a GPU, where it measures once per weight shape and reuses
-the choice (exercised on the CPU with a fake timer)."""
+"""Batch 1's GEMV (Chapter 7.3.2): the Triton kernel against x @ weight.T on fresh inputs, with its
+prologues (7.3.3: SiLU-and-mul, RMSNorm with and without the residual) against the separate kernels'
+references, its refusals, and `linear` / `rms_norm_linear`: the separate kernels and F.linear everywhere
+but one row on a GPU, where they measure once per key and reuse the choice (exercised on the CPU with a
+fake timer)."""
 
 import os
 from types import SimpleNamespace
@@ -11,7 +13,9 @@ import torch.nn.functional as F
 
 import mini_infer.kernels  # noqa: F401  (Triton's interpreter when there is no GPU)
 from mini_infer.kernels import gemv
-from mini_infer.kernels.gemv import gemv_triton, linear
+from mini_infer.kernels.activation import silu_and_mul_ref
+from mini_infer.kernels.gemv import gemv_triton, linear, rms_norm_linear
+from mini_infer.kernels.rmsnorm import rms_norm_ref
 
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
     ["cuda"] if torch.cuda.is_available() else []
@@ -46,6 +50,41 @@ def test_gemv_matches_the_reference(n, k, bias, dtype, device):
         got = gemv_triton(x, w, b, *knobs)
         assert got.shape == (1, n) and got.dtype == dtype
         torch.testing.assert_close(got, reference(x, w, b), **TOL[dtype])
+
+
+def norm_operands(k, dtype, device):
+    residual = torch.randn(1, k).to(dtype).to(device)
+    return (torch.rand(k) + 0.5).to(dtype).to(device), residual
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("n,k", [(5, 17), (70, 100)])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_gemv_prologues_match_the_separate_kernels(n, k, bias, dtype, device):
+    """7.3.3: SwiGLU's activation and RMSNorm (with and without the residual add) computed as the kernel
+    reads x give the product of the separate kernels' references, and the residual stream they give."""
+    x, w, b = operands(n, k, dtype, device, bias)
+    gate_up = torch.randn(1, 2 * k).to(dtype).to(device)
+    norm_weight, residual = norm_operands(k, dtype, device)
+    before = residual.clone()
+    # the residual sum is rounded to the dtype; the interpreter's bf16 rounding is not always PyTorch's
+    sum_tol = 2**-7 if (dtype, device) == (torch.bfloat16, "cpu") else 0.0
+    for knobs in KNOBS:
+        got = gemv_triton(gate_up, w, b, *knobs, act="silu_and_mul")
+        torch.testing.assert_close(got, reference(silu_and_mul_ref(gate_up), w, b), **TOL[dtype])
+        got, stream = gemv_triton(x, w, b, *knobs, norm=(norm_weight, 1e-5, None))
+        assert stream is x
+        torch.testing.assert_close(
+            got, reference(rms_norm_ref(x, norm_weight, 1e-5), w, b), **TOL[dtype]
+        )
+        got, stream = gemv_triton(x, w, b, *knobs, norm=(norm_weight, 1e-5, residual))
+        normed, want_stream = rms_norm_ref(x, norm_weight, 1e-5, before.clone())
+        assert torch.equal(
+            residual, before
+        )  # a new tensor holds the stream; the residual is untouched
+        torch.testing.assert_close(stream, want_stream, rtol=sum_tol, atol=0)
+        torch.testing.assert_close(got, reference(normed, w, b), **TOL[dtype])
 
 
 ONE = (1, 8, 4, 1)  # knobs that are fine
@@ -85,6 +124,56 @@ def test_gemv_refuses(x, w, b, knobs, match):
         gemv_triton(x, w, b, *knobs)
 
 
+Z = torch.zeros
+
+
+@pytest.mark.parametrize(
+    "x,kwargs,match",
+    [
+        (Z(1, 8), dict(act="gelu"), "unknown act"),
+        (Z(1, 16), dict(act="silu_and_mul", norm=(Z(8), 1e-5, None)), "not both"),
+        (Z(1, 8), dict(act="silu_and_mul"), "gate"),
+        (Z(1, 8), dict(norm=(Z(4), 1e-5, None)), "norm weight must be"),
+        (Z(1, 8), dict(norm=(Z(8).half(), 1e-5, None)), "norm weight of x's dtype"),
+        (Z(1, 8), dict(norm=(Z(8), 1e-5, Z(2, 8))), "residual must be"),
+        (Z(1, 8), dict(norm=(Z(8), 1e-5, Z(1, 16)[:, ::2])), "residual with unit stride"),
+    ],
+    ids=[
+        "act",
+        "act_and_norm",
+        "act_k",
+        "norm_shape",
+        "norm_dtype",
+        "residual_shape",
+        "residual_stride",
+    ],
+)
+def test_gemv_prologues_refuse(x, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gemv_triton(x, Z(4, 8), None, *ONE, **kwargs)
+    if "act" in kwargs and "norm" not in kwargs and kwargs["act"] != "silu_and_mul":
+        with pytest.raises(ValueError, match=match):  # linear names it too, on every device
+            linear(x, Z(4, 8), act=kwargs["act"])
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rms_norm_linear_on_the_cpu_is_the_separate_kernels(rows):
+    """Off the GPU: rms_norm (the residual updated in place and returned), then F.linear; no residual:
+    the stream is x."""
+    x, w, b = torch.randn(rows, 33), torch.randn(70, 33), torch.randn(70)
+    norm_weight, residual = torch.rand(33) + 0.5, torch.randn(rows, 33)
+    want_normed, want_stream = rms_norm_ref(x, norm_weight, 1e-5, residual.clone())
+    y, stream = rms_norm_linear(x, norm_weight, 1e-5, w, b, residual)
+    assert stream is residual and torch.equal(stream, want_stream)
+    assert torch.equal(y, F.linear(want_normed, w, b))
+    y, stream = rms_norm_linear(x, norm_weight, 1e-5, w)
+    assert stream is x and torch.equal(y, F.linear(rms_norm_ref(x, norm_weight, 1e-5), w))
+    assert torch.equal(
+        linear(torch.cat([x, x], 1), w, act="silu_and_mul"),
+        F.linear(silu_and_mul_ref(torch.cat([x, x], 1)), w),
+    )
+
+
 @pytest.mark.parametrize("shape", [(1, 33), (2, 33), (33,), (2, 1, 33)], ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_linear_on_the_cpu_is_f_linear(shape, bias):
@@ -102,8 +191,8 @@ def fake_gpu(monkeypatch):
     timed, times, capturing = [], {None: 10.0}, [False]
 
     def do_bench(run, warmup, rep, return_mode):
-        # run: partial(F.linear, x, w, b) or partial(gemv_triton, x, w, b, *knobs)
-        knobs = tuple(run.args[3:]) or None
+        # run: partial(gemv._separate, ...) or partial(gemv_triton, x, w, b, *knobs, ...)
+        knobs = tuple(run.args[3:]) if run.func is gemv.gemv_triton else None
         timed.append(knobs)
         run()
         return times.get(knobs, 20.0)
@@ -126,7 +215,7 @@ def test_linear_measures_each_shape_once_and_reuses_the_fastest(fake_gpu):
     for _ in range(3):
         torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
     assert timed == [None, *fitting]  # once, however often it is called
-    assert gemv._choices == {(70, 300, torch.float32, True, x.device): fitting[-1]}
+    assert gemv._choices == {(None, 70, 300, torch.float32, True, x.device): fitting[-1]}
     # another key (no bias) is measured on its own; two rows are never measured
     linear(x, w)
     linear(torch.randn(2, 300), w, b)
@@ -137,7 +226,7 @@ def test_linear_keeps_f_linear_where_it_is_faster(fake_gpu, monkeypatch):
     timed, _, _ = fake_gpu
     x, w, _ = operands(33, 17, torch.float32, "cpu", False)
     linear(x, w)
-    assert gemv._choices[(33, 17, torch.float32, False, x.device)] is None
+    assert gemv._choices[(None, 33, 17, torch.float32, False, x.device)] is None
     # K = 17 is shorter than every knob set's BLOCK_K: all are timed rather than none
     assert timed == [None, *gemv.GEMV_KNOBS]
 
@@ -213,9 +302,15 @@ def test_the_engine_warm_up_measures_every_batch_1_shape_first(fake_gpu, monkeyp
     ModelRunner._warm_up(runner, num_tokens=6, logit_rows=2)
     h, q, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     d, i = config.head_dim, config.intermediate_size
-    shapes = {((q + 2 * kv) * d, h), (h, q * d), (2 * i, h), (h, i), (config.vocab_size, h)}
-    assert {key[:2] for key in gemv._choices} == shapes
-    assert events == [len(shapes)]  # all measured before the peak was reset
+    # the norms ride in the q/k/v and gate/up products, SwiGLU's activation in the down projection's
+    assert {key[:3] for key in gemv._choices} == {
+        ("rms_norm", (q + 2 * kv) * d, h),
+        (None, h, q * d),
+        ("rms_norm", 2 * i, h),
+        ("silu_and_mul", h, i),
+        (None, config.vocab_size, h),
+    }
+    assert events == [len(gemv._choices)]  # all measured before the peak was reset
 
 
 def test_gemv_reads_a_weight_with_strided_rows():
@@ -227,3 +322,28 @@ def test_gemv_reads_a_weight_with_strided_rows():
     x, w = torch.randn(1, 100, device=device), wide[:, :100]
     assert w.stride(0) == 150
     torch.testing.assert_close(gemv_triton(x, w, None, 8, 64, 4, 2), x @ w.T, atol=1e-4, rtol=1e-4)
+
+
+def test_the_prologues_are_measured_apart_and_the_residual_is_safe(fake_gpu):
+    """A product with a prologue has its own key; timing the separate kernels (which add x into the
+    residual in place) leaves the caller's residual as it was; the fused kernel's answer is the separate
+    kernels' (to rounding), with the stream in a new tensor."""
+    timed, times, _ = fake_gpu
+    x, w, b = operands(70, 64, torch.float32, "cpu", True)
+    norm_weight, residual = norm_operands(64, torch.float32, "cpu")
+    before = residual.clone()
+    times.update({kn: 1.0 for kn in gemv.GEMV_KNOBS})  # the fused kernel wins everywhere
+    y, stream = rms_norm_linear(x, norm_weight, 1e-5, w, b, residual)
+    assert timed and timed[0] is None  # the separate kernels were timed first ...
+    assert torch.equal(residual, before)  # ... on a copy of the residual, and the kernel ran
+    normed, want_stream = rms_norm_ref(x, norm_weight, 1e-5, before.clone())
+    torch.testing.assert_close(stream, want_stream)
+    torch.testing.assert_close(y, F.linear(normed, w, b), atol=1e-4, rtol=1e-4)
+    gate_up = torch.randn(1, 2 * 64)
+    want = F.linear(silu_and_mul_ref(gate_up), w[:, :64].contiguous())
+    got = linear(gate_up, w[:, :64].contiguous(), act="silu_and_mul")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert {key[0] for key in gemv._choices} == {"rms_norm", "silu_and_mul"}
+    measured = len(timed)
+    rms_norm_linear(x, norm_weight, 1e-5, w, b, residual)
+    assert len(timed) == measured

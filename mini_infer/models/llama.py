@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from mini_infer.config import ModelConfig
-from mini_infer.kernels.activation import silu_and_mul
-from mini_infer.kernels.gemv import linear
+from mini_infer.kernels.gemv import linear, rms_norm_linear
 from mini_infer.kernels.rmsnorm import rms_norm
 from mini_infer.kernels.rope import apply_rope, rope_cos_sin_cache
 
@@ -29,13 +28,22 @@ class RMSNorm(nn.Module):
         """Normalise x; with `residual`, first add x to it in place and return (normed, residual)."""
         return rms_norm(x, self.weight, self.eps, residual)
 
+    def project(self, proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """`(proj(norm(h)), h)` with h = x + residual (x when residual is None), for a projection whose
+        product is `linear(., proj.weight, proj.bias)` (Linear, MergedLinear, Chapter 9's column-parallel
+        layers): `rms_norm_linear`, one kernel at batch 1 on a GPU where that was measured faster
+        (Chapter 7.3.3). Use the returned residual: the one passed in may or may not have been updated."""
+        return rms_norm_linear(x, self.weight, self.eps, proj.weight, proj.bias, residual)
+
 
 class Linear(nn.Linear):
     """`nn.Linear` whose product is `linear`: F.linear, or at batch 1 on a GPU the faster of cuBLAS and a
-    Triton matrix-vector kernel for this weight's shape (Chapter 7.3.2)."""
+    Triton matrix-vector kernel for this weight's shape (Chapter 7.3.2). `act="silu_and_mul"` applies
+    SwiGLU's activation to x first (x [..., 2 * in_features] = [gate | up]; inside the kernel at batch 1,
+    7.3.3)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, act=act)
 
 
 class MergedLinear(Linear):
@@ -81,16 +89,25 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, attn, cos_sin: torch.Tensor
-    ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+        self,
+        norm: RMSNorm,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        attn,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of norm(x + residual) -> (its output [T, hidden], the residual stream x + residual).
+        The norm comes from the layer: it runs in the q/k/v projection (`RMSNorm.project`)."""
+        qkv, residual = norm.project(self.qkv_proj, x, residual)
+        q, k, v = qkv.split(self.qkv_proj.sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Qwen3's norm of each head runs inside the rotation's kernel (Chapter 3.4.1)
         norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
         q, k = apply_rope(q, k, positions, cos_sin, norm)
-        return self.o_proj(attn(self.layer_idx, q, k, v).flatten(1))
+        return self.o_proj(attn(self.layer_idx, q, k, v).flatten(1)), residual
 
 
 class MLP(nn.Module):
@@ -101,9 +118,13 @@ class MLP(nn.Module):
         )
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # silu(gate) * up, in one kernel on the GPU (Chapter 2)
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP of norm(x + residual) -> (its output [T, hidden], the residual stream x + residual)."""
+        gate_up, residual = norm.project(self.gate_up_proj, x, residual)
+        # silu(gate) * up: Chapter 2's kernel on the GPU, or at batch 1 inside the down projection's (7.3.3)
+        return self.down_proj(gate_up, act="silu_and_mul"), residual
 
 
 class DecoderLayer(nn.Module):
@@ -115,14 +136,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, h, residual, positions, attn, cos_sin):
-        """h is the previous sublayer's output, not yet added to the residual stream (None before layer 0)."""
-        if residual is None:
-            h, residual = self.input_layernorm(h), h
-        else:
-            h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(h, positions, attn, cos_sin)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        """h is the previous sublayer's output, not yet added to the residual stream (None before layer 0).
+        Each norm goes to the sublayer after it, whose first projection applies it (Chapter 7.3.3)."""
+        h, residual = self.self_attn(self.input_layernorm, h, residual, positions, attn, cos_sin)
+        return self.mlp(self.post_attention_layernorm, h, residual)
 
 
 class LlamaModel(nn.Module):

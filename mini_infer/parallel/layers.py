@@ -107,8 +107,9 @@ class RowParallelLinear(Sharded):
         self.weight = _empty(out_features, in_features // world_size, like=like)
         self.bias = _empty(out_features, like=like) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(linear(x, self.weight))
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        # act: the MLP's silu(gate) * up, on this rank's slices of gate and up (Chapter 1's Linear)
+        y = all_reduce(linear(x, self.weight, act=act))
         return y if self.bias is None else y + self.bias
 
     def shard(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
