@@ -1,5 +1,6 @@
 """Batch 1's GEMV (Chapter 7.3.2) against cuBLAS, on one GPU: the kernel alone at every weight shape of the
-models named, and with --latency the engine's batch-1 latency with and without it.
+models named, and with --latency the engine's batch-1 latency without it, with it, and with its prologues
+(7.3.3: the norms and SwiGLU's activation computed inside it).
 
     python benchmarks/gemv_probe.py [--models llama3-8b qwen3-0.6b ...] [--latency] [--out FILE]
 
@@ -11,8 +12,9 @@ checking its result: the fastest (triton_us, triton_knobs), the choice `linear` 
 GEMV_KNOBS it measures fastest, or "cublas") and each time's share of the copy bandwidth.
 
 --latency: for each model, benchmark_latency.py's batch-1 row (`common.measure_latency`) in a fresh engine
-with `use_gemv(False)` (cuBLAS only: gemv false) and then the engine's default (`linear` choosing per
-shape: gemv true, with the choices it made), beside the weights' floor; each row is appended to
+with `use_gemv(False)` (cuBLAS only: gemv false), `use_gemv(True, prologues=False)` (`linear` choosing
+per shape, the norms and the activation in their own kernels: gemv true, prologues false) and then the
+engine's default (prologues true), with the choices made, beside the weights' floor; each row is appended to
 --latency-out. One JSON with the rows and the latency rows to --out: by default, with --latency,
 benchmarks/results/gemv_probe_<gpu>.json (which report.py and Chapter 7.3.2 read), else gemv_probe.json
 here (a sweep alone does not replace the stored A/B).
@@ -82,9 +84,9 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(), "copy_gbps": copy, "rows": rows}
     if args.latency:
         result["latency"] = [
-            common.append_row(latency(model, enabled), args.latency_out)
+            common.append_row(latency(model, enabled, prologues), args.latency_out)
             for model in args.models
-            for enabled in (False, True)
+            for enabled, prologues in ((False, True), (True, False), (True, True))
         ]
     stored = common.RESULTS / f"gemv_probe_{slug(result['device'])}.json"
     out = args.out or (stored if args.latency else Path("gemv_probe.json"))
@@ -119,10 +121,11 @@ def probe(model: str, name: str, n: int, k: int, copy: float) -> dict:
     return row
 
 
-def latency(model: str, enabled: bool) -> dict:
+def latency(model: str, enabled: bool, prologues: bool) -> dict:
     """The model's batch-1 latency row (benchmark_latency.py's, fresh engine) with `linear` racing the GEMV
-    against cuBLAS (enabled, the default) or with cuBLAS only, and the choices it made."""
-    gemv.use_gemv(enabled)
+    against cuBLAS (enabled, the default; with or without the prologues) or with cuBLAS only, and the
+    choices made: "N x K" (with the prologue's name) -> knobs or "cublas"."""
+    gemv.use_gemv(enabled, prologues)
     try:
         ap = common.parser("", ("latency",))
         common.add_engine_args(ap)
@@ -131,13 +134,16 @@ def latency(model: str, enabled: bool) -> dict:
         # beside the live engine, as benchmark_latency.py measures it (measured after the engine was
         # deleted, the copy read 11% slower on an H200, for a reason not found)
         floor = common.weight_floor(model)
-        choices = {f"{n}x{k}": knobs or "cublas" for (n, k, *_), knobs in gemv._choices.items()}
+        choices = {
+            f"{n}x{k}" + (f" {prologue}" if prologue else ""): knobs or "cublas"
+            for (prologue, n, k, *_), knobs in gemv._choices.items()
+        }
         del llm
         gc.collect()
         torch.cuda.empty_cache()
     finally:
         gemv.use_gemv(True)
-    row = {"engine": "mini_infer", "model": model, "gemv": enabled, **row}
+    row = {"engine": "mini_infer", "model": model, "gemv": enabled, "prologues": prologues, **row}
     return {**row, "gemv_choices": choices, **floor}
 
 

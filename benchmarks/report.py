@@ -85,37 +85,56 @@ def gemv() -> dict | None:
     )
 
 
+# gemv_probe.py --latency's engines: (gemv, prologues) of `use_gemv`, by the name the tables give them
+GEMV_CONFIGS = {"cuBLAS": (False, True), "GEMV": (True, False), "GEMV + prologues": (True, True)}
+
+
 def gemv_pairs(run: dict) -> dict[str, tuple[dict, dict, float]]:
-    """Per model of a gemv_probe.py --latency run, by size: its latency rows with cuBLAS only and with
-    `linear` choosing, and the weights' floor in ms at the copy bandwidth measured at the run's start."""
+    """Per model of a gemv_probe.py --latency run, by size: its latency rows by GEMV_CONFIGS' names (those
+    the run has; a row without `prologues` is from before 7.3.3, when the GEMV had none), and the weights'
+    floor in ms at the copy bandwidth measured at the run's start."""
     lat = run["latency"]
     pairs = {}
     for m in in_size_order(list(dict.fromkeys(r["model"] for r in lat))):
-        off, on = (next(r for r in lat if (r["model"], r["gemv"]) == (m, g)) for g in (False, True))
-        pairs[m] = (off, on, on["weight_bytes"] / run["copy_gbps"] / 1e6)
+        rows = {
+            label: r
+            for label, config in GEMV_CONFIGS.items()
+            for r in lat
+            if r["model"] == m and (r["gemv"], r.get("prologues", not r["gemv"])) == config
+        }
+        pairs[m] = (rows, rows["cuBLAS"]["weight_bytes"] / run["copy_gbps"] / 1e6)
     return pairs
 
 
 def gemv_section(run: dict) -> list[str]:
-    """Batch 1 with cuBLAS only against `linear`'s choice of cuBLAS or the GEMV per shape (Chapter 7.3.2),
-    one run each in one process, and the share of the weights' floor at the copy bandwidth of the run's
-    start."""
+    """Batch 1 with cuBLAS only, with `linear` choosing cuBLAS or the GEMV per shape (Chapter 7.3.2) and with
+    the norms and the activation folded into it (7.3.3), one run each in one process, and the share of the
+    weights' floor at the copy bandwidth of the run's start."""
     first, pairs = run["latency"][0], gemv_pairs(run)
     models = list(dict.fromkeys(r["model"] for r in run["latency"]))
+    labels = list(next(iter(pairs.values()))[0])
     parts = []
-    for m, (off, on, floor) in pairs.items():
+    for m, (rows, floor) in pairs.items():
+        ms = [rows[label]["ms_per_token"] for label in labels]
         parts.append(
-            f"{name(m)} {off['ms_per_token']:.3f} -> {on['ms_per_token']:.3f} ms "
-            f"({summarize.ratio_text(off['ms_per_token'] / on['ms_per_token'])}x; floor "
-            f"{floor / on['ms_per_token']:.0%})"
+            f"{name(m)} " + " -> ".join(f"{t:.3f}" for t in ms) + " ms "
+            f"({summarize.ratio_text(ms[0] / ms[-1])}x; floor {floor / ms[-1]:.0%})"
         )
     return [
-        f"**Batch 1 with the GEMV of Chapter 7.3.2**, measured after the race: "
+        f"**Batch 1 with the GEMV of Chapter 7.3**, measured after the race: "
         f"`python benchmarks/gemv_probe.py --models {' '.join(models)} --latency` on one "
-        f"{first['device']} (machine {first['machine']}, {first['date']}), ms per output token with cuBLAS only -> with `linear` choosing cuBLAS or the GEMV "
-        f"per weight shape, one run each in one process (floor: the weights at that run's copy bandwidth, "
+        f"{first['device']} (machine {first['machine']}, {first['date']}), ms per output token with "
+        + " -> ".join(GEMV_WORDS[label] for label in labels)
+        + ", one run each in one process (floor: the weights at that run's copy bandwidth, "
         f"{run['copy_gbps']:,.0f} GB/s): " + "; ".join(parts) + "."
     ]
+
+
+GEMV_WORDS = {
+    "cuBLAS": "cuBLAS only",
+    "GEMV": "`linear` choosing cuBLAS or the GEMV per weight shape (7.3.2)",
+    "GEMV + prologues": "the norms and SwiGLU's activation inside the GEMV (7.3.3)",
+}
 
 
 def profiles() -> list[dict]:

@@ -446,12 +446,13 @@ def _gemv_kernel(
     mask_n = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: N * K can pass 2**31 (lm_head)
     if PROLOGUE == "rms_norm":
-        # the norm's statistic first: every program sums the squares of all of x (a few KB, read from L2)
+        # the norm's statistic first: every program sums the squares of all of x (a few KB, read from L2);
+        # this loop's names are its own (the main loop's would be carried from one loop into the other)
         squares = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            h = _stream(x_ptr, res_ptr, ks, ks < K, HAS_RESIDUAL).to(tl.float32)
-            squares += h * h
+        for c0 in tl.range(0, K, BLOCK_K):
+            cols = c0 + tl.arange(0, BLOCK_K)
+            hs = _stream(x_ptr, res_ptr, cols, cols < K, HAS_RESIDUAL).to(tl.float32)
+            squares += hs * hs
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     # tl.range's num_stages, not the launch's: Triton pipelines (cp.async) only loops with a tl.dot unless
@@ -468,10 +469,9 @@ def _gemv_kernel(
             x = (silu * up).to(y_ptr.dtype.element_ty)
         elif PROLOGUE == "rms_norm":
             h = _stream(x_ptr, res_ptr, ks, mask_k, HAS_RESIDUAL)
-            if (
-                HAS_RESIDUAL and pid == 0
-            ):  # the stream goes on from x + residual: program 0 writes it
-                tl.store(res_out_ptr + ks, h, mask=mask_k)
+            if HAS_RESIDUAL:
+                if pid == 0:  # the residual stream goes on from x + residual: program 0 writes it
+                    tl.store(res_out_ptr + ks, h, mask=mask_k)
             g = tl.load(norm_w_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
             normed = (h.to(tl.float32) * rstd).to(h.dtype)
             x = (normed.to(tl.float32) * g).to(y_ptr.dtype.element_ty)
@@ -627,16 +627,17 @@ MEASURED_ON = ("cuda",)
 # (prologue, N, K, dtype, has bias, device) -> the knobs measured fastest there, or None for the separate
 # kernels and F.linear; prologue: None, an act, or "rms_norm"
 _choices: dict[tuple, tuple[int, int, int, int] | None] = {}
-_enabled = True
+_enabled, _prologues = True, True
 
 
-def use_gemv(enabled: bool) -> None:
-    """Let `linear` and `rms_norm_linear` race gemv_triton against cuBLAS (True, the default), or send
-    every call to the separate kernels and F.linear (False: the A/B of benchmarks/gemv_probe.py). Either
-    way, forget the choices measured so far. CUDA graphs captured before keep the products they recorded:
-    call it before building an engine."""
-    global _enabled
-    _enabled = enabled
+def use_gemv(enabled: bool, prologues: bool = True) -> None:
+    """Let `linear` and `rms_norm_linear` race gemv_triton against cuBLAS (enabled, the default), or send
+    every call to the separate kernels and F.linear (the A/B of benchmarks/gemv_probe.py); with
+    `prologues=False`, the GEMV races for the products alone and the norms and the activation keep their
+    own kernels (7.3.2 without 7.3.3). Either way, forget the choices measured so far. CUDA graphs
+    captured before keep the products they recorded: call it before building an engine."""
+    global _enabled, _prologues
+    _enabled, _prologues = enabled, prologues
     _choices.clear()
 
 
@@ -682,8 +683,12 @@ def rms_norm_linear(
 def _product(x, weight, bias, act, norm):
     """The product `linear` and `rms_norm_linear` describe: the separate kernels, or where they are measured
     slower, one gemv_triton at the measured knobs."""
+    fusing = act is not None or norm is not None
     if not (
-        _enabled and x.device.type in MEASURED_ON and _gemv_computes(x, weight, bias, act, norm)
+        _enabled
+        and (_prologues or not fusing)
+        and x.device.type in MEASURED_ON
+        and _gemv_computes(x, weight, bias, act, norm)
     ):
         return _separate(x, weight, bias, act, norm)
     key = (
@@ -704,14 +709,17 @@ def _product(x, weight, bias, act, norm):
 
 
 def _separate(x, weight, bias, act, norm):
-    # the reference composition: Chapter 2's kernels (or their PyTorch references off the GPU), then F.linear
+    # Chapter 2's kernel (its PyTorch reference off the GPU), then the product alone: F.linear, or at batch 1
+    # the faster of cuBLAS and the GEMV (its own key)
     if norm is None:
-        return F.linear(x if act is None else silu_and_mul(x), weight, bias)
+        if act is None:
+            return F.linear(x, weight, bias)
+        return _product(silu_and_mul(x), weight, bias, None, None)
     norm_weight, eps, residual = norm
     if residual is None:
-        return F.linear(rms_norm(x, norm_weight, eps), weight, bias), x
+        return _product(rms_norm(x, norm_weight, eps), weight, bias, None, None), x
     normed, residual = rms_norm(x, norm_weight, eps, residual)
-    return F.linear(normed, weight, bias), residual
+    return _product(normed, weight, bias, None, None), residual
 
 
 def _gemv_computes(x, weight, bias, act, norm) -> bool:
@@ -738,7 +746,7 @@ def _fastest(
     norm: tuple | None = None,
 ) -> tuple[int, int, int, int] | None:
     """The knobs at which gemv_triton is fastest on these operands, or None where the separate kernels are
-    faster. A knob set whose BLOCK_K passes K's next power of two would mostly load masked zeros: it runs
+    faster (with a prologue: its kernel, then the product as `linear` computes it). A knob set whose BLOCK_K passes K's next power of two would mostly load masked zeros: it runs
     only when no other is left. The norm's residual is timed on a copy (the separate kernels add x to it)."""
     if norm is not None and norm[2] is not None:
         norm = (norm[0], norm[1], norm[2].clone())
@@ -748,6 +756,7 @@ def _fastest(
     runs |= {
         kn: functools.partial(gemv_triton, x, weight, bias, *kn, act=act, norm=norm) for kn in knobs
     }
+    runs[None]()  # a prologue's separate product is measured first (its own key), not while timed
     # short runs: a few shapes per model are measured, once, at start-up; a tie keeps the separate kernels
     times = {c: do_bench(run, warmup=5, rep=20, return_mode="median") for c, run in runs.items()}
     return min(times, key=times.get)

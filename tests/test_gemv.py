@@ -303,13 +303,10 @@ def test_the_engine_warm_up_measures_every_batch_1_shape_first(fake_gpu, monkeyp
     h, q, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     d, i = config.head_dim, config.intermediate_size
     # the norms ride in the q/k/v and gate/up products, SwiGLU's activation in the down projection's
-    assert {key[:3] for key in gemv._choices} == {
-        ("rms_norm", (q + 2 * kv) * d, h),
-        (None, h, q * d),
-        ("rms_norm", 2 * i, h),
-        ("silu_and_mul", h, i),
-        (None, config.vocab_size, h),
-    }
+    # (each prologue's product alone too: the separate kernels' side of its race)
+    fused = {("rms_norm", (q + 2 * kv) * d, h), ("rms_norm", 2 * i, h), ("silu_and_mul", h, i)}
+    plain = {(None, n, k) for _, n, k in fused} | {(None, h, q * d), (None, config.vocab_size, h)}
+    assert {key[:3] for key in gemv._choices} == fused | plain
     assert events == [len(gemv._choices)]  # all measured before the peak was reset
 
 
@@ -343,7 +340,25 @@ def test_the_prologues_are_measured_apart_and_the_residual_is_safe(fake_gpu):
     want = F.linear(silu_and_mul_ref(gate_up), w[:, :64].contiguous())
     got = linear(gate_up, w[:, :64].contiguous(), act="silu_and_mul")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert {key[0] for key in gemv._choices} == {"rms_norm", "silu_and_mul"}
+    assert {key[0] for key in gemv._choices} == {"rms_norm", "silu_and_mul", None}
     measured = len(timed)
     rms_norm_linear(x, norm_weight, 1e-5, w, b, residual)
     assert len(timed) == measured
+
+
+def test_use_gemv_without_prologues_keeps_the_separate_kernels(fake_gpu):
+    """use_gemv(True, prologues=False): the norm and the activation run on their own, and the product
+    alone is raced (7.3.2 without 7.3.3)."""
+    timed, times, _ = fake_gpu
+    x, w, _ = operands(70, 64, torch.float32, "cpu", False)
+    norm_weight, residual = norm_operands(64, torch.float32, "cpu")
+    times.update({kn: 1.0 for kn in gemv.GEMV_KNOBS})
+    try:
+        gemv.use_gemv(True, prologues=False)
+        want_normed, want_stream = rms_norm_ref(x, norm_weight, 1e-5, residual.clone())
+        y, stream = rms_norm_linear(x, norm_weight, 1e-5, w, None, residual)
+        assert stream is residual and torch.equal(stream, want_stream)  # rms_norm's, in place
+        torch.testing.assert_close(y, F.linear(want_normed, w), atol=1e-4, rtol=1e-4)
+        assert [key[0] for key in gemv._choices] == [None]
+    finally:
+        gemv.use_gemv(True)
