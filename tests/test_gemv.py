@@ -190,15 +190,19 @@ def fake_gpu(monkeypatch):
         pytest.skip("runs gemv_triton on CPU tensors: Triton's interpreter only")
     timed, times, capturing = [], {None: 10.0}, [False]
 
-    def do_bench(run, warmup, rep, return_mode):
-        # run: partial(gemv._separate, ...) or partial(gemv_triton, x, w, b, *knobs, ...)
-        knobs = tuple(run.args[3:]) if run.func is gemv.gemv_triton else None
+    def time(run, weights):
+        # run: partial(gemv._separate, x, ...) or partial(gemv_triton, x, block_n=..., ...), by weight=
+        kw = run.keywords
+        knobs = None
+        if run.func is gemv.gemv_triton:
+            knobs = (kw["block_n"], kw["block_k"], kw["num_warps"], kw["num_stages"])
         timed.append(knobs)
-        run()
+        run(weight=weights[0])
         return times.get(knobs, 20.0)
 
     monkeypatch.setattr(gemv, "MEASURED_ON", ("cpu",))
-    monkeypatch.setattr(gemv, "do_bench", do_bench)
+    monkeypatch.setattr(gemv, "_time", time)
+    monkeypatch.setattr(gemv, "_cold_weights", lambda weight: [weight])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(gemv, "_choices", {})
     monkeypatch.setattr(gemv, "_enabled", True)
@@ -362,3 +366,17 @@ def test_use_gemv_without_prologues_keeps_the_separate_kernels(fake_gpu):
         assert [key[0] for key in gemv._choices] == [None]
     finally:
         gemv.use_gemv(True)
+
+
+def test_cold_weights_pass_twice_the_l2_cache(monkeypatch):
+    """The choice is timed over copies of the weight that pass twice the L2 cache (256 at most), as a
+    decode step reads it: from memory."""
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=1000)
+    )
+    small, large = torch.zeros(10, 10), torch.zeros(100, 100)  # 400 and 40,000 bytes
+    copies = gemv._cold_weights(small)
+    assert len(copies) == 5 and copies[0] is small
+    assert all(c.data_ptr() != small.data_ptr() and torch.equal(c, small) for c in copies[1:])
+    assert gemv._cold_weights(large) == [large]
+    assert len(gemv._cold_weights(torch.zeros(1))) == 256
