@@ -5,7 +5,7 @@
 What is shown, chosen by `summarize.newest_side_by_side`:
   the race      the newest machine on which Mini-Infer and vLLM both measured every model (throughput and
                 batch-1 latency), each engine's best row there
-  batch 1 GEMV  the newest gemv_probe.py --latency run (gemv_probe_<gpu>.json): cuBLAS only against `linear`
+  batch 1 GEMV  the newest gemv_probe.py --latency run (gemv_probe_<gpu>.json): cuBLAS only, `linear`, prologues
   HF            the newest machine on which HF transformers and Mini-Infer both measured a model
   batching      the newest machine's static and continuous rows on the chat workload (benchmark_batching.py)
   tensor par.   Chapter 9's table of the newest two-GPU machine (tp_report.py)
@@ -121,7 +121,7 @@ def gemv_section(run: dict) -> list[str]:
             f"({summarize.ratio_text(ms[0] / ms[-1])}x; floor {floor / ms[-1]:.0%})"
         )
     return [
-        f"**Batch 1 with the GEMV of Chapter 7.3**, measured after the race: "
+        f"**Batch 1 with the GEMV of Chapter 7.3**: "
         f"`python benchmarks/gemv_probe.py --models {' '.join(models)} --latency` on one "
         f"{first['device']} (machine {first['machine']}, {first['date']}), ms per output token with "
         + " -> ".join(GEMV_WORDS[label] for label in labels)

@@ -857,7 +857,11 @@ print("lm_head is the embedding table:", hf.lm_head.weight.data_ptr() == E.data_
 #   Triton kernel on the GPU and the plain PyTorch above elsewhere; Chapters 2 and 3 write those kernels.
 #   The projections are `Linear` layers, an `nn.Linear` that calls `linear`: `F.linear`, except for a
 #   single token on a GPU, where it takes whichever of cuBLAS and a Triton matrix-vector kernel it
-#   measured faster for that weight's shape (Chapter 7.3.2).
+#   measured faster for that weight's shape (Chapter 7.3.2). That kernel can also compute, as it reads its
+#   input, the small op that produced it (Chapter 7.3.3): so a decoder layer hands each RMSNorm to the
+#   sublayer after it, whose first projection applies it (`RMSNorm.project`), and the MLP asks its down
+#   projection for `silu(gate) * up` (`down_proj(gate_up, act="silu_and_mul")`). Elsewhere these are the
+#   separate kernels, as before.
 #
 # Parameter names follow Hugging Face's (`model.layers.0.self_attn.o_proj.weight`), so loading needs no
 # translation beyond the merged projections. Mistral is the same model; Qwen2 gives `qkv_proj` a bias

@@ -2894,15 +2894,15 @@ if (RESULTS / "latency.jsonl").exists():
     )
 
 # %% [markdown]
-# (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in about 1.0 ms,
-# 1.7 times as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the
-# CUDA graph turned some 1,300 kernel launches into one, and little else runs between two steps. The first
-# token comes sooner still, relative to vLLM (1.7 against 14.0 ms for SmolLM2, 6.2 against 9.8 ms for
-# Llama-3-8B): a 128-token prefill is a mixed step, and it replays a graph too (6.2.3). At batch 256
-# Mini-Infer is ahead on all three: SmolLM2 2.08x, Qwen3-0.6B 1.03x, Llama-3-8B 1.02x. Two races earlier,
-# before the fixes of Chapters 4.4.2 and 3.4.1, it was behind on the two larger models (0.94x and 0.89x);
-# in the race before this one, before the decode kernel stored the new K/V itself (4.4.2), Llama-3-8B was
-# level (0.996x).
+# (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in about 0.8 ms,
+# 2.1 times as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the
+# CUDA graph turned some 1,300 kernel launches into one, little else runs between two steps, and the
+# one-row matrix products run Chapter 7.3's GEMV. The first token comes sooner still, relative to vLLM
+# (2.2 against 15.6 ms for SmolLM2, 6.2 against 9.9 ms for Llama-3-8B): a 128-token prefill is a mixed
+# step, and it replays a graph too (6.2.3). At batch 256 Mini-Infer is ahead on all three: SmolLM2 2.10x,
+# Qwen3-0.6B 1.06x, Llama-3-8B 1.02x. Three races earlier, before the fixes of Chapters 4.4.2 and 3.4.1,
+# it was behind on the two larger models (0.94x and 0.89x); two races earlier, before the decode kernel
+# stored the new K/V itself (4.4.2), Llama-3-8B was level (0.996x).
 # Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
 # about 590 tokens of context each, sorts the GPU's kernels by kind, and counts the rest of each step's
 # wall time as time the GPU sat idle, waiting for the host (the profiler itself adds a little to it).
@@ -2940,8 +2940,8 @@ if profiles:
 # %% [markdown]
 # What the profile says:
 #
-# (Qwen3-0.6B's profile comes from the race's machine, 68198230, and Llama-3-8B's from another H200 the same
-# day, bb201784, both after the decode kernel took over the K/V store (Chapter 4.4.2); SmolLM2's from an
+# (Qwen3-0.6B's profile comes from the machine of the race before the one above, 68198230, and
+# Llama-3-8B's from another H200 the same day, bb201784 (batch 256 has not changed since), both after the decode kernel took over the K/V store (Chapter 4.4.2); SmolLM2's from an
 # earlier one, before SiLU-and-multiply became one kernel (Chapter 2) and before decode attention at large
 # batches dropped its reduce kernel (Chapter 4). Profiles taken on a machine while its other GPU ran this
 # book measured the shared host instead: SmolLM2's step doubled.)
