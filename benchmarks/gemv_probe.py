@@ -16,7 +16,7 @@ with `use_gemv(False)` (cuBLAS only: gemv false), `use_gemv(True, prologues=Fals
 per shape, the norms and the activation in their own kernels: gemv true, prologues false) and then the
 engine's default (prologues true), with the choices made, beside the weights' floor; each row is appended to
 --latency-out. One JSON with the rows and the latency rows to --out: by default, with --latency,
-benchmarks/results/gemv_probe_<gpu>.json (which report.py and Chapter 7.3.2 read), else gemv_probe.json
+benchmarks/results/gemv_probe_<gpu>.json (which report.py and Chapters 7.3.2-7.3.3 read), else gemv_probe.json
 here (a sweep alone does not replace the stored A/B).
 """
 

@@ -89,7 +89,7 @@ def gemv() -> dict | None:
 GEMV_CONFIGS = {"cuBLAS": (False, True), "GEMV": (True, False), "GEMV + prologues": (True, True)}
 
 
-def gemv_pairs(run: dict) -> dict[str, tuple[dict, dict, float]]:
+def gemv_pairs(run: dict) -> dict[str, tuple[dict[str, dict], float]]:
     """Per model of a gemv_probe.py --latency run, by size: its latency rows by GEMV_CONFIGS' names (those
     the run has; a row without `prologues` is from before 7.3.3, when the GEMV had none), and the weights'
     floor in ms at the copy bandwidth measured at the run's start."""

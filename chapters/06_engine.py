@@ -2941,10 +2941,11 @@ if profiles:
 # What the profile says:
 #
 # (Qwen3-0.6B's profile comes from the machine of the race before the one above, 68198230, and
-# Llama-3-8B's from another H200 the same day, bb201784 (batch 256 has not changed since), both after the decode kernel took over the K/V store (Chapter 4.4.2); SmolLM2's from an
-# earlier one, before SiLU-and-multiply became one kernel (Chapter 2) and before decode attention at large
-# batches dropped its reduce kernel (Chapter 4). Profiles taken on a machine while its other GPU ran this
-# book measured the shared host instead: SmolLM2's step doubled.)
+# Llama-3-8B's from another H200 the same day, bb201784 (batch 256 has not changed since), both after the
+# decode kernel took over the K/V store (Chapter 4.4.2); SmolLM2's from an earlier one, before
+# SiLU-and-multiply became one kernel (Chapter 2) and before decode attention at large batches dropped its
+# reduce kernel (Chapter 4). Profiles taken on a machine while its other GPU ran this book measured the
+# shared host instead: SmolLM2's step doubled.)
 #
 # - **The host is mostly hidden.** What is left of the host per step is the "host" bar above, at batch 256:
 #   about half a millisecond for the larger models, 1.6 ms of SmolLM2's 3.9 ms, whose GPU work is so small

@@ -170,7 +170,10 @@ plt.show()
 # batch 1 the matrix products run the GEMV of 7.3.2 and 7.3.3. At batch 256 it is ahead on all three, by
 # 2.10x on SmolLM2 and narrowly on Qwen3-0.6B (1.06x) and Llama-3-8B (1.02x, as in the two races before
 # this one, on 68198230 and bb201784), whose steps are almost all GPU work; the profile below shows where
-# that work goes. Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
+# that work goes. The batch-1 ratios move with vLLM as much as with us: its Qwen3-0.6B token took from 1.70
+# to 3.06 ms in the stored H200 races (2.48 in this one; 1.76 in the race before, where the ratio was
+# 1.20x), and our time to first token moves too (SmolLM2 1.7 to 2.2 ms, Qwen3-0.6B 2.1 to 3.0 ms over the
+# same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
 # first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
 # decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
 # can come; the small models are far from it because their steps are launches, not reads. Transformers' `generate`, measured beside Mini-Infer
@@ -414,7 +417,7 @@ from mini_infer.kernels.rmsnorm import rms_norm
 
 @triton.jit
 def _stream(x_ptr, res_ptr, ks, mask_k, HAS_RESIDUAL: tl.constexpr):
-    # the residual stream at columns ks: x + residual rounded to the residual's dtype, as Chapter 2's fused
+    # the residual stream at columns ks: x + residual rounded to their dtype, as Chapter 2's fused
     # add-and-norm stores it (x alone before layer 0's norm)
     x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
     if HAS_RESIDUAL:
@@ -500,7 +503,7 @@ def gemv_triton(
     *,
     act: str | None = None,
     norm: tuple | None = None,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [1, K] @ weight [N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32, with the given
     launch knobs: BLOCK_N rows of the weight per program, BLOCK_K columns per step of its loop (both
     powers of two), the warps per program and the loop's pipeline stages. Runs on CPU tensors under
@@ -552,12 +555,16 @@ def gemv_triton(
 ACTS = ("silu_and_mul",)  # the activations a GEMV can apply to its input
 
 
+def _check_act(act: str | None) -> None:
+    if act is not None and act not in ACTS:
+        raise ValueError(f"unknown act {act!r}: one of {ACTS} or None")
+
+
 def _check_operands(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None, norm
 ) -> None:
     """Raise ValueError, naming the problem, unless gemv_triton can compute this product."""
-    if act is not None and act not in ACTS:
-        raise ValueError(f"unknown act {act!r}: one of {ACTS} or None")
+    _check_act(act)
     if act is not None and norm is not None:
         raise ValueError("gemv_triton takes an act or a norm, not both")
     if x.dim() != 2 or x.shape[0] != 1:
@@ -565,6 +572,10 @@ def _check_operands(
     if weight.dim() != 2:
         raise ValueError(f"weight must be [N, K], got {tuple(weight.shape)}")
     n, k = weight.shape
+    if n == 0 or k == 0:  # no program would run, or write the residual stream
+        raise ValueError(
+            f"gemv_triton needs a weight with rows and columns, got {tuple(weight.shape)}"
+        )
     if x.shape[1] != (2 * k if act else k):
         raise ValueError(
             f"x has {x.shape[1]} columns, weight {k}" + (" (x is [gate | up])" if act else "")
@@ -628,7 +639,8 @@ GEMV_KNOBS = ((2, 1024, 4, 3), (2, 1024, 4, 1), (8, 512, 8, 3), (4, 1024, 8, 3),
 # the device types where `linear` measures (the tests add "cpu", where gemv_triton runs interpreted)
 MEASURED_ON = ("cuda",)
 # (prologue, N, K, dtype, has bias, device) -> the knobs measured fastest there, or None for the separate
-# kernels and F.linear; prologue: None, an act, or "rms_norm"
+# kernels and F.linear; prologue: None, an act, "rms_norm" or "add_rms_norm" (with the residual: more to
+# read and a stream to write, so measured apart; layer 0's norm has none)
 _choices: dict[tuple, tuple[int, int, int, int] | None] = {}
 _enabled, _prologues = True, True
 
@@ -661,8 +673,7 @@ def linear(
     measured: a key not yet measured runs the separate kernels. Why: at batch 1 a decode step is bound by
     reading the weights; at some shapes cuBLAS splits K and adds a reduce kernel where a GEMV reads faster
     (Chapter 7.3.2), and a kernel saved is a launch and a gap saved (7.3.3)."""
-    if act is not None and act not in ACTS:
-        raise ValueError(f"unknown act {act!r}: one of {ACTS} or None")
+    _check_act(act)
     return _product(x, weight, bias, act, None)
 
 
@@ -679,7 +690,8 @@ def rms_norm_linear(
     x [T, K], norm_weight [K], residual [T, K] -> ([T, N], [T, K]). Like `rms_norm`, the separate kernels
     update the residual in place and return it; a one-row product on a GPU measured faster as one
     kernel (gemv_triton's norm prologue, Chapter 7.3.3; chosen as `linear` chooses) returns a new tensor
-    and leaves the residual as it was: use the returned one."""
+    and leaves the residual as it was: use the returned one. A norm with a residual and one without
+    (layer 0's) are measured apart."""
     return _product(x, weight, bias, None, (norm_weight, eps, residual))
 
 
@@ -694,8 +706,9 @@ def _product(x, weight, bias, act, norm):
         and _gemv_computes(x, weight, bias, act, norm)
     ):
         return _separate(x, weight, bias, act, norm)
+    prologue = act if norm is None else "rms_norm" if norm[2] is None else "add_rms_norm"
     key = (
-        "rms_norm" if norm is not None else act,
+        prologue,
         *weight.shape,
         x.dtype,
         bias is not None,
@@ -824,20 +837,19 @@ for model, (rows, _) in report.gemv_pairs(probe).items():
 # %% [markdown]
 # The kernel beat cuBLAS at every shape but SmolLM2's LM head, where `linear` keeps cuBLAS: by 2-13% at
 # Llama-3-8B's shapes, and by far more at the small models' (Qwen3-0.6B's o projection, 1,024 x 2,048:
-# 15.8 against 7.1 us, cuBLAS reading at 6% of the copy bandwidth). The knob sets `linear` races are few,
-# so its choice is not always the sweep's best. With the GEMV, a batch-1 token came 1.08x sooner on
-# Llama-3-8B, 1.28x on Qwen3-0.6B and 1.12x on SmolLM2.
+# 15.8 against 7.1 us). For the small models' shapes, a few microseconds each, these times include some of
+# the host's launch (`do_bench` calls the function from Python each time): read them as a ranking, not as
+# bandwidth. The knob sets `linear` races are few, so its choice is not always the sweep's best. With the
+# GEMV, a batch-1 token came 1.08x sooner on Llama-3-8B, 1.28x on Qwen3-0.6B and 1.12x on SmolLM2.
 #
-# How `linear` times its candidates matters as much as which it has. A first version used
-# `triton.testing.do_bench`, which calls the function from Python again and again: for a kernel of a few
-# microseconds that times the host's launches, not the kernel, and on one machine (7fd31b1c, rows in
-# `gemv_latency.jsonl`) it kept cuBLAS at every SmolLM2 shape. `_time` records the candidate into a CUDA
-# graph, as a decode step replays it, over copies of the weight that pass twice the L2 cache (a step reads
-# each weight from memory, once). On the machine above (5dc65413) that chose the GEMV at four of
-# SmolLM2's five shapes (0.952 ms per token on 7fd31b1c, 0.869 here) and gave Llama-3-8B 4.313 ms
-# against 4.411; on Qwen3-0.6B it chose other knobs than do_bench had, and the token took 1.129 ms
-# against 1.037. Two machines, one run each: differences of a few percent between runs of the same code
-# are within what this measures.
+# That is also why `linear` does not time its candidates with `do_bench`. A first version did, and on one
+# machine (7fd31b1c, rows in `gemv_latency.jsonl`) it kept cuBLAS at every SmolLM2 shape, whose kernels are
+# shorter than a launch from Python. `_time` records the candidate into a CUDA graph, as a decode step
+# replays it, over copies of the weight that pass twice the L2 cache (a step reads each weight from memory,
+# once). On the machine above (5dc65413) that chose the GEMV at four of SmolLM2's five shapes. The two
+# timings have not been compared on one machine: between the two runs SmolLM2's GEMV-only token went
+# from 0.952 to 0.869 ms and Llama-3-8B's from 4.411 to 4.313, but Qwen3-0.6B's from 1.037 to 1.129, with
+# other knobs chosen; which timer chooses better is open.
 
 # %% [markdown]
 # ### 7.3.3 Folding the small kernels into the GEMV
@@ -857,12 +869,13 @@ for model, (rows, _) in report.gemv_pairs(probe).items():
 #   the old one.
 #
 # The model hands each norm to the sublayer after it (Chapter 1's `RMSNorm.project`), and the MLP asks its
-# down projection for the activation (`Linear(x, act="silu_and_mul")`); off the GPU, and with more than one
-# row, both are the separate kernels, as before. The price of a prologue is that every program reads the
-# whole input again from L2: with 2 to 8 weight rows per program, the norm's reads of x, the residual and
-# its weight are about as many bytes as the program's weights at K = 4,096. Whether that pays is measured,
-# per shape, like the knobs: `linear` and `rms_norm_linear` race the fused kernel at each knob set against
-# the separate kernel followed by the product as `linear` would choose it. The prologues against the
+# down projection for the activation (`down_proj(gate_up, act="silu_and_mul")`); off the GPU, and with more
+# than one row, both are the separate kernels, as before. The price of a prologue is that every program
+# reads the whole input again from L2, and there are N / BLOCK_N programs: the extra reads grow with the
+# weight's rows, while the launch they save is a fixed few microseconds. Whether that pays is measured, per
+# shape, like the knobs: `linear` and `rms_norm_linear` race the fused kernel at each knob set against the
+# separate kernel followed by the product as `linear` would choose it (a norm with a residual to add and
+# layer 0's, without, as two keys). The prologues against the
 # separate kernels' references, on the CPU under the interpreter (N = 70, K = 100):
 
 # %% tags=["nbval-check-output"]
@@ -887,8 +900,10 @@ print(
 
 # %% [markdown]
 # The same `gemv_probe.py --latency` run as in 7.3.2 measured a third engine per model, with the
-# prologues (`use_gemv(True)`, the default), and each engine's share of the floor (the weights' bytes over
-# the copy bandwidth measured at the run's start):
+# prologues (`use_gemv(True)`, the default), and the default engine's share of the floor (the weights'
+# bytes over the copy bandwidth measured at the run's start, as in the README). That run measured each
+# norm's choice once, at layer 0, which has no residual to add, and used it for every layer: the two have
+# been measured apart since (`add_rms_norm`), so a new run may choose otherwise.
 
 # %%
 print(
@@ -899,7 +914,7 @@ labels = list(report.GEMV_CONFIGS)
 print(f"{'model':13}" + "".join(f"{label:>18}" for label in labels) + f"{'floor':>7}{'of it':>7}")
 for model, (rows, floor) in report.gemv_pairs(probe).items():
     ms = [rows[label]["ms_per_token"] for label in labels]
-    print(f"{model:13}" + "".join(f"{t:18.3f}" for t in ms) + f"{floor:7.2f}{floor / min(ms):7.0%}")
+    print(f"{model:13}" + "".join(f"{t:18.3f}" for t in ms) + f"{floor:7.2f}{floor / ms[-1]:7.0%}")
 for model, (rows, _) in report.gemv_pairs(probe).items():
     chosen = [s for s, k in rows["GEMV + prologues"]["gemv_choices"].items() if " " in s]
     fused = [s for s in chosen if rows["GEMV + prologues"]["gemv_choices"][s] != "cublas"]
@@ -909,15 +924,18 @@ for model, (rows, _) in report.gemv_pairs(probe).items():
 # Qwen3-0.6B takes the prologues at all three of its shapes, and its token comes 1.15x sooner than with
 # the GEMV alone (0.982 against 1.129 ms; 1.47x against cuBLAS). Llama-3-8B takes none: at its sizes the
 # extra reads from L2 cost more than a launch, so its engine runs the same kernels as without them. On the
-# first machine, where the choice was timed outside a graph (7fd31b1c, above), the fused norm had been
-# chosen for its q/k/v projection and the token got slower, 4.411 to 4.567 ms: a choice that goes the wrong
-# way costs more than the prologue can give. SmolLM2's rows disagree between the two runs (0.72 against
-# 0.95 ms on 7fd31b1c, 1.087 against 0.869 here, and 0.817 in the race's fresh process with the same code):
-# its step is some 270 kernels of a few microseconds each, and something this benchmark does not control
-# moves it by a quarter; at 6-8% of its floor, the weights are not what limits it.
+# first machine, where the choices were timed outside a graph (7fd31b1c, above), its engine with
+# prologues took the fused norm at q/k/v and the fused activation at the down projection, with other knobs
+# for the o and down products than its GEMV-only engine, and its token got slower, 4.411 to 4.567 ms:
+# choices that go the wrong way cost more than a prologue can give. SmolLM2 takes all three, and its rows
+# disagree between the two runs (0.72 against 0.95 ms on 7fd31b1c; 1.087 against 0.869 here; 0.817 in the
+# race's fresh process with the same code): its step is some 270 kernels of a few microseconds each, and
+# something this benchmark does not control moves it by a quarter; at 6-8% of its floor, the weights are
+# not what limits it.
 #
 # The batch-1 profile of the engine that raced (same script, same machine as the race) against the one
-# with cuBLAS only (bb201784, the day before) shows where Llama-3-8B's step goes now:
+# with cuBLAS only (bb201784, the day before) shows where Llama-3-8B's step goes now (with the GEMV
+# alone, since no prologue was chosen at its shapes):
 
 # %%
 after = json.loads((common.RESULTS / "profile_llama3-8b_bs1.json").read_text())

@@ -203,9 +203,8 @@ smol_config = llm.engine.config
 # %% tags=["nbval-check-output"]
 layer = llm.engine.model.model.layers[0]
 mlp, h = layer.mlp, torch.randn(7, smol_config.hidden_size)
-normed = layer.post_attention_layernorm(
-    h
-)  # the MLP's input (the layer hands it the norm, Chapter 1)
+# the MLP's input: the layer hands the MLP its norm (Chapter 1)
+normed = layer.post_attention_layernorm(h)
 gate_w, up_w = mlp.gate_up_proj.weight.split(mlp.gate_up_proj.sizes)
 partial_outputs = []
 for gate_r, up_r, down_r in zip(

@@ -137,6 +137,7 @@ Z = torch.zeros
         (Z(1, 8), dict(norm=(Z(8).half(), 1e-5, None)), "norm weight of x's dtype"),
         (Z(1, 8), dict(norm=(Z(8), 1e-5, Z(2, 8))), "residual must be"),
         (Z(1, 8), dict(norm=(Z(8), 1e-5, Z(1, 16)[:, ::2])), "residual with unit stride"),
+        (Z(1, 0), dict(norm=(Z(0), 1e-5, Z(1, 0))), "rows and columns"),
     ],
     ids=[
         "act",
@@ -146,11 +147,13 @@ Z = torch.zeros
         "norm_dtype",
         "residual_shape",
         "residual_stride",
+        "empty",
     ],
 )
 def test_gemv_prologues_refuse(x, kwargs, match):
+    weight = Z(4, 0) if x.shape[1] == 0 else Z(4, 8)
     with pytest.raises(ValueError, match=match):
-        gemv_triton(x, Z(4, 8), None, *ONE, **kwargs)
+        gemv_triton(x, weight, None, *ONE, **kwargs)
     if "act" in kwargs and "norm" not in kwargs and kwargs["act"] != "silu_and_mul":
         with pytest.raises(ValueError, match=match):  # linear names it too, on every device
             linear(x, Z(4, 8), act=kwargs["act"])
@@ -308,7 +311,13 @@ def test_the_engine_warm_up_measures_every_batch_1_shape_first(fake_gpu, monkeyp
     d, i = config.head_dim, config.intermediate_size
     # the norms ride in the q/k/v and gate/up products, SwiGLU's activation in the down projection's
     # (each prologue's product alone too: the separate kernels' side of its race)
-    fused = {("rms_norm", (q + 2 * kv) * d, h), ("rms_norm", 2 * i, h), ("silu_and_mul", h, i)}
+    # (layer 0's input norm has no residual to add: a key of its own)
+    fused = {
+        ("rms_norm", (q + 2 * kv) * d, h),
+        ("add_rms_norm", (q + 2 * kv) * d, h),
+        ("add_rms_norm", 2 * i, h),
+        ("silu_and_mul", h, i),
+    }
     plain = {(None, n, k) for _, n, k in fused} | {(None, h, q * d), (None, config.vocab_size, h)}
     assert {key[:3] for key in gemv._choices} == fused | plain
     assert events == [len(gemv._choices)]  # all measured before the peak was reset
@@ -344,7 +353,7 @@ def test_the_prologues_are_measured_apart_and_the_residual_is_safe(fake_gpu):
     want = F.linear(silu_and_mul_ref(gate_up), w[:, :64].contiguous())
     got = linear(gate_up, w[:, :64].contiguous(), act="silu_and_mul")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert {key[0] for key in gemv._choices} == {"rms_norm", "silu_and_mul", None}
+    assert {key[0] for key in gemv._choices} == {"add_rms_norm", "silu_and_mul", None}
     measured = len(timed)
     rms_norm_linear(x, norm_weight, 1e-5, w, b, residual)
     assert len(timed) == measured
@@ -380,3 +389,18 @@ def test_cold_weights_pass_twice_the_l2_cache(monkeypatch):
     assert all(c.data_ptr() != small.data_ptr() and torch.equal(c, small) for c in copies[1:])
     assert gemv._cold_weights(large) == [large]
     assert len(gemv._cold_weights(torch.zeros(1))) == 256
+
+
+def test_a_norm_with_a_residual_is_measured_apart(fake_gpu):
+    """Layer 0's input norm (no residual) and the others' (a residual to read, a stream to write) are two
+    keys: a choice measured on the first is not reused for the second. A weight without rows: the
+    separate kernels, nothing measured."""
+    timed, _, _ = fake_gpu
+    x, w, _ = operands(70, 64, torch.float32, "cpu", False)
+    norm_weight, residual = norm_operands(64, torch.float32, "cpu")
+    rms_norm_linear(x, norm_weight, 1e-5, w)
+    rms_norm_linear(x, norm_weight, 1e-5, w, None, residual)
+    assert {key[0] for key in gemv._choices} == {"rms_norm", "add_rms_norm", None}
+    measured = len(timed)
+    assert rms_norm_linear(x, norm_weight, 1e-5, torch.zeros(0, 64))[0].shape == (1, 0)
+    assert len(timed) == measured

@@ -19,7 +19,7 @@ from mini_infer.kernels.rmsnorm import rms_norm
 
 @triton.jit
 def _stream(x_ptr, res_ptr, ks, mask_k, HAS_RESIDUAL: tl.constexpr):
-    # the residual stream at columns ks: x + residual rounded to the residual's dtype, as Chapter 2's fused
+    # the residual stream at columns ks: x + residual rounded to their dtype, as Chapter 2's fused
     # add-and-norm stores it (x alone before layer 0's norm)
     x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
     if HAS_RESIDUAL:
@@ -105,7 +105,7 @@ def gemv_triton(
     *,
     act: str | None = None,
     norm: tuple | None = None,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [1, K] @ weight [N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32, with the given
     launch knobs: BLOCK_N rows of the weight per program, BLOCK_K columns per step of its loop (both
     powers of two), the warps per program and the loop's pipeline stages. Runs on CPU tensors under
@@ -157,12 +157,16 @@ def gemv_triton(
 ACTS = ("silu_and_mul",)  # the activations a GEMV can apply to its input
 
 
+def _check_act(act: str | None) -> None:
+    if act is not None and act not in ACTS:
+        raise ValueError(f"unknown act {act!r}: one of {ACTS} or None")
+
+
 def _check_operands(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None, norm
 ) -> None:
     """Raise ValueError, naming the problem, unless gemv_triton can compute this product."""
-    if act is not None and act not in ACTS:
-        raise ValueError(f"unknown act {act!r}: one of {ACTS} or None")
+    _check_act(act)
     if act is not None and norm is not None:
         raise ValueError("gemv_triton takes an act or a norm, not both")
     if x.dim() != 2 or x.shape[0] != 1:
@@ -170,6 +174,10 @@ def _check_operands(
     if weight.dim() != 2:
         raise ValueError(f"weight must be [N, K], got {tuple(weight.shape)}")
     n, k = weight.shape
+    if n == 0 or k == 0:  # no program would run, or write the residual stream
+        raise ValueError(
+            f"gemv_triton needs a weight with rows and columns, got {tuple(weight.shape)}"
+        )
     if x.shape[1] != (2 * k if act else k):
         raise ValueError(
             f"x has {x.shape[1]} columns, weight {k}" + (" (x is [gate | up])" if act else "")
@@ -201,7 +209,8 @@ GEMV_KNOBS = ((2, 1024, 4, 3), (2, 1024, 4, 1), (8, 512, 8, 3), (4, 1024, 8, 3),
 # the device types where `linear` measures (the tests add "cpu", where gemv_triton runs interpreted)
 MEASURED_ON = ("cuda",)
 # (prologue, N, K, dtype, has bias, device) -> the knobs measured fastest there, or None for the separate
-# kernels and F.linear; prologue: None, an act, or "rms_norm"
+# kernels and F.linear; prologue: None, an act, "rms_norm" or "add_rms_norm" (with the residual: more to
+# read and a stream to write, so measured apart; layer 0's norm has none)
 _choices: dict[tuple, tuple[int, int, int, int] | None] = {}
 _enabled, _prologues = True, True
 
@@ -234,8 +243,7 @@ def linear(
     measured: a key not yet measured runs the separate kernels. Why: at batch 1 a decode step is bound by
     reading the weights; at some shapes cuBLAS splits K and adds a reduce kernel where a GEMV reads faster
     (Chapter 7.3.2), and a kernel saved is a launch and a gap saved (7.3.3)."""
-    if act is not None and act not in ACTS:
-        raise ValueError(f"unknown act {act!r}: one of {ACTS} or None")
+    _check_act(act)
     return _product(x, weight, bias, act, None)
 
 
@@ -252,7 +260,8 @@ def rms_norm_linear(
     x [T, K], norm_weight [K], residual [T, K] -> ([T, N], [T, K]). Like `rms_norm`, the separate kernels
     update the residual in place and return it; a one-row product on a GPU measured faster as one
     kernel (gemv_triton's norm prologue, Chapter 7.3.3; chosen as `linear` chooses) returns a new tensor
-    and leaves the residual as it was: use the returned one."""
+    and leaves the residual as it was: use the returned one. A norm with a residual and one without
+    (layer 0's) are measured apart."""
     return _product(x, weight, bias, None, (norm_weight, eps, residual))
 
 
@@ -267,8 +276,9 @@ def _product(x, weight, bias, act, norm):
         and _gemv_computes(x, weight, bias, act, norm)
     ):
         return _separate(x, weight, bias, act, norm)
+    prologue = act if norm is None else "rms_norm" if norm[2] is None else "add_rms_norm"
     key = (
-        "rms_norm" if norm is not None else act,
+        prologue,
         *weight.shape,
         x.dtype,
         bias is not None,

@@ -31,8 +31,9 @@ class RMSNorm(nn.Module):
     def project(self, proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
         """`(proj(norm(h)), h)` with h = x + residual (x when residual is None), for a projection whose
         product is `linear(., proj.weight, proj.bias)` (Linear, MergedLinear, Chapter 9's column-parallel
-        layers): `rms_norm_linear`, one kernel at batch 1 on a GPU where that was measured faster
-        (Chapter 7.3.3). Use the returned residual: the one passed in may or may not have been updated."""
+        layers; proj's own forward is not called): `rms_norm_linear`, one kernel at batch 1 on a GPU where
+        that was measured faster (Chapter 7.3.3). Use the returned residual: the one passed in may or may
+        not have been updated."""
         return rms_norm_linear(x, self.weight, self.eps, proj.weight, proj.bias, residual)
 
 
@@ -119,7 +120,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(
-        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP of norm(x + residual) -> (its output [T, hidden], the residual stream x + residual)."""
         gate_up, residual = norm.project(self.gate_up_proj, x, residual)
