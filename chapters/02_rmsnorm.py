@@ -88,6 +88,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from mini_infer.kernels import use_pdl
 
 
 def _norm_ref(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -188,7 +191,11 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     # Each program normalises ROWS whole rows of N elements held in registers: one read and one write per
     # element. The residual and the output are contiguous (row stride N); x may have a longer row stride.
     # int64: rows * stride can pass 2**31
@@ -277,6 +284,8 @@ def rms_norm_triton(
             ROWS=rows,
             BLOCK_N=block_n,
             num_warps=num_warps,
+            PDL=use_pdl(x.device),
+            launch_pdl=use_pdl(x.device),
         )
     return out if residual is None else (out, residual)
 
@@ -499,6 +508,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from mini_infer.kernels import use_pdl
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -508,7 +520,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, x_row_stride, inter, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     # Program (token, column block): one read of the gate and up columns, one write of the product.
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -535,7 +552,14 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), inter, BLOCK=block, num_warps=4
+            x2,
+            out,
+            x2.stride(0),
+            inter,
+            BLOCK=block,
+            num_warps=4,
+            PDL=use_pdl(x.device),
+            launch_pdl=use_pdl(x.device),
         )
     return out
 

@@ -108,7 +108,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
+from mini_infer.kernels import use_pdl
 from mini_infer.kernels.rmsnorm import rms_norm_ref
 
 
@@ -327,7 +329,11 @@ def _rope_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     # One program per token: its cos/sin row is loaded once and used for all its q and k heads.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -391,6 +397,8 @@ def apply_rope_triton(
             k.stride(1),
             NORM=norm is not None,
             **rope_launch_params(q.shape[1], k.shape[1], q.shape[2]),
+            PDL=use_pdl(q.device),
+            launch_pdl=use_pdl(q.device),
         )
     return q, k
 

@@ -409,8 +409,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 from triton.testing import do_bench_cudagraph
 
+from mini_infer.kernels import use_pdl
 from mini_infer.kernels.activation import silu_and_mul
 from mini_infer.kernels.rmsnorm import rms_norm
 
@@ -445,7 +447,11 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     # one program per BLOCK_N rows of the weight, over all of K: no split of K, so nothing to reduce later
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -546,6 +552,8 @@ def gemv_triton(
         NUM_STAGES=num_stages,
         num_warps=num_warps,
         num_stages=num_stages,
+        PDL=use_pdl(x.device),
+        launch_pdl=use_pdl(x.device),
     )
     if norm is None:
         return y
@@ -959,6 +967,19 @@ for label, key in (("GPU work", None), ("step, under the profiler", "step_ms")):
 # sum), RoPE inside the decode attention kernel that already stores the new key, and a reduce that reads
 # only the splits that hold keys.
 
+
+# %% [markdown]
+# ### 7.3.4 Launching the next kernel before this one ends
+#
+# Inside a CUDA graph a kernel still starts only when the one before it has finished: its blocks are
+# scheduled, its registers set up and its first loads issued while the SMs sit idle, about a microsecond
+# at each of the step's 330 boundaries. Hopper can start a kernel early (*programmatic dependent launch*,
+# PDL): launched with `launch_pdl=True`, a kernel's blocks may be scheduled as the previous kernel's last
+# blocks retire, and the kernel waits inside itself, with `gdc_wait()` (`griddepcontrol.wait`), until that
+# kernel is done and its writes are visible. Every kernel of the batch-1 chain (RMSNorm, the GEMV, RoPE,
+# SiLU-and-mul, decode attention's two) takes a `PDL` switch and waits first thing, before it touches
+# memory, so nothing changes but when it starts. `mini_infer.kernels.use_pdl(device)` turns it on for
+# compute capability 9.0 and up (not on a T4, nor on the CPU), unless `MINI_INFER_PDL=0`.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling

@@ -104,3 +104,18 @@ def test_non_contiguous_residual_is_refused():
     residual = torch.randn(4, 1152)[:, :576]
     with pytest.raises(ValueError, match="contiguous"):
         rms_norm_triton(torch.randn(4, 576), torch.randn(576), 1e-5, residual)
+
+
+def test_use_pdl_only_on_hopper_and_newer_unless_switched_off(monkeypatch):
+    """Programmatic dependent launch (Chapter 7.3.4): on CUDA devices of compute capability 9.0 and up,
+    never on the CPU or an older GPU (a T4 is 7.5), and not with MINI_INFER_PDL=0."""
+    import mini_infer.kernels as kernels
+
+    capability = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(kernels, "_capability", lambda index: capability[index])
+    monkeypatch.delenv("MINI_INFER_PDL", raising=False)
+    assert kernels.use_pdl(torch.device("cuda", 0))
+    assert not kernels.use_pdl(torch.device("cuda", 1))
+    assert not kernels.use_pdl(torch.device("cpu"))
+    monkeypatch.setenv("MINI_INFER_PDL", "0")
+    assert not kernels.use_pdl(torch.device("cuda", 0))

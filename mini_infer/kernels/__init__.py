@@ -6,9 +6,25 @@ live here, so nothing else in mini_infer needs to know). The package's CPU path 
 references either way; the interpreter serves the chapters and tests that run a kernel on the CPU.
 """
 
+import functools
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (Hopper and newer; Chapter
+    7.3.4): the GPU may start a kernel while the one before it finishes its last blocks, and the kernel
+    waits inside itself (`gdc_wait()`, before it touches memory) until that one is done. True on CUDA
+    devices of compute capability 9.0 and up, unless the environment sets MINI_INFER_PDL=0."""
+    if device.type != "cuda" or os.environ.get("MINI_INFER_PDL", "1") == "0":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)

@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from mini_infer.kernels import use_pdl
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -16,7 +19,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, x_row_stride, inter, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     # Program (token, column block): one read of the gate and up columns, one write of the product.
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -43,7 +51,14 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), inter, BLOCK=block, num_warps=4
+            x2,
+            out,
+            x2.stride(0),
+            inter,
+            BLOCK=block,
+            num_warps=4,
+            PDL=use_pdl(x.device),
+            launch_pdl=use_pdl(x.device),
         )
     return out
 

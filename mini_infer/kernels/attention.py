@@ -11,6 +11,9 @@ can be captured in a CUDA graph.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from mini_infer.kernels import use_pdl
 
 
 @triton.jit
@@ -158,7 +161,11 @@ def _decode_split_kernel(
     MIN_SPLIT: tl.constexpr,
     STORE_LSE: tl.constexpr,
     STORE_NEW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     # this sequence's own context in num_splits parts of whole tiles, none shorter than MIN_SPLIT (a short
@@ -239,7 +246,11 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     seq, head = tl.program_id(0), tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     mask_s = offs_s < num_splits
@@ -391,6 +402,8 @@ def paged_decode_attention_triton(
         STORE_NEW=new_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
+        PDL=use_pdl(q.device),
+        launch_pdl=use_pdl(q.device),
     )
     if num_splits == 1:
         return o
@@ -403,6 +416,8 @@ def paged_decode_attention_triton(
         HEAD_DIM=D,
         BLOCK_D=block_d,
         SPLITS_PAD=triton.next_power_of_2(num_splits),
+        PDL=use_pdl(q.device),
+        launch_pdl=use_pdl(q.device),
     )
     return o
 

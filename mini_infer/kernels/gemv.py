@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 from triton.testing import do_bench_cudagraph
 
+from mini_infer.kernels import use_pdl
 from mini_infer.kernels.activation import silu_and_mul
 from mini_infer.kernels.rmsnorm import rms_norm
 
@@ -47,7 +49,11 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     # one program per BLOCK_N rows of the weight, over all of K: no split of K, so nothing to reduce later
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,6 +154,8 @@ def gemv_triton(
         NUM_STAGES=num_stages,
         num_warps=num_warps,
         num_stages=num_stages,
+        PDL=use_pdl(x.device),
+        launch_pdl=use_pdl(x.device),
     )
     if norm is None:
         return y

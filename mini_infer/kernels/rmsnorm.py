@@ -6,6 +6,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from mini_infer.kernels import use_pdl
 
 
 def _norm_ref(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,7 +42,11 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    if PDL:
+        gdc_wait()
     # Each program normalises ROWS whole rows of N elements held in registers: one read and one write per
     # element. The residual and the output are contiguous (row stride N); x may have a longer row stride.
     # int64: rows * stride can pass 2**31
@@ -107,6 +114,8 @@ def rms_norm_triton(
             ROWS=rows,
             BLOCK_N=block_n,
             num_warps=num_warps,
+            PDL=use_pdl(x.device),
+            launch_pdl=use_pdl(x.device),
         )
     return out if residual is None else (out, residual)
 
