@@ -899,7 +899,8 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
 # and the log of its softmax sum; the second kernel combines the splits with the formula above. With a
 # single split (a large batch already gives every SM several programs) the first kernel writes the output
 # itself and the second does not run: at batch 256 that saves a launch and a float32 round trip of the
-# whole output per layer.
+# whole output per layer. The second kernel reads only the splits that hold keys: inside a CUDA graph the
+# split count comes from the block table's width (4.4.2), and at batch 1 a short context fills a few.
 
 
 # %%
