@@ -458,14 +458,7 @@ def _gemv_kernel(
     mask_n = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: N * K can pass 2**31 (lm_head)
     if PROLOGUE == "rms_norm":
-        # the norm's statistic first: every program sums the squares of all of x (a few KB, read from L2);
-        # this loop's names are its own (the main loop's would be carried from one loop into the other)
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for c0 in tl.range(0, K, BLOCK_K):
-            cols = c0 + tl.arange(0, BLOCK_K)
-            hs = _stream(x_ptr, res_ptr, cols, cols < K, HAS_RESIDUAL).to(tl.float32)
-            squares += hs * hs
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        squares = tl.zeros([BLOCK_K], tl.float32)  # the norm's statistic, summed on the way
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     # tl.range's num_stages, not the launch's: Triton pipelines (cp.async) only loops with a tl.dot unless
     # the loop itself asks; NUM_STAGES = 1 leaves plain loads, overlapped by occupancy alone
@@ -473,7 +466,7 @@ def _gemv_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         mask_k = ks < K
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        # x's tile, rounded where the separate kernels round (Chapter 2's), so that the product is theirs
+        # x's tile, computed (and for the activation rounded) as the separate kernels of Chapter 2 do
         if PROLOGUE == "silu_and_mul":
             gate = tl.load(x_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
             up = tl.load(x_ptr + K + ks, mask=mask_k, other=0.0).to(tl.float32)
@@ -484,15 +477,19 @@ def _gemv_kernel(
             if HAS_RESIDUAL:
                 if pid == 0:  # the residual stream goes on from x + residual: program 0 writes it
                     tl.store(res_out_ptr + ks, h, mask=mask_k)
-            g = tl.load(norm_w_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
-            normed = (h.to(tl.float32) * rstd).to(h.dtype)
-            x = (normed.to(tl.float32) * g).to(y_ptr.dtype.element_ty)
+            # 1/rms is one number per row: it comes out of the sum, applied after the loop, so the input
+            # is read once (the normalised input is then never rounded to x's dtype: the last bits differ)
+            hf = h.to(tl.float32)
+            squares += hf * hf
+            x = hf * tl.load(norm_w_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
         else:
             x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
         # elementwise multiply-add into the 2-D accumulator: each thread keeps its own partial sums, and
         # the sum over K (across threads) is paid once, after the loop
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
+    if PROLOGUE == "rms_norm":
+        y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=mask_n)

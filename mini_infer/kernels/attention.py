@@ -130,6 +130,13 @@ def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, mask, APPLY_MASK: tl.
     return m_new, l_i, acc
 
 
+@triton.jit
+def _split_len(context_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    # keys per split: this sequence's own context in num_splits parts of whole tiles, none shorter than
+    # MIN_SPLIT (a short context leaves the last splits empty)
+    return tl.maximum(tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+
+
 # the block table's row stride and the split count change with the step outside CUDA graphs: not
 # specialized, as in the prefill kernel below
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"])
@@ -168,9 +175,7 @@ def _decode_split_kernel(
         gdc_wait()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    # this sequence's own context in num_splits parts of whole tiles, none shorter than MIN_SPLIT (a short
-    # context leaves the last splits empty)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    split_len = _split_len(context_len, num_splits, BLOCK_N, MIN_SPLIT)
     lo = split * split_len
     hi = tl.minimum(context_len, lo + split_len)
 
@@ -241,11 +246,14 @@ def _decode_reduce_kernel(
     o_part_ptr,
     lse_part_ptr,
     o_ptr,
+    context_lens_ptr,
     num_splits,
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
@@ -253,7 +261,10 @@ def _decode_reduce_kernel(
         gdc_wait()
     seq, head = tl.program_id(0), tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
-    mask_s = offs_s < num_splits
+    # only the splits that hold keys (a graph's split count is set by the table's width, and a short
+    # context fills a few): the others' partials are never read
+    context_len = tl.load(context_lens_ptr + seq)
+    mask_s = offs_s * _split_len(context_len, num_splits, BLOCK_N, MIN_SPLIT) < context_len
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     part = (seq * NUM_Q_HEADS + head) * num_splits + offs_s
@@ -372,6 +383,7 @@ def paged_decode_attention_triton(
         o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     block_d = padded_head_dim(D)
+    min_split = triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n  # whole tiles
     _decode_split_kernel[(B, Hkv, num_splits)](
         q,
         k_cache,
@@ -397,7 +409,7 @@ def paged_decode_attention_triton(
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         BLOCK_N=block_n,
-        MIN_SPLIT=triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n,
+        MIN_SPLIT=min_split,
         STORE_LSE=num_splits > 1,
         STORE_NEW=new_kv is not None,
         num_warps=num_warps,
@@ -411,11 +423,14 @@ def paged_decode_attention_triton(
         o_part,
         lse_part,
         o,
+        context_lens,
         num_splits,
         NUM_Q_HEADS=Hq,
         HEAD_DIM=D,
         BLOCK_D=block_d,
         SPLITS_PAD=triton.next_power_of_2(num_splits),
+        BLOCK_N=block_n,
+        MIN_SPLIT=min_split,
         PDL=use_pdl(q.device),
         launch_pdl=use_pdl(q.device),
     )
