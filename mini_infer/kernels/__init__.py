@@ -22,7 +22,9 @@ def use_pdl(device: torch.device) -> bool:
     devices of compute capability 9.0 and up, unless the environment sets MINI_INFER_PDL=0."""
     if device.type != "cuda" or os.environ.get("MINI_INFER_PDL", "1") == "0":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return _capability(
+        device.index if device.index is not None else torch.cuda.current_device()
+    ) >= (9, 0)
 
 
 @functools.cache
