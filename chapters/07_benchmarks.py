@@ -880,8 +880,8 @@ for model, (rows, _) in report.gemv_pairs(probe).items():
 # weight's rows, while the launch they save is a fixed few microseconds. Whether that pays is measured, per
 # shape, like the knobs: `linear` and `rms_norm_linear` race the fused kernel at each knob set against the
 # separate kernel followed by the product as `linear` would choose it (a norm with a residual to add and
-# layer 0's, without, as two keys). The prologues against the
-# separate kernels' references, on the CPU under the interpreter (N = 70, K = 100):
+# layer 0's, without, as two keys). The prologues against the separate kernels' references, on the CPU
+# under the interpreter (N = 70, K = 100):
 
 # %% tags=["nbval-check-output"]
 from mini_infer.kernels.activation import silu_and_mul_ref

@@ -106,8 +106,10 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Qwen3's norm of each head runs inside the rotation's kernel (Chapter 3.4.1)
-        norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
-        q, k = apply_rope(q, k, positions, cos_sin, norm)
+        head_norm = (
+            (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+        )
+        q, k = apply_rope(q, k, positions, cos_sin, head_norm)
         return self.o_proj(attn(self.layer_idx, q, k, v).flatten(1)), residual
 
 
