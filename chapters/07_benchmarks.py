@@ -409,7 +409,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.testing import do_bench_cudagraph
 
 from mini_infer.kernels import use_pdl
@@ -426,6 +426,47 @@ def _stream(x_ptr, res_ptr, ks, mask_k, HAS_RESIDUAL: tl.constexpr):
         r = tl.load(res_ptr + ks, mask=mask_k, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
     return x
+
+
+@triton.jit
+def _gemv_step(
+    acc,
+    squares,
+    w,
+    x_ptr,
+    res_ptr,
+    res_out_ptr,
+    norm_w_ptr,
+    ks,
+    mask_k,
+    K,
+    pid,
+    PROLOGUE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    # one BLOCK_K step of the loop: x's tile, computed (and for the activation rounded) as the separate
+    # kernels of Chapter 2 do, times the weight's tile w, into the 2-D accumulator
+    if PROLOGUE == "silu_and_mul":
+        gate = tl.load(x_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + ks, mask=mask_k, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = (silu * up).to(x_ptr.dtype.element_ty)
+    elif PROLOGUE == "rms_norm":
+        h = _stream(x_ptr, res_ptr, ks, mask_k, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            if pid == 0:  # the residual stream goes on from x + residual: program 0 writes it
+                tl.store(res_out_ptr + ks, h, mask=mask_k)
+        # 1/rms is one number per row: it comes out of the sum, applied after the loop, so the input is
+        # read once (the normalised input is then never rounded to x's dtype: the last bits differ)
+        hf = h.to(tl.float32)
+        squares += hf * hf
+        x = hf * tl.load(norm_w_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
+    # elementwise multiply-add: each thread keeps its own partial sums, and the sum over K (across
+    # threads) is paid once, after the loop
+    acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return acc, squares
 
 
 @triton.jit
@@ -449,44 +490,56 @@ def _gemv_kernel(
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
-    if PDL:
-        gdc_wait()
     # one program per BLOCK_N rows of the weight, over all of K: no split of K, so nothing to reduce later
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: N * K can pass 2**31 (lm_head)
-    if PROLOGUE == "rms_norm":
-        squares = tl.zeros([BLOCK_K], tl.float32)  # the norm's statistic, summed on the way
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    # The weight's first tile is read before the wait below: no kernel writes a weight, so under PDL
+    # (7.3.4) this read overlaps the end of the kernel before, whose output x is read only after the wait.
+    ks = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < K)[None, :], other=0.0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    # the norm's statistic, summed on the way (rms_norm only)
+    squares = tl.zeros([BLOCK_K], tl.float32)
+    acc, squares = _gemv_step(
+        tl.zeros([BLOCK_N, BLOCK_K], tl.float32),
+        squares,
+        w,
+        x_ptr,
+        res_ptr,
+        res_out_ptr,
+        norm_w_ptr,
+        ks,
+        ks < K,
+        K,
+        pid,
+        PROLOGUE,
+        HAS_RESIDUAL,
+    )
     # tl.range's num_stages, not the launch's: Triton pipelines (cp.async) only loops with a tl.dot unless
     # the loop itself asks; NUM_STAGES = 1 leaves plain loads, overlapped by occupancy alone
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask_k = ks < K
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        # x's tile, computed (and for the activation rounded) as the separate kernels of Chapter 2 do
-        if PROLOGUE == "silu_and_mul":
-            gate = tl.load(x_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + K + ks, mask=mask_k, other=0.0).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(y_ptr.dtype.element_ty).to(tl.float32)
-            x = (silu * up).to(y_ptr.dtype.element_ty)
-        elif PROLOGUE == "rms_norm":
-            h = _stream(x_ptr, res_ptr, ks, mask_k, HAS_RESIDUAL)
-            if HAS_RESIDUAL:
-                if pid == 0:  # the residual stream goes on from x + residual: program 0 writes it
-                    tl.store(res_out_ptr + ks, h, mask=mask_k)
-            # 1/rms is one number per row: it comes out of the sum, applied after the loop, so the input
-            # is read once (the normalised input is then never rounded to x's dtype: the last bits differ)
-            hf = h.to(tl.float32)
-            squares += hf * hf
-            x = hf * tl.load(norm_w_ptr + ks, mask=mask_k, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + ks, mask=mask_k, other=0.0)
-        # elementwise multiply-add into the 2-D accumulator: each thread keeps its own partial sums, and
-        # the sum over K (across threads) is paid once, after the loop
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc, squares = _gemv_step(
+            acc,
+            squares,
+            w,
+            x_ptr,
+            res_ptr,
+            res_out_ptr,
+            norm_w_ptr,
+            ks,
+            mask_k,
+            K,
+            pid,
+            PROLOGUE,
+            HAS_RESIDUAL,
+        )
     y = tl.sum(acc, axis=1)
     if PROLOGUE == "rms_norm":
         y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
@@ -974,8 +1027,14 @@ for label, key in (("GPU work", None), ("step, under the profiler", "step_ms")):
 # PDL): launched with `launch_pdl=True`, a kernel's blocks may be scheduled as the previous kernel's last
 # blocks retire, and the kernel waits inside itself, with `gdc_wait()` (`griddepcontrol.wait`), until that
 # kernel is done and its writes are visible. Every kernel of the batch-1 chain (RMSNorm, the GEMV, RoPE,
-# SiLU-and-mul, decode attention's two) takes a `PDL` switch and waits first thing, before it touches
-# memory, so nothing changes but when it starts. `mini_infer.kernels.use_pdl(device)` turns it on for
+# SiLU-and-mul, decode attention's two) takes a `PDL` switch and waits first thing; right after the wait
+# it calls `gdc_launch_dependents()` (`griddepcontrol.launch_dependents`), which lets the next kernel
+# launch as soon as all of this one's blocks have passed that point, not only when they have finished.
+# The next kernel's blocks then sit in their own wait while this one works, so what a kernel reads
+# before its wait must be something the kernel just before it cannot be writing (that kernel may still
+# run; the ones before it have finished, since it waited for them). The GEMV has such an input: its
+# weight, which no kernel writes. It reads its first weight tile before the wait, so that read overlaps
+# the end of the kernel before. `mini_infer.kernels.use_pdl(device)` turns PDL on for
 # compute capability 9.0 and up (not on a T4, nor on the CPU), unless `MINI_INFER_PDL=0`.
 
 # %% [markdown]

@@ -17,9 +17,10 @@ if not torch.cuda.is_available():
 
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch (Hopper and newer; Chapter
-    7.3.4): the GPU may start a kernel while the one before it finishes its last blocks, and the kernel
-    waits inside itself (`gdc_wait()`, before it touches memory) until that one is done. True on CUDA
-    devices of compute capability 9.0 and up, unless the environment sets MINI_INFER_PDL=0."""
+    7.3.4): the GPU may start a kernel while the one before it still runs; the kernel waits inside itself
+    (`gdc_wait()`) until that one is done before it reads what that one may write, then lets the next one
+    launch (`gdc_launch_dependents()`). True on CUDA devices of compute capability 9.0 and up, unless the
+    environment sets MINI_INFER_PDL=0."""
     if device.type != "cuda" or os.environ.get("MINI_INFER_PDL", "1") == "0":
         return False
     return _capability(

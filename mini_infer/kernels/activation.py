@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mini_infer.kernels import use_pdl
 
@@ -22,9 +22,11 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, x_row_stride, inter, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
-    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    # launched early (programmatic dependent launch, Chapter 7.3.4): wait for the kernel before, then let
+    # the next one launch (it waits in turn, so it may read early only what no kernel writes)
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
     # Program (token, column block): one read of the gate and up columns, one write of the product.
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -11,7 +11,7 @@ can be captured in a CUDA graph.
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mini_infer.kernels import use_pdl
 
@@ -170,9 +170,11 @@ def _decode_split_kernel(
     STORE_NEW: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    # launched early (programmatic dependent launch, Chapter 7.3.4): wait for the kernel before, then let
+    # the next one launch (it waits in turn, so it may read early only what no kernel writes)
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     split_len = _split_len(context_len, num_splits, BLOCK_N, MIN_SPLIT)
@@ -256,9 +258,11 @@ def _decode_reduce_kernel(
     MIN_SPLIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    # launched early (programmatic dependent launch, Chapter 7.3.4): wait for the kernel before, then let
+    # the next one launch (it waits in turn, so it may read early only what no kernel writes)
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
     seq, head = tl.program_id(0), tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     # only the splits that hold keys (a graph's split count is set by the table's width, and a short

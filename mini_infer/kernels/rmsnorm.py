@@ -6,7 +6,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mini_infer.kernels import use_pdl
 
@@ -44,9 +44,11 @@ def _rms_norm_kernel(
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    # launched early (programmatic dependent launch, Chapter 7.3.4): wait for the kernel before, then let
+    # the next one launch (it waits in turn, so it may read early only what no kernel writes)
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
     # Each program normalises ROWS whole rows of N elements held in registers: one read and one write per
     # element. The residual and the output are contiguous (row stride N); x may have a longer row stride.
     # int64: rows * stride can pass 2**31

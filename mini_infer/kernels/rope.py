@@ -9,7 +9,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mini_infer.kernels import use_pdl
 from mini_infer.kernels.rmsnorm import rms_norm_ref
@@ -122,9 +122,11 @@ def _rope_kernel(
     NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # launched early (programmatic dependent launch, Chapter 7.3.4): first wait for the kernel before
+    # launched early (programmatic dependent launch, Chapter 7.3.4): wait for the kernel before, then let
+    # the next one launch (it waits in turn, so it may read early only what no kernel writes)
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
     # One program per token: its cos/sin row is loaded once and used for all its q and k heads.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
