@@ -7,10 +7,15 @@ engine built as `benchmark_throughput.py` builds it; after a warm-up run, one re
 random prompt token ids and 512 greedy output tokens (ignore_eos): ms per output token = its wall time
 / 512. Also the time to first token (median of 5 runs with max_tokens=1, fresh prompts) and the decode
 time per token, and the weight-read floor measured in the same run (`common.weight_floor`: weight
-bytes over this GPU's copy bandwidth); `common.py` has the details. Appends one JSON line to `benchmarks/results/latency.jsonl`.
+bytes over this GPU's copy bandwidth); `common.py` has the details. `pdl` says whether the kernels
+launched early (Chapter 7.3.4; `MINI_INFER_PDL=0` in the environment turns that off). Appends one JSON
+line to `benchmarks/results/latency.jsonl`.
 """
 
 import common
+import torch
+
+from mini_infer.kernels import use_pdl
 
 
 def main() -> None:
@@ -25,6 +30,7 @@ def main() -> None:
         **common.measure_latency(common.mini_infer_generate(llm)),
         "cuda_graphs": not args.enforce_eager,
         "async_scheduling": llm.engine.async_scheduling,
+        "pdl": use_pdl(torch.device("cuda")),  # Chapter 7.3.4; MINI_INFER_PDL=0 turns it off
         "tensor_parallel_size": args.tensor_parallel_size,
         **common.weight_floor(args.model, args.tensor_parallel_size),
     }

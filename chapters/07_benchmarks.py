@@ -165,14 +165,14 @@ plt.show()
 
 # %% [markdown]
 # Read the ratios, not the bars. In the stored race, on an H200, Mini-Infer is ahead at batch 1 on
-# all three models (2.11x, 2.48x and 1.13x per output token, 1.58x to 7.14x on time to first token):
+# all three models (1.98x, 2.28x and 1.17x per output token, 1.63x to 11.89x on time to first token):
 # the whole decode step of our engine is one CUDA graph, little Python runs between two of them, and at
-# batch 1 the matrix products run the GEMV of 7.3.2 and 7.3.3. At batch 256 it is ahead on all three, by
-# 2.10x on SmolLM2 and narrowly on Qwen3-0.6B (1.06x) and Llama-3-8B (1.02x, as in the two races before
-# this one, on 68198230 and bb201784), whose steps are almost all GPU work; the profile below shows where
-# that work goes. The batch-1 ratios move with vLLM as much as with us: its Qwen3-0.6B token took from 1.70
-# to 3.06 ms in the stored H200 races (2.48 in this one; 1.76 in the race before, where the ratio was
-# 1.20x), and our time to first token moves too (SmolLM2 1.7 to 2.2 ms, Qwen3-0.6B 2.1 to 3.0 ms over the
+# batch 1 the matrix products run the GEMV of 7.3.2 and 7.3.3, and the kernels of its chain launch early
+# (7.3.4). At batch 256 it is ahead on all three, by 2.37x on SmolLM2 and narrowly on Qwen3-0.6B (1.07x)
+# and Llama-3-8B (1.02x, as in the three races before this one, on 68198230, bb201784 and 5dc65413), whose
+# steps are almost all GPU work; the profile below shows where that work goes. The batch-1 ratios move
+# with vLLM as much as with us: its Qwen3-0.6B token took from 1.70 to 3.06 ms in the stored H200 races
+# (1.92 in this one; 2.48 in the race before), and our time to first token moves too (SmolLM2 1.7 to 2.2 ms, Qwen3-0.6B 2.1 to 3.0 ms over the
 # same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
 # first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
 # decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
@@ -361,8 +361,9 @@ print(f"(all on an {pairs[0][0]['device']}, {pairs[0][0]['date']})" if pairs els
 # (machine bb201784) against 12.77 on 212bab10: decode attention 5.30 against 5.50 ms, no store kernel,
 # the matrix products 6.34 against 6.50 (the same cuBLAS kernels; machines differ by that much). The rows
 # above are those profiles (our Llama-3-8B row from bb201784, Qwen3-0.6B from 68198230, vLLM's from
-# 212bab10). The race on 68198230 gave 1.03x on Qwen3-0.6B and 1.02x on Llama-3-8B; the race above, on
-# 5dc65413 a day later (with batch 1's GEMV, which leaves batch 256 alone), 1.06x and 1.02x.
+# 212bab10). The race on 68198230 gave 1.03x on Qwen3-0.6B and 1.02x on Llama-3-8B; the race on 5dc65413
+# a day later (with batch 1's GEMV, which leaves batch 256 alone), 1.06x and 1.02x; the race above, on
+# ea65e184 (with 7.3.4's early launch), 1.07x and 1.02x.
 
 # %% [markdown]
 # ### 7.3.2 Batch 1: a matrix-vector product that reads faster
@@ -1009,13 +1010,14 @@ for label, key in (("GPU work", None), ("step, under the profiler", "step_ms")):
 
 # %% [markdown]
 # The matrix products take 3.66 ms, the weights read at 97% of the copy bandwidth, and sampling a few
-# microseconds (6.1.1: a lone row is split over many programs). In the race (7.2) a Llama-3-8B token took
-# 4.31 ms against a floor of 3.56 ms: 83%, where this book's goal is 85%, some 0.13 ms a token away. What
-# is left above the floor is the small kernels (decode attention's two, the norms, RoPE, SiLU-and-mul:
-# 0.5 ms) and the gaps between some 330 kernels (0.35 ms under the profiler). The next candidates: a norm
-# prologue that reads its input once (the sum of squares in the main loop, the 1/rms factor applied to the
-# sum), RoPE inside the decode attention kernel that already stores the new key, and a reduce that reads
-# only the splits that hold keys.
+# microseconds (6.1.1: a lone row is split over many programs). In the race on that machine a Llama-3-8B
+# token took 4.31 ms against a floor of 3.56 ms: 83%, where this book's goal is 85%. What is left above
+# the floor is the small kernels (decode attention's two, the norms, RoPE, SiLU-and-mul: 0.5 ms) and the
+# gaps between some 330 kernels (0.35 ms under the profiler). Two small changes came next: the norm
+# prologue reads its input once (the sum of squares in the main loop, the 1/rms factor applied to the
+# sum; chosen at q/k/v since), and decode attention's reduce reads only the splits that hold keys. On
+# their own they gave 4.35 -> 4.32 ms (machine e53474b8, within what machines differ by); the gaps are
+# the larger part, and the next section goes after them.
 
 
 # %% [markdown]
@@ -1036,6 +1038,33 @@ for label, key in (("GPU work", None), ("step, under the profiler", "step_ms")):
 # weight, which no kernel writes. It reads its first weight tile before the wait, so that read overlaps
 # the end of the kernel before. `mini_infer.kernels.use_pdl(device)` turns PDL on for
 # compute capability 9.0 and up (not on a T4, nor on the CPU), unless `MINI_INFER_PDL=0`.
+#
+# Does it pay? `benchmark_latency.py` with and without `MINI_INFER_PDL=0`, each in a fresh process, on two
+# machines: first with the wait alone, then with the early launch and the weight tile read before the
+# wait (the code the race in 7.2 ran; `benchmarks/results/pdl_ab.jsonl`):
+
+# %%
+rows = [json.loads(line) for line in (common.RESULTS / "pdl_ab.jsonl").open()]
+print(f"{'machine':9} {'commit':8} {'model':13} {'PDL off':>8} {'on':>7} {'x':>6} {'floor':>6}")
+for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine: PDL off, then on
+    assert (off["model"], off["machine"], off["pdl"]) == (on["model"], on["machine"], not on["pdl"])
+    print(
+        f"{on['machine']:9} {on['commit']:8} {on['model']:13} {off['ms_per_token']:8.3f} "
+        f"{on['ms_per_token']:7.3f} {off['ms_per_token'] / on['ms_per_token']:6.2f} "
+        f"{on['floor_ms'] / on['ms_per_token']:6.1%}"
+    )
+
+# %% [markdown]
+# The wait alone gave Llama-3-8B 1%; the early launch and the weight tile 2% (4.33 -> 4.24 ms): a
+# GEMV's first loads now overlap the kernel before, which is where a memory-bound chain loses its
+# microseconds. The small models' rows move by more than PDL could explain (Qwen3-0.6B without PDL:
+# 0.956 ms on one machine, 1.333 on the other), so their ratios say little. In the race of 7.2
+# Llama-3-8B's token took 4.24 ms against a floor of 3.54 ms: 83.5%, some 0.08 ms a token short of 85%.
+# Under PDL the profiler's kernel times include each kernel's wait for the
+# one before, so they no longer add up to the step; what is left to take is the small kernels:
+# decode attention's two per layer (0.26 ms a token: some 8 microseconds a layer where its reads of a
+# 1,000-token context take one), RoPE (0.07 ms), the norm before the MLP (0.06 ms) and SiLU-and-mul
+# (0.05 ms). RoPE inside the decode kernel, which already stores the step's key, is the next candidate.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling
