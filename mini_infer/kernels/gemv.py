@@ -165,7 +165,9 @@ def gemv_triton(
     """x [1, K] @ weight [N, K].T (+ bias [N]) -> [1, N] in x's dtype, accumulated in fp32, with the given
     launch knobs: BLOCK_N rows of the weight per program, BLOCK_K columns per step of its loop (both
     powers of two), the warps per program and the loop's pipeline stages. Runs on CPU tensors under
-    Triton's interpreter.
+    Triton's interpreter. Under PDL (Hopper, `use_pdl`; Chapter 7.3.4) it reads the weight's first tile
+    before waiting for the kernel launched before it: that kernel must not be the one writing the weight
+    (a model's weights are written once, at load).
 
     With a prologue (Chapter 7.3.3) the product reads what a separate kernel would have written first:
     `act="silu_and_mul"`: x is [1, 2K] = [gate | up] and the product is `silu_and_mul(x) @ weight.T`.
