@@ -2900,8 +2900,8 @@ if (RESULTS / "latency.jsonl").exists():
 # one-row matrix products run Chapter 7.3's GEMV. The first token comes sooner still, relative to vLLM
 # (2.2 against 26.8 ms for SmolLM2, 6.4 against 10.4 ms for Llama-3-8B): a 128-token prefill is a mixed
 # step, and it replays a graph too (6.2.3). At batch 256 Mini-Infer is ahead on all three: SmolLM2 2.37x,
-# Qwen3-0.6B 1.07x, Llama-3-8B 1.02x. Three races earlier, before the fixes of Chapters 4.4.2 and 3.4.1,
-# it was behind on the two larger models (0.94x and 0.89x); two races earlier, before the decode kernel
+# Qwen3-0.6B 1.07x, Llama-3-8B 1.02x. Four races earlier, before the fixes of Chapters 4.4.2 and 3.4.1,
+# it was behind on the two larger models (0.94x and 0.89x); three races earlier, before the decode kernel
 # stored the new K/V itself (4.4.2), Llama-3-8B was level (0.996x).
 # Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
 # about 590 tokens of context each, sorts the GPU's kernels by kind, and counts the rest of each step's
@@ -2940,7 +2940,7 @@ if profiles:
 # %% [markdown]
 # What the profile says:
 #
-# (Qwen3-0.6B's profile comes from the machine of the race before the one above, 68198230, and
+# (Qwen3-0.6B's profile comes from the machine of an earlier race, 68198230, and
 # Llama-3-8B's from another H200 the same day, bb201784 (batch 256 has not changed since), both after the
 # decode kernel took over the K/V store (Chapter 4.4.2); SmolLM2's from an earlier one, before
 # SiLU-and-multiply became one kernel (Chapter 2) and before decode attention at large batches dropped its

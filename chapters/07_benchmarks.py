@@ -172,8 +172,8 @@ plt.show()
 # and Llama-3-8B (1.02x, as in the three races before this one, on 68198230, bb201784 and 5dc65413), whose
 # steps are almost all GPU work; the profile below shows where that work goes. The batch-1 ratios move
 # with vLLM as much as with us: its Qwen3-0.6B token took from 1.70 to 3.06 ms in the stored H200 races
-# (1.92 in this one; 2.48 in the race before), and our time to first token moves too (SmolLM2 1.7 to 2.2 ms, Qwen3-0.6B 2.1 to 3.0 ms over the
-# same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
+# (1.92 in this one; 2.48 in the race before), and our time to first token moves too (SmolLM2 1.7 to
+# 2.3 ms, Qwen3-0.6B 2.1 to 3.0 ms over the same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
 # first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
 # decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
 # can come; the small models are far from it because their steps are launches, not reads. Transformers' `generate`, measured beside Mini-Infer
@@ -990,11 +990,12 @@ for model, (rows, _) in report.gemv_pairs(probe).items():
 # for the o and down products than its GEMV-only engine, and its token got slower, 4.411 to 4.567 ms:
 # choices that go the wrong way cost more than a prologue can give. SmolLM2 takes all three, and its rows
 # disagree between the two runs (0.72 against 0.95 ms on 7fd31b1c; 1.087 against 0.869 here; 0.817 in the
-# race's fresh process with the same code): its step is some 270 kernels of a few microseconds each, and
-# something this benchmark does not control moves it by a quarter; at 6-8% of its floor, the weights are
-# not what limits it.
+# fresh process of the race on this machine, 5dc65413, with the same code): its step is some 270 kernels
+# of a few microseconds each, and something this benchmark does not control moves it by up to half (on
+# ea65e184 one commit gave 0.614 and 0.972 ms, 7.3.4); at 6-10% of its floor, the weights are not what
+# limits it.
 #
-# The batch-1 profile of the engine that raced (same script, same machine as the race) against the one
+# The batch-1 profile of the engine that raced on 5dc65413 (same script, same machine) against the one
 # with cuBLAS only (bb201784, the day before) shows where Llama-3-8B's step goes now (with the GEMV
 # alone, since no prologue was chosen at its shapes):
 
@@ -1012,14 +1013,15 @@ for label, key in (("GPU work", None), ("step, under the profiler", "step_ms")):
 
 # %% [markdown]
 # The matrix products take 3.66 ms, the weights read at 97% of the copy bandwidth, and sampling a few
-# microseconds (6.1.1: a lone row is split over many programs). In the race on that machine a Llama-3-8B
+# microseconds (6.1.1: a lone row is split over many programs). In the race on 5dc65413 a Llama-3-8B
 # token took 4.31 ms against a floor of 3.56 ms: 83%, where this book's goal is 85%. What is left above
 # the floor is the small kernels (decode attention's two, the norms, RoPE, SiLU-and-mul: 0.5 ms) and the
 # gaps between some 330 kernels (0.35 ms under the profiler). Two small changes came next: the norm
 # prologue reads its input once (the sum of squares in the main loop, the 1/rms factor applied to the
-# sum; chosen at q/k/v since), and decode attention's reduce reads only the splits that hold keys. On
-# their own they gave 4.35 -> 4.32 ms (machine e53474b8, within what machines differ by); the gaps are
-# the larger part, and the next section goes after them.
+# sum), and decode attention's reduce reads only the splits that hold keys. With them the norm prologue
+# won at q/k/v on machine e53474b8 (the GEMV alone 4.35 ms, with the prologues 4.32), against 4.31 ms
+# on 5dc65413 before them: nothing beyond what machines differ by. The gaps are the larger part, and the
+# next section goes after them.
 
 
 # %% [markdown]
@@ -1036,34 +1038,35 @@ for label, key in (("GPU work", None), ("step, under the profiler", "step_ms")):
 # launch as soon as all of this one's blocks have passed that point, not only when they have finished.
 # The next kernel's blocks then sit in their own wait while this one works, so what a kernel reads
 # before its wait must be something the kernel just before it cannot be writing (that kernel may still
-# run; the ones before it have finished, since it waited for them). The GEMV has such an input: its
+# run; the ones before it have finished, since it waited for them), and it writes nothing before it. The GEMV has such an input: its
 # weight, which no kernel writes. It reads its first weight tile before the wait, so that read overlaps
 # the end of the kernel before. `mini_infer.kernels.use_pdl(device)` turns PDL on for
 # compute capability 9.0 and up (not on a T4, nor on the CPU), unless `MINI_INFER_PDL=0`.
 #
 # Does it pay? `benchmark_latency.py` with and without `MINI_INFER_PDL=0`, each in a fresh process, on two
 # machines: first with the wait alone, then with the early launch and the weight tile read before the
-# wait (the code the race in 7.2 ran; `benchmarks/results/pdl_ab.jsonl`):
+# wait (commit 2271594, the code the race in 7.2 ran, with PDL on: its rows in `latency.jsonl` predate
+# the `pdl` field; `benchmarks/results/pdl_ab.jsonl`, written with `--latency-out`):
 
 # %%
 rows = [json.loads(line) for line in (common.RESULTS / "pdl_ab.jsonl").open()]
-print(f"{'machine':9} {'commit':8} {'model':13} {'PDL off':>8} {'on':>7} {'x':>6} {'floor':>6}")
+print(f"{'machine':9} {'model':13} {'PDL off':>8} {'on':>7} {'x':>6} {'floor':>6}")
 for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine: PDL off, then on
     assert (off["model"], off["machine"], off["pdl"]) == (on["model"], on["machine"], not on["pdl"])
     print(
-        f"{on['machine']:9} {on['commit']:8} {on['model']:13} {off['ms_per_token']:8.3f} "
+        f"{on['machine']:9} {on['model']:13} {off['ms_per_token']:8.3f} "
         f"{on['ms_per_token']:7.3f} {off['ms_per_token'] / on['ms_per_token']:6.2f} "
         f"{on['floor_ms'] / on['ms_per_token']:6.1%}"
     )
 
 # %% [markdown]
-# The wait alone gave Llama-3-8B 1%; the early launch and the weight tile 2% (4.33 -> 4.24 ms): a
-# GEMV's first loads now overlap the kernel before, which is where a memory-bound chain loses its
-# microseconds. The small models' rows move by more than PDL could explain (Qwen3-0.6B without PDL:
+# The wait alone (7eeead7a) gave Llama-3-8B 1%; with the early launch and the weight tile (ea65e184) PDL
+# gave 2% (4.33 -> 4.24 ms), one run each way; which of the two does it, these runs do not separate. The small models' rows move by more than PDL could explain (Qwen3-0.6B without PDL:
 # 0.956 ms on one machine, 1.333 on the other), so their ratios say little. In the race of 7.2
 # Llama-3-8B's token took 4.24 ms against a floor of 3.54 ms: 83.5%, some 0.08 ms a token short of 85%.
-# Under PDL the profiler's kernel times include each kernel's wait for the
-# one before, so they no longer add up to the step; what is left to take is the small kernels:
+# Under PDL the profiler's kernel times include each kernel's wait for the one before, so they no longer
+# add up to the step. What is left to take is the small kernels; with the wait alone on 7eeead7a
+# (`profile_llama3-8b_bs1_7eeead7a_pdl.json`; `..._nopdl.json` without PDL, within 0.005 ms of it):
 # decode attention's two per layer (0.26 ms a token: some 8 microseconds a layer where its reads of a
 # 1,000-token context take one), RoPE (0.07 ms), the norm before the MLP (0.06 ms) and SiLU-and-mul
 # (0.05 ms). RoPE inside the decode kernel, which already stores the step's key, is the next candidate.
