@@ -8,14 +8,16 @@ random prompt token ids and 512 greedy output tokens (ignore_eos): ms per output
 / 512. Also the time to first token (median of 5 runs with max_tokens=1, fresh prompts) and the decode
 time per token, and the weight-read floor measured in the same run (`common.weight_floor`: weight
 bytes over this GPU's copy bandwidth); `common.py` has the details. `pdl` says whether the kernels
-launched early (Chapter 7.3.4; `MINI_INFER_PDL=0` in the environment turns that off). Appends one JSON
+launched early (Chapter 7.3.4; `MINI_INFER_PDL=0` in the environment turns that off), `gemv_choices`
+what `linear` chose for each weight at batch 1 (7.3.2-7.3.3; the choice can differ between machines;
+empty with tensor parallelism, whose ranks choose in their own processes). Appends one JSON
 line to `benchmarks/results/latency.jsonl`.
 """
 
 import common
 import torch
 
-from mini_infer.kernels import use_pdl
+from mini_infer.kernels import gemv, use_pdl
 
 
 def main() -> None:
@@ -33,6 +35,7 @@ def main() -> None:
         "pdl": use_pdl(torch.device("cuda")),  # Chapter 7.3.4; MINI_INFER_PDL=0 turns it off
         "tensor_parallel_size": args.tensor_parallel_size,
         **common.weight_floor(args.model, args.tensor_parallel_size),
+        "gemv_choices": gemv.gemv_choices(),  # batch 1's products as measured here (Chapter 7.3.2)
     }
     common.append_row(row, args.latency_out)
 

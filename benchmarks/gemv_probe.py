@@ -134,10 +134,7 @@ def latency(model: str, enabled: bool, prologues: bool) -> dict:
         # beside the live engine, as benchmark_latency.py measures it (measured after the engine was
         # deleted, the copy read 11% slower on an H200, for a reason not found)
         floor = common.weight_floor(model)
-        choices = {
-            f"{n}x{k}" + (f" {prologue}" if prologue else ""): knobs or "cublas"
-            for (prologue, n, k, *_), knobs in gemv._choices.items()
-        }
+        choices = gemv.gemv_choices()
         del llm
         gc.collect()
         torch.cuda.empty_cache()

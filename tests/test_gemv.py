@@ -223,6 +223,7 @@ def test_linear_measures_each_shape_once_and_reuses_the_fastest(fake_gpu):
         torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
     assert timed == [None, *fitting]  # once, however often it is called
     assert gemv._choices == {(None, 70, 300, torch.float32, True, x.device): fitting[-1]}
+    assert gemv.gemv_choices() == {"70x300": fitting[-1]}  # the record benchmark rows keep
     # another key (no bias) is measured on its own; two rows are never measured
     linear(x, w)
     linear(torch.randn(2, 300), w, b)
@@ -234,6 +235,7 @@ def test_linear_keeps_f_linear_where_it_is_faster(fake_gpu, monkeypatch):
     x, w, _ = operands(33, 17, torch.float32, "cpu", False)
     linear(x, w)
     assert gemv._choices[(None, 33, 17, torch.float32, False, x.device)] is None
+    assert gemv.gemv_choices()["33x17"] == "cublas"
     # K = 17 is shorter than every knob set's BLOCK_K: all are timed rather than none
     assert timed == [None, *gemv.GEMV_KNOBS]
 

@@ -286,6 +286,16 @@ def use_gemv(enabled: bool, prologues: bool = True) -> None:
     _choices.clear()
 
 
+def gemv_choices() -> dict[str, tuple[int, int, int, int] | str]:
+    """What `linear` and `rms_norm_linear` have chosen in this process, for the record (benchmark rows):
+    "N x K" of each weight (with the prologue's name) -> the GEMV's knobs, or "cublas" for the separate
+    kernels and F.linear."""
+    return {
+        f"{n}x{k}" + (f" {prologue}" if prologue else ""): knobs or "cublas"
+        for (prologue, n, k, *_), knobs in _choices.items()
+    }
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
