@@ -10,7 +10,9 @@ time per token, and the weight-read floor measured in the same run (`common.weig
 bytes over this GPU's copy bandwidth); `common.py` has the details. `pdl` says whether the kernels
 launched early (Chapter 7.3.4; `MINI_INFER_PDL=0` in the environment turns that off), `gemv_choices`
 what `linear` chose for each weight at batch 1 (7.3.2-7.3.3; the choice can differ between machines;
-empty with tensor parallelism, whose ranks choose in their own processes). Appends one JSON
+empty with tensor parallelism, whose ranks choose in their own processes), and `load_avg_1m` and
+`other_gpu_processes` what else ran (`common.host_load`: SmolLM2's batch-1 rows have moved by half
+between runs of the same code on one machine). Appends one JSON
 line to `benchmarks/results/latency.jsonl`.
 """
 

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -211,8 +212,26 @@ def latency_prompt(seed: int) -> list[int]:
     return [rng.randint(0, 10000) for _ in range(PROMPT_TOKENS)]
 
 
+def host_load() -> dict:
+    """What else ran on the machine as a row was measured (a small model's batch-1 step waits on the host):
+    the 1-minute load average, and the processes on the GPUs other than this one (an engine's own worker
+    processes count; None where nvidia-smi is missing)."""
+    try:
+        pids = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
+        others = sum(pid != str(os.getpid()) for pid in pids)
+    except (OSError, subprocess.SubprocessError):
+        others = None
+    return {"load_avg_1m": round(os.getloadavg()[0], 2), "other_gpu_processes": others}
+
+
 def measure_latency(generate) -> dict:
     generate([latency_prompt(0)], [OUTPUT_TOKENS], 0.0)  # warm-up
+    host = host_load()
     produced, seconds = timed(generate, [latency_prompt(1)], [OUTPUT_TOKENS], 0.0)
     assert produced == OUTPUT_TOKENS, f"{produced} output tokens, expected {OUTPUT_TOKENS}"
     ttft = statistics.median(
@@ -225,6 +244,7 @@ def measure_latency(generate) -> dict:
         "ms_per_token": round(seconds * 1000 / OUTPUT_TOKENS, 3),
         "ttft_ms": round(ttft * 1000, 2),
         "decode_ms_per_token": round((seconds - ttft) * 1000 / (OUTPUT_TOKENS - 1), 3),
+        **host,
     }
 
 

@@ -172,6 +172,8 @@ def test_measure_latency_uses_fresh_greedy_prompts():
     assert all(c[2] == 0.0 for c in calls) and all(len(p) == 128 for p in prompts)
     assert len({tuple(p) for p in prompts}) == len(prompts)  # no prompt twice: no prefix-cache hits
     assert row["prompt_tokens"] == 128 and row["output_tokens"] == 512 and row["ms_per_token"] >= 0
+    # what else ran: the load average, and the GPU's other processes (None without nvidia-smi)
+    assert row["load_avg_1m"] >= 0 and row["other_gpu_processes"] in (None, *range(1000))
 
 
 def test_a_ratio_just_under_one_is_not_shown_as_a_tie():
