@@ -90,7 +90,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from mini_infer.kernels import use_pdl
+from mini_infer.kernels import pdl_launch
 
 
 def _norm_ref(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -286,8 +286,7 @@ def rms_norm_triton(
             ROWS=rows,
             BLOCK_N=block_n,
             num_warps=num_warps,
-            PDL=use_pdl(x.device),
-            launch_pdl=use_pdl(x.device),
+            **pdl_launch(x.device),
         )
     return out if residual is None else (out, residual)
 
@@ -512,7 +511,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from mini_infer.kernels import use_pdl
+from mini_infer.kernels import pdl_launch
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -562,8 +561,7 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
             inter,
             BLOCK=block,
             num_warps=4,
-            PDL=use_pdl(x.device),
-            launch_pdl=use_pdl(x.device),
+            **pdl_launch(x.device),
         )
     return out
 

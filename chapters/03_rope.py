@@ -110,7 +110,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from mini_infer.kernels import use_pdl
+from mini_infer.kernels import pdl_launch
 from mini_infer.kernels.rmsnorm import rms_norm_ref
 
 
@@ -399,8 +399,7 @@ def apply_rope_triton(
             k.stride(1),
             NORM=norm is not None,
             **rope_launch_params(q.shape[1], k.shape[1], q.shape[2]),
-            PDL=use_pdl(q.device),
-            launch_pdl=use_pdl(q.device),
+            **pdl_launch(q.device),
         )
     return q, k
 

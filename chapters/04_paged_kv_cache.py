@@ -682,7 +682,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from mini_infer.kernels import use_pdl
+from mini_infer.kernels import pdl_launch
 
 
 @triton.jit
@@ -1203,8 +1203,7 @@ def paged_decode_attention_triton(
         STORE_NEW=new_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
-        PDL=use_pdl(q.device),
-        launch_pdl=use_pdl(q.device),
+        **pdl_launch(q.device),
     )
     if num_splits == 1:
         return o
@@ -1220,8 +1219,7 @@ def paged_decode_attention_triton(
         SPLITS_PAD=triton.next_power_of_2(num_splits),
         BLOCK_N=block_n,
         MIN_SPLIT=min_split,
-        PDL=use_pdl(q.device),
-        launch_pdl=use_pdl(q.device),
+        **pdl_launch(q.device),
     )
     return o
 

@@ -413,7 +413,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.testing import do_bench_cudagraph
 
-from mini_infer.kernels import use_pdl
+from mini_infer.kernels import pdl_launch
 from mini_infer.kernels.activation import silu_and_mul
 from mini_infer.kernels.rmsnorm import rms_norm
 
@@ -605,8 +605,7 @@ def gemv_triton(
         NUM_STAGES=num_stages,
         num_warps=num_warps,
         num_stages=num_stages,
-        PDL=use_pdl(x.device),
-        launch_pdl=use_pdl(x.device),
+        **pdl_launch(x.device),
     )
     if norm is None:
         return y

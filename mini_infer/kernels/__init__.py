@@ -28,6 +28,13 @@ def use_pdl(device: torch.device) -> bool:
     ) >= (9, 0)
 
 
+def pdl_launch(device: torch.device) -> dict:
+    """A kernel launch's PDL arguments, one decision for both: the `PDL` constexpr (the kernel waits with
+    `gdc_wait()` and lets the next launch) and Triton's `launch_pdl` (the GPU may start it early)."""
+    pdl = use_pdl(device)
+    return {"PDL": pdl, "launch_pdl": pdl}
+
+
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from mini_infer.kernels import use_pdl
+from mini_infer.kernels import pdl_launch
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +59,7 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
             inter,
             BLOCK=block,
             num_warps=4,
-            PDL=use_pdl(x.device),
-            launch_pdl=use_pdl(x.device),
+            **pdl_launch(x.device),
         )
     return out
 
