@@ -192,7 +192,7 @@ def floor_sentence(models: list[str], lat: dict) -> str:
     for m in models:
         ours, theirs = lat[m]["mini_infer"], lat[m].get("vllm") or {}
         share = ", ".join(
-            f"{who} {row['floor_ms'] / row['ms_per_token']:.0%}"
+            f"{who} {row['floor_ms'] / row['ms_per_token']:.1%}"
             for who, row in (("Mini-Infer", ours), ("vLLM", theirs))
             if "floor_ms" in row
         )

@@ -165,15 +165,17 @@ plt.show()
 
 # %% [markdown]
 # Read the ratios, not the bars. In the stored race, on an H200, Mini-Infer is ahead at batch 1 on
-# all three models (1.98x, 2.28x and 1.17x per output token, 1.63x to 11.89x on time to first token):
+# all three models (1.99x, 2.44x and 1.20x per output token, 2.26x to 5.71x on time to first token):
 # the whole decode step of our engine is one CUDA graph, little Python runs between two of them, and at
 # batch 1 the matrix products run the GEMV of 7.3.2 and 7.3.3, and the kernels of its chain launch early
-# (7.3.4). At batch 256 it is ahead on all three, by 2.37x on SmolLM2 and narrowly on Qwen3-0.6B (1.07x)
-# and Llama-3-8B (1.02x, as in the three races before this one, on 68198230, bb201784 and 5dc65413), whose
-# steps are almost all GPU work; the profile below shows where that work goes. The batch-1 ratios move
-# with vLLM as much as with us: its Qwen3-0.6B token took from 1.70 to 3.06 ms in the stored H200 races
-# (1.92 in this one; 2.48 in the race before), and our time to first token moves too (SmolLM2 1.7 to
-# 2.3 ms, Qwen3-0.6B 2.1 to 3.0 ms over the same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
+# (7.3.4). At batch 256 it is ahead on all three, by 2.07x on SmolLM2 and narrowly on Qwen3-0.6B (1.12x)
+# and Llama-3-8B (1.02x, as in the four races before this one, on 68198230, bb201784, 5dc65413 and
+# ea65e184), whose steps are almost all GPU work; the profile below shows where that work goes. The
+# ratios move with vLLM as much as with us: the race before this one ran the same engine on ea65e184,
+# where vLLM made 23,226 SmolLM2 tokens a second (26,906 here: 2.37x there, 2.07x here) and took 26.8 ms
+# to SmolLM2's first token (13.4 here); its Qwen3-0.6B token took from 1.70 to 3.06 ms in the stored
+# H200 races (2.28 in this one; 1.92 in the race before), and our time to first token moves too (SmolLM2
+# 1.7 to 2.4 ms, Qwen3-0.6B 2.1 to 3.0 ms over the same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
 # first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
 # decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
 # can come; the small models are far from it because their steps are launches, not reads. Transformers' `generate`, measured beside Mini-Infer
@@ -362,21 +364,22 @@ print(f"(all on an {pairs[0][0]['device']}, {pairs[0][0]['date']})" if pairs els
 # the matrix products 6.34 against 6.50 (the same cuBLAS kernels; machines differ by that much). The rows
 # above are those profiles (our Llama-3-8B row from bb201784, Qwen3-0.6B from 68198230, vLLM's from
 # 212bab10). The race on 68198230 gave 1.03x on Qwen3-0.6B and 1.02x on Llama-3-8B; the race on 5dc65413
-# a day later (with batch 1's GEMV, which leaves batch 256 alone), 1.06x and 1.02x; the race above, on
-# ea65e184 (with 7.3.4's early launch), 1.07x and 1.02x.
+# a day later (with batch 1's GEMV, which leaves batch 256 alone), 1.06x and 1.02x; on ea65e184 (with
+# 7.3.4's early launch), 1.07x and 1.02x; the race above, on 010e5261 with the same engine, 1.12x and
+# 1.02x.
 
 # %% [markdown]
 # ### 7.3.2 Batch 1: a matrix-vector product that reads faster
 #
 # At batch 1 a decode step multiplies one row of activations by every weight matrix: a matrix-vector
 # product (GEMV), with 2 FLOPs per 2-byte weight, far below the ridge point. Its floor is the weights'
-# bytes over the copy bandwidth, and the profile of Llama-3-8B's batch-1 step
-# (`profile_step.py --batch 1`) shows where the step goes: almost all of it is matrix products, each one
+# bytes over the copy bandwidth, and the profile of Llama-3-8B's batch-1 step as it was before this
+# section (`profile_step.py --batch 1`, all products in cuBLAS) shows where the step goes: almost all of it is matrix products, each one
 # cuBLAS kernel at M = 1, and for the o and down projections cuBLAS splits K over several programs and
 # adds a second kernel that sums their partial results (`splitKreduce`):
 
 # %%
-bs1 = json.loads((common.RESULTS / "profile_llama3-8b_bs1.json").read_text())
+bs1 = json.loads((common.RESULTS / "profile_llama3-8b_bs1_bb201784.json").read_text())
 print(
     f"{report.name(bs1['model'])} batch 1, {bs1['device']} (machine {bs1['machine']}): step "
     f"{bs1['step_ms']:.2f} ms, matrix products {bs1['gpu_ms']['matmul']:.2f} ms; its matmul kernels:"
@@ -1070,15 +1073,45 @@ for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine:
 
 # %% [markdown]
 # The wait alone (7eeead7a) gave Llama-3-8B 1%; with the early launch and the weight tile (ea65e184) PDL
-# gave 2% (4.33 -> 4.24 ms), one run each way; which of the two does it, these runs do not separate. The small models' rows move by more than PDL could explain (Qwen3-0.6B without PDL:
-# 0.956 ms on one machine, 1.333 on the other), so their ratios say little. In the race of 7.2
-# Llama-3-8B's token took 4.24 ms against a floor of 3.54 ms: 83.5%, some 0.08 ms a token short of 85%.
-# Under PDL the profiler's kernel times include each kernel's wait for the one before, so they no longer
-# add up to the step. What is left to take is the small kernels; with the wait alone on 7eeead7a
-# (`profile_llama3-8b_bs1_7eeead7a_pdl.json`; `..._nopdl.json` without PDL, within 0.005 ms of it):
-# decode attention's two per layer (0.26 ms a token: some 8 microseconds a layer where its reads of a
-# 1,000-token context take one), RoPE (0.07 ms), the norm before the MLP (0.06 ms) and SiLU-and-mul
-# (0.05 ms). RoPE inside the decode kernel, which already stores the step's key, is the next candidate.
+# gave 2% (4.33 -> 4.24 ms), one run each way; which of the two does it, these runs do not separate. The
+# small models' rows move by more than PDL could explain (Qwen3-0.6B without PDL: 0.956 ms on one
+# machine, 1.333 on the other), so their ratios say little. In the race of 7.2 (010e5261) Llama-3-8B's
+# token took 4.17 ms against a floor of 3.54 ms: 84.8%, 0.01 ms a token short of 85%. The same engine
+# made 83.5% in the race before (ea65e184), and 85.0% (twice, 4110255a) and 86.2% (7a985eda) in fresh
+# processes with nothing beside them: machines differ by more than is left to take. Under PDL the
+# profiler's kernel times include each kernel's wait for the one before, so they no longer add up to the
+# step. Without PDL (`profile_llama3-8b_bs1_7eeead7a_nopdl.json`) the products take 3.75 ms, and the
+# small kernels the rest: decode attention's two per layer (0.26 ms a token: some 8 microseconds a layer
+# where its reads of a 1,000-token context take one), RoPE (0.07 ms), the norm before the MLP (0.06 ms)
+# and SiLU-and-mul (0.05 ms).
+#
+# Two changes went after the small kernels, each on a branch of its own, and were measured in fresh
+# processes against the code above on one machine: RoPE inside the q/k/v GEMV (`next/rope-epilogue`: a
+# program takes the rows j and j + head_dim/2 of a head and rotates the q and k heads before storing
+# them, one launch a layer fewer; the chooser races it against the product as chosen followed by RoPE's
+# kernel), and reading before the wait what the kernel before cannot be writing (`next/prewait`: RoPE's
+# positions and cos/sin rows; decode attention's context length, block table, first tile of keys and
+# values, and the step's value; the reduce's context length), so that one load stands after each wait
+# instead of a chain of them:
+
+# %%
+for path, flag in (("rope_epilogue_ab.jsonl", "epilogues"), ("prewait_ab.jsonl", "prewait")):
+    runs = {}  # (machine, model, commit with the change) -> ms per token without it, with it
+    for r in map(json.loads, (common.RESULTS / path).open()):
+        key = (r["machine"], r["model"])
+        runs.setdefault(key, {False: [], True: []})[r[flag]].append(r["ms_per_token"])
+        if r[flag]:
+            runs[key]["commit"] = r["commit"]
+    print(f"{path}: ms per token, {flag} off -> on")
+    for (machine, model), ms in runs.items():
+        print(f"  {machine:13} {model:13} {ms[False]} -> {ms[True]}  ({ms['commit']})")
+
+# %% [markdown]
+# Neither moved Llama-3-8B's token by more than 0.01 ms either way (the first version of the RoPE GEMV,
+# 4271da4, lost 0.03 ms; its chooser never raced the path it replaced), and the small models' rows move
+# by more than that between two runs of the same code, so neither was merged. With PDL a kernel boundary
+# and the dependent loads behind it no longer cost what they did; what is left is the small kernels'
+# own work on the critical path and the products' 6% above the floor.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling
