@@ -721,8 +721,9 @@ def use_gemv(enabled: bool, prologues: bool = True) -> None:
 
 def gemv_choices() -> dict[str, tuple[int, int, int, int] | str]:
     """What `linear` and `rms_norm_linear` have chosen in this process, for the record (benchmark rows):
-    "N x K" of each weight (with the prologue's name) -> the GEMV's knobs, or "cublas" for the separate
-    kernels and F.linear."""
+    "N x K" of each weight (with the prologue's name) -> the GEMV's knobs, or "cublas" where the separate
+    kernels won: F.linear for a product alone; for a prologue's key, the prologue's own kernel, then the
+    product as its key without the prologue chose (which may be the GEMV)."""
     return {
         f"{n}x{k}" + (f" {prologue}" if prologue else ""): knobs or "cublas"
         for (prologue, n, k, *_), knobs in _choices.items()
