@@ -6,9 +6,13 @@
 
 Admits the benchmark workload's first `--batch` requests (dummy weights), runs until every one of them
 is decoding, then profiles `--steps` engine steps with torch.profiler: each kernel's GPU time is put
-in a category by its name, and the step's wall time minus the GPU's busy time is the time the GPU sat
-idle waiting for the host (`host_ms`: host work that async scheduling did not hide, and the gaps between
-kernels). `--cprofile` also prints where the host's time goes, by Python function.
+in a category by its name (`gpu_ms`), and the step's wall time minus the GPU's busy time (the union of
+its kernels' intervals) is the time the GPU sat idle waiting for the host (`host_ms`: host work that
+async scheduling did not hide, and the gaps between kernels). Under programmatic dependent launch
+(Chapter 7.3.4) a kernel starts before the one ahead of it ends and waits inside itself, so `gpu_ms`
+counts that wait twice and no longer adds up to the step; `exposed_ms` counts each kernel only from
+the latest end of the kernels before it (`exposed`), what it adds to the GPU's busy time, and adds up to
+that busy time. `--cprofile` also prints where the host's time goes, by Python function.
 
 `--engine vllm` steps vLLM 0.26's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so that the
 profiler sees its kernels; vLLM from $VLLM_SITE as in compare_vllm.py) with compare_vllm.py's settings:
@@ -60,6 +64,18 @@ CATEGORIES = [  # (category, substrings of kernel names), first match wins; vLLM
 ]
 DEFAULT_BATCH = 256
 TOP_KERNELS = 15  # the longest kernels of a step, by name, in the result
+
+
+def exposed(kernels: list[tuple[float, float, str]]) -> collections.Counter:
+    """What each kernel adds to the GPU's busy time: kernels (start, end, name), in any unit and order,
+    counted from the later of their start and the latest end among the kernels that started before them,
+    to their end (nothing for one that ends first). Summed by name; the sum over all names is the length
+    of the union of the intervals."""
+    out, last = collections.Counter(), float("-inf")
+    for start, end, name in sorted(kernels):
+        out[name] += max(0.0, end - max(start, last))
+        last = max(last, end)
+    return out
 
 
 def category(kernel: str) -> str:
@@ -205,7 +221,15 @@ def main() -> None:
     for kernel, ms in kernels.items():
         gpu_ms[category(kernel)] += ms
         top[kernel[:80]] += ms
-    busy = sum(gpu_ms.values())
+    intervals = [  # microseconds since the trace began
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    exposed_ms = collections.Counter()
+    for kernel, us in exposed(intervals).items():
+        exposed_ms[category(kernel)] += us / 1000 / args.steps
+    busy = sum(exposed_ms.values())
     result = {
         "model": args.model,
         "engine": args.engine,
@@ -220,6 +244,7 @@ def main() -> None:
         if use_vllm
         else getattr(engine.runner, "custom_all_reduce", False),
         "gpu_ms": {k: round(v, 3) for k, v in gpu_ms.most_common()},
+        "exposed_ms": {k: round(v, 3) for k, v in exposed_ms.most_common()},
         "top_kernels": {k: round(v, 3) for k, v in top.most_common(TOP_KERNELS)},
         "host_ms": round(max(wall_ms - busy, 0.0), 3),
         "mean_context": mean_context(engine, use_vllm, prompts, outputs),
