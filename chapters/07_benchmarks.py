@@ -1081,10 +1081,31 @@ for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine:
 # made 83.5% in the race before (ea65e184), and 85.0% (twice, 4110255a) and 86.2% (7a985eda) in fresh
 # processes with nothing beside them: machines differ by more than is left to take. Under PDL the
 # profiler's kernel times include each kernel's wait for the one before, so they no longer add up to the
-# step. Without PDL (`profile_llama3-8b_bs1_7eeead7a_nopdl.json`) the products take 3.75 ms, and the
-# small kernels the rest: decode attention's two per layer (0.26 ms a token: some 8 microseconds a layer
-# where its reads of a 1,000-token context take one), RoPE (0.07 ms), the norm before the MLP (0.06 ms)
-# and SiLU-and-mul (0.05 ms).
+# step; `profile_step.py` also counts each kernel only from the latest end of the kernels before it
+# (`exposed_ms`): what it adds to the time the GPU is busy. Llama-3-8B's batch-1 step with and without
+# PDL, on one machine (79621e3a, contexts of some 1,000 tokens):
+
+# %%
+pdl, no_pdl = (
+    json.loads((common.RESULTS / f"profile_llama3-8b_bs1_79621e3a_{tag}.json").read_text())
+    for tag in ("pdl", "nopdl")
+)
+print(f"{'ms per step':26} {'no PDL':>7} {'PDL: kernels':>13} {'exposed':>8}")
+for kind in no_pdl["gpu_ms"]:
+    print(
+        f"  {kind:24} {no_pdl['gpu_ms'][kind]:7.3f} {pdl['gpu_ms'][kind]:13.3f} "
+        f"{pdl['exposed_ms'][kind]:8.3f}"
+    )
+print(f"{'GPU idle (host_ms)':26} {no_pdl['host_ms']:7.3f} {'':13} {pdl['host_ms']:8.3f}")
+print(f"{'step, under the profiler':26} {no_pdl['step_ms']:7.3f} {'':13} {pdl['step_ms']:8.3f}")
+
+# %% [markdown]
+# Without PDL the columns agree (no kernel overlaps another). With it, the products add 3.61 ms, 98% of
+# the race's floor of 3.54 ms: the early launch and the weight tile read before the wait took most of
+# what the products had above it. Decode attention's two kernels add 0.27 ms, as much as without PDL: 8
+# microseconds a layer where their reads of a 1,000-token context take one. The norms add 0.13 ms, RoPE
+# 0.05 and SiLU-and-mul 0.03, and the GPU idles 0.29 ms of the step under the profiler, which adds to
+# that.
 #
 # Two changes went after the small kernels, each on a branch of its own, and were measured in fresh
 # processes against the code above on one machine: RoPE inside the q/k/v GEMV (`next/rope-epilogue`: a
@@ -1111,8 +1132,8 @@ for path, flag in (("rope_epilogue_ab.jsonl", "epilogues"), ("prewait_ab.jsonl",
 # Neither moved Llama-3-8B's token by more than 0.01 ms either way (the first version of the RoPE GEMV,
 # 4271da4, lost 0.03 ms; its chooser never raced the path it replaced), and the small models' rows move
 # by more than that between two runs of the same code, so neither was merged. With PDL a kernel boundary
-# and the dependent loads behind it no longer cost what they did; what is left is the small kernels'
-# own work on the critical path and the products' 6% above the floor.
+# and the dependent loads behind it no longer cost what they did; what is left above the floor is decode
+# attention's latency, the GPU's idle time and the products' last 2%.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling
