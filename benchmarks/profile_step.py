@@ -44,6 +44,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mini_infer.device import device_name
+from mini_infer.kernels import use_pdl
 from mini_infer.testing.simulate import benchmark_workload
 
 HERE = Path(__file__).resolve().parent
@@ -243,6 +244,7 @@ def main() -> None:
         "custom_all_reduce": None
         if use_vllm
         else getattr(engine.runner, "custom_all_reduce", False),
+        "pdl": None if use_vllm else use_pdl(torch.device("cuda")),
         "gpu_ms": {k: round(v, 3) for k, v in gpu_ms.most_common()},
         "exposed_ms": {k: round(v, 3) for k, v in exposed_ms.most_common()},
         "top_kernels": {k: round(v, 3) for k, v in top.most_common(TOP_KERNELS)},

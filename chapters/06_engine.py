@@ -2900,8 +2900,8 @@ if (RESULTS / "latency.jsonl").exists():
 # one-row matrix products run Chapter 7.3's GEMV. The first token comes sooner still, relative to vLLM
 # (2.4 against 13.4 ms for SmolLM2, 6.7 against 15.0 ms for Llama-3-8B): a 128-token prefill is a mixed
 # step, and it replays a graph too (6.2.3). At batch 256 Mini-Infer is ahead on all three: SmolLM2 2.07x,
-# Qwen3-0.6B 1.12x, Llama-3-8B 1.02x. Four races earlier, before the fixes of Chapters 4.4.2 and 3.4.1,
-# it was behind on the two larger models (0.94x and 0.89x); three races earlier, before the decode kernel
+# Qwen3-0.6B 1.12x, Llama-3-8B 1.02x. In the race on 4c25c198, before the fixes of Chapters 4.4.2 and
+# 3.4.1, it was behind on the two larger models (0.94x and 0.89x); on f01e36c0, before the decode kernel
 # stored the new K/V itself (4.4.2), Llama-3-8B was level (0.996x).
 # Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
 # about 590 tokens of context each, sorts the GPU's kernels by kind, and counts the rest of each step's

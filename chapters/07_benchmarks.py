@@ -173,9 +173,9 @@ plt.show()
 # ea65e184), whose steps are almost all GPU work; the profile below shows where that work goes. The
 # ratios move with vLLM as much as with us: the race before this one ran the same engine on ea65e184,
 # where vLLM made 23,226 SmolLM2 tokens a second (26,906 here: 2.37x there, 2.07x here) and took 26.8 ms
-# to SmolLM2's first token (13.4 here); its Qwen3-0.6B token took from 1.70 to 3.06 ms in the stored
-# H200 races (2.28 in this one; 1.92 in the race before), and our time to first token moves too (SmolLM2
-# 1.7 to 2.4 ms, Qwen3-0.6B 2.1 to 3.0 ms over the same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
+# to SmolLM2's first token (13.4 here); its Qwen3-0.6B token took from 1.70 to 2.62 ms in the H200
+# races since 4c25c198 (2.28 in this one; 1.92 in the race before), and our time to first token moves
+# too (SmolLM2 1.7 to 2.4 ms, Qwen3-0.6B 2.1 to 3.0 ms over the same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
 # first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
 # decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
 # can come; the small models are far from it because their steps are launches, not reads. Transformers' `generate`, measured beside Mini-Infer
@@ -1078,8 +1078,9 @@ for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine:
 # small models' rows move by more than PDL could explain (Qwen3-0.6B without PDL: 0.956 ms on one
 # machine, 1.333 on the other), so their ratios say little. In the race of 7.2 (010e5261) Llama-3-8B's
 # token took 4.17 ms against a floor of 3.54 ms: 84.8%, 0.01 ms a token short of 85%. The same engine
-# made 83.5% in the race before (ea65e184), and 85.0% (twice, 4110255a) and 86.2% (7a985eda) in fresh
-# processes with nothing beside them: machines differ by more than is left to take. Under PDL the
+# made 83.5% in the race before (ea65e184) and 85.0% on 4110255a (twice, in fresh processes with nothing
+# beside them), and the same path made 86.2% on gpu-7a985eda (branch next/rope-epilogue with its epilogue
+# off): machines differ by more than is left to take. Under PDL the
 # profiler's kernel times include each kernel's wait for the one before, so they no longer add up to the
 # step; `profile_step.py` also counts each kernel only from the latest end of the kernels before it
 # (`exposed_ms`): what it adds to the time the GPU is busy. Llama-3-8B's batch-1 step with and without
@@ -1100,12 +1101,12 @@ print(f"{'GPU idle (host_ms)':26} {no_pdl['host_ms']:7.3f} {'':13} {pdl['host_ms
 print(f"{'step, under the profiler':26} {no_pdl['step_ms']:7.3f} {'':13} {pdl['step_ms']:8.3f}")
 
 # %% [markdown]
-# Without PDL the columns agree (no kernel overlaps another). With it, the products add 3.61 ms, 98% of
-# the race's floor of 3.54 ms: the early launch and the weight tile read before the wait took most of
-# what the products had above it. Decode attention's two kernels add 0.27 ms, as much as without PDL: 8
-# microseconds a layer where their reads of a 1,000-token context take one. The norms add 0.13 ms, RoPE
-# 0.05 and SiLU-and-mul 0.03, and the GPU idles 0.29 ms of the step under the profiler, which adds to
-# that.
+# Without PDL the columns agree (no kernel overlaps another). With it, the products add 3.61 ms, 2% above
+# the race's floor of 3.54 ms, against 3.75 without PDL; of the 0.14 ms they lost, half shows up in the
+# kernels before them, whose end a GEMV now overlaps (the norms add 0.13 ms, against 0.06), so the step's
+# busy time fell by 0.09 ms. Decode attention's two kernels add 0.27 ms, as much as without PDL: 8
+# microseconds a layer where their reads of a 1,000-token context take one. RoPE adds 0.05 ms and
+# SiLU-and-mul 0.03, and the GPU idles 0.29 ms of the step under the profiler, which adds to that.
 #
 # Two changes went after the small kernels, each on a branch of its own, and were measured in fresh
 # processes against the code above on one machine: RoPE inside the q/k/v GEMV (`next/rope-epilogue`: a
@@ -1118,7 +1119,7 @@ print(f"{'step, under the profiler':26} {no_pdl['step_ms']:7.3f} {'':13} {pdl['s
 
 # %%
 for path, flag in (("rope_epilogue_ab.jsonl", "epilogues"), ("prewait_ab.jsonl", "prewait")):
-    runs = {}  # (machine, model, commit with the change) -> ms per token without it, with it
+    runs = {}  # (machine, model) -> ms per token without the change, with it, and its commit
     for r in map(json.loads, (common.RESULTS / path).open()):
         key = (r["machine"], r["model"])
         runs.setdefault(key, {False: [], True: []})[r[flag]].append(r["ms_per_token"])
@@ -1132,8 +1133,9 @@ for path, flag in (("rope_epilogue_ab.jsonl", "epilogues"), ("prewait_ab.jsonl",
 # Neither moved Llama-3-8B's token by more than 0.01 ms either way (the first version of the RoPE GEMV,
 # 4271da4, lost 0.03 ms; its chooser never raced the path it replaced), and the small models' rows move
 # by more than that between two runs of the same code, so neither was merged. With PDL a kernel boundary
-# and the dependent loads behind it no longer cost what they did; what is left above the floor is decode
-# attention's latency, the GPU's idle time and the products' last 2%.
+# and the dependent loads behind it no longer cost what they did; what is left above the floor is the
+# small kernels (0.49 ms, decode attention's 0.27 the most), the GPU's idle time and the products' last
+# 2%.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling
