@@ -12,7 +12,9 @@ async scheduling did not hide, and the gaps between kernels). Under programmatic
 (Chapter 7.3.4) a kernel starts before the one ahead of it ends and waits inside itself, so `gpu_ms`
 counts that wait twice and no longer adds up to the step; `exposed_ms` counts each kernel only from
 the latest end of the kernels before it (`exposed`), what it adds to the GPU's busy time, and adds up to
-that busy time. `--cprofile` also prints where the host's time goes, by Python function.
+that busy time; `idle_between` gives the longest of the gaps (between and around the profiled steps'
+kernels, by the kernels on either side). `--cprofile` also prints where the host's time goes, by Python
+function.
 
 `--engine vllm` steps vLLM 0.26's engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so that the
 profiler sees its kernels; vLLM from $VLLM_SITE as in compare_vllm.py) with compare_vllm.py's settings:
@@ -67,16 +69,23 @@ DEFAULT_BATCH = 256
 TOP_KERNELS = 15  # the longest kernels of a step, by name, in the result
 
 
-def exposed(kernels: list[tuple[float, float, str]]) -> collections.Counter:
-    """What each kernel adds to the GPU's busy time: kernels (start, end, name), in any unit and order,
-    counted from the later of their start and the latest end among the kernels that started before them,
-    to their end (nothing for one that ends first). Summed by name; the sum over all names is the length
-    of the union of the intervals."""
-    out, last = collections.Counter(), float("-inf")
+def exposed(
+    kernels: list[tuple[float, float, str]],
+) -> tuple[collections.Counter, collections.Counter]:
+    """What each kernel adds to the GPU's busy time, and where the GPU idles. kernels: (start, end, name),
+    in any unit and order. A kernel counts from the later of its start and the latest end among the
+    kernels that started before it, to its end (nothing for one that ends first): summed by name, the sum
+    over all names is the length of the union of the intervals. A gap, from that latest end to a later
+    start, counts for the pair (name of the kernel that ended last, name of the one that starts)."""
+    busy, idle = collections.Counter(), collections.Counter()
+    last, last_name = float("-inf"), None
     for start, end, name in sorted(kernels):
-        out[name] += max(0.0, end - max(start, last))
-        last = max(last, end)
-    return out
+        busy[name] += max(0.0, end - max(start, last))
+        if last_name is not None and start > last:
+            idle[(last_name, name)] += start - last
+        if end > last:
+            last, last_name = end, name
+    return busy, idle
 
 
 def category(kernel: str) -> str:
@@ -227,9 +236,15 @@ def main() -> None:
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA
     ]
+    busy_us, idle_us = exposed(intervals)
     exposed_ms = collections.Counter()
-    for kernel, us in exposed(intervals).items():
+    for kernel, us in busy_us.items():
         exposed_ms[category(kernel)] += us / 1000 / args.steps
+    # where the GPU idles inside the profiled steps and between them: the longest gaps by the kernels around
+    # them (names cut to 60 characters)
+    idle_ms = collections.Counter()
+    for (before, after), us in idle_us.items():
+        idle_ms[f"{before[:60]} -> {after[:60]}"] += us / 1000 / args.steps
     busy = sum(exposed_ms.values())
     result = {
         "model": args.model,
@@ -249,6 +264,7 @@ def main() -> None:
         "exposed_ms": {k: round(v, 3) for k, v in exposed_ms.most_common()},
         "top_kernels": {k: round(v, 3) for k, v in top.most_common(TOP_KERNELS)},
         "host_ms": round(max(wall_ms - busy, 0.0), 3),
+        "idle_between": {k: round(v, 3) for k, v in idle_ms.most_common(TOP_KERNELS)},
         "mean_context": mean_context(engine, use_vllm, prompts, outputs),
         "device": device_name("cuda"),
         "machine": common.machine_id(),

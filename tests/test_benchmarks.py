@@ -586,11 +586,13 @@ def test_profiles_other_than_the_default_have_their_own_files_and_stay_out_of_th
 
 def test_profile_step_counts_what_each_kernel_adds_to_the_busy_time():
     """Under PDL a kernel starts early and waits inside itself: it counts from the end of the one before;
-    one inside another's interval adds nothing; the sum is the union's length."""
+    one inside another's interval adds nothing; the sum is the union's length; a gap goes to the kernel
+    that ended last and the one that starts after it."""
     import profile_step
 
     kernels = [(7.0, 9.0, "c"), (0.0, 2.0, "a"), (1.0, 4.5, "b"), (1.5, 1.75, "a"), (6.0, 7.5, "b")]
-    got = profile_step.exposed(kernels)
-    assert got == {"a": 2.0, "b": 2.5 + 1.5, "c": 1.5}
-    assert sum(got.values()) == 2.0 + 2.5 + 3.0  # [0, 4.5] and [6, 9]
-    assert profile_step.exposed([]) == {}
+    busy, idle = profile_step.exposed(kernels)
+    assert busy == {"a": 2.0, "b": 2.5 + 1.5, "c": 1.5}
+    assert sum(busy.values()) == 2.0 + 2.5 + 3.0  # [0, 4.5] and [6, 9]
+    assert idle == {("b", "b"): 1.5}  # from b's end at 4.5 to the next b's start at 6
+    assert profile_step.exposed([]) == ({}, {})
