@@ -222,20 +222,17 @@ def main() -> None:
             outputs = engine.step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1000 / args.steps
-    gpu_ms, kernels = collections.Counter(), collections.Counter()
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.key] += event.device_time_total / 1000 / args.steps
-    # names cut to 80 characters (C++ templates run long), summed when they meet
-    top = collections.Counter()
-    for kernel, ms in kernels.items():
-        gpu_ms[category(kernel)] += ms
-        top[kernel[:80]] += ms
-    intervals = [  # microseconds since the trace began
+    intervals = [  # the GPU's kernels and copies, in microseconds since the trace began
         (e.time_range.start, e.time_range.end, e.name)
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA
     ]
+    # names cut to 80 characters (C++ templates run long), summed when they meet
+    gpu_ms, top = collections.Counter(), collections.Counter()
+    for start, end, kernel in intervals:
+        ms = (end - start) / 1000 / args.steps
+        gpu_ms[category(kernel)] += ms
+        top[kernel[:80]] += ms
     busy_us, idle_us = exposed(intervals)
     exposed_ms = collections.Counter()
     for kernel, us in busy_us.items():
