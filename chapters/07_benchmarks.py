@@ -374,9 +374,10 @@ print(f"(all on an {pairs[0][0]['device']}, {pairs[0][0]['date']})" if pairs els
 # At batch 1 a decode step multiplies one row of activations by every weight matrix: a matrix-vector
 # product (GEMV), with 2 FLOPs per 2-byte weight, far below the ridge point. Its floor is the weights'
 # bytes over the copy bandwidth, and the profile of Llama-3-8B's batch-1 step as it was before this
-# section (`profile_step.py --batch 1`, all products in cuBLAS) shows where the step goes: almost all of it is matrix products, each one
-# cuBLAS kernel at M = 1, and for the o and down projections cuBLAS splits K over several programs and
-# adds a second kernel that sums their partial results (`splitKreduce`):
+# section (`profile_step.py --batch 1`, all products in cuBLAS) shows where the step goes: almost all of
+# it is matrix products, each one cuBLAS kernel at M = 1, and for the o and down projections cuBLAS
+# splits K over several programs and adds a second kernel that sums their partial results
+# (`splitKreduce`):
 
 # %%
 bs1 = json.loads((common.RESULTS / "profile_llama3-8b_bs1_bb201784.json").read_text())
@@ -1080,10 +1081,10 @@ for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine:
 # token took 4.17 ms against a floor of 3.54 ms: 84.8%, 0.01 ms a token short of 85%. The same engine
 # made 83.5% in the race before (ea65e184) and 85.0% on 4110255a (twice, in fresh processes with nothing
 # beside them), and the same path made 86.2% on gpu-7a985eda (branch next/rope-epilogue with its epilogue
-# off): machines differ by more than is left to take. Under PDL the
-# profiler's kernel times include each kernel's wait for the one before, so they no longer add up to the
-# step; `profile_step.py` also counts each kernel only from the latest end of the kernels before it
-# (`exposed_ms`): what it adds to the time the GPU is busy. Llama-3-8B's batch-1 step with and without
+# off): machines differ by more than is left to take. Under PDL the profiler's kernel times include each
+# kernel's wait for the one before, so they no longer add up to the step; `profile_step.py` also counts
+# each kernel only from the latest end of the kernels before it (`exposed_ms`): what it adds to the time
+# the GPU is busy. Llama-3-8B's batch-1 step with and without
 # PDL, on one machine (79621e3a, contexts of some 1,000 tokens):
 
 # %%
