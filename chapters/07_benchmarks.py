@@ -1133,10 +1133,13 @@ for path, flag in (("rope_epilogue_ab.jsonl", "epilogues"), ("prewait_ab.jsonl",
 # %% [markdown]
 # Neither moved Llama-3-8B's token by more than 0.01 ms either way (the first version of the RoPE GEMV,
 # 4271da4, lost 0.03 ms; its chooser never raced the path it replaced), and the small models' rows move
-# by more than that between two runs of the same code, so neither was merged. With PDL a kernel boundary
-# and the dependent loads behind it no longer cost what they did; what is left above the floor is the
-# small kernels (0.49 ms, decode attention's 0.27 the most), the GPU's idle time and the products' last
-# 2%.
+# by more than that between two runs of the same code, so neither was merged. Nor was a third: decode
+# attention with 64-key tiles at batch 1, so that a 64-key split is one tile (0.91x the kernel's time at
+# 600 tokens in the stored sweep), took 4.132 and 4.130 ms a token against 4.131 and 4.130 without it,
+# on one H200 on 2026-12-01 (from the run's log: its rows were lost with the machine). With PDL a kernel
+# boundary and the dependent loads behind it no longer cost what they did; what is left above the floor
+# is the small kernels (0.49 ms, decode attention's 0.27 the most), the GPU's idle time and the
+# products' last 2%.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling
