@@ -1894,6 +1894,15 @@ class LLMEngine(_EngineRequests, _EngineStep):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
+        sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        sizes.update(block_size=block_size, max_model_len=max_model_len)
+        for name, value in sizes.items():
+            # checked before the model loads: a bad size would fail deep in the set-up, or
+            # (max_model_len 0) fall back to the model's own length unasked
+            if value is None and name == "max_model_len":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.speculative_config = SpeculativeConfig.from_dict(speculative_config)  # Chapter 10
         if self.speculative_config and tensor_parallel_size > 1:
             raise ValueError("speculative_config does not work with tensor_parallel_size > 1 yet")
@@ -2085,7 +2094,9 @@ class LLM(_LLMSteps):
     A prompt is a string, a list of token ids, a chat (a list of {"role", "content"} messages, rendered
     with the tokenizer's chat template), or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Engine
     arguments (dtype, gpu_memory_utilization, max_model_len, max_num_seqs, max_num_batched_tokens,
-    load_format, enforce_eager, ...) are those of `LLMEngine`.
+    load_format, enforce_eager, ...) are those of `LLMEngine`; sizes that are not positive integers
+    (max_model_len, max_num_seqs, max_num_batched_tokens, block_size) and a gpu_memory_utilization
+    outside (0, 1] raise ValueError before the model loads.
 
     A request with `SamplingParams(n=...)` runs as n sequences (seeded ones with seeds seed, seed + 1, ...)
     and comes back as one output with n completions, index 0 to n-1.

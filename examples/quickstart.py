@@ -45,13 +45,16 @@ def main() -> None:
 
     start = time.perf_counter()
     try:
-        reply = llm.chat(
+        output = llm.chat(
             [{"role": "user", "content": args.prompt}],
             SamplingParams(temperature=0, max_tokens=args.max_tokens),
             use_tqdm=False,
-        )[0].outputs[0]
-    except ValueError as e:  # e.g. no tokenizer in the model directory, or a prompt too long
+        )[0]
+    except ValueError as e:  # e.g. no tokenizer in the model directory
         raise SystemExit(f"error: {e}") from None
+    if output.error:  # a request the engine rejected (a prompt too long, say) ends with the reason
+        raise SystemExit(f"error: {output.error}")
+    reply = output.outputs[0]
     seconds = time.perf_counter() - start
     print(f"> {args.prompt}\n{reply.text.strip()}")
     print(

@@ -82,7 +82,9 @@ class LLM(_LLMSteps):
     A prompt is a string, a list of token ids, a chat (a list of {"role", "content"} messages, rendered
     with the tokenizer's chat template), or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Engine
     arguments (dtype, gpu_memory_utilization, max_model_len, max_num_seqs, max_num_batched_tokens,
-    load_format, enforce_eager, ...) are those of `LLMEngine`.
+    load_format, enforce_eager, ...) are those of `LLMEngine`; sizes that are not positive integers
+    (max_model_len, max_num_seqs, max_num_batched_tokens, block_size) and a gpu_memory_utilization
+    outside (0, 1] raise ValueError before the model loads.
 
     A request with `SamplingParams(n=...)` runs as n sequences (seeded ones with seeds seed, seed + 1, ...)
     and comes back as one output with n completions, index 0 to n-1.

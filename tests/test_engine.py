@@ -371,6 +371,23 @@ def test_bad_requests_are_rejected_with_a_clear_error(llm, prompt, params, error
         llm.generate(3.5, params, use_tqdm=False)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_model_len=0),
+        dict(max_model_len=-5),
+        dict(max_model_len="1024"),
+        dict(block_size=0),
+        dict(max_num_batched_tokens=0),
+        dict(max_num_seqs=-1),
+    ],
+)
+def test_bad_engine_sizes_raise_before_loading(kwargs):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {value!r}"):
+        LLM(TINY_DUMMY, device="cpu", **kwargs)
+
+
 @pytest.mark.slow
 def test_a_bad_prompt_in_a_batch_fails_alone(llm):
     out = llm.generate(

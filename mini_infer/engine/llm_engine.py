@@ -200,6 +200,15 @@ class LLMEngine(_EngineRequests, _EngineStep):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
+        sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        sizes.update(block_size=block_size, max_model_len=max_model_len)
+        for name, value in sizes.items():
+            # checked before the model loads: a bad size would fail deep in the set-up, or
+            # (max_model_len 0) fall back to the model's own length unasked
+            if value is None and name == "max_model_len":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.speculative_config = SpeculativeConfig.from_dict(speculative_config)  # Chapter 10
         if self.speculative_config and tensor_parallel_size > 1:
             raise ValueError("speculative_config does not work with tensor_parallel_size > 1 yet")
