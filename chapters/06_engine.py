@@ -1701,7 +1701,7 @@ from mini_infer.engine.output_processor import OutputProcessor
 from mini_infer.loader import load_model
 from mini_infer.memory.block_manager import BlockManager
 from mini_infer.outputs import RequestOutput
-from mini_infer.sampling_params import SamplingParams
+from mini_infer.sampling_params import SamplingParams, _is_int
 from mini_infer.spec_decode.config import SpecDecodingMetrics, SpeculativeConfig
 from mini_infer.spec_decode.ngram_proposer import NgramProposer
 from mini_infer.worker.model_runner import ModelRunner
@@ -1895,13 +1895,13 @@ class LLMEngine(_EngineRequests, _EngineStep):
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
         sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        sizes.update(block_size=block_size, max_model_len=max_model_len)
+        sizes["block_size"] = block_size
+        if max_model_len is not None:  # None: the model's own length
+            sizes["max_model_len"] = max_model_len
         for name, value in sizes.items():
             # checked before the model loads: a bad size would fail deep in the set-up, or
             # (max_model_len 0) fall back to the model's own length unasked
-            if value is None and name == "max_model_len":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.speculative_config = SpeculativeConfig.from_dict(speculative_config)  # Chapter 10
         if self.speculative_config and tensor_parallel_size > 1:
