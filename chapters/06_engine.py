@@ -2906,12 +2906,12 @@ if (RESULTS / "latency.jsonl").exists():
 
 # %% [markdown]
 # (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in under 1 ms,
-# twice as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the
+# 1.5 times as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the
 # CUDA graph turned some 1,300 kernel launches into one, little else runs between two steps, and the
 # one-row matrix products run Chapter 7.3's GEMV. The first token comes sooner still, relative to vLLM
-# (2.4 against 13.4 ms for SmolLM2, 6.7 against 15.0 ms for Llama-3-8B): a 128-token prefill is a mixed
-# step, and it replays a graph too (6.2.3). At batch 256 Mini-Infer is ahead on all three: SmolLM2 2.07x,
-# Qwen3-0.6B 1.12x, Llama-3-8B 1.02x. In the race on 4c25c198, before the fixes of Chapters 4.4.2 and
+# (2.4 against 7.6 ms for SmolLM2, 6.9 against 9.7 ms for Llama-3-8B): a 128-token prefill is a mixed
+# step, and it replays a graph too (6.2.3). At batch 256 Mini-Infer is ahead on all three: SmolLM2 1.43x,
+# Qwen3-0.6B 1.25x, Llama-3-8B 1.03x (race on 6206c9fc). In the race on 4c25c198, before the fixes of Chapters 4.4.2 and
 # 3.4.1, it was behind on the two larger models (0.94x and 0.89x); on f01e36c0, before the decode kernel
 # stored the new K/V itself (4.4.2), Llama-3-8B was level (0.996x).
 # Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of

@@ -165,17 +165,17 @@ plt.show()
 
 # %% [markdown]
 # Read the ratios, not the bars. In the stored race, on an H200, Mini-Infer is ahead at batch 1 on
-# all three models (1.99x, 2.44x and 1.20x per output token, 2.26x to 5.71x on time to first token):
+# all three models (1.50x, 2.45x and 1.16x per output token, 1.41x to 7.58x on time to first token):
 # the whole decode step of our engine is one CUDA graph, little Python runs between two of them, and at
 # batch 1 the matrix products run the GEMV of 7.3.2 and 7.3.3, and the kernels of its chain launch early
-# (7.3.4). At batch 256 it is ahead on all three, by 2.07x on SmolLM2 and narrowly on Qwen3-0.6B (1.12x)
-# and Llama-3-8B (1.02x, as in the four races before this one, on 68198230, bb201784, 5dc65413 and
-# ea65e184), whose steps are almost all GPU work; the profile below shows where that work goes. The
-# ratios move with vLLM as much as with us: the race before this one ran the same engine on ea65e184,
-# where vLLM made 23,226 SmolLM2 tokens a second (26,906 here: 2.37x there, 2.07x here) and took 26.8 ms
-# to SmolLM2's first token (13.4 here); its Qwen3-0.6B token took from 1.70 to 2.62 ms in the H200
-# races since 4c25c198 (2.28 in this one; 1.92 in the race before), and our time to first token moves
-# too (SmolLM2 1.7 to 2.4 ms, Qwen3-0.6B 2.1 to 3.0 ms over the same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
+# (7.3.4). At batch 256 it is ahead on all three, by 1.43x on SmolLM2, 1.25x on Qwen3-0.6B and narrowly
+# on Llama-3-8B (1.03x; 1.02x in the five races before this one, on 68198230, bb201784, 5dc65413,
+# ea65e184 and 010e5261), whose steps are almost all GPU work; the profile below shows where that work
+# goes. The ratios move with both engines: the race before this one ran the same engine on 010e5261,
+# where it made 55,705 SmolLM2 tokens a second against vLLM's 26,906 (2.07x; here 49,390 against
+# 34,600) and vLLM took 13.4 ms to SmolLM2's first token (7.6 here); vLLM's Qwen3-0.6B token took from
+# 1.70 to 2.62 ms in the H200 races since 4c25c198 (2.06 in this one; 2.28 in the race before), and our
+# time to first token moves too (SmolLM2 1.7 to 2.4 ms, Qwen3-0.6B 2.1 to 3.0 ms over the same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
 # first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
 # decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
 # can come; the small models are far from it because their steps are launches, not reads. Transformers' `generate`, measured beside Mini-Infer
@@ -365,8 +365,8 @@ print(f"(all on an {pairs[0][0]['device']}, {pairs[0][0]['date']})" if pairs els
 # above are those profiles (our Llama-3-8B row from bb201784, Qwen3-0.6B from 68198230, vLLM's from
 # 212bab10). The race on 68198230 gave 1.03x on Qwen3-0.6B and 1.02x on Llama-3-8B; the race on 5dc65413
 # a day later (with batch 1's GEMV, which leaves batch 256 alone), 1.06x and 1.02x; on ea65e184 (with
-# 7.3.4's early launch), 1.07x and 1.02x; the race above, on 010e5261 with the same engine, 1.12x and
-# 1.02x.
+# 7.3.4's early launch), 1.07x and 1.02x; on 010e5261 with the same engine, 1.12x and 1.02x; the race
+# above, on 6206c9fc with the same engine again, 1.25x and 1.03x.
 
 # %% [markdown]
 # ### 7.3.2 Batch 1: a matrix-vector product that reads faster
@@ -1077,9 +1077,10 @@ for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine:
 # The wait alone (7eeead7a) gave Llama-3-8B 1%; with the early launch and the weight tile (ea65e184) PDL
 # gave 2% (4.33 -> 4.24 ms), one run each way; which of the two does it, these runs do not separate. The
 # small models' rows move by more than PDL could explain (Qwen3-0.6B without PDL: 0.956 ms on one
-# machine, 1.333 on the other), so their ratios say little. In the race of 7.2 (010e5261) Llama-3-8B's
-# token took 4.17 ms against a floor of 3.54 ms: 84.8%, 0.01 ms a token short of 85%. The same engine
-# made 83.5% in the race before (ea65e184) and 85.0% on 4110255a (twice, in fresh processes with nothing
+# machine, 1.333 on the other), so their ratios say little. In the race of 7.2 (6206c9fc) Llama-3-8B's
+# token took 4.18 ms against a floor of 3.54 ms: 84.7%, 0.015 ms a token short of 85%, and three more runs
+# in fresh processes on that machine gave 4.177, 4.177 and 4.173 ms. The same engine made 84.8% in the
+# race before (010e5261), 83.5% on ea65e184 and 85.0% on 4110255a (twice, in fresh processes with nothing
 # beside them), and the same path made 86.2% on gpu-7a985eda (branch next/rope-epilogue with its epilogue
 # off): machines differ by more than is left to take. Under PDL the profiler's kernel times include each
 # kernel's wait for the one before, so they no longer add up to the step; `profile_step.py` also counts
