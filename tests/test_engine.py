@@ -505,22 +505,23 @@ def test_sampler_greedy_rows_and_sampled_rows_share_a_batch():
 
 class EagerGraph:
     """A CUDA graph's stand-in on the CPU: `replay()` runs the captured forward again, eagerly, on the
-    runner's static buffers, under the attention metadata it was captured with."""
+    inputs it was captured with (views of the runner's step buffer), under the attention metadata it was
+    captured with."""
 
     replayed: list[int] = []  # the token count of each replayed graph
 
-    def __init__(self, runner, tokens: int):
-        self.runner, self.tokens, self.metadata = runner, tokens, runner.attn.metadata
+    def __init__(self, runner, input_ids, positions):
+        self.runner, self.input_ids, self.positions = runner, input_ids, positions
+        self.metadata = runner.attn.metadata
 
     def pool(self):
         return None
 
     def replay(self):
-        r, i = self.runner, self.runner.graph_inputs
+        r, tokens = self.runner, self.input_ids.shape[0]
         r.attn.metadata = self.metadata
-        args = (i["input_ids"][: self.tokens], i["positions"][: self.tokens], r.attn)
-        r.graph_output[: self.tokens] = r.model(*args)
-        EagerGraph.replayed.append(self.tokens)
+        r.graph_output[:tokens] = r.model(self.input_ids, self.positions, r.attn)
+        EagerGraph.replayed.append(tokens)
 
 
 def stand_in_graphs(llm, monkeypatch, max_num_seqs: int = 4, max_num_batched_tokens: int = 48):
@@ -529,7 +530,7 @@ def stand_in_graphs(llm, monkeypatch, max_num_seqs: int = 4, max_num_batched_tok
     from mini_infer.worker.model_runner import ModelRunner
 
     monkeypatch.setattr(
-        ModelRunner, "_capture", lambda self, tokens, pool: EagerGraph(self, tokens)
+        ModelRunner, "_capture", lambda self, ids, positions, pool: EagerGraph(self, ids, positions)
     )
     runner = llm.engine.runner
     runner._capture_graphs(max_num_seqs, max_num_batched_tokens)
@@ -583,3 +584,31 @@ def test_verification_steps_replay_the_mixed_graphs(monkeypatch):
     assert graphed.llm_engine.spec_decode_metrics.num_accepted_tokens > 0
     # every step, verification included, replayed a graph
     assert len(EagerGraph.replayed) == len(steps)
+
+
+def test_step_buffer_packs_aligned_views_in_one_copy_and_raises_when_full():
+    """The runner's StepBuffer: what comes back equals what went in (int64 and int32, shapes kept), every
+    array starts at a multiple of 16 bytes, the same shapes give the same addresses (what a CUDA graph
+    relies on) whichever host buffer packed them, and a step that does not fit is a clear error."""
+    import numpy as np
+
+    from mini_infer.worker.model_runner import StepBuffer
+
+    rng = np.random.default_rng(0)
+    sizes = [(np.dtype(np.int64), 7), (np.dtype(np.int32), 15), (np.dtype(np.int32), 3 * 5)]
+    buffer = StepBuffer(StepBuffer.size(sizes), torch.device("cpu"))
+    addresses = []
+    for _ in range(3):  # the two host buffers take turns
+        arrays = {
+            "ids": rng.integers(-(2**40), 2**40, 7),
+            "lens": rng.integers(0, 2**31 - 1, 15).astype(np.int32),
+            "table": rng.integers(0, 2**31 - 1, (3, 5)).astype(np.int32),
+        }
+        views = buffer.pack(arrays)
+        for name, a in arrays.items():
+            assert views[name].shape == a.shape and torch.equal(views[name], torch.from_numpy(a))
+            assert views[name].data_ptr() % StepBuffer.ALIGN == 0
+        addresses.append([v.data_ptr() for v in views.values()])
+    assert addresses[0] == addresses[1] == addresses[2]
+    with pytest.raises(RuntimeError, match="more than the runner's"):
+        buffer.pack({"ids": np.zeros(100, np.int64)})

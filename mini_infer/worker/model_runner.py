@@ -91,8 +91,8 @@ class CachedRequestState:
 
 @dataclass
 class StepInputs:
-    """A packed step (see `ModelRunner.prepare`): what the forward takes, and the per-request numbers it
-    was packed from, which sampling and prompt logprobs read too."""
+    """A packed step (see `ModelRunner.prepare`): what the forward takes, the per-request numbers it was
+    packed from, which sampling and prompt logprobs read too, and the CUDA graph that runs it, if one does."""
 
     input_ids: torch.Tensor  # [T] on the device
     positions: torch.Tensor  # [T] on the device
@@ -107,12 +107,88 @@ class StepInputs:
         np.ndarray
     )  # [B] the end of the tokens the host knows (ends - 1 when one is still pending)
     cu_seqlens: np.ndarray  # [B + 1] where each request's tokens start in the packed batch
+    graph: tuple | None  # (the CUDA graph that runs the step, its token count), or None: eager
+
+
+class StepBuffer:
+    """A step's integer inputs in one block of memory, so that they reach the device in one copy (6.2.3).
+
+    `pack(arrays)` lays numpy arrays out one after another (each from a multiple of 16 bytes, so that a
+    kernel sees the same alignment every step), writes them into a host buffer, copies the bytes in use
+    to the device buffer in one transfer and returns the device views by name. The layout depends only on
+    the arrays' order, dtypes and shapes: a CUDA graph captured on the views of one layout reads every
+    later step packed to the same shapes. On a GPU the host buffers are pinned (the copy is queued behind
+    the GPU's work and the host does not wait) and two take turns: the host packs step N + 1 while the copy
+    of step N may still be waiting in the GPU's queue, and it waits for a buffer's last copy (long done,
+    in practice) before writing it again. RuntimeError when a step needs more than `nbytes`."""
+
+    ALIGN = 16
+    DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.nbytes, self.device, on_gpu = nbytes, device, device.type == "cuda"
+        self.host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
+        self.copied = [torch.cuda.Event() if on_gpu else None for _ in range(2)]
+        self.turn = 0
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.layouts = {}  # a layout's views, made once (`_views`)
+
+    @classmethod
+    def size(cls, arrays: list[tuple[np.dtype, int]]) -> int:
+        """The bytes `pack` needs at most for arrays of these (dtype, number of elements), in any order."""
+        return sum(-(-d.itemsize * n // cls.ALIGN) * cls.ALIGN for d, n in arrays)
+
+    def pack(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        layout = tuple((name, a.dtype, a.shape) for name, a in arrays.items())
+        if layout not in self.layouts:
+            if len(self.layouts) >= 1024:  # eager steps come in many shapes: keep the cache small
+                self.layouts.clear()
+            self.layouts[layout] = self._views(layout)
+        host_views, copies, views = self.layouts[layout]
+        copied = self.copied[self.turn]
+        if copied is not None:
+            copied.synchronize()
+        for name, a in arrays.items():
+            host_views[self.turn][name][...] = a
+        device, host = copies[self.turn]
+        device.copy_(host, non_blocking=True)
+        if copied is not None:
+            copied.record()
+        self.turn ^= 1
+        return views
+
+    def _views(self, layout):
+        """For a layout ((name, dtype, shape), ...): each host buffer's numpy views by name, each host
+        buffer's (device bytes, host bytes) in use, and the device views by name. Made once per layout:
+        a view costs the host a few microseconds, and a step needs nine."""
+        spans, end = [], 0
+        for name, dtype, shape in layout:
+            start = -(-end // self.ALIGN) * self.ALIGN
+            end = start + dtype.itemsize * int(np.prod(shape))
+            spans.append((name, dtype, shape, start, end))
+        if end > self.nbytes:
+            sizes = ", ".join(f"{name} {shape}" for name, _, shape, *_ in spans)
+            raise RuntimeError(
+                f"a step with arrays {sizes} needs {end} bytes of inputs, more than the runner's "
+                f"{self.nbytes} (sized by max_num_seqs and max_num_batched_tokens)"
+            )
+        staging = [host.numpy() for host in self.host]
+        host_views = [
+            {name: s[a:b].view(dtype).reshape(shape) for name, dtype, shape, a, b in spans}
+            for s in staging
+        ]
+        copies = [(self.buffer[:end], host[:end]) for host in self.host]
+        views = {
+            name: self.buffer[a:b].view(self.DTYPES[dtype]).view(shape)
+            for name, dtype, shape, a, b in spans
+        }
+        return host_views, copies, views
 
 
 class _StepPacking:
     """`ModelRunner`'s bookkeeping and packing: what it keeps of each request, and the step as flat arrays.
-    Uses the runner's `requests`, `free_rows`, `block_table`, `block_size`, `last_sampled`, `last_rows` and
-    `device`."""
+    Uses the runner's `requests`, `free_rows`, `block_table`, `block_size`, `max_blocks_per_seq`,
+    `last_sampled`, `last_rows`, `step_buffer` and `graph_for`."""
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         """Learn what changed since the last step: requests that left, new ones, new tokens and blocks."""
@@ -146,11 +222,14 @@ class _StepPacking:
 
     def prepare(self, scheduler_output: SchedulerOutput) -> StepInputs:
         """Pack the step: token ids, positions, attention metadata, the rows whose logits we need, the
-        requests in the batch's order, and the per-request numbers they came from.
+        requests in the batch's order, the per-request numbers they came from, and the CUDA graph that
+        will run it (`graph_for`).
 
         The per-token arithmetic is done by numpy on whole arrays: at batch 256 a Python loop over every
-        token and block-table entry costs milliseconds, while the GPU waits. A token the host has not seen
-        yet (the step before this one sampled it) is taken from that step's output on the device."""
+        token and block-table entry costs milliseconds, while the GPU waits. The integer arrays reach the
+        device in one copy (`StepBuffer`); for a step that replays a graph, padded to the graph's shape and
+        straight into the buffers it reads (6.2.3). A token the host has not seen yet (the step before this
+        one sampled it) is then taken from that step's output on the device."""
         bs = self.block_size
         reqs = [self.requests[req_id] for req_id in scheduler_output.num_scheduled_tokens]
         n = len(reqs)
@@ -178,26 +257,73 @@ class _StepPacking:
         if spec:
             known_ids = (ids + list(d) for ids, d in zip(known_ids, drafts))
         ids[known] = np.fromiter(itertools.chain.from_iterable(known_ids), np.int64)
-        decode = len(positions) == n
-        metadata = AttentionMetadata(
-            slot_mapping=to_device(slots, self.device),
-            block_tables=to_device(tables, self.device),
-            context_lens=to_device(ends.astype(np.int32), self.device),
-            cu_seqlens_q=None if decode else to_device(cu_seqlens.astype(np.int32), self.device),
-        )
-        input_ids = to_device(ids, self.device)
         pending = np.flatnonzero(~known)
-        if len(pending):
-            req_ids = list(scheduler_output.num_scheduled_tokens)
-            source = [self.last_rows[req_ids[r]] for r in row[pending].tolist()]
-            input_ids[to_device(pending, self.device)] = self.last_sampled[
-                to_device(np.array(source), self.device)
-            ]
-        last_rows = to_device(cu_seqlens[1:] - 1, self.device)
-        positions = to_device(positions, self.device)
-        return StepInputs(
-            input_ids, positions, metadata, last_rows, reqs, starts, ends, known_ends, cu_seqlens
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        source = np.fromiter(
+            (self.last_rows[req_ids[r]] for r in row[pending].tolist()), np.int64, len(pending)
         )
+        decode = len(positions) == n
+        replay = self.graph_for(len(positions), n, decode)
+        graph, tokens, seqs = replay or (None, len(positions), n)
+        v = self.pack_step(
+            ids,
+            positions,
+            slots,
+            ends.astype(np.int32),
+            tables,
+            None if decode else cu_seqlens.astype(np.int32),
+            (tokens, seqs, self.max_blocks_per_seq if replay else width),
+            extra={"last_rows": cu_seqlens[1:] - 1, "pending": pending, "source": source},
+        )
+        if len(pending):
+            v["input_ids"][v["pending"]] = self.last_sampled[v["source"]]
+        metadata = AttentionMetadata(
+            v["slot_mapping"][: len(ids)],
+            v["block_tables"][:n],
+            v["context_lens"][:n],
+            None if decode else v["cu_seqlens_q"][: n + 1],
+        )
+        return StepInputs(
+            v["input_ids"][: len(ids)],
+            v["positions"][: len(ids)],
+            metadata,
+            v["last_rows"],
+            reqs,
+            starts,
+            ends,
+            known_ends,
+            cu_seqlens,
+            (graph, tokens) if replay else None,
+        )
+
+    def pack_step(
+        self, ids, positions, slots, context_lens, tables, cu_seqlens, shape, extra=None
+    ) -> dict[str, torch.Tensor]:
+        """A step's arrays for n tokens of b sequences, padded to shape = (tokens, sequences, block-table
+        width) and packed into the runner's `step_buffer`, followed by `extra` (not padded): their views on
+        the device, by name. Padding tokens have slot -1 (nothing stored), padding sequences context
+        length 0 (no keys), and the padding entries of cu_seqlens_q (None in a decode step) stand at n (no
+        queries): a CUDA graph captured for that shape runs the step, and its padding does nothing."""
+        tokens, seqs, width = shape
+        n, b = len(ids), len(context_lens)
+
+        def padded(a, size, fill=0):
+            out = np.full(size, fill, a.dtype)
+            out[: len(a)] = a
+            return out
+
+        block_tables = np.zeros((seqs, width), np.int32)
+        block_tables[:b, : tables.shape[1]] = tables
+        arrays = {
+            "input_ids": padded(ids, tokens),
+            "positions": padded(positions, tokens),
+            "slot_mapping": padded(slots, tokens, -1),
+            "context_lens": padded(context_lens, seqs),
+            "block_tables": block_tables,
+        }
+        if cu_seqlens is not None:
+            arrays["cu_seqlens_q"] = padded(cu_seqlens, seqs + 1, n)
+        return self.step_buffer.pack(arrays | (extra or {}))
 
 
 class _SamplingInputs:
@@ -286,8 +412,8 @@ class _SamplingInputs:
 
 class _CudaGraphs:
     """`ModelRunner`'s CUDA graphs (6.2.3): capture every step size once, then replay. Uses the runner's
-    `model`, `config`, `attn`, `device`, `dtype` and `max_blocks_per_seq`; keeps the graphs in `graphs` and
-    `mixed_graphs`, their static buffers in `graph_inputs` and `graph_output`."""
+    `model`, `config`, `attn`, `device`, `dtype`, `max_blocks_per_seq`, `max_num_seqs` and `pack_step`;
+    keeps the graphs in `graphs` and `mixed_graphs`, their output in `graph_output`."""
 
     def release_graphs(self) -> None:
         """Drop the CUDA graphs (steps then run eagerly), once the GPU has finished with them. A graph that
@@ -301,20 +427,12 @@ class _CudaGraphs:
             torch.cuda.empty_cache()
 
     def _capture_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        """Capture the forward for every decode batch size and every mixed step's token count. All graphs
-        read their inputs from the same static buffers, which a replay first fills, and share one memory
-        pool: captured largest first, the smaller ones reuse its memory."""
+        """Capture the forward for every decode batch size and every mixed step's token count. Each graph
+        reads its inputs from the step buffer's views for its shape (`pack_step`), where `prepare` packs
+        every step it will run, and writes its hidden states to `graph_output`. All share one memory pool:
+        captured largest first, the smaller ones reuse its memory."""
         mixed = mixed_graph_sizes(max_num_batched_tokens)
         max_tokens = max(max_num_seqs, *mixed)
-        int32 = dict(dtype=torch.int32, device=self.device)
-        self.graph_inputs = i = {
-            "input_ids": torch.zeros(max_tokens, dtype=torch.long, device=self.device),
-            "positions": torch.zeros(max_tokens, dtype=torch.long, device=self.device),
-            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.long, device=self.device),
-            "block_tables": torch.zeros(max_num_seqs, self.max_blocks_per_seq, **int32),
-            "context_lens": torch.zeros(max_num_seqs, **int32),
-            "cu_seqlens_q": torch.zeros(max_num_seqs + 1, **int32),
-        }
         self.graph_output = torch.zeros(
             max_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device
         )
@@ -322,53 +440,54 @@ class _CudaGraphs:
         # at most max_num_seqs, and no more sequences than tokens
         shapes = [(self.graphs, bs, bs, False) for bs in cuda_graph_sizes(max_num_seqs)]
         shapes += [(self.mixed_graphs, t, min(t, max_num_seqs), True) for t in mixed]
-        pool = None
+        pool, none, no_table = None, np.zeros(0, np.int64), np.zeros((0, 0), np.int32)
         with torch.inference_mode():
             for graphs, tokens, seqs, is_mixed in sorted(shapes, key=lambda s: -s[1]):
                 # every sequence empty: the warm-up and the capture store nothing and attend to nothing
-                self.attn.metadata = AttentionMetadata(
-                    i["slot_mapping"][:tokens],
-                    i["block_tables"][:seqs],
-                    i["context_lens"][:seqs],
-                    i["cu_seqlens_q"][: seqs + 1] if is_mixed else None,
+                v = self.pack_step(
+                    none,
+                    none,
+                    none,
+                    none.astype(np.int32),
+                    no_table,
+                    np.zeros(1, np.int32) if is_mixed else None,
+                    (tokens, seqs, self.max_blocks_per_seq),
                 )
-                graphs[tokens] = self._capture(tokens, pool)
+                self.attn.metadata = AttentionMetadata(
+                    v["slot_mapping"],
+                    v["block_tables"],
+                    v["context_lens"],
+                    v["cu_seqlens_q"] if is_mixed else None,
+                )
+                graphs[tokens] = self._capture(v["input_ids"], v["positions"], pool)
                 pool = graphs[tokens].pool()
 
-    def _capture(self, tokens: int, pool) -> torch.cuda.CUDAGraph:
-        """The forward of the first `tokens` static inputs under the attention metadata set now, run once
-        (which compiles its kernels) and then captured into a graph that allocates from `pool`."""
-        i = self.graph_inputs
-        args = (i["input_ids"][:tokens], i["positions"][:tokens], self.attn)
-        self.graph_output[:tokens] = self.model(*args)
+    def _capture(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, pool
+    ) -> torch.cuda.CUDAGraph:
+        """The forward of these inputs under the attention metadata set now, run once (which compiles its
+        kernels) and then captured into a graph that allocates from `pool`."""
+        tokens = input_ids.shape[0]
+        self.graph_output[:tokens] = self.model(input_ids, positions, self.attn)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool):
-            self.graph_output[:tokens] = self.model(*args)
+            self.graph_output[:tokens] = self.model(input_ids, positions, self.attn)
         return graph
 
-    def _replay(
-        self, graph: torch.cuda.CUDAGraph, tokens: int, seqs: int, step: StepInputs
-    ) -> torch.Tensor:
-        """Fill the static inputs of a graph captured for `tokens` tokens of `seqs` sequences with the step,
-        replay it, and return its hidden states [tokens, hidden]. Rows past the step's tokens and sequences
-        are padding: they store nothing, have no queries (in a mixed graph) and see no keys."""
-        m, i = step.metadata, self.graph_inputs
-        n, b = step.input_ids.shape[0], len(step.reqs)
-        i["slot_mapping"][n:tokens].fill_(-1)
-        i["context_lens"][b:seqs].zero_()
-        for name, value in (
-            ("input_ids", step.input_ids),
-            ("positions", step.positions),
-            ("slot_mapping", m.slot_mapping),
-            ("context_lens", m.context_lens),
-        ):
-            i[name][: value.shape[0]].copy_(value)
-        i["block_tables"][:b, : m.block_tables.shape[1]].copy_(m.block_tables)
-        if m.cu_seqlens_q is not None:
-            i["cu_seqlens_q"][: b + 1].copy_(m.cu_seqlens_q)
-            i["cu_seqlens_q"][b + 1 : seqs + 1].fill_(n)
-        graph.replay()
-        return self.graph_output[:tokens]
+    def graph_for(
+        self, num_tokens: int, num_seqs: int, decode: bool
+    ) -> tuple[torch.cuda.CUDAGraph, int, int] | None:
+        """The graph a step of num_tokens tokens of num_seqs sequences replays, with the token and sequence
+        counts it was captured for: the smallest decode graph holding the batch for a decode step (one
+        token per sequence), the smallest mixed graph holding its tokens for the others; None (eager) when
+        none holds it."""
+        if decode:
+            bs = smallest_holding(self.graphs, num_seqs)
+            return None if bs is None else (self.graphs[bs], bs, bs)
+        size = smallest_holding(self.mixed_graphs, num_tokens)
+        if size is None:
+            return None
+        return self.mixed_graphs[size], size, min(size, self.max_num_seqs)
 
 
 class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
@@ -437,6 +556,12 @@ class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
         )
         self.attn = PagedAttention(self.kv_cache, c.head_dim)
         self.max_num_seqs = max_num_seqs
+        # every step's integer inputs (prepare's pack_step), sized for the largest step or graph
+        tokens, seqs = max(max_num_batched_tokens, max_num_seqs), max_num_seqs
+        int64, int32 = np.dtype(np.int64), np.dtype(np.int32)
+        sizes = [(int64, tokens)] * 3 + [(int32, seqs), (int32, seqs * self.max_blocks_per_seq)]
+        sizes += [(int32, seqs + 1), (int64, seqs), (int64, tokens), (int64, tokens)]
+        self.step_buffer = StepBuffer(StepBuffer.size(sizes), self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode steps, by batch size
         self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps, by token count
         if self.device.type == "cuda" and not enforce_eager:
@@ -477,25 +602,21 @@ class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
         self.update_states(scheduler_output)
         step = self.prepare(scheduler_output)
         reqs = step.reqs
-        prompt_rows = self.prompt_logprob_rows(step)
-        num_tokens, decode = step.input_ids.shape[0], step.metadata.is_decode
-        bs = smallest_holding(self.graphs, len(reqs)) if decode and not prompt_rows else None
-        size = None if decode else smallest_holding(self.mixed_graphs, num_tokens)
-        if bs is not None:
-            hidden = self._replay(self.graphs[bs], bs, bs, step)[: len(reqs)]
-        else:  # a prompt, or speculative tokens to verify: the same forward (Chapter 10)
-            if size is not None:
-                all_hidden = self._replay(
-                    self.mixed_graphs[size], size, min(size, self.max_num_seqs), step
-                )
-            else:
-                self.attn.metadata = step.metadata
-                all_hidden = self.model(step.input_ids, step.positions, self.attn)
-            spec = scheduler_output.scheduled_spec_decode_tokens
+        if step.graph is not None:  # its inputs are in place: `prepare` packed them there
+            graph, tokens = step.graph
+            graph.replay()
+            all_hidden = self.graph_output[:tokens]
+        else:
+            self.attn.metadata = step.metadata
+            all_hidden = self.model(step.input_ids, step.positions, self.attn)
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        if step.metadata.is_decode:  # a token per request, each its last
+            hidden = all_hidden[: len(reqs)]
+        else:  # prompts, or speculative tokens to verify: the same forward (Chapter 10)
             req_ids = list(scheduler_output.num_scheduled_tokens)
             hidden = all_hidden[self.verify_rows(step, spec, req_ids) if spec else step.last_rows]
         logits = self.model.compute_logits(hidden)
-        if scheduler_output.scheduled_spec_decode_tokens:
+        if spec:
             output = self.verify(logits, step, scheduler_output)
         else:
             output = self.sampler(logits, self.sampling_batch(step))
@@ -505,7 +626,7 @@ class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
             req_id: i for i, req_id in enumerate(scheduler_output.num_scheduled_tokens)
         }
         prompt_logprobs = {}
-        for i, (first, rows, targets) in prompt_rows.items():
+        for i, (first, rows, targets) in self.prompt_logprob_rows(step).items():
             index, chosen = (torch.tensor(x, device=self.device) for x in (rows, targets))
             prompt_logits = self.model.compute_logits(all_hidden[index])
             k = reqs[i].params.prompt_logprobs
