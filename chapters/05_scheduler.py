@@ -183,11 +183,13 @@ class SamplingParams:
                 f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}"
             )
         self.stop = list(stop)
-        self.stop_token_ids = list(self.stop_token_ids)
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+        # None is taken as no ids, as in vLLM; a lone id is a mistake (vLLM wants a list too)
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
             raise ValueError(
-                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}"
+                f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}"
             )
+        self.stop_token_ids = list(ids)
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 

@@ -1390,7 +1390,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             return prompt, self._tokenizer("a text prompt needs one: pass token ids").encode(prompt)
         if is_chat(prompt):
-            return None, self.render_chat(prompt)
+            return self.render_chat(prompt)
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
         raise TypeError(
@@ -1398,7 +1398,10 @@ class InputProcessor:
             f"'prompt' or 'prompt_token_ids', not {type(prompt).__name__}"
         )
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    def render_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
+        """The conversation through the chat template, with the assistant's turn opened: (its text, which
+        `RequestOutput.prompt` shows as vLLM does, and its token ids, which the template's own tokenization
+        gives: special tokens as the template writes them, none added)."""
         if not all(
             isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
         ):
@@ -1406,11 +1409,14 @@ class InputProcessor:
         roles = {m["role"] for m in messages} - CHAT_ROLES
         if roles:
             raise ValueError(f"unknown chat role {sorted(roles)}: use system, user or assistant")
-        return list(
-            self._tokenizer("a chat needs one: pass token ids").apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        tokenizer = self._tokenizer("a chat needs one: pass token ids")
+        text, ids = (
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=tokenize, return_dict=False
             )
+            for tokenize in (False, True)
         )
+        return text, list(ids)
 
     def check(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming what is wrong with a request's tokens or its params for this model."""

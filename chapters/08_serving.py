@@ -455,7 +455,7 @@ import json
 import uuid
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from mini_infer.outputs import CompletionOutput, Logprob
 from mini_infer.sampling_params import SamplingParams
@@ -630,7 +630,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)  # an empty chat is a 400 naming the field
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -856,7 +856,7 @@ class APIError(Exception):
 #| export mini_infer.serve.api_server
 def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
     """The server's app; its engine thread runs while the app does (uvicorn's lifespan)."""
-    engine = AsyncLLMEngine(llm.engine)
+    engine, started = AsyncLLMEngine(llm.engine), int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -912,7 +912,7 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                 {
                     "id": model_name,
                     "object": "model",
-                    "created": 0,
+                    "created": started,  # when this server loaded the model, as a Unix time
                     "owned_by": "mini-infer",
                     "max_model_len": llm.engine.max_model_len,
                 }

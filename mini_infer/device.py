@@ -25,7 +25,8 @@ def default_device() -> torch.device:
 
 def as_device(device) -> torch.device:
     """`device` ("cpu", "cuda", "cuda:N" or such a torch.device), or default_device() when None. Raises
-    ValueError for anything else: the engine's kernels and references run on those two."""
+    ValueError for anything else (the engine's kernels and references run on those two) and for a GPU
+    index PyTorch does not see, RuntimeError for a GPU when PyTorch sees none (a CPU build of torch, say)."""
     if device is None:
         return default_device()
     try:
@@ -34,6 +35,16 @@ def as_device(device) -> torch.device:
         resolved = None
     if resolved is None or resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if resolved.type == "cuda":
+        # checked here: PyTorch itself fails later, in an assertion about how it was compiled
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={device!r}, but PyTorch sees no CUDA GPU (torch {torch.__version__})"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)"
+            )
     return resolved
 
 

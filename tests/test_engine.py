@@ -188,6 +188,9 @@ def test_chat_messages_use_the_chat_template(llm):
     out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
     assert out.outputs[0].text == "The capital of France is Paris."
     assert out.outputs[0].finish_reason == "stop"  # at <|im_end|>, which the text does not show
+    # the rendered conversation, as vLLM shows it, whose tokens are the prompt's
+    assert out.prompt.endswith("<|im_start|>assistant\n") and chat[0]["content"] in out.prompt
+    assert llm.get_tokenizer().encode(out.prompt) == out.prompt_token_ids
 
 
 @pytest.mark.slow

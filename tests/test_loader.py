@@ -259,6 +259,15 @@ def test_bad_load_format_dtype_device_and_model():
         load_model(123)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
+def test_a_gpu_asked_for_without_one_is_a_clear_error():
+    from mini_infer.llm import LLM
+
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(RuntimeError, match="PyTorch sees no CUDA GPU"):
+            LLM(TINY, load_format="dummy", device=device)
+
+
 # --- config ----------------------------------------------------------------------------------------------
 
 

@@ -209,6 +209,8 @@ def test_abort_returns_blocks_at_once():
         ({"max_tokens": 2.5}, "max_tokens"),
         ({"seed": "x"}, "seed"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": 5}, "stop_token_ids must be a list"),
+        ({"stop_token_ids": "5"}, "stop_token_ids must be a list"),
         ({"stop": ""}, "stop must be a non-empty string"),
         ({"stop": ["\n", ""]}, "stop"),
         ({"stop": ["a", 3]}, "stop"),
@@ -241,6 +243,8 @@ def test_stop_is_a_list_of_strings():
     assert SamplingParams().stop == SamplingParams(stop=None).stop == []
     assert SamplingParams(stop="\n").stop == ["\n"]  # one string, as vLLM takes it
     assert SamplingParams(stop=("a", "bc")).stop == ["a", "bc"]
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == []  # as vLLM takes it
+    assert SamplingParams(stop_token_ids=(7, 9)).stop_token_ids == [7, 9]
 
 
 def test_scheduler_limits_must_be_positive():

@@ -78,6 +78,7 @@ def client(url):
 
 def test_models_and_health(client, url):
     assert [m.id for m in client.models.list()] == [MODEL]
+    assert 0 < client.models.list().data[0].created <= time.time()  # when the server loaded it
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
 
 
@@ -329,6 +330,8 @@ def test_bad_chat_requests_and_unknown_paths(url, client):
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model=MODEL, messages="Hi")
+    with pytest.raises(openai.BadRequestError, match="messages: List should have at least 1 item"):
+        client.chat.completions.create(model=MODEL, messages=[])
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4", messages=CHAT)
     r = httpx.get(f"{url}/v1/nothing")

@@ -43,7 +43,7 @@ class APIError(Exception):
 
 def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
     """The server's app; its engine thread runs while the app does (uvicorn's lifespan)."""
-    engine = AsyncLLMEngine(llm.engine)
+    engine, started = AsyncLLMEngine(llm.engine), int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -99,7 +99,7 @@ def build_app(llm: LLM, model_name: str = EMBEDDED_MODEL_NAME) -> FastAPI:
                 {
                     "id": model_name,
                     "object": "model",
-                    "created": 0,
+                    "created": started,  # when this server loaded the model, as a Unix time
                     "owned_by": "mini-infer",
                     "max_model_len": llm.engine.max_model_len,
                 }

@@ -6,7 +6,7 @@ import json
 import uuid
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from mini_infer.outputs import CompletionOutput, Logprob
 from mini_infer.sampling_params import SamplingParams
@@ -174,7 +174,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)  # an empty chat is a 400 naming the field
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = None
