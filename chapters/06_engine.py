@@ -626,8 +626,8 @@ class PagedAttention:
 # %%
 #| export mini_infer.worker.model_runner
 """Runs one scheduled step on the model: keeps what it needs of each request, packs the step's tokens
-and metadata, runs the forward (a CUDA graph replay for decode steps on a GPU), and samples one token
-per request."""
+and metadata, runs the forward (on a GPU a CUDA graph replay, for every step up to the largest graph),
+and samples one token per request."""
 
 import itertools
 from dataclasses import dataclass
@@ -718,7 +718,8 @@ class CachedRequestState:
 @dataclass
 class StepInputs:
     """A packed step (see `ModelRunner.prepare`): what the forward takes, the per-request numbers it was
-    packed from, which sampling and prompt logprobs read too, and the CUDA graph that runs it, if one does."""
+    packed from, which sampling and prompt logprobs read too, and the CUDA graph that runs it, if one does.
+    Its tensors are views of the runner's `StepBuffer`, which the next step's packing overwrites."""
 
     input_ids: torch.Tensor  # [T] on the device
     positions: torch.Tensor  # [T] on the device
@@ -736,17 +737,45 @@ class StepInputs:
     graph: tuple | None  # (the CUDA graph that runs the step, its token count), or None: eager
 
 
+def place_bytes(dtype: np.dtype, shape: tuple) -> int:
+    """The bytes of an array of this dtype and shape."""
+    return dtype.itemsize * int(np.prod(shape))
+
+
+def step_layout(tokens: int, seqs: int, width: int, mixed: bool) -> tuple:
+    """The arrays of a packed step, in the order they lie in a `StepBuffer`: (name, dtype, shape) of the
+    forward's inputs for `tokens` tokens of `seqs` sequences with block tables `width` entries wide
+    (cu_seqlens_q only in a mixed step), then the rows to sample and where pending tokens go and come from
+    (room for every sequence or token; a step fills the first ones), then the block tables last: an upload
+    stops after the rows the step fills."""
+    i64, i32 = np.dtype(np.int64), np.dtype(np.int32)
+    return (
+        ("input_ids", i64, (tokens,)),
+        ("positions", i64, (tokens,)),
+        ("slot_mapping", i64, (tokens,)),
+        ("context_lens", i32, (seqs,)),
+        *((("cu_seqlens_q", i32, (seqs + 1,)),) if mixed else ()),
+        ("last_rows", i64, (seqs,)),
+        ("pending", i64, (tokens,)),
+        ("source", i64, (tokens,)),
+        ("block_tables", i32, (seqs, width)),
+    )
+
+
 class StepBuffer:
     """A step's integer inputs in one block of memory, so that they reach the device in one copy (6.2.3).
 
-    `pack(arrays)` lays numpy arrays out one after another (each from a multiple of 16 bytes, so that a
-    kernel sees the same alignment every step), writes them into a host buffer, copies the bytes in use
-    to the device buffer in one transfer and returns the device views by name. The layout depends only on
-    the arrays' order, dtypes and shapes: a CUDA graph captured on the views of one layout reads every
-    later step packed to the same shapes. On a GPU the host buffers are pinned (the copy is queued behind
-    the GPU's work and the host does not wait) and two take turns: the host packs step N + 1 while the copy
-    of step N may still be waiting in the GPU's queue, and it waits for a buffer's last copy (long done,
-    in practice) before writing it again. RuntimeError when a step needs more than `nbytes`."""
+    `pack(arrays, layout)` writes each array into the start of its place in the layout (each place
+    starting at a multiple of 16 bytes, so that a kernel sees the same alignment every step; an array
+    smaller than its place fills its first rows and columns, and the rest keeps what it held), copies the
+    bytes in use, up to the last array's last row, to the device buffer in one transfer, and returns the
+    device views of the whole layout by name. A layout's addresses never change: a CUDA graph captured on
+    the views of one layout reads every later step packed to it. The views are those of one buffer, which
+    the next `pack` overwrites (on a GPU in stream order, after the work queued before it): use a step's
+    views within its step. On a GPU the host buffers are pinned (the copy is queued behind the GPU's work
+    and the host does not wait) and two take turns: the host packs step N + 1 while the copy of step N may
+    still be waiting in the GPU's queue, and it waits for a buffer's last copy (long done, in practice)
+    before writing it again. RuntimeError when a layout needs more than `nbytes`."""
 
     ALIGN = 16
     DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
@@ -757,58 +786,59 @@ class StepBuffer:
         self.copied = [torch.cuda.Event() if on_gpu else None for _ in range(2)]
         self.turn = 0
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.layouts = {}  # a layout's views, made once (`_views`)
+        self.layouts = {}  # a layout's places and views, made once (`_views`)
 
     @classmethod
-    def size(cls, arrays: list[tuple[np.dtype, int]]) -> int:
-        """The bytes `pack` needs at most for arrays of these (dtype, number of elements), in any order."""
-        return sum(-(-d.itemsize * n // cls.ALIGN) * cls.ALIGN for d, n in arrays)
+    def size(cls, layout: tuple) -> int:
+        """The bytes a layout ((name, dtype, shape), ...) takes."""
+        return sum(-(-place_bytes(d, shape) // cls.ALIGN) * cls.ALIGN for _, d, shape in layout)
 
-    def pack(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        layout = tuple((name, a.dtype, a.shape) for name, a in arrays.items())
+    def pack(self, arrays: dict[str, np.ndarray], layout: tuple) -> dict[str, torch.Tensor]:
         if layout not in self.layouts:
             if len(self.layouts) >= 1024:  # eager steps come in many shapes: keep the cache small
                 self.layouts.clear()
             self.layouts[layout] = self._views(layout)
-        host_views, copies, views = self.layouts[layout]
+        starts, host_views, views = self.layouts[layout]
         copied = self.copied[self.turn]
         if copied is not None:
             copied.synchronize()
         for name, a in arrays.items():
-            host_views[self.turn][name][...] = a
-        device, host = copies[self.turn]
-        device.copy_(host, non_blocking=True)
+            host_views[self.turn][name][tuple(slice(0, n) for n in a.shape)] = a
+        # up to the end of the last array's rows
+        name, dtype, shape = layout[-1]
+        end = starts[name] + place_bytes(dtype, (len(arrays[name]), *shape[1:]))
+        self.buffer[:end].copy_(self.host[self.turn][:end], non_blocking=True)
         if copied is not None:
-            copied.record()
+            copied.record(torch.cuda.current_stream(self.device))
         self.turn ^= 1
         return views
 
-    def _views(self, layout):
-        """For a layout ((name, dtype, shape), ...): each host buffer's numpy views by name, each host
-        buffer's (device bytes, host bytes) in use, and the device views by name. Made once per layout:
-        a view costs the host a few microseconds, and a step needs nine."""
-        spans, end = [], 0
+    def _views(self, layout: tuple):
+        """A layout's start of each place, each host buffer's numpy views and the device views, by name.
+        Made once per layout: a view costs the host a few microseconds, and a step has up to nine. The
+        device views are made outside inference mode, so that a step run outside it may write into them
+        too (the pending tokens)."""
+        if self.size(layout) > self.nbytes:
+            raise RuntimeError(
+                f"a step with arrays {', '.join(f'{n} {shape}' for n, _, shape in layout)} needs "
+                f"{self.size(layout)} bytes of inputs, more than the runner's {self.nbytes} (sized by "
+                "max_num_seqs, max_num_batched_tokens and max_model_len)"
+            )
+        places, end = [], 0
         for name, dtype, shape in layout:
             start = -(-end // self.ALIGN) * self.ALIGN
-            end = start + dtype.itemsize * int(np.prod(shape))
-            spans.append((name, dtype, shape, start, end))
-        if end > self.nbytes:
-            sizes = ", ".join(f"{name} {shape}" for name, _, shape, *_ in spans)
-            raise RuntimeError(
-                f"a step with arrays {sizes} needs {end} bytes of inputs, more than the runner's "
-                f"{self.nbytes} (sized by max_num_seqs and max_num_batched_tokens)"
-            )
-        staging = [host.numpy() for host in self.host]
+            end = start + place_bytes(dtype, shape)
+            places.append((name, dtype, shape, start, end))
         host_views = [
-            {name: s[a:b].view(dtype).reshape(shape) for name, dtype, shape, a, b in spans}
-            for s in staging
+            {name: host.numpy()[a:b].view(d).reshape(shape) for name, d, shape, a, b in places}
+            for host in self.host
         ]
-        copies = [(self.buffer[:end], host[:end]) for host in self.host]
-        views = {
-            name: self.buffer[a:b].view(self.DTYPES[dtype]).view(shape)
-            for name, dtype, shape, a, b in spans
-        }
-        return host_views, copies, views
+        with torch.inference_mode(False):
+            views = {
+                name: self.buffer[a:b].view(self.DTYPES[d]).view(shape)
+                for name, d, shape, a, b in places
+            }
+        return {name: a for name, _, _, a, _ in places}, host_views, views
 
 
 # %% [markdown]
@@ -905,13 +935,13 @@ class _StepPacking:
             positions,
             slots,
             ends.astype(np.int32),
-            tables,
             None if decode else cu_seqlens.astype(np.int32),
+            (cu_seqlens[1:] - 1, pending, source, tables),
             (tokens, seqs, self.max_blocks_per_seq if replay else width),
-            extra={"last_rows": cu_seqlens[1:] - 1, "pending": pending, "source": source},
         )
         if len(pending):
-            v["input_ids"][v["pending"]] = self.last_sampled[v["source"]]
+            p = len(pending)
+            v["input_ids"][v["pending"][:p]] = self.last_sampled[v["source"][:p]]
         metadata = AttentionMetadata(
             v["slot_mapping"][: len(ids)],
             v["block_tables"][:n],
@@ -922,7 +952,7 @@ class _StepPacking:
             v["input_ids"][: len(ids)],
             v["positions"][: len(ids)],
             metadata,
-            v["last_rows"],
+            v["last_rows"][:n],
             reqs,
             starts,
             ends,
@@ -932,33 +962,34 @@ class _StepPacking:
         )
 
     def pack_step(
-        self, ids, positions, slots, context_lens, tables, cu_seqlens, shape, extra=None
+        self, ids, positions, slots, context_lens, cu_seqlens, rest, shape
     ) -> dict[str, torch.Tensor]:
-        """A step's arrays for n tokens of b sequences, padded to shape = (tokens, sequences, block-table
-        width) and packed into the runner's `step_buffer`, followed by `extra` (not padded): their views on
-        the device, by name. Padding tokens have slot -1 (nothing stored), padding sequences context
-        length 0 (no keys), and the padding entries of cu_seqlens_q (None in a decode step) stand at n (no
-        queries): a CUDA graph captured for that shape runs the step, and its padding does nothing."""
+        """A step's arrays for n tokens of b sequences, packed into the runner's `step_buffer` in the
+        `step_layout` of shape = (tokens, sequences, block-table width): their views on the device, by
+        name. The forward's token and sequence arrays are padded to the shape: padding tokens have slot -1
+        (nothing stored), padding sequences context length 0 (no keys), and the padding entries of
+        cu_seqlens_q (None in a decode step) stand at n (no queries), so that a CUDA graph captured for
+        that shape runs the step and its padding does nothing. `rest` = (last rows [b], pending [P],
+        source [P], block tables [b, w]) fill the start of their places: the rest is never read."""
         tokens, seqs, width = shape
-        n, b = len(ids), len(context_lens)
+        n = len(ids)
 
         def padded(a, size, fill=0):
             out = np.full(size, fill, a.dtype)
             out[: len(a)] = a
             return out
 
-        block_tables = np.zeros((seqs, width), np.int32)
-        block_tables[:b, : tables.shape[1]] = tables
         arrays = {
             "input_ids": padded(ids, tokens),
             "positions": padded(positions, tokens),
             "slot_mapping": padded(slots, tokens, -1),
             "context_lens": padded(context_lens, seqs),
-            "block_tables": block_tables,
         }
         if cu_seqlens is not None:
             arrays["cu_seqlens_q"] = padded(cu_seqlens, seqs + 1, n)
-        return self.step_buffer.pack(arrays | (extra or {}))
+        arrays |= dict(zip(("last_rows", "pending", "source", "block_tables"), rest))
+        layout = step_layout(tokens, seqs, width, cu_seqlens is not None)
+        return self.step_buffer.pack(arrays, layout)
 
 
 # %%
@@ -1065,32 +1096,30 @@ class _CudaGraphs:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
-    def _capture_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def _capture_graphs(self, max_num_batched_tokens: int) -> None:
         """Capture the forward for every decode batch size and every mixed step's token count. Each graph
         reads its inputs from the step buffer's views for its shape (`pack_step`), where `prepare` packs
         every step it will run, and writes its hidden states to `graph_output`. All share one memory pool:
         captured largest first, the smaller ones reuse its memory."""
         mixed = mixed_graph_sizes(max_num_batched_tokens)
-        max_tokens = max(max_num_seqs, *mixed)
+        max_tokens = max(self.max_num_seqs, *mixed)
         self.graph_output = torch.zeros(
             max_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device
         )
-        # (graphs, tokens, sequences, mixed): a decode graph has as many sequences as tokens; a mixed one
-        # at most max_num_seqs, and no more sequences than tokens
-        shapes = [(self.graphs, bs, bs, False) for bs in cuda_graph_sizes(max_num_seqs)]
-        shapes += [(self.mixed_graphs, t, min(t, max_num_seqs), True) for t in mixed]
+        shapes = [(self.graphs, bs, False) for bs in cuda_graph_sizes(self.max_num_seqs)]
+        shapes += [(self.mixed_graphs, t, True) for t in mixed]
         pool, none, no_table = None, np.zeros(0, np.int64), np.zeros((0, 0), np.int32)
         with torch.inference_mode():
-            for graphs, tokens, seqs, is_mixed in sorted(shapes, key=lambda s: -s[1]):
+            for graphs, tokens, is_mixed in sorted(shapes, key=lambda s: -s[1]):
                 # every sequence empty: the warm-up and the capture store nothing and attend to nothing
                 v = self.pack_step(
                     none,
                     none,
                     none,
                     none.astype(np.int32),
-                    no_table,
                     np.zeros(1, np.int32) if is_mixed else None,
-                    (tokens, seqs, self.max_blocks_per_seq),
+                    (none, none, none, no_table),
+                    (tokens, self.graph_seqs(tokens), self.max_blocks_per_seq),
                 )
                 self.attn.metadata = AttentionMetadata(
                     v["slot_mapping"],
@@ -1120,13 +1149,14 @@ class _CudaGraphs:
         counts it was captured for: the smallest decode graph holding the batch for a decode step (one
         token per sequence), the smallest mixed graph holding its tokens for the others; None (eager) when
         none holds it."""
-        if decode:
-            bs = smallest_holding(self.graphs, num_seqs)
-            return None if bs is None else (self.graphs[bs], bs, bs)
-        size = smallest_holding(self.mixed_graphs, num_tokens)
-        if size is None:
-            return None
-        return self.mixed_graphs[size], size, min(size, self.max_num_seqs)
+        graphs = self.graphs if decode else self.mixed_graphs
+        size = smallest_holding(graphs, num_seqs if decode else num_tokens)
+        return None if size is None else (graphs[size], size, self.graph_seqs(size))
+
+    def graph_seqs(self, tokens: int) -> int:
+        """The sequences a graph of `tokens` tokens holds: a decode graph one per token, a mixed one at most
+        max_num_seqs (and no more than its tokens)."""
+        return min(tokens, self.max_num_seqs)
 
 
 # %%
@@ -1198,15 +1228,14 @@ class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
         self.attn = PagedAttention(self.kv_cache, c.head_dim)
         self.max_num_seqs = max_num_seqs
         # every step's integer inputs (prepare's pack_step), sized for the largest step or graph
-        tokens, seqs = max(max_num_batched_tokens, max_num_seqs), max_num_seqs
-        int64, int32 = np.dtype(np.int64), np.dtype(np.int32)
-        sizes = [(int64, tokens)] * 3 + [(int32, seqs), (int32, seqs * self.max_blocks_per_seq)]
-        sizes += [(int32, seqs + 1), (int64, seqs), (int64, tokens), (int64, tokens)]
-        self.step_buffer = StepBuffer(StepBuffer.size(sizes), self.device)
+        largest = step_layout(
+            max(max_num_batched_tokens, max_num_seqs), max_num_seqs, self.max_blocks_per_seq, True
+        )
+        self.step_buffer = StepBuffer(StepBuffer.size(largest), self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode steps, by batch size
         self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps, by token count
         if self.device.type == "cuda" and not enforce_eager:
-            self._capture_graphs(max_num_seqs, max_num_batched_tokens)
+            self._capture_graphs(max_num_batched_tokens)
 
     @property
     def num_blocks(self) -> int:
@@ -2850,11 +2879,13 @@ print(
 # reads.
 #
 # Measured in fresh processes on one H200 (machine b0c998c3, `benchmarks/benchmark_latency.py`, rows in
-# `benchmarks/results/packed_inputs_ab.jsonl`, the first version of this code, which made the device
-# views anew every step), a Llama-3-8B token at batch 1 took 4.113 ms against 4.140 ms with the dozen
-# copies, and its first token 6.46 against 6.99 ms. Qwen3-0.6B's rows moved more between two runs of the
-# same code than between the two ways (0.972 and 0.854 ms with the copies, 1.022 and 0.821 without): its
-# step is short enough that what else the machine does shows.
+# `benchmarks/results/packed_inputs_ab.jsonl`; a first version of this code, which made the device views
+# anew every step and copied the padding rows of the block tables too), a Llama-3-8B token at batch 1
+# took 4.113 ms against 4.140 ms with the dozen copies, and its first token 6.46 against 6.99 ms.
+# Qwen3-0.6B's rows moved more between two runs of the same code than between the two ways (0.972 and
+# 0.854 ms with the copies, 1.022 and 0.821 without): its step is short enough that what else the machine
+# does shows. Batch 256 has not been measured with it yet. The sampler's own inputs (temperatures and
+# seeds, when a request samples) still travel on their own: one copy a step is the forward's.
 
 
 # %%

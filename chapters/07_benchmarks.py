@@ -1141,8 +1141,9 @@ for path, flag in (("rope_epilogue_ab.jsonl", "epilogues"), ("prewait_ab.jsonl",
 # boundary and the dependent loads behind it no longer cost what they did; what is left above the floor
 # is the small kernels (0.49 ms, decode attention's 0.27 the most), the GPU's idle time and the
 # products' last 2%. Part of the idle time was outside the graph: a dozen small copies of each step's
-# inputs before its replay. With one copy a step (Chapter 6.2.3) a Llama-3-8B token took 4.113 ms against
-# 4.140 ms on b0c998c3, 86.5% of that run's floor against 85.9% (`packed_inputs_ab.jsonl`).
+# inputs before its replay. With the forward's inputs in one copy a step (Chapter 6.2.3) a Llama-3-8B
+# token took 4.113 ms against 4.140 ms on b0c998c3, 86.5% of that run's floor against 85.9%
+# (`packed_inputs_ab.jsonl`, one pair).
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling

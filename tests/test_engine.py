@@ -512,6 +512,7 @@ class EagerGraph:
     captured with."""
 
     replayed: list[int] = []  # the token count of each replayed graph
+    decode: list[bool] = []  # and whether it was a decode graph
 
     def __init__(self, runner, input_ids, positions):
         self.runner, self.input_ids, self.positions = runner, input_ids, positions
@@ -525,9 +526,10 @@ class EagerGraph:
         r.attn.metadata = self.metadata
         r.graph_output[:tokens] = r.model(self.input_ids, self.positions, r.attn)
         EagerGraph.replayed.append(tokens)
+        EagerGraph.decode.append(self.metadata.is_decode)
 
 
-def stand_in_graphs(llm, monkeypatch, max_num_seqs: int = 4, max_num_batched_tokens: int = 48):
+def stand_in_graphs(llm, monkeypatch, max_num_batched_tokens: int = 48):
     """Give a CPU engine's runner EagerGraph stand-ins for every graph a GPU would capture; return the
     runner and a list that collects the SchedulerOutput of every step it executes from now on."""
     from mini_infer.worker.model_runner import ModelRunner
@@ -536,8 +538,8 @@ def stand_in_graphs(llm, monkeypatch, max_num_seqs: int = 4, max_num_batched_tok
         ModelRunner, "_capture", lambda self, ids, positions, pool: EagerGraph(self, ids, positions)
     )
     runner = llm.engine.runner
-    runner._capture_graphs(max_num_seqs, max_num_batched_tokens)
-    EagerGraph.replayed = []
+    runner._capture_graphs(max_num_batched_tokens)
+    EagerGraph.replayed, EagerGraph.decode = [], []
     steps = []
     execute = runner.execute_model
     monkeypatch.setattr(runner, "execute_model", lambda out: steps.append(out) or execute(out))
@@ -545,7 +547,7 @@ def stand_in_graphs(llm, monkeypatch, max_num_seqs: int = 4, max_num_batched_tok
 
 
 def test_graph_replays_with_padding_give_the_eager_tokens(monkeypatch):
-    """What a GPU does with CUDA graphs, checked on the CPU: the runner's static buffers, the choice of a
+    """What a GPU does with CUDA graphs, checked on the CPU: the step buffer's views, the choice of a
     decode or a mixed graph, and the padding of tokens and sequences. Every step replays a graph (chunked
     prompts beside decoding requests, then pure decode), and the tokens equal the eager run's."""
     config = TINY_DUMMY
@@ -590,28 +592,56 @@ def test_verification_steps_replay_the_mixed_graphs(monkeypatch):
 
 
 def test_step_buffer_packs_aligned_views_in_one_copy_and_raises_when_full():
-    """The runner's StepBuffer: what comes back equals what went in (int64 and int32, shapes kept), every
-    array starts at a multiple of 16 bytes, the same shapes give the same addresses (what a CUDA graph
-    relies on) whichever host buffer packed them, and a step that does not fit is a clear error."""
+    """The runner's StepBuffer: what comes back equals what went in (int64 and int32, an array smaller than
+    its place in its first rows and columns), every place starts at a multiple of 16 bytes, the same
+    layout gives the same addresses (what a CUDA graph relies on) whichever host buffer packed it, and a
+    layout that does not fit is a clear error."""
     import numpy as np
 
-    from mini_infer.worker.model_runner import StepBuffer
+    from mini_infer.worker.model_runner import StepBuffer, step_layout
 
     rng = np.random.default_rng(0)
-    sizes = [(np.dtype(np.int64), 7), (np.dtype(np.int32), 15), (np.dtype(np.int32), 3 * 5)]
-    buffer = StepBuffer(StepBuffer.size(sizes), torch.device("cpu"))
+    layout = step_layout(tokens=7, seqs=3, width=5, mixed=True)
+    buffer = StepBuffer(StepBuffer.size(layout), torch.device("cpu"))
     addresses = []
-    for _ in range(3):  # the two host buffers take turns
+    for b in (3, 2, 1):  # the two host buffers take turns; fewer sequences fill fewer rows
         arrays = {
-            "ids": rng.integers(-(2**40), 2**40, 7),
-            "lens": rng.integers(0, 2**31 - 1, 15).astype(np.int32),
-            "table": rng.integers(0, 2**31 - 1, (3, 5)).astype(np.int32),
+            name: rng.integers(0, 2**31 - 1, shape).astype(dtype)
+            for name, dtype, shape in layout
+            if name != "block_tables"
         }
-        views = buffer.pack(arrays)
+        arrays["block_tables"] = rng.integers(0, 2**31 - 1, (b, 4)).astype(np.int32)
+        views = buffer.pack(arrays, layout)
         for name, a in arrays.items():
-            assert views[name].shape == a.shape and torch.equal(views[name], torch.from_numpy(a))
+            corner = views[name][tuple(slice(0, n) for n in a.shape)]
+            assert torch.equal(corner, torch.from_numpy(a)), name
             assert views[name].data_ptr() % StepBuffer.ALIGN == 0
+        assert views["block_tables"].shape == (3, 5)
         addresses.append([v.data_ptr() for v in views.values()])
     assert addresses[0] == addresses[1] == addresses[2]
     with pytest.raises(RuntimeError, match="more than the runner's"):
-        buffer.pack({"ids": np.zeros(100, np.int64)})
+        buffer.pack({}, step_layout(tokens=9, seqs=3, width=5, mixed=True))
+
+
+def test_prompt_logprobs_of_a_one_token_chunk_replay_a_decode_graph(monkeypatch):
+    """A step whose every request runs one token is a decode step even when a prompt's chunk is that token
+    (here every chunk is one token: one request at a time, max_num_batched_tokens=1): it replays the
+    decode graph, and the prompt logprobs read from the graph's output equal those of an engine without
+    graphs."""
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, ignore_eos=True)
+    prompt = [5, 17, 80, 3, 41]
+    args = dict(load_format="dummy", device="cpu", dtype="float32", max_model_len=64, seed=0)
+    args.update(max_num_seqs=1, max_num_batched_tokens=1)
+    expected = LLM(TINY_DUMMY, **args).generate([prompt], params, use_tqdm=False)[0]
+    graphed = LLM(TINY_DUMMY, **args)
+    _, steps = stand_in_graphs(graphed, monkeypatch, max_num_batched_tokens=1)
+    out = graphed.generate([prompt], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    for got, want in zip(out.prompt_logprobs[1:], expected.prompt_logprobs[1:]):
+        assert got.keys() == want.keys()
+        assert all(abs(got[t].logprob - want[t].logprob) < 1e-5 for t in got)
+    # one token a step, prompt chunks included: every step replayed the decode graph of 1
+    assert all(s.total_num_scheduled_tokens == 1 for s in steps)
+    assert EagerGraph.replayed == [1] * len(steps) and len(steps) == len(prompt) + 2
+    assert all(EagerGraph.decode)
