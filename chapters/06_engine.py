@@ -1401,6 +1401,9 @@ class InputProcessor:
                 f"sampling params must be a SamplingParams, got {type(params).__name__}"
             )
         text, token_ids = self.tokenize(prompt)
+        if params.truncate_prompt_tokens is not None:  # the last k tokens (-1: as many as fit)
+            k = params.truncate_prompt_tokens
+            token_ids = token_ids[-(self.max_model_len if k == -1 else k) :]
         self.check(token_ids, params)
         return EngineRequest(request_id, text, token_ids, params)
 

@@ -392,8 +392,8 @@ engine.shutdown()
 # or the chat messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the
 # sampling fields people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of
 # the prompt, up to 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's
-# `top_logprobs`), plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and
-# `ignore_eos`. pydantic checks the types; `SamplingParams` checks the values and names the field when one
+# `top_logprobs`), plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+# `ignore_eos` and `truncate_prompt_tokens` (keep the prompt's last k tokens). pydantic checks the types; `SamplingParams` checks the values and names the field when one
 # is not allowed. Where OpenAI's schema lets a field be null (the sampling and streaming fields: the
 # `openai` package's request types, generated from that schema, mark them `Optional`), null means the
 # default, as if the field were left out: `temperature: null` samples at 1.0. The answer carries the text,
@@ -507,6 +507,7 @@ class SamplingFields(OpenAIRequest):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    truncate_prompt_tokens: int | None = None  # an extension, as in vLLM: keep the prompt's last k
 
     # Each field that this server does not implement, with the values that ask for nothing (null, or
     # leaving the field out, always does): any other value is refused.
@@ -542,6 +543,7 @@ class SamplingFields(OpenAIRequest):
             min_p=self.min_p or 0.0,
             min_tokens=self.min_tokens or 0,
             logprobs=self.num_logprobs(),
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
         )
 
     def num_logprobs(self) -> int | None:

@@ -36,6 +36,8 @@ class SamplingParams:
     default); `prompt_logprobs` the same for each prompt token after the first (such a request computes its
     whole prompt: the prefix cache does not serve it). A `seed` makes its sampling reproducible on its own. `n` asks for that many samples of the
     prompt; each runs as a sequence of its own (see `for_sample`) and they come back together.
+    `truncate_prompt_tokens` k keeps only the last k tokens of a longer prompt (-1: the last
+    `max_model_len`), as vLLM does; `RequestOutput.prompt` stays the text as given.
 
     Raises ValueError naming the field and the allowed values when a value is not allowed.
     """
@@ -57,6 +59,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     seed: int | None = None
+    truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
@@ -105,6 +108,11 @@ class SamplingParams:
                 )
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not _is_int(k) or not (k >= 1 or k == -1)):
+            raise ValueError(
+                f"truncate_prompt_tokens must be None, -1 or a positive integer, got {k!r}"
+            )
         # as in vLLM, a single stop string, or None, is taken too
         stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):

@@ -193,6 +193,21 @@ def test_chat_messages_use_the_chat_template(llm):
     assert llm.get_tokenizer().encode(out.prompt) == out.prompt_token_ids
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
+    ids = [(7 * i) % 3000 + 10 for i in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    cut = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=12)
+    short, truncated, whole = llm.generate(
+        [ids[-12:], ids, ids[:8]], [params, cut, cut], use_tqdm=False
+    )
+    assert truncated.prompt_token_ids == ids[-12:] and whole.prompt_token_ids == ids[:8]
+    assert truncated.outputs[0].token_ids == short.outputs[0].token_ids
+    # -1: as many as fit, which leaves no room for output: rejected, as in vLLM
+    too_long = list(range(10, 10 + llm.engine.max_model_len + 5))
+    out = llm.generate(too_long, SamplingParams(truncate_prompt_tokens=-1), use_tqdm=False)[0]
+    assert f"({llm.engine.max_model_len} tokens) leaves no room" in out.error
+
+
 @pytest.mark.slow
 def test_a_seed_makes_sampling_reproducible_whatever_the_batch(llm):
     params = SamplingParams(

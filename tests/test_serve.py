@@ -368,6 +368,14 @@ def test_a_request_longer_than_the_context_is_refused_before_it_runs(url, client
     # no max_tokens: today's behaviour, the completion's default 16 cut short where the context ends
     cut = client.completions.create(model=MODEL, prompt=prompt, extra_body={"ignore_eos": True})
     assert cut.usage.completion_tokens == room and cut.choices[0].finish_reason == "length"
+    # vLLM's truncate_prompt_tokens: the prompt's last 100 tokens leave room for the 20 asked for
+    kept = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=20,
+        extra_body={"ignore_eos": True, "truncate_prompt_tokens": 100},
+    )
+    assert kept.usage.prompt_tokens == 100 and kept.usage.completion_tokens == 20
     # a chat counts its prompt after the template
     messages = [{"role": "user", "content": "Hi " * 200}]
     num_chat = len(

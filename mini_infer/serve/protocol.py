@@ -58,6 +58,7 @@ class SamplingFields(OpenAIRequest):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    truncate_prompt_tokens: int | None = None  # an extension, as in vLLM: keep the prompt's last k
 
     # Each field that this server does not implement, with the values that ask for nothing (null, or
     # leaving the field out, always does): any other value is refused.
@@ -93,6 +94,7 @@ class SamplingFields(OpenAIRequest):
             min_p=self.min_p or 0.0,
             min_tokens=self.min_tokens or 0,
             logprobs=self.num_logprobs(),
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
         )
 
     def num_logprobs(self) -> int | None:
