@@ -1606,6 +1606,9 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs: per prompt token its Logprobs (None for the first, which nothing
     # scores), once the whole prompt has been computed
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # the prompt tokens whose K/V the prefix cache held when the request was first scheduled (its first
+    # sample to be), as vLLM reports them; None before that
+    num_cached_tokens: int | None = None
 
 
 # %%
@@ -1652,6 +1655,7 @@ class RequestState:
         None  # filled as the prompt is computed
     )
     prompt_logprobs_sent: bool = False  # a DELTA stream sends them once
+    num_cached_tokens: int | None = None  # set once, when a first sample is scheduled
 
 
 # %%
@@ -1716,6 +1720,7 @@ class _OutputMaking:
             completions,
             finished,
             prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=state.num_cached_tokens,
         )
 
     def _text_ids(self, sample: SampleState) -> list[int]:
@@ -1812,6 +1817,14 @@ class OutputProcessor(_OutputMaking):
                 touched[state.request.request_id] = state
         outputs = [out for state in touched.values() if (out := self._output(state)) is not None]
         return outputs, stopped
+
+    def set_num_cached_tokens(self, seq_id: int, num_cached_tokens: int) -> None:
+        """Note how many prompt tokens the prefix cache served when a sample of the request was scheduled,
+        the first time only (a preempted sample that comes back does not change it)."""
+        if seq_id in self.sample_of:
+            state, _ = self.sample_of[seq_id]
+            if state.num_cached_tokens is None:
+                state.num_cached_tokens = num_cached_tokens
 
     def add_prompt_logprobs(self, seq_id: int, first: int, entries: list[LogprobEntry]) -> None:
         """Take a step's prompt logprobs of a sequence: entries[i] scores the prompt token at first + i + 1.
@@ -1960,6 +1973,8 @@ class _EngineStep:
         if self.proposer:  # Chapter 10
             self.propose_drafts()
         scheduler_output, launched = self.scheduler.schedule(), None
+        for new in scheduler_output.scheduled_new_reqs:  # what its prompt found in the prefix cache
+            self.output_processor.set_num_cached_tokens(new.req_id, new.num_computed_tokens)
         if scheduler_output.num_scheduled_tokens:
             tokens = self.runner.execute_model(scheduler_output)
             launched = (scheduler_output, self.scheduler.advance(scheduler_output), tokens)

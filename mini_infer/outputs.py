@@ -43,3 +43,6 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs: per prompt token its Logprobs (None for the first, which nothing
     # scores), once the whole prompt has been computed
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # the prompt tokens whose K/V the prefix cache held when the request was first scheduled (its first
+    # sample to be), as vLLM reports them; None before that
+    num_cached_tokens: int | None = None

@@ -193,6 +193,20 @@ def test_chat_messages_use_the_chat_template(llm):
     assert llm.get_tokenizer().encode(out.prompt) == out.prompt_token_ids
 
 
+def test_outputs_say_how_many_prompt_tokens_the_prefix_cache_served(llm):
+    ids = [(11 * i) % 3000 + 10 for i in range(70)]
+    params = SamplingParams(temperature=0, max_tokens=2)
+    first = llm.generate([ids], params, use_tqdm=False)[0]
+    again, scored = llm.generate(
+        [ids, ids], [params, SamplingParams(max_tokens=2, prompt_logprobs=0)], use_tqdm=False
+    )
+    assert first.num_cached_tokens == 0
+    assert again.num_cached_tokens == 64  # the 4 whole 16-token blocks of the prompt
+    assert scored.num_cached_tokens == 0  # a request that scores its prompt computes all of it
+    rejected = llm.generate([[]], params, use_tqdm=False)[0]
+    assert rejected.error and rejected.num_cached_tokens is None
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
     ids = [(7 * i) % 3000 + 10 for i in range(40)]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

@@ -108,6 +108,8 @@ class _EngineStep:
         if self.proposer:  # Chapter 10
             self.propose_drafts()
         scheduler_output, launched = self.scheduler.schedule(), None
+        for new in scheduler_output.scheduled_new_reqs:  # what its prompt found in the prefix cache
+            self.output_processor.set_num_cached_tokens(new.req_id, new.num_computed_tokens)
         if scheduler_output.num_scheduled_tokens:
             tokens = self.runner.execute_model(scheduler_output)
             launched = (scheduler_output, self.scheduler.advance(scheduler_output), tokens)

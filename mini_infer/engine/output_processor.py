@@ -41,6 +41,7 @@ class RequestState:
         None  # filled as the prompt is computed
     )
     prompt_logprobs_sent: bool = False  # a DELTA stream sends them once
+    num_cached_tokens: int | None = None  # set once, when a first sample is scheduled
 
 
 class _OutputMaking:
@@ -103,6 +104,7 @@ class _OutputMaking:
             completions,
             finished,
             prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=state.num_cached_tokens,
         )
 
     def _text_ids(self, sample: SampleState) -> list[int]:
@@ -197,6 +199,14 @@ class OutputProcessor(_OutputMaking):
                 touched[state.request.request_id] = state
         outputs = [out for state in touched.values() if (out := self._output(state)) is not None]
         return outputs, stopped
+
+    def set_num_cached_tokens(self, seq_id: int, num_cached_tokens: int) -> None:
+        """Note how many prompt tokens the prefix cache served when a sample of the request was scheduled,
+        the first time only (a preempted sample that comes back does not change it)."""
+        if seq_id in self.sample_of:
+            state, _ = self.sample_of[seq_id]
+            if state.num_cached_tokens is None:
+                state.num_cached_tokens = num_cached_tokens
 
     def add_prompt_logprobs(self, seq_id: int, first: int, entries: list[LogprobEntry]) -> None:
         """Take a step's prompt logprobs of a sequence: entries[i] scores the prompt token at first + i + 1.
