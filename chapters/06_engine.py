@@ -1616,12 +1616,13 @@ class RequestOutput:
 """Tokens in, `RequestOutput`s out: incremental detokenization, stop strings, finish reasons, log-probabilities,
 and a request's samples gathered into one output. Plain Python (the tokenizer is whatever the loader gave)."""
 
+import functools
 from dataclasses import dataclass, field
 
 from mini_infer.engine.detokenizer import TextStream
 from mini_infer.engine.input_processor import EngineRequest
 from mini_infer.outputs import CompletionOutput, Logprob, RequestOutput
-from mini_infer.sampling_params import RequestOutputKind
+from mini_infer.sampling_params import RequestOutputKind, SamplingParams
 
 # what the runner returns for a token whose logprobs were asked for: (token ids, their log-probabilities,
 # the sampled token's rank), the sampled token first, then the most likely ones
@@ -1664,12 +1665,14 @@ class _OutputMaking:
     """How `OutputProcessor` turns a sample's tokens into text, logprobs and `RequestOutput`s. Uses the
     processor's `tokenizer`, `requests`, `sample_of` and `decode`."""
 
-    def _logprobs(self, entry: LogprobEntry, k: int) -> dict[int, Logprob]:
-        """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k)."""
+    def _logprobs(self, entry: LogprobEntry, k: int, detokenize: bool) -> dict[int, Logprob]:
+        """A token's Logprobs: the sampled one, then the k most likely (rank 1 to k); their tokens' text
+        unless the request does without text (`SamplingParams.detokenize` False)."""
         (sampled, *top), (sampled_logprob, *top_logprobs), rank = entry
-        out = {sampled: Logprob(sampled_logprob, rank, self._token_text(sampled))}
+        text = self._token_text if detokenize else lambda token: None
+        out = {sampled: Logprob(sampled_logprob, rank, text(sampled))}
         for i, (token, logprob) in enumerate(zip(top[:k], top_logprobs[:k])):
-            out.setdefault(token, Logprob(logprob, i + 1, self._token_text(token)))
+            out.setdefault(token, Logprob(logprob, i + 1, text(token)))
         return out
 
     def _token_text(self, token: int) -> str | None:
@@ -1683,7 +1686,8 @@ class _OutputMaking:
             del self.requests[state.request.request_id]
 
     def _output(self, state: RequestState, force: bool = False) -> RequestOutput | None:
-        kind = state.request.sampling_params.output_kind
+        params = state.request.sampling_params
+        kind = params.output_kind
         finished = state.num_finished == len(state.samples)
         if kind is RequestOutputKind.FINAL_ONLY and not (finished or force):
             return None
@@ -1695,7 +1699,7 @@ class _OutputMaking:
                     continue  # nothing new for this sample in this step
                 text, sample.text, sample.num_reported = sample.text, "", len(sample.token_ids)
             else:
-                text = self._final_text(sample) if finished else sample.text
+                text = self._final_text(sample, params) if finished else sample.text
             logprobs = None if sample.logprobs is None else sample.logprobs[start:]
             completions.append(
                 CompletionOutput(
@@ -1726,10 +1730,12 @@ class _OutputMaking:
     def _text_ids(self, sample: SampleState) -> list[int]:
         return sample.token_ids[:-1] if sample.hide_last_token else sample.token_ids
 
-    def _final_text(self, sample: SampleState) -> str:
+    def _final_text(self, sample: SampleState, params: SamplingParams) -> str:
+        if not params.detokenize:
+            return ""
         if sample.stream is None or not sample.stream.stopped:
             # decoded in one go: an incremental decode may differ from it where a tokenizer looks at context
-            return self.decode(self._text_ids(sample))
+            return self.decode(self._text_ids(sample), params.skip_special_tokens)
         return sample.text
 
 
@@ -1750,21 +1756,22 @@ class OutputProcessor(_OutputMaking):
         self.requests: dict[str, RequestState] = {}
         self.sample_of: dict[int, tuple[RequestState, SampleState]] = {}  # by sequence id
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return (
             ""
             if self.tokenizer is None
-            else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            else self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
         )
 
     def add_request(self, request: EngineRequest, seq_ids: list[int]) -> None:
         """Follow a request whose samples run as the engine sequences seq_ids (sample i is seq_ids[i])."""
         params = request.sampling_params
         streamed = params.output_kind is not RequestOutputKind.FINAL_ONLY
-        text_needed = streamed or bool(params.stop)
+        text_needed = params.detokenize and (streamed or bool(params.stop))
+        decode = functools.partial(self.decode, skip_special_tokens=params.skip_special_tokens)
 
         def sample(i: int) -> SampleState:
-            stream = TextStream(self.decode, params.stop, params.include_stop_str_in_output)
+            stream = TextStream(decode, params.stop, params.include_stop_str_in_output)
             asked = params.logprobs is not None
             return SampleState(
                 i, stream if text_needed else None, [] if asked else None, 0.0 if asked else None
@@ -1796,7 +1803,7 @@ class OutputProcessor(_OutputMaking):
             params = state.request.sampling_params
             sample.token_ids.append(token)
             if logprobs is not None:
-                sample.logprobs.append(self._logprobs(logprobs, params.logprobs))
+                sample.logprobs.append(self._logprobs(logprobs, params.logprobs, params.detokenize))
                 sample.cumulative_logprob += sample.logprobs[-1][token].logprob
             if finish_reason == "stop" and token in params.stop_token_ids:
                 sample.stop_reason = token
@@ -1832,9 +1839,11 @@ class OutputProcessor(_OutputMaking):
         if seq_id not in self.sample_of:  # finished or aborted meanwhile
             return
         state, _ = self.sample_of[seq_id]
-        k = state.request.sampling_params.prompt_logprobs
+        params = state.request.sampling_params
         for i, entry in enumerate(entries):
-            state.prompt_logprobs[first + i + 1] = self._logprobs(entry, k)
+            state.prompt_logprobs[first + i + 1] = self._logprobs(
+                entry, params.prompt_logprobs, params.detokenize
+            )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop following a request; return its last output (its unfinished samples end with "abort")."""

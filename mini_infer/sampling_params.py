@@ -37,7 +37,9 @@ class SamplingParams:
     whole prompt: the prefix cache does not serve it). A `seed` makes its sampling reproducible on its own. `n` asks for that many samples of the
     prompt; each runs as a sequence of its own (see `for_sample`) and they come back together.
     `truncate_prompt_tokens` k keeps only the last k tokens of a longer prompt (-1: the last
-    `max_model_len`), as vLLM does; `RequestOutput.prompt` stays the text as given.
+    `max_model_len`), as vLLM does; `RequestOutput.prompt` stays the text as given. The output's text
+    leaves special tokens out unless `skip_special_tokens` is False, and with `detokenize` False there
+    is no text at all (token ids only; logprobs without their tokens' text), as in vLLM.
 
     Raises ValueError naming the field and the allowed values when a value is not allowed.
     """
@@ -56,6 +58,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    detokenize: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     seed: int | None = None
@@ -129,6 +133,11 @@ class SamplingParams:
         self.stop_token_ids = list(ids)
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.stop and not self.detokenize:  # a stop string is found in the text
+            raise ValueError("stop strings need detokenize=True: they are looked for in the text")
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +163,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize")
 FLOAT_FIELDS = (
     "temperature",
     "top_p",

@@ -193,6 +193,20 @@ def test_chat_messages_use_the_chat_template(llm):
     assert llm.get_tokenizer().encode(out.prompt) == out.prompt_token_ids
 
 
+def test_special_tokens_in_the_text_and_no_text_at_all(llm):
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    greedy = dict(temperature=0, max_tokens=20, include_stop_str_in_output=True)
+    plain, special = (
+        llm.chat(chat, SamplingParams(**greedy, skip_special_tokens=skip), use_tqdm=False)[0]
+        for skip in (True, False)
+    )
+    assert plain.outputs[0].text == "The capital of France is Paris."  # <|im_end|> is special
+    assert special.outputs[0].text == "The capital of France is Paris.<|im_end|>"
+    bare = llm.chat(chat, SamplingParams(**greedy, detokenize=False, logprobs=1), use_tqdm=False)[0]
+    assert bare.outputs[0].text == "" and bare.outputs[0].token_ids == plain.outputs[0].token_ids
+    assert all(p.decoded_token is None for step in bare.outputs[0].logprobs for p in step.values())
+
+
 def test_outputs_say_how_many_prompt_tokens_the_prefix_cache_served(llm):
     ids = [(11 * i) % 3000 + 10 for i in range(70)]
     params = SamplingParams(temperature=0, max_tokens=2)
