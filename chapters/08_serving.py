@@ -393,13 +393,14 @@ engine.shutdown()
 # sampling fields people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of
 # the prompt, up to 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's
 # `top_logprobs`), plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-# `ignore_eos` and `truncate_prompt_tokens` (keep the prompt's last k tokens). pydantic checks the types; `SamplingParams` checks the values and names the field when one
-# is not allowed. Where OpenAI's schema lets a field be null (the sampling and streaming fields: the
-# `openai` package's request types, generated from that schema, mark them `Optional`), null means the
-# default, as if the field were left out: `temperature: null` samples at 1.0. The answer carries the text,
-# why it ended (`finish_reason`: "stop" for the end-of-sequence token or a stop string, "length" for
-# `max_tokens`) and the `usage` counts; with `n` > 1, one choice per completion (`index` 0 to n-1), the
-# usage counting the tokens of all of them.
+# `ignore_eos`, `truncate_prompt_tokens` (keep the prompt's last k tokens), `skip_special_tokens` and
+# `include_stop_str_in_output`. pydantic checks the types; `SamplingParams` checks the values and names
+# the field when one is not allowed. Where OpenAI's schema lets a field be null (the sampling and
+# streaming fields: the `openai` package's request types, generated from that schema, mark them
+# `Optional`), null means the default, as if the field were left out: `temperature: null` samples at 1.0.
+# The answer carries the text, why it ended (`finish_reason`: "stop" for the end-of-sequence token or a
+# stop string, "length" for `max_tokens`) and the `usage` counts; with `n` > 1, one choice per completion
+# (`index` 0 to n-1), the usage counting the tokens of all of them.
 #
 # A request must fit in the model's context, `max_model_len` tokens. One that asks for more `max_tokens`
 # (a chat's `max_completion_tokens`) than its prompt leaves room for is refused with a 400 before it
@@ -508,6 +509,8 @@ class SamplingFields(OpenAIRequest):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     truncate_prompt_tokens: int | None = None  # an extension, as in vLLM: keep the prompt's last k
+    skip_special_tokens: bool = True  # extensions, as in vLLM: special tokens in the text or not
+    include_stop_str_in_output: bool = False  # and the stop string's (or stop token's) text
 
     # Each field that this server does not implement, with the values that ask for nothing (null, or
     # leaving the field out, always does): any other value is refused.
@@ -544,6 +547,8 @@ class SamplingFields(OpenAIRequest):
             min_tokens=self.min_tokens or 0,
             logprobs=self.num_logprobs(),
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
 
     def num_logprobs(self) -> int | None:

@@ -131,6 +131,16 @@ def test_chat_streamed_and_not(client, llm):
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    # vLLM's extensions: the end-of-turn token's text, which is special, in the reply
+    shown = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"skip_special_tokens": False, "include_stop_str_in_output": True},
+    )
+    assert reply.choices[0].finish_reason == "stop"  # at <|im_end|>, within 16 tokens
+    assert shown.choices[0].message.content == message.content + "<|im_end|>"
 
 
 def test_stop_strings_and_seed(client):

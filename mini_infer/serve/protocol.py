@@ -59,6 +59,8 @@ class SamplingFields(OpenAIRequest):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     truncate_prompt_tokens: int | None = None  # an extension, as in vLLM: keep the prompt's last k
+    skip_special_tokens: bool = True  # extensions, as in vLLM: special tokens in the text or not
+    include_stop_str_in_output: bool = False  # and the stop string's (or stop token's) text
 
     # Each field that this server does not implement, with the values that ask for nothing (null, or
     # leaving the field out, always does): any other value is refused.
@@ -95,6 +97,8 @@ class SamplingFields(OpenAIRequest):
             min_tokens=self.min_tokens or 0,
             logprobs=self.num_logprobs(),
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
 
     def num_logprobs(self) -> int | None:
