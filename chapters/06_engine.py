@@ -789,9 +789,20 @@ class StepBuffer:
         self.layouts = {}  # a layout's places and views, made once (`_views`)
 
     @classmethod
+    def places(cls, layout: tuple) -> list[tuple]:
+        """Where a layout ((name, dtype, shape), ...) puts each array: (name, dtype, shape, first byte,
+        end byte), each place starting at the next multiple of ALIGN."""
+        places, end = [], 0
+        for name, dtype, shape in layout:
+            start = -(-end // cls.ALIGN) * cls.ALIGN
+            end = start + place_bytes(dtype, shape)
+            places.append((name, dtype, shape, start, end))
+        return places
+
+    @classmethod
     def size(cls, layout: tuple) -> int:
-        """The bytes a layout ((name, dtype, shape), ...) takes."""
-        return sum(-(-place_bytes(d, shape) // cls.ALIGN) * cls.ALIGN for _, d, shape in layout)
+        """The bytes a layout takes."""
+        return cls.places(layout)[-1][-1]
 
     def pack(self, arrays: dict[str, np.ndarray], layout: tuple) -> dict[str, torch.Tensor]:
         if layout not in self.layouts:
@@ -818,17 +829,13 @@ class StepBuffer:
         Made once per layout: a view costs the host a few microseconds, and a step has up to nine. The
         device views are made outside inference mode, so that a step run outside it may write into them
         too (the pending tokens)."""
-        if self.size(layout) > self.nbytes:
+        places = self.places(layout)
+        if places[-1][-1] > self.nbytes:
             raise RuntimeError(
                 f"a step with arrays {', '.join(f'{n} {shape}' for n, _, shape in layout)} needs "
-                f"{self.size(layout)} bytes of inputs, more than the runner's {self.nbytes} (sized by "
+                f"{places[-1][-1]} bytes of inputs, more than the runner's {self.nbytes} (sized by "
                 "max_num_seqs, max_num_batched_tokens and max_model_len)"
             )
-        places, end = [], 0
-        for name, dtype, shape in layout:
-            start = -(-end // self.ALIGN) * self.ALIGN
-            end = start + place_bytes(dtype, shape)
-            places.append((name, dtype, shape, start, end))
         host_views = [
             {name: host.numpy()[a:b].view(d).reshape(shape) for name, d, shape, a, b in places}
             for host in self.host
@@ -2078,8 +2085,11 @@ class LLMEngine(_EngineRequests, _EngineStep):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
-        sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        sizes["block_size"] = block_size
+        sizes = dict(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+        )
         if max_model_len is not None:  # None: the model's own length
             sizes["max_model_len"] = max_model_len
         for name, value in sizes.items():

@@ -202,8 +202,11 @@ class LLMEngine(_EngineRequests, _EngineStep):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
-        sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        sizes["block_size"] = block_size
+        sizes = dict(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+        )
         if max_model_len is not None:  # None: the model's own length
             sizes["max_model_len"] = max_model_len
         for name, value in sizes.items():
