@@ -2921,8 +2921,11 @@ print(
 # took 4.113 ms against 4.140 ms with the dozen copies, and its first token 6.46 against 6.99 ms.
 # Qwen3-0.6B's rows moved more between two runs of the same code than between the two ways (0.972 and
 # 0.854 ms with the copies, 1.022 and 0.821 without): its step is short enough that what else the machine
-# does shows. Batch 256 has not been measured with it yet. The sampler's own inputs (temperatures and
-# seeds, when a request samples) still travel on their own: one copy a step is the forward's.
+# does shows. In the race of 6.2.6, the first with it, Llama-3-8B's token took 4.134 ms (85.6% of that
+# run's floor, 84.7% in the race before without it) and SmolLM2's 0.59 ms, where every earlier H200 row
+# took 0.82 to 1.13 ms: a step that short is mostly the host's. Batch 256 has not been measured side by
+# side with it yet. The sampler's own inputs (temperatures and seeds, when a request samples) still
+# travel on their own: one copy a step is the forward's.
 
 
 # %%
@@ -3121,15 +3124,16 @@ if (RESULTS / "latency.jsonl").exists():
     )
 
 # %% [markdown]
-# (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in under 1 ms,
-# 1.5 times as fast as vLLM and over 20 times faster than Chapter 1's loop on the same kind of card: the
-# CUDA graph turned some 1,300 kernel launches into one, little else runs between two steps, and the
-# one-row matrix products run Chapter 7.3's GEMV. The first token comes sooner still, relative to vLLM
-# (2.4 against 7.6 ms for SmolLM2, 6.9 against 9.7 ms for Llama-3-8B): a 128-token prefill is a mixed
-# step, and it replays a graph too (6.2.3). At batch 256 Mini-Infer is ahead on all three: SmolLM2 1.43x,
-# Qwen3-0.6B 1.25x, Llama-3-8B 1.03x (race on 6206c9fc). In the race on 4c25c198, before the fixes of Chapters 4.4.2 and
-# 3.4.1, it was behind on the two larger models (0.94x and 0.89x); on f01e36c0, before the decode kernel
-# stored the new K/V itself (4.4.2), Llama-3-8B was level (0.996x).
+# (A ratio above 1 means Mini-Infer is faster.) At batch 1 the engine makes a SmolLM2 token in 0.59 ms,
+# 2.6 times as fast as vLLM and over 45 times faster than Chapter 1's loop on the same kind of card (28.0
+# ms a step there): the CUDA graph turned some 1,300 kernel launches into one, its inputs reach it in one
+# copy, little else runs between two steps, and the one-row matrix products run Chapter 7.3's GEMV. The
+# first token comes sooner still, relative to vLLM (1.6 against 10.5 ms for SmolLM2, 6.1 against 15.1 ms
+# for Llama-3-8B): a 128-token prefill is a mixed step, and it replays a graph too (6.2.3). At batch 256
+# Mini-Infer is ahead on all three: SmolLM2 1.42x, Qwen3-0.6B 1.08x, Llama-3-8B 1.02x (race on
+# db874215). In the race on 4c25c198, before the fixes of Chapters 4.4.2 and 3.4.1, it was behind on the
+# two larger models (0.94x and 0.89x); on f01e36c0, before the decode kernel stored the new K/V itself
+# (4.4.2), Llama-3-8B was level (0.996x).
 # Where does the time go? `benchmarks/profile_step.py` profiles 20 decode steps with 256 requests of
 # about 590 tokens of context each, sorts the GPU's kernels by kind, and counts the rest of each step's
 # wall time as time the GPU sat idle, waiting for the host (the profiler itself adds a little to it).

@@ -165,22 +165,23 @@ plt.show()
 
 # %% [markdown]
 # Read the ratios, not the bars. In the stored race, on an H200, Mini-Infer is ahead at batch 1 on
-# all three models (1.50x, 2.45x and 1.16x per output token, 1.41x to 7.58x on time to first token):
-# the whole decode step of our engine is one CUDA graph, little Python runs between two of them, and at
-# batch 1 the matrix products run the GEMV of 7.3.2 and 7.3.3, and the kernels of its chain launch early
-# (7.3.4). At batch 256 it is ahead on all three, by 1.43x on SmolLM2, 1.25x on Qwen3-0.6B and narrowly
-# on Llama-3-8B (1.03x; 1.02x in the five races before this one, on 68198230, bb201784, 5dc65413,
-# ea65e184 and 010e5261), whose steps are almost all GPU work; the profile below shows where that work
-# goes. The ratios move with both engines: the race before this one ran the same engine on 010e5261,
-# where it made 55,705 SmolLM2 tokens a second against vLLM's 26,906 (2.07x; here 49,390 against
-# 34,600) and vLLM took 13.4 ms to SmolLM2's first token (7.6 here); vLLM's Qwen3-0.6B token took from
-# 1.70 to 2.62 ms in the H200 races since 4c25c198 (2.06 in this one; 2.28 in the race before), and our
-# time to first token moves too (SmolLM2 1.7 to 2.4 ms, Qwen3-0.6B 2.1 to 3.0 ms over the same races). Each engine's best of two runs counts (`race.sh` with `REPEAT=2`): the
-# first run on a fresh machine can be slower. Below the table, the batch-1 rows against their floor: a
-# decode step must read every weight once, so (weight bytes) / (copy bandwidth) is the fastest a token
-# can come; the small models are far from it because their steps are launches, not reads. Transformers' `generate`, measured beside Mini-Infer
-# (on the machine named, an H100), shows what an engine adds to a model: the same forward pass
-# without a paged cache, continuous batching or CUDA graphs.
+# all three models (2.61x, 2.26x and 1.16x per output token, 2.46x to 6.49x on time to first token):
+# the whole decode step of our engine is one CUDA graph whose inputs arrive in one copy, little Python
+# runs between two of them, and at batch 1 the matrix products run the GEMV of 7.3.2 and 7.3.3, and the
+# kernels of its chain launch early (7.3.4). At batch 256 it is ahead on all three, by 1.42x on SmolLM2,
+# 1.08x on Qwen3-0.6B and narrowly on Llama-3-8B (1.02x; 1.02-1.03x in the six races before this one, on
+# 68198230, bb201784, 5dc65413, ea65e184, 010e5261 and 6206c9fc), whose steps are almost all GPU work;
+# the profile below shows where that work goes. The ratios move with both engines: over the stored H200
+# races vLLM made 18,867 to 34,600 SmolLM2 tokens a second and we made 42,765 (this race) to 59,487, so
+# the SmolLM2 ratio went from 2.07x on 010e5261 to 1.43x on 6206c9fc with the same engine; vLLM's
+# Qwen3-0.6B token took from 1.70 to 2.62 ms in the H200 races since 4c25c198 (1.84 in this one), and
+# its first SmolLM2 token 7.6 to 26.8 ms (10.5 here). Each engine's best of two runs counts (`race.sh`
+# with `REPEAT=2`): the first run on a fresh machine can be slower. Below the table, the batch-1 rows
+# against their floor: a decode step must read every weight once, so (weight bytes) / (copy bandwidth) is
+# the fastest a token can come; the small models are far from it because their steps are launches, not
+# reads. Transformers' `generate`, measured beside Mini-Infer (on the machine named, an H100), shows what
+# an engine adds to a model: the same forward pass without a paged cache, continuous batching or CUDA
+# graphs.
 
 # %%
 display(Markdown("\n".join(report.hf_section(report.hf()))))
@@ -365,8 +366,9 @@ print(f"(all on an {pairs[0][0]['device']}, {pairs[0][0]['date']})" if pairs els
 # above are those profiles (our Llama-3-8B row from bb201784, Qwen3-0.6B from 68198230, vLLM's from
 # 212bab10). The race on 68198230 gave 1.03x on Qwen3-0.6B and 1.02x on Llama-3-8B; the race on 5dc65413
 # a day later (with batch 1's GEMV, which leaves batch 256 alone), 1.06x and 1.02x; on ea65e184 (with
-# 7.3.4's early launch), 1.07x and 1.02x; on 010e5261 with the same engine, 1.12x and 1.02x; the race
-# above, on 6206c9fc with the same engine again, 1.25x and 1.03x.
+# 7.3.4's early launch), 1.07x and 1.02x; on 010e5261 with the same engine, 1.12x and 1.02x; on 6206c9fc
+# with the same engine again, 1.25x and 1.03x; the race above, on db874215 (with 6.2.3's one-copy
+# inputs), 1.08x and 1.02x.
 
 # %% [markdown]
 # ### 7.3.2 Batch 1: a matrix-vector product that reads faster
@@ -1077,16 +1079,17 @@ for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine:
 # The wait alone (7eeead7a) gave Llama-3-8B 1%; with the early launch and the weight tile (ea65e184) PDL
 # gave 2% (4.33 -> 4.24 ms), one run each way; which of the two does it, these runs do not separate. The
 # small models' rows move by more than PDL could explain (Qwen3-0.6B without PDL: 0.956 ms on one
-# machine, 1.333 on the other), so their ratios say little. In the race of 7.2 (6206c9fc) Llama-3-8B's
-# token took 4.18 ms against a floor of 3.54 ms: 84.7%, 0.015 ms a token short of 85%, and three more runs
-# in fresh processes on that machine gave 4.177, 4.177 and 4.173 ms. The same engine made 84.8% in the
-# race before (010e5261), 83.5% on ea65e184 and 85.0% on 4110255a (twice, in fresh processes with nothing
-# beside them), and the same path made 86.2% on gpu-7a985eda (branch next/rope-epilogue with its epilogue
-# off): machines differ by more than is left to take. Under PDL the profiler's kernel times include each
-# kernel's wait for the one before, so they no longer add up to the step; `profile_step.py` also counts
-# each kernel only from the latest end of the kernels before it (`exposed_ms`): what it adds to the time
-# the GPU is busy. Llama-3-8B's batch-1 step with and without
-# PDL, on one machine (79621e3a, contexts of some 1,000 tokens):
+# machine, 1.333 on the other), so their ratios say little. With PDL, before 6.2.3's one-copy inputs,
+# Llama-3-8B's token took 4.18 ms against a floor of 3.54 ms in the race on 6206c9fc: 84.7%, 0.015 ms a
+# token short of the 85% we aimed for, and three more runs in fresh processes on that machine gave 4.177,
+# 4.177 and 4.173 ms. The same engine made 84.8% on 010e5261, 83.5% on ea65e184 and 85.0% on 4110255a
+# (twice, in fresh processes with nothing beside them): machines differ by about as much as was left to
+# take. In the race of 7.2 (db874215), with the one-copy inputs, it took 4.134 ms against 3.538: 85.6%
+# (4.134 and 4.143 ms in two more runs in fresh processes). Under PDL the profiler's kernel times include
+# each kernel's wait for the one before, so they no longer add up to the step; `profile_step.py` also
+# counts each kernel only from the latest end of the kernels before it (`exposed_ms`): what it adds to the
+# time the GPU is busy. Llama-3-8B's batch-1 step with and without PDL, on one machine (79621e3a, contexts
+# of some 1,000 tokens):
 
 # %%
 pdl, no_pdl = (
@@ -1143,7 +1146,7 @@ for path, flag in (("rope_epilogue_ab.jsonl", "epilogues"), ("prewait_ab.jsonl",
 # products' last 2%. Part of the idle time was outside the graph: a dozen small copies of each step's
 # inputs before its replay. With the forward's inputs in one copy a step (Chapter 6.2.3) a Llama-3-8B
 # token took 4.113 ms against 4.140 ms on b0c998c3, 86.5% of that run's floor against 85.9%
-# (`packed_inputs_ab.jsonl`, one pair).
+# (`packed_inputs_ab.jsonl`, one pair), and 85.6% in the race of 7.2.
 
 # %% [markdown]
 # ## 7.4 Kernels against the copy ceiling
