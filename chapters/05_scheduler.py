@@ -105,8 +105,12 @@ class SamplingParams:
     `include_stop_str_in_output`. `logprobs` asks for the log-probability of each sampled token and of the
     `logprobs` most likely ones (computed from the model's logits before penalties and temperature, vLLM's
     default); `prompt_logprobs` the same for each prompt token after the first (such a request computes its
-    whole prompt: the prefix cache does not serve it). A `seed` makes its sampling reproducible on its own. `n` asks for that many samples of the
-    prompt; each runs as a sequence of its own (see `for_sample`) and they come back together.
+    whole prompt: the prefix cache does not serve it). A `seed` makes its sampling reproducible on its
+    own. `n` asks for that many samples of the prompt; each runs as a sequence of its own (see
+    `for_sample`) and they come back together. `logit_bias` ({token id: bias}) adds each bias to its
+    token's logit, and `allowed_token_ids` lets a request sample those tokens only (the others' logits
+    become -inf); both act before min_tokens, penalties and temperature, as in vLLM, and leave the
+    log-probabilities the model's.
     `truncate_prompt_tokens` k keeps only the last k tokens of a longer prompt (-1: the last
     `max_model_len`), as vLLM does; `RequestOutput.prompt` stays the text as given. The output's text
     leaves special tokens out unless `skip_special_tokens` is False, and with `detokenize` False there
@@ -136,6 +140,8 @@ class SamplingParams:
     seed: int | None = None
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self):
         # the float fields' types first: comparing "0.7" with 1 would be a TypeError that names nothing
@@ -202,6 +208,26 @@ class SamplingParams:
                 f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}"
             )
         self.stop_token_ids = list(ids)
+        bias = self.logit_bias
+        if bias is not None and (
+            not isinstance(bias, dict)
+            or not all(_is_int(t) and t >= 0 and _is_finite(b) for t, b in bias.items())
+        ):
+            raise ValueError(
+                f"logit_bias must map non-negative integer token ids to finite numbers, got {bias!r}"
+            )
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, (list, tuple)) or not allowed:
+                raise ValueError(
+                    "allowed_token_ids must be None or a non-empty list of token ids (an empty one "
+                    f"would leave nothing to sample), got {allowed!r}"
+                )
+            if not all(_is_int(t) and t >= 0 for t in allowed):
+                raise ValueError(
+                    f"allowed_token_ids must be non-negative integers, got {allowed!r}"
+                )
+            self.allowed_token_ids = list(allowed)
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         for name in BOOL_FIELDS:
@@ -224,6 +250,11 @@ class SamplingParams:
             or self.frequency_penalty != 0
         )
 
+    @property
+    def biased(self) -> bool:
+        """Its logit_bias or allowed_token_ids change its logits before it samples."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
+
     def for_sample(self, i: int) -> "SamplingParams":
         """The params of sample i of n: one sample, and its own seed."""
         # seed + i, as in vLLM: the samples differ, and the whole set repeats with the request's seed
@@ -232,6 +263,10 @@ class SamplingParams:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize")
@@ -256,6 +291,7 @@ for bad in (
     {"max_tokens": 0},
     {"stop": [""]},
     {"n": 0},
+    {"allowed_token_ids": []},
 ):
     try:
         SamplingParams(**bad)

@@ -280,8 +280,9 @@ print(
 # %% [markdown]
 # The `Sampler` puts the kernel behind vLLM's sampling parameters. Most requests ask only for a temperature
 # (or greedy decoding), and their logits go straight to the kernel. The others are processed in float32
-# first, only their own rows: `min_tokens` forbids the end-of-sequence and stop tokens until a request has
-# that many outputs; `repetition_penalty` scales down the logits of every token the prompt or the output
+# first, only their own rows: `allowed_token_ids` sets every other token's logit to -inf and `logit_bias`
+# adds a bias to the logits of the tokens it names; `min_tokens` forbids the end-of-sequence and stop
+# tokens until a request has that many outputs; `repetition_penalty` scales down the logits of every token the prompt or the output
 # already holds (Hugging Face's rule), `presence_penalty` and `frequency_penalty` subtract a constant for
 # each output token seen, once or per occurrence (OpenAI's); then top-k, top-p and min-p drop the unlikely
 # tail. A temperature below 1e-5 is greedy: dividing logits by 1e-40 would overflow float32 and turn the
@@ -291,8 +292,9 @@ print(
 
 # %%
 #| export mini_infer.layers.sampler
-"""Turn each request's logits into its next token: min_tokens, penalties, greedy, temperature, top-k, top-p,
-min-p, per-request seeds, and the log-probabilities a request asks for."""
+"""Turn each request's logits into its next token: allowed_token_ids, logit_bias, min_tokens, penalties,
+greedy, temperature, top-k, top-p, min-p, per-request seeds, and the log-probabilities a request asks
+for."""
 
 from dataclasses import dataclass
 
@@ -340,8 +342,23 @@ class SamplerOutput:
 
 # %%
 #| export mini_infer.layers.sampler
-# The Sampler's float32 processing of the rows that ask for it, min_tokens and the penalties: functions of
-# the logits and the batch, as vLLM's penalties are (vllm/v1/sample/ops/penalties.py).
+# The Sampler's float32 processing of the rows that ask for it, in vLLM's order (vllm/v1/sample/sampler.py):
+# allowed_token_ids and logit_bias, min_tokens, then the penalties: functions of the logits and the batch,
+# as vLLM's penalties are (vllm/v1/sample/ops/penalties.py).
+def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """In place: a request with allowed_token_ids gets -inf on every other token, then its logit_bias is
+    added to its tokens' logits."""
+    device, vocab = logits.device, logits.shape[-1]
+    for i, p in enumerate(batch.params):
+        if p.allowed_token_ids is not None:
+            allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+            allowed[to_device(np.array(p.allowed_token_ids), device)] = True
+            logits[i].masked_fill_(~allowed, float("-inf"))
+        if p.logit_bias:
+            ids = to_device(np.fromiter(p.logit_bias, np.int64), device)
+            logits[i, ids] += to_device(np.fromiter(p.logit_bias.values(), np.float32), device)
+
+
 def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int]) -> None:
     """In place: a request that has fewer than min_tokens outputs may not end: its stop tokens (and the
     model's end-of-sequence tokens, unless ignore_eos) get -inf."""
@@ -405,9 +422,10 @@ class Sampler:
     one pass, each row with its own noise. A request with a seed seeds its noise with (seed, position of
     the token), so its tokens depend neither on which requests share the batch nor on the step; the others
     draw from a generator seeded with `seed` (None: fresh each run). When some row needs more than a
-    temperature (min_tokens, penalties, top-k, top-p, min-p), the batch's logits are processed in float32
-    first; a batch of plain requests goes straight to the kernel. Log-probabilities are computed for the
-    rows that ask for them only. `eos_token_ids` are the model's, which min_tokens holds back.
+    temperature (allowed_token_ids, logit_bias, min_tokens, penalties, top-k, top-p, min-p), the batch's
+    logits are processed in float32 first; a batch of plain requests goes straight to the kernel.
+    Log-probabilities are computed for the rows that ask for them only. `eos_token_ids` are the model's,
+    which min_tokens holds back.
     """
 
     def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int | None = None):
@@ -429,9 +447,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         params, processed = batch.params, logits
         if any(
-            p.penalized or p.min_tokens for p in params
+            p.biased or p.min_tokens or p.penalized for p in params
         ):  # a float32 copy: logprobs need the raw logits
             processed = logits.to(torch.float32, copy=True)
+            apply_logit_bias(processed, batch)
             apply_min_tokens(processed, batch, self.eos_token_ids)
             apply_penalties(processed, batch)
         if all(p.greedy for p in params):
@@ -1469,9 +1488,14 @@ class InputProcessor:
         ]
         if bad:
             raise ValueError(f"token ids must be integers in [0, {vocab}): got {bad[:5]}")
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}): got {bad[:5]}")
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("allowed_token_ids", params.allowed_token_ids or ()),
+            ("logit_bias's token ids", params.logit_bias or ()),
+        ):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} must be in [0, {vocab}): got {bad[:5]}")
         if n >= self.max_model_len:
             raise ValueError(
                 f"the prompt ({n} tokens) leaves no room for output in max_model_len "
@@ -2025,8 +2049,9 @@ class _EngineStep:
 
     def propose_drafts(self) -> None:
         """Chapter 10: speculative tokens for each decoding request, unless the batch is over the config's
-        `disable_by_batch_size`. Requests that ask for logprobs or penalties, or that have not reached their
-        min_tokens, do not speculate (their tokens would need the sampler's processing at every position)."""
+        `disable_by_batch_size`. Requests that ask for logprobs, penalties, a logit_bias or
+        allowed_token_ids, or that have not reached their min_tokens, do not speculate (their tokens would
+        need the sampler's processing at every position)."""
         running, limit = self.scheduler.running, self.speculative_config.disable_by_batch_size
         if limit is not None and len(running) > limit:
             self.spec_decode_metrics.num_steps_over_batch_size += 1
@@ -2037,6 +2062,7 @@ class _EngineStep:
                 seq.num_computed_tokens == len(seq.token_ids) - 1
                 and p.logprobs is None
                 and not p.penalized
+                and not p.biased
                 and seq.num_output_tokens >= p.min_tokens
             ):
                 seq.spec_token_ids = self.proposer.propose(seq)

@@ -391,11 +391,13 @@ engine.shutdown()
 # one, and another name gets a 404, "The model `gpt-4` does not exist."), the prompt (`/v1/completions`)
 # or the chat messages (`/v1/chat/completions`, rendered with the tokenizer's chat template), and the
 # sampling fields people use: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` (completions of
-# the prompt, up to 16 here), `presence_penalty` and `frequency_penalty`, and `logprobs` (with a chat's
-# `top_logprobs`), plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-# `ignore_eos`, `truncate_prompt_tokens` (keep the prompt's last k tokens), `skip_special_tokens` and
-# `include_stop_str_in_output`. pydantic checks the types; `SamplingParams` checks the values and names
-# the field when one is not allowed. Where OpenAI's schema lets a field be null (the sampling and
+# the prompt, up to 16 here), `presence_penalty` and `frequency_penalty`, `logit_bias` ({token id, as a
+# string: a bias added to its logit}, each bias clamped to [-100, 100] as vLLM does), and `logprobs` (with
+# a chat's `top_logprobs`), plus vLLM's extensions `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+# `ignore_eos`, `truncate_prompt_tokens` (keep the prompt's last k tokens), `skip_special_tokens`,
+# `include_stop_str_in_output` and `allowed_token_ids` (sample only these tokens). pydantic checks the
+# types; `SamplingParams` checks the values and names the field when one is not allowed (the engine checks
+# token ids against the vocabulary). Where OpenAI's schema lets a field be null (the sampling and
 # streaming fields: the `openai` package's request types, generated from that schema, mark them
 # `Optional`), null means the default, as if the field were left out: `temperature: null` samples at 1.0.
 # The answer carries the text, why it ended (`finish_reason`: "stop" for the end-of-sequence token or a
@@ -413,16 +415,16 @@ engine.shutdown()
 # ends first.
 #
 # OpenAI's API has more fields than this server implements, and ignoring one is the worst answer: a client
-# that asks for `logit_bias` or `response_format: {"type": "json_object"}` and gets plain text cannot tell.
+# that asks for `tools` or `response_format: {"type": "json_object"}` and gets plain text cannot tell.
 # So every field is one of three kinds:
 #
 # - implemented: the fields above;
 # - accepted and ignored, because it does not change the output: `user` (who the end user is, for
 #   OpenAI's abuse monitoring) and, in a chat, `metadata` (tags for OpenAI's dashboard);
-# - declared, and refused with a 400 naming it as soon as it asks for something: `logit_bias`, `echo`,
-#   `suffix`, `best_of` above 1, a `response_format` other than text, `tools` and `tool_choice`. The value
-#   that asks for nothing (`logit_bias: {}`, `echo: false`, `tool_choice: "none"`, ...) is accepted, so a
-#   client that spells out the defaults keeps working.
+# - declared, and refused with a 400 naming it as soon as it asks for something: `echo`, `suffix`,
+#   `best_of` above 1, a `response_format` other than text, `tools` and `tool_choice`. The value that
+#   asks for nothing (`echo: false`, `tool_choice: "none"`, ...) is accepted, so a client that spells out
+#   the defaults keeps working.
 #
 # A field of none of these kinds, a typo like `temprature` or a vLLM extension that this server lacks
 # like `length_penalty`, is refused too, with a 400 naming it (pydantic's `extra="forbid"`). vLLM did the
@@ -505,7 +507,8 @@ class SamplingFields(OpenAIRequest):
     min_p: float | None = None
     min_tokens: int | None = None
     user: str | None = None  # the end user, for OpenAI's abuse monitoring
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # {token id as a string: bias}, OpenAI's
+    allowed_token_ids: list[int] | None = None  # an extension, as in vLLM: sample only these
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     truncate_prompt_tokens: int | None = None  # an extension, as in vLLM: keep the prompt's last k
@@ -514,7 +517,7 @@ class SamplingFields(OpenAIRequest):
 
     # Each field that this server does not implement, with the values that ask for nothing (null, or
     # leaving the field out, always does): any other value is refused.
-    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": ({},)}
+    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {}
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams. Raises ValueError naming the field when a value is not allowed, or
@@ -549,7 +552,22 @@ class SamplingFields(OpenAIRequest):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self.token_bias(),
+            allowed_token_ids=self.allowed_token_ids,
         )
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with integer token ids, each bias clamped to OpenAI's [-100, 100] (as vLLM does).
+        ValueError for a key that is not an integer."""
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(t): min(100.0, max(-100.0, b)) for t, b in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError(
+                "logit_bias keys must be token ids (integers, as strings), got "
+                f"{list(self.logit_bias)[:5]}"
+            ) from None
 
     def num_logprobs(self) -> int | None:
         """How many of the most likely tokens to report beside each sampled one; None: no logprobs."""
@@ -597,7 +615,6 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None  # how many top tokens: even 0 asks for the sampled token's logprob
 
     NOT_SUPPORTED = {
-        **SamplingFields.NOT_SUPPORTED,
         "best_of": (1,),
         "echo": (False,),
         "suffix": ("",),
@@ -647,7 +664,6 @@ class ChatCompletionRequest(SamplingFields):
     metadata: dict[str, str] | None = None  # tags for OpenAI's dashboard: accepted and ignored
 
     NOT_SUPPORTED = {
-        **SamplingFields.NOT_SUPPORTED,
         "response_format": ({"type": "text"},),
         "tools": ([],),
         "tool_choice": ("none",),
@@ -1382,7 +1398,7 @@ bad = {
     "top_p as text": {"model": model, "prompt": "Hi", "top_p": "high"},
     "n=2 streamed": {"model": model, "prompt": "Hi", "n": 2, "stream": True},
     "usage, no stream": {"model": model, "prompt": "Hi", "stream_options": {"include_usage": True}},
-    "logit_bias": {"model": model, "prompt": "Hi", "logit_bias": {"13": -100}},
+    "logit_bias key": {"model": model, "prompt": "Hi", "logit_bias": {"Hi": -100}},
     "suffix": {"model": model, "prompt": "Hi", "suffix": " and so on."},
     "misspelt field": {"model": model, "prompt": "Hi", "temprature": 0},
     "prompt too long": {"model": model, "prompt": "Hi " * 600},

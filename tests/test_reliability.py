@@ -78,6 +78,16 @@ def llm() -> LLM:
             SamplingParams(stop_token_ids=[VOCAB], min_tokens=1),
             rf"stop_token_ids must be in \[0, {VOCAB}\)",
         ),
+        (
+            [1, 2],
+            SamplingParams(allowed_token_ids=[3, VOCAB + 2]),
+            rf"allowed_token_ids must be in \[0, {VOCAB}\): got \[{VOCAB + 2}\]",
+        ),
+        (
+            [1, 2],
+            SamplingParams(logit_bias={VOCAB: 1.0}),
+            rf"logit_bias's token ids must be in \[0, {VOCAB}\)",
+        ),
         ([{"role": "user", "content": "hi"}], greedy(4), "no tokenizer"),
     ],
 )

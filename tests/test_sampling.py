@@ -1,13 +1,15 @@
 """The one-pass sampling kernel against its PyTorch reference: greedy rows are the exact argmax, sampled
-rows follow softmax(logits / T), and a seed fixes the draw. Runs the Triton kernel under the interpreter
-on the CPU (small vocabularies) and for real on a GPU."""
+rows follow softmax(logits / T), and a seed fixes the draw; the Sampler's allowed_token_ids and
+logit_bias against a reference. Runs the Triton kernel under the interpreter on the CPU (small
+vocabularies) and for real on a GPU."""
 
 import pytest
 import torch
 
 import mini_infer.kernels  # noqa: F401  (switches on the Triton interpreter when there is no GPU)
 from mini_infer.kernels.sampling import sample_parts, sample_ref, sample_triton
-from mini_infer.layers.sampler import Sampler
+from mini_infer.layers.sampler import Sampler, SamplingBatch
+from mini_infer.sampling_params import SamplingParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -107,3 +109,33 @@ def test_sample_parts_splits_rows_only_when_the_batch_is_small():
     assert sample_parts(rows=256, vocab=151_936, block=2048, num_sms=132) == 3
     assert sample_parts(rows=600, vocab=151_936, block=2048, num_sms=132) == 1
     assert sample_parts(rows=1, vocab=7, block=2048, num_sms=132) == 1
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 50), (3, 1000), (4, 4099)])
+def test_allowed_token_ids_and_logit_bias_act_before_the_draw_and_leave_logprobs_raw(rows, vocab):
+    logits = torch.randn(rows, vocab, device=DEVICE) * 3
+    allowed = torch.randperm(vocab)[:7].tolist()
+    bias = dict(zip(torch.randperm(vocab)[:5].tolist(), (torch.randn(5) * 4).tolist()))
+    # the reference: every other token at -inf, then the biases added
+    ref = torch.full_like(logits, float("-inf"))
+    ref[:, allowed] = logits[:, allowed]
+    ref[:, list(bias)] += torch.tensor(list(bias.values()), device=DEVICE)
+    biased = SamplingParams(temperature=0, allowed_token_ids=allowed, logit_bias=bias, logprobs=1)
+    plain = SamplingParams(temperature=0)
+    params = [biased] * (rows - 1) + [plain] if rows > 1 else [biased]
+    batch = SamplingBatch(params, [9] * rows, [4] * rows, [None] * rows)
+    out = Sampler()(logits, batch)
+    want = [
+        int(ref[i].argmax()) if p is biased else int(logits[i].argmax())
+        for i, p in enumerate(params)
+    ]
+    assert out.token_ids.tolist() == want
+    # log-probabilities are the model's, before the bias (vLLM's default)
+    raw = logits.log_softmax(-1)
+    for r, i in enumerate(out.logprob_rows):
+        assert torch.allclose(out.logprobs[r, 0], raw[i, want[i]], atol=1e-5)
+    # sampled at temperature 1, only allowed tokens come out
+    hot = SamplingParams(temperature=1.0, allowed_token_ids=allowed[:3], logit_bias=bias)
+    many = logits[:1].expand(64, vocab).contiguous()
+    batch = SamplingBatch([hot] * 64, [9] * 64, [4] * 64, [None] * 64)
+    assert set(Sampler(seed=0)(many, batch).token_ids.tolist()) <= set(allowed[:3])

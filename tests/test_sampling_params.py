@@ -1,6 +1,7 @@
-"""What a vLLM user asks of SamplingParams and LLM (issue 16), on the embedded model on the CPU: logprobs
-and penalties checked against Hugging Face transformers on the same weights, min_tokens, min_p, top_k 0,
-stop tokens' text, extreme temperatures, async scheduling, the engine's seed and argument errors."""
+"""What a vLLM user asks of SamplingParams and LLM (issue 16), on the embedded model on the CPU: logprobs,
+penalties, allowed_token_ids and logit_bias checked against Hugging Face transformers on the same
+weights, min_tokens, min_p, top_k 0, stop tokens' text, extreme temperatures, async scheduling, the
+engine's seed and argument errors."""
 
 import pytest
 import torch
@@ -22,6 +23,19 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:
     """Hugging Face's logits for the token after ids, in float32."""
     with torch.no_grad():
         return hf(torch.tensor([ids])).logits[0, -1]
+
+
+def hf_greedy(hf, prompt: list[int], max_new_tokens: int, **processors) -> list[int]:
+    """Hugging Face's greedy tokens after prompt, never stopping early, with its logits processors."""
+    ids = torch.tensor([prompt])
+    return hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        **processors,
+    )[0, len(prompt) :].tolist()
 
 
 def test_logprobs_are_the_log_softmax_of_hugging_faces_logits(smol, hf):
@@ -60,15 +74,7 @@ def test_logprobs_are_the_log_softmax_of_hugging_faces_logits(smol, hf):
 def test_repetition_penalty_greedy_equals_hugging_face(smol, hf):
     prompt = smol.get_tokenizer().encode(PROMPT)
     for penalty in (1.3, 0.8):
-        ids = torch.tensor([prompt])
-        ref = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=16,
-            do_sample=False,
-            repetition_penalty=penalty,
-            eos_token_id=None,
-        )[0, len(prompt) :].tolist()
+        ref = hf_greedy(hf, prompt, 16, repetition_penalty=penalty)
         params = SamplingParams(
             temperature=0, max_tokens=16, repetition_penalty=penalty, ignore_eos=True
         )
@@ -93,6 +99,25 @@ def test_presence_and_frequency_penalties_follow_openais_formula(smol, hf):
         prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False
     )
     assert out != plain[0].outputs[0].token_ids  # the penalties did something
+
+
+def test_allowed_token_ids_and_logit_bias_greedy_equal_hugging_face(smol, hf):
+    prompt = smol.get_tokenizer().encode(PROMPT)
+    top = hf_logits(hf, prompt).topk(40).indices.tolist()
+    allowed = top[5:]  # the model's five favourites left out
+    bias = {top[7]: 2.0, top[9]: -1.5, top[0]: 5.0}  # top[0] is not allowed: its bias does nothing
+    ref = hf_greedy(
+        hf,
+        prompt,
+        12,
+        sequence_bias={(t,): b for t, b in bias.items()},
+        prefix_allowed_tokens_fn=lambda batch, so_far: allowed,
+    )
+    params = SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed, logit_bias=bias
+    )
+    out = smol.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out == ref and set(out) <= set(allowed)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

@@ -221,11 +221,28 @@ def test_abort_returns_blocks_at_once():
         ({"stop": ["\n", ""]}, "stop"),
         ({"stop": ["a", 3]}, "stop"),
         ({"stop": 3}, "stop"),
+        ({"logit_bias": [(1, 2.0)]}, "logit_bias must map"),
+        ({"logit_bias": {-1: 2.0}}, "logit_bias must map non-negative integer token ids"),
+        ({"logit_bias": {"7": 2.0}}, "logit_bias must map"),
+        ({"logit_bias": {7: float("nan")}}, "to finite numbers"),
+        ({"logit_bias": {7: float("-inf")}}, "to finite numbers"),
+        ({"logit_bias": {7: True}}, "to finite numbers"),
+        ({"allowed_token_ids": []}, "allowed_token_ids must be None or a non-empty list"),
+        ({"allowed_token_ids": 5}, "allowed_token_ids must be None or a non-empty list"),
+        ({"allowed_token_ids": [3, -1]}, "allowed_token_ids must be non-negative integers"),
+        ({"allowed_token_ids": [3, 2.0]}, "allowed_token_ids must be non-negative integers"),
     ],
 )
 def test_bad_sampling_params_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**bad)
+
+
+def test_logit_bias_and_allowed_token_ids_make_a_request_biased():
+    assert not SamplingParams().biased and not SamplingParams(logit_bias={}).biased
+    assert SamplingParams(logit_bias={3: -1.5}).biased
+    params = SamplingParams(allowed_token_ids=(4, 2))
+    assert params.biased and params.allowed_token_ids == [4, 2]
 
 
 @pytest.mark.parametrize("n", [0, -2, 2.0, True, "3", None])

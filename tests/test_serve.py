@@ -319,6 +319,13 @@ BAD = [  # (body, status, words of the message)
     ),
     ({"model": MODEL, "prompt": ""}, 400, "the prompt is empty"),
     ({"model": MODEL, "prompt": [1, 10**9]}, 400, "token ids must be integers"),
+    ({"model": MODEL, "prompt": "Hi", "logit_bias": {"Hi": 1}}, 400, "logit_bias keys must be"),
+    ({"model": MODEL, "prompt": "Hi", "logit_bias": {"-3": 1}}, 400, "non-negative integer"),
+    (
+        {"model": MODEL, "prompt": "Hi", "allowed_token_ids": [10**9]},
+        400,
+        "allowed_token_ids must be in [0, 49152)",
+    ),
     ({"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt"),
     ({"model": "gpt-4", "prompt": "Hi"}, 404, "The model `gpt-4` does not exist."),
 ]
@@ -486,11 +493,9 @@ def test_null_fields_mean_the_default(client):
 
 
 NOT_SUPPORTED = [  # (endpoint, field, a value that would change the output, words of the message)
-    ("completions", "logit_bias", {"13": -100}, "logit_bias is not supported by this server"),
     ("completions", "echo", True, "echo is not supported by this server"),
     ("completions", "suffix", " and so on.", "suffix is not supported by this server"),
     ("completions", "best_of", 2, "best_of is not supported by this server"),
-    ("chat", "logit_bias", {"13": 5}, "logit_bias is not supported by this server"),
     ("chat", "response_format", {"type": "json_object"}, "response_format is not supported"),
     (
         "chat",
@@ -815,6 +820,30 @@ def test_penalties_and_vllms_sampling_extensions_reach_the_engine(client, refere
     assert reply.choices[0].text == references["penalized"].text
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
     assert reply.choices[0].text != plain.choices[0].text
+
+
+def test_logit_bias_and_allowed_token_ids_reach_the_engine(client, llm):
+    tokenizer = llm.get_tokenizer()
+    paris, london = tokenizer.encode(" Paris")[0], tokenizer.encode(" London")[0]
+    # +100 (clamped from 500, OpenAI's range) outweighs any logit of the model: every token is London
+    forced = create(client, "completions", temperature=0, logit_bias={str(london): 500})
+    assert forced.choices[0].text == tokenizer.decode([london, london])
+    # -100 on the greedy choice (" Paris") makes the model take its second choice
+    greedy = create(client, "completions", temperature=0, logprobs=2)
+    second = greedy.choices[0].logprobs.top_logprobs[0]
+    assert greedy.choices[0].logprobs.tokens[0] == " Paris" and len(second) == 2
+    banned = create(client, "completions", temperature=0, logit_bias={str(paris): -100})
+    assert banned.choices[0].text.startswith(min(second, key=second.get))
+    allowed = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=6,
+        temperature=1.0,
+        extra_body={"allowed_token_ids": [paris, london]},
+    )
+    text = allowed.choices[0].message.content
+    assert text and text.replace(" Paris", "").replace(" London", "") == ""
+    assert_engine_quiet(llm, within=10)
 
 
 def test_logprobs_of_a_model_without_a_tokenizer_name_token_ids(tmp_path):

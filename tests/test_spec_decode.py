@@ -115,7 +115,12 @@ def test_greedy_speculation_under_memory_pressure_and_preemption_on_a_tiny_model
         temperature=0, max_tokens=30, repetition_penalty=1.3
     )  # no speculation
     params[2] = SamplingParams(temperature=0, max_tokens=30, min_tokens=10, stop_token_ids=[7, 8])
+    even = list(range(0, 300, 2))  # drafts copied from the prompts are often odd: none may pass
+    params[3] = SamplingParams(
+        temperature=0, max_tokens=30, allowed_token_ids=even, logit_bias={4: 2.5}
+    )  # no speculation
     expected = token_ids(tiny_llm(tiny_path).generate(tiny_prompts(), params, use_tqdm=False))
+    assert set(expected[3]) <= set(even)
     for async_scheduling in (False, True):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

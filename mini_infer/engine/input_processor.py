@@ -125,9 +125,14 @@ class InputProcessor:
         ]
         if bad:
             raise ValueError(f"token ids must be integers in [0, {vocab}): got {bad[:5]}")
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}): got {bad[:5]}")
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("allowed_token_ids", params.allowed_token_ids or ()),
+            ("logit_bias's token ids", params.logit_bias or ()),
+        ):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} must be in [0, {vocab}): got {bad[:5]}")
         if n >= self.max_model_len:
             raise ValueError(
                 f"the prompt ({n} tokens) leaves no room for output in max_model_len "

@@ -144,8 +144,9 @@ class _EngineStep:
 
     def propose_drafts(self) -> None:
         """Chapter 10: speculative tokens for each decoding request, unless the batch is over the config's
-        `disable_by_batch_size`. Requests that ask for logprobs or penalties, or that have not reached their
-        min_tokens, do not speculate (their tokens would need the sampler's processing at every position)."""
+        `disable_by_batch_size`. Requests that ask for logprobs, penalties, a logit_bias or
+        allowed_token_ids, or that have not reached their min_tokens, do not speculate (their tokens would
+        need the sampler's processing at every position)."""
         running, limit = self.scheduler.running, self.speculative_config.disable_by_batch_size
         if limit is not None and len(running) > limit:
             self.spec_decode_metrics.num_steps_over_batch_size += 1
@@ -156,6 +157,7 @@ class _EngineStep:
                 seq.num_computed_tokens == len(seq.token_ids) - 1
                 and p.logprobs is None
                 and not p.penalized
+                and not p.biased
                 and seq.num_output_tokens >= p.min_tokens
             ):
                 seq.spec_token_ids = self.proposer.propose(seq)

@@ -55,7 +55,8 @@ class SamplingFields(OpenAIRequest):
     min_p: float | None = None
     min_tokens: int | None = None
     user: str | None = None  # the end user, for OpenAI's abuse monitoring
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # {token id as a string: bias}, OpenAI's
+    allowed_token_ids: list[int] | None = None  # an extension, as in vLLM: sample only these
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     truncate_prompt_tokens: int | None = None  # an extension, as in vLLM: keep the prompt's last k
@@ -64,7 +65,7 @@ class SamplingFields(OpenAIRequest):
 
     # Each field that this server does not implement, with the values that ask for nothing (null, or
     # leaving the field out, always does): any other value is refused.
-    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": ({},)}
+    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {}
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams. Raises ValueError naming the field when a value is not allowed, or
@@ -99,7 +100,22 @@ class SamplingFields(OpenAIRequest):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self.token_bias(),
+            allowed_token_ids=self.allowed_token_ids,
         )
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with integer token ids, each bias clamped to OpenAI's [-100, 100] (as vLLM does).
+        ValueError for a key that is not an integer."""
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(t): min(100.0, max(-100.0, b)) for t, b in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError(
+                "logit_bias keys must be token ids (integers, as strings), got "
+                f"{list(self.logit_bias)[:5]}"
+            ) from None
 
     def num_logprobs(self) -> int | None:
         """How many of the most likely tokens to report beside each sampled one; None: no logprobs."""
@@ -140,7 +156,6 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None  # how many top tokens: even 0 asks for the sampled token's logprob
 
     NOT_SUPPORTED = {
-        **SamplingFields.NOT_SUPPORTED,
         "best_of": (1,),
         "echo": (False,),
         "suffix": ("",),
@@ -190,7 +205,6 @@ class ChatCompletionRequest(SamplingFields):
     metadata: dict[str, str] | None = None  # tags for OpenAI's dashboard: accepted and ignored
 
     NOT_SUPPORTED = {
-        **SamplingFields.NOT_SUPPORTED,
         "response_format": ({"type": "text"},),
         "tools": ([],),
         "tool_choice": ("none",),
