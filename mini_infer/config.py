@@ -37,7 +37,8 @@ class ModelConfig:
         `max_model_len`: the longest sequence (prompt and output) that will run, max_position_embeddings
         when None. Raises ValueError for an unsupported architecture, a missing key, a feature we do not
         implement (an MLP bias, an activation other than SiLU), and a sliding attention window shorter
-        than max_model_len (we implement full attention only, which equals it up to the window's length).
+        than max_model_len (we implement full attention only, which equals it up to the window's length),
+        and a max_model_len past max_position_embeddings.
         """
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -89,9 +90,13 @@ class ModelConfig:
             raise ValueError(f"config for {model_type} lacks the key {e}") from e
         # In a window of W tokens a query sees itself and the W - 1 tokens before it: in a sequence of
         # at most W tokens that is every earlier token, and full attention computes the same.
-        length = min(
-            max_model_len or config.max_position_embeddings, config.max_position_embeddings
-        )
+        length = max_model_len or config.max_position_embeddings
+        if length > config.max_position_embeddings:  # as vLLM refuses it
+            raise ValueError(
+                f"max_model_len {length} is more than this model's {config.max_position_embeddings} "
+                f"positions (max_position_embeddings in its config): pass max_model_len <= "
+                f"{config.max_position_embeddings}, or None for the model's own length"
+            )
         if config.sliding_window is not None and config.sliding_window < length:
             raise ValueError(
                 f"this {model_type} model attends over a sliding window of {config.sliding_window} "

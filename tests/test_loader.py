@@ -362,6 +362,14 @@ def test_sliding_window_of_each_family(hf, window):
     )
 
 
+def test_a_max_model_len_past_the_models_positions_is_refused_as_in_vllm():
+    with pytest.raises(
+        ValueError, match=r"max_model_len 129 is more than this model's 128 positions"
+    ):
+        load_model(TINY, load_format="dummy", max_model_len=129)
+    assert load_model(TINY, load_format="dummy", max_model_len=128).config.max_position_embeddings
+
+
 def test_a_sliding_window_shorter_than_max_model_len_is_refused_before_loading():
     mistral = {**TINY, "model_type": "mistral", "sliding_window": 64}  # 128 positions
     with pytest.raises(

@@ -233,10 +233,8 @@ class LLMEngine(_EngineRequests, _EngineStep):
         # the peak GPU memory of this process while it loaded the weights (Chapter 9 compares it)
         self.load_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         self.model, self.tokenizer, self.config = loaded
-        self.max_model_len = min(
-            max_model_len or self.config.max_position_embeddings,
-            self.config.max_position_embeddings,
-        )
+        # (the loader refused a max_model_len past the model's positions)
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
         # every running request can take its next token in every step
         max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
         # logits: a row per request, and k more per speculating request (verification, Chapter 10)
