@@ -138,23 +138,30 @@ class SamplingParams:
             )
         self.stop_token_ids = list(ids)
         bias = self.logit_bias
-        if bias is not None and (
-            not isinstance(bias, dict)
-            or not all(_is_int(t) and t >= 0 and _is_finite(b) for t, b in bias.items())
-        ):
-            raise ValueError(
-                f"logit_bias must map non-negative integer token ids to finite numbers, got {bias!r}"
-            )
+        if bias is not None:
+            if not isinstance(bias, dict):
+                raise ValueError(
+                    f"logit_bias must be a dict {{token id: bias}}, got {type(bias).__name__}"
+                )
+            bad = [(t, b) for t, b in bias.items() if not (_is_int(t) and t >= 0 and _is_bias(b))]
+            if bad:
+                raise ValueError(
+                    "logit_bias must map non-negative integer token ids to finite float32 numbers, "
+                    f"got {_few(bad)}"
+                )
+            # a copy: the caller's dict may change while the request runs
+            self.logit_bias = dict(bias)
         allowed = self.allowed_token_ids
         if allowed is not None:
             if not isinstance(allowed, (list, tuple)) or not allowed:
                 raise ValueError(
                     "allowed_token_ids must be None or a non-empty list of token ids (an empty one "
-                    f"would leave nothing to sample), got {allowed!r}"
+                    f"would leave nothing to sample), got {allowed!r:.100}"
                 )
-            if not all(_is_int(t) and t >= 0 for t in allowed):
+            bad = [t for t in allowed if not (_is_int(t) and t >= 0)]
+            if bad:
                 raise ValueError(
-                    f"allowed_token_ids must be non-negative integers, got {allowed!r}"
+                    f"allowed_token_ids must be non-negative integers, got {_few(bad)}"
                 )
             self.allowed_token_ids = list(allowed)
         if not isinstance(self.output_kind, RequestOutputKind):
@@ -194,8 +201,21 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+FLOAT32_MAX = 3.4028234663852886e38  # a logit bias is added in float32: a larger one would be inf
+
+
+def _is_bias(value) -> bool:
+    # a comparison, not math.isfinite: an int past a float's range (10**400) compares without overflow
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and -FLOAT32_MAX <= value <= FLOAT32_MAX
+    )
+
+
+def _few(values: list) -> str:
+    """The first five values, for an error message about a list that may be long."""
+    return f"{values[:5]}{' ...' if len(values) > 5 else ''}"
 
 
 BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize")

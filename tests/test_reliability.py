@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from helpers import TINY_DUMMY, assert_engine_quiet
 from mini_infer.core.sequence import Sequence
+from mini_infer.engine.input_processor import InputProcessor
 from mini_infer.llm import LLM
 from mini_infer.memory.kv_cache import kv_block_bytes
 from mini_infer.sampling_params import SamplingParams
@@ -88,6 +89,11 @@ def llm() -> LLM:
             SamplingParams(logit_bias={VOCAB: 1.0}),
             rf"logit_bias's token ids must be in \[0, {VOCAB}\)",
         ),
+        (
+            [1, 2],
+            SamplingParams(allowed_token_ids=[3, 4], stop_token_ids=[4, 3], min_tokens=2),
+            r"allowed_token_ids \[3, 4\] are all stop or end-of-sequence tokens, which min_tokens 2",
+        ),
         ([{"role": "user", "content": "hi"}], greedy(4), "no tokenizer"),
     ],
 )
@@ -102,6 +108,15 @@ def test_a_bad_request_fails_alone_and_the_others_finish(llm, bad, params, error
     assert re.search(error, out[1].error), out[1].error
     assert len({o.request_id for o in out}) == 3
     assert_engine_quiet(llm)
+
+
+def test_min_tokens_with_only_end_tokens_allowed_is_refused_unless_eos_is_ignored():
+    processor = InputProcessor(None, VOCAB, 64, eos_token_ids=(2,))
+    with pytest.raises(ValueError, match=r"allowed_token_ids \[2\] are all stop or end-of-seq"):
+        processor.check([1], SamplingParams(allowed_token_ids=[2], min_tokens=1))
+    processor.check([1], SamplingParams(allowed_token_ids=[2], min_tokens=1, ignore_eos=True))
+    processor.check([1], SamplingParams(allowed_token_ids=[2, 5], min_tokens=1))
+    processor.check([1], SamplingParams(allowed_token_ids=[2]))
 
 
 def test_errors_of_the_call_itself_still_raise_and_queue_nothing(llm):

@@ -221,12 +221,15 @@ def test_abort_returns_blocks_at_once():
         ({"stop": ["\n", ""]}, "stop"),
         ({"stop": ["a", 3]}, "stop"),
         ({"stop": 3}, "stop"),
-        ({"logit_bias": [(1, 2.0)]}, "logit_bias must map"),
+        ({"logit_bias": [(1, 2.0)]}, "logit_bias must be a dict"),
+        ({"logit_bias": {7: 1e39}}, "to finite float32 numbers, got \\[\\(7, 1e\\+39\\)\\]"),
+        ({"logit_bias": {7: 10**400}}, "to finite float32 numbers"),
+        ({"allowed_token_ids": list(range(-9, 0))}, r"got \[-9, -8, -7, -6, -5\] \.\.\.$"),
         ({"logit_bias": {-1: 2.0}}, "logit_bias must map non-negative integer token ids"),
         ({"logit_bias": {"7": 2.0}}, "logit_bias must map"),
-        ({"logit_bias": {7: float("nan")}}, "to finite numbers"),
-        ({"logit_bias": {7: float("-inf")}}, "to finite numbers"),
-        ({"logit_bias": {7: True}}, "to finite numbers"),
+        ({"logit_bias": {7: float("nan")}}, "to finite float32 numbers"),
+        ({"logit_bias": {7: float("-inf")}}, "to finite float32 numbers"),
+        ({"logit_bias": {7: True}}, "to finite float32 numbers"),
         ({"allowed_token_ids": []}, "allowed_token_ids must be None or a non-empty list"),
         ({"allowed_token_ids": 5}, "allowed_token_ids must be None or a non-empty list"),
         ({"allowed_token_ids": [3, -1]}, "allowed_token_ids must be non-negative integers"),
@@ -243,6 +246,11 @@ def test_logit_bias_and_allowed_token_ids_make_a_request_biased():
     assert SamplingParams(logit_bias={3: -1.5}).biased
     params = SamplingParams(allowed_token_ids=(4, 2))
     assert params.biased and params.allowed_token_ids == [4, 2]
+    # the params keep their own copy: a request in flight does not change with the caller's dict
+    bias = {3: 1.0}
+    params = SamplingParams(logit_bias=bias)
+    bias[10**6] = 5.0
+    assert params.logit_bias == {3: 1.0}
 
 
 @pytest.mark.parametrize("n", [0, -2, 2.0, True, "3", None])

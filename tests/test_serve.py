@@ -321,6 +321,13 @@ BAD = [  # (body, status, words of the message)
     ({"model": MODEL, "prompt": [1, 10**9]}, 400, "token ids must be integers"),
     ({"model": MODEL, "prompt": "Hi", "logit_bias": {"Hi": 1}}, 400, "logit_bias keys must be"),
     ({"model": MODEL, "prompt": "Hi", "logit_bias": {"-3": 1}}, 400, "non-negative integer"),
+    ('{"prompt": "Hi", "logit_bias": {"5": NaN}}', 400, "logit_bias values must be finite"),
+    ('{"prompt": "Hi", "logit_bias": {"5": -Infinity}}', 400, "logit_bias values must be finite"),
+    (
+        {"model": MODEL, "prompt": "Hi", "allowed_token_ids": [2], "min_tokens": 1},
+        400,
+        "allowed_token_ids [2] are all stop or end-of-sequence tokens, which min_tokens 1 forbids",
+    ),
     (
         {"model": MODEL, "prompt": "Hi", "allowed_token_ids": [10**9]},
         400,

@@ -49,11 +49,15 @@ class InputProcessor:
     `process` raises TypeError for a prompt or sampling params of the wrong type, and ValueError naming
     the problem for a bad value: an empty prompt, token ids outside [0, vocab_size), a prompt of
     max_model_len tokens or more, an unknown chat role, text or stop strings for a model without a
-    tokenizer.
+    tokenizer, allowed_token_ids that min_tokens leaves nothing of (all of them stop or end-of-sequence
+    tokens, `eos_token_ids` being the model's).
     """
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
+    def __init__(
+        self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: tuple[int, ...] = ()
+    ):
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
+        self.eos_token_ids = eos_token_ids
 
     def process(
         self, request_id: str, prompt, params: SamplingParams | None = None
@@ -133,6 +137,12 @@ class InputProcessor:
             bad = [t for t in ids if t >= vocab]
             if bad:
                 raise ValueError(f"{name} must be in [0, {vocab}): got {bad[:5]}")
+        ends = set(params.stop_token_ids) | set(() if params.ignore_eos else self.eos_token_ids)
+        if params.min_tokens and params.allowed_token_ids and set(params.allowed_token_ids) <= ends:
+            raise ValueError(
+                f"allowed_token_ids {params.allowed_token_ids[:5]} are all stop or end-of-sequence "
+                f"tokens, which min_tokens {params.min_tokens} forbids: nothing would be left to sample"
+            )
         if n >= self.max_model_len:
             raise ValueError(
                 f"the prompt ({n} tokens) leaves no room for output in max_model_len "

@@ -286,7 +286,7 @@ class LLMEngine(_EngineRequests, _EngineStep):
             max_model_len=self.max_model_len,
         )
         self.input_processor = InputProcessor(
-            self.tokenizer, self.config.vocab_size, self.max_model_len
+            self.tokenizer, self.config.vocab_size, self.max_model_len, tuple(eos)
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_generated_tokens = 0  # of every request so far (for progress reports)

@@ -3,6 +3,7 @@
 chunks and errors."""
 
 import json
+import math
 import uuid
 from typing import ClassVar, Literal
 
@@ -106,9 +107,13 @@ class SamplingFields(OpenAIRequest):
 
     def token_bias(self) -> dict[int, float] | None:
         """logit_bias with integer token ids, each bias clamped to OpenAI's [-100, 100] (as vLLM does).
-        ValueError for a key that is not an integer."""
+        ValueError for a key that is not an integer, or a bias that is not a finite number (NaN would
+        clamp to -100: the request would ban a token it did not name a bias for)."""
         if self.logit_bias is None:
             return None
+        bad = [b for b in self.logit_bias.values() if not math.isfinite(b)]
+        if bad:
+            raise ValueError(f"logit_bias values must be finite numbers, got {bad[:5]}")
         try:
             return {int(t): min(100.0, max(-100.0, b)) for t, b in self.logit_bias.items()}
         except ValueError:
