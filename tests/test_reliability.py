@@ -151,7 +151,9 @@ def test_invalid_sampling_values_name_the_field_and_range(kwargs, field):
 
 def test_an_engine_whose_cache_cannot_hold_max_model_len_refuses_to_start():
     # every request that passes the input checks can then run, alone if need be: none waits forever
-    with pytest.raises(ValueError, match="fewer than max_model_len 64"):
+    with pytest.raises(
+        ValueError, match="fewer than max_model_len 64: raise cpu_kv_bytes or lower"
+    ):
         tiny(num_blocks=2, max_model_len=64)
 
 

@@ -580,7 +580,9 @@ class ModelRunner(_StepPacking, _SamplingInputs, _CudaGraphs):
         if num_blocks < self.max_blocks_per_seq:
             raise ValueError(
                 f"the KV cache fits {num_blocks * block_size} tokens, fewer than max_model_len "
-                f"{max_model_len}: raise gpu_memory_utilization or lower max_model_len"
+                f"{max_model_len}: raise "
+                f"{'gpu_memory_utilization' if self.device.type == 'cuda' else 'cpu_kv_bytes'} "
+                "or lower max_model_len"
             )
         self.kv_cache = KVCache(
             c.num_hidden_layers,
