@@ -4,6 +4,8 @@ counters. Plain Python."""
 
 from dataclasses import dataclass, field, fields
 
+from mini_infer.sampling_params import _is_int
+
 METHODS = (
     "ngram",
 )  # what this engine implements; see Chapter 10 for what a draft model would need
@@ -81,7 +83,7 @@ class SpeculativeConfig:
 
 
 def _positive(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return _is_int(value) and value >= 1
 
 
 @dataclass
