@@ -2958,9 +2958,9 @@ print(
 # Qwen3-0.6B's rows moved more between two runs of the same code than between the two ways (0.972 and
 # 0.854 ms with the copies, 1.022 and 0.821 without): its step is short enough that what else the machine
 # does shows. In the race of 6.2.6, the first with it, Llama-3-8B's token took 4.134 ms (85.6% of that
-# run's floor, 84.7% in the race before without it) and SmolLM2's 0.59 ms, where every earlier H200 row
-# took 0.82 to 1.13 ms: a step that short is mostly the host's. Batch 256 has not been measured side by
-# side with it yet. The sampler's own inputs (temperatures and seeds, when a request samples) still
+# run's floor, 84.7% in the race before without it) and SmolLM2's 0.59 ms, against 0.82 to 1.13 ms in
+# the earlier races; A/B runs on other machines had reached 0.588 to 0.79 ms without it, so for a step
+# that short the machine matters as much. Batch 256 has not been measured side by side with it yet. The sampler's own inputs (temperatures and seeds, when a request samples) still
 # travel on their own: one copy a step is the forward's.
 
 

@@ -172,11 +172,12 @@ plt.show()
 # 1.08x on Qwen3-0.6B and narrowly on Llama-3-8B (1.02x; 1.02-1.03x in the six races before this one, on
 # 68198230, bb201784, 5dc65413, ea65e184, 010e5261 and 6206c9fc), whose steps are almost all GPU work;
 # the profile below shows where that work goes. The ratios move with both engines: over the stored H200
-# races vLLM made 18,867 to 34,600 SmolLM2 tokens a second and we made 42,765 (this race) to 59,487, so
-# the SmolLM2 ratio went from 2.07x on 010e5261 to 1.43x on 6206c9fc with the same engine; vLLM's
-# Qwen3-0.6B token took from 1.70 to 2.62 ms in the H200 races since 4c25c198 (1.84 in this one), and
-# its first SmolLM2 token 7.6 to 26.8 ms (10.5 here). Each engine's best of two runs counts (`race.sh`
-# with `REPEAT=2`): the first run on a fresh machine can be slower. Below the table, the batch-1 rows
+# races (each race's best run) vLLM made 18,867 to 34,600 SmolLM2 tokens a second and we made 42,765
+# (this race) to 59,487, so the SmolLM2 ratio went from 2.07x on 010e5261 to 1.43x on 6206c9fc with the
+# same engine; vLLM's Qwen3-0.6B token took from 1.70 to 2.62 ms in the H200 races since 4c25c198 (1.84
+# in this one), and its first SmolLM2 token 7.6 to 26.8 ms (10.5 here). Each engine's best throughput of
+# two runs counts (`race.sh` with `REPEAT=2`; vLLM's of two per attention backend): the first run on a
+# fresh machine can be slower. Below the table, the batch-1 rows
 # against their floor: a decode step must read every weight once, so (weight bytes) / (copy bandwidth) is
 # the fastest a token can come; the small models are far from it because their steps are launches, not
 # reads. Transformers' `generate`, measured beside Mini-Infer (on the machine named, an H100), shows what
@@ -1082,7 +1083,7 @@ for off, on in zip(rows[::2], rows[1::2]):  # pairs of one model on one machine:
 # machine, 1.333 on the other), so their ratios say little. With PDL, before 6.2.3's one-copy inputs,
 # Llama-3-8B's token took 4.18 ms against a floor of 3.54 ms in the race on 6206c9fc: 84.7%, 0.015 ms a
 # token short of the 85% we aimed for, and three more runs in fresh processes on that machine gave 4.177,
-# 4.177 and 4.173 ms. The same engine made 84.8% on 010e5261, 83.5% on ea65e184 and 85.0% on 4110255a
+# 4.177 and 4.173 ms (from the run's log; their rows were not stored). The same engine made 84.8% on 010e5261, 83.5% on ea65e184 and 85.0% on 4110255a
 # (twice, in fresh processes with nothing beside them): machines differ by about as much as was left to
 # take. In the race of 7.2 (db874215), with the one-copy inputs, it took 4.134 ms against 3.538: 85.6%
 # (4.134 and 4.143 ms in two more runs in fresh processes). Under PDL the profiler's kernel times include
