@@ -367,7 +367,7 @@ def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: 
         zip(batch.params, batch.positions, batch.num_prompt_tokens)
     ):
         if position - num_prompt < p.min_tokens:
-            stops = p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)
+            stops = p.stops_held_back(eos_token_ids)
             rows += [i] * len(stops)
             cols += stops
     if rows:
@@ -1502,10 +1502,14 @@ class InputProcessor:
             bad = [t for t in ids if t >= vocab]
             if bad:
                 raise ValueError(f"{name} must be in [0, {vocab}): got {bad[:5]}")
-        ends = set(params.stop_token_ids) | set(() if params.ignore_eos else self.eos_token_ids)
-        if params.min_tokens and params.allowed_token_ids and set(params.allowed_token_ids) <= ends:
+        allowed = params.allowed_token_ids
+        if (
+            params.min_tokens
+            and allowed
+            and set(allowed) <= set(params.stops_held_back(self.eos_token_ids))
+        ):
             raise ValueError(
-                f"allowed_token_ids {params.allowed_token_ids[:5]} are all stop or end-of-sequence "
+                f"allowed_token_ids {allowed[:5]} are all stop or end-of-sequence "
                 f"tokens, which min_tokens {params.min_tokens} forbids: nothing would be left to sample"
             )
         if n >= self.max_model_len:
@@ -2164,6 +2168,7 @@ class LLMEngine(_EngineRequests, _EngineStep):
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        eos = tuple(eos)  # once, for the runner, the scheduler and the input checks
         self.runner = make_runner(
             self.model,
             tensor_parallel_size,
@@ -2176,7 +2181,7 @@ class LLMEngine(_EngineRequests, _EngineStep):
             cpu_kv_bytes,
             enforce_eager,
             disable_custom_all_reduce=disable_custom_all_reduce,
-            eos_token_ids=tuple(eos),
+            eos_token_ids=eos,
             seed=seed,
             max_logit_rows=max_logit_rows,
         )
@@ -2200,12 +2205,12 @@ class LLMEngine(_EngineRequests, _EngineStep):
             BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
             max_num_seqs,
             max_num_batched_tokens,
-            tuple(eos),
+            eos,
             static=static_batching,
             max_model_len=self.max_model_len,
         )
         self.input_processor = InputProcessor(
-            self.tokenizer, self.config.vocab_size, self.max_model_len, tuple(eos)
+            self.tokenizer, self.config.vocab_size, self.max_model_len, eos
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_generated_tokens = 0  # of every request so far (for progress reports)

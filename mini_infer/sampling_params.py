@@ -76,7 +76,7 @@ class SamplingParams:
         # the float fields' types first: comparing "0.7" with 1 would be a TypeError that names nothing
         for name in FLOAT_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not _is_number(value):
                 raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(
@@ -191,6 +191,11 @@ class SamplingParams:
         """Its logit_bias or allowed_token_ids change its logits before it samples."""
         return bool(self.logit_bias) or self.allowed_token_ids is not None
 
+    def stops_held_back(self, eos_token_ids) -> list[int]:
+        """The tokens that min_tokens holds back: stop_token_ids, and the model's end-of-sequence tokens
+        `eos_token_ids` unless ignore_eos."""
+        return self.stop_token_ids + ([] if self.ignore_eos else list(eos_token_ids))
+
     def for_sample(self, i: int) -> "SamplingParams":
         """The params of sample i of n: one sample, and its own seed."""
         # seed + i, as in vLLM: the samples differ, and the whole set repeats with the request's seed
@@ -204,13 +209,13 @@ def _is_int(value) -> bool:
 FLOAT32_MAX = 3.4028234663852886e38  # a logit bias is added in float32: a larger one would be inf
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_bias(value) -> bool:
     # a comparison, not math.isfinite: an int past a float's range (10**400) compares without overflow
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and -FLOAT32_MAX <= value <= FLOAT32_MAX
-    )
+    return _is_number(value) and -FLOAT32_MAX <= value <= FLOAT32_MAX
 
 
 def _few(values: list) -> str:

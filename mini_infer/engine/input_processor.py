@@ -137,10 +137,14 @@ class InputProcessor:
             bad = [t for t in ids if t >= vocab]
             if bad:
                 raise ValueError(f"{name} must be in [0, {vocab}): got {bad[:5]}")
-        ends = set(params.stop_token_ids) | set(() if params.ignore_eos else self.eos_token_ids)
-        if params.min_tokens and params.allowed_token_ids and set(params.allowed_token_ids) <= ends:
+        allowed = params.allowed_token_ids
+        if (
+            params.min_tokens
+            and allowed
+            and set(allowed) <= set(params.stops_held_back(self.eos_token_ids))
+        ):
             raise ValueError(
-                f"allowed_token_ids {params.allowed_token_ids[:5]} are all stop or end-of-sequence "
+                f"allowed_token_ids {allowed[:5]} are all stop or end-of-sequence "
                 f"tokens, which min_tokens {params.min_tokens} forbids: nothing would be left to sample"
             )
         if n >= self.max_model_len:

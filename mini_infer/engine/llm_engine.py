@@ -245,6 +245,7 @@ class LLMEngine(_EngineRequests, _EngineStep):
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        eos = tuple(eos)  # once, for the runner, the scheduler and the input checks
         self.runner = make_runner(
             self.model,
             tensor_parallel_size,
@@ -257,7 +258,7 @@ class LLMEngine(_EngineRequests, _EngineStep):
             cpu_kv_bytes,
             enforce_eager,
             disable_custom_all_reduce=disable_custom_all_reduce,
-            eos_token_ids=tuple(eos),
+            eos_token_ids=eos,
             seed=seed,
             max_logit_rows=max_logit_rows,
         )
@@ -281,12 +282,12 @@ class LLMEngine(_EngineRequests, _EngineStep):
             BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching),
             max_num_seqs,
             max_num_batched_tokens,
-            tuple(eos),
+            eos,
             static=static_batching,
             max_model_len=self.max_model_len,
         )
         self.input_processor = InputProcessor(
-            self.tokenizer, self.config.vocab_size, self.max_model_len, tuple(eos)
+            self.tokenizer, self.config.vocab_size, self.max_model_len, eos
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_generated_tokens = 0  # of every request so far (for progress reports)

@@ -72,7 +72,7 @@ def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: 
         zip(batch.params, batch.positions, batch.num_prompt_tokens)
     ):
         if position - num_prompt < p.min_tokens:
-            stops = p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)
+            stops = p.stops_held_back(eos_token_ids)
             rows += [i] * len(stops)
             cols += stops
     if rows:
